@@ -1,0 +1,52 @@
+# make demo   - bring up the bookinfo local cluster and call it (installs what it needs first)
+# make test   - every test, unit and integration (root), installing what it needs first
+# make lint   - ruff and mypy
+# make bench  - the latency and cost comparison (bench/README.md)
+SHELL := /bin/bash
+PYTHON ?= /usr/bin/python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MESHCTL := $(VENV)/bin/meshctl
+SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+.PHONY: all setup system venv demo test test-unit test-integration lint bench clean
+
+all: test
+
+setup: system venv
+
+system:
+	@bash scripts/setup-system.sh
+
+# The venv uses Debian's Python so that bcc (python3-bpfcc, from Debian) can be linked into it.
+$(VENV)/.stamp-deps: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: system $(VENV)/.stamp-deps
+	@if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$(SITE)/bcc" ]; then \
+	    ln -s /usr/lib/python3/dist-packages/bcc "$(SITE)/bcc"; fi
+
+demo: setup
+	@$(PY) -m examples.bookinfo.demo
+
+test: setup
+	@$(PY) -m pytest -q -ra tests
+
+test-unit: setup
+	@$(PY) -m pytest -q -ra tests --ignore=tests/integration
+
+test-integration: setup
+	@$(PY) -m pytest -q -ra tests/integration
+
+lint: setup
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/mypy mesh controlplane ca nodeagent waypoint bpf bench examples
+
+bench: setup
+	@$(MESHCTL) bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

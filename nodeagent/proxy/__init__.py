@@ -1,0 +1,1 @@
+"""nodeagent/proxy package."""
