@@ -23,6 +23,7 @@ VERB_MODULES = (
     "mesh.cli.config",
     "mesh.cli.waypoint",
     "mesh.cli.ca",
+    "mesh.cli.proxystatus",
     "mesh.cli.agent",
     "mesh.cli.bench",
 )
