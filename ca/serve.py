@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry
 from ca.auth import Authenticator, NodeTokenIssuer
 from ca.authority import ROOT_CERT, CertificateAuthority
 from ca.metrics import CAMetrics
-from ca.pods import InMemoryPodLocator, PodLocator
-from ca.service import SERVER_OPTIONS, CertificateServicer, CertificateService, add_to_server
+from ca.pods import InMemoryPodLocator, PodLocator, PodPlacement
+from ca.service import SERVER_OPTIONS, CertificateService, CertificateServicer, add_to_server
 from ca.serving import RotatingServingCertificate, server_credentials
 
 CA_SUBDIR = "ca"
@@ -92,7 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from ca.pods import PodPlacement
 
     authority = CertificateAuthority.load_or_create(args.state_dir / CA_SUBDIR, trust_domain=args.trust_domain)
     issuer = NodeTokenIssuer.load_or_create(args.state_dir / TOKEN_KEY_FILE)

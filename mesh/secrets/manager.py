@@ -1,0 +1,201 @@
+"""`SecretManager`: certificates per identity for a trio data plane process.
+
+For each identity it is asked about, it makes a key, has the CA sign it (the blocking gRPC call runs in
+a worker thread), checks the answer, builds a server and a client `SSLContext`, and keeps renewing at
+half-life (`mesh.secrets.renewal` decides when; this module only sleeps and calls).  Callers fetch the
+context per connection, so new connections use the renewed certificate while live ones carry on.
+
+    async with trio.open_nursery() as nursery:
+        manager = SecretManager(CAClient(addr, root_pem, token), root_pem, impersonate=True)
+        await nursery.start(manager.run)
+        await manager.get(identity)                 # first certificate (raises if the CA refuses)
+        ctx = manager.server_context(identity)      # per new connection
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from mesh.identity import SpiffeId
+from mesh.secrets.client import CertificateSigner
+from mesh.secrets.errors import NoCertificateError, SecretsError
+from mesh.secrets.renewal import RenewalPolicy, RenewalSchedule
+from mesh.secrets.svid import Svid, accept_issued, generate_key, load_trust_bundle, make_csr
+from mesh.secrets.tls import ALPN_H2, client_context, server_context
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Entry:
+    identity: SpiffeId
+    schedule: RenewalSchedule
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    svid: Svid | None = None
+    server_ctx: ssl.SSLContext | None = None
+    client_ctx: ssl.SSLContext | None = None
+    generation: int = 0  # how many certificates this identity has had
+    last_error: str | None = None
+    cancel: trio.CancelScope | None = None
+
+
+class SecretManager:
+    def __init__(
+        self,
+        signer: CertificateSigner,
+        trust_bundle_pem: str | bytes,
+        *,
+        impersonate: bool = False,
+        ttl_seconds: int = 0,
+        policy: RenewalPolicy | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+        alpn: Sequence[str] = (ALPN_H2,),
+    ) -> None:
+        """`impersonate`: ask for each identity via ImpersonatedIdentity (a node agent for its pods);
+        otherwise the caller's token must itself be for the identity (a waypoint).
+        `ttl_seconds`: requested lifetime, 0 for the CA's default."""
+        self._signer = signer
+        self._trust_bundle = load_trust_bundle(trust_bundle_pem)
+        self._impersonate = impersonate
+        self._ttl_seconds = ttl_seconds
+        self._policy = policy or RenewalPolicy()
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._alpn = tuple(alpn)
+        self._entries: dict[SpiffeId, _Entry] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the renewal tasks; runs until cancelled.  Start it with `nursery.start(manager.run)`."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    # -- asking for certificates ------------------------------------------------------------------------
+
+    async def get(self, identity: SpiffeId) -> Svid:
+        """The current certificate for `identity`, fetching the first one now (raises `SecretsError`
+        if the CA refuses); from then on it is renewed in the background."""
+        entry = self._entries.get(identity)
+        if entry is None:
+            entry = _Entry(identity, RenewalSchedule(self._policy, self._rng))
+            self._entries[identity] = entry
+        async with entry.lock:
+            if entry.svid is not None and not entry.schedule.expired(self._clock()):
+                return entry.svid
+            try:
+                svid = await self._issue(entry)
+            except SecretsError:
+                if entry.svid is None and entry.cancel is None:
+                    self._entries.pop(identity, None)
+                raise
+        self._start_renewal(entry)
+        return svid
+
+    def forget(self, identity: SpiffeId) -> None:
+        """Stop renewing `identity` and drop its key (the pod left the node)."""
+        entry = self._entries.pop(identity, None)
+        if entry is not None and entry.cancel is not None:
+            entry.cancel.cancel()
+
+    # -- what the data plane reads (sync, cheap, per connection) ---------------------------------------
+
+    def current(self, identity: SpiffeId) -> Svid | None:
+        entry = self._entries.get(identity)
+        return entry.svid if entry else None
+
+    def server_context(self, identity: SpiffeId) -> ssl.SSLContext:
+        entry = self._entries.get(identity)
+        if entry is None or entry.server_ctx is None:
+            raise NoCertificateError(f"no certificate for {identity} yet: call get() first")
+        return entry.server_ctx
+
+    def client_context(self, identity: SpiffeId) -> ssl.SSLContext:
+        entry = self._entries.get(identity)
+        if entry is None or entry.client_ctx is None:
+            raise NoCertificateError(f"no certificate for {identity} yet: call get() first")
+        return entry.client_ctx
+
+    def generation(self, identity: SpiffeId) -> int:
+        """How many certificates `identity` has had (grows by one on each renewal)."""
+        entry = self._entries.get(identity)
+        return entry.generation if entry else 0
+
+    def identities(self) -> list[SpiffeId]:
+        return sorted(self._entries)
+
+    def status(self) -> list[dict[str, object]]:
+        """One line per identity for the admin endpoint."""
+        now = self._clock()
+        return [
+            {
+                "identity": str(e.identity),
+                "state": e.schedule.state.value,
+                "not_after": e.svid.leaf.not_valid_after_utc.isoformat() if e.svid else None,
+                "next_attempt_in": round(e.schedule.delay(now), 1),
+                "failures": e.schedule.failures,
+                "last_error": e.last_error,
+            }
+            for e in sorted(self._entries.values(), key=lambda e: e.identity)
+        ]
+
+    # -- internals --------------------------------------------------------------------------------------
+
+    async def _issue(self, entry: _Entry) -> Svid:
+        key = generate_key()
+        csr = make_csr(key, entry.identity)
+        call = functools.partial(
+            self._signer.create_certificate,
+            csr,
+            ttl_seconds=self._ttl_seconds,
+            impersonate=entry.identity if self._impersonate else None,
+        )
+        try:
+            chain = await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+            svid = accept_issued(chain, key, entry.identity, self._trust_bundle)
+        except SecretsError as exc:
+            entry.last_error = str(exc)
+            raise
+        entry.server_ctx = server_context(svid, alpn=self._alpn)
+        entry.client_ctx = client_context(svid, alpn=self._alpn)
+        entry.svid = svid
+        entry.generation += 1
+        entry.last_error = None
+        entry.schedule.issued(svid.not_before, svid.not_after)
+        log.info("certificate for %s valid until %s", entry.identity, svid.leaf.not_valid_after_utc.isoformat())
+        return svid
+
+    def _start_renewal(self, entry: _Entry) -> None:
+        if entry.cancel is not None:
+            return
+        if self._nursery is None:
+            raise SecretsError("SecretManager is not running: start it with nursery.start(manager.run)")
+        entry.cancel = trio.CancelScope()
+        self._nursery.start_soon(self._renew_loop, entry)
+
+    async def _renew_loop(self, entry: _Entry) -> None:
+        assert entry.cancel is not None
+        with entry.cancel:
+            while True:
+                await trio.sleep(entry.schedule.delay(self._clock()))
+                async with entry.lock:
+                    try:
+                        await self._issue(entry)
+                    except SecretsError as exc:
+                        retry_in = entry.schedule.failed(self._clock()) - self._clock()
+                        log.warning(
+                            "renewing %s failed (%s); retrying in %.1fs", entry.identity, exc, retry_in
+                        )
