@@ -6,7 +6,7 @@
 set -euo pipefail
 
 PACKAGES=(iptables iproute2 procps psmisc curl python3 python3-venv python3-dev
-          python3-bpfcc bpfcc-tools clang tcpdump wrk nghttp2-client openssl)
+          python3-bpfcc bpfcc-tools clang tcpdump wrk nghttp2-client openssl iputils-ping)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup-system: must run as root (it installs Debian packages and links kernel headers)" >&2

@@ -1,0 +1,507 @@
+"""The cluster file: parse and validate it into frozen values, before anything is built.
+
+A cluster file is Kubernetes-style YAML with several documents: one `Cluster` (name, nodes with their
+pod CIDRs, the service CIDR), then `Namespace`, `ServiceAccount`, `Pod` and `Service` documents.  Every
+problem is reported as `file:document N:field: what is wrong`, all of them at once, and a file with any
+error is refused whole.  A service that selects no pod is only a warning.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mesh.errors import MeshError
+
+CLUSTER_API_VERSION = "mesh.local/v1alpha1"
+DEFAULT_SERVICE_CIDR = "10.96.0.0/16"
+DEFAULT_UNDERLAY_CIDR = "172.30.0.0/24"
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+MAX_CLUSTER_NAME = 20
+
+
+class ClusterFileError(MeshError):
+    """A cluster file with one or more errors; `problems` holds each located message."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("cluster file refused:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    pod_cidr: ipaddress.IPv4Network
+
+
+@dataclass(frozen=True)
+class ContainerPort:
+    container_port: int
+    name: str = ""
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    name: str
+    namespace: str
+    node: str
+    labels: dict[str, str]
+    service_account: str
+    container_name: str
+    command: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    ports: tuple[ContainerPort, ...]
+    working_dir: str
+    document: dict[str, Any] = field(compare=False, repr=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int
+    target_port: int | str
+    name: str = ""
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    namespace: str
+    labels: dict[str, str]
+    selector: dict[str, str]
+    ports: tuple[ServicePort, ...]
+    cluster_ip: ipaddress.IPv4Address | None
+    document: dict[str, Any] = field(compare=False, repr=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    name: str
+    nodes: tuple[NodeSpec, ...]
+    service_cidr: ipaddress.IPv4Network
+    underlay_cidr: ipaddress.IPv4Network
+    namespaces: dict[str, dict[str, str]]
+    service_accounts: tuple[tuple[str, str], ...]
+    pods: tuple[PodSpec, ...]
+    services: tuple[ServiceSpec, ...]
+    source: Path
+    warnings: tuple[str, ...] = ()
+    # Every document of the file but the Cluster one, as written: the control plane registers them.
+    documents: tuple[dict[str, Any], ...] = field(default=(), compare=False, repr=False)
+
+    def node(self, name: str) -> NodeSpec:
+        return next(n for n in self.nodes if n.name == name)
+
+
+class _Doc:
+    """Reads one document, recording each problem with its location."""
+
+    def __init__(self, where: str, problems: list[str]) -> None:
+        self.where = where
+        self.problems = problems
+
+    def error(self, path: str, message: str) -> None:
+        self.problems.append(f"{self.where}:{path}: {message}" if path else f"{self.where}: {message}")
+
+    def mapping(self, value: Any, path: str, allowed: Iterable[str], required: Iterable[str] = ()) -> dict[str, Any]:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            self.error(path, f"must be a mapping, not {_kind(value)}")
+            return {}
+        allowed = set(allowed)
+        for key in value:
+            if key not in allowed:
+                self.error(_join(path, str(key)), f"unknown field (allowed: {', '.join(sorted(allowed))})")
+        for key in required:
+            if value.get(key) in (None, "", [], {}):
+                self.error(_join(path, key), "is required")
+        return {k: v for k, v in value.items() if k in allowed}
+
+    def string(self, value: Any, path: str, pattern: re.Pattern[str] | None = None, what: str = "") -> str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            self.error(path, f"must be a string, not {_kind(value)}")
+            return ""
+        if pattern is not None and not pattern.match(value):
+            self.error(path, f"{value!r} is not a valid {what}")
+            return ""
+        return value
+
+    def integer(self, value: Any, path: str, low: int, high: int) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.error(path, f"must be an integer from {low} to {high}, not {_kind(value)} {value!r}")
+            return None
+        if not low <= value <= high:
+            self.error(path, f"{value} is out of range ({low}-{high})")
+            return None
+        return value
+
+    def labels(self, value: Any, path: str) -> dict[str, str]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.error(path, f"must be a mapping of label names to values, not {_kind(value)}")
+            return {}
+        out: dict[str, str] = {}
+        for key, val in value.items():
+            name = str(key).rsplit("/", 1)[-1]
+            if not isinstance(key, str) or len(name) > 63 or not LABEL_NAME.match(name):
+                self.error(_join(path, str(key)), "is not a valid label name")
+                continue
+            if not isinstance(val, str) or len(val) > 63 or not LABEL_VALUE.match(val):
+                self.error(_join(path, key), f"label value {val!r} must be a string of at most 63 characters "
+                           "([A-Za-z0-9._-], starting and ending alphanumeric)")
+                continue
+            out[key] = val
+        return out
+
+    def network(self, value: Any, path: str) -> ipaddress.IPv4Network | None:
+        if not isinstance(value, str):
+            self.error(path, f"must be an IPv4 CIDR such as 10.244.1.0/24, not {_kind(value)}")
+            return None
+        try:
+            net = ipaddress.IPv4Network(value, strict=True)
+        except ValueError as exc:
+            self.error(path, f"{value!r} is not a valid IPv4 CIDR ({exc})")
+            return None
+        if net.prefixlen > 28:
+            self.error(path, f"{value} is too small: use a /28 or larger")
+            return None
+        return net
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def load(path: str | Path) -> ClusterSpec:
+    """Read and validate a cluster file; raise ClusterFileError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise MeshError(f"{path}: cannot read the cluster file: {exc.strerror}") from exc
+    return parse(text, path)
+
+
+def parse(text: str, source: Path) -> ClusterSpec:
+    name = str(source)
+    try:
+        docs = [d for d in yaml.safe_load_all(text)]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{name}:line {mark.line + 1}" if mark is not None else name
+        raise ClusterFileError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+    return _Parser(name, source).run(docs)
+
+
+class _Parser:
+    def __init__(self, name: str, source: Path) -> None:
+        self.name = name
+        self.source = source
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    def run(self, docs: list[Any]) -> ClusterSpec:
+        cluster: tuple[str, tuple[NodeSpec, ...], Any, Any] | None = None
+        namespaces: dict[str, dict[str, str]] = {"default": {}}
+        declared_ns: dict[str, str] = {}
+        accounts: dict[tuple[str, str], str] = {}
+        pods: list[tuple[PodSpec, _Doc]] = []
+        services: list[tuple[ServiceSpec, _Doc]] = []
+        kept: list[dict[str, Any]] = []
+        for index, raw in enumerate(docs, start=1):
+            if raw is None:
+                continue
+            d = _Doc(f"{self.name}:document {index}", self.problems)
+            if not isinstance(raw, dict):
+                d.error("", f"must be a mapping with apiVersion and kind, not {_kind(raw)}")
+                continue
+            kind = raw.get("kind")
+            if kind == "Cluster":
+                if cluster is not None:
+                    d.error("kind", "a second Cluster document; a file describes one cluster")
+                    continue
+                cluster = self.cluster(raw, d)
+                continue
+            if kind not in ("Namespace", "ServiceAccount", "Pod", "Service"):
+                d.error("kind", f"{kind!r} is not a kind a cluster file holds "
+                        "(Cluster, Namespace, ServiceAccount, Pod, Service)")
+                continue
+            if raw.get("apiVersion") != "v1":
+                d.error("apiVersion", f"{kind} needs apiVersion v1, not {raw.get('apiVersion')!r}")
+            meta = self.metadata(raw, d, namespaced=kind != "Namespace")
+            if meta is None:
+                continue
+            kept.append(raw)
+            if kind == "Namespace":
+                if meta[0] in declared_ns:
+                    d.error("metadata.name", f"duplicate Namespace {meta[0]!r} (first in {declared_ns[meta[0]]})")
+                declared_ns[meta[0]] = d.where
+                namespaces[meta[0]] = meta[2]
+                d.mapping(raw.get("spec"), "spec", ())
+            elif kind == "ServiceAccount":
+                key = (meta[1], meta[0])
+                if key in accounts:
+                    d.error("metadata.name", f"duplicate ServiceAccount {meta[1]}/{meta[0]} (first in {accounts[key]})")
+                accounts[key] = d.where
+            elif kind == "Pod":
+                pod = self.pod(raw, d, meta)
+                if pod is not None:
+                    pods.append((pod, d))
+            else:
+                svc = self.service(raw, d, meta)
+                if svc is not None:
+                    services.append((svc, d))
+        if cluster is None:
+            self.problems.append(f"{self.name}: no Cluster document (kind: Cluster, apiVersion: "
+                                 f"{CLUSTER_API_VERSION}) naming the cluster and its nodes")
+            raise ClusterFileError(self.problems)
+        cname, nodes, service_cidr, underlay_cidr = cluster
+        self.cross_check(nodes, namespaces, accounts, pods, services, service_cidr)
+        if self.problems:
+            raise ClusterFileError(self.problems)
+        return ClusterSpec(
+            name=cname, nodes=nodes, service_cidr=service_cidr, underlay_cidr=underlay_cidr,
+            namespaces=namespaces, service_accounts=tuple(sorted(accounts)),
+            pods=tuple(p for p, _ in pods), services=tuple(s for s, _ in services),
+            source=self.source, warnings=tuple(self.warnings), documents=tuple(kept),
+        )
+
+    # -- documents ---------------------------------------------------------------------------------
+
+    def cluster(self, raw: dict[str, Any], d: _Doc) -> tuple[str, tuple[NodeSpec, ...], Any, Any]:
+        top = d.mapping(raw, "", ("apiVersion", "kind", "metadata", "spec"), ("metadata", "spec"))
+        if top.get("apiVersion") != CLUSTER_API_VERSION:
+            d.error("apiVersion", f"a Cluster needs apiVersion {CLUSTER_API_VERSION}, not {top.get('apiVersion')!r}")
+        meta = d.mapping(top.get("metadata"), "metadata", ("name", "labels", "annotations"), ("name",))
+        name = d.string(meta.get("name"), "metadata.name", DNS1123_LABEL, "cluster name (lower-case letters, "
+                        "digits and '-')")
+        if len(name) > MAX_CLUSTER_NAME:
+            d.error("metadata.name", f"{name!r} is longer than {MAX_CLUSTER_NAME} characters")
+        spec = d.mapping(top.get("spec"), "spec", ("nodes", "serviceCIDR", "underlayCIDR"), ("nodes",))
+        service_cidr = d.network(spec.get("serviceCIDR", DEFAULT_SERVICE_CIDR), "spec.serviceCIDR")
+        underlay_cidr = d.network(spec.get("underlayCIDR", DEFAULT_UNDERLAY_CIDR), "spec.underlayCIDR")
+        nodes: list[NodeSpec] = []
+        raw_nodes = spec.get("nodes")
+        if raw_nodes is not None and not isinstance(raw_nodes, list):
+            d.error("spec.nodes", f"must be a list of nodes, not {_kind(raw_nodes)}")
+            raw_nodes = []
+        seen: dict[str, str] = {}
+        nets: list[tuple[str, ipaddress.IPv4Network]] = []
+        if service_cidr is not None:
+            nets.append(("spec.serviceCIDR", service_cidr))
+        if underlay_cidr is not None:
+            nets.append(("spec.underlayCIDR", underlay_cidr))
+        for i, node in enumerate(raw_nodes or []):
+            p = f"spec.nodes[{i}]"
+            nd = d.mapping(node, p, ("name", "podCIDR"), ("name", "podCIDR"))
+            nname = d.string(nd.get("name"), f"{p}.name", DNS1123_LABEL, "node name")
+            if nname in seen:
+                d.error(f"{p}.name", f"duplicate node name {nname!r} (also {seen[nname]})")
+            seen[nname] = p
+            cidr = d.network(nd.get("podCIDR"), f"{p}.podCIDR") if "podCIDR" in nd else None
+            if cidr is not None:
+                nets.append((f"{p}.podCIDR", cidr))
+            if nname and cidr is not None:
+                nodes.append(NodeSpec(nname, cidr))
+        for i, (pa, a) in enumerate(nets):
+            for pb, b in nets[i + 1:]:
+                if a.overlaps(b):
+                    d.error(pb, f"{b} overlaps {pa} ({a})")
+        if underlay_cidr is not None and len(nodes) + 10 > underlay_cidr.num_addresses - 2:
+            d.error("spec.underlayCIDR", f"{underlay_cidr} has too few addresses for {len(nodes)} nodes")
+        return name, tuple(nodes), service_cidr, underlay_cidr
+
+    def metadata(self, raw: dict[str, Any], d: _Doc, namespaced: bool) -> tuple[str, str, dict[str, str]] | None:
+        allowed: tuple[str, ...] = ("apiVersion", "kind", "metadata", "spec")
+        if raw.get("kind") == "ServiceAccount":
+            allowed = ("apiVersion", "kind", "metadata")
+        d.mapping(raw, "", allowed)
+        meta = d.mapping(raw.get("metadata"), "metadata", ("name", "namespace", "labels", "annotations"), ("name",))
+        name = d.string(meta.get("name"), "metadata.name", DNS1123_LABEL, "name (lower-case letters, digits, '-')")
+        if len(name) > 63:
+            d.error("metadata.name", "is longer than 63 characters")
+        ns = "default"
+        if namespaced:
+            ns = d.string(meta.get("namespace", "default"), "metadata.namespace", DNS1123_LABEL, "namespace name")
+        elif "namespace" in meta:
+            d.error("metadata.namespace", "a Namespace is not itself namespaced")
+        labels = d.labels(meta.get("labels"), "metadata.labels")
+        if not name or not ns:
+            return None
+        return name, ns, labels
+
+    def pod(self, raw: dict[str, Any], d: _Doc, meta: tuple[str, str, dict[str, str]]) -> PodSpec | None:
+        name, ns, labels = meta
+        spec = d.mapping(raw.get("spec"), "spec", ("nodeName", "serviceAccountName", "containers"),
+                         ("nodeName", "containers"))
+        node = d.string(spec.get("nodeName"), "spec.nodeName", DNS1123_LABEL, "node name")
+        sa = d.string(spec.get("serviceAccountName", "default"), "spec.serviceAccountName", DNS1123_LABEL,
+                      "service account name")
+        containers = spec.get("containers")
+        if containers is None:
+            return None
+        if not isinstance(containers, list) or len(containers) != 1:
+            d.error("spec.containers", "must be a list with exactly one container")
+            return None
+        p = "spec.containers[0]"
+        c = d.mapping(containers[0], p, ("name", "image", "command", "args", "env", "ports", "workingDir"))
+        cname = d.string(c.get("name", name), f"{p}.name", DNS1123_LABEL, "container name")
+        command: list[str] = []
+        for key in ("command", "args"):
+            items = c.get(key)
+            if items is None:
+                continue
+            if not isinstance(items, list) or not all(isinstance(x, (str, int, float)) for x in items):
+                d.error(f"{p}.{key}", "must be a list of strings")
+                continue
+            command += [str(x) for x in items]
+        if not command:
+            d.error(f"{p}.command", "is required: the command the pod runs (a list, such as [sleep, infinity])")
+        env: list[tuple[str, str]] = []
+        raw_env = c.get("env") or []
+        if not isinstance(raw_env, list):
+            d.error(f"{p}.env", "must be a list of {name, value}")
+            raw_env = []
+        for i, e in enumerate(raw_env):
+            em = d.mapping(e, f"{p}.env[{i}]", ("name", "value"), ("name",))
+            ename = d.string(em.get("name"), f"{p}.env[{i}].name", ENV_NAME, "environment variable name")
+            value = em.get("value", "")
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                d.error(f"{p}.env[{i}].value", f"must be a string, not {_kind(value)}")
+                continue
+            if ename:
+                env.append((ename, str(value)))
+        ports: list[ContainerPort] = []
+        raw_ports = c.get("ports") or []
+        if not isinstance(raw_ports, list):
+            d.error(f"{p}.ports", "must be a list of {containerPort, name, protocol}")
+            raw_ports = []
+        for i, port in enumerate(raw_ports):
+            pp = f"{p}.ports[{i}]"
+            pm = d.mapping(port, pp, ("containerPort", "name", "protocol"), ("containerPort",))
+            number = d.integer(pm.get("containerPort"), f"{pp}.containerPort", 1, 65535) if "containerPort" in pm else None
+            proto = pm.get("protocol", "TCP")
+            if proto not in ("TCP", "UDP"):
+                d.error(f"{pp}.protocol", f"{proto!r} is not TCP or UDP")
+            pname = d.string(pm.get("name", ""), f"{pp}.name")
+            if number is not None:
+                ports.append(ContainerPort(number, pname, str(proto)))
+        wd = d.string(c.get("workingDir", ""), f"{p}.workingDir")
+        if not (node and cname and command):
+            return None
+        return PodSpec(name=name, namespace=ns, node=node, labels=labels, service_account=sa or "default",
+                       container_name=cname, command=tuple(command), env=tuple(env), ports=tuple(ports),
+                       working_dir=wd, document=raw)
+
+    def service(self, raw: dict[str, Any], d: _Doc, meta: tuple[str, str, dict[str, str]]) -> ServiceSpec | None:
+        name, ns, labels = meta
+        spec = d.mapping(raw.get("spec"), "spec", ("selector", "ports", "clusterIP", "type"), ("ports",))
+        if spec.get("type", "ClusterIP") != "ClusterIP":
+            d.error("spec.type", f"{spec.get('type')!r} is not supported; the local cluster has ClusterIP services")
+        selector = d.labels(spec.get("selector"), "spec.selector")
+        cluster_ip: ipaddress.IPv4Address | None = None
+        if spec.get("clusterIP") not in (None, ""):
+            try:
+                cluster_ip = ipaddress.IPv4Address(str(spec["clusterIP"]))
+            except ValueError:
+                d.error("spec.clusterIP", f"{spec['clusterIP']!r} is not an IPv4 address")
+        ports: list[ServicePort] = []
+        raw_ports = spec.get("ports") or []
+        if not isinstance(raw_ports, list):
+            d.error("spec.ports", "must be a list of {name, port, targetPort, protocol}")
+            raw_ports = []
+        seen: set[int] = set()
+        for i, port in enumerate(raw_ports):
+            pp = f"spec.ports[{i}]"
+            pm = d.mapping(port, pp, ("name", "port", "targetPort", "protocol", "appProtocol"), ("port",))
+            number = d.integer(pm.get("port"), f"{pp}.port", 1, 65535) if "port" in pm else None
+            target: int | str | None = number
+            if "targetPort" in pm:
+                tp = pm["targetPort"]
+                target = tp if isinstance(tp, str) and tp else d.integer(tp, f"{pp}.targetPort", 1, 65535)
+            if pm.get("protocol", "TCP") != "TCP":
+                d.error(f"{pp}.protocol", f"{pm.get('protocol')!r} is not supported; services here are TCP")
+            if number is not None and number in seen:
+                d.error(f"{pp}.port", f"duplicate service port {number}")
+            if number is not None and target is not None:
+                seen.add(number)
+                ports.append(ServicePort(number, target, d.string(pm.get("name", ""), f"{pp}.name")))
+        return ServiceSpec(name=name, namespace=ns, labels=labels, selector=selector, ports=tuple(ports),
+                           cluster_ip=cluster_ip, document=raw)
+
+    # -- across documents --------------------------------------------------------------------------
+
+    def cross_check(self, nodes: tuple[NodeSpec, ...], namespaces: dict[str, dict[str, str]],
+                    accounts: dict[tuple[str, str], str], pods: list[tuple[PodSpec, _Doc]],
+                    services: list[tuple[ServiceSpec, _Doc]], service_cidr: Any) -> None:
+        node_names = {n.name for n in nodes}
+        node_pods: dict[str, int] = {}
+        seen_pods: dict[str, str] = {}
+        for pod, d in pods:
+            if pod.key in seen_pods:
+                d.error("metadata.name", f"duplicate Pod {pod.key} (first in {seen_pods[pod.key]})")
+            seen_pods[pod.key] = d.where
+            if pod.namespace not in namespaces:
+                d.error("metadata.namespace", f"namespace {pod.namespace!r} is not defined in this file")
+            if pod.node not in node_names:
+                d.error("spec.nodeName", f"unknown node {pod.node!r} (nodes: {', '.join(sorted(node_names))})")
+            else:
+                node_pods[pod.node] = node_pods.get(pod.node, 0) + 1
+            if pod.service_account != "default" and (pod.namespace, pod.service_account) not in accounts:
+                d.error("spec.serviceAccountName", f"service account {pod.service_account!r} is not defined "
+                        f"in namespace {pod.namespace!r}")
+        for node in nodes:
+            if node_pods.get(node.name, 0) > node.pod_cidr.num_addresses - 3:
+                self.problems.append(f"{self.name}: node {node.name}: pod CIDR {node.pod_cidr} is too small "
+                                     f"for {node_pods[node.name]} pods")
+        seen_svcs: dict[str, str] = {}
+        ips: dict[ipaddress.IPv4Address, str] = {}
+        for svc, d in services:
+            if svc.key in seen_svcs:
+                d.error("metadata.name", f"duplicate Service {svc.key} (first in {seen_svcs[svc.key]})")
+            seen_svcs[svc.key] = d.where
+            if svc.namespace not in namespaces:
+                d.error("metadata.namespace", f"namespace {svc.namespace!r} is not defined in this file")
+            if svc.cluster_ip is not None:
+                if service_cidr is not None and svc.cluster_ip not in service_cidr:
+                    d.error("spec.clusterIP", f"{svc.cluster_ip} is outside the service CIDR {service_cidr}")
+                elif svc.cluster_ip in ips:
+                    d.error("spec.clusterIP", f"{svc.cluster_ip} is already used by {ips[svc.cluster_ip]}")
+                ips[svc.cluster_ip] = svc.key
+            selected = [p for p, _ in pods if p.namespace == svc.namespace and svc.selector
+                        and all(p.labels.get(k) == v for k, v in svc.selector.items())]
+            if not selected:
+                self.warnings.append(f"{d.where}: service {svc.key} selects no pod")
+            for i, port in enumerate(svc.ports):
+                if isinstance(port.target_port, str):
+                    for p in selected:
+                        if not any(cp.name == port.target_port for cp in p.ports):
+                            d.error(f"spec.ports[{i}].targetPort", f"pod {p.key} has no port named "
+                                    f"{port.target_port!r}")
