@@ -95,7 +95,12 @@ def add_parser(sub: Any) -> None:
     verbs = parser.add_subparsers(dest="ca_verb", metavar="COMMAND", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--root", metavar="FILE", help="the mesh root certificate (PEM)")
+        p.add_argument(
+            "--root",
+            metavar="FILE",
+            help=f"the mesh root certificate (PEM); default ${CA_DIR_ENV}/{ROOT_CERT}, "
+            f"else the local cluster's {CLUSTER_CA_SUBDIR / ROOT_CERT}",
+        )
         p.add_argument("--cluster", metavar="NAME", help="the local cluster whose root to use")
 
     root = verbs.add_parser("root", help="print the mesh root certificate (PEM)")
@@ -105,8 +110,8 @@ def add_parser(sub: Any) -> None:
     check = verbs.add_parser(
         "check",
         help="explain a certificate: identity, issuer, validity, chain to the mesh root",
-        description="Explain CERT (PEM, possibly with its chain; or DER). Exits 1 if it is not a valid "
-        "mesh certificate now.",
+        description="Explain CERT (PEM, possibly with its chain; or DER): its identity, issuer, validity, "
+        "and chain to the mesh root. Exits 1 if it is not a valid mesh certificate now.",
     )
     check.add_argument("cert", metavar="CERT.pem")
     common(check)
