@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Protocol
 
 from mesh.identity import IdentityError, SpiffeId, identity_of_der
 from mesh.secrets.errors import PeerIdentityError
@@ -88,8 +89,14 @@ def client_context(svid: Svid, *, alpn: Sequence[str] = (ALPN_H2,)) -> ssl.SSLCo
     return ctx
 
 
+class PeerCertSource(Protocol):
+    """`ssl.SSLSocket`, `ssl.SSLObject`, or `trio.SSLStream` (which forwards `getpeercert`)."""
+
+    def getpeercert(self, binary_form: bool) -> Any: ...
+
+
 def check_peer(
-    tls: ssl.SSLSocket | ssl.SSLObject,
+    tls: PeerCertSource,
     *,
     allowed: Collection[SpiffeId] | None = None,
     trust_domain: str | None = None,
