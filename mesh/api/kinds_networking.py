@@ -333,7 +333,7 @@ def _check_subset_names(value: list[dict[str, Any]], path: str, errors: Errors) 
         name = subset.get("name")
         if name in seen:
             errors.append(FieldError(f"{path}[{i}].name", f"subset {name!r} is defined twice"))
-        seen.add(name)
+        seen.add(str(name))
 
 
 class Subsets(ListOf):

@@ -184,3 +184,19 @@ def validate_documents(docs: Iterable[Document], default_namespace: str = DEFAUL
         seen[ref] = doc
         good.append((doc, body))
     return good, errors
+
+
+def check_reference(body: Any, default_namespace: str = DEFAULT_NAMESPACE) -> tuple[Ref | None, Errors]:
+    """Only what names a resource (apiVersion, kind, metadata.name/namespace): for deletion by file."""
+    errors: Errors = []
+    if not isinstance(body, dict):
+        return None, [FieldError("", f"a document must be a mapping with apiVersion and kind, not {type_name(body)}")]
+    info = _check_header(body, errors)
+    meta = body.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    if not isinstance(name, str) or not name:
+        errors.append(FieldError("metadata.name", "is required"))
+    if info is None or errors:
+        return None, errors
+    namespace = (meta or {}).get("namespace") or default_namespace if info.namespaced else ""
+    return Ref(info.kind, str(namespace), str(name)), []

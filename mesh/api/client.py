@@ -1,0 +1,157 @@
+"""The client of the control plane's apply API (served by `controlplane.apiserver` on a Unix socket).
+
+    client = ApiClient(socket_path)
+    client.apply(documents)                  # -> {"version", "outcomes": [...]}; ValidationError if refused
+    client.delete(documents) / client.delete_refs(["Pod/default/x"])
+    client.get("virtualservice", namespace="default", name="reviews")   # -> list of bodies
+    client.label("Namespace//default", set_labels={...}, remove=[...])
+
+`register_cluster_objects(socket_path, bodies)` is what the local cluster calls at start to put its
+namespaces, service accounts, pods and services into the store.
+
+`socket_for(cluster)` is where a cluster's control plane listens: `<cluster state dir>/controlplane/api.sock`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from mesh.api.errors import ApiError, Conflict, FieldError, NotFound, ValidationError
+from mesh.api.loader import documents_to_json
+from mesh.api.validate import Document
+
+SOCKET_NAME = "api.sock"
+
+
+class ControlPlaneUnavailable(ApiError):
+    pass
+
+
+def socket_for(cluster: str | None) -> Path:
+    """The apply API socket of `cluster` (or of the only cluster that is up)."""
+    from mesh.cluster.state import cluster_dir, find_cluster
+
+    return cluster_dir(find_cluster(cluster)) / "controlplane" / SOCKET_NAME
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class ApiClient:
+    def __init__(self, socket_path: Path | str, timeout: float = 30.0) -> None:
+        self.socket_path = str(socket_path)
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if data is not None else {}
+            conn.request(method, path, body=data, headers=headers)
+            response = conn.getresponse()
+            raw = response.read()
+            status = response.status
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise ControlPlaneUnavailable(
+                f"cannot reach the control plane at {self.socket_path}: is the cluster up? ({exc.strerror})") from exc
+        except (OSError, http.client.HTTPException) as exc:
+            raise ControlPlaneUnavailable(f"the control plane at {self.socket_path} did not answer: {exc}") from exc
+        finally:
+            conn.close()
+        try:
+            reply = json.loads(raw)
+        except ValueError as exc:
+            raise ApiError(f"the control plane sent a reply that is not JSON (status {status})") from exc
+        if status == 200:
+            return dict(reply)
+        message = reply.get("error") or f"request failed with status {status}"
+        if status == 422:
+            raise ValidationError([FieldError("", line) for line in reply.get("errors") or [message]])
+        if status == 404:
+            raise NotFound(message)
+        if status == 409:
+            raise Conflict(message)
+        raise ApiError(message)
+
+    def health(self) -> dict[str, Any]:
+        return self.request("GET", "/healthz")
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Wait until the API answers (after the control plane was started)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.health()
+                return
+            except ControlPlaneUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def apply(self, docs: Sequence[Document], namespace: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"documents": documents_to_json(docs)}
+        if namespace:
+            body["namespace"] = namespace
+        return self.request("POST", "/apply", body)
+
+    def delete(self, docs: Sequence[Document], namespace: str | None = None, ignore_not_found: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {"documents": documents_to_json(docs), "ignoreNotFound": ignore_not_found}
+        if namespace:
+            body["namespace"] = namespace
+        return self.request("POST", "/delete", body)
+
+    def delete_refs(self, refs: Iterable[str], ignore_not_found: bool = False) -> dict[str, Any]:
+        return self.request("POST", "/delete", {"refs": list(refs), "ignoreNotFound": ignore_not_found})
+
+    def get(self, kind: str | None = None, namespace: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
+        query = urlencode({k: v for k, v in (("kind", kind), ("namespace", namespace), ("name", name)) if v})
+        return list(self.request("GET", "/resources" + (f"?{query}" if query else ""))["items"])
+
+    def label(self, ref: str, set_labels: dict[str, str] | None = None, remove: Iterable[str] = ()) -> dict[str, Any]:
+        return self.request("POST", "/label", {"ref": ref, "set": set_labels or {}, "remove": list(remove)})
+
+
+def register_cluster_objects(socket_path: Path | str, bodies: Iterable[dict[str, Any]],
+                             source: str = "cluster", timeout: float = 10.0) -> dict[str, Any]:
+    """Put the local cluster's Namespaces, ServiceAccounts, Pods and Services into the store in one
+    all-or-nothing apply, after waiting up to `timeout` seconds for the control plane to answer.
+    Namespaces and service accounts the pods need but the file does not list are added."""
+    bodies = list(bodies)
+    have = {(b.get("kind"), (b.get("metadata") or {}).get("namespace"), (b.get("metadata") or {}).get("name"))
+            for b in bodies}
+    extra: list[dict[str, Any]] = []
+    for b in bodies:
+        meta = b.get("metadata") or {}
+        ns = meta.get("namespace") or "default"
+        if b.get("kind") in ("Pod", "Service", "ServiceAccount") and ("Namespace", None, ns) not in have:
+            have.add(("Namespace", None, ns))
+            extra.append({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        if b.get("kind") == "Pod":
+            sa = (b.get("spec") or {}).get("serviceAccountName") or "default"
+            if ("ServiceAccount", ns, sa) not in have:
+                have.add(("ServiceAccount", ns, sa))
+                extra.append({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa, "namespace": ns}})
+    docs = [Document(source, i, body) for i, body in enumerate(extra + bodies, start=1)]
+    client = ApiClient(socket_path)
+    client.wait_ready(timeout)
+    return client.apply(docs)
