@@ -35,7 +35,14 @@ from mesh.api.crossref import check_subsets
 from mesh.api.errors import ApiError, Conflict, FieldError, NotFound, ValidationError
 from mesh.api.kinds import DEFAULT_NAMESPACE, kind_info
 from mesh.api.names import label_key_problem, label_value_problem
-from mesh.api.validate import Document, Ref, check_document, check_reference, label_semantics_problem, validate_documents
+from mesh.api.validate import (
+    Document,
+    Ref,
+    check_document,
+    check_reference,
+    label_semantics_problem,
+    validate_documents,
+)
 from mesh.cluster.state import write_atomic
 
 log = logging.getLogger(__name__)
