@@ -151,7 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise BadRequest(f"unknown kind {query['kind']!r}")
             kind = info.kind
         snap_version = self.server.store.version
-        items = self.server.store.list(kind, query.get("namespace") or None, query.get("name") or None)
+        items = self.server.store.select(kind, query.get("namespace") or None, query.get("name") or None)
         return {"version": snap_version, "items": items}
 
     def _label(self, query: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,7 @@
     result = store.apply(documents)        # all-or-nothing; raises ValidationError listing every mistake
     store.delete(documents)                # by file, same rules; store.delete_refs([Ref(...)]) by name
     store.label(Ref("Namespace", "", "default"), {"istio.io/dataplane-mode": "ambient"}, remove=[])
-    store.list("VirtualService", namespace="default")
+    store.select("VirtualService", namespace="default")
     snap = store.snapshot(); unsubscribe = store.subscribe(callback)   # see controlplane.source
 
 Every committed change increments one store-wide `version`; each resource changed by it carries that
@@ -112,7 +112,7 @@ class Store:
 
         return unsubscribe
 
-    def list(self, kind: str | None = None, namespace: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
+    def select(self, kind: str | None = None, namespace: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
         """Bodies matching the filters, sorted.  Asking for one missing resource by name raises NotFound."""
         snap = self.snapshot()
         out = [body for ref, body in sorted(snap.resources.items())
