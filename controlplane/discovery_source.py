@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
@@ -137,3 +137,33 @@ def changed_names(old: Resources, new: Resources) -> dict[str, set[str]]:
         if names:
             out[type_url] = names
     return out
+
+
+class TranslatedSource(_Watchers):
+    """Serves the translation of a configuration source (`controlplane.source.ConfigSource`, e.g. the
+    store): `translate(config_snapshot)` returns every discovery message.  Translation runs at most
+    once per configuration version, on the first `resources()` call after a change, on the caller's
+    thread (the discovery server calls it off its event loop)."""
+
+    def __init__(self, config: Any, translate: Callable[[Any], Iterable[Message]]) -> None:
+        super().__init__()
+        self._config = config
+        self._translate = translate
+        self._lock = threading.Lock()
+        self._version: Any = object()
+        self._cache: dict[str, dict[str, tuple[str, any_pb2.Any]]] = {}
+        self._unsubscribe = config.subscribe(lambda _event: self.notify())
+
+    def close(self) -> None:
+        self._unsubscribe()
+
+    def resources(self) -> Resources:
+        with self._lock:
+            snap = self._config.snapshot()
+            if snap.version != self._version:
+                out: dict[str, dict[str, tuple[str, any_pb2.Any]]] = {t: {} for t in rs.ALL_TYPES}
+                for m in self._translate(snap):
+                    packed = rs.pack(m)
+                    out.setdefault(packed.type_url, {})[rs.name_of(m)] = (rs.version_of(packed), packed)
+                self._cache, self._version = out, snap.version
+            return self._cache

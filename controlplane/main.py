@@ -39,7 +39,7 @@ import grpc
 from controlplane.discovery import DiscoveryServer, add_to_server
 from controlplane.discovery_http import DebugHttp
 from controlplane.discovery_pods import WorkloadPodLocator
-from controlplane.discovery_source import MemorySource, ResourceSource
+from controlplane.discovery_source import MemorySource, ResourceSource, TranslatedSource
 from controlplane.metrics import ControlPlaneMetrics, log_event
 from mesh.cluster.state import write_atomic
 from mesh.errors import MeshError
@@ -52,6 +52,7 @@ TOKEN_KEY_FILE = "node-token-key.pem"
 DEBUG_SOCKET = "debug.sock"
 API_SOCKET = "api.sock"
 ENDPOINTS_FILE = "endpoints.json"
+STORE_SUBDIR = "store"
 
 # The CA's receive limit cuts off oversized certificate requests; discovery responses may be large.
 GRPC_OPTIONS: tuple[tuple[str, Any], ...] = (
@@ -108,14 +109,35 @@ def _serving_hosts(opts: Options) -> list[str]:
 
 
 def _make_source(opts: Options, metrics: ControlPlaneMetrics, extras: dict[str, Any]) -> ResourceSource:
-    """The configuration store and its translation, when that component is present."""
+    """The configuration store (state under `controlplane/store/`) and its translation, when present."""
     try:
-        from controlplane import store_source  # type: ignore[attr-defined]
+        from controlplane.store import Store
     except ImportError:
         log.warning("no configuration store in this build: serving an empty configuration")
         return MemorySource()
-    source: ResourceSource = store_source.open_source(opts.home, metrics=metrics, extras=extras)
-    return source
+    store = Store(opts.home / STORE_SUBDIR)
+    extras["store"] = store
+
+    def on_change(event: Any) -> None:  # runs under the store's lock: record and return
+        metrics.apply(True)
+        log_event(
+            "config_change",
+            version=event.version,
+            changed=sorted(_ref_name(r) for r in event.changed),
+            removed=sorted(_ref_name(r) for r in event.removed),
+        )
+
+    store.subscribe(on_change)
+    try:
+        from controlplane.translate import translate  # type: ignore[attr-defined,import-not-found,unused-ignore]
+    except ImportError:
+        log.warning("no translation in this build: the store is kept but discovery serves nothing")
+        return MemorySource()
+    return TranslatedSource(store, translate)
+
+
+def _ref_name(ref: Any) -> str:
+    return "/".join(p for p in (getattr(ref, "kind", ""), getattr(ref, "namespace", ""), getattr(ref, "name", "")) if p)
 
 
 async def serve(

@@ -1,0 +1,62 @@
+"""`python -m controlplane.main` as a real process: starts, serves TLS discovery, stops on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from controlplane.main import split_hostport
+from mesh.errors import MeshError
+from mesh.xds import resources as rs
+from mesh.xds.client import ClientConfig, XdsClient
+from mesh.xds.node import NodeInfo
+
+pytestmark = pytest.mark.timeout(60)
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_process_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controlplane.main", "--state-dir", str(tmp_path),
+         "--grpc-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    )
+    home = tmp_path / "controlplane"
+    try:
+        deadline = time.monotonic() + 20
+        while not (home / "endpoints.json").exists():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "control plane did not start"
+            time.sleep(0.05)
+        endpoints = json.loads((home / "endpoints.json").read_text())
+        root = (home / "ca" / "root-cert.pem").read_bytes()
+        cfg = ClientConfig(
+            target=endpoints["grpc"], node=NodeInfo(id="tool~n1~x.y"), subscriptions={rs.WORKLOAD: None},
+            root_pem=root, backoff_initial=0.05,
+        )
+        with XdsClient(cfg) as client:
+            assert client.wait_synced(10)
+        assert (home / "debug.sock").exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert not (home / "debug.sock").exists() and not (home / "endpoints.json").exists()
+        err = proc.stderr.read() if proc.stderr else ""
+        lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+        assert {"started", "connect", "stopping"} <= {entry["event"] for entry in lines}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_split_hostport() -> None:
+    assert split_hostport("0.0.0.0:15012") == ("0.0.0.0", 15012)
+    assert split_hostport("[::1]:15014") == ("::1", 15014)
+    with pytest.raises(MeshError):
+        split_hostport("15012")
