@@ -81,6 +81,9 @@ def build_pod(plan: ClusterPlan, pod: PodPlan) -> None:
         ns.link("add", ifname=pod.host_veth, kind="veth", peer={"ifname": "eth0", "net_ns_fd": pod.netns})
         index = ns.link_lookup(ifname=pod.host_veth)[0]
         ns.link("set", index=index, master=ns.link_lookup(ifname=NODE_BRIDGE)[0], state="up")
+        # Hairpin mode, as kubelet sets it: a pod's connection to its own service is DNATed back to
+        # the port it came in on, which a bridge otherwise refuses to send a frame out of.
+        ns.brport("set", index=index, mode=1)
     with NetNS(pod.netns) as ns:
         eth0 = _up(ns, "eth0")
         ns.addr("add", index=eth0, address=str(pod.ip), prefixlen=pod.prefixlen)
