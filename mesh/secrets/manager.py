@@ -34,6 +34,16 @@ from mesh.secrets.tls import ALPN_H2, client_context, server_context
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class CertificateStatus:
+    identity: str
+    state: str
+    not_after: str | None
+    next_attempt_in: float
+    failures: int
+    last_error: str | None
+
+
 @dataclass
 class _Entry:
     identity: SpiffeId
@@ -137,18 +147,18 @@ class SecretManager:
     def identities(self) -> list[SpiffeId]:
         return sorted(self._entries)
 
-    def status(self) -> list[dict[str, object]]:
-        """One line per identity for the admin endpoint."""
+    def status(self) -> list[CertificateStatus]:
+        """One entry per identity, for the admin endpoint (`dataclasses.asdict()` for JSON)."""
         now = self._clock()
         return [
-            {
-                "identity": str(e.identity),
-                "state": e.schedule.state.value,
-                "not_after": e.svid.leaf.not_valid_after_utc.isoformat() if e.svid else None,
-                "next_attempt_in": round(e.schedule.delay(now), 1),
-                "failures": e.schedule.failures,
-                "last_error": e.last_error,
-            }
+            CertificateStatus(
+                identity=str(e.identity),
+                state=e.schedule.state.value,
+                not_after=e.svid.leaf.not_valid_after_utc.isoformat() if e.svid else None,
+                next_attempt_in=round(e.schedule.delay(now), 1),
+                failures=e.schedule.failures,
+                last_error=e.last_error,
+            )
             for e in sorted(self._entries.values(), key=lambda e: e.identity)
         ]
 

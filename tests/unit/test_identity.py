@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 
 import pytest
 from cryptography import x509
@@ -45,7 +46,7 @@ def test_not_a_string() -> None:
         SpiffeId.parse(42)  # type: ignore[arg-type]
 
 
-def _cert(sans: list[x509.GeneralName]) -> x509.Certificate:
+def _cert(sans: Sequence[x509.GeneralName]) -> x509.Certificate:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     builder = (
@@ -58,7 +59,7 @@ def _cert(sans: list[x509.GeneralName]) -> x509.Certificate:
         .not_valid_after(now + datetime.timedelta(hours=1))
     )
     if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=True)
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=True)
     return builder.sign(key, hashes.SHA256())
 
 

@@ -93,7 +93,7 @@ def test_unsigned_and_hmac_tokens_refused() -> None:
     issuer = NodeTokenIssuer.generate()
     claims = {"kind": "node", "node": "node-a", "sub": "node:node-a", "aud": "istio-ca", "iss": "mesh-controlplane",
               "iat": 0, "exp": 2**40}
-    for token in (jwt.encode(claims, None, algorithm="none"), jwt.encode(claims, "k" * 32, algorithm="HS256")):
+    for token in (jwt.encode(claims, "", algorithm="none"), jwt.encode(claims, "k" * 32, algorithm="HS256")):
         with pytest.raises(AuthenticationError, match="algorithm"):
             issuer.authenticator().authenticate(md(token))
 

@@ -49,7 +49,7 @@ def test_first_certificate_and_contexts(node_a: CAClient, running_ca: RunningCA)
         assert m.current(SLEEP) is svid and m.generation(SLEEP) == 1
         assert m.server_context(SLEEP) is not None and m.client_context(SLEEP) is not None
         [status] = m.status()
-        assert status["identity"] == str(SLEEP) and status["state"] == "valid"
+        assert status.identity == str(SLEEP) and status.state == "valid"
         m.forget(SLEEP)
         assert m.current(SLEEP) is None and m.identities() == []
 
@@ -135,11 +135,11 @@ def test_backoff_while_the_ca_is_away(node_a: CAClient, running_ca: RunningCA) -
     async def body(m: SecretManager) -> None:
         svid = await m.get(SLEEP)
         running_ca.stop(None)  # the CA goes away before the renewal is due
-        await wait_for(lambda: m.status()[0]["failures"] >= 3, timeout=8)
+        await wait_for(lambda: m.status()[0].failures >= 3, timeout=8)
         [status] = m.status()
-        assert status["state"] == RenewalState.RETRYING.value
-        assert "UNAVAILABLE" in str(status["last_error"])
-        assert float(status["next_attempt_in"]) <= 0.6  # type: ignore[arg-type]
+        assert status.state == RenewalState.RETRYING.value
+        assert "UNAVAILABLE" in str(status.last_error)
+        assert status.next_attempt_in <= 0.6
         assert m.current(SLEEP) is svid  # the last good certificate is still served
 
     run_with_manager(manager, body)
