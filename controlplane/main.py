@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -45,6 +45,7 @@ from mesh.cluster.state import write_atomic
 from mesh.errors import MeshError
 
 log = logging.getLogger("controlplane")
+T = TypeVar("T")
 
 SUBDIR = "controlplane"
 CA_SUBDIR = "ca"
@@ -265,6 +266,15 @@ class ControlPlaneThread:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout)
+
+    def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        """Run `fn()` on the control plane's event loop and return its result (read state safely)."""
+        assert self._loop is not None
+
+        async def run() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout)
 
     def _main(self) -> None:
         async def run() -> None:
