@@ -31,7 +31,7 @@ from types import MappingProxyType
 from typing import Any
 
 from controlplane.source import Callback, ChangeEvent, Snapshot
-from mesh.api.crossref import check_subsets
+from mesh.api.crossref import ADVICE, check_subsets
 from mesh.api.errors import ApiError, Conflict, FieldError, NotFound, ValidationError
 from mesh.api.kinds import DEFAULT_NAMESPACE, kind_info
 from mesh.api.names import label_key_problem, label_value_problem
@@ -181,7 +181,7 @@ class Store:
             problems = check_subsets(new, old, refs, deleting=True)
             if problems:
                 if all(not refs[r].source for r in refs):
-                    raise Conflict("; ".join(p.message for p in problems))
+                    raise Conflict("; ".join(p.message.removesuffix(ADVICE) for p in problems) + ADVICE)
                 raise ValidationError(problems)
             gone = {r for r in refs if r in old}
             outcomes = [Outcome(r, "deleted") for r in sorted(gone)]

@@ -23,6 +23,7 @@ from mesh.api.validate import Document, Ref
 CLUSTER_DOMAIN = "svc.cluster.local"
 
 State = Mapping[Ref, dict[str, Any]]
+ADVICE = ": change or delete the VirtualService first"
 
 
 def fqdn(host: str, namespace: str) -> str:
@@ -90,10 +91,10 @@ def check_subsets(new: State, old: State, batch: Mapping[Ref, Document], deletin
                 continue
             for dr in subsets_for(old, host).get(subset, []):
                 if dr in batch:
-                    verb = "deleting it would leave" if deleting else "it no longer defines it, leaving"
                     errors.append(batch[dr].locate([FieldError(
-                        "spec.subsets", f"subset {subset!r} of {host} is used by VirtualService {ref.namespace}/{ref.name} "
-                                        f"({path}); {verb} that route without a destination: change the VirtualService first")])[0])
+                        "" if deleting else "spec.subsets",
+                        f"subset {subset!r} of {host} is still used by VirtualService {ref.namespace}/{ref.name} "
+                        f"({path}){ADVICE}")])[0])
     return _dedupe(errors)
 
 

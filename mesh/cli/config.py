@@ -1,0 +1,242 @@
+"""`meshctl apply`, `delete`, `get` and `label`: configuration, as with kubectl, against the control plane.
+
+Documents are validated here first (so mistakes show before anything is sent) and again by the control
+plane, which also checks them against what it already holds.  An apply with any error changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import yaml
+
+from mesh.api.client import ApiClient, socket_for
+from mesh.api.errors import ApiError, ValidationError
+from mesh.api.kinds import DEFAULT_NAMESPACE, KINDS, resolve_kind
+from mesh.api.loader import load_paths
+from mesh.api.validate import check_reference, validate_documents
+from mesh.errors import UsageError
+
+KIND_NAMES = ", ".join(sorted(k.lower() for k in KINDS))
+
+
+def add_connection_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("control plane")
+    group.add_argument("--cluster", metavar="NAME", help="the local cluster to talk to (default: the only one up)")
+    group.add_argument("--socket", metavar="PATH", help="the control plane's API socket (overrides --cluster)")
+
+
+def client_from(args: argparse.Namespace) -> ApiClient:
+    return ApiClient(args.socket or socket_for(args.cluster))
+
+
+def report(exc: ValidationError, action: str) -> ApiError:
+    """Print every error on its own line; return the one-line summary to raise."""
+    if len(exc.errors) <= 1:
+        return exc
+    for line in exc.lines():
+        print(f"error: {line}", file=sys.stderr)
+    return ApiError(f"{len(exc.errors)} errors: nothing was {action}")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "apply", help="create or update configuration from YAML files",
+        description="Create or update resources from YAML (Istio, Gateway API and core kinds). Every document is "
+                    "validated; if any is wrong nothing is applied and each mistake is shown as "
+                    "FILE:document N:FIELD: what is wrong.",
+        epilog="examples:\n  meshctl apply -f samples/bookinfo/networking/virtual-service-all-v1.yaml\n"
+               "  meshctl apply -f config/          (every .yaml, .yml and .json file in the directory)\n"
+               "  cat policy.yaml | meshctl apply -f -",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-f", "--filename", action="append", required=True, metavar="FILE|DIR|-",
+                   help="a file, a directory or - for standard input (repeatable)")
+    p.add_argument("-n", "--namespace", metavar="NS", help="namespace for documents that name none (default: default)")
+    p.add_argument("--dry-run", action="store_true", help="only validate the documents locally; send nothing")
+    add_connection_args(p)
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser(
+        "delete", help="delete configuration by file or by kind and name",
+        description="Delete the resources named in YAML files (only kind and metadata are read), or KIND NAME... . "
+                    "Deleting a DestinationRule subset that a VirtualService still routes to is refused.",
+        epilog="examples:\n  meshctl delete -f samples/bookinfo/networking/virtual-service-reviews-v3.yaml\n"
+               "  meshctl delete virtualservice reviews -n bookinfo",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", nargs="?", metavar="KIND", help=f"kind of the resources ({KIND_NAMES})")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("-f", "--filename", action="append", metavar="FILE|DIR|-", help="a file, a directory or -")
+    p.add_argument("-n", "--namespace", metavar="NS", help="namespace (default: default)")
+    p.add_argument("--ignore-not-found", action="store_true", help="do not fail for resources that do not exist")
+    add_connection_args(p)
+    p.set_defaults(func=cmd_delete)
+
+    p = sub.add_parser(
+        "get", help="show configuration held by the control plane",
+        description=f"List resources of a kind, or show one. Kinds: {KIND_NAMES} (plural and short names "
+                    "such as vs, dr, ap, svc, ns work too).",
+        epilog="examples:\n  meshctl get pods -n bookinfo\n  meshctl get vs reviews -n bookinfo -o yaml\n"
+               "  meshctl get authorizationpolicies -A",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", metavar="KIND")
+    p.add_argument("name", nargs="?", metavar="NAME")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", metavar="NS", help="namespace (default: default)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
+    p.add_argument("-o", "--output", choices=("table", "yaml", "json", "name"), default="table",
+                   help="output format (default: a table)")
+    add_connection_args(p)
+    p.set_defaults(func=cmd_get)
+
+    p = sub.add_parser(
+        "label", help="set or remove labels on a namespace, pod or service",
+        description="Set labels with KEY=VALUE, remove them with KEY- (as kubectl label). The mesh reads "
+                    "istio.io/dataplane-mode=ambient|none (namespace or pod) and istio.io/use-waypoint=NAME "
+                    "(namespace, service or pod).",
+        epilog="examples:\n  meshctl label namespace bookinfo istio.io/dataplane-mode=ambient\n"
+               "  meshctl label pod ratings-v1-0 -n bookinfo istio.io/dataplane-mode=none\n"
+               "  meshctl label namespace bookinfo istio.io/use-waypoint-",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", metavar="KIND", help="namespace, pod or service (any kind works)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("changes", nargs="+", metavar="KEY=VALUE|KEY-")
+    p.add_argument("-n", "--namespace", metavar="NS", help="namespace of a pod or service (default: default)")
+    add_connection_args(p)
+    p.set_defaults(func=cmd_label)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    try:
+        docs = load_paths(args.filename)
+        if not docs:
+            raise UsageError("no documents found in " + ", ".join(args.filename))
+        _, errors = validate_documents(docs, args.namespace or DEFAULT_NAMESPACE)
+        if errors:
+            raise ValidationError(errors)
+        if args.dry_run:
+            print(f"{len(docs)} document{'s' * (len(docs) != 1)} valid (dry run: nothing sent)")
+            return 0
+        result = client_from(args).apply(docs, args.namespace)
+    except ValidationError as exc:
+        raise report(exc, "applied") from exc
+    for outcome in result["outcomes"]:
+        print(outcome["text"])
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    client = client_from(args)
+    ns = args.namespace or DEFAULT_NAMESPACE
+    try:
+        if args.filename:
+            if args.kind:
+                raise UsageError("give either -f FILE or KIND NAME..., not both")
+            docs = load_paths(args.filename)
+            errors = [e for d in docs for e in d.locate(check_reference(d.body, ns)[1])]
+            if errors:
+                raise ValidationError(errors)
+            result = client.delete(docs, args.namespace, args.ignore_not_found)
+        else:
+            if not args.kind or not args.names:
+                raise UsageError("say what to delete: -f FILE, or KIND NAME...")
+            info = _kind(args.kind)
+            refs = [f"{info.kind}/{ns}/{n}" if info.namespaced else f"{info.kind}/{n}" for n in args.names]
+            result = client.delete_refs(refs, args.ignore_not_found)
+    except ValidationError as exc:
+        raise report(exc, "deleted") from exc
+    for outcome in result["outcomes"]:
+        print(outcome["text"])
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    info = _kind(args.kind)
+    namespace = None if args.all_namespaces or not info.namespaced else (args.namespace or DEFAULT_NAMESPACE)
+    items = client_from(args).get(info.kind, namespace, args.name)
+    if args.output == "json":
+        out: Any = items[0] if args.name else {"apiVersion": "v1", "kind": "List", "items": items}
+        print(json.dumps(out, indent=2))
+    elif args.output == "yaml":
+        print(yaml.safe_dump_all(items, sort_keys=False, default_flow_style=False), end="")
+    elif args.output == "name":
+        for body in items:
+            print(f"{info.display}/{body['metadata']['name']}")
+    else:
+        _print_table(info.kind, items, show_namespace=namespace is None and info.namespaced)
+    if not items and args.output == "table":
+        where = f" in namespace {namespace}" if namespace else ""
+        print(f"No {info.kind} resources found{where}.", file=sys.stderr)
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    info = _kind(args.kind)
+    set_labels: dict[str, str] = {}
+    remove: list[str] = []
+    for change in args.changes:
+        if change.endswith("-") and "=" not in change:
+            remove.append(change[:-1])
+        elif "=" in change:
+            key, _, value = change.partition("=")
+            set_labels[key] = value
+        else:
+            raise UsageError(f"{change!r}: write KEY=VALUE to set a label or KEY- to remove it")
+    ref = f"{info.kind}/{args.namespace or DEFAULT_NAMESPACE}/{args.name}" if info.namespaced else f"{info.kind}/{args.name}"
+    try:
+        result = client_from(args).label(ref, set_labels, remove)
+    except ValidationError as exc:
+        raise report(exc, "labeled") from exc
+    for outcome in result["outcomes"]:
+        print(outcome["text"])
+    return 0
+
+
+def _kind(text: str) -> Any:
+    info = resolve_kind(text)
+    if info is None:
+        raise UsageError(f"unknown kind {text!r}: use one of {KIND_NAMES}")
+    return info
+
+
+def _columns(kind: str, body: dict[str, Any]) -> dict[str, str]:
+    spec, status, meta = body.get("spec") or {}, body.get("status") or {}, body.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if kind == "Pod":
+        return {"IP": status.get("podIP", "<none>"), "NODE": spec.get("nodeName", "<none>"),
+                "SERVICE ACCOUNT": spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"}
+    if kind == "Service":
+        ports = ",".join(f"{p['port']}/{p.get('protocol', 'TCP')}" for p in spec.get("ports") or [])
+        return {"CLUSTER-IP": spec.get("clusterIP") or "<none>", "PORTS": ports or "<none>"}
+    if kind == "Namespace":
+        return {"DATAPLANE": labels.get("istio.io/dataplane-mode", ""), "WAYPOINT": labels.get("istio.io/use-waypoint", "")}
+    if kind == "VirtualService":
+        return {"HOSTS": ",".join(spec.get("hosts") or [])}
+    if kind == "DestinationRule":
+        return {"HOST": spec.get("host", ""), "SUBSETS": ",".join(s["name"] for s in spec.get("subsets") or [])}
+    if kind == "AuthorizationPolicy":
+        return {"ACTION": spec.get("action", "ALLOW")}
+    if kind == "PeerAuthentication":
+        return {"MODE": (spec.get("mtls") or {}).get("mode", "UNSET")}
+    if kind == "Gateway":
+        return {"CLASS": spec.get("gatewayClassName", "")}
+    return {}
+
+
+def _print_table(kind: str, items: list[dict[str, Any]], show_namespace: bool) -> None:
+    if not items:
+        return
+    rows = []
+    for body in items:
+        meta = body["metadata"]
+        row = ({"NAMESPACE": meta.get("namespace", "")} if show_namespace else {}) | {"NAME": meta["name"]}
+        row |= _columns(kind, body)
+        row["VERSION"] = str(meta.get("resourceVersion", ""))
+        rows.append(row)
+    headers = list(rows[0])
+    widths = {h: max(len(h), *(len(r.get(h, "")) for r in rows)) for h in headers}
+    print("   ".join(h.ljust(widths[h]) for h in headers).rstrip())
+    for r in rows:
+        print("   ".join(r.get(h, "").ljust(widths[h]) for h in headers).rstrip())
