@@ -9,5 +9,6 @@
 - `ca.service`: the request pipeline and its gRPC servicers; `add_to_server()`.
 - `ca.serving`: the control plane's own serving certificate and gRPC server credentials.
 - `ca.metrics`: Prometheus metrics with Istio's CA metric names.
+- `ca.inspect`: explain a certificate for humans (`meshctl ca check`).
 - `ca.serve`: a standalone CA gRPC server (tests, benchmarks, `python -m ca.serve`).
 """
