@@ -137,6 +137,46 @@ def _make_source(opts: Options, metrics: ControlPlaneMetrics, extras: dict[str, 
     return TranslatedSource(store, translate)
 
 
+def _start_api(home: Path, extras: dict[str, Any], metrics: ControlPlaneMetrics) -> Any:
+    store = extras.get("store")
+    if store is None:
+        return None
+    try:
+        from controlplane.apiserver import ApiServer
+    except ImportError:
+        log.warning("no apply API in this build")
+        return None
+    api_log = logging.getLogger("controlplane.apiserver")
+    api_log.addFilter(_ApplyRecorder(metrics))
+    if api_log.getEffectiveLevel() > logging.INFO:
+        api_log.setLevel(logging.INFO)
+    api = ApiServer(store, home / API_SOCKET)
+    api.start()
+    return api
+
+
+class _ApplyRecorder(logging.Filter):
+    """Turns the apply API's per-request log record ("api %s status=%d version=%s errors=%d ms=%.1f")
+    into the structured apply line and the rejected-applies counter.  Interim: until the API server
+    offers a result hook, this reads the record's arguments (never its formatted text)."""
+
+    def __init__(self, metrics: ControlPlaneMetrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args: tuple[Any, ...] = record.args if isinstance(record.args, tuple) else ()
+        if str(record.msg).startswith("api ") and len(args) >= 5 and args[0] in ("/apply", "/delete", "/label"):
+            path, status, version, errors, ms = args[:5]
+            accepted = int(status) == 200
+            if path == "/apply" and not accepted:
+                self._metrics.apply(False)
+            log_event("apply" if path == "/apply" else path.lstrip("/"), request=path, status=int(status),
+                      accepted=accepted, version=version, errors=errors, ms=round(float(ms), 1))
+            return False  # the structured line replaces it
+        return True
+
+
 def _ref_name(ref: Any) -> str:
     return "/".join(p for p in (getattr(ref, "kind", ""), getattr(ref, "namespace", ""), getattr(ref, "name", "")) if p)
 
@@ -208,8 +248,7 @@ async def serve(
     os.chmod(debug_path, 0o600)
 
     # The apply API, when the store component provides one.
-    api_stop = extras.get("start_api")
-    api_handle = api_stop() if callable(api_stop) else None
+    api_handle = _start_api(home, extras, metrics)
 
     running = Running(grpc_port, metrics_port, root_pem, discovery, extras)
     write_atomic(
@@ -227,9 +266,9 @@ async def serve(
         await stop.wait()
     finally:
         log_event("stopping")
-        if api_handle is not None and hasattr(api_handle, "close"):
+        if api_handle is not None:
             with contextlib.suppress(Exception):
-                api_handle.close()
+                api_handle.stop()
         await discovery.stop()
         await server.stop(grace=1.0)
         for srv in (tcp, unix):
