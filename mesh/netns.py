@@ -49,9 +49,11 @@ def _setns(fd: int) -> None:
 
 @contextmanager
 def entered(name: str) -> Iterator[None]:
-    """Run the block with this thread inside network namespace `name`."""
+    """Run the block with this thread inside network namespace `name` (a name under /run/netns, or a
+    path such as /proc/<pid>/ns/net).  Do not await inside the block: the thread must not switch tasks."""
+    path = name if name.startswith("/") else str(netns_path(name))
     try:
-        target = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise NetnsError(f"network namespace {name!r} does not exist") from exc
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)

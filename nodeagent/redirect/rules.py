@@ -1,0 +1,145 @@
+"""The in-pod redirect rules, as data: what to install in an enrolled pod's network namespace.
+
+They follow the in-pod mode of Istio's ambient capture.  In the mangle table, packets of connections
+the agent made (its sockets carry SO_MARK 0x539) get connmark 0x111, and replies of such connections get
+the mark restored, so the nat rules let them through.  In the nat table, TCP arriving at the pod that is
+not for 15008 (HBONE) and not agent-made is redirected to 15006 (plaintext inbound), and TCP the pod's
+application sends anywhere but loopback is redirected to 15001 (outbound).  DNS is left alone.
+
+All rules live in chains the agent owns (`AMB_PRERT`, `AMB_OUTPUT`), entered by one jump from each
+built-in chain; `install_script` and `remove_script` are iptables-restore input, so each change is one
+atomic transaction and removal takes exactly what installation added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+AGENT_MARK = 0x539  # SO_MARK on every socket the node agent makes inside a pod
+CONN_MARK = 0x111  # connmark of connections the agent made
+MARK_MASK = 0xFFF
+OUTBOUND_PORT = 15001
+INBOUND_PLAIN_PORT = 15006
+HBONE_PORT = 15008
+CHAIN_PRERT = "AMB_PRERT"
+CHAIN_OUTPUT = "AMB_OUTPUT"
+TABLE_CHAINS = {"mangle": (("PREROUTING", CHAIN_PRERT), ("OUTPUT", CHAIN_OUTPUT)),
+                "nat": (("PREROUTING", CHAIN_PRERT), ("OUTPUT", CHAIN_OUTPUT))}
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """The rules of one table: the chains' contents, in order."""
+
+    table: str
+    rules: tuple[str, ...]
+
+
+def rule_sets() -> tuple[RuleSet, ...]:
+    mark = f"{AGENT_MARK:#x}/{MARK_MASK:#x}"
+    conn = f"{CONN_MARK:#x}/{MARK_MASK:#x}"
+    mangle = RuleSet("mangle", (
+        f"-A {CHAIN_PRERT} -m mark --mark {mark} -j CONNMARK --set-xmark {conn}",
+        f"-A {CHAIN_OUTPUT} -m connmark --mark {conn} -j CONNMARK --restore-mark "
+        "--nfmask 0xffffffff --ctmask 0xffffffff",
+    ))
+    nat = RuleSet("nat", (
+        f"-A {CHAIN_PRERT} ! -d 127.0.0.1/32 -p tcp -m tcp ! --dport {HBONE_PORT} -m mark ! --mark {mark} "
+        f"-j REDIRECT --to-ports {INBOUND_PLAIN_PORT}",
+        f"-A {CHAIN_OUTPUT} -p tcp -m mark --mark {conn} -j ACCEPT",
+        f"-A {CHAIN_OUTPUT} ! -d 127.0.0.1/32 -o lo -j ACCEPT",
+        f"-A {CHAIN_OUTPUT} ! -d 127.0.0.1/32 -p tcp -m mark ! --mark {mark} "
+        f"-j REDIRECT --to-ports {OUTBOUND_PORT}",
+    ))
+    return (mangle, nat)
+
+
+def _jumps(table: str) -> list[tuple[str, str]]:
+    return list(TABLE_CHAINS[table])
+
+
+def install_script() -> str:
+    """iptables-restore --noflush input that creates the chains, fills them and jumps to them."""
+    lines: list[str] = []
+    for rs in rule_sets():
+        lines.append(f"*{rs.table}")
+        lines += [f":{chain} - [0:0]" for _, chain in _jumps(rs.table)]
+        lines += [f"-A {builtin} -j {chain}" for builtin, chain in _jumps(rs.table)]
+        lines += list(rs.rules)
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def remove_script(present_jumps: dict[str, list[tuple[str, str]]], present_chains: dict[str, set[str]]) -> str:
+    """iptables-restore --noflush input that removes the jumps and chains that are present (and only
+    those: a half-removed set must be removable too)."""
+    lines: list[str] = []
+    for table in TABLE_CHAINS:
+        jumps = present_jumps.get(table, [])
+        chains = [c for _, c in _jumps(table) if c in present_chains.get(table, set())]
+        if not jumps and not chains:
+            continue
+        lines.append(f"*{table}")
+        lines += [f":{chain} - [0:0]" for chain in chains]  # declaring a chain flushes it
+        lines += [f"-D {builtin} -j {chain}" for builtin, chain in jumps]
+        lines += [f"-X {chain}" for chain in chains]
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What `iptables-save` shows of our rules in one pod."""
+
+    jumps: dict[str, list[tuple[str, str]]]
+    chains: dict[str, set[str]]
+    rules: dict[str, tuple[str, ...]]
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.jumps.values()) and not any(self.chains.values())
+
+    def complete(self) -> bool:
+        """Exactly our rule set, once: adoptable after an agent restart."""
+        for rs in rule_sets():
+            if sorted(self.jumps.get(rs.table, [])) != sorted(_jumps(rs.table)):
+                return False
+            if _by_chain(self.rules.get(rs.table, ())) != _by_chain(rs.rules):
+                return False
+        return True
+
+
+def _by_chain(rules: tuple[str, ...]) -> dict[str, list[str]]:
+    """Rules grouped by chain, in order within each (iptables-save lists chains alphabetically)."""
+    out: dict[str, list[str]] = {}
+    for rule in rules:
+        out.setdefault(rule.split()[1], []).append(_normalise(rule))
+    return out
+
+
+def _normalise(rule: str) -> str:
+    return " ".join(rule.replace("/0xffffffff", "").split())
+
+
+def parse_saved(text: str) -> Installed:
+    """Read our chains, their rules and the jumps to them out of `iptables-save` output."""
+    ours = {CHAIN_PRERT, CHAIN_OUTPUT}
+    jumps: dict[str, list[tuple[str, str]]] = {}
+    chains: dict[str, set[str]] = {}
+    rules: dict[str, list[str]] = {}
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith(":"):
+            name = line[1:].split()[0]
+            if name in ours:
+                chains.setdefault(table, set()).add(name)
+        elif line.startswith("-A "):
+            parts = line.split()
+            chain = parts[1]
+            if chain in ours:
+                rules.setdefault(table, []).append(line)
+            elif parts[-2:-1] == ["-j"] and parts[-1] in ours and len(parts) == 4:
+                jumps.setdefault(table, []).append((chain, parts[-1]))
+    return Installed(jumps, chains, {t: tuple(r) for t, r in rules.items()})
