@@ -1,0 +1,129 @@
+"""The node agent's view of the mesh: workloads, services and authorization policies.
+
+A read model (STYLE.md 3): only the discovery handler changes it, through `apply()`, which takes one
+update for one resource type and swaps the indexes in whole, so a reader never sees half an update.
+Proxies get the narrow lookups they need (`WorkloadLookup`), never the discovery client.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mesh.proto import discovery_pb2 as pb
+
+WORKLOAD = "workload"
+SERVICE = "service"
+AUTHORIZATION = "authorization"
+
+
+class WorkloadLookup(Protocol):
+    def workload_by_address(self, ip: str) -> pb.Workload | None: ...
+    def service_by_vip(self, ip: str) -> pb.Service | None: ...
+    def workload(self, uid: str) -> pb.Workload | None: ...
+
+
+@dataclass(frozen=True)
+class _Indexes:
+    workloads: Mapping[str, pb.Workload] = field(default_factory=dict)  # by uid
+    by_address: Mapping[str, pb.Workload] = field(default_factory=dict)
+    services: Mapping[str, pb.Service] = field(default_factory=dict)  # by resource name
+    by_vip: Mapping[str, pb.Service] = field(default_factory=dict)
+    by_hostname: Mapping[str, pb.Service] = field(default_factory=dict)
+    policies: Mapping[str, pb.Authorization] = field(default_factory=dict)  # by ns/name
+
+
+class MeshState:
+    """Everything the agent knows, replaced atomically per update."""
+
+    def __init__(self) -> None:
+        self._ix = _Indexes()
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[str], None]] = []
+        self.version: dict[str, str] = {}
+
+    # -- writes (discovery handler only) -----------------------------------------------------------
+
+    def apply(self, kind: str, upserts: Mapping[str, object], removals: Iterable[str], version: str = "") -> None:
+        with self._lock:
+            ix = self._ix
+            if kind == WORKLOAD:
+                workloads = dict(ix.workloads)
+                for name in removals:
+                    workloads.pop(name, None)
+                for name, w in upserts.items():
+                    assert isinstance(w, pb.Workload)
+                    workloads[name] = w
+                by_address = {a: w for w in workloads.values() for a in w.addresses}
+                ix = _Indexes(workloads, by_address, ix.services, ix.by_vip, ix.by_hostname, ix.policies)
+            elif kind == SERVICE:
+                services = dict(ix.services)
+                for name in removals:
+                    services.pop(name, None)
+                for name, s in upserts.items():
+                    assert isinstance(s, pb.Service)
+                    services[name] = s
+                by_vip = {v: s for s in services.values() for v in s.vips}
+                by_host = {s.hostname: s for s in services.values()}
+                ix = _Indexes(ix.workloads, ix.by_address, services, by_vip, by_host, ix.policies)
+            elif kind == AUTHORIZATION:
+                policies = dict(ix.policies)
+                for name in removals:
+                    policies.pop(name, None)
+                for name, p in upserts.items():
+                    assert isinstance(p, pb.Authorization)
+                    policies[name] = p
+                ix = _Indexes(ix.workloads, ix.by_address, ix.services, ix.by_vip, ix.by_hostname, policies)
+            else:
+                raise ValueError(f"unknown resource kind {kind!r}")
+            self._ix = ix
+            if version:
+                self.version[kind] = version
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(kind)
+
+    def on_change(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(kind)` after each applied update (from the updating thread)."""
+        self._listeners.append(listener)
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    def workload(self, uid: str) -> pb.Workload | None:
+        return self._ix.workloads.get(uid)
+
+    def workload_by_address(self, ip: str) -> pb.Workload | None:
+        return self._ix.by_address.get(ip)
+
+    def service_by_vip(self, ip: str) -> pb.Service | None:
+        return self._ix.by_vip.get(ip)
+
+    def service_by_hostname(self, hostname: str) -> pb.Service | None:
+        return self._ix.by_hostname.get(hostname)
+
+    def workloads(self) -> list[pb.Workload]:
+        return list(self._ix.workloads.values())
+
+    def services(self) -> list[pb.Service]:
+        return list(self._ix.services.values())
+
+    def workloads_on(self, node: str) -> list[pb.Workload]:
+        return [w for w in self._ix.workloads.values() if w.node == node]
+
+    def policies(self) -> list[pb.Authorization]:
+        return list(self._ix.policies.values())
+
+    def policies_for(self, workload: pb.Workload, root_namespace: str = "istio-system") -> list[pb.Authorization]:
+        """The policies that apply to a destination workload: global ones, its namespace's, and those
+        whose selector matches its labels (in its namespace, or in the root namespace for any)."""
+        out = []
+        for p in self._ix.policies.values():
+            labels_match = all(workload.labels.get(k) == v for k, v in p.selector.items())
+            in_scope = p.namespace == workload.namespace or p.namespace == root_namespace
+            if (p.scope == pb.GLOBAL
+                    or (p.scope == pb.NAMESPACE and p.namespace == workload.namespace)
+                    or (p.scope == pb.WORKLOAD_SELECTOR and in_scope and labels_match)):
+                out.append(p)
+        return out
