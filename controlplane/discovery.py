@@ -265,6 +265,7 @@ class DiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     "name": node.name,
                     "peer": s.peer,
                     "connected_at": round(s.connected_at, 3),
+                    "acked_version": s.state.last_acked_version,
                     "types": s.state.status(),
                 }
             )

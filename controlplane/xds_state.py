@@ -126,6 +126,7 @@ class StreamState:
         self.phase = Phase.AWAITING_FIRST_REQUEST
         self.node: NodeInfo = NodeInfo(id="")
         self.types: dict[str, TypeState] = {}
+        self.last_acked_version = ""
         self._pending: dict[str, _Pending] = {}
         self._prefix = nonce_prefix if nonce_prefix is not None else secrets.token_hex(4)
         self._counter = itertools.count(1)
@@ -200,6 +201,7 @@ class StreamState:
             ts.acked.pop(name, None)
             ts.rejected.pop(name, None)
         ts.acked_version = pending.version
+        self.last_acked_version = pending.version
         if not ts.rejected:
             ts.last_nack = None
         return [Acked(type_url=req.type_url, nonce=req.response_nonce, version=pending.version)]

@@ -2,9 +2,9 @@
 
 It reads `/debug/connections` from the control plane's local-only debug socket,
 `<cluster state dir>/controlplane/debug.sock` (or the socket / URL given).  Per client and resource
-type it shows SYNCED (last ACKed version is the control plane's current one), STALE (an older version
-ACKed; a push is on its way or unanswered), NACK (the client refused the last change and keeps its
-previous configuration) or "-" (not subscribed).
+type it shows SYNCED (everything sent to it ACKed), STALE (a push not ACKed yet), NACK (the client
+refused the last change and keeps its previous configuration) or "-" (not subscribed).  ACKED VERSION
+is the control plane version the client last ACKed.
 """
 
 from __future__ import annotations
@@ -65,14 +65,16 @@ def fetch_connections(socket_path: str | None = None, url: str | None = None, ti
     return data
 
 
-def type_state(current: str, t: dict[str, Any] | None) -> str:
+def type_state(t: dict[str, Any] | None) -> str:
+    """SYNCED: everything sent was ACKed; STALE: a push is not ACKed yet; NACK: the last change of this
+    type was refused (the client runs its previous configuration)."""
     if t is None:
         return "-"
     if t.get("nack"):
         return "NACK"
-    if t.get("acked_version") == current:
-        return "SYNCED"
-    return "STALE" if t.get("acked_version") else "NOT ACKED"
+    if t.get("pending"):
+        return "STALE"
+    return "SYNCED" if t.get("acked_version") else "NOT ACKED"
 
 
 def render(data: dict[str, Any]) -> str:
@@ -82,14 +84,13 @@ def render(data: dict[str, Any]) -> str:
     nacks: list[str] = []
     for c in data.get("clients", []):
         by_short = {url.rsplit(".", 1)[-1]: t for url, t in c.get("types", {}).items()}
-        acked = sorted({t.get("acked_version", "") for t in by_short.values() if t.get("acked_version")})
         rows.append(
             [
                 c.get("node_id", ""),
                 c.get("role", "") or "-",
                 c.get("node", "") or "-",
-                *[type_state(current, by_short.get(col)) for col in TYPE_COLUMNS],
-                ",".join(acked) or "-",
+                *[type_state(by_short.get(col)) for col in TYPE_COLUMNS],
+                c.get("acked_version") or "-",
             ]
         )
         for short, t in sorted(by_short.items()):
