@@ -1,0 +1,105 @@
+"""Translation of L7 configuration into `L7Config` messages for waypoints.
+
+Each VirtualService, DestinationRule, waypoint-targeted AuthorizationPolicy and RequestAuthentication
+becomes one `L7Config` carrying its validated spec as written (a waypoint reads it with `mesh.api`), the
+fully qualified hostnames it concerns, and the waypoints (`<ns>/<gateway>`) that must apply it:
+- VirtualService and DestinationRule: the waypoints of the services their hosts cover (short hosts are
+  qualified in the resource's namespace);
+- AuthorizationPolicy and RequestAuthentication with `targetRef(s)`: a `Gateway` target names the
+  waypoint itself; a `Service` target means that service's waypoint.  Policies with a selector or no
+  target are not for waypoints (AuthorizationPolicies go to agents at L4; a RequestAuthentication
+  without a target is reported as not enforced, as in Istio ambient mode).
+A config whose services have no waypoint is still sent (with no waypoints), so `proxy-status` and
+waypoints added later see it; waypoints filter on the `waypoints` field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+
+from mesh.api.crossref import fqdn, host_covers
+from mesh.proto import discovery_pb2 as pb
+
+_KINDS = {
+    "VirtualService": pb.VIRTUAL_SERVICE,
+    "DestinationRule": pb.DESTINATION_RULE,
+    "AuthorizationPolicy": pb.AUTHORIZATION_POLICY,
+    "RequestAuthentication": pb.REQUEST_AUTHENTICATION,
+}
+
+
+def _waypoint_name(addr: pb.GatewayAddress) -> str:
+    return f"{addr.namespace}/{addr.name}"
+
+
+def _envelope(body: Mapping[str, Any], waypoints: set[str], hostnames: list[str]) -> pb.L7Config:
+    meta = body["metadata"]
+    spec = struct_pb2.Struct()
+    json_format.ParseDict(body.get("spec") or {}, spec)
+    return pb.L7Config(kind=_KINDS[body["kind"]], name=meta["name"], namespace=meta["namespace"],
+                       api_version=body["apiVersion"], waypoints=sorted(waypoints),
+                       hostnames=list(dict.fromkeys(hostnames)), spec=spec, labels=meta.get("labels") or {},
+                       revision=str(meta.get("generation", "")))
+
+
+def _by_hosts(hosts: list[str], services: Mapping[str, pb.Service]) -> set[str]:
+    return {_waypoint_name(s.waypoint) for s in services.values()
+            if s.HasField("waypoint") and any(host_covers(h, s.hostname) for h in hosts)}
+
+
+def _targets(body: Mapping[str, Any], services: Mapping[str, pb.Service], waypoints: set[tuple[str, str]],
+             problems: list[str]) -> tuple[set[str], list[str]]:
+    meta, spec = body["metadata"], body.get("spec") or {}
+    refs = list(spec.get("targetRefs") or []) + ([spec["targetRef"]] if spec.get("targetRef") else [])
+    where = f"{body['kind']} {meta['namespace']}/{meta['name']}"
+    found: set[str] = set()
+    hostnames: list[str] = []
+    for ref in refs:
+        ns = ref.get("namespace") or meta["namespace"]
+        if ref["kind"] == "Gateway":
+            if (ns, ref["name"]) in waypoints:
+                found.add(f"{ns}/{ref['name']}")
+            else:
+                problems.append(f"{where}: targets Gateway {ns}/{ref['name']}, which is not a waypoint")
+        elif ref["kind"] == "Service":
+            host = fqdn(ref["name"], ns)
+            svc = services.get(f"{ns}/{host}")
+            hostnames.append(host)
+            if svc is not None and svc.HasField("waypoint"):
+                found.add(_waypoint_name(svc.waypoint))
+            else:
+                problems.append(f"{where}: targets Service {ns}/{ref['name']}, which has no waypoint: not enforced")
+        else:
+            problems.append(f"{where}: target kind {ref['kind']} is not supported")
+    return found, hostnames
+
+
+def build_l7(snapshot: Any, services: Mapping[str, pb.Service], waypoints: set[tuple[str, str]],
+             problems: list[str]) -> dict[str, pb.L7Config]:
+    out: dict[str, pb.L7Config] = {}
+
+    def add(msg: pb.L7Config, kind: str) -> None:
+        out[f"{kind}/{msg.namespace}/{msg.name}"] = msg
+
+    for body in snapshot.of_kind("VirtualService"):
+        ns = body["metadata"]["namespace"]
+        hosts = [fqdn(h, ns) for h in body["spec"]["hosts"]]
+        add(_envelope(body, _by_hosts(hosts, services), hosts), "VirtualService")
+    for body in snapshot.of_kind("DestinationRule"):
+        host = fqdn(body["spec"]["host"], body["metadata"]["namespace"])
+        add(_envelope(body, _by_hosts([host], services), [host]), "DestinationRule")
+    for kind in ("AuthorizationPolicy", "RequestAuthentication"):
+        for body in snapshot.of_kind(kind):
+            spec = body.get("spec") or {}
+            if not (spec.get("targetRef") or spec.get("targetRefs")):
+                if kind == "RequestAuthentication":
+                    meta = body["metadata"]
+                    problems.append(f"RequestAuthentication {meta['namespace']}/{meta['name']}: without targetRefs "
+                                    "it applies to no waypoint and is not enforced")
+                continue
+            found, hostnames = _targets(body, services, waypoints, problems)
+            add(_envelope(body, found, hostnames), kind)
+    return out
