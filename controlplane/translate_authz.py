@@ -54,7 +54,7 @@ def cidr(value: str) -> str:
     return str(ipaddress.ip_network(value, strict=False))
 
 
-def scope_of(body: Mapping[str, Any]) -> tuple[int, dict[str, str]]:
+def scope_of(body: Mapping[str, Any]) -> tuple[pb.AuthorizationScope, dict[str, str]]:
     spec = body.get("spec") or {}
     selector = (spec.get("selector") or {}).get("matchLabels") or {}
     if spec.get("selector") is not None:
