@@ -1,0 +1,252 @@
+"""L4 authorization of one inbound connection: a pure function from facts to a decision.
+
+The inbound path (HBONE 15008 or plaintext 15006) gathers what it knows about a connection into a
+`ConnectionInfo`, asks `MeshState.policies_for(destination)` for the policies that apply, and calls
+`evaluate()`.  Nothing here reads sockets, clocks or the read model, so the whole policy language is
+tested with plain values.
+
+How a decision is made (the order matters):
+
+1. Policies marked dry-run (`istio.io/dry-run: "true"`) never change the decision; they are evaluated
+   a second time together with the enforced ones, and the outcome is reported as `would_allow`.
+2. AUDIT policies never change the decision; the ones that match are reported in `audited`.
+3. If any DENY policy matches, the connection is denied by it.
+4. Otherwise, if at least one ALLOW policy applies, the connection is allowed only when one matches.
+5. Otherwise it is allowed.
+
+Matching: a policy matches when any of its rules matches, so a policy without rules matches nothing
+(an ALLOW policy without rules therefore denies everything: "allow nothing"; a DENY policy without
+rules denies nothing).  A rule matches when all of its clauses match (a rule without clauses matches
+every connection: `rules: [{}]`).  A clause matches when any of its matches does; a clause without
+matches puts no condition.  A match holds when every field it sets holds:
+
+* principals / not_principals: compared with the peer's SPIFFE ID written without `spiffe://`
+  (`cluster.local/ns/default/sa/sleep`, Istio's form); a value written with `spiffe://` is compared
+  with the full URI, so both spellings work.  `presence` means "has any identity".
+* namespaces / not_namespaces: the namespace of the peer's identity.
+* source_ips, destination_ips (and not_*): CIDRs; a bare address means that one address.
+* destination_ports (and not_*).
+
+A connection without a peer identity (plaintext on 15006) fails every positive principal or namespace
+condition and passes every negative one.  That is how STRICT mutual TLS is enforced: the control plane
+sends a DENY policy with `not_principals: [{presence: true}]`, which matches exactly the connections
+that have no identity.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from mesh.identity import SCHEME, SpiffeId
+from mesh.proto import discovery_pb2 as pb
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+ACTION_NAMES = {pb.ALLOW: "ALLOW", pb.DENY: "DENY", pb.AUDIT: "AUDIT"}
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """What the inbound path knows about a connection when it must decide.
+
+    `source_principal` is None for a connection without a verified peer identity (plaintext 15006).
+    """
+
+    source_principal: SpiffeId | None
+    source_ip: str
+    destination: pb.Workload
+    destination_ip: str
+    destination_port: int
+
+
+@dataclass(frozen=True)
+class PolicyMatch:
+    """A policy that matched, for the log: its `namespace/name`, its action and whether it is dry-run."""
+
+    policy: str
+    action: str
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of `evaluate()`.
+
+    `policy` is the `namespace/name` of the policy that decided (the DENY that matched, or the ALLOW
+    that matched), or None when no policy decided (no policy applies, or ALLOW policies apply and none
+    matched).  `reason` says why in words fit for a log line.  `would_allow` is the decision had the
+    dry-run policies been enforced as well; it equals `allowed` when no dry-run policy applies.
+    """
+
+    allowed: bool
+    policy: str | None
+    reason: str
+    audited: tuple[PolicyMatch, ...] = ()
+    dry_run: tuple[PolicyMatch, ...] = ()
+    would_allow: bool = True
+
+    @property
+    def denied(self) -> bool:
+        return not self.allowed
+
+    def result(self) -> str:
+        """The access-log result for a denial (`401 denied by ns/name`), or "" when allowed."""
+        if self.allowed:
+            return ""
+        return f"401 {self.reason}"
+
+
+def policy_key(policy: pb.Authorization) -> str:
+    return f"{policy.namespace}/{policy.name}"
+
+
+# --- field matchers ------------------------------------------------------------------------------------
+
+
+def _string_matches(m: pb.StringMatch, value: str | None, full: str | None = None) -> bool:
+    """Does `m` match `value`?  `full` is the spelling to use for patterns that carry the `spiffe://`
+    scheme (principals only)."""
+    if value is None:
+        return False
+    kind = m.WhichOneof("match")
+    if kind == "presence":
+        return m.presence and value != ""
+    pattern = getattr(m, kind) if kind else ""
+    subject = full if full is not None and pattern.startswith(SCHEME) else value
+    if kind == "exact":
+        return subject == pattern
+    if kind == "prefix":
+        return subject.startswith(pattern)
+    if kind == "suffix":
+        return subject.endswith(pattern)
+    return False  # an empty StringMatch matches nothing
+
+
+def _any_string(ms: Iterable[pb.StringMatch], value: str | None, full: str | None = None) -> bool:
+    return any(_string_matches(m, value, full) for m in ms)
+
+
+@functools.lru_cache(maxsize=4096)
+def _network(cidr: str) -> _Network | None:
+    try:
+        return ipaddress.ip_network(cidr.strip(), strict=False)
+    except ValueError:
+        return None  # the control plane validates CIDRs; a bad one matches nothing rather than crash
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(ip: str) -> _Address | None:
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _in_any(cidrs: Sequence[str], ip: str) -> bool:
+    addr = _address(ip)
+    if addr is None:
+        return False
+    for c in cidrs:
+        net = _network(c)
+        if net is not None and addr.version == net.version and addr in net:
+            return True
+    return False
+
+
+# --- structure ------------------------------------------------------------------------------------------
+
+
+def _principal_forms(conn: ConnectionInfo) -> tuple[str | None, str | None]:
+    p = conn.source_principal
+    if p is None:
+        return None, None
+    uri = p.uri
+    return uri[len(SCHEME):], uri
+
+
+def match_holds(m: pb.Match, conn: ConnectionInfo) -> bool:
+    """True when every field `m` sets holds for `conn` (a Match that sets nothing always holds)."""
+    short, full = _principal_forms(conn)
+    namespace = conn.source_principal.namespace if conn.source_principal else None
+    if m.principals and not _any_string(m.principals, short, full):
+        return False
+    if m.not_principals and _any_string(m.not_principals, short, full):
+        return False
+    if m.namespaces and not _any_string(m.namespaces, namespace):
+        return False
+    if m.not_namespaces and _any_string(m.not_namespaces, namespace):
+        return False
+    if m.source_ips and not _in_any(m.source_ips, conn.source_ip):
+        return False
+    if m.not_source_ips and _in_any(m.not_source_ips, conn.source_ip):
+        return False
+    if m.destination_ips and not _in_any(m.destination_ips, conn.destination_ip):
+        return False
+    if m.not_destination_ips and _in_any(m.not_destination_ips, conn.destination_ip):
+        return False
+    if m.destination_ports and conn.destination_port not in m.destination_ports:
+        return False
+    return not (m.not_destination_ports and conn.destination_port in m.not_destination_ports)
+
+
+def clause_holds(clause: pb.Clause, conn: ConnectionInfo) -> bool:
+    if not clause.matches:
+        return True
+    return any(match_holds(m, conn) for m in clause.matches)
+
+
+def rule_matches(rule: pb.Rule, conn: ConnectionInfo) -> bool:
+    return all(clause_holds(c, conn) for c in rule.clauses)
+
+
+def policy_matches(policy: pb.Authorization, conn: ConnectionInfo) -> bool:
+    """Any rule matches; a policy without rules matches nothing."""
+    return any(rule_matches(r, conn) for r in policy.rules)
+
+
+# --- the decision ---------------------------------------------------------------------------------------
+
+
+def _decide(policies: Sequence[pb.Authorization], conn: ConnectionInfo) -> tuple[bool, str | None, str]:
+    """(allowed, deciding policy, reason) over `policies` (AUDIT ones are ignored here)."""
+    for p in policies:
+        if p.action == pb.DENY and policy_matches(p, conn):
+            return False, policy_key(p), f"denied by {policy_key(p)}"
+    allows = [p for p in policies if p.action == pb.ALLOW]
+    if not allows:
+        return True, None, "no policy applies"
+    for p in allows:
+        if policy_matches(p, conn):
+            return True, policy_key(p), f"allowed by {policy_key(p)}"
+    names = ", ".join(policy_key(p) for p in allows)
+    return False, None, f"denied: no ALLOW policy matched ({names})"
+
+
+def evaluate(conn: ConnectionInfo, policies: Iterable[pb.Authorization]) -> Decision:
+    """Decide whether `conn` may proceed, given the policies that apply to its destination."""
+    ordered = sorted(policies, key=policy_key)
+    enforced = [p for p in ordered if not p.dry_run]
+    allowed, deciding, reason = _decide(enforced, conn)
+    audited = tuple(
+        PolicyMatch(policy_key(p), "AUDIT", p.dry_run)
+        for p in ordered
+        if p.action == pb.AUDIT and policy_matches(p, conn)
+    )
+    shadows = [p for p in ordered if p.dry_run]
+    would_allow = allowed
+    dry: tuple[PolicyMatch, ...] = ()
+    if shadows:
+        would_allow = _decide(ordered, conn)[0]
+        dry = tuple(
+            PolicyMatch(policy_key(p), ACTION_NAMES.get(p.action, str(p.action)), True)
+            for p in shadows
+            if p.action != pb.AUDIT and policy_matches(p, conn)
+        )
+    return Decision(allowed, deciding, reason, audited, dry, would_allow)
