@@ -1,0 +1,131 @@
+"""The outbound routing decision, as a value: where a captured connection goes, and how.
+
+`decide(view, source, dst_ip, dst_port, rng)` looks only at the mesh state and returns a `Route`; the
+outbound proxy then carries it out with one I/O function per kind.  Most tests are on this step.
+
+- A service VIP: the service's waypoint if it has one; otherwise one healthy endpoint chosen at random
+  (then that endpoint's waypoint if it has one, HBONE if it is in the mesh, plain TCP if not).
+- A workload address: its waypoint, HBONE to its 15008 if it is in the mesh, or plain TCP.
+- Anything else: plain TCP to where the application was going (passthrough).
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass
+
+from mesh.identity import SpiffeId
+from mesh.proto import discovery_pb2 as pb
+from nodeagent.redirect.rules import HBONE_PORT
+from nodeagent.state import MeshState
+
+
+class RouteKind(enum.Enum):
+    HBONE = "hbone"  # to the destination pod's node agent, port 15008
+    WAYPOINT = "waypoint"  # to the waypoint over HBONE, which picks the endpoint
+    PASSTHROUGH = "passthrough"  # plain TCP: the destination is not in the mesh
+    REFUSE = "refuse"  # nowhere to send it (a service without healthy endpoints)
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: RouteKind
+    next_hop: tuple[str, int] | None  # the address to connect to
+    authority: str  # the HBONE CONNECT :authority (the original or chosen destination)
+    expected: tuple[SpiffeId, ...] = ()  # identities the next hop may present
+    service: pb.Service | None = None
+    workload: pb.Workload | None = None  # the destination workload, when known
+    reason: str = ""
+
+
+def workload_identity(w: pb.Workload) -> SpiffeId:
+    return SpiffeId(w.trust_domain or "cluster.local", w.namespace, w.service_account or "default")
+
+
+def service_key(svc: pb.Service) -> str:
+    return f"{svc.namespace}/{svc.hostname}"
+
+
+def target_port(w: pb.Workload, svc: pb.Service, port: int) -> int | None:
+    """The workload port behind `svc`'s `port`, from the workload's own service map, else the service's."""
+    mapping = w.services.get(service_key(svc))
+    if mapping is not None:
+        for p in mapping.ports:
+            if p.service_port == port:
+                return p.target_port or port
+    for sp in svc.ports:
+        if sp.service_port == port:
+            return sp.target_port or port
+    return None
+
+
+def endpoints(view: MeshState, svc: pb.Service, port: int) -> list[tuple[pb.Workload, int]]:
+    """Healthy workloads behind a service port, with the port each listens on."""
+    out = []
+    uids = [e.workload_uid for e in svc.endpoints]
+    candidates = [view.workload(u) for u in uids] if uids else \
+        [w for w in view.workloads() if service_key(svc) in w.services]
+    for w in candidates:
+        if w is None or w.status != pb.HEALTHY or not w.addresses:
+            continue
+        tp = target_port(w, svc, port)
+        if tp is not None:
+            out.append((w, tp))
+    return out
+
+
+def waypoint_of(view: MeshState, gw: pb.GatewayAddress,
+                rng: random.Random | None = None) -> tuple[tuple[str, int], tuple[SpiffeId, ...]] | None:
+    """The address and identities of one ready instance of a waypoint, or None when it has none."""
+    port = gw.hbone_mtls_port or HBONE_PORT
+    expected = (SpiffeId.parse(gw.identity),) if gw.identity else ()
+    if gw.HasField("address"):
+        return (gw.address.address, port), expected
+    svc = view.service_by_hostname(gw.hostname.hostname)
+    instances = [view.workload(e.workload_uid) for e in svc.endpoints] if svc is not None else []
+    ready = [w for w in instances if w is not None and w.status == pb.HEALTHY and w.addresses]
+    if not ready:
+        return None
+    w = (rng or random).choice(ready)
+    return (w.addresses[0], port), expected or (workload_identity(w),)
+
+
+def _to_workload(view: MeshState, w: pb.Workload, port: int, authority: str, svc: pb.Service | None,
+                 source: pb.Workload | None) -> Route:
+    if w.HasField("waypoint") and not (source is not None and source.is_waypoint):
+        found = waypoint_of(view, w.waypoint)
+        if found is None:
+            return Route(RouteKind.REFUSE, None, authority, service=svc, workload=w,
+                         reason=f"waypoint of {w.namespace}/{w.name} has no ready instance")
+        hop, expected = found
+        return Route(RouteKind.WAYPOINT, hop, authority, expected, svc, w, "workload uses a waypoint")
+    ip = w.addresses[0]
+    if w.tunnel_protocol == pb.HBONE:
+        return Route(RouteKind.HBONE, (ip, HBONE_PORT), f"{ip}:{port}", (workload_identity(w),), svc, w,
+                     "destination is in the mesh")
+    return Route(RouteKind.PASSTHROUGH, (ip, port), f"{ip}:{port}", (), svc, w, "destination is not in the mesh")
+
+
+def decide(view: MeshState, source: pb.Workload | None, dst_ip: str, dst_port: int,
+           rng: random.Random | None = None) -> Route:
+    authority = f"{dst_ip}:{dst_port}"
+    svc = view.service_by_vip(dst_ip)
+    if svc is not None:
+        if svc.HasField("waypoint") and not (source is not None and source.is_waypoint):
+            found = waypoint_of(view, svc.waypoint)
+            if found is None:
+                return Route(RouteKind.REFUSE, None, authority, service=svc,
+                             reason=f"waypoint of service {svc.hostname} has no ready instance")
+            hop, expected = found
+            return Route(RouteKind.WAYPOINT, hop, authority, expected, svc, None, "service uses a waypoint")
+        ready = endpoints(view, svc, dst_port)
+        if not ready:
+            return Route(RouteKind.REFUSE, None, authority, service=svc,
+                         reason=f"service {svc.hostname} has no healthy endpoint for port {dst_port}")
+        w, port = (rng or random).choice(ready)
+        return _to_workload(view, w, port, authority, svc, source)
+    w = view.workload_by_address(dst_ip)
+    if w is not None:
+        return _to_workload(view, w, dst_port, authority, None, source)
+    return Route(RouteKind.PASSTHROUGH, (dst_ip, dst_port), authority, reason="destination unknown to the mesh")
