@@ -154,7 +154,7 @@ PEER_AUTHENTICATION_SPEC = Obj(
     {
         "selector": label_selector(),
         "mtls": Obj({"mode": Enum(MTLS_MODES)}),
-        "portLevelMtls": MapOf(Obj({"mode": Enum(MTLS_MODES)}), key=_check_port_key),
+        "portLevelMtls": MapOf(Obj({"mode": Enum(MTLS_MODES)}), key=_check_port_key, int_keys=True),
     },
     checks=[_check_peer_authn],
 )

@@ -211,6 +211,7 @@ class MapOf(Node):
 
     value: Node
     key: Check | None = None
+    int_keys: bool = False  # YAML reads `8080:` as an integer key (Istio's map<uint32, ...>)
     describe = "a mapping"
 
     def check(self, value: Any, path: str, errors: Errors) -> None:
@@ -219,6 +220,8 @@ class MapOf(Node):
             return
         for k, v in value.items():
             p = child(path, str(k))
+            if self.int_keys and isinstance(k, int) and not isinstance(k, bool):
+                k = str(k)
             if not isinstance(k, str):
                 errors.append(FieldError(p, f"key must be a string, not {type_name(k)}"))
                 continue
