@@ -1,0 +1,589 @@
+"""The HBONE protocol core, sans-IO: HTTP/2 CONNECT tunnels over `h2`, bytes in, events out.
+
+    client = HboneClient(HboneConfig(), now=clock())
+    sid = client.open_stream("10.244.1.5:8080", request_headers(forwarded_for="10.244.0.7:41234"))
+    transport.write(client.data_to_send())
+    for event in client.receive_data(transport.read()):   # StreamAccepted, DataReceived, ...
+        ...
+    client.on_timer(clock())                              # when clock() >= client.next_deadline()
+
+`HboneServer` is the other side: `ConnectRequested` events, answered with `accept()` or `reject()`;
+malformed requests are answered 400 by the core and never reach the application.
+
+Both sides grant the windows and frame size of `HboneConfig`, keep unsent tunnel bytes per stream until
+the peer's windows allow them (`can_send()` says when a writer should wait, `StreamWritable` when it
+may go on), and acknowledge received bytes only when the reader says it consumed them
+(`acknowledge()`), so a slow reader slows its writer instead of growing a buffer.  Half-close is
+END_STREAM both ways.  Keepalive PINGs and their timeout run off `next_deadline()`/`on_timer(now)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from mesh.hbone.config import HboneConfig
+from mesh.hbone.errors import (
+    ConnectionNotUsableError,
+    HeaderListTooLargeError,
+    ProtocolUsageError,
+    StreamLimitError,
+)
+from mesh.hbone.events import (
+    ConnectionClosed,
+    ConnectionDraining,
+    ConnectRequested,
+    DataReceived,
+    Event,
+    PingAcknowledged,
+    RequestRefused,
+    StreamAccepted,
+    StreamEnded,
+    StreamRejected,
+    StreamReset,
+    StreamWritable,
+)
+from mesh.hbone.headers import (
+    Header,
+    Malformed,
+    check_regular_headers,
+    header_list_size,
+    parse_authority,
+    parse_connect,
+)
+from mesh.hbone.state import (
+    RECEIVING_STATES,
+    SENDING_STATES,
+    TERMINAL_STREAM_STATES,
+    ConnectionInput,
+    ConnectionState,
+    StreamInput,
+    StreamState,
+    next_connection_state,
+    next_stream_state,
+)
+
+ErrorCode = h2.errors.ErrorCodes
+_H2_OPEN = {True: h2.connection.ConnectionState.CLIENT_OPEN, False: h2.connection.ConnectionState.SERVER_OPEN}
+
+
+def error_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return f"error {code:#x}"
+
+
+@dataclass(eq=False)
+class _Stream:
+    id: int
+    state: StreamState = StreamState.PENDING
+    outbound: bytearray = field(default_factory=bytearray)  # accepted from the writer, not yet framed
+    fin_queued: bool = False  # END_STREAM goes out after `outbound`
+    blocked: bool = False  # the writer was told to wait (can_send false); tell it when to go on
+    reject_status: int | None = None  # client: a rejection whose body is still being read
+    reject_body: bytearray = field(default_factory=bytearray)
+
+    def advance(self, event: StreamInput) -> None:
+        self.state = next_stream_state(self.state, event)
+
+
+class HboneConnection:
+    """What client and server share.  Not used directly: make an `HboneClient` or `HboneServer`."""
+
+    _client_side: bool
+
+    def __init__(self, config: HboneConfig | None = None, *, now: float = 0.0) -> None:
+        self.config = config = config or HboneConfig()
+        self._state = ConnectionState.OPEN
+        self._streams: dict[int, _Stream] = {}
+        h2_config = h2.config.H2Configuration(
+            client_side=self._client_side,
+            header_encoding=None,
+            # The server checks requests itself so that a malformed one costs one 400, not the connection.
+            validate_inbound_headers=self._client_side,
+        )
+        self._h2 = h2.connection.H2Connection(h2_config)
+        settings = {
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: config.stream_window,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: config.max_frame_size,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: config.max_header_list_size,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: (
+                0 if self._client_side else config.max_concurrent_streams
+            ),
+        }
+        if self._client_side:
+            settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0
+        self._h2.local_settings = h2.settings.Settings(client=self._client_side, initial_values=settings)
+        self._h2.max_inbound_frame_size = config.max_frame_size
+        # Bound decoded header lists from the first request on, not only once our SETTINGS are acked.
+        self._h2.decoder.max_header_list_size = config.max_header_list_size
+        self._h2.initiate_connection()
+        increment = config.connection_window - 65_535
+        if increment > 0:
+            self._h2.increment_flow_control_window(increment)
+        self._ping_due: float = now + config.ping_interval
+        self._ping_outstanding: bytes | None = None
+        self._ping_deadline: float = 0.0
+        self._ping_counter = 0
+
+    # -- what the transport reads ------------------------------------------------------------------------
+
+    @property
+    def state(self) -> ConnectionState:
+        return self._state
+
+    @property
+    def active_streams(self) -> int:
+        """Tunnels not yet finished (pending, open or half-closed), as this side counts them."""
+        return len(self._streams)
+
+    def stream_state(self, stream_id: int) -> StreamState | None:
+        stream = self._streams.get(stream_id)
+        return stream.state if stream else None
+
+    def data_to_send(self) -> bytes:
+        return self._h2.data_to_send()
+
+    def buffered(self, stream_id: int) -> int:
+        """Bytes accepted for `stream_id` that still wait for the peer's window."""
+        stream = self._streams.get(stream_id)
+        return len(stream.outbound) if stream else 0
+
+    def can_send(self, stream_id: int) -> bool:
+        """Whether a writer may hand over more bytes now (else wait for `StreamWritable`)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state not in SENDING_STATES:
+            return False
+        return len(stream.outbound) < self.config.send_buffer_low_water
+
+    # -- bytes in ----------------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes read from the transport; returns what happened."""
+        out: list[Event] = []
+        if self._state is ConnectionState.CLOSED:
+            return out
+        try:
+            h2_events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            # h2 has already queued a GOAWAY; tell every stream and stop.
+            code = getattr(exc, "error_code", ErrorCode.PROTOCOL_ERROR)
+            self._finish(out, code, f"peer broke the HTTP/2 protocol: {exc}", by_peer=False, send_goaway=False)
+            return out
+        for event in h2_events:
+            self._handle(event, out)
+            if self._state is ConnectionState.CLOSED:
+                break
+        self._flush_all(out)
+        self._check_drained(out)
+        return out
+
+    def _handle(self, event: h2.events.Event, out: list[Event]) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self._on_request(event, out)
+        elif isinstance(event, h2.events.ResponseReceived):
+            self._on_response(event, out)
+        elif isinstance(event, h2.events.DataReceived):
+            self._on_data(event, out)
+        elif isinstance(event, h2.events.StreamEnded):
+            self._on_stream_ended(event, out)
+        elif isinstance(event, h2.events.StreamReset):
+            self._on_stream_reset(event, out)
+        elif isinstance(event, h2.events.PingAckReceived):
+            if event.ping_data == self._ping_outstanding:
+                self._ping_outstanding = None
+                out.append(PingAcknowledged(event.ping_data or b""))
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._on_goaway(event, out)
+        # Window updates and settings changes are handled by the flush after every batch; informational
+        # responses, trailers, priority and unknown frames mean nothing to a tunnel.
+
+    def _on_request(self, event: h2.events.RequestReceived, out: list[Event]) -> None:
+        # Only a server gets here; HboneServer overrides it.
+        assert event.stream_id is not None
+        self._reset_quietly(event.stream_id, ErrorCode.PROTOCOL_ERROR)
+
+    def _on_response(self, event: h2.events.ResponseReceived, out: list[Event]) -> None:
+        assert event.stream_id is not None
+        self._reset_quietly(event.stream_id, ErrorCode.PROTOCOL_ERROR)
+
+    def _on_data(self, event: h2.events.DataReceived, out: list[Event]) -> None:
+        assert event.stream_id is not None
+        sid, data, length = event.stream_id, event.data or b"", event.flow_controlled_length or 0
+        stream = self._streams.get(sid)
+        if stream is not None and stream.state is StreamState.REJECTED:
+            room = self.config.reject_body_limit - len(stream.reject_body)
+            stream.reject_body += data[: max(room, 0)]
+            if length:
+                self._h2.acknowledge_received_data(length, sid)
+            return
+        if stream is None or stream.state not in RECEIVING_STATES or not data:
+            if length:  # nobody will read it: give the window back at once
+                self._h2.acknowledge_received_data(length, sid)
+            return
+        out.append(DataReceived(sid, data, length))
+
+    def _on_stream_ended(self, event: h2.events.StreamEnded, out: list[Event]) -> None:
+        assert event.stream_id is not None
+        stream = self._streams.get(event.stream_id)
+        if stream is None:
+            return
+        if stream.state is StreamState.REJECTED:
+            self._finish_rejection(stream, out)
+            return
+        stream.advance(StreamInput.REMOTE_END)
+        out.append(StreamEnded(stream.id))
+        self._forget_if_done(stream)
+
+    def _on_stream_reset(self, event: h2.events.StreamReset, out: list[Event]) -> None:
+        assert event.stream_id is not None
+        stream = self._streams.get(event.stream_id)
+        if stream is None:
+            return
+        if stream.state is StreamState.REJECTED:
+            self._finish_rejection(stream, out)
+            return
+        code = int(event.error_code or 0)
+        stream.advance(StreamInput.RESET)
+        out.append(StreamReset(stream.id, code, f"reset by peer ({error_name(code)})", by_peer=True))
+        self._forget(stream)
+
+    def _finish_rejection(self, stream: _Stream, out: list[Event]) -> None:
+        if stream.reject_status is not None:
+            reason = stream.reject_body.decode("utf-8", "replace").strip()
+            out.append(StreamRejected(stream.id, stream.reject_status, reason))
+            stream.reject_status = None
+        self._reset_quietly(stream.id, ErrorCode.NO_ERROR)
+        self._forget(stream)
+
+    def _on_goaway(self, event: h2.events.ConnectionTerminated, out: list[Event]) -> None:
+        code = int(event.error_code or 0)
+        last = int(event.last_stream_id or 0)
+        if code != ErrorCode.NO_ERROR:
+            debug = (event.additional_data or b"").decode("utf-8", "replace")
+            detail = f": {debug}" if debug else ""
+            self._finish(out, code, f"peer closed the connection ({error_name(code)}){detail}", by_peer=True,
+                         send_goaway=False)
+            return
+        # A graceful GOAWAY: h2 stops everything, but streams the peer took may still finish.
+        self._h2.state_machine.state = _H2_OPEN[self._client_side]
+        self._state = next_connection_state(self._state, ConnectionInput.GOAWAY_RECEIVED)
+        out.append(ConnectionDraining(code, last, by_peer=True))
+        for stream in list(self._streams.values()):
+            if self._is_local_stream(stream.id) and stream.id > last:
+                self._reset_quietly(stream.id, ErrorCode.REFUSED_STREAM)
+                stream.advance(StreamInput.RESET)
+                out.append(
+                    StreamReset(
+                        stream.id,
+                        ErrorCode.REFUSED_STREAM,
+                        "the peer is shutting down (GOAWAY) and did not take this stream: retry on a new connection",
+                        by_peer=True,
+                    )
+                )
+                self._forget(stream)
+
+    def _is_local_stream(self, stream_id: int) -> bool:
+        return (stream_id % 2 == 1) == self._client_side
+
+    # -- bytes out ---------------------------------------------------------------------------------------
+
+    def send_data(self, stream_id: int, data: bytes) -> None:
+        """Queue tunnel bytes; they go out as the peer's windows allow.  Check `can_send()` first: the
+        core takes what it is given, and the writer is the one that must wait."""
+        stream = self._sending_stream(stream_id)
+        if data:
+            stream.outbound += data
+            self._flush(stream)
+            if len(stream.outbound) >= self.config.send_buffer_low_water:
+                stream.blocked = True
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close: END_STREAM after the queued bytes (the tunnel's FIN)."""
+        stream = self._sending_stream(stream_id)
+        stream.advance(StreamInput.LOCAL_END)
+        stream.fin_queued = True
+        self._flush(stream)
+        self._forget_if_done(stream)
+
+    def reset(self, stream_id: int, error_code: int = ErrorCode.CANCEL) -> None:
+        """Abort a tunnel (RST_STREAM).  Unknown or finished streams are left alone."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state in TERMINAL_STREAM_STATES:
+            return
+        self._reset_quietly(stream_id, error_code)
+        stream.advance(StreamInput.RESET)
+        self._forget(stream)
+
+    def acknowledge(self, stream_id: int, length: int) -> None:
+        """`length` received bytes of `stream_id` were consumed: let the peer send that much more."""
+        if length > 0 and self._state is not ConnectionState.CLOSED:
+            self._h2.acknowledge_received_data(length, stream_id)
+
+    def _sending_stream(self, stream_id: int) -> _Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise ProtocolUsageError(f"stream {stream_id} is not an open HBONE tunnel")
+        if stream.state not in SENDING_STATES or stream.fin_queued:
+            raise ProtocolUsageError(f"stream {stream_id} cannot send while {stream.state.value}")
+        if self._state is ConnectionState.CLOSED:
+            raise ConnectionNotUsableError("the HBONE connection is closed")
+        return stream
+
+    def _flush(self, stream: _Stream) -> None:
+        """Frame as much of `stream`'s queue as the windows allow."""
+        while stream.outbound:
+            window = min(self._h2.local_flow_control_window(stream.id), self._h2.max_outbound_frame_size)
+            if window <= 0:
+                return
+            chunk = bytes(stream.outbound[:window])
+            del stream.outbound[:window]
+            last = stream.fin_queued and not stream.outbound
+            self._h2.send_data(stream.id, chunk, end_stream=last)
+            if last:
+                stream.fin_queued = False
+        if stream.fin_queued:
+            self._h2.end_stream(stream.id)
+            stream.fin_queued = False
+
+    def _flush_all(self, out: list[Event]) -> None:
+        if self._state is ConnectionState.CLOSED:
+            return
+        for stream in list(self._streams.values()):
+            if stream.outbound or stream.fin_queued:
+                self._flush(stream)
+            if stream.blocked and len(stream.outbound) < self.config.send_buffer_low_water:
+                stream.blocked = False
+                out.append(StreamWritable(stream.id))
+            self._forget_if_done(stream)
+
+    def _reset_quietly(self, stream_id: int, error_code: int) -> None:
+        try:
+            self._h2.reset_stream(stream_id, error_code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass  # already closed at the frame level: nothing to abort
+
+    def _forget_if_done(self, stream: _Stream) -> None:
+        if stream.state in TERMINAL_STREAM_STATES and not stream.outbound and not stream.fin_queued:
+            if stream.state is not StreamState.REJECTED or stream.reject_status is None:
+                self._forget(stream)
+
+    def _forget(self, stream: _Stream) -> None:
+        self._streams.pop(stream.id, None)
+
+    # -- the connection as a whole -----------------------------------------------------------------------
+
+    def goaway(self) -> list[Event]:
+        """Graceful shutdown: a GOAWAY; streams already started may finish, no new ones are taken."""
+        out: list[Event] = []
+        if self._state is not ConnectionState.OPEN:
+            return out
+        last = self._h2.highest_inbound_stream_id
+        self._h2.close_connection(ErrorCode.NO_ERROR, last_stream_id=last)
+        self._h2.state_machine.state = _H2_OPEN[self._client_side]
+        self._state = next_connection_state(self._state, ConnectionInput.GOAWAY_SENT)
+        out.append(ConnectionDraining(ErrorCode.NO_ERROR, last, by_peer=False))
+        self._check_drained(out)
+        return out
+
+    def close(self, error_code: int = ErrorCode.NO_ERROR, reason: str = "closed") -> list[Event]:
+        """Close now: GOAWAY, every remaining tunnel reset."""
+        out: list[Event] = []
+        self._finish(out, error_code, reason, by_peer=False, send_goaway=True)
+        return out
+
+    def connection_lost(self, reason: str) -> list[Event]:
+        """The transport went away (EOF, reset, TLS error): every remaining tunnel is reset."""
+        out: list[Event] = []
+        self._finish(out, ErrorCode.NO_ERROR, reason, by_peer=True, send_goaway=False)
+        return out
+
+    def _finish(self, out: list[Event], code: int, reason: str, *, by_peer: bool, send_goaway: bool) -> None:
+        if self._state is ConnectionState.CLOSED:
+            return
+        if send_goaway:
+            try:
+                self._h2.close_connection(code, additional_data=reason.encode("utf-8")[:256])
+            except h2.exceptions.ProtocolError:
+                pass
+        self._state = next_connection_state(
+            self._state, ConnectionInput.CLOSE if code == ErrorCode.NO_ERROR and not by_peer else ConnectionInput.FAILED
+        )
+        for stream in list(self._streams.values()):
+            if stream.state is StreamState.REJECTED:
+                self._finish_rejection(stream, out)
+                continue
+            if stream.state not in TERMINAL_STREAM_STATES:
+                stream.advance(StreamInput.RESET)
+                out.append(StreamReset(stream.id, code, f"connection closed: {reason}", by_peer=by_peer))
+            self._forget(stream)
+        out.append(ConnectionClosed(code, reason, by_peer))
+
+    def _check_drained(self, out: list[Event]) -> None:
+        if self._state is ConnectionState.DRAINING and not self._streams:
+            self._state = next_connection_state(self._state, ConnectionInput.CLOSE)
+            out.append(ConnectionClosed(ErrorCode.NO_ERROR, "drained after GOAWAY", by_peer=False))
+
+    # -- time --------------------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When `on_timer` must next be called (None: the connection is closed)."""
+        if self._state is ConnectionState.CLOSED:
+            return None
+        return self._ping_deadline if self._ping_outstanding is not None else self._ping_due
+
+    def on_timer(self, now: float) -> list[Event]:
+        """Send a keepalive PING when one is due; close the connection if the last one went unanswered."""
+        out: list[Event] = []
+        if self._state is ConnectionState.CLOSED:
+            return out
+        if self._ping_outstanding is not None:
+            if now >= self._ping_deadline:
+                timeout = self.config.ping_timeout
+                self._finish(
+                    out,
+                    ErrorCode.NO_ERROR,
+                    f"peer did not answer a PING within {timeout:g}s: is the other side overloaded or gone?",
+                    by_peer=False,
+                    send_goaway=True,
+                )
+            return out
+        if now >= self._ping_due:
+            self._ping_counter += 1
+            payload = self._ping_counter.to_bytes(8, "big")
+            self._h2.ping(payload)
+            self._ping_outstanding = payload
+            self._ping_deadline = now + self.config.ping_timeout
+            self._ping_due = now + self.config.ping_interval
+        return out
+
+
+class HboneClient(HboneConnection):
+    """The side that opens tunnels (a node agent's outbound, a waypoint towards a destination)."""
+
+    _client_side = True
+
+    def can_open_stream(self) -> bool:
+        """Whether `open_stream` may be called (open, and under the peer's stream limit)."""
+        if self._state is not ConnectionState.OPEN:
+            return False
+        limit = self._h2.remote_settings.max_concurrent_streams
+        return self._h2.open_outbound_streams < limit
+
+    def open_stream(self, authority: str, headers: Sequence[Header] = ()) -> int:
+        """Send a CONNECT to `authority` ("ip:port") with regular `headers` (see `request_headers`);
+        returns the stream id.  The answer comes as `StreamAccepted` or `StreamRejected`."""
+        target = parse_authority(authority)
+        try:
+            check_regular_headers(headers)
+        except ValueError as exc:
+            raise ProtocolUsageError(str(exc)) from None
+        if self._state is not ConnectionState.OPEN:
+            raise ConnectionNotUsableError(f"connection is {self._state.value}: open the tunnel on another one")
+        block = [(":method", "CONNECT"), (":authority", str(target)), *headers]
+        limit = self.config.max_header_list_size
+        peer_limit = self._h2.remote_settings.max_header_list_size
+        if peer_limit is not None:
+            limit = min(limit, peer_limit)
+        size = header_list_size(block)
+        if size > limit:
+            raise HeaderListTooLargeError(f"CONNECT headers are {size} bytes; the limit is {limit}: send fewer")
+        stream_id = self._h2.get_next_available_stream_id()
+        try:
+            self._h2.send_headers(stream_id, block, end_stream=False)
+        except h2.exceptions.TooManyStreamsError:
+            raise StreamLimitError(
+                f"the peer allows {self._h2.remote_settings.max_concurrent_streams} concurrent streams and "
+                "all are in use: open another connection"
+            ) from None
+        self._streams[stream_id] = _Stream(stream_id)
+        return stream_id
+
+    def _on_response(self, event: h2.events.ResponseReceived, out: list[Event]) -> None:
+        assert event.stream_id is not None
+        stream = self._streams.get(event.stream_id)
+        if stream is None or stream.state is not StreamState.PENDING:
+            return
+        status = _status_of(event.headers or [])
+        if 200 <= status < 300:
+            stream.advance(StreamInput.ACCEPTED)
+            out.append(StreamAccepted(stream.id, status))
+            return
+        stream.advance(StreamInput.REJECTED)
+        stream.reject_status = status
+        # The rejection is reported once its body (the reason) has ended; see _finish_rejection.
+
+
+class HboneServer(HboneConnection):
+    """The side that takes tunnels (port 15008 of a pod, a waypoint)."""
+
+    _client_side = False
+
+    def accept(self, stream_id: int) -> None:
+        """Answer 200: the upstream is connected; bytes may flow both ways."""
+        stream = self._pending_stream(stream_id)
+        self._h2.send_headers(stream_id, [(":status", "200")], end_stream=False)
+        stream.advance(StreamInput.ACCEPTED)
+
+    def reject(self, stream_id: int, status: int, reason: str = "") -> None:
+        """Answer with a non-2xx `status` (401 denied, 503 upstream unreachable, ...) and `reason` as a
+        short text body, then end the stream."""
+        if not 300 <= status <= 599:
+            raise ProtocolUsageError(f"reject() takes a 3xx-5xx status, not {status}")
+        stream = self._pending_stream(stream_id)
+        stream.advance(StreamInput.REJECTED)
+        self._respond(stream_id, status, reason)
+        self._forget(stream)
+
+    def _pending_stream(self, stream_id: int) -> _Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise ProtocolUsageError(f"stream {stream_id} is not a CONNECT waiting for an answer (reset?)")
+        if stream.state not in (StreamState.PENDING, StreamState.PENDING_REMOTE_CLOSED):
+            raise ProtocolUsageError(f"stream {stream_id} was already answered ({stream.state.value})")
+        if self._state is ConnectionState.CLOSED:
+            raise ConnectionNotUsableError("the HBONE connection is closed")
+        return stream
+
+    def _respond(self, stream_id: int, status: int, reason: str) -> None:
+        body = reason.encode("utf-8")[: self.config.reject_body_limit]
+        headers = [(":status", str(status))]
+        if body:
+            headers += [("content-type", "text/plain; charset=utf-8"), ("content-length", str(len(body)))]
+        self._h2.send_headers(stream_id, headers, end_stream=not body)
+        if body and len(body) <= self._h2.local_flow_control_window(stream_id):
+            self._h2.send_data(stream_id, body, end_stream=True)
+        elif body:
+            self._h2.end_stream(stream_id)
+        # The answer is complete; tell the client to stop sending without calling it an error.
+        self._reset_quietly(stream_id, ErrorCode.NO_ERROR)
+
+    def _on_request(self, event: h2.events.RequestReceived, out: list[Event]) -> None:
+        assert event.stream_id is not None
+        sid = event.stream_id
+        if self._state is not ConnectionState.OPEN:
+            self._reset_quietly(sid, ErrorCode.REFUSED_STREAM)
+            return
+        decision = parse_connect(event.headers or [])
+        if isinstance(decision, Malformed):
+            self._respond(sid, 400, decision.reason)
+            out.append(RequestRefused(sid, 400, decision.reason))
+            return
+        self._streams[sid] = _Stream(sid)
+        out.append(ConnectRequested(sid, decision))
+
+
+def _status_of(headers: Sequence[tuple[bytes | str, bytes | str]]) -> int:
+    for name, value in headers:
+        if name in (b":status", ":status"):
+            text = value.decode("ascii") if isinstance(value, bytes) else value
+            return int(text) if text.isdigit() else 0
+    return 0
