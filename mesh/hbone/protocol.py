@@ -19,6 +19,7 @@ END_STREAM both ways.  Keepalive PINGs and their timeout run off `next_deadline(
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -176,7 +177,9 @@ class HboneConnection:
         except h2.exceptions.ProtocolError as exc:
             # h2 has already queued a GOAWAY; tell every stream and stop.
             code = getattr(exc, "error_code", ErrorCode.PROTOCOL_ERROR)
-            self._finish(out, code, f"peer broke the HTTP/2 protocol: {exc}", by_peer=False, send_goaway=False)
+            self._finish(
+                out, code, f"peer broke the HTTP/2 protocol: {exc}", by_peer=False, send_goaway=False
+            )
             return out
         for event in h2_events:
             self._handle(event, out)
@@ -270,8 +273,13 @@ class HboneConnection:
         if code != ErrorCode.NO_ERROR:
             debug = (event.additional_data or b"").decode("utf-8", "replace")
             detail = f": {debug}" if debug else ""
-            self._finish(out, code, f"peer closed the connection ({error_name(code)}){detail}", by_peer=True,
-                         send_goaway=False)
+            self._finish(
+                out,
+                code,
+                f"peer closed the connection ({error_name(code)}){detail}",
+                by_peer=True,
+                send_goaway=False,
+            )
             return
         # A graceful GOAWAY: h2 stops everything, but streams the peer took may still finish.
         self._h2.state_machine.state = _H2_OPEN[self._client_side]
@@ -366,15 +374,14 @@ class HboneConnection:
             self._forget_if_done(stream)
 
     def _reset_quietly(self, stream_id: int, error_code: int) -> None:
-        try:
+        # Already closed at the frame level: nothing to abort.
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self._h2.reset_stream(stream_id, error_code)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            pass  # already closed at the frame level: nothing to abort
 
     def _forget_if_done(self, stream: _Stream) -> None:
-        if stream.state in TERMINAL_STREAM_STATES and not stream.outbound and not stream.fin_queued:
-            if stream.state is not StreamState.REJECTED or stream.reject_status is None:
-                self._forget(stream)
+        done = stream.state in TERMINAL_STREAM_STATES and not stream.outbound and not stream.fin_queued
+        if done and stream.reject_status is None:  # a rejection is kept until its reason has been read
+            self._forget(stream)
 
     def _forget(self, stream: _Stream) -> None:
         self._streams.pop(stream.id, None)
@@ -410,12 +417,11 @@ class HboneConnection:
         if self._state is ConnectionState.CLOSED:
             return
         if send_goaway:
-            try:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
                 self._h2.close_connection(code, additional_data=reason.encode("utf-8")[:256])
-            except h2.exceptions.ProtocolError:
-                pass
+        failed = by_peer or code != ErrorCode.NO_ERROR
         self._state = next_connection_state(
-            self._state, ConnectionInput.CLOSE if code == ErrorCode.NO_ERROR and not by_peer else ConnectionInput.FAILED
+            self._state, ConnectionInput.FAILED if failed else ConnectionInput.CLOSE
         )
         for stream in list(self._streams.values()):
             if stream.state is StreamState.REJECTED:
@@ -487,7 +493,9 @@ class HboneClient(HboneConnection):
         except ValueError as exc:
             raise ProtocolUsageError(str(exc)) from None
         if self._state is not ConnectionState.OPEN:
-            raise ConnectionNotUsableError(f"connection is {self._state.value}: open the tunnel on another one")
+            raise ConnectionNotUsableError(
+                f"connection is {self._state.value}: open the tunnel on another one"
+            )
         block = [(":method", "CONNECT"), (":authority", str(target)), *headers]
         limit = self.config.max_header_list_size
         peer_limit = self._h2.remote_settings.max_header_list_size
@@ -495,7 +503,9 @@ class HboneClient(HboneConnection):
             limit = min(limit, peer_limit)
         size = header_list_size(block)
         if size > limit:
-            raise HeaderListTooLargeError(f"CONNECT headers are {size} bytes; the limit is {limit}: send fewer")
+            raise HeaderListTooLargeError(
+                f"CONNECT headers are {size} bytes; the limit is {limit}: send fewer"
+            )
         stream_id = self._h2.get_next_available_stream_id()
         try:
             self._h2.send_headers(stream_id, block, end_stream=False)

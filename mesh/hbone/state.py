@@ -43,7 +43,9 @@ def next_connection_state(state: ConnectionState, event: ConnectionInput) -> Con
     try:
         return _CONNECTION_TRANSITIONS[(state, event)]
     except KeyError:
-        raise ProtocolUsageError(f"HBONE connection cannot take {event.value!r} while {state.value}") from None
+        raise ProtocolUsageError(
+            f"HBONE connection cannot take {event.value!r} while {state.value}"
+        ) from None
 
 
 class StreamState(Enum):
