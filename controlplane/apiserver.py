@@ -199,13 +199,14 @@ class ApiServer:
     def start(self) -> None:
         """Bind and serve in a daemon thread.  Raises ApiServerError if the socket cannot be bound."""
         server = self._bind()
-        self._thread = threading.Thread(target=server.serve_forever, name="apiserver", daemon=True)
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="apiserver", daemon=True)
         self._thread.start()
         log.info("apply API listening on %s", self.socket_path)
 
     def serve_forever(self) -> None:
         """Bind and serve in the calling thread until `stop()` is called from another thread."""
-        self._bind().serve_forever()
+        self._bind().serve_forever(poll_interval=0.1)
 
     def stop(self) -> None:
         server, self._server = self._server, None
