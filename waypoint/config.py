@@ -1,0 +1,208 @@
+"""The waypoint's configuration: discovery resources compiled into one frozen `RouteTable`.
+
+`compile_table(waypoint, workloads, services, l7_configs)` reads what xDS delivered (the `Workload`,
+`Service` and `L7Config` messages of `mesh.proto.discovery_pb2`), keeps the L7 configs that name this
+waypoint, checks each spec again with `mesh.api` (the model that validated it in the control plane:
+defensive, a newer or older control plane may disagree) and compiles it.  A resource that cannot be
+compiled is reported in `CompileResult.errors` (the xDS handler NACKs it) and left out; warnings report
+what is accepted but not enforced as written (CUSTOM authorization, duplicate VirtualServices).
+
+The table is immutable: a configuration change builds a new table and the proxy swaps the reference, so
+requests in flight keep the decision they made on the old one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import json_format
+
+from mesh.api.crossref import host_covers
+from mesh.api.errors import FieldError
+from mesh.api.kinds import kind_info
+from mesh.proto import discovery_pb2 as pb
+from mesh.xds.resources import L7_KIND_NAMES
+from waypoint.authz import CompiledPolicy, compile_policy
+from waypoint.errors import ConfigError
+from waypoint.jwt import JwtRule, compile_rules
+from waypoint.model import Endpoint
+from waypoint.rules import (
+    DestinationRuleRules,
+    VirtualServiceRules,
+    compile_destination_rule,
+    compile_virtual_service,
+)
+
+
+@dataclass(frozen=True)
+class ServicePortInfo:
+    port: int
+    target_port: int
+    name: str = ""
+    app_protocol: str = ""
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    hostname: str
+    name: str
+    namespace: str
+    vips: tuple[str, ...] = ()
+    ports: tuple[ServicePortInfo, ...] = ()
+    # Endpoints by service port (the workload's target port filled in).
+    endpoints: Mapping[int, tuple[Endpoint, ...]] = field(default_factory=dict)
+
+    def port_info(self, port: int) -> ServicePortInfo | None:
+        return next((p for p in self.ports if p.port == port), None)
+
+    def default_port(self) -> int:
+        return self.ports[0].port if self.ports else 0
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    waypoint: str = ""
+    services: Mapping[str, ServiceInfo] = field(default_factory=dict)
+    by_vip: Mapping[str, str] = field(default_factory=dict)  # VIP -> hostname
+    workloads_by_ip: Mapping[str, Endpoint] = field(default_factory=dict)  # port 0
+    virtual_services: Mapping[str, VirtualServiceRules] = field(default_factory=dict)  # hostname -> VS
+    destination_rules: Mapping[str, DestinationRuleRules] = field(default_factory=dict)
+    policies: tuple[CompiledPolicy, ...] = ()
+    jwt_rules: tuple[JwtRule, ...] = ()
+    version: int = 0
+
+    def service_for_host(self, host: str, namespace: str = "") -> ServiceInfo | None:
+        """A service by Host header value: full name, `name.ns`, or short name in `namespace`."""
+        host = host.lower()
+        if host in self.services:
+            return self.services[host]
+        for candidate in (f"{host}.svc.cluster.local", f"{host}.{namespace}.svc.cluster.local"):
+            if candidate in self.services:
+                return self.services[candidate]
+        return None
+
+    def destination_rule(self, hostname: str) -> DestinationRuleRules | None:
+        if hostname in self.destination_rules:
+            return self.destination_rules[hostname]
+        for pattern, dr in self.destination_rules.items():
+            if host_covers(pattern, hostname):
+                return dr
+        return None
+
+    def virtual_service(self, hostname: str) -> VirtualServiceRules | None:
+        return self.virtual_services.get(hostname)
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    table: RouteTable
+    errors: tuple[ConfigError, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+def struct_to_dict(msg: Any) -> dict[str, Any]:
+    """A Struct as plain data; whole-number floats (Struct has no integers) become ints again."""
+    return _ints(json_format.MessageToDict(msg))
+
+
+def _ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints(v) for v in value]
+    return value
+
+
+def _endpoint(w: pb.Workload, address: str, port: int) -> Endpoint:
+    td = w.trust_domain or "cluster.local"
+    labels = tuple(sorted(w.labels.items()))
+    return Endpoint(address=address, port=port, uid=w.uid, name=w.name, namespace=w.namespace,
+                    identity=f"spiffe://{td}/ns/{w.namespace}/sa/{w.service_account}" if w.service_account else "",
+                    labels=labels, app=w.canonical_name or w.labels.get("app", ""),
+                    version=w.canonical_revision or w.labels.get("version", ""),
+                    healthy=w.status == pb.HEALTHY)
+
+
+def _services(workloads: Iterable[pb.Workload], services: Iterable[pb.Service]) -> dict[str, ServiceInfo]:
+    out: dict[str, ServiceInfo] = {}
+    workloads = list(workloads)
+    for s in services:
+        key = f"{s.namespace}/{s.hostname}"
+        ports = tuple(ServicePortInfo(p.service_port, p.target_port or p.service_port, p.name, p.app_protocol)
+                      for p in s.ports)
+        eps: dict[int, list[Endpoint]] = {p.port: [] for p in ports}
+        for w in sorted(workloads, key=lambda w: w.uid):
+            if key not in w.services or not w.addresses or w.is_waypoint:
+                continue
+            mapping = {m.service_port: m.target_port for m in w.services[key].ports}
+            for p in ports:
+                target = mapping.get(p.port) or p.target_port
+                eps[p.port].append(_endpoint(w, w.addresses[0], target))
+        out[s.hostname] = ServiceInfo(s.hostname, s.name, s.namespace, tuple(s.vips), ports,
+                                      {k: tuple(v) for k, v in eps.items()})
+    return out
+
+
+def _validate(kind: str, spec: dict[str, Any], where: str) -> None:
+    info = kind_info(kind)
+    if info is None or info.spec is None:
+        raise ConfigError(where, f"kind {kind} is not known to this waypoint")
+    errors: list[FieldError] = []
+    info.spec.check(spec, "spec", errors)
+    if errors:
+        raise ConfigError(where, "; ".join(f"{e.path}: {e.message}" for e in errors))
+
+
+def compile_table(waypoint: str, workloads: Iterable[pb.Workload], services: Iterable[pb.Service],
+                  l7_configs: Iterable[pb.L7Config], version: int = 0) -> CompileResult:
+    """Compile what this waypoint (`ns/name`; "" takes every L7 config) needs into a RouteTable."""
+    workloads = list(workloads)
+    svcs = _services(workloads, services)
+    errors: list[ConfigError] = []
+    warnings: list[str] = []
+    vss: list[VirtualServiceRules] = []
+    drs: list[DestinationRuleRules] = []
+    policies: list[CompiledPolicy] = []
+    jwt_rules: list[JwtRule] = []
+    for msg in sorted(l7_configs, key=lambda m: (m.kind, m.namespace, m.name)):
+        if waypoint and waypoint not in msg.waypoints:
+            continue
+        kind = L7_KIND_NAMES.get(msg.kind, "")
+        where = f"{kind or 'L7Config'} {msg.namespace}/{msg.name}"
+        try:
+            spec = struct_to_dict(msg.spec)
+            _validate(kind, spec, where)
+            if kind == "VirtualService":
+                vss.append(compile_virtual_service(where, msg.name, msg.namespace, spec))
+            elif kind == "DestinationRule":
+                drs.append(compile_destination_rule(where, msg.name, msg.namespace, spec))
+            elif kind == "AuthorizationPolicy":
+                policy, warns = compile_policy(where, msg.name, msg.namespace, spec, list(msg.hostnames))
+                policies.append(policy)
+                warnings.extend(warns)
+            elif kind == "RequestAuthentication":
+                jwt_rules.extend(compile_rules(where, msg.namespace, msg.name, spec, list(msg.hostnames)))
+        except ConfigError as exc:
+            errors.append(exc)
+    by_host: dict[str, VirtualServiceRules] = {}
+    for hostname in svcs:
+        covering = [vs for vs in vss if any(host_covers(h, hostname) for h in vs.hosts)]
+        exact = [vs for vs in covering if hostname in vs.hosts]
+        chosen = (exact or covering)[:1]
+        if len(covering) > 1:
+            warnings.append(f"service {hostname}: several VirtualServices apply; using "
+                            f"{chosen[0].namespace}/{chosen[0].name}")
+        if chosen:
+            by_host[hostname] = chosen[0]
+    table = RouteTable(
+        waypoint=waypoint, services=svcs,
+        by_vip={vip: s.hostname for s in svcs.values() for vip in s.vips},
+        workloads_by_ip={w.addresses[0]: _endpoint(w, w.addresses[0], 0) for w in workloads if w.addresses},
+        virtual_services=by_host,
+        destination_rules={dr.host: dr for dr in drs},
+        policies=tuple(policies), jwt_rules=tuple(jwt_rules), version=version)
+    return CompileResult(table, tuple(errors), tuple(warnings))
