@@ -16,6 +16,9 @@ Endpoints (every response is a JSON object; errors carry `error` (one line) and 
 Status codes: 200 done, 400 malformed request, 404 not found, 409 conflict, 422 invalid configuration
 (nothing was changed), 500 the store could not save.  Documents are validated here, authoritatively,
 whatever the client checked before sending.  The client is `mesh.api.client.ApiClient`.
+
+Every POST is logged as `api <path> status=.. version=.. errors=.. ms=..` and, when given,
+`on_request(path, status, version, errors, ms)` is called (from the request's thread) for metrics.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 import socketserver
 import threading
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -51,9 +55,13 @@ class BadRequest(ApiError):
     pass
 
 
+RequestHook = Callable[[str, int, "str | int", int, float], None]
+
+
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     store: Store
+    on_request: RequestHook | None = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -95,8 +103,14 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("api %s %s failed", method, url.path)
             status, reply = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {exc}", "errors": []}
         if method == "POST":
-            log.info("api %s status=%d version=%s errors=%d ms=%.1f", url.path, status,
-                     reply.get("version", "-"), len(reply.get("errors", [])), (time.monotonic() - started) * 1000)
+            ms = (time.monotonic() - started) * 1000
+            version, n_errors = reply.get("version", "-"), len(reply.get("errors", []))
+            log.info("api %s status=%d version=%s errors=%d ms=%.1f", url.path, status, version, n_errors, ms)
+            if self.server.on_request is not None:
+                try:
+                    self.server.on_request(url.path, int(status), version, n_errors, ms)
+                except Exception:
+                    log.exception("api request hook failed")
         self._send(status, reply)
 
     def _read_json(self) -> dict[str, Any]:
@@ -175,8 +189,9 @@ def _error(exc: Exception, lines: list[str] | None = None) -> dict[str, Any]:
 class ApiServer:
     """Serves `store` on the Unix socket `socket_path` (see the module docstring)."""
 
-    def __init__(self, store: Store, socket_path: Path | str) -> None:
+    def __init__(self, store: Store, socket_path: Path | str, on_request: RequestHook | None = None) -> None:
         self.store = store
+        self.on_request = on_request
         self.socket_path = Path(socket_path)
         self._server: _UnixServer | None = None
         self._thread: threading.Thread | None = None
@@ -193,6 +208,7 @@ class ApiServer:
         finally:
             os.umask(old_umask)
         server.store = self.store
+        server.on_request = self.on_request
         self._server = server
         return server
 
