@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from mesh import netns as mnetns
-from mesh.cluster import network, processes, state
+from mesh.cluster import components, network, processes, state
 from mesh.cluster.plan import ClusterPlan, PodPlan, cluster_prefix, make_plan
 from mesh.cluster.processes import ProcessRecord
+from mesh.cluster.registration import cluster_objects
 from mesh.cluster.spec import ClusterSpec
 from mesh.errors import MeshError
 
@@ -90,6 +91,7 @@ def up(spec: ClusterSpec, ready_timeout: float = DEFAULT_READY_TIMEOUT, say: Any
     cluster.save()
     try:
         _build(cluster, say)
+        _start_mesh(cluster, ready_timeout)
         _start_pods(cluster)
         _wait_ready(cluster, ready_timeout)
     except BaseException:
@@ -112,6 +114,17 @@ def _build(cluster: Cluster, say: Any) -> None:
         network.build_pod(plan, pod)
     for node in plan.nodes:
         network.install_service_rules(plan, node)
+
+
+def _start_mesh(cluster: Cluster, timeout: float) -> None:
+    """The control plane first (with the cluster's objects registered in it), then the node agents."""
+    plan = cluster.plan
+    gateway = str(plan.underlay_gateway)
+    cp = components.start_control_plane(plan.name, cluster.dir, plan.underlay_netns, gateway)
+    cluster.processes.append(cp)
+    cluster.save()
+    components.wait_control_plane(cluster.dir, cp, timeout)
+    components.register_objects(cluster.dir, cluster_objects(cluster.spec, plan))
 
 
 def pod_env(plan: ClusterPlan, pod: PodPlan) -> dict[str, str]:
