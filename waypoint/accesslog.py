@@ -1,0 +1,47 @@
+"""One JSON line per request, with the fields an Istio access log carries (Envoy's names in snake case)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+log = logging.getLogger("waypoint.access")
+
+
+@dataclass(frozen=True)
+class AccessRecord:
+    start_time: str
+    method: str
+    path: str
+    protocol: str
+    response_code: int
+    response_flags: str
+    bytes_received: int
+    bytes_sent: int
+    duration_ms: float
+    upstream_host: str
+    upstream_cluster: str
+    route_name: str
+    authority: str
+    x_request_id: str
+    traceparent: str
+    downstream_peer: str
+    downstream_principal: str
+    request_principal: str
+    user_agent: str
+    authz_policy: str
+    attempts: int
+    details: str
+
+
+def format_line(record: AccessRecord) -> str:
+    return json.dumps(asdict(record), separators=(",", ":"), sort_keys=True)
+
+
+def logger_sink(line: str) -> None:
+    log.info(line)
+
+
+Sink = Callable[[str], None]
