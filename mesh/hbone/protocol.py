@@ -130,6 +130,8 @@ class HboneConnection:
         increment = config.connection_window - 65_535
         if increment > 0:
             self._h2.increment_flow_control_window(increment)
+        # h2 buffers a whole frame before it checks its length; look at each frame header as it arrives.
+        self._frame_guard = _FrameGuard(0 if self._client_side else len(_PREFACE), config.max_frame_size)
         self._ping_due: float = now + config.ping_interval
         self._ping_outstanding: bytes | None = None
         self._ping_deadline: float = 0.0
@@ -171,6 +173,10 @@ class HboneConnection:
         """Feed bytes read from the transport; returns what happened."""
         out: list[Event] = []
         if self._state is ConnectionState.CLOSED:
+            return out
+        oversized = self._frame_guard.check(data)
+        if oversized is not None:
+            self._finish(out, ErrorCode.FRAME_SIZE_ERROR, oversized, by_peer=False, send_goaway=True)
             return out
         try:
             h2_events = self._h2.receive_data(data)
@@ -314,22 +320,30 @@ class HboneConnection:
             if len(stream.outbound) >= self.config.send_buffer_low_water:
                 stream.blocked = True
 
-    def end_stream(self, stream_id: int) -> None:
-        """Half-close: END_STREAM after the queued bytes (the tunnel's FIN)."""
+    def end_stream(self, stream_id: int) -> list[Event]:
+        """Half-close: END_STREAM after the queued bytes (the tunnel's FIN).  The events are empty
+        unless that finished the last stream of a draining connection (`ConnectionClosed`)."""
         stream = self._sending_stream(stream_id)
         stream.advance(StreamInput.LOCAL_END)
         stream.fin_queued = True
         self._flush(stream)
         self._forget_if_done(stream)
+        return self._drained_events()
 
-    def reset(self, stream_id: int, error_code: int = ErrorCode.CANCEL) -> None:
+    def reset(self, stream_id: int, error_code: int = ErrorCode.CANCEL) -> list[Event]:
         """Abort a tunnel (RST_STREAM).  Unknown or finished streams are left alone."""
         stream = self._streams.get(stream_id)
         if stream is None or stream.state in TERMINAL_STREAM_STATES:
-            return
+            return []
         self._reset_quietly(stream_id, error_code)
         stream.advance(StreamInput.RESET)
         self._forget(stream)
+        return self._drained_events()
+
+    def _drained_events(self) -> list[Event]:
+        out: list[Event] = []
+        self._check_drained(out)
+        return out
 
     def acknowledge(self, stream_id: int, length: int) -> None:
         """`length` received bytes of `stream_id` were consumed: let the peer send that much more."""
@@ -543,7 +557,7 @@ class HboneServer(HboneConnection):
         self._h2.send_headers(stream_id, [(":status", "200")], end_stream=False)
         stream.advance(StreamInput.ACCEPTED)
 
-    def reject(self, stream_id: int, status: int, reason: str = "") -> None:
+    def reject(self, stream_id: int, status: int, reason: str = "") -> list[Event]:
         """Answer with a non-2xx `status` (401 denied, 503 upstream unreachable, ...) and `reason` as a
         short text body, then end the stream."""
         if not 300 <= status <= 599:
@@ -552,6 +566,7 @@ class HboneServer(HboneConnection):
         stream.advance(StreamInput.REJECTED)
         self._respond(stream_id, status, reason)
         self._forget(stream)
+        return self._drained_events()
 
     def _pending_stream(self, stream_id: int) -> _Stream:
         stream = self._streams.get(stream_id)
@@ -589,6 +604,47 @@ class HboneServer(HboneConnection):
             return
         self._streams[sid] = _Stream(sid)
         out.append(ConnectRequested(sid, decision))
+
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_FRAME_HEADER = 9
+
+
+class _FrameGuard:
+    """Follows frame boundaries in the received bytes and refuses a frame longer than we allow as soon
+    as its 9-byte header is seen, so a broken or hostile peer cannot make us buffer 16 MiB first."""
+
+    def __init__(self, skip: int, limit: int) -> None:
+        self._skip = skip  # the client preface, which h2 checks itself
+        self._limit = limit
+        self._header = bytearray()
+        self._body_left = 0
+
+    def check(self, data: bytes) -> str | None:
+        i, n = 0, len(data)
+        while i < n:
+            if self._skip:
+                take = min(self._skip, n - i)
+                self._skip -= take
+                i += take
+            elif self._body_left:
+                take = min(self._body_left, n - i)
+                self._body_left -= take
+                i += take
+            else:
+                take = min(_FRAME_HEADER - len(self._header), n - i)
+                self._header += data[i : i + take]
+                i += take
+                if len(self._header) == _FRAME_HEADER:
+                    length = int.from_bytes(self._header[:3], "big")
+                    self._header.clear()
+                    if length > self._limit:
+                        return (
+                            f"peer sent a {length}-byte frame, over the {self._limit}-byte limit: "
+                            "is it speaking HTTP/2 (HBONE) at all?"
+                        )
+                    self._body_left = length
+        return None
 
 
 def _status_of(headers: Sequence[tuple[bytes | str, bytes | str]]) -> int:

@@ -1,0 +1,719 @@
+"""HBONE over trio: drive the sans-IO core over a TLS stream, and hand out tunnels as trio streams.
+
+Outbound (one TLS connection, many tunnels; `mesh.hbone.pool` keeps these per destination):
+
+    async with trio.open_nursery() as nursery:
+        conn = await open_hbone_connection(nursery, tcp_stream, client_ctx, expected={server_id})
+        tunnel = await conn.open_tunnel("10.244.1.5:8080", request_headers(forwarded_for="10.244.0.7:4711"))
+        result = await relay(app_stream, tunnel)       # raises TunnelRejected on 401/503 etc.
+
+Inbound (the handler decides, then relays):
+
+    async def handler(request: InboundRequest, acceptor: TunnelAcceptor) -> None:
+        if not allowed(request.peer, request.authority):
+            await acceptor.reject(401, "denied by policy")
+            return
+        upstream = await trio.open_tcp_stream(request.authority.host, request.authority.port)
+        tunnel = await acceptor.accept()
+        await relay(tunnel, upstream)
+
+    await serve_hbone(ssl_stream, handler)              # one call per accepted TLS connection
+
+Only this module (and the pool) touches trio; all protocol decisions are in `mesh.hbone.protocol`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import ssl
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from mesh.hbone.config import HboneConfig
+from mesh.hbone.errors import (
+    ConnectionNotUsableError,
+    HandshakeError,
+    HboneError,
+    ProtocolUsageError,
+    TunnelRejected,
+    TunnelReset,
+)
+from mesh.hbone.events import (
+    ConnectionClosed,
+    ConnectionDraining,
+    ConnectRequested,
+    DataReceived,
+    Event,
+    RequestRefused,
+    StreamAccepted,
+    StreamEnded,
+    StreamRejected,
+    StreamReset,
+    StreamWritable,
+)
+from mesh.hbone.headers import Authority, ConnectRequest, Header
+from mesh.hbone.protocol import ErrorCode, HboneClient, HboneConnection, HboneServer
+from mesh.hbone.state import SENDING_STATES, TERMINAL_STREAM_STATES, ConnectionState
+from mesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
+from mesh.secrets.errors import PeerIdentityError
+from mesh.secrets.tls import ALPN_H2, check_peer
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 256 * 1024  # bytes read from TLS at a time
+SEND_CHUNK = 256 * 1024  # a tunnel's send_all hands the core this much, then waits for window if needed
+CLOSE_GRACE = 2.0  # seconds to flush a final GOAWAY before the socket is closed anyway
+DRAIN_ON_CLOSE = 5.0  # seconds a tunnel's aclose() waits for its queued bytes to go out
+
+
+# -- handshakes ------------------------------------------------------------------------------------------
+
+
+def _peer_name(stream: trio.SSLStream[trio.abc.Stream]) -> str:
+    sock = getattr(stream.transport_stream, "socket", None)
+    try:
+        host, port = sock.getpeername()[:2] if sock is not None else ("?", 0)
+    except OSError:
+        return "?"
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+async def _handshake(stream: trio.SSLStream[trio.abc.Stream], timeout: float) -> None:
+    try:
+        with trio.fail_after(timeout):
+            await stream.do_handshake()
+    except trio.TooSlowError:
+        raise HandshakeError(f"TLS handshake with {_peer_name(stream)} took over {timeout:g}s") from None
+    except (trio.BrokenResourceError, ssl.SSLError) as exc:
+        cause = exc.__cause__ or exc
+        raise HandshakeError(
+            f"TLS handshake with {_peer_name(stream)} failed ({cause}): do both sides hold certificates "
+            "from the same mesh root?"
+        ) from None
+    if stream.selected_alpn_protocol() != ALPN_H2:
+        raise HandshakeError(f"{_peer_name(stream)} did not negotiate ALPN h2: it is not an HBONE endpoint")
+
+
+async def client_handshake(
+    stream: trio.SSLStream[trio.abc.Stream], expected: Collection[SpiffeId], *, timeout: float = 10.0
+) -> SpiffeId:
+    """TLS handshake as the client; the server must present one of `expected`.  Closes `stream` on failure."""
+    try:
+        await _handshake(stream, timeout)
+        try:
+            return check_peer(stream, allowed=expected)
+        except PeerIdentityError as exc:
+            raise HandshakeError(
+                f"HBONE server {_peer_name(stream)}: {exc}; refusing to send traffic to it"
+            ) from None
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+async def server_handshake(
+    stream: trio.SSLStream[trio.abc.Stream], trust_domain: str | None, *, timeout: float = 10.0
+) -> SpiffeId | None:
+    """TLS handshake as the server; the client must be in `trust_domain` (None: do not check).
+    Closes `stream` on failure."""
+    try:
+        await _handshake(stream, timeout)
+        if trust_domain is None:
+            return None
+        try:
+            return check_peer(stream, trust_domain=trust_domain)
+        except PeerIdentityError as exc:
+            raise HandshakeError(f"HBONE client {_peer_name(stream)}: {exc}") from None
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+# -- tunnels ---------------------------------------------------------------------------------------------
+
+
+class Tunnel(trio.abc.HalfCloseableStream):
+    """One HBONE stream as a trio byte stream: `send_all`, `receive_some`, `send_eof` (END_STREAM, the
+    FIN), `aclose`.  A reset tunnel raises `TunnelReset` (a `trio.BrokenResourceError`)."""
+
+    def __init__(self, driver: _Driver, stream_id: int, authority: str) -> None:
+        self._driver = driver
+        self.stream_id = stream_id
+        self.authority = authority
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._inbox = bytearray()
+        self._eof = False
+        self._error: str | None = None
+        self._answer: StreamAccepted | StreamRejected | None = None
+        self._lot = trio.lowlevel.ParkingLot()
+        self._send_busy = False
+        self._receive_busy = False
+        self._closed = False
+
+    @property
+    def _proto(self) -> HboneConnection:
+        return self._driver.proto
+
+    def __repr__(self) -> str:
+        return f"<Tunnel {self.authority} stream {self.stream_id}>"
+
+    # events from the driver
+    def _on_data(self, data: bytes, flow_controlled_length: int) -> None:
+        self._inbox += data
+        padding = flow_controlled_length - len(data)
+        if padding > 0:
+            self._proto.acknowledge(self.stream_id, padding)
+        self._lot.unpark_all()
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        self._lot.unpark_all()
+
+    def _on_reset(self, reason: str) -> None:
+        if self._error is None:
+            self._error = reason
+        self._lot.unpark_all()
+
+    def _on_answer(self, answer: StreamAccepted | StreamRejected) -> None:
+        self._answer = answer
+        self._lot.unpark_all()
+
+    def _wake(self) -> None:
+        self._lot.unpark_all()
+
+    # trio stream interface
+    def _check_can_send(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this tunnel was closed")
+        if self._error is not None:
+            raise TunnelReset(f"tunnel to {self.authority}: {self._error}")
+        state = self._proto.stream_state(self.stream_id)
+        if state is None or state in TERMINAL_STREAM_STATES:
+            raise TunnelReset(f"tunnel to {self.authority} is finished")
+        if state not in SENDING_STATES:
+            raise trio.ClosedResourceError(f"tunnel to {self.authority} was half-closed (send_eof)")
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is sending on this tunnel")
+        self._send_busy = True
+        try:
+            view = memoryview(data)
+            if not view:
+                self._check_can_send()
+            for start in range(0, len(view), SEND_CHUNK):
+                while True:
+                    self._check_can_send()
+                    if self._proto.can_send(self.stream_id):
+                        break
+                    await self._lot.park()
+                chunk = bytes(view[start : start + SEND_CHUNK])
+                self._proto.send_data(self.stream_id, chunk)
+                self.bytes_sent += len(chunk)
+                self._driver.kick()
+            await trio.lowlevel.checkpoint()
+        finally:
+            self._send_busy = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        while not self._proto.can_send(self.stream_id):
+            self._check_can_send()
+            await self._lot.park()
+
+    async def send_eof(self) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is sending on this tunnel")
+        if self._closed:
+            raise trio.ClosedResourceError("this tunnel was closed")
+        state = self._proto.stream_state(self.stream_id)
+        if state in SENDING_STATES:
+            self._driver._dispatch(self._proto.end_stream(self.stream_id))
+            self._driver.kick()
+        elif self._error is not None:
+            raise TunnelReset(f"tunnel to {self.authority}: {self._error}")
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._receive_busy:
+            raise trio.BusyResourceError("another task is receiving on this tunnel")
+        if self._closed:
+            raise trio.ClosedResourceError("this tunnel was closed")
+        self._receive_busy = True
+        try:
+            parked = False
+            while not self._inbox and not self._eof and self._error is None:
+                await self._lot.park()
+                parked = True
+            if not parked:
+                await trio.lowlevel.checkpoint()
+            if self._closed:
+                raise trio.ClosedResourceError("this tunnel was closed")
+            if self._inbox:
+                n = len(self._inbox) if max_bytes is None else min(max_bytes, len(self._inbox))
+                data = bytes(self._inbox[:n])
+                del self._inbox[:n]
+                self.bytes_received += n
+                self._proto.acknowledge(self.stream_id, n)
+                self._driver.kick()
+                return data
+            if self._eof:
+                return b""
+            raise TunnelReset(f"tunnel to {self.authority}: {self._error}")
+        finally:
+            self._receive_busy = False
+
+    async def aclose(self) -> None:
+        """Finish the tunnel: END_STREAM after queued bytes if not sent yet; if the peer is still sending,
+        reset (CANCEL) once ours went out, as closing a socket with unread data does."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._lot.unpark_all()
+        proto, sid = self._proto, self.stream_id
+        try:
+            if proto.stream_state(sid) in SENDING_STATES:
+                self._driver._dispatch(proto.end_stream(sid))
+                self._driver.kick()
+            with trio.move_on_after(DRAIN_ON_CLOSE):
+                while proto.buffered(sid) and self._error is None:
+                    await self._lot.park()
+            await trio.lowlevel.checkpoint()
+        finally:
+            # A no-op when both sides already finished.
+            self._driver._dispatch(proto.reset(sid, ErrorCode.CANCEL))
+            self._inbox.clear()
+            self._driver.release(self)
+
+
+# -- the connection driver ------------------------------------------------------------------------------
+
+
+class _Driver:
+    """Moves bytes between a transport stream and a sans-IO connection: a reader task feeds received
+    bytes in, a writer task sends whatever the core produced, a timer task runs keepalives."""
+
+    def __init__(self, proto: HboneConnection, stream: trio.abc.Stream, peer: SpiffeId | None) -> None:
+        self.proto = proto
+        self.peer = peer
+        self._stream = stream
+        self._tunnels: dict[int, Tunnel] = {}
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._writer_done = trio.Event()
+        self._closing = False
+        self._finished = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._timer_scope: trio.CancelScope | None = None
+        self.close_reason: str | None = None
+
+    # -- what others call
+
+    def kick(self) -> None:
+        """The core may have bytes to send, or a new deadline."""
+        self._writer_lot.unpark_all()
+        if self._timer_scope is not None:
+            self._timer_scope.deadline = self._next_deadline()
+
+    def release(self, tunnel: Tunnel) -> None:
+        if self._tunnels.get(tunnel.stream_id) is tunnel:
+            del self._tunnels[tunnel.stream_id]
+            self._on_tunnel_gone()
+        self.kick()
+
+    @property
+    def is_closed(self) -> bool:
+        return self.proto.state is ConnectionState.CLOSED
+
+    async def wait_closed(self) -> None:
+        await self._finished.wait()
+
+    def goaway(self) -> None:
+        """Graceful shutdown: tunnels in flight finish, no new ones are taken."""
+        self._dispatch(self.proto.goaway())
+        self.kick()
+
+    async def aclose(self) -> None:
+        """Close now: GOAWAY, every tunnel reset."""
+        self._dispatch(self.proto.close(reason="closed by this side"))
+        self.kick()
+        await self._finished.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the connection until it closes (then the transport stream is closed too)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._timer)
+                self.kick()
+                task_status.started()
+                await self._reader()
+                await trio.sleep_forever()  # _shutdown cancels this once the last bytes are out
+        finally:
+            self._nursery = None
+            for tunnel in list(self._tunnels.values()):
+                tunnel._on_reset(self.close_reason or "connection closed")
+            self._finished.set()
+            await trio.aclose_forcefully(self._stream)
+
+    # -- tasks
+
+    async def _reader(self) -> None:
+        while self.proto.state is not ConnectionState.CLOSED:
+            try:
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                cause = exc.__cause__ or exc
+                events = self.proto.connection_lost(f"connection to {self._name()} broke: {cause}")
+            else:
+                if data:
+                    events = self.proto.receive_data(bytes(data))
+                else:
+                    events = self.proto.connection_lost(f"{self._name()} closed the connection")
+            self._dispatch(events)
+            self.kick()
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                data = self.proto.data_to_send()
+                if data:
+                    await self._stream.send_all(data)
+                elif self._closing:
+                    return
+                else:
+                    await self._writer_lot.park()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._dispatch(self.proto.connection_lost(f"sending to {self._name()} failed: {exc}"))
+        finally:
+            self._writer_done.set()
+
+    async def _timer(self) -> None:
+        while True:
+            with trio.CancelScope(deadline=self._next_deadline()) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
+            self._dispatch(self.proto.on_timer(trio.current_time()))
+            self._on_timer(trio.current_time())
+            self.kick()
+
+    def _next_deadline(self) -> float:
+        deadline = self.proto.next_deadline()
+        return math.inf if deadline is None else deadline
+
+    def _on_timer(self, now: float) -> None:
+        """More timers for subclasses (the client's idle close)."""
+
+    def _on_tunnel_gone(self) -> None:
+        """A tunnel left the table (subclasses track idleness)."""
+
+    async def _shutdown(self) -> None:
+        self._closing = True
+        self._writer_lot.unpark_all()
+        with trio.move_on_after(CLOSE_GRACE):
+            await self._writer_done.wait()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def _name(self) -> str:
+        if isinstance(self._stream, trio.SSLStream):
+            return _peer_name(self._stream)
+        return "peer"
+
+    # -- events
+
+    def _dispatch(self, events: Sequence[Event]) -> None:
+        for event in events:
+            self._handle(event)
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, DataReceived):
+            tunnel = self._tunnels.get(event.stream_id)
+            if tunnel is None or tunnel._closed:
+                self.proto.acknowledge(event.stream_id, event.flow_controlled_length)
+            else:
+                tunnel._on_data(event.data, event.flow_controlled_length)
+        elif isinstance(event, StreamEnded):
+            self._with_tunnel(event.stream_id, Tunnel._on_eof)
+        elif isinstance(event, StreamReset):
+            tunnel = self._tunnels.pop(event.stream_id, None)
+            if tunnel is not None:
+                tunnel._on_reset(event.reason)
+                self._on_tunnel_gone()
+        elif isinstance(event, StreamWritable):
+            self._with_tunnel(event.stream_id, Tunnel._wake)
+        elif isinstance(event, StreamAccepted | StreamRejected):
+            tunnel = self._tunnels.get(event.stream_id)
+            if tunnel is not None:
+                tunnel._on_answer(event)
+                if isinstance(event, StreamRejected):
+                    del self._tunnels[event.stream_id]
+                    self._on_tunnel_gone()
+        elif isinstance(event, ConnectRequested):
+            self._on_connect_requested(event)
+        elif isinstance(event, RequestRefused):
+            log.info("HBONE request from %s refused with %d: %s", self._name(), event.status, event.reason)
+        elif isinstance(event, ConnectionDraining):
+            log.debug("HBONE connection to %s draining (GOAWAY, by peer: %s)", self._name(), event.by_peer)
+        elif isinstance(event, ConnectionClosed):
+            self.close_reason = event.reason
+            log.debug("HBONE connection to %s closed: %s", self._name(), event.reason)
+            for tunnel in self._tunnels.values():
+                tunnel._on_reset(event.reason)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._shutdown)
+
+    def _with_tunnel(self, stream_id: int, action: Callable[[Tunnel], None]) -> None:
+        tunnel = self._tunnels.get(stream_id)
+        if tunnel is not None:
+            action(tunnel)
+
+    def _on_connect_requested(self, event: ConnectRequested) -> None:
+        self._dispatch(self.proto.reset(event.stream_id, ErrorCode.REFUSED_STREAM))
+
+
+# -- client ----------------------------------------------------------------------------------------------
+
+
+class HboneClientConnection(_Driver):
+    """One outbound HBONE connection: call `run` in a nursery (or use `open_hbone_connection`), then
+    `open_tunnel` as often as needed.  With `idle_timeout`, it closes itself after that long without
+    tunnels."""
+
+    proto: HboneClient
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        peer: SpiffeId | None,
+        config: HboneConfig | None = None,
+        idle_timeout: float | None = None,
+    ) -> None:
+        super().__init__(HboneClient(config, now=trio.current_time()), stream, peer)
+        self.idle_timeout = idle_timeout
+        self._idle_since: float | None = trio.current_time()
+
+    @property
+    def active_tunnels(self) -> int:
+        return self.proto.active_streams
+
+    def can_open_tunnel(self) -> bool:
+        return self._nursery is not None and self.proto.can_open_stream()
+
+    async def open_tunnel(self, authority: str, headers: Sequence[Header] = ()) -> Tunnel:
+        """CONNECT to `authority` ("ip:port"); returns the tunnel once the server answered 200.
+        Raises `TunnelRejected` (with `.status`) for any other answer, `TunnelReset` if the stream or
+        connection failed first, `ConnectionNotUsableError` if this connection takes no new tunnels."""
+        if self._nursery is None:
+            raise ConnectionNotUsableError("the HBONE connection is not running (or already closed)")
+        stream_id = self.proto.open_stream(authority, headers)
+        tunnel = Tunnel(self, stream_id, authority)
+        self._tunnels[stream_id] = tunnel
+        self._idle_since = None
+        self.kick()
+        try:
+            while tunnel._answer is None and tunnel._error is None:
+                await tunnel._lot.park()
+        except BaseException:
+            self._dispatch(self.proto.reset(stream_id, ErrorCode.CANCEL))
+            self.release(tunnel)
+            raise
+        answer = tunnel._answer
+        if isinstance(answer, StreamRejected):
+            raise TunnelRejected(authority, answer.status, answer.reason)
+        if answer is None:
+            self.release(tunnel)
+            raise TunnelReset(f"CONNECT {authority} failed before an answer: {tunnel._error}")
+        return tunnel
+
+    def _on_tunnel_gone(self) -> None:
+        if not self._tunnels and self.proto.active_streams == 0:
+            self._idle_since = trio.current_time()
+
+    def _next_deadline(self) -> float:
+        deadline = super()._next_deadline()
+        if self.idle_timeout is not None and self._idle_since is not None:
+            deadline = min(deadline, self._idle_since + self.idle_timeout)
+        return deadline
+
+    def _on_timer(self, now: float) -> None:
+        if self.idle_timeout is None or self._idle_since is None:
+            return
+        if self.proto.active_streams == 0 and now >= self._idle_since + self.idle_timeout:
+            log.debug("closing HBONE connection to %s: idle for %.1fs", self._name(), now - self._idle_since)
+            self._idle_since = None
+            self._dispatch(self.proto.goaway())
+
+
+async def open_hbone_connection(
+    nursery: trio.Nursery,
+    transport: trio.abc.Stream,
+    ssl_context: ssl.SSLContext,
+    *,
+    expected: Collection[SpiffeId],
+    config: HboneConfig | None = None,
+    idle_timeout: float | None = None,
+    handshake_timeout: float = 10.0,
+) -> HboneClientConnection:
+    """TLS over `transport` (a connected TCP stream), check the server is one of `expected`, and start
+    the HBONE connection in `nursery`."""
+    tls = trio.SSLStream(transport, ssl_context, server_hostname=None)
+    peer = await client_handshake(tls, expected, timeout=handshake_timeout)
+    conn = HboneClientConnection(tls, peer=peer, config=config, idle_timeout=idle_timeout)
+    await nursery.start(conn.run)
+    return conn
+
+
+# -- server ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InboundRequest:
+    """A CONNECT the handler must answer: where to (`authority`), from whom (`peer`: the client's
+    verified SPIFFE identity, None when the server was started without a trust-domain check)."""
+
+    stream_id: int
+    authority: Authority
+    headers: tuple[Header, ...]
+    peer: SpiffeId | None
+    peer_address: str
+    forwarded_for: str | None
+    forwarded_host: str | None
+
+    def header(self, name: str) -> str | None:
+        for n, v in self.headers:
+            if n == name:
+                return v
+        return None
+
+    @property
+    def baggage(self) -> str | None:
+        return self.header("baggage")
+
+    @property
+    def traceparent(self) -> str | None:
+        return self.header("traceparent")
+
+
+class TunnelAcceptor:
+    """The handler's answer to one CONNECT: `accept()` (200) once the upstream is connected, or
+    `reject(status, reason)`: 401 denied by policy, 503 upstream unreachable, 400 bad request."""
+
+    def __init__(self, driver: HboneServerConnection, tunnel: Tunnel) -> None:
+        self._driver = driver
+        self._tunnel = tunnel
+        self.decided = False
+
+    async def accept(self) -> Tunnel:
+        self._decide()
+        self._driver.proto.accept(self._tunnel.stream_id)
+        self._driver.kick()
+        await trio.lowlevel.checkpoint()
+        return self._tunnel
+
+    async def reject(self, status: int, reason: str = "") -> None:
+        self._decide()
+        self._driver._dispatch(self._driver.proto.reject(self._tunnel.stream_id, status, reason))
+        self._driver.release(self._tunnel)
+        await trio.lowlevel.checkpoint()
+
+    def _decide(self) -> None:
+        if self.decided:
+            raise ProtocolUsageError("this CONNECT was already answered")
+        if self._tunnel._error is not None:
+            raise TunnelReset(
+                f"CONNECT {self._tunnel.authority} was cancelled by the client: {self._tunnel._error}"
+            )
+        self.decided = True
+
+
+Handler = Callable[[InboundRequest, TunnelAcceptor], Awaitable[None]]
+
+
+class HboneServerConnection(_Driver):
+    """One inbound HBONE connection: runs `handler` in its own task for every well-formed CONNECT."""
+
+    proto: HboneServer
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        handler: Handler,
+        *,
+        peer: SpiffeId | None,
+        config: HboneConfig | None = None,
+    ) -> None:
+        super().__init__(HboneServer(config, now=trio.current_time()), stream, peer)
+        self._handler = handler
+        self._peer_address = _peer_name(stream) if isinstance(stream, trio.SSLStream) else "?"
+
+    def _on_connect_requested(self, event: ConnectRequested) -> None:
+        if self._nursery is None:
+            self._dispatch(self.proto.reset(event.stream_id, ErrorCode.REFUSED_STREAM))
+            return
+        request: ConnectRequest = event.request
+        tunnel = Tunnel(self, event.stream_id, str(request.authority))
+        self._tunnels[event.stream_id] = tunnel
+        info = InboundRequest(
+            stream_id=event.stream_id,
+            authority=request.authority,
+            headers=request.headers,
+            peer=self.peer,
+            peer_address=self._peer_address,
+            forwarded_for=request.forwarded_for,
+            forwarded_host=request.forwarded_host,
+        )
+        self._nursery.start_soon(self._run_handler, info, TunnelAcceptor(self, tunnel), tunnel)
+
+    async def _run_handler(self, info: InboundRequest, acceptor: TunnelAcceptor, tunnel: Tunnel) -> None:
+        try:
+            await self._handler(info, acceptor)
+        except (HboneError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("HBONE tunnel to %s from %s ended: %s", info.authority, info.peer, exc)
+            self._answer_if_undecided(acceptor, 503, f"upstream failed: {exc}")
+        except Exception:
+            log.exception("HBONE handler failed for CONNECT %s from %s", info.authority, info.peer)
+            self._answer_if_undecided(acceptor, 503, "internal error in the HBONE server")
+        else:
+            self._answer_if_undecided(acceptor, 503, "the server did not answer this CONNECT")
+        finally:
+            if not tunnel._closed:
+                with trio.CancelScope(shield=True):
+                    await tunnel.aclose()
+
+    def _answer_if_undecided(self, acceptor: TunnelAcceptor, status: int, reason: str) -> None:
+        if acceptor.decided or acceptor._tunnel._error is not None:
+            return
+        acceptor.decided = True
+        try:
+            self._dispatch(self.proto.reject(acceptor._tunnel.stream_id, status, reason))
+        except HboneError:
+            return
+        self.kick()
+
+
+async def serve_hbone(
+    stream: trio.SSLStream[trio.abc.Stream],
+    handler: Handler,
+    *,
+    trust_domain: str | None = DEFAULT_TRUST_DOMAIN,
+    config: HboneConfig | None = None,
+    handshake_timeout: float = 10.0,
+    task_status: trio.TaskStatus[HboneServerConnection] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve one accepted TLS connection (handshake not yet done) until it closes.
+
+    The client must present an SVID of `trust_domain` (else `HandshakeError`, the stream closed);
+    its identity is `InboundRequest.peer`.  `handler(request, acceptor)` runs once per CONNECT in its
+    own task; when it returns the tunnel is closed, so relay inside it.  An exception in a handler is
+    logged and costs that tunnel only (503 if it was not answered yet)."""
+    peer = await server_handshake(stream, trust_domain, timeout=handshake_timeout)
+    conn = HboneServerConnection(stream, handler, peer=peer, config=config)
+    task_status.started(conn)
+    await conn.run()
