@@ -96,11 +96,12 @@ def _serve(
 ) -> Callable[[trio.SocketStream], Awaitable[None]]:
     async def on_connection(tcp: trio.SocketStream) -> None:
         tls = trio.SSLStream(tcp, ctx, server_side=True)
-        try:
-            conn = await nursery.start(serve_hbone_noraise, tls, handler, config)
-        except Exception:
-            return
-        connections.append(conn)
+        async with trio.open_nursery() as inner:
+            try:
+                conn = await inner.start(serve_hbone_noraise, tls, handler, config)
+            except RuntimeError:  # the handshake failed: nothing to serve
+                return
+            connections.append(conn)
 
     return on_connection
 

@@ -1,0 +1,186 @@
+"""Outbound HBONE connections pooled by (source identity, destination identity, next hop).
+
+Many tunnels share one TLS connection; once every connection of a key carries
+`max_streams_per_connection` tunnels a new one is dialled; a connection without tunnels for
+`idle_timeout` seconds closes itself.  A connection that fails is dropped from the pool alone: the
+others of its key, and other keys, carry on.
+
+    pool = HbonePool(connect, manager.client_context)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        key = PoolKey(source=src_id, destination=dst_id, address=("10.244.1.5", 15008), origin=pod_uid)
+        tunnel = await pool.open_tunnel(key, "10.244.1.5:8080", request_headers(forwarded_for=client))
+
+`connect(key)` makes the TCP connection (the node agent does so inside the source pod's network
+namespace with SO_MARK, using `key.origin` to find it); `tls(source)` returns the client
+`ssl.SSLContext` of the source identity, fetched per connection so renewed certificates are used.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from mesh.hbone.config import HboneConfig
+from mesh.hbone.errors import ConnectionNotUsableError, HandshakeError, PoolConnectError
+from mesh.hbone.headers import Header
+from mesh.hbone.transport import HboneClientConnection, Tunnel, client_handshake
+from mesh.identity import SpiffeId
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_STREAMS = 100
+DEFAULT_IDLE_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    """Which connections a tunnel may share.  `origin` is opaque to the pool and handed to `connect`
+    (e.g. the source pod, whose network namespace the connection must leave from)."""
+
+    source: SpiffeId
+    destination: SpiffeId
+    address: tuple[str, int]
+    origin: str = ""
+
+    def describe(self) -> str:
+        host, port = self.address
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return f"{where} ({self.source} -> {self.destination})"
+
+
+ConnectFn = Callable[[PoolKey], Awaitable[trio.abc.Stream]]
+TlsProvider = Callable[[SpiffeId], ssl.SSLContext]
+
+
+async def tcp_connect(key: PoolKey) -> trio.abc.Stream:
+    """The plain `connect` for callers that need no namespace or socket mark."""
+    return await trio.open_tcp_stream(*key.address)
+
+
+class HbonePool:
+    def __init__(
+        self,
+        connect: ConnectFn,
+        tls: TlsProvider,
+        *,
+        config: HboneConfig | None = None,
+        max_streams_per_connection: int = DEFAULT_MAX_STREAMS,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if max_streams_per_connection < 1:
+            raise ValueError("max_streams_per_connection must be at least 1")
+        self._connect = connect
+        self._tls = tls
+        self._config = config or HboneConfig()
+        self._max_streams = max_streams_per_connection
+        self._idle_timeout = idle_timeout
+        self._connect_timeout = connect_timeout
+        self._connections: dict[PoolKey, list[HboneClientConnection]] = {}
+        self._dial_locks: dict[PoolKey, trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
+        self.dialled = 0  # connections made since start (for tests and metrics)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the pooled connections; runs until cancelled (then every connection is closed)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def connections(self, key: PoolKey) -> Sequence[HboneClientConnection]:
+        return tuple(self._connections.get(key, ()))
+
+    def connection_count(self) -> int:
+        return sum(len(c) for c in self._connections.values())
+
+    async def open_tunnel(self, key: PoolKey, authority: str, headers: Sequence[Header] = ()) -> Tunnel:
+        """A tunnel to `authority` over a pooled connection for `key` (dialled if needed).  Raises
+        `PoolConnectError` if no connection could be made, `TunnelRejected` if the server said no."""
+        for _ in range(3):  # a connection may start draining between choosing it and using it
+            conn = self._pick(key)
+            if conn is None:
+                async with self._lock(key):
+                    if self._pick(key) is None:
+                        await self._dial(key)
+                continue
+            try:
+                return await conn.open_tunnel(authority, headers)
+            except ConnectionNotUsableError:
+                continue
+        raise PoolConnectError(f"no usable HBONE connection to {key.describe()} after 3 attempts")
+
+    async def aclose(self) -> None:
+        for conns in list(self._connections.values()):
+            for conn in list(conns):
+                await conn.aclose()
+
+    def _pick(self, key: PoolKey) -> HboneClientConnection | None:
+        best: HboneClientConnection | None = None
+        for conn in self._connections.get(key, ()):
+            if not conn.can_open_tunnel() or conn.active_tunnels >= self._max_streams:
+                continue
+            if best is None or conn.active_tunnels > best.active_tunnels:
+                best = conn  # fill busy connections first, so spare ones can go idle
+        return best
+
+    def _lock(self, key: PoolKey) -> trio.Lock:
+        lock = self._dial_locks.get(key)
+        if lock is None:
+            lock = self._dial_locks[key] = trio.Lock()
+        return lock
+
+    async def _dial(self, key: PoolKey) -> HboneClientConnection:
+        if self._nursery is None:
+            raise PoolConnectError("the HBONE pool is not running: start it with nursery.start(pool.run)")
+        where = key.describe()
+        try:
+            ctx = self._tls(key.source)
+        except Exception as exc:
+            raise PoolConnectError(f"no client certificate for {key.source}: {exc}") from None
+        try:
+            with trio.fail_after(self._connect_timeout):
+                transport = await self._connect(key)
+        except trio.TooSlowError:
+            raise PoolConnectError(
+                f"connecting to {where} timed out after {self._connect_timeout:g}s: "
+                "is the destination node agent running?"
+            ) from None
+        except OSError as exc:
+            raise PoolConnectError(
+                f"connecting to {where} failed: {exc.strerror or exc}: is the destination node agent running?"
+            ) from None
+        tls = trio.SSLStream(transport, ctx, server_hostname=None)
+        try:
+            peer = await client_handshake(tls, {key.destination}, timeout=self._connect_timeout)
+        except HandshakeError as exc:
+            raise PoolConnectError(str(exc)) from None
+        conn = HboneClientConnection(tls, peer=peer, config=self._config, idle_timeout=self._idle_timeout)
+        await self._nursery.start(self._host, key, conn)
+        self.dialled += 1
+        return conn
+
+    async def _host(
+        self, key: PoolKey, conn: HboneClientConnection, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        self._connections.setdefault(key, []).append(conn)
+        try:
+            await conn.run(task_status=task_status)
+        finally:
+            conns = self._connections.get(key, [])
+            if conn in conns:
+                conns.remove(conn)
+            if not conns:
+                self._connections.pop(key, None)
+                lock = self._dial_locks.get(key)
+                if lock is not None and not lock.locked():
+                    del self._dial_locks[key]
+            log.debug("HBONE connection to %s gone: %s", key.describe(), conn.close_reason)
