@@ -47,10 +47,14 @@ class ConnectFailure(UpstreamError):
 
 
 class UpstreamReset(UpstreamError):
-    """The endpoint closed or reset the connection before the response was complete."""
+    """The endpoint closed (UC) or reset (UR) the connection or stream before the response was complete."""
 
     flag = "UC"
     retry_on = "reset"
+
+    def __init__(self, message: str, flag: str = "UC") -> None:
+        super().__init__(message)
+        self.flag = flag
 
 
 class RefusedStream(UpstreamError):

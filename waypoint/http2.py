@@ -313,12 +313,12 @@ class Http2Client(_H2Base):
                 chunk = s.receive.receive_nowait()
             except trio.WouldBlock:
                 if s.reset or self.closed:
-                    raise UpstreamReset("endpoint reset the stream in the middle of the response") from None
+                    raise UpstreamReset("endpoint reset the stream in the middle of the response", "UR") from None
                 await self._pump()
                 continue
             except trio.EndOfChannel:
                 if s.reset and not s.ended:
-                    raise UpstreamReset("endpoint reset the stream in the middle of the response") from None
+                    raise UpstreamReset("endpoint reset the stream in the middle of the response", "UR") from None
                 return
             await self.consumed(s.stream_id, len(chunk))
             yield chunk

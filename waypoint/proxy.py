@@ -1,0 +1,269 @@
+"""The waypoint proxy: one inbound tunnel in, HTTP requests routed, secured and forwarded.
+
+`WaypointProxy.serve_tunnel(stream, client)` is the whole entry point: the HBONE layer hands it each
+inbound tunnel's byte stream with who the client is.  The request pipeline is `_handle`, readable top to
+bottom:
+
+    parse (HTTP/1.1 or HTTP/2, detected) -> x-request-id / traceparent -> route decision (pure)
+    -> authentication (JWT) -> authorization -> fault (delay, abort) -> request body (buffered for
+    retries) -> mirrors (fire and forget) -> forward with retries and timeouts (LB, outlier detection,
+    pool limits) -> response header operations -> metrics and access log
+
+The route table is swapped whole by `update` (a reference assignment, atomic under trio): each request
+reads the table once at its start and keeps that decision to the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import random
+import secrets
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from waypoint import authz, jwt, routing
+from waypoint.accesslog import AccessRecord, Sink, format_line, logger_sink
+from waypoint.config import CompileResult, RouteTable
+from waypoint.detect import PrefixedStream, Protocol, detect
+from waypoint.errors import UpstreamError
+from waypoint.exchange import ServerExchange, iterate
+from waypoint.forward import Forwarder, Record, RequestBody, send_local
+from waypoint.http1 import Http1Server, Http1Settings
+from waypoint.http2 import Http2Server
+from waypoint.jwks import JwksCache
+from waypoint.metrics import RequestLabels, WaypointMetrics
+from waypoint.model import ClientInfo, Endpoint, RequestHead, with_header, without
+from waypoint.pool import ConnectionPool, Upstream
+
+L4Handler = Callable[[trio.abc.HalfCloseableStream, ClientInfo], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    http1: Http1Settings = field(default_factory=Http1Settings)
+    max_header_bytes: int = 60 * 1024
+    retry_buffer_bytes: int = 64 * 1024
+    detect_timeout: float = 5.0
+    mirror_timeout: float = 10.0
+    generate_traceparent: bool = True
+
+
+class WaypointProxy:
+    def __init__(self, upstream: Upstream, table: RouteTable | None = None, *,
+                 settings: ProxySettings | None = None, metrics: WaypointMetrics | None = None,
+                 access_log: Sink = logger_sink, rng: random.Random | None = None,
+                 clock: Callable[[], float] = trio.current_time, jwks: JwksCache | None = None,
+                 l4_handler: L4Handler | None = None) -> None:
+        self.settings = settings or ProxySettings()
+        self.upstream = upstream
+        self._table = table or RouteTable()
+        self.metrics = metrics or WaypointMetrics()
+        self.access_log = access_log
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.jwks = jwks or JwksCache(clock=clock)
+        self.pool = ConnectionPool(upstream, clock=clock)
+        self.forwarder = Forwarder(self.pool, clock, self.rng)
+        self.l4_handler = l4_handler or self.passthrough
+
+    # ---- configuration -------------------------------------------------------------------------------
+
+    @property
+    def table(self) -> RouteTable:
+        return self._table
+
+    def update(self, table: RouteTable) -> None:
+        """Serve new requests with `table`; requests in flight finish with the table they started with."""
+        self._table = table
+
+    def apply(self, result: CompileResult) -> None:
+        self.update(result.table)
+
+    # ---- tunnels -------------------------------------------------------------------------------------
+
+    async def serve_tunnel(self, stream: trio.abc.HalfCloseableStream, client: ClientInfo) -> None:
+        """Serve one inbound tunnel until it closes.  Never raises for bad input from the client."""
+        protocol, prefix = await detect(stream, self.settings.detect_timeout)
+        async with trio.open_nursery() as background:  # mirrors outlive their request, not the tunnel
+            async def handler(ex: ServerExchange) -> None:
+                await self._handle(ex, client, background)
+
+            if protocol is Protocol.HTTP2:
+                await Http2Server(stream, self.settings.max_header_bytes, initial=prefix).serve(handler)
+            elif protocol is Protocol.HTTP1:
+                await Http1Server(stream, self.settings.http1, initial=prefix).serve(handler)
+            else:
+                await self.l4_handler(PrefixedStream(stream, prefix), client)
+
+    async def passthrough(self, stream: trio.abc.HalfCloseableStream, client: ClientInfo) -> None:
+        """L4 fallback for traffic that is not HTTP: to an endpoint of the addressed service (or the
+        addressed workload), bytes copied both ways with half-close."""
+        table = self._table
+        hostname = table.by_vip.get(client.destination_ip)
+        target: Endpoint | None
+        if hostname is not None:
+            svc = table.services[hostname]
+            eps = [e for e in svc.endpoints.get(client.destination_port, ()) if e.healthy]
+            target = self.rng.choice(eps) if eps else None
+        else:
+            w = table.workloads_by_ip.get(client.destination_ip)
+            target = Endpoint(w.address, client.destination_port, w.uid, w.name, w.namespace) if w else None
+        self.metrics.tcp_opened.labels(reporter="waypoint", destination_service=hostname or "unknown").inc()
+        if target is None:
+            await stream.aclose()
+            return
+        try:
+            up = await self.upstream.connect(target, service=hostname or "")
+        except (UpstreamError, OSError):
+            await stream.aclose()
+            return
+        async with up, stream, trio.open_nursery() as nursery:
+            nursery.start_soon(_copy, stream, up)
+            nursery.start_soon(_copy, up, stream)
+
+    # ---- one request ---------------------------------------------------------------------------------
+
+    async def _handle(self, ex: ServerExchange, client: ClientInfo, background: trio.Nursery) -> None:
+        start, wall = self.clock(), datetime.datetime.now(datetime.UTC)
+        table = self._table
+        rec = Record()
+        head = self._trace_headers(ex.head)
+        decision = routing.decide(table, head, client, self.rng)
+        authn = jwt.AuthnResult(True)
+        verdict = authz.AuthzDecision(True)
+        try:
+            hostname = decision.service.hostname if decision.service else ""
+            # authentication: a present but invalid token is 401
+            rules = [r for r in table.jwt_rules if r.applies_to(hostname)]
+            for uri in {r.jwks_uri for r in rules if r.jwks is None and r.jwks_uri}:
+                await self.jwks.ensure(uri)
+            authn = jwt.authenticate(rules, head, self.jwks.get)
+            if not authn.ok:
+                await send_local(ex, routing.LocalReply(401, authn.reason.encode()), rec)
+                return
+            # authorization
+            verdict = authz.decide(table.policies, hostname, self._authz_request(head, client, authn))
+            if not verdict.allowed:
+                await send_local(ex, routing.LocalReply(403, authz.DENIED_BODY), rec)
+                return
+            # faults, then local replies of the route
+            if decision.fault.delay is not None:
+                rec.flag("DI")
+                await trio.sleep(decision.fault.delay)
+            if decision.fault.abort_status is not None:
+                await send_local(ex, routing.LocalReply(decision.fault.abort_status, b"fault filter abort", "FI"), rec)
+                return
+            if decision.local_reply is not None or decision.cluster is None or decision.request is None:
+                await send_local(ex, decision.local_reply or routing.LocalReply(404, b"", "NR"), rec)
+                return
+            request = decision.request
+            if authn.strip_header:
+                request = request.replace(headers=without(request.headers, [authn.strip_header]))
+            decision = routing.RouteDecision(**{**decision.__dict__, "request": request})
+            # the body, buffered up to a bound for retries and mirrors
+            body = RequestBody(ex.body(), self.settings.retry_buffer_bytes, rec)
+            await body.prepare()
+            if body.replayable:
+                for m in decision.mirrors:
+                    background.start_soon(self._mirror, m, body.buffered)
+            await self.forwarder.forward(ex, decision, body, rec, self._upstream_protocol(table, decision))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            rec.flag("DC")
+        finally:
+            self._report(table, head, client, decision, rec, authn, verdict, start, wall)
+
+    def _trace_headers(self, head: RequestHead) -> RequestHead:
+        headers = head.headers
+        if not head.header("x-request-id"):
+            headers = with_header(headers, "x-request-id", str(uuid.uuid4()))
+        has_b3 = head.header("b3") is not None or head.header("x-b3-traceid") is not None
+        if self.settings.generate_traceparent and not head.header("traceparent") and not has_b3:
+            headers = with_header(headers, "traceparent", f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01")
+        return head.replace(headers=headers)
+
+    @staticmethod
+    def _authz_request(head: RequestHead, client: ClientInfo, authn: jwt.AuthnResult) -> authz.AuthzRequest:
+        return authz.AuthzRequest(method=head.method, path=head.uri_path, host=head.authority,
+                                  port=client.destination_port, headers=head.headers, principal=client.principal,
+                                  namespace=client.namespace, source_ip=client.source_ip,
+                                  destination_ip=client.destination_ip, request_principal=authn.principal,
+                                  claims=authn.claims, audiences=authn.audiences, presenter=authn.presenter)
+
+    @staticmethod
+    def _upstream_protocol(table: RouteTable, d: routing.RouteDecision) -> str:
+        assert d.cluster is not None
+        svc = table.services.get(d.cluster.hostname)
+        port = svc.port_info(d.cluster.port) if svc else None
+        app = (port.app_protocol or port.name.split("-")[0]) if port else ""
+        return "HTTP/2" if app in ("http2", "grpc", "h2c") else "HTTP/1.1"
+
+    async def _mirror(self, m: routing.MirrorDecision, body: bytes) -> None:
+        """Send a copy and forget it: its answer, errors and slowness never reach the client."""
+        state = self.forwarder.state(m.cluster)
+        ep = state.balancer.pick(m.cluster.policy.lb, m.cluster.endpoints)
+        if ep is None:
+            return
+        with trio.move_on_after(self.settings.mirror_timeout):
+            conn = None
+            try:
+                conn, _ = await self.pool.acquire(ep, "HTTP/1.1", m.cluster.policy.limits.connect_timeout)
+                await conn.send_request(m.request, iterate(body))
+                await conn.receive_response()
+                async for _chunk in conn.response_body():
+                    pass
+            except (UpstreamError, OSError, trio.BrokenResourceError):
+                pass
+            finally:
+                if conn is not None:
+                    await conn.aclose()
+
+    def _report(self, table: RouteTable, head: RequestHead, client: ClientInfo, d: routing.RouteDecision,
+                rec: Record, authn: jwt.AuthnResult, verdict: authz.AuthzDecision, start: float,
+                wall: datetime.datetime) -> None:
+        duration_ms = max(0.0, (self.clock() - start) * 1000.0)
+        src = table.workloads_by_ip.get(client.source_ip)
+        ep = rec.upstream
+        svc = d.service
+        labels = RequestLabels(
+            source_workload=src.name if src else "", source_workload_namespace=src.namespace if src else client.namespace,
+            source_principal=client.peer_identity, source_app=src.app if src else "",
+            source_version=src.version if src else "",
+            destination_workload=ep.name if ep else "", destination_workload_namespace=ep.namespace if ep else "",
+            destination_principal=ep.identity if ep else "", destination_app=ep.app if ep else "",
+            destination_version=ep.version if ep else "",
+            destination_service=svc.hostname if svc else head.authority,
+            destination_service_name=svc.name if svc else "", destination_service_namespace=svc.namespace if svc else "",
+            request_protocol="grpc" if (head.header("content-type") or "").startswith("application/grpc") else "http",
+            response_code=str(rec.status), response_flags=rec.flag_text)
+        header_bytes = sum(len(k) + len(v) for k, v in head.headers) + len(head.path)
+        self.metrics.record(labels, duration_ms, header_bytes + rec.bytes_received, rec.bytes_sent)
+        line = format_line(AccessRecord(
+            start_time=wall.isoformat(timespec="milliseconds"), method=head.method, path=head.path,
+            protocol=head.protocol, response_code=rec.status, response_flags=rec.flag_text,
+            bytes_received=rec.bytes_received, bytes_sent=rec.bytes_sent, duration_ms=round(duration_ms, 3),
+            upstream_host=ep.key if ep else "", upstream_cluster=d.cluster.key if d.cluster else "",
+            route_name=d.route_name, authority=head.authority, x_request_id=head.header("x-request-id") or "",
+            traceparent=head.header("traceparent") or "", downstream_peer=client.source,
+            downstream_principal=client.peer_identity, request_principal=authn.principal,
+            user_agent=head.header("user-agent") or "", authz_policy=verdict.policy, attempts=rec.attempts,
+            details=rec.details))
+        with contextlib.suppress(Exception):  # a broken log sink must not break requests
+            self.access_log(line)
+
+
+async def _copy(src: trio.abc.Stream, dst: trio.abc.Stream) -> None:
+    try:
+        while True:
+            data = await src.receive_some(65536)
+            if not data:
+                break
+            await dst.send_all(data)
+        if isinstance(dst, trio.abc.HalfCloseableStream):
+            await dst.send_eof()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+
