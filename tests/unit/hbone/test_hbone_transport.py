@@ -61,7 +61,9 @@ def test_tunnel_echo_with_half_close_and_request_info(tls: Tls) -> None:
         async with hbone_server(tls.server, handler) as (port, _), trio.open_nursery() as nursery:
             conn = await connect(nursery, port, tls.client)
             assert conn.peer == WEB
-            headers = request_headers(forwarded_for="10.244.0.7:41234", service_host="web.prod", baggage="a=1")
+            headers = request_headers(
+                forwarded_for="10.244.0.7:41234", service_host="web.prod", baggage="a=1"
+            )
             tunnel = await conn.open_tunnel("10.244.1.5:8080", headers)
             await tunnel.send_all(b"hello through HBONE")
             await tunnel.send_eof()
@@ -215,7 +217,9 @@ def test_client_refuses_a_server_with_the_wrong_identity(mint: Mint) -> None:
     run(main)
 
 
-def test_server_refuses_a_client_from_another_root(mint: Mint, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_server_refuses_a_client_from_another_root(
+    mint: Mint, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     from conftest import mint_from
 
     from ca.authority import CertificateAuthority
@@ -226,12 +230,14 @@ def test_server_refuses_a_client_from_another_root(mint: Mint, tmp_path_factory:
     from mesh.secrets.tls import client_context, server_context
 
     async def main() -> None:
-        async with hbone_server(server_context(server_svid), echo_handler) as (port, _):
-            async with trio.open_nursery() as nursery:
-                with pytest.raises(HandshakeError):
-                    tcp = await trio.open_tcp_stream("127.0.0.1", port)
-                    conn = await open_hbone_connection(nursery, tcp, client_context(stranger), expected={WEB})
-                    await conn.open_tunnel("10.0.0.1:80")
+        async with (
+            hbone_server(server_context(server_svid), echo_handler) as (port, _),
+            trio.open_nursery() as nursery,
+        ):
+            with pytest.raises(HandshakeError):
+                tcp = await trio.open_tcp_stream("127.0.0.1", port)
+                conn = await open_hbone_connection(nursery, tcp, client_context(stranger), expected={WEB})
+                await conn.open_tunnel("10.0.0.1:80")
 
     run(main)
 
