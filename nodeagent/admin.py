@@ -30,7 +30,7 @@ import logging
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import h11
 import trio
@@ -38,8 +38,8 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from mesh.proto import discovery_pb2 as pb
 from nodeagent.errors import NodeAgentError
-from nodeagent.state import MeshState
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,17 @@ class Readiness:
         return cls(True) if not failing else cls(False, "waiting for " + ", ".join(failing))
 
 
+class MeshView(Protocol):
+    """The reads the admin endpoint needs from the agent's read model (`nodeagent.state.MeshState`)."""
+
+    version: dict[str, str]
+
+    def workloads(self) -> list[pb.Workload]: ...
+    def services(self) -> list[pb.Service]: ...
+    def policies(self) -> list[pb.Authorization]: ...
+    def policies_for(self, workload: pb.Workload) -> list[pb.Authorization]: ...
+
+
 # --- routes (pure) --------------------------------------------------------------------------------------
 
 
@@ -128,7 +139,7 @@ class AdminView:
 
     def __init__(
         self,
-        state: MeshState,
+        state: MeshView,
         certs: Callable[[], Sequence[object]],
         *,
         node: str = "",
@@ -368,7 +379,7 @@ async def serve_http(
 
 
 async def serve_admin(
-    state: MeshState,
+    state: MeshView,
     certs: Callable[[], Sequence[object]],
     *,
     node: str = "",
