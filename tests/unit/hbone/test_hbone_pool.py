@@ -28,34 +28,36 @@ def test_200_concurrent_tunnels_use_at_least_two_connections(svids: dict[SpiffeI
     pool = make_pool(svids)
 
     async def main() -> None:
-        async with hbone_server(server_context(svids[WEB]), echo_handler) as (port, server_conns):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(pool.run)
-                key = PoolKey(SLEEP, WEB, ("127.0.0.1", port))
-                all_open = trio.Event()
-                opened = 0
-                results: list[bool] = []
+        async with (
+            hbone_server(server_context(svids[WEB]), echo_handler) as (port, server_conns),
+            trio.open_nursery() as nursery,
+        ):
+            await nursery.start(pool.run)
+            key = PoolKey(SLEEP, WEB, ("127.0.0.1", port))
+            all_open = trio.Event()
+            opened = 0
+            results: list[bool] = []
 
-                async def one(i: int) -> None:
-                    nonlocal opened
-                    tunnel = await pool.open_tunnel(key, f"10.0.0.{i % 250 + 1}:80")
-                    opened += 1
-                    if opened == 200:
-                        all_open.set()
-                    await all_open.wait()  # hold every tunnel open at once
-                    message = f"tunnel {i}".encode()
-                    await tunnel.send_all(message)
-                    await tunnel.send_eof()
-                    results.append(await read_all(tunnel) == message)
-                    await tunnel.aclose()
+            async def one(i: int) -> None:
+                nonlocal opened
+                tunnel = await pool.open_tunnel(key, f"10.0.0.{i % 250 + 1}:80")
+                opened += 1
+                if opened == 200:
+                    all_open.set()
+                await all_open.wait()  # hold every tunnel open at once
+                message = f"tunnel {i}".encode()
+                await tunnel.send_all(message)
+                await tunnel.send_eof()
+                results.append(await read_all(tunnel) == message)
+                await tunnel.aclose()
 
-                async with trio.open_nursery() as tunnels:
-                    for i in range(200):
-                        tunnels.start_soon(one, i)
-                assert results == [True] * 200
-                assert pool.dialled >= 2 and len(server_conns) == pool.dialled
-                assert all(c.active_tunnels <= 100 for c in pool.connections(key))
-                nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as tunnels:
+                for i in range(200):
+                    tunnels.start_soon(one, i)
+            assert results == [True] * 200
+            assert pool.dialled >= 2 and len(server_conns) == pool.dialled
+            assert all(c.active_tunnels <= 100 for c in pool.connections(key))
+            nursery.cancel_scope.cancel()
 
     run(main, timeout=40)
 
@@ -64,24 +66,26 @@ def test_idle_connections_close(svids: dict[SpiffeId, Svid]) -> None:
     pool = make_pool(svids, idle_timeout=0.3)
 
     async def main() -> None:
-        async with hbone_server(server_context(svids[WEB]), echo_handler) as (port, _):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(pool.run)
-                key = PoolKey(SLEEP, WEB, ("127.0.0.1", port))
-                tunnel = await pool.open_tunnel(key, "10.0.0.1:80")
-                await trio.sleep(0.5)  # busy: a tunnel is open, so it stays
-                assert pool.connection_count() == 1
-                await tunnel.send_eof()
-                await read_all(tunnel)
-                await tunnel.aclose()
-                start = trio.current_time()
-                while pool.connection_count():
-                    await trio.sleep(0.02)
-                assert 0.25 <= trio.current_time() - start < 2
-                # The next tunnel dials afresh.
-                tunnel = await pool.open_tunnel(key, "10.0.0.1:80")
-                assert pool.dialled == 2
-                nursery.cancel_scope.cancel()
+        async with (
+            hbone_server(server_context(svids[WEB]), echo_handler) as (port, _),
+            trio.open_nursery() as nursery,
+        ):
+            await nursery.start(pool.run)
+            key = PoolKey(SLEEP, WEB, ("127.0.0.1", port))
+            tunnel = await pool.open_tunnel(key, "10.0.0.1:80")
+            await trio.sleep(0.5)  # busy: a tunnel is open, so it stays
+            assert pool.connection_count() == 1
+            await tunnel.send_eof()
+            await read_all(tunnel)
+            await tunnel.aclose()
+            start = trio.current_time()
+            while pool.connection_count():
+                await trio.sleep(0.02)
+            assert 0.25 <= trio.current_time() - start < 2
+            # The next tunnel dials afresh.
+            tunnel = await pool.open_tunnel(key, "10.0.0.1:80")
+            assert pool.dialled == 2
+            nursery.cancel_scope.cancel()
 
     run(main)
 
@@ -90,13 +94,15 @@ def test_wrong_server_identity_is_refused(svids: dict[SpiffeId, Svid]) -> None:
     pool = make_pool(svids)
 
     async def main() -> None:
-        async with hbone_server(server_context(svids[INTRUDER]), echo_handler) as (port, _):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(pool.run)
-                with pytest.raises(PoolConnectError, match="intruder"):
-                    await pool.open_tunnel(PoolKey(SLEEP, WEB, ("127.0.0.1", port)), "10.0.0.1:80")
-                assert pool.connection_count() == 0
-                nursery.cancel_scope.cancel()
+        async with (
+            hbone_server(server_context(svids[INTRUDER]), echo_handler) as (port, _),
+            trio.open_nursery() as nursery,
+        ):
+            await nursery.start(pool.run)
+            with pytest.raises(PoolConnectError, match="intruder"):
+                await pool.open_tunnel(PoolKey(SLEEP, WEB, ("127.0.0.1", port)), "10.0.0.1:80")
+            assert pool.connection_count() == 0
+            nursery.cancel_scope.cancel()
 
     run(main)
 
