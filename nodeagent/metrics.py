@@ -146,10 +146,12 @@ def tcp_labels(
     """Labels for one connection from what the proxy knows about its two ends.
 
     A principal given explicitly (the verified peer identity) wins over the one derived from the
-    workload record.  On the inbound path of a plaintext connection pass `mutual_tls=False` and no
-    source principal: the source principal is then "unknown" even when the source workload is known.
+    workload record.  Reported by the destination, a plaintext connection (`mutual_tls=False`) has no
+    verified source identity, so its source principal is "unknown" even when the source pod is known;
+    reported by the source, the agent knows whose traffic it carries either way.
     """
-    src_principal = _principal(source_principal, source) if mutual_tls else UNKNOWN
+    verified = mutual_tls or str(reporter) == Reporter.SOURCE
+    src_principal = _principal(source_principal, source) if verified else UNKNOWN
     out = TcpLabels(
         reporter=str(reporter),
         source_principal=src_principal,

@@ -86,6 +86,9 @@ def test_labels_for_unknown_ends_and_plaintext() -> None:
     assert labels.source_workload == "sleep-1"
     assert labels.connection_security_policy == PLAINTEXT
     assert labels.destination_service == UNKNOWN
+    outbound_plain = tcp_labels(Reporter.SOURCE, source=SLEEP, destination=WEB, mutual_tls=False)
+    assert outbound_plain.source_principal == "spiffe://cluster.local/ns/default/sa/sleep"
+    assert outbound_plain.connection_security_policy == PLAINTEXT
     bare = tcp_labels(Reporter.SOURCE)
     assert bare.values()[1:16] == (UNKNOWN,) * 15
     assert bare.reporter == "source"
