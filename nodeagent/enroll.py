@@ -10,6 +10,7 @@ mesh and removed for the others.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -77,10 +78,8 @@ class Enroller:
         token = self._token
         if token is None:
             return
-        try:
+        with contextlib.suppress(trio.RunFinishedError):  # the agent is shutting down
             token.run_sync_soon(self._changed.set)
-        except trio.RunFinishedError:
-            pass
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._token = trio.lowlevel.current_trio_token()

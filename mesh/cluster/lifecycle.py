@@ -50,6 +50,7 @@ class Cluster:
     plan: ClusterPlan
     processes: list[ProcessRecord] = field(default_factory=list)
     phase: str = "building"
+    agent_args: list[str] = field(default_factory=list)  # extra node agent flags (tests: short TTLs)
     started: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @property
@@ -78,7 +79,8 @@ def leftovers(name: str) -> bool:
             or bool(processes.marked_pids(name)))
 
 
-def up(spec: ClusterSpec, ready_timeout: float = DEFAULT_READY_TIMEOUT, say: Any = print) -> Cluster:
+def up(spec: ClusterSpec, ready_timeout: float = DEFAULT_READY_TIMEOUT, say: Any = print,
+       agent_args: list[str] | None = None) -> Cluster:
     require_root("cluster up")
     name = spec.name
     if is_up(name):
@@ -87,7 +89,7 @@ def up(spec: ClusterSpec, ready_timeout: float = DEFAULT_READY_TIMEOUT, say: Any
         say(f"removing what an earlier run of cluster {name!r} left behind")
         down(name)
     plan = make_plan(spec)
-    cluster = Cluster(spec, plan)
+    cluster = Cluster(spec, plan, agent_args=list(agent_args or []))
     cluster.save()
     try:
         _build(cluster, say)
@@ -125,6 +127,11 @@ def _start_mesh(cluster: Cluster, timeout: float) -> None:
     cluster.save()
     components.wait_control_plane(cluster.dir, cp, timeout)
     components.register_objects(cluster.dir, cluster_objects(cluster.spec, plan))
+    pod_netns = f"{mnetns.NETNS_RUN_DIR}/{plan.prefix}pod.{{namespace}}.{{name}}"
+    for node in plan.nodes:
+        cluster.processes.append(components.start_node_agent(plan.name, cluster.dir, node.name, node.netns,
+                                                             gateway, pod_netns, cluster.agent_args))
+        cluster.save()
 
 
 def pod_env(plan: ClusterPlan, pod: PodPlan) -> dict[str, str]:

@@ -1,0 +1,96 @@
+"""What a pod's proxies share: who the pod is, and narrow handles to the agent's parts.
+
+`AgentParts` holds the agent-wide pieces (the read model, certificates, the HBONE pool, metrics, the
+access log); `PodContext` adds the pod.  The proxies read the state; they never change it.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+
+import trio
+
+from mesh.hbone.pool import HbonePool, PoolKey
+from mesh.proto import discovery_pb2 as pb
+from mesh.secrets.manager import SecretManager
+from nodeagent.accesslog import AccessLog, Peer
+from nodeagent.enroll import PodRef
+from nodeagent.metrics import NodeAgentMetrics
+from nodeagent.proxy.sockets import connecting_socket_in
+from nodeagent.state import MeshState
+
+
+@dataclass(frozen=True)
+class AgentParts:
+    node: str
+    state: MeshState
+    certs: SecretManager
+    pool: HbonePool
+    metrics: NodeAgentMetrics
+    log: AccessLog
+    trust_domain: str
+    connect_timeout: float
+
+
+@dataclass(frozen=True)
+class PodContext:
+    pod: PodRef
+    parts: AgentParts
+
+    def workload(self) -> pb.Workload | None:
+        return self.parts.state.workload(self.pod.uid)
+
+    async def connect_from_pod(self, address: tuple[str, int]) -> trio.SocketStream:
+        """A TCP connection made from inside the pod's namespace with the agent's mark."""
+        return await connect_in(self.pod.netns, address, self.parts.connect_timeout)
+
+
+async def connect_in(netns: str, address: tuple[str, int], timeout: float) -> trio.SocketStream:
+    sock = trio.socket.from_stdlib_socket(connecting_socket_in(netns))
+    try:
+        with trio.fail_after(timeout):
+            await sock.connect(address)
+    except trio.TooSlowError as exc:
+        sock.close()
+        raise TimeoutError(f"connecting to {address[0]}:{address[1]} timed out after {timeout:.0f}s") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+def pool_connect(timeout: float):  # type: ignore[no-untyped-def]
+    """The pool's dialer: HBONE connections leave from the source pod's namespace (`key.origin`)."""
+
+    async def connect(key: PoolKey) -> trio.abc.Stream:
+        return await connect_in(key.origin, key.address, timeout)
+
+    return connect
+
+
+def peer_of(stream: trio.SocketStream, which: str = "peer") -> tuple[str, int]:
+    sock = stream.socket
+    addr = sock.getpeername() if which == "peer" else sock.getsockname()
+    return str(addr[0]), int(addr[1])
+
+
+def workload_peer(ip: str, port: int, w: pb.Workload | None, principal: str = "") -> Peer:
+    if w is None:
+        return Peer(ip=ip, port=port, principal=principal)
+    return Peer(ip=ip, port=port, workload=w.name, namespace=w.namespace, principal=principal)
+
+
+class Clock:
+    """Start time and duration of one connection, for the access log."""
+
+    def __init__(self) -> None:
+        self.start = time.time()
+        self._t0 = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+
+SOCKET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, socket.timeout)
