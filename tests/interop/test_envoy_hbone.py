@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import (
+from envoy_helpers import (
     ENVOY_ID,
     SLEEP,
     WEB,

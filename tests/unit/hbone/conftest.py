@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import datetime
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hbone_helpers import Mint, mint_from
 
 from ca.authority import CertificateAuthority
-from mesh.identity import SpiffeId
-from mesh.secrets.svid import Svid, accept_issued, generate_key, load_trust_bundle
-
-Mint = Callable[[SpiffeId], Svid]
-
-
-def mint_from(authority: CertificateAuthority) -> Mint:
-    def mint(identity: SpiffeId) -> Svid:
-        key = generate_key()
-        issued = authority.sign_workload(key.public_key(), identity, datetime.timedelta(hours=1))
-        return accept_issued(issued.pems, key, identity, load_trust_bundle(authority.root_pem))
-
-    return mint
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -10,16 +11,30 @@ from typing import TypeVar
 
 import trio
 
+from ca.authority import CertificateAuthority
 from mesh.hbone.config import HboneConfig
 from mesh.hbone.errors import HboneError
 from mesh.hbone.events import Event
 from mesh.hbone.protocol import HboneClient, HboneServer
 from mesh.hbone.transport import Handler, HboneServerConnection, serve_hbone
 from mesh.identity import SpiffeId
-from mesh.secrets.svid import Svid
+from mesh.secrets.svid import Svid, accept_issued, generate_key, load_trust_bundle
 from mesh.secrets.tls import client_context, server_context
 
 T = TypeVar("T")
+Mint = Callable[[SpiffeId], Svid]
+
+
+def mint_from(authority: CertificateAuthority) -> Mint:
+    """SVIDs signed by `authority` (the CA's own signing core, no gRPC round trip)."""
+
+    def mint(identity: SpiffeId) -> Svid:
+        key = generate_key()
+        issued = authority.sign_workload(key.public_key(), identity, datetime.timedelta(hours=1))
+        return accept_issued(issued.pems, key, identity, load_trust_bundle(authority.root_pem))
+
+    return mint
+
 
 SLEEP = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/sleep")
 WEB = SpiffeId.parse("spiffe://cluster.local/ns/prod/sa/web")

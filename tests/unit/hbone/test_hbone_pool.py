@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
-from conftest import Mint
-from hbone_helpers import INTRUDER, SLEEP, WEB, echo_handler, hbone_server
+from hbone_helpers import INTRUDER, SLEEP, WEB, Mint, echo_handler, hbone_server
 from test_hbone_transport import read_all, run
 
 from mesh.hbone.errors import PoolConnectError

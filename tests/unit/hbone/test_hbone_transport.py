@@ -8,8 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
-from conftest import Mint
-from hbone_helpers import INTRUDER, SLEEP, WEB, Tls, echo_handler, hbone_server, tls_for
+from hbone_helpers import INTRUDER, SLEEP, WEB, Mint, Tls, echo_handler, hbone_server, mint_from, tls_for
 
 from mesh.hbone.errors import HandshakeError, TunnelRejected, TunnelReset
 from mesh.hbone.headers import request_headers
@@ -220,7 +219,6 @@ def test_client_refuses_a_server_with_the_wrong_identity(mint: Mint) -> None:
 def test_server_refuses_a_client_from_another_root(
     mint: Mint, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    from conftest import mint_from
 
     from ca.authority import CertificateAuthority
 
