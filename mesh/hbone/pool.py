@@ -174,6 +174,8 @@ class HbonePool:
         self._connections.setdefault(key, []).append(conn)
         try:
             await conn.run(task_status=task_status)
+        except Exception:  # one broken connection must not take the pool (and its other connections) down
+            log.exception("HBONE connection to %s failed", key.describe())
         finally:
             conns = self._connections.get(key, [])
             if conn in conns:
