@@ -125,6 +125,9 @@ class Http1Server:
             if event is None:
                 event = await self._next_event()
             if isinstance(event, h11.Request):
+                size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                if size > self.settings.max_header_bytes:
+                    raise HttpError(431, f"request headers are {size} bytes, more than {self.settings.max_header_bytes}")
                 return event
             if isinstance(event, h11.ConnectionClosed):
                 return None

@@ -5,8 +5,6 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-import trio
-
 from waypoint.lb import Balancer
 from waypoint.limits import Admission, ClusterLimiter
 from waypoint.model import Endpoint
