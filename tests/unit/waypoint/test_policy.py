@@ -7,8 +7,8 @@ import time
 
 import jwt as pyjwt
 import pytest
-from conftest import WAYPOINT, bookinfo, fq, l7
 from cryptography.hazmat.primitives.asymmetric import rsa
+from waypoint_resources import WAYPOINT, bookinfo, fq, l7
 
 from waypoint import authz
 from waypoint.authz import AuthzRequest, CompiledPolicy, compile_policy

@@ -12,8 +12,8 @@ import h2.config
 import h2.connection
 import h2.events
 import trio
-from conftest import l7
-from harness import fq, logged, raw, request, running_proxy, service, start_backend, table, workload
+from waypoint_harness import fq, logged, raw, request, running_proxy, service, start_backend, table, workload
+from waypoint_resources import l7
 
 from waypoint.exchange import iterate
 from waypoint.http1 import Http1Client

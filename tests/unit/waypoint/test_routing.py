@@ -6,7 +6,7 @@ import random
 from collections import Counter
 
 import pytest
-from conftest import fq, l7, table_with
+from waypoint_resources import fq, l7, table_with
 
 from waypoint.model import ClientInfo, RequestHead
 from waypoint.routing import decide
@@ -92,13 +92,15 @@ def test_method_query_and_without_headers() -> None:
     assert decide(table, head("/", x_canary="no"), REVIEWS, r).cluster.subset == "v1"  # type: ignore[union-attr]
 
 
-def test_no_virtual_service_routes_to_all_endpoints(bookinfo_table: object) -> None:
+def test_no_virtual_service_routes_to_all_endpoints() -> None:
+    bookinfo_table = table_with()
     d = decide(bookinfo_table, head(), REVIEWS, random.Random(1))  # type: ignore[arg-type]
     assert d.route_name == "default" and d.cluster is not None
     assert sorted(e.name for e in d.cluster.endpoints) == ["reviews-v1", "reviews-v2", "reviews-v3"]
 
 
-def test_host_header_selects_service_when_destination_is_unknown(bookinfo_table: object) -> None:
+def test_host_header_selects_service_when_destination_is_unknown() -> None:
+    bookinfo_table = table_with()
     d = decide(bookinfo_table, head(authority="ratings"), ClientInfo(), random.Random(1))  # type: ignore[arg-type]
     assert d.service is not None and d.service.hostname == fq("ratings")
     d = decide(bookinfo_table, head(authority="nothing-here"), ClientInfo(), random.Random(1))  # type: ignore[arg-type]
@@ -188,7 +190,8 @@ def test_default_retry_policy_is_istios() -> None:
     assert d.retries.attempts == 2 and "connect-failure" in d.retries.retry_on and d.timeout is None
 
 
-def test_workload_addressed_traffic_goes_to_that_workload(bookinfo_table: object) -> None:
+def test_workload_addressed_traffic_goes_to_that_workload() -> None:
+    bookinfo_table = table_with()
     client = ClientInfo("", "10.244.1.10:1", "10.244.1.12:9080")
     d = decide(bookinfo_table, head(), client, random.Random(1))  # type: ignore[arg-type]
     assert d.cluster is not None and [e.key for e in d.cluster.endpoints] == ["10.244.1.12:9080"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from google.protobuf import json_format, struct_pb2
 
 from mesh.proto import discovery_pb2 as pb
@@ -69,8 +68,3 @@ def table_with(*configs: pb.L7Config) -> Any:
                             l7("DestinationRule", "ratings", RATINGS_DR, [fq("ratings")]), *configs])
     assert not result.errors, result.errors
     return result.table
-
-
-@pytest.fixture
-def bookinfo_table() -> Any:
-    return table_with()
