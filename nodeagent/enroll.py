@@ -87,16 +87,13 @@ class Enroller:
         await self.clean_leftovers()
         await self.reconcile()
         task_status.started()
-        try:
-            while True:
-                with trio.move_on_after(RESYNC_INTERVAL):
-                    await self._changed.wait()
-                self._changed = trio.Event()
-                await self.reconcile()
-        finally:
-            with trio.CancelScope(shield=True):
-                for uid in list(self.enrolled):
-                    await self.release(uid)
+        # No release on the way out: a pod keeps its rules while the agent restarts (its connections
+        # fail closed rather than leave the mesh), and the next run adopts them.
+        while True:
+            with trio.move_on_after(RESYNC_INTERVAL):
+                await self._changed.wait()
+            self._changed = trio.Event()
+            await self.reconcile()
 
     async def clean_leftovers(self) -> None:
         """Remove rules an earlier run left in pods of this node that are no longer in the mesh."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -116,8 +117,16 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                    ready_listen=args.ready_listen, cert_ttl=args.cert_ttl, connect_timeout=args.connect_timeout)
 
 
+def raise_open_files_limit() -> None:
+    """Each proxied connection holds two or three sockets: take the whole hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
+    raise_open_files_limit()
 
     async def supervised() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -22,6 +22,8 @@ def add_parser(sub: Any) -> None:
     up.add_argument("-f", "--file", required=True, metavar="FILE", help="the cluster file (YAML)")
     up.add_argument("--wait", type=float, default=lifecycle.DEFAULT_READY_TIMEOUT, metavar="SECONDS",
                     help="how long to wait for every pod's ports to listen (default %(default)s)")
+    up.add_argument("--agent-arg", action="append", default=[], metavar="ARG",
+                    help="an extra flag for every node agent, e.g. --agent-arg=--cert-ttl=60 (repeatable)")
     up.set_defaults(func=cmd_up)
 
     down = verbs.add_parser("down", help="remove a cluster and everything it made",
@@ -45,7 +47,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     cluster_spec = spec.load(args.file)
     for warning in cluster_spec.warnings:
         print(f"warning: {warning}")
-    cluster = lifecycle.up(cluster_spec, ready_timeout=args.wait)
+    cluster = lifecycle.up(cluster_spec, ready_timeout=args.wait, agent_args=args.agent_arg)
     print(f"cluster {cluster.plan.name!r} is up: {len(cluster.plan.nodes)} nodes, {len(cluster.plan.pods)} pods, "
           f"{len(cluster.plan.services)} services")
     print(f"remove it with: meshctl cluster down {cluster.plan.name}")

@@ -23,6 +23,8 @@ def cluster_objects(spec: ClusterSpec, plan: ClusterPlan) -> list[dict[str, Any]
         key = f"{meta.get('namespace')}/{meta.get('name')}"
         if kind == "Pod":
             pod = pods[key]
+            for container in body.get("spec", {}).get("containers", []):
+                container.setdefault("name", pod.spec.container_name)
             body["status"] = {"phase": "Running", "podIP": str(pod.ip), "hostIP": str(plan.node(pod.node).underlay_ip)}
         elif kind == "Service":
             body.setdefault("spec", {})["clusterIP"] = str(services[key].cluster_ip)
