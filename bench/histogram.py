@@ -12,8 +12,9 @@ adding counts, and serialise to JSON as `[[index, count], ...]`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_BITS = 10
 STANDARD_PERCENTILES = (50.0, 75.0, 90.0, 99.0, 99.9)
@@ -112,18 +113,18 @@ class Histogram:
             out[percentile_key(p)] = self.percentile(p)
         return out
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, Any]:
         return {"bits": self.bits, "total": self.total, "sum": self.sum, "min": self.min, "max": self.max,
                 "counts": sorted([i, n] for i, n in self.counts.items())}
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> Histogram:
-        counts = {int(i): int(n) for i, n in data.get("counts", []) or []}  # type: ignore[attr-defined]
-        h = cls(bits=int(data.get("bits", DEFAULT_BITS)), counts=counts)  # type: ignore[arg-type]
-        h.total = int(data.get("total", sum(counts.values())))  # type: ignore[arg-type]
-        h.sum = int(data.get("sum", 0))  # type: ignore[arg-type]
-        h.min = data.get("min")  # type: ignore[assignment]
-        h.max = data.get("max")  # type: ignore[assignment]
+    def from_json(cls, data: Mapping[str, Any]) -> Histogram:
+        counts = {int(i): int(n) for i, n in data.get("counts") or []}
+        h = cls(bits=int(data.get("bits", DEFAULT_BITS)), counts=counts)
+        h.total = int(data.get("total", sum(counts.values())))
+        h.sum = int(data.get("sum", 0))
+        h.min = None if data.get("min") is None else int(data["min"])
+        h.max = None if data.get("max") is None else int(data["max"])
         return h
 
 

@@ -51,19 +51,27 @@ def run_in(netns: str, argv: list[str], stdin: str | None = None, timeout: float
     return out
 
 
+def _parents() -> dict[int, int]:
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
 def descendants(pid: int) -> list[int]:
     """`pid` and every process below it (threads are counted with their process)."""
+    children: dict[int, list[int]] = {}
+    for child, parent in _parents().items():
+        children.setdefault(parent, []).append(child)
     found = [pid]
     i = 0
     while i < len(found):
-        p = found[i]
+        found.extend(children.get(found[i], []))
         i += 1
-        try:
-            for task in Path(f"/proc/{p}/task").iterdir():
-                children = (task / "children").read_text().split()
-                found.extend(int(c) for c in children if int(c) not in found)
-        except OSError:
-            continue
     return found
 
 
