@@ -106,3 +106,12 @@ def start_node_agent(cluster_name: str, home: Path, node: str, netns: str, gatew
             *(extra_args or [])]
     return processes.spawn(cluster_name, f"nodeagent {node}", netns, argv, component_env(),
                            home / "logs" / f"nodeagent.{node}.log")
+
+
+def start_controller(cluster_name: str, home: Path, agent_args: list[str]) -> ProcessRecord:
+    """The local cluster's controller (waypoint pods), in the host's namespace: it makes namespaces."""
+    ttl = [a.split("=", 1)[1] for a in agent_args if a.startswith("--cert-ttl=")]
+    argv = [sys.executable, "-m", "mesh.cluster.controller", "--cluster", cluster_name,
+            *(["--cert-ttl", ttl[-1]] if ttl else [])]
+    return processes.spawn(cluster_name, "controller", "", argv,
+                           component_env({"MESH_STATE_DIR": str(home.parent)}), home / "logs" / "controller.log")

@@ -132,6 +132,8 @@ def _start_mesh(cluster: Cluster, timeout: float) -> None:
         cluster.processes.append(components.start_node_agent(plan.name, cluster.dir, node.name, node.netns,
                                                              gateway, pod_netns, cluster.agent_args))
         cluster.save()
+    cluster.processes.append(components.start_controller(plan.name, cluster.dir, cluster.agent_args))
+    cluster.save()
 
 
 def pod_env(plan: ClusterPlan, pod: PodPlan) -> dict[str, str]:
@@ -226,7 +228,8 @@ def status(name: str) -> dict[str, Any]:
         alive[rec.name] = processes.is_running(rec)
         data["running"] = alive[rec.name]
     for pod in record["plan"]["pods"]:
-        pod["running"] = alive.get(f"pod {pod['namespace']}/{pod['name']}", False)
+        kind = "waypoint" if pod.get("waypoint") else "pod"
+        pod["running"] = alive.get(f"{kind} {pod['namespace']}/{pod['name']}", False)
         pod["netnsPresent"] = mnetns.exists(pod["netns"])
     for node in record["plan"]["nodes"]:
         node["netnsPresent"] = mnetns.exists(node["netns"])

@@ -118,6 +118,13 @@ def run_in(netns_name: str, argv: list[str], stdin: str | None = None) -> str:
     return out.stdout
 
 
+def remove_netns(name: str) -> None:
+    """Delete one namespace (and with it its links) and its /etc/netns entry."""
+    if mnetns.exists(name):
+        netns.remove(name)
+    shutil.rmtree(ETC_NETNS / name, ignore_errors=True)
+
+
 def remove_all(prefix: str) -> list[str]:
     """Delete every namespace and /etc/netns entry whose name starts with `prefix`; pods first, so
     their veths go before the bridges they hang on.  Returns what was removed."""

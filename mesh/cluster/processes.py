@@ -58,13 +58,14 @@ def is_running(rec: ProcessRecord) -> bool:
 
 def spawn(cluster: str, name: str, netns: str, argv: list[str], env: Mapping[str, str], log: Path,
           cwd: str | None = None) -> ProcessRecord:
-    """Start `argv` inside `netns`, detached in its own session, output appended to `log`."""
+    """Start `argv` inside `netns` (the host's own namespace when empty), detached in its own session,
+    output appended to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     full_env = dict(env)
     full_env[MARKER] = cluster
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, *argv], stdin=subprocess.DEVNULL, stdout=out,
+            ["ip", "netns", "exec", netns, *argv] if netns else argv, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True, close_fds=True,
         )
     st = start_time(proc.pid)
