@@ -236,10 +236,14 @@ def run_phase(ctx: Context, settings: Settings, phase: str, target_http: str, ta
 
 # -- one run ----------------------------------------------------------------------------------------
 
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
 @dataclass
 class Run:
     settings: Settings
-    say: Callable[[str], None] = print
+    say: Callable[[str], None] = say
     results: dict[str, Any] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
 
