@@ -1,0 +1,73 @@
+"""`meshctl bench` end to end, as CI runs it once: a tiny setting of every mode on a real bench cluster.
+
+Checks that the JSON, Markdown and PNG are written, that every mode either ran without errors or says
+why it is unavailable, that the figures are there for the modes that ran, and that nothing of the bench
+cluster is left, also after the run is interrupted with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Meshctl, leftovers
+
+pytestmark = pytest.mark.root
+
+
+def test_bench_quick_writes_results_and_cleans_up(meshctl: Meshctl, tmp_path: Path) -> None:
+    name = "t-bench"
+    out = meshctl("bench", "--quick", "--duration", "2", "--stream-mib", "4", "--cluster-name", name,
+                  "--output", str(tmp_path), check=False, timeout=280)
+    assert out.returncode == 0, f"meshctl bench exited {out.returncode}:\n{out.stdout[-4000:]}\n{out.stderr[-2000:]}"
+    assert "[round 1/1] mode a (no mesh): open" in out.stdout
+    files = {p.suffix: p for p in tmp_path.iterdir() if not p.name.startswith(".")}
+    assert set(files) == {".json", ".md", ".png"}
+    assert files[".png"].read_bytes()[:4] == b"\x89PNG"
+    results = json.loads(files[".json"].read_text())
+    modes = results["modes"]
+    assert set(modes) == {"a", "b", "c", "d"}
+    assert modes["a"]["status"] == "ok" and modes["d"]["status"] == "ok"
+    for key, info in modes.items():
+        assert info["status"] == "ok" or info["status"].startswith("unavailable: "), (key, info)
+        ran = [r for r in results["rounds"] if r["mode"] == key]
+        if info["status"] == "ok":
+            assert ran and all(r["error_count"] == 0 for r in ran), (key, ran[0].get("errors") if ran else None)
+            phases = ran[0]["phases"]
+            assert phases["open"]["completed"] >= 1900 and phases["saturation"]["requests_per_s"] > 0
+            assert phases["stream"]["mb_per_s"] > 0
+            assert results["summary"][key]["open"]["p99"] > 0
+        else:
+            assert not ran
+    assert "Envoy" in results["meta"]["envoy"] or results["meta"]["envoy"]
+    d = next(r for r in results["rounds"] if r["mode"] == "d")
+    assert d["path"].startswith("client and server Envoys forwarded")
+    assert set(d["peak_rss_kib"]) == {"envoy client", "envoy server"}
+    md = files[".md"].read_text()
+    assert "| a: no mesh | ok |" in md and "| d: sidecar model (Envoy) | ok |" in md
+    assert leftovers(name) == []
+
+
+def test_bench_interrupted_removes_its_cluster(meshctl: Meshctl, tmp_path: Path) -> None:
+    name = "t-bench-int"
+    proc = meshctl.popen("bench", "--quick", "--modes", "a", "--duration", "30", "--cluster-name", name,
+                         "--output", str(tmp_path))
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 90
+    seen = ""
+    for line in proc.stdout:
+        seen += line
+        if "mode a (no mesh): open" in line or time.monotonic() > deadline:
+            break
+    assert "mode a (no mesh): open" in seen, seen
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, seen + rest
+    assert f"bench cluster {name!r} removed" in rest
+    assert leftovers(name) == []
+    assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
