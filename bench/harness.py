@@ -303,6 +303,15 @@ class Run:
                     mode.enter(ctx)
                     record["path"] = self._prove(ctx, mode, target_http)
                 except Unavailable as exc:
+                    if any(r["mode"] == key for r in self.results["rounds"]):
+                        # It ran in an earlier round: now failing is an error of this round, not a
+                        # property of the machine, and must not hide the rounds already measured.
+                        record["errors"].append(f"path: {exc}")
+                        record["error_count"] += 1
+                        self.say(f"[round {round_no}] mode {key}: {exc}")
+                        _safe_leave(mode, ctx, self.say)
+                        self.results["rounds"].append(record)
+                        continue
                     self.unavailable[key] = str(exc)
                     progress.skipped.add(key)
                     self.say(f"[round {round_no}] mode {key} ({mode.title}) unavailable: {exc}")
