@@ -240,9 +240,13 @@ def run_open(target: tuple[str, int], schedule: Schedule, request: bytes,
         if now >= end:
             break
         timeout = max(0.0, (t0 + upcoming[2] - now) / 1e9) if upcoming is not None else (end - now) / 1e9
-        readable, _, _ = select.select(list(by_fd), [], [], timeout) if by_fd else ([], [], [])
-        if not by_fd and upcoming is not None:
-            time.sleep(timeout)
+        for conn in conns.values():
+            if conn.sock is None and conn.inflight is None and conn.backlog:
+                write(conn, conn.backlog.popleft())  # reconnect for the requests queued on it
+        if not by_fd:
+            time.sleep(min(timeout, 0.01))  # every connection failed: retry soon, without spinning
+            continue
+        readable, _, _ = select.select(list(by_fd), [], [], timeout)
         for fd in readable:
             conn = by_fd[fd]
             assert conn.sock is not None
