@@ -1,15 +1,19 @@
-"""`make demo`: bring up the bookinfo cluster, call productpage from the client pod, show who answered.
+"""`make demo`: bring up the bookinfo cluster, call productpage from the client pod, show who answered;
+then put the bookinfo namespace in the mesh, live, and show the same calls carried over mutual TLS.
 
 It runs the real `meshctl` (as a user would), calls `GET http://productpage:9080/productpage` from the
 `sleep` pod 20 times, prints which productpage, reviews and ratings pods answered and on which node,
-prints `meshctl cluster status`, and leaves the cluster running with the command that removes it.
+labels the namespace `istio.io/dataplane-mode=ambient`, calls again, prints what the node agents saw
+(identities, mTLS), prints `meshctl cluster status`, and leaves the cluster running.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -35,11 +39,8 @@ def call_productpage() -> dict | str:
     return answer
 
 
-def main() -> int:
-    meshctl("cluster", "down", "bookinfo", capture=True)
-    if meshctl("cluster", "up", "-f", str(CLUSTER_FILE)).returncode != 0:
-        return 1
-    print(f"\ncalling http://productpage:9080/productpage from bookinfo/sleep {CALLS} times:\n")
+def call_many(title: str) -> int:
+    print(f"\n{title}: calling http://productpage:9080/productpage from bookinfo/sleep {CALLS} times\n")
     print(f"{'#':>3}  {'productpage':<24} {'details':<20} {'reviews':<24} ratings")
     versions: Counter[str] = Counter()
     failures = 0
@@ -61,10 +62,52 @@ def main() -> int:
         print(f"  {key}: {count}")
     if failures:
         print(f"  {failures} calls failed")
+    return failures
+
+
+def enrolled() -> set[str]:
+    names = set()
+    for node in ("node-1", "node-2"):
+        out = meshctl("agent", "workloads", node, "--cluster", "bookinfo", "-o", "json", capture=True)
+        if out.returncode == 0:
+            names |= {w["name"] for w in json.loads(out.stdout)["workloads"]
+                      if w.get("local") and w.get("enrollment") == "enrolled" and w["namespace"] == "bookinfo"}
+    return names
+
+
+def what_the_agents_saw() -> None:
+    state = Path(os.environ.get("MESH_STATE_DIR") or "/run/ambient-mesh") / "bookinfo" / "logs"
+    seen: Counter[tuple[str, str, str]] = Counter()
+    for node in ("node-1", "node-2"):
+        for line in (state / f"nodeagent.{node}.log").read_text().splitlines():
+            if line.startswith('{"time"') and '"direction":"inbound"' in line:
+                e = json.loads(line)
+                seen[(e["source_principal"], e["destination_workload"], e["connection_security_policy"])] += 1
+    print("\nwhat the destination node agents saw (from their access logs):")
+    for (src, dst, security), count in sorted(seen.items()):
+        print(f"  {count:>3} x {src} -> {dst} ({security})")
+
+
+def main() -> int:
+    meshctl("cluster", "down", "bookinfo", capture=True)
+    if meshctl("cluster", "up", "-f", str(CLUSTER_FILE)).returncode != 0:
+        return 1
+    failures = call_many("without the mesh")
+    print("\nputting the bookinfo namespace in the mesh: meshctl label namespace bookinfo "
+          "istio.io/dataplane-mode=ambient")
+    meshctl("label", "namespace", "bookinfo", "istio.io/dataplane-mode=ambient", "--cluster", "bookinfo")
+    deadline = time.monotonic() + 30
+    while len(enrolled()) < 7 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    print(f"enrolled by the node agents, without restarting them: {', '.join(sorted(enrolled()))}")
+    failures += call_many("through the mesh")
+    what_the_agents_saw()
     print()
     meshctl("cluster", "status", "bookinfo")
     print("\nthe cluster is still running; try:\n"
           "  .venv/bin/meshctl exec -n bookinfo sleep -- curl -s http://productpage:9080/productpage\n"
+          "  .venv/bin/meshctl agent workloads node-1\n"
+          "  .venv/bin/meshctl proxy-status\n"
           "remove it with:\n"
           "  .venv/bin/meshctl cluster down bookinfo")
     return 1 if failures else 0
