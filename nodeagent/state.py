@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import Protocol, TypeVar
 
 from mesh.proto import discovery_pb2 as pb
 
 WORKLOAD = "workload"
 SERVICE = "service"
 AUTHORIZATION = "authorization"
+M = TypeVar("M", pb.Workload, pb.Service, pb.Authorization)
 
 
 class WorkloadLookup(Protocol):
@@ -35,6 +36,18 @@ class _Indexes:
     policies: Mapping[str, pb.Authorization] = field(default_factory=dict)  # by ns/name
 
 
+def _merged(current: Mapping[str, M], upserts: Mapping[str, object], removals: Iterable[str],
+            cls: type[M]) -> dict[str, M]:
+    out = dict(current)
+    for name in removals:
+        out.pop(name, None)
+    for name, msg in upserts.items():
+        if not isinstance(msg, cls):
+            raise TypeError(f"{name}: expected a {cls.__name__}, got {type(msg).__name__}")
+        out[name] = msg
+    return out
+
+
 class MeshState:
     """Everything the agent knows, replaced atomically per update."""
 
@@ -50,32 +63,15 @@ class MeshState:
         with self._lock:
             ix = self._ix
             if kind == WORKLOAD:
-                workloads = dict(ix.workloads)
-                for name in removals:
-                    workloads.pop(name, None)
-                for name, w in upserts.items():
-                    assert isinstance(w, pb.Workload)
-                    workloads[name] = w
+                workloads = _merged(ix.workloads, upserts, removals, pb.Workload)
                 by_address = {a: w for w in workloads.values() for a in w.addresses}
-                ix = _Indexes(workloads, by_address, ix.services, ix.by_vip, ix.by_hostname, ix.policies)
+                ix = replace(ix, workloads=workloads, by_address=by_address)
             elif kind == SERVICE:
-                services = dict(ix.services)
-                for name in removals:
-                    services.pop(name, None)
-                for name, s in upserts.items():
-                    assert isinstance(s, pb.Service)
-                    services[name] = s
-                by_vip = {v: s for s in services.values() for v in s.vips}
-                by_host = {s.hostname: s for s in services.values()}
-                ix = _Indexes(ix.workloads, ix.by_address, services, by_vip, by_host, ix.policies)
+                services = _merged(ix.services, upserts, removals, pb.Service)
+                ix = replace(ix, services=services, by_vip={v: s for s in services.values() for v in s.vips},
+                             by_hostname={s.hostname: s for s in services.values()})
             elif kind == AUTHORIZATION:
-                policies = dict(ix.policies)
-                for name in removals:
-                    policies.pop(name, None)
-                for name, p in upserts.items():
-                    assert isinstance(p, pb.Authorization)
-                    policies[name] = p
-                ix = _Indexes(ix.workloads, ix.by_address, ix.services, ix.by_vip, ix.by_hostname, policies)
+                ix = replace(ix, policies=_merged(ix.policies, upserts, removals, pb.Authorization))
             else:
                 raise ValueError(f"unknown resource kind {kind!r}")
             self._ix = ix
