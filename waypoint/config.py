@@ -27,6 +27,7 @@ from mesh.xds.resources import L7_KIND_NAMES
 from waypoint.authz import CompiledPolicy, compile_policy
 from waypoint.errors import ConfigError
 from waypoint.jwt import JwtRule, compile_rules
+from waypoint.l4authz import L4Policy, to_l4
 from waypoint.model import Endpoint
 from waypoint.rules import (
     DestinationRuleRules,
@@ -67,11 +68,22 @@ class RouteTable:
     services: Mapping[str, ServiceInfo] = field(default_factory=dict)
     by_vip: Mapping[str, str] = field(default_factory=dict)  # VIP -> hostname
     workloads_by_ip: Mapping[str, Endpoint] = field(default_factory=dict)  # port 0
+    # Addresses of the workloads whose own traffic uses this waypoint (workload-addressed tunnels).
+    waypoint_workloads: frozenset[str] = frozenset()
     virtual_services: Mapping[str, VirtualServiceRules] = field(default_factory=dict)  # hostname -> VS
     destination_rules: Mapping[str, DestinationRuleRules] = field(default_factory=dict)
     policies: tuple[CompiledPolicy, ...] = ()
+    l4_policies: tuple[L4Policy, ...] = ()  # the same policies, as checked on non-HTTP tunnels
     jwt_rules: tuple[JwtRule, ...] = ()
     version: int = 0
+
+    def admits(self, host: str, port: int) -> bool:
+        """May a tunnel be addressed to host:port?  A service VIP and one of its ports, or a workload that
+        sends its traffic through this waypoint."""
+        hostname = self.by_vip.get(host)
+        if hostname is not None:
+            return self.services[hostname].port_info(port) is not None
+        return host in self.waypoint_workloads
 
     def service_for_host(self, host: str, namespace: str = "") -> ServiceInfo | None:
         """A service by Host header value: full name, `name.ns`, or short name in `namespace`."""
@@ -124,7 +136,7 @@ def _endpoint(w: pb.Workload, address: str, port: int) -> Endpoint:
                     identity=f"spiffe://{td}/ns/{w.namespace}/sa/{w.service_account}" if w.service_account else "",
                     labels=labels, app=w.canonical_name or w.labels.get("app", ""),
                     version=w.canonical_revision or w.labels.get("version", ""),
-                    healthy=w.status == pb.HEALTHY)
+                    healthy=w.status == pb.HEALTHY, hbone=w.tunnel_protocol == pb.HBONE)
 
 
 def _services(workloads: Iterable[pb.Workload], services: Iterable[pb.Service]) -> dict[str, ServiceInfo]:
@@ -147,6 +159,13 @@ def _services(workloads: Iterable[pb.Workload], services: Iterable[pb.Service]) 
     return out
 
 
+def _uses(w: pb.Workload, waypoint: str) -> bool:
+    """Does workload `w` send its own traffic through `waypoint` ("ns/name"; "" means any waypoint)?"""
+    if not w.HasField("waypoint") or w.is_waypoint:
+        return False
+    return not waypoint or f"{w.waypoint.namespace}/{w.waypoint.name}" == waypoint
+
+
 def _validate(kind: str, spec: dict[str, Any], where: str) -> None:
     info = kind_info(kind)
     if info is None or info.spec is None:
@@ -167,6 +186,7 @@ def compile_table(waypoint: str, workloads: Iterable[pb.Workload], services: Ite
     vss: list[VirtualServiceRules] = []
     drs: list[DestinationRuleRules] = []
     policies: list[CompiledPolicy] = []
+    l4_policies: list[L4Policy] = []
     jwt_rules: list[JwtRule] = []
     for msg in sorted(l7_configs, key=lambda m: (m.kind, m.namespace, m.name)):
         if waypoint and waypoint not in msg.waypoints:
@@ -182,6 +202,10 @@ def compile_table(waypoint: str, workloads: Iterable[pb.Workload], services: Ite
                 drs.append(compile_destination_rule(where, msg.name, msg.namespace, spec))
             elif kind == "AuthorizationPolicy":
                 policy, warns = compile_policy(where, msg.name, msg.namespace, spec, list(msg.hostnames))
+                try:
+                    l4_policies.append(to_l4(policy))
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise ConfigError(where, f"cannot be checked at L4: {exc}") from exc
                 policies.append(policy)
                 warnings.extend(warns)
             elif kind == "RequestAuthentication":
@@ -202,7 +226,8 @@ def compile_table(waypoint: str, workloads: Iterable[pb.Workload], services: Ite
         waypoint=waypoint, services=svcs,
         by_vip={vip: s.hostname for s in svcs.values() for vip in s.vips},
         workloads_by_ip={w.addresses[0]: _endpoint(w, w.addresses[0], 0) for w in workloads if w.addresses},
+        waypoint_workloads=frozenset(a for w in workloads if _uses(w, waypoint) for a in w.addresses),
         virtual_services=by_host,
         destination_rules={dr.host: dr for dr in drs},
-        policies=tuple(policies), jwt_rules=tuple(jwt_rules), version=version)
+        policies=tuple(policies), l4_policies=tuple(l4_policies), jwt_rules=tuple(jwt_rules), version=version)
     return CompileResult(table, tuple(errors), tuple(warnings))

@@ -123,7 +123,9 @@ class Forwarder:
         return s
 
     async def forward(self, ex: ServerExchange, d: RouteDecision, body: RequestBody, rec: Record,
-                      protocol: str) -> None:
+                      protocol: str, client: str = "") -> None:
+        """Forward one request; `client` is the original client's `ip:port` (upstream connections are
+        kept per client, see `ConnectionPool`)."""
         assert d.cluster is not None
         state = self.state(d.cluster)
         if not await state.limiter.acquire():
@@ -133,7 +135,7 @@ class Forwarder:
             return
         try:
             with trio.move_on_after(d.timeout if d.timeout else math.inf) as deadline:
-                await self._attempts(ex, d, body, rec, state, protocol)
+                await self._attempts(ex, d, body, rec, state, protocol, client)
             if deadline.cancelled_caught:
                 rec.flag("UT")
                 if ex.response_started:
@@ -144,7 +146,7 @@ class Forwarder:
             state.limiter.release()
 
     async def _attempts(self, ex: ServerExchange, d: RouteDecision, body: RequestBody, rec: Record,
-                        state: ClusterState, protocol: str) -> None:
+                        state: ClusterState, protocol: str, client: str) -> None:
         assert d.cluster is not None and d.request is not None
         cluster = d.cluster
         retries_left = d.retries.attempts if body.replayable else 0
@@ -161,7 +163,7 @@ class Forwarder:
             rec.upstream = ep
             state.balancer.started(ep)
             try:
-                result = await self._attempt(ep, d, body, protocol)
+                result = await self._attempt(ep, d, body, protocol, client)
             finally:
                 state.balancer.finished(ep)
             outcome = Outcome(status=result.head.status) if isinstance(result, _Response) else result
@@ -177,13 +179,13 @@ class Forwarder:
                     state.limiter.retry_done()
                 continue
             if isinstance(result, _Response):
-                await self._relay(ex, d, result, rec, ep)
+                await self._relay(ex, d, result, rec, ep, client)
                 return
             await self._fail(ex, outcome, rec)
             return
 
     async def _attempt(self, ep: Endpoint, d: RouteDecision, body: RequestBody,
-                       protocol: str) -> _Response | Outcome:
+                       protocol: str, client: str) -> _Response | Outcome:
         """One try: connect (or reuse), send, wait for the response head within the per-try timeout.
         A reused keep-alive connection that turns out dead is replaced once without counting a try."""
         assert d.cluster is not None and d.request is not None
@@ -194,7 +196,7 @@ class Forwarder:
             reused = False
             try:
                 with trio.move_on_after(d.retries.per_try_timeout or math.inf) as per_try:
-                    conn, reused = await self.pool.acquire(ep, protocol, limits.connect_timeout, service)
+                    conn, reused = await self.pool.acquire(ep, protocol, limits.connect_timeout, service, client)
                     await conn.send_request(d.request, body.chunks())
                     head = await conn.receive_response()
                     return _Response(head, conn, protocol)
@@ -222,7 +224,8 @@ class Forwarder:
         await send_local(ex, LocalReply(503, f"upstream connect error or disconnect/reset before headers. "
                                              f"reset reason: {reason}".encode(), flag), rec)
 
-    async def _relay(self, ex: ServerExchange, d: RouteDecision, r: _Response, rec: Record, ep: Endpoint) -> None:
+    async def _relay(self, ex: ServerExchange, d: RouteDecision, r: _Response, rec: Record, ep: Endpoint,
+                     client: str) -> None:
         headers = r.head.headers
         for ops in d.response_ops:
             headers = apply_ops(headers, ops)
@@ -243,7 +246,7 @@ class Forwarder:
             rec.flag("DC")
         finally:
             if reuse:
-                await self.pool.release(ep, r.protocol, r.conn)
+                await self.pool.release(ep, r.protocol, r.conn, client=client)
             else:
                 await r.conn.aclose()
 

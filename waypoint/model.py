@@ -59,6 +59,7 @@ class Endpoint:
     app: str = ""
     version: str = ""
     healthy: bool = True
+    hbone: bool = False  # in the mesh: reached over HBONE (its node agent's 15008), else plain TCP
 
     @property
     def key(self) -> str:

@@ -16,6 +16,7 @@ reads the table once at its start and keeps that decision to the end.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import random
 import secrets
@@ -88,16 +89,20 @@ class WaypointProxy:
     async def serve_tunnel(self, stream: trio.abc.HalfCloseableStream, client: ClientInfo) -> None:
         """Serve one inbound tunnel until it closes.  Never raises for bad input from the client."""
         protocol, prefix = await detect(stream, self.settings.detect_timeout)
-        async with trio.open_nursery() as background:  # mirrors outlive their request, not the tunnel
-            async def handler(ex: ServerExchange) -> None:
-                await self._handle(ex, client, background)
+        try:
+            async with trio.open_nursery() as background:  # mirrors outlive their request, not the tunnel
+                async def handler(ex: ServerExchange) -> None:
+                    await self._handle(ex, client, background)
 
-            if protocol is Protocol.HTTP2:
-                await Http2Server(stream, self.settings.max_header_bytes, initial=prefix).serve(handler)
-            elif protocol is Protocol.HTTP1:
-                await Http1Server(stream, self.settings.http1, initial=prefix).serve(handler)
-            else:
-                await self.l4_handler(PrefixedStream(stream, prefix), client)
+                if protocol is Protocol.HTTP2:
+                    await Http2Server(stream, self.settings.max_header_bytes, initial=prefix).serve(handler)
+                elif protocol is Protocol.HTTP1:
+                    await Http1Server(stream, self.settings.http1, initial=prefix).serve(handler)
+                else:
+                    await self.l4_handler(PrefixedStream(stream, prefix), client)
+        finally:
+            with trio.CancelScope(shield=True):  # upstream connections kept for this client go with it
+                await self.pool.discard(client.source)
 
     async def passthrough(self, stream: trio.abc.HalfCloseableStream, client: ClientInfo) -> None:
         """L4 fallback for traffic that is not HTTP: to an endpoint of the addressed service (or the
@@ -111,13 +116,13 @@ class WaypointProxy:
             target = self.rng.choice(eps) if eps else None
         else:
             w = table.workloads_by_ip.get(client.destination_ip)
-            target = Endpoint(w.address, client.destination_port, w.uid, w.name, w.namespace) if w else None
+            target = dataclasses.replace(w, port=client.destination_port) if w else None
         self.metrics.tcp_opened.labels(reporter="waypoint", destination_service=hostname or "unknown").inc()
         if target is None:
             await stream.aclose()
             return
         try:
-            up = await self.upstream.connect(target, service=hostname or "")
+            up = await self.upstream.connect(target, service=hostname or "", client=client.source)
         except (UpstreamError, OSError):
             await stream.aclose()
             return
@@ -169,8 +174,9 @@ class WaypointProxy:
             await body.prepare()
             if body.replayable:
                 for m in decision.mirrors:
-                    background.start_soon(self._mirror, m, body.buffered)
-            await self.forwarder.forward(ex, decision, body, rec, self._upstream_protocol(table, decision))
+                    background.start_soon(self._mirror, m, body.buffered, client.source)
+            await self.forwarder.forward(ex, decision, body, rec, self._upstream_protocol(table, decision),
+                                         client.source)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             rec.flag("DC")
         finally:
@@ -201,7 +207,7 @@ class WaypointProxy:
         app = (port.app_protocol or port.name.split("-")[0]) if port else ""
         return "HTTP/2" if app in ("http2", "grpc", "h2c") else "HTTP/1.1"
 
-    async def _mirror(self, m: routing.MirrorDecision, body: bytes) -> None:
+    async def _mirror(self, m: routing.MirrorDecision, body: bytes, client: str = "") -> None:
         """Send a copy and forget it: its answer, errors and slowness never reach the client."""
         state = self.forwarder.state(m.cluster)
         ep = state.balancer.pick(m.cluster.policy.lb, m.cluster.endpoints)
@@ -210,7 +216,8 @@ class WaypointProxy:
         with trio.move_on_after(self.settings.mirror_timeout):
             conn = None
             try:
-                conn, _ = await self.pool.acquire(ep, "HTTP/1.1", m.cluster.policy.limits.connect_timeout)
+                conn, _ = await self.pool.acquire(ep, "HTTP/1.1", m.cluster.policy.limits.connect_timeout,
+                                                  m.cluster.hostname, client)
                 await conn.send_request(m.request, iterate(body))
                 await conn.receive_response()
                 async for _chunk in conn.response_body():

@@ -1,0 +1,155 @@
+"""The waypoint's HBONE inbound (15008): mutual TLS, CONNECT admission, tunnels handed to the proxy.
+
+    TCP accept -> TLS 1.3 with the waypoint's own certificate (a client certificate of the trust domain
+    required) -> HTTP/2 CONNECT per tunnel -> `admit` (pure): 400 unless `:authority` is a service
+    VIP:port or a workload that uses this waypoint -> 200 -> `WaypointProxy.serve_tunnel` with who the
+    client is (verified identity, original address from `Forwarded`, original destination)
+
+Tunnels that turn out not to be HTTP reach `l4`: the waypoint's policies at L4 (`waypoint.l4authz`),
+then the proxy's passthrough.  `drain()` stops accepting and sends GOAWAY on every connection, so the
+node agents open new tunnels elsewhere while those in flight finish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from mesh.hbone.errors import HboneError
+from mesh.hbone.headers import Authority
+from mesh.hbone.transport import HboneServerConnection, InboundRequest, TunnelAcceptor, serve_hbone
+from mesh.identity import SpiffeId
+from mesh.secrets.errors import SecretsError
+from mesh.secrets.manager import SecretManager
+from waypoint import l4authz
+from waypoint.config import RouteTable
+from waypoint.model import ClientInfo
+from waypoint.proxy import WaypointProxy
+
+log = logging.getLogger("waypoint.inbound")
+
+SOCKET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: int
+    reason: str
+
+
+def admit(table: RouteTable, authority: Authority, peer: SpiffeId | None, forwarded_for: str | None,
+          peer_address: str) -> ClientInfo | Refusal:
+    """Decide one CONNECT: who the client is, or why it is refused."""
+    if not table.admits(authority.host, authority.port):
+        return Refusal(400, f"{authority} is neither a service of this mesh (VIP:port) nor a workload that "
+                            f"uses waypoint {table.waypoint or 'this waypoint'}")
+    source = forwarded_for or (peer_address if peer_address != "?" else "")
+    return ClientInfo(peer_identity=str(peer) if peer else "", source=source, original_destination=str(authority))
+
+
+def stdout_line(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+class InboundServer:
+    def __init__(self, proxy: WaypointProxy, certs: SecretManager, identity: SpiffeId, *,
+                 trust_domain: str = "cluster.local", handshake_timeout: float = 10.0,
+                 event_log: Callable[[str], None] = stdout_line) -> None:
+        self.proxy = proxy
+        self.certs = certs
+        self.identity = identity
+        self.trust_domain = trust_domain
+        self.handshake_timeout = handshake_timeout
+        self.event_log = event_log
+        self.connections: set[HboneServerConnection] = set()
+        self.tunnels = 0  # open now
+        self.refused = 0  # CONNECTs answered 400 since start
+        self._accepting = trio.CancelScope()
+
+    # ---- listening --------------------------------------------------------------------------------
+
+    async def serve(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on host:port and serve until cancelled; reports the bound port.  After `drain()` the
+        listener is closed and this returns once the last connection has ended."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            with self._accepting:
+                task_status.started(bound)
+                await trio.serve_listeners(self._connection, listeners, handler_nursery=nursery)
+
+    def drain(self) -> None:
+        """Stop accepting; ask every client to finish its tunnels and go elsewhere (GOAWAY)."""
+        self._accepting.cancel()
+        for conn in list(self.connections):
+            conn.goaway()
+
+    async def _connection(self, tcp: trio.SocketStream) -> None:
+        try:
+            await self.certs.get(self.identity)  # cached; renewed in the background
+            ctx = self.certs.server_context(self.identity)
+        except SecretsError as exc:
+            log.warning("inbound HBONE refused: no certificate for %s yet: %s", self.identity, exc)
+            await trio.aclose_forcefully(tcp)
+            return
+        tls: trio.SSLStream[trio.abc.Stream] = trio.SSLStream(tcp, ctx, server_side=True)
+        try:
+            async with trio.open_nursery() as nursery:
+                conn = await nursery.start(self._serve_hbone, tls)
+                self.connections.add(conn)
+                if self._accepting.cancel_called:
+                    conn.goaway()  # arrived while draining
+        except HboneError as exc:
+            log.info("inbound HBONE connection ended: %s", exc)
+        except SOCKET_ERRORS:
+            pass
+        finally:
+            self.connections = {c for c in self.connections if not c.is_closed}
+            await trio.aclose_forcefully(tls)
+
+    async def _serve_hbone(self, tls: trio.SSLStream[trio.abc.Stream],
+                           task_status: trio.TaskStatus[HboneServerConnection]) -> None:
+        try:
+            await serve_hbone(tls, self.tunnel, trust_domain=self.trust_domain,
+                              handshake_timeout=self.handshake_timeout, task_status=task_status)
+        finally:
+            self.connections = {c for c in self.connections if not c.is_closed}
+
+    # ---- one tunnel ---------------------------------------------------------------------------------
+
+    async def tunnel(self, request: InboundRequest, acceptor: TunnelAcceptor) -> None:
+        decision = admit(self.proxy.table, request.authority, request.peer, request.forwarded_for,
+                         request.peer_address)
+        if isinstance(decision, Refusal):
+            self.refused += 1
+            self.event_log(json.dumps({"event": "tunnel refused", "status": decision.status,
+                                       "authority": str(request.authority), "peer": str(request.peer or ""),
+                                       "reason": decision.reason}, separators=(",", ":")))
+            await acceptor.reject(decision.status, decision.reason)
+            return
+        stream = await acceptor.accept()
+        self.tunnels += 1
+        try:
+            await self.proxy.serve_tunnel(stream, decision)
+        finally:
+            self.tunnels -= 1
+
+    async def l4(self, stream: trio.abc.HalfCloseableStream, client: ClientInfo) -> None:
+        """A tunnel that is not HTTP: the waypoint's policies at L4, then bytes both ways."""
+        table = self.proxy.table
+        hostname = table.by_vip.get(client.destination_ip, "")
+        verdict = l4authz.decide(table.l4_policies, hostname, client)
+        if not verdict.allowed:
+            self.event_log(json.dumps({"event": "connection denied", "authority": client.original_destination,
+                                       "source": client.source, "peer": client.peer_identity,
+                                       "policy": verdict.policy or "", "reason": verdict.reason},
+                                      separators=(",", ":")))
+            await trio.aclose_forcefully(stream)
+            return
+        await self.proxy.passthrough(stream, client)
