@@ -68,6 +68,9 @@ def build_node(plan: ClusterPlan, node: NodePlan) -> None:
     with NetNS(plan.underlay_netns) as ul:
         port = ul.link_lookup(ifname=node.underlay_port)[0]
         ul.link("set", index=port, master=ul.link_lookup(ifname=UNDERLAY_BRIDGE)[0], state="up")
+        # The control plane listens in the underlay: pods that talk to it themselves (waypoints) need
+        # the way back to their node's pod CIDR.
+        ul.route("add", dst=str(node.pod_cidr), gateway=str(node.underlay_ip))
     mnetns.write_sysctl(node.netns, "net.ipv4.ip_forward", "1")
     # Bridged traffic between pods of one node must pass the node's conntrack, or the replies of a
     # service connection DNATed to a pod on the same bridge would skip the reverse translation.
