@@ -180,7 +180,7 @@ class Waypoint:
             except SecretsError as exc:
                 log.warning("no certificate for %s yet (%s); asking again in %.1fs", self.identity, exc, delay)
                 await trio.sleep(delay)
-                delay = min(delay * 2, 15.0)
+                delay = min(delay * 2, 5.0)
                 continue
             log.info('{"event": "certificate", "identity": "%s", "expires_in": %d}', self.identity,
                      svid.leaf.not_valid_after_utc.timestamp() - time.time())
