@@ -9,10 +9,19 @@ Public API for whoever runs it (the HBONE wiring and the local cluster):
   l4_handler=)`; `.update(table)` / `.apply(result)` swap the table atomically;
   `await .serve_tunnel(stream, ClientInfo(peer_identity, source, original_destination))` serves one
   inbound tunnel (HTTP/1.1, HTTP/2 prior knowledge, or L4 through `l4_handler`).
-- `waypoint.pool.Upstream`: `async connect(endpoint, *, service="") -> trio.abc.HalfCloseableStream`;
-  `TcpUpstream` is the plain-TCP implementation.
 - `waypoint.metrics.WaypointMetrics().registry`: the Prometheus registry to serve on /metrics.
+- `waypoint.pool.Upstream`: `async connect(endpoint, *, service="", client="")`; `TcpUpstream` (plain TCP)
+  and `waypoint.upstream.HboneUpstream` (HBONE to endpoints in the mesh, TCP to the others).
 
-Layout: pure decisions in `routing`, `authz`, `jwt`, `lb`, `outlier`, `retry`, `rules`, `detect.sniff`;
-I/O in `http1`, `http2`, `pool`, `forward`, `jwks`, `proxy`.
+The process (`python -m waypoint.main --name NAME --namespace NS --node NODE --control-plane HOST:15012
+--root-cert FILE --token-file FILE ...`) is assembled in `waypoint.server.Waypoint`: its certificate
+from the CA with a workload token, discovery (`waypoint.discovery`: Workloads, Services and the
+L7Configs naming it, compiled into a table; a bad resource is NACKed and the last good table kept),
+the HBONE inbound on 15008 (`waypoint.inbound`: CONNECT admission, 400 for an unknown authority, L4
+policy for tunnels that are not HTTP), metrics on 15020, readiness on 15021, admin on 127.0.0.1:15000
+(`waypoint.admin`), one JSON access-log line per request on stdout, and a drain on SIGTERM.
+
+Layout: pure decisions in `routing`, `authz`, `l4authz`, `jwt`, `lb`, `outlier`, `retry`, `rules`,
+`detect.sniff`, `inbound.admit`; I/O in `http1`, `http2`, `pool`, `upstream`, `forward`, `jwks`, `proxy`,
+`inbound`, `server`, `main`.
 """

@@ -79,7 +79,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, str]:
     p.add_argument("--ready-listen", default="0.0.0.0:15021", metavar="HOST:PORT")
     p.add_argument("--admin-listen", default="127.0.0.1:15000", metavar="HOST:PORT")
     p.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS")
-    p.add_argument("--drain-seconds", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--drain-seconds", type=float, default=2.0, metavar="SECONDS",
                    help="how long tunnels in flight may take to finish after SIGTERM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)

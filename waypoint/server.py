@@ -57,7 +57,7 @@ class Options:
     ready_listen: str = "0.0.0.0:15021"
     admin_listen: str = "127.0.0.1:15000"
     connect_timeout: float = 5.0
-    drain_seconds: float = 5.0
+    drain_seconds: float = 2.0  # within the local cluster's stop grace (3 s) before SIGKILL
 
     @property
     def key(self) -> str:
