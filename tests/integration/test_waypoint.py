@@ -356,7 +356,7 @@ def test_delays_and_aborts_with_their_percentages(mesh: WaypointMesh, applied: l
     aborted = mesh.load("reviews", "/reviews/2", n=20)
     assert aborted["status"] == {"400": 20} and aborted["bodies"]["400"] == "fault filter abort"
     half = mesh.load("reviews", "/reviews/3", n=200)
-    assert set(half["status"]) <= {"200", "500"} and abs(fraction(half, "status", "500") - 0.5) <= 0.10, half["status"]
+    assert set(half["status"]) <= {"200", "500"} and abs(fraction(half, "status", "500") - 0.5) <= 0.13, half["status"]
     rare = mesh.load("reviews", "/reviews/0", n=300)
     assert rare["status"] == {"200": 300}
     assert sum(1 for d in rare["durations"] if d >= 2.0) <= 3  # 0.1%: expect about 0.3 of 300
