@@ -77,6 +77,9 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         closedh = merged_latency(results, key, "closed")
         if openh.total:
             row["open"] = {f"p{p:g}": openh.percentile(p) for p in (50, 90, 99)}
+            row["open_p99_by_round"] = [r["phases"]["open"]["latency_us"]["p99"] for r in rounds
+                                        if r["phases"].get("open", {}).get("latency_us", {}).get("p99") is not None]
+            row["send_lag_p99"] = merged_latency(results, key, "open", "lag").percentile(99)
         if closedh.total:
             row["closed"] = {f"p{p:g}": closedh.percentile(p) for p in (50, 90, 99)}
         row["saturation_rps"] = _median([r["phases"]["saturation"]["requests_per_s"] for r in rounds
@@ -122,8 +125,9 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## Latency added over no mesh (fixed rate, open loop)",
         "",
-        "| mode | status | p50 | p90 | p99 | added p50 | added p90 | added p99 | 1-conn p50 (added) | errors |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| mode | status | p50 | p90 | p99 | added p50 | added p90 | added p99 | 1-conn p50 (added) | "
+        "p99 by round | generator lag p99 | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key, r in rows.items():
         o, c = r.get("open", {}), r.get("closed", {})
@@ -132,8 +136,14 @@ def markdown(results: dict[str, Any]) -> str:
             closed = _us(c.get("p50"))
         added = ["-"] * 3 if key == BASELINE else [_added(o.get(p), bo.get(p)) for p in ("p50", "p90", "p99")]
         lines.append(f"| {key}: {r['title']} | {_status(r)} | {_us(o.get('p50'))} | {_us(o.get('p90'))} | "
-                     f"{_us(o.get('p99'))} | {' | '.join(added)} | {closed} | {r['error_count']} |")
+                     f"{_us(o.get('p99'))} | {' | '.join(added)} | {closed} | "
+                     f"{' / '.join(_us(v) for v in r.get('open_p99_by_round', [])) or '-'} | "
+                     f"{_us(r.get('send_lag_p99'))} | {r['error_count']} |")
     lines += [
+        "",
+        "*generator lag p99*: how late the generator itself wrote the 99th percentile request (its own",
+        "scheduling, or the machine taking its CPU). Where it is near the p99, the p99 is the machine's noise,",
+        "not the path's; compare the rounds, and rerun with more rounds on a quieter machine.",
         "",
         "## Cost and capacity",
         "",
@@ -240,3 +250,21 @@ def write_all(results: dict[str, Any], directory: Path) -> dict[str, Path]:
     paths["md"].write_text(markdown(results))
     chart(results, paths["png"])
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Render the Markdown and PNG again from a results JSON (after a change to the report, say)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    p.add_argument("json", type=Path, help="a bench/results/<date>-<host>.json file")
+    args = p.parse_args(argv)
+    results = json.loads(args.json.read_text())
+    results.pop("summary", None)
+    for path in write_all(results, args.json.parent).values():
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
