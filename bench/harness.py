@@ -255,7 +255,9 @@ class Run:
         name = cluster_spec.name
         started = datetime.now(UTC)
         self.results = {"meta": _meta(s, name, started), "modes": {}, "rounds": []}
-        with _signals_raise():
+        owner = os.getpid()
+        ctx: Context | None = None
+        with _signals_raise(owner):
             try:
                 self.say(f"building the bench cluster {name!r} from {s.cluster_file}")
                 cluster = lifecycle.up(cluster_spec, say=self.say)
@@ -266,14 +268,11 @@ class Run:
                 self.results["meta"]["interrupted"] = True
                 raise
             finally:
-                _ignore_signals()  # a second Ctrl-C must not cut the clean-up short
-                try:
-                    if "ctx" in locals():
-                        ctx.sidecars.stop()
-                except Exception as exc:  # noqa: BLE001 - cleanup goes on whatever failed
-                    self.say(f"warning: stopping the sidecars: {exc}")
-                removed = lifecycle.down(name)
-                self.say(f"bench cluster {name!r} removed ({', '.join(removed) or 'nothing left'})")
+                # Only here: a library may fork this process without exec (pyroute2 does, for
+                # namespaces), and an exception unwinding the copy of this stack in such a child must
+                # not tear down the cluster the parent is still using.
+                if os.getpid() == owner:
+                    self._clean_up(name, ctx)
         (s.output_dir / ".partial.json").unlink(missing_ok=True)
         self.results["meta"]["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
         self.results["meta"]["seconds"] = round((datetime.now(UTC) - started).total_seconds(), 1)
@@ -285,6 +284,16 @@ class Run:
                 status = "errors"
             self.results["modes"][key] = {"title": mode.title, "status": status}
         return self.results
+
+    def _clean_up(self, name: str, ctx: Context | None) -> None:
+        _ignore_signals()  # a second Ctrl-C must not cut the clean-up short
+        try:
+            if ctx is not None:
+                ctx.sidecars.stop()
+        except Exception as exc:  # noqa: BLE001 - the cluster goes whatever failed before
+            self.say(f"warning: stopping the sidecars: {exc}")
+        removed = lifecycle.down(name)
+        self.say(f"bench cluster {name!r} removed ({', '.join(removed) or 'nothing left'})")
 
     def _rounds(self, ctx: Context) -> None:
         s = self.settings
@@ -439,10 +448,15 @@ def _ignore_signals() -> None:
 
 
 @contextmanager
-def _signals_raise() -> Iterator[None]:
-    """SIGTERM and SIGINT raise `Interrupted` in the main thread for the time of the run."""
+def _signals_raise(owner: int) -> Iterator[None]:
+    """SIGTERM and SIGINT raise `Interrupted` in the main thread for the time of the run, in this process
+    only: a forked child (not exec'd) that inherits the handler dies of the signal as it would have."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         raise Interrupted(signal.Signals(signum).name)
 
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}

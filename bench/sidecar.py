@@ -25,6 +25,8 @@ import datetime
 import json
 import os
 import shutil
+import stat
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,6 +274,19 @@ def remove_capture(netns: str) -> None:
         run_in(netns, ["iptables", "-t", "nat", "-X", chain], check=False)
 
 
+def _traversable_by_others(path: Path) -> bool:
+    """Can a user other than the owner reach files under `path` (x permission for others on every
+    directory up to the root)?"""
+    path = path.resolve()
+    for d in (path, *path.parents):
+        try:
+            if not os.stat(d).st_mode & stat.S_IXOTH:
+                return False
+        except FileNotFoundError:
+            continue
+    return True
+
+
 # -- the pair of proxies ----------------------------------------------------------------------------
 
 class SidecarPair:
@@ -281,6 +296,7 @@ class SidecarPair:
                  concurrency: int = 2) -> None:
         self.cluster = cluster
         self.home = home / "sidecars"
+        self.temporary: Path | None = None
         self.client = client
         self.server = server
         self.routes = routes
@@ -288,6 +304,12 @@ class SidecarPair:
         self.records: dict[str, ProcessRecord] = {}
 
     def write_files(self) -> None:
+        if not _traversable_by_others(self.home.parent):
+            # The proxies run as uid 1337 and must reach their files: when the cluster's state
+            # directory is private (a test's temporary directory), use a directory of their own.
+            self.temporary = Path(tempfile.mkdtemp(prefix="mesh-bench-sidecars-"))
+            self.home = self.temporary
+        self.home.mkdir(parents=True, exist_ok=True)
         ca = CertificateAuthority.load_or_create(self.home / "ca", trust_domain=TRUST_DOMAIN)
         os.chmod(self.home, 0o755)
         for pod in (self.client, self.server):
@@ -336,6 +358,8 @@ class SidecarPair:
         if self.records:
             processes.stop([rec.pid for rec in self.records.values() if processes.is_running(rec)])
         self.records.clear()
+        if self.temporary is not None:
+            shutil.rmtree(self.temporary, ignore_errors=True)
 
     def pids(self) -> dict[str, int]:
         return {f"envoy {name}": rec.pid for name, rec in self.records.items()}

@@ -8,6 +8,7 @@ cluster is left, also after the run is interrupted with SIGTERM.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.root
 
 
 def test_bench_quick_writes_results_and_cleans_up(meshctl: Meshctl, tmp_path: Path) -> None:
-    name = "t-bench"
+    name = f"t-bench-{os.getpid() % 100000}"  # unique: namespaces are machine-wide, test runs may overlap
     out = meshctl("bench", "--quick", "--duration", "2", "--stream-mib", "4", "--cluster-name", name,
                   "--output", str(tmp_path), check=False, timeout=280)
     assert out.returncode == 0, f"meshctl bench exited {out.returncode}:\n{out.stdout[-4000:]}\n{out.stderr[-2000:]}"
@@ -53,7 +54,7 @@ def test_bench_quick_writes_results_and_cleans_up(meshctl: Meshctl, tmp_path: Pa
 
 
 def test_bench_interrupted_removes_its_cluster(meshctl: Meshctl, tmp_path: Path) -> None:
-    name = "t-bench-int"
+    name = f"t-benchint-{os.getpid() % 100000}"
     proc = meshctl.popen("bench", "--quick", "--modes", "a", "--duration", "30", "--cluster-name", name,
                          "--output", str(tmp_path))
     assert proc.stdout is not None
