@@ -1,7 +1,7 @@
 # make demo   - bring up the bookinfo local cluster and call it (installs what it needs first)
 # make test   - every test, unit and integration (root), installing what it needs first
 # make lint   - ruff and mypy
-# make bench  - the latency and cost comparison (bench/README.md)
+# make bench  - the latency and cost comparison (bench/README.md); make bench-quick: under 5 minutes
 SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV := .venv
@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 MESHCTL := $(VENV)/bin/meshctl
 SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
-.PHONY: all setup system venv demo test test-unit test-integration lint bench clean
+.PHONY: all setup system venv demo test test-unit test-integration lint bench bench-quick clean
 
 all: test
 
@@ -47,6 +47,9 @@ lint: setup
 
 bench: setup
 	@$(MESHCTL) bench
+
+bench-quick: setup
+	@$(MESHCTL) bench --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

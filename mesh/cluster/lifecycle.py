@@ -91,12 +91,15 @@ def up(spec: ClusterSpec, ready_timeout: float = DEFAULT_READY_TIMEOUT, say: Any
     plan = make_plan(spec)
     cluster = Cluster(spec, plan, agent_args=list(agent_args or []))
     cluster.save()
+    me = os.getpid()
     try:
         _build(cluster, say)
         _start_mesh(cluster, ready_timeout)
         _start_pods(cluster)
         _wait_ready(cluster, ready_timeout)
     except BaseException:
+        if os.getpid() != me:  # a forked helper (pyroute2 forks without exec) must not clean up for us
+            os._exit(1)
         say(f"cluster {name!r} did not come up; removing what was made")
         down(name)
         raise
