@@ -315,8 +315,13 @@ class _Driver:
     def kick(self) -> None:
         """The core may have bytes to send, or a new deadline."""
         self._writer_lot.unpark_all()
-        if self._timer_scope is not None:
-            self._timer_scope.deadline = self._next_deadline()
+        scope = self._timer_scope
+        if scope is not None:
+            # Only ever bring the timer forward: moving a deadline re-sorts trio's timer heap, and a
+            # timer that wakes too early just computes the next deadline and sleeps again.
+            deadline = self._next_deadline()
+            if deadline < scope.deadline:
+                scope.deadline = deadline
 
     def release(self, tunnel: Tunnel) -> None:
         if self._tunnels.get(tunnel.stream_id) is tunnel:
