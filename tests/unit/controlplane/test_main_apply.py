@@ -1,14 +1,10 @@
-"""The control plane process's pieces together: `meshctl apply`/`delete` on the apply API, the store, a
+"""The control plane process's pieces together: `meshctl apply`/`delete` on the apply API, the store, the
 translation, the discovery stream to a real TLS client, and the apply metrics."""
 
 from __future__ import annotations
 
-import sys
-import types
 import urllib.request
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -17,7 +13,6 @@ from controlplane.main import ControlPlaneThread, Options
 from mesh.api.client import ApiClient
 from mesh.cli.main import main as meshctl
 from mesh.errors import MeshError
-from mesh.proto import discovery_pb2 as pb
 from mesh.xds import resources as rs
 from mesh.xds.client import ClientConfig, XdsClient
 from mesh.xds.node import NodeInfo
@@ -35,19 +30,7 @@ spec:
 """
 
 
-def fake_translate(snapshot: Any) -> Iterable[pb.Service]:
-    """Stands in for the real translation: one discovery Service per core Service."""
-    for body in snapshot.of_kind("Service"):
-        meta, spec = body["metadata"], body.get("spec", {})
-        ns = meta.get("namespace", "default")
-        yield pb.Service(
-            name=meta["name"], namespace=ns, hostname=f"{meta['name']}.{ns}.svc.cluster.local",
-            vips=[spec["clusterIP"]] if spec.get("clusterIP") else [],
-        )
-
-
-def test_apply_reaches_client_and_rejects_are_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "controlplane.translate", types.SimpleNamespace(translate=fake_translate))
+def test_apply_reaches_client_and_rejects_are_counted(tmp_path: Path) -> None:
     cp = ControlPlaneThread(Options(state_dir=tmp_path, grpc_listen="127.0.0.1:0", metrics_listen="127.0.0.1:0"))
     running = cp.start()
     sock = str(tmp_path / "controlplane" / "api.sock")
