@@ -24,7 +24,8 @@ from pathlib import Path
 import trio
 
 from ca.authority import CertificateAuthority
-from mesh.hbone.transport import InboundRequest, TunnelAcceptor, open_hbone_connection, serve_hbone
+from mesh.hbone.client import open_hbone_connection
+from mesh.hbone.server import InboundRequest, TunnelAcceptor, serve_hbone
 from mesh.identity import SpiffeId
 from mesh.secrets.svid import Svid, accept_issued, generate_key, load_trust_bundle
 from mesh.secrets.tls import client_context, server_context

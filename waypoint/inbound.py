@@ -22,7 +22,7 @@ import trio
 
 from mesh.hbone.errors import HboneError
 from mesh.hbone.headers import Authority
-from mesh.hbone.transport import HboneServerConnection, InboundRequest, TunnelAcceptor, serve_hbone
+from mesh.hbone.server import HboneServerConnection, InboundRequest, TunnelAcceptor, serve_hbone
 from mesh.identity import SpiffeId
 from mesh.secrets.errors import SecretsError
 from mesh.secrets.manager import SecretManager

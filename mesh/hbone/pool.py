@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 import trio
 
+from mesh.hbone.client import HboneClientConnection
 from mesh.hbone.config import HboneConfig
 from mesh.hbone.errors import ConnectionNotUsableError, HandshakeError, PoolConnectError
 from mesh.hbone.headers import Header
-from mesh.hbone.transport import HboneClientConnection, Tunnel, client_handshake
+from mesh.hbone.transport import Tunnel, client_handshake
 from mesh.identity import SpiffeId
 
 log = logging.getLogger(__name__)

@@ -1,25 +1,10 @@
 """HBONE over trio: drive the sans-IO core over a TLS stream, and hand out tunnels as trio streams.
 
-Outbound (one TLS connection, many tunnels; `mesh.hbone.pool` keeps these per destination):
-
-    async with trio.open_nursery() as nursery:
-        conn = await open_hbone_connection(nursery, tcp_stream, client_ctx, expected={server_id})
-        tunnel = await conn.open_tunnel("10.244.1.5:8080", request_headers(forwarded_for="10.244.0.7:4711"))
-        result = await relay(app_stream, tunnel)       # raises TunnelRejected on 401/503 etc.
-
-Inbound (the handler decides, then relays):
-
-    async def handler(request: InboundRequest, acceptor: TunnelAcceptor) -> None:
-        if not allowed(request.peer, request.authority):
-            await acceptor.reject(401, "denied by policy")
-            return
-        upstream = await trio.open_tcp_stream(request.authority.host, request.authority.port)
-        tunnel = await acceptor.accept()
-        await relay(tunnel, upstream)
-
-    await serve_hbone(ssl_stream, handler)              # one call per accepted TLS connection
-
-Only this module (and the pool) touches trio; all protocol decisions are in `mesh.hbone.protocol`.
+This module holds what both sides share: the TLS handshakes with their identity checks, `Tunnel` (a
+CONNECT stream as a `trio.abc.HalfCloseableStream`) and the connection driver (reader, writer and timer
+tasks around the core).  `mesh.hbone.client` opens connections and tunnels, `mesh.hbone.server`
+answers them.  Only these modules and the pool touch trio; all protocol decisions are in
+`mesh.hbone.protocol`.
 """
 
 from __future__ import annotations
@@ -27,18 +12,12 @@ from __future__ import annotations
 import logging
 import math
 import ssl
-from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
 
 import trio
 
-from mesh.hbone.config import HboneConfig
 from mesh.hbone.errors import (
-    ConnectionNotUsableError,
     HandshakeError,
-    HboneError,
-    ProtocolUsageError,
-    TunnelRejected,
     TunnelReset,
 )
 from mesh.hbone.events import (
@@ -54,10 +33,9 @@ from mesh.hbone.events import (
     StreamReset,
     StreamWritable,
 )
-from mesh.hbone.headers import Authority, ConnectRequest, Header
-from mesh.hbone.protocol import ErrorCode, HboneClient, HboneConnection, HboneServer
+from mesh.hbone.protocol import ErrorCode, HboneConnection
 from mesh.hbone.state import SENDING_STATES, TERMINAL_STREAM_STATES, ConnectionState
-from mesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
+from mesh.identity import SpiffeId
 from mesh.secrets.errors import PeerIdentityError
 from mesh.secrets.tls import ALPN_H2, check_peer
 
@@ -480,245 +458,3 @@ class _Driver:
 
     def _on_connect_requested(self, event: ConnectRequested) -> None:
         self._dispatch(self.proto.reset(event.stream_id, ErrorCode.REFUSED_STREAM))
-
-
-# -- client ----------------------------------------------------------------------------------------------
-
-
-class HboneClientConnection(_Driver):
-    """One outbound HBONE connection: call `run` in a nursery (or use `open_hbone_connection`), then
-    `open_tunnel` as often as needed.  With `idle_timeout`, it closes itself after that long without
-    tunnels."""
-
-    proto: HboneClient
-
-    def __init__(
-        self,
-        stream: trio.abc.Stream,
-        *,
-        peer: SpiffeId | None,
-        config: HboneConfig | None = None,
-        idle_timeout: float | None = None,
-    ) -> None:
-        super().__init__(HboneClient(config, now=trio.current_time()), stream, peer)
-        self.idle_timeout = idle_timeout
-        self._idle_since: float | None = trio.current_time()
-
-    @property
-    def active_tunnels(self) -> int:
-        return self.proto.active_streams
-
-    def can_open_tunnel(self) -> bool:
-        return self._nursery is not None and self.proto.can_open_stream()
-
-    async def open_tunnel(self, authority: str, headers: Sequence[Header] = ()) -> Tunnel:
-        """CONNECT to `authority` ("ip:port"); returns the tunnel once the server answered 200.
-        Raises `TunnelRejected` (with `.status`) for any other answer, `TunnelReset` if the stream or
-        connection failed first, `ConnectionNotUsableError` if this connection takes no new tunnels."""
-        if self._nursery is None:
-            raise ConnectionNotUsableError("the HBONE connection is not running (or already closed)")
-        stream_id = self.proto.open_stream(authority, headers)
-        tunnel = Tunnel(self, stream_id, authority)
-        self._tunnels[stream_id] = tunnel
-        self._idle_since = None
-        self.kick()
-        try:
-            while tunnel._answer is None and tunnel._error is None:
-                await tunnel._lot.park()
-        except BaseException:
-            self._dispatch(self.proto.reset(stream_id, ErrorCode.CANCEL))
-            self.release(tunnel)
-            raise
-        answer = tunnel._answer
-        if isinstance(answer, StreamRejected):
-            raise TunnelRejected(authority, answer.status, answer.reason)
-        if answer is None:
-            self.release(tunnel)
-            raise TunnelReset(f"CONNECT {authority} failed before an answer: {tunnel._error}")
-        return tunnel
-
-    def _on_tunnel_gone(self) -> None:
-        if not self._tunnels and self.proto.active_streams == 0:
-            self._idle_since = trio.current_time()
-
-    def _next_deadline(self) -> float:
-        deadline = super()._next_deadline()
-        if self.idle_timeout is not None and self._idle_since is not None:
-            deadline = min(deadline, self._idle_since + self.idle_timeout)
-        return deadline
-
-    def _on_timer(self, now: float) -> None:
-        if self.idle_timeout is None or self._idle_since is None:
-            return
-        if self.proto.active_streams == 0 and now >= self._idle_since + self.idle_timeout:
-            log.debug("closing HBONE connection to %s: idle for %.1fs", self._name(), now - self._idle_since)
-            self._idle_since = None
-            self._dispatch(self.proto.goaway())
-
-
-async def open_hbone_connection(
-    nursery: trio.Nursery,
-    transport: trio.abc.Stream,
-    ssl_context: ssl.SSLContext,
-    *,
-    expected: Collection[SpiffeId],
-    config: HboneConfig | None = None,
-    idle_timeout: float | None = None,
-    handshake_timeout: float = 10.0,
-) -> HboneClientConnection:
-    """TLS over `transport` (a connected TCP stream), check the server is one of `expected`, and start
-    the HBONE connection in `nursery`."""
-    tls = trio.SSLStream(transport, ssl_context, server_hostname=None)
-    peer = await client_handshake(tls, expected, timeout=handshake_timeout)
-    conn = HboneClientConnection(tls, peer=peer, config=config, idle_timeout=idle_timeout)
-    await nursery.start(conn.run)
-    return conn
-
-
-# -- server ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InboundRequest:
-    """A CONNECT the handler must answer: where to (`authority`), from whom (`peer`: the client's
-    verified SPIFFE identity, None when the server was started without a trust-domain check)."""
-
-    stream_id: int
-    authority: Authority
-    headers: tuple[Header, ...]
-    peer: SpiffeId | None
-    peer_address: str
-    forwarded_for: str | None
-    forwarded_host: str | None
-
-    def header(self, name: str) -> str | None:
-        for n, v in self.headers:
-            if n == name:
-                return v
-        return None
-
-    @property
-    def baggage(self) -> str | None:
-        return self.header("baggage")
-
-    @property
-    def traceparent(self) -> str | None:
-        return self.header("traceparent")
-
-
-class TunnelAcceptor:
-    """The handler's answer to one CONNECT: `accept()` (200) once the upstream is connected, or
-    `reject(status, reason)`: 401 denied by policy, 503 upstream unreachable, 400 bad request."""
-
-    def __init__(self, driver: HboneServerConnection, tunnel: Tunnel) -> None:
-        self._driver = driver
-        self._tunnel = tunnel
-        self.decided = False
-
-    async def accept(self) -> Tunnel:
-        self._decide()
-        self._driver.proto.accept(self._tunnel.stream_id)
-        self._driver.kick()
-        await trio.lowlevel.checkpoint()
-        return self._tunnel
-
-    async def reject(self, status: int, reason: str = "") -> None:
-        self._decide()
-        self._driver._dispatch(self._driver.proto.reject(self._tunnel.stream_id, status, reason))
-        self._driver.release(self._tunnel)
-        await trio.lowlevel.checkpoint()
-
-    def _decide(self) -> None:
-        if self.decided:
-            raise ProtocolUsageError("this CONNECT was already answered")
-        if self._tunnel._error is not None:
-            raise TunnelReset(
-                f"CONNECT {self._tunnel.authority} was cancelled by the client: {self._tunnel._error}"
-            )
-        self.decided = True
-
-
-Handler = Callable[[InboundRequest, TunnelAcceptor], Awaitable[None]]
-
-
-class HboneServerConnection(_Driver):
-    """One inbound HBONE connection: runs `handler` in its own task for every well-formed CONNECT."""
-
-    proto: HboneServer
-
-    def __init__(
-        self,
-        stream: trio.abc.Stream,
-        handler: Handler,
-        *,
-        peer: SpiffeId | None,
-        config: HboneConfig | None = None,
-    ) -> None:
-        super().__init__(HboneServer(config, now=trio.current_time()), stream, peer)
-        self._handler = handler
-        self._peer_address = _peer_name(stream) if isinstance(stream, trio.SSLStream) else "?"
-
-    def _on_connect_requested(self, event: ConnectRequested) -> None:
-        if self._nursery is None:
-            self._dispatch(self.proto.reset(event.stream_id, ErrorCode.REFUSED_STREAM))
-            return
-        request: ConnectRequest = event.request
-        tunnel = Tunnel(self, event.stream_id, str(request.authority))
-        self._tunnels[event.stream_id] = tunnel
-        info = InboundRequest(
-            stream_id=event.stream_id,
-            authority=request.authority,
-            headers=request.headers,
-            peer=self.peer,
-            peer_address=self._peer_address,
-            forwarded_for=request.forwarded_for,
-            forwarded_host=request.forwarded_host,
-        )
-        self._nursery.start_soon(self._run_handler, info, TunnelAcceptor(self, tunnel), tunnel)
-
-    async def _run_handler(self, info: InboundRequest, acceptor: TunnelAcceptor, tunnel: Tunnel) -> None:
-        try:
-            await self._handler(info, acceptor)
-        except (HboneError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.info("HBONE tunnel to %s from %s ended: %s", info.authority, info.peer, exc)
-            self._answer_if_undecided(acceptor, 503, f"upstream failed: {exc}")
-        except Exception:
-            log.exception("HBONE handler failed for CONNECT %s from %s", info.authority, info.peer)
-            self._answer_if_undecided(acceptor, 503, "internal error in the HBONE server")
-        else:
-            self._answer_if_undecided(acceptor, 503, "the server did not answer this CONNECT")
-        finally:
-            if not tunnel._closed:
-                with trio.CancelScope(shield=True):
-                    await tunnel.aclose()
-
-    def _answer_if_undecided(self, acceptor: TunnelAcceptor, status: int, reason: str) -> None:
-        if acceptor.decided or acceptor._tunnel._error is not None:
-            return
-        acceptor.decided = True
-        try:
-            self._dispatch(self.proto.reject(acceptor._tunnel.stream_id, status, reason))
-        except HboneError:
-            return
-        self.kick()
-
-
-async def serve_hbone(
-    stream: trio.SSLStream[trio.abc.Stream],
-    handler: Handler,
-    *,
-    trust_domain: str | None = DEFAULT_TRUST_DOMAIN,
-    config: HboneConfig | None = None,
-    handshake_timeout: float = 10.0,
-    task_status: trio.TaskStatus[HboneServerConnection] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve one accepted TLS connection (handshake not yet done) until it closes.
-
-    The client must present an SVID of `trust_domain` (else `HandshakeError`, the stream closed);
-    its identity is `InboundRequest.peer`.  `handler(request, acceptor)` runs once per CONNECT in its
-    own task; when it returns the tunnel is closed, so relay inside it.  An exception in a handler is
-    logged and costs that tunnel only (503 if it was not answered yet)."""
-    peer = await server_handshake(stream, trust_domain, timeout=handshake_timeout)
-    conn = HboneServerConnection(stream, handler, peer=peer, config=config)
-    task_status.started(conn)
-    await conn.run()

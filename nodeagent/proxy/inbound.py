@@ -15,7 +15,7 @@ import trio
 
 from mesh.hbone.errors import HboneError
 from mesh.hbone.relay import relay
-from mesh.hbone.transport import InboundRequest, TunnelAcceptor, serve_hbone
+from mesh.hbone.server import InboundRequest, TunnelAcceptor, serve_hbone
 from mesh.identity import SpiffeId
 from mesh.secrets.errors import SecretsError
 from nodeagent.accesslog import INBOUND, RESULT_OK, AccessLogEntry, decision_fields, result_upstream_failed

@@ -28,9 +28,10 @@ from envoy_helpers import (
     write_svid,
 )
 
+from mesh.hbone.client import open_hbone_connection
 from mesh.hbone.errors import TunnelRejected
 from mesh.hbone.headers import request_headers
-from mesh.hbone.transport import InboundRequest, TunnelAcceptor, open_hbone_connection, serve_hbone
+from mesh.hbone.server import InboundRequest, TunnelAcceptor, serve_hbone
 from mesh.identity import SpiffeId
 from mesh.secrets.svid import Svid
 from mesh.secrets.tls import client_context, server_context

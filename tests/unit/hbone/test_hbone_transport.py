@@ -10,15 +10,11 @@ import pytest
 import trio
 from hbone_helpers import INTRUDER, SLEEP, WEB, Mint, Tls, echo_handler, hbone_server, mint_from, tls_for
 
+from mesh.hbone.client import HboneClientConnection, open_hbone_connection
 from mesh.hbone.errors import HandshakeError, TunnelRejected, TunnelReset
 from mesh.hbone.headers import request_headers
 from mesh.hbone.relay import RelayResult, relay
-from mesh.hbone.transport import (
-    HboneClientConnection,
-    InboundRequest,
-    TunnelAcceptor,
-    open_hbone_connection,
-)
+from mesh.hbone.server import InboundRequest, TunnelAcceptor
 from mesh.identity import SpiffeId
 
 

@@ -19,7 +19,7 @@ from ca.pods import InMemoryPodLocator
 from ca.serve import start_ca_server
 from mesh.hbone.errors import HboneError
 from mesh.hbone.pool import HbonePool, tcp_connect
-from mesh.hbone.transport import InboundRequest, TunnelAcceptor, serve_hbone
+from mesh.hbone.server import InboundRequest, TunnelAcceptor, serve_hbone
 from mesh.identity import SpiffeId
 from mesh.secrets.client import CAClient
 from mesh.secrets.manager import SecretManager
