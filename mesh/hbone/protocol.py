@@ -112,6 +112,7 @@ class HboneConnection:
             validate_inbound_headers=self._client_side,
         )
         self._h2 = h2.connection.H2Connection(h2_config)
+        self._held = bytearray()  # bytes h2 produced that `data_to_send` has not handed out yet
         settings = {
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: config.stream_window,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: config.max_frame_size,
@@ -152,7 +153,17 @@ class HboneConnection:
         stream = self._streams.get(stream_id)
         return stream.state if stream else None
 
+    def has_output(self) -> bool:
+        """Whether `data_to_send()` would return bytes, so a transport wakes its writer only then."""
+        produced = self._h2.data_to_send()  # kept, in order, ahead of anything h2 produces later
+        if produced:
+            self._held += produced
+        return bool(self._held)
+
     def data_to_send(self) -> bytes:
+        if self._held:
+            held, self._held = bytes(self._held), bytearray()
+            return held + self._h2.data_to_send()
         return self._h2.data_to_send()
 
     def buffered(self, stream_id: int) -> int:
@@ -346,7 +357,8 @@ class HboneConnection:
         return out
 
     def acknowledge(self, stream_id: int, length: int) -> None:
-        """`length` received bytes of `stream_id` were consumed: let the peer send that much more."""
+        """`length` received bytes of `stream_id` were consumed: let the peer send that much more
+        (h2 sends a WINDOW_UPDATE only once enough was consumed)."""
         if length > 0 and self._state is not ConnectionState.CLOSED:
             self._h2.acknowledge_received_data(length, stream_id)
 

@@ -291,8 +291,10 @@ class _Driver:
     # -- what others call
 
     def kick(self) -> None:
-        """The core may have bytes to send, or a new deadline."""
-        self._writer_lot.unpark_all()
+        """The core may have bytes to send, or a new deadline.  The writer is woken only when there
+        are bytes: most received chunks produce none, and a needless wake-up is a task switch."""
+        if self.proto.has_output():
+            self._writer_lot.unpark_all()
         scope = self._timer_scope
         if scope is not None:
             # Only ever bring the timer forward: moving a deadline re-sorts trio's timer heap, and a
