@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ca.errors import CAStoreError, SigningError, TTLError
+from mesh.files import write_atomic
 from mesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId, check_trust_domain
 
 CA_CERT = "ca-cert.pem"
@@ -64,22 +65,6 @@ def load_pem_certs(data: bytes, what: str) -> list[x509.Certificate]:
 
 def to_pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
-
-
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    """Create `path` with `mode` from the start (a key is never readable by others, even briefly)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _is_issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
@@ -389,7 +374,7 @@ def write_ca_dir(path: Path, key: SigningKey, chain: Sequence[x509.Certificate])
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    _write_file(path / CA_KEY, key_pem, 0o600)
-    _write_file(path / CA_CERT, to_pem(chain[0]).encode(), 0o644)
-    _write_file(path / CERT_CHAIN, "".join(to_pem(c) for c in chain).encode(), 0o644)
-    _write_file(path / ROOT_CERT, to_pem(chain[-1]).encode(), 0o644)
+    write_atomic(path / CA_KEY, key_pem, 0o600)
+    write_atomic(path / CA_CERT, to_pem(chain[0]).encode(), 0o644)
+    write_atomic(path / CERT_CHAIN, "".join(to_pem(c) for c in chain).encode(), 0o644)
+    write_atomic(path / ROOT_CERT, to_pem(chain[-1]).encode(), 0o644)

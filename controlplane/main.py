@@ -41,8 +41,8 @@ from controlplane.discovery_http import DebugHttp
 from controlplane.discovery_pods import WorkloadPodLocator
 from controlplane.discovery_source import MemorySource, ResourceSource, TranslatedSource
 from controlplane.metrics import ControlPlaneMetrics, log_event
-from mesh.cluster.state import write_atomic
 from mesh.errors import MeshError
+from mesh.files import write_atomic
 
 log = logging.getLogger("controlplane")
 T = TypeVar("T")

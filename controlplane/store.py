@@ -43,7 +43,7 @@ from mesh.api.validate import (
     label_semantics_problem,
     validate_documents,
 )
-from mesh.cluster.state import write_atomic
+from mesh.files import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
-import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from pathlib import Path
 import trio
 from prometheus_client import CollectorRegistry
 
-from mesh.errors import MeshError
+from mesh.process import raise_open_files_limit, serve_until_signalled
 from mesh.xds import resources as rs
 from mesh.xds.client import ClientConfig
 from mesh.xds.client_state import Update
@@ -117,33 +115,17 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                    ready_listen=args.ready_listen, cert_ttl=args.cert_ttl, connect_timeout=args.connect_timeout)
 
 
-def raise_open_files_limit() -> None:
-    """Each proxied connection holds two or three sockets: take the whole hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     raise_open_files_limit()
 
-    async def supervised() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run, opts)
-                async for _ in signals:
-                    log.info('{"event": "stopping", "node": "%s"}', opts.node)
-                    nursery.cancel_scope.cancel()
-                    break
+    async def body(stop: trio.Event) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, opts)
+            await stop.wait()  # the node's pods keep their rules; the next run adopts them
+            nursery.cancel_scope.cancel()
 
-    try:
-        trio.run(supervised)
-    except MeshError as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
-
+    return serve_until_signalled(body, log, f'{{"event": "stopping", "node": "{opts.node}"}}')
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import trio
 
-from mesh.errors import MeshError
+from mesh.process import raise_open_files_limit, serve_until_signalled
 from mesh.xds.client import ClientConfig
 from mesh.xds.trio_client import open_xds_client
 from waypoint.discovery import SUBSCRIPTIONS
@@ -99,13 +97,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, str]:
     return opts, args.log_level
 
 
-def raise_open_files_limit() -> None:
-    """Each proxied request holds a tunnel in and a connection out: take the whole hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     opts, level = parse_args(argv)
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stdout,
@@ -113,28 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("waypoint.access").propagate = False  # access lines go to stdout as bare JSON
     raise_open_files_limit()
 
-    async def supervised() -> None:
-        stop = trio.Event()
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                async def run_then_stop() -> None:
-                    await run(opts, stop)
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(run_then_stop)
-                async for _ in signals:
-                    log.info('{"event": "stopping", "waypoint": "%s"}', opts.key)
-                    stop.set()
-                    break
-                await trio.sleep_forever()
-
-    try:
-        trio.run(supervised)
-    except MeshError as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
-
+    return serve_until_signalled(lambda stop: run(opts, stop), log,
+                                 f'{{"event": "stopping", "waypoint": "{opts.key}"}}')
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import socket
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from mesh.api.client import UnixHTTPConnection
 from mesh.cluster.state import cluster_dir, find_cluster
 from mesh.errors import MeshError
 
@@ -28,18 +28,6 @@ class ProxyStatusError(MeshError):
     pass
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
-
-
 def fetch_connections(socket_path: str | None = None, url: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
     where = url or socket_path or "?"
     try:
@@ -49,7 +37,7 @@ def fetch_connections(socket_path: str | None = None, url: str | None = None, ti
             conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 15014, timeout=timeout)
         else:
             assert socket_path is not None
-            conn = _UnixHTTPConnection(socket_path, timeout)
+            conn = UnixHTTPConnection(socket_path, timeout)
         conn.request("GET", "/debug/connections")
         resp = conn.getresponse()
         body = resp.read()

@@ -196,11 +196,14 @@ def down(name: str) -> list[str]:
     /etc/netns entries and the state directory.  Returns a summary of what was removed."""
     require_root("cluster down")
     removed: list[str] = []
-    pids: set[int] = set(processes.marked_pids(name))
     try:
         record = state.read_record(name)
     except MeshError:
         record = {}
+    # The controller first: it makes waypoint pods, and must not make one while the rest goes.
+    controllers = [ProcessRecord.from_json(p) for p in record.get("processes", []) if p["name"] == "controller"]
+    processes.stop([c.pid for c in controllers if processes.start_time(c.pid) == c.start_time])
+    pids: set[int] = set(processes.marked_pids(name))
     for data in record.get("processes", []):
         rec = ProcessRecord.from_json(data)
         if processes.start_time(rec.pid) == rec.start_time:

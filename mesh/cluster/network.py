@@ -30,6 +30,14 @@ class NetworkError(MeshError):
     pass
 
 
+def _open(name: str) -> NetNS:
+    """A handle on an existing namespace.  pyroute2 creates a missing one by default, which would
+    bring back a namespace that a concurrent `down` has just removed."""
+    if not mnetns.exists(name):
+        raise NetworkError(f"network namespace {name} does not exist (is the cluster being removed?)")
+    return NetNS(name, flags=0)
+
+
 def _up(ns: NetNS, ifname: str) -> int:
     index: int = ns.link_lookup(ifname=ifname)[0]
     ns.link("set", index=index, state="up")
@@ -40,13 +48,13 @@ def create_netns(name: str) -> None:
     if mnetns.exists(name):
         raise NetworkError(f"network namespace {name} already exists")
     netns.create(name)
-    with NetNS(name) as ns:
+    with _open(name) as ns:
         _up(ns, "lo")
 
 
 def build_underlay(plan: ClusterPlan) -> None:
     create_netns(plan.underlay_netns)
-    with NetNS(plan.underlay_netns) as ns:
+    with _open(plan.underlay_netns) as ns:
         ns.link("add", ifname=UNDERLAY_BRIDGE, kind="bridge")
         index = _up(ns, UNDERLAY_BRIDGE)
         ns.addr("add", index=index, address=str(plan.underlay_gateway), prefixlen=plan.underlay_prefixlen)
@@ -54,7 +62,7 @@ def build_underlay(plan: ClusterPlan) -> None:
 
 def build_node(plan: ClusterPlan, node: NodePlan) -> None:
     create_netns(node.netns)
-    with NetNS(node.netns) as ns:
+    with _open(node.netns) as ns:
         ns.link("add", ifname="eth0", kind="veth",
                 peer={"ifname": node.underlay_port, "net_ns_fd": plan.underlay_netns})
         eth0 = _up(ns, "eth0")
@@ -65,7 +73,7 @@ def build_node(plan: ClusterPlan, node: NodePlan) -> None:
         for other in plan.nodes:
             if other.name != node.name:
                 ns.route("add", dst=str(other.pod_cidr), gateway=str(other.underlay_ip))
-    with NetNS(plan.underlay_netns) as ul:
+    with _open(plan.underlay_netns) as ul:
         port = ul.link_lookup(ifname=node.underlay_port)[0]
         ul.link("set", index=port, master=ul.link_lookup(ifname=UNDERLAY_BRIDGE)[0], state="up")
         # The control plane listens in the underlay: pods that talk to it themselves (waypoints) need
@@ -80,14 +88,14 @@ def build_node(plan: ClusterPlan, node: NodePlan) -> None:
 def build_pod(plan: ClusterPlan, pod: PodPlan) -> None:
     create_netns(pod.netns)
     node = plan.node(pod.node)
-    with NetNS(node.netns) as ns:
+    with _open(node.netns) as ns:
         ns.link("add", ifname=pod.host_veth, kind="veth", peer={"ifname": "eth0", "net_ns_fd": pod.netns})
         index = ns.link_lookup(ifname=pod.host_veth)[0]
         ns.link("set", index=index, master=ns.link_lookup(ifname=NODE_BRIDGE)[0], state="up")
         # Hairpin mode, as kubelet sets it: a pod's connection to its own service is DNATed back to
         # the port it came in on, which a bridge otherwise refuses to send a frame out of.
         ns.brport("set", index=index, mode=1)
-    with NetNS(pod.netns) as ns:
+    with _open(pod.netns) as ns:
         eth0 = _up(ns, "eth0")
         ns.addr("add", index=eth0, address=str(pod.ip), prefixlen=pod.prefixlen)
         ns.route("add", dst="0.0.0.0/0", gateway=str(pod.gateway))

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from mesh.errors import MeshError
+from mesh.files import write_atomic
 
 DEFAULT_STATE_ROOT = Path("/run/ambient-mesh")
 RECORD_FILE = "cluster.json"
@@ -55,22 +55,6 @@ def find_cluster(name: str | None) -> str:
             f"several clusters are up ({', '.join(clusters)}): choose one with --cluster NAME"
         )
     return clusters[0]
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data` so that a reader sees the old or the new content, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_record(name: str) -> dict[str, Any]:

@@ -445,3 +445,12 @@ def test_request_metrics_reported_by_the_waypoint(mesh: WaypointMesh) -> None:
                for line in reviews)
     assert any('response_flags="FI"' in line for line in lines)  # the aborts of the fault test
     assert "waypoint_xds_connected 1.0" in metrics
+
+
+def test_down_with_a_waypoint_leaves_nothing(mesh: WaypointMesh, meshctl: Meshctl) -> None:
+    """Last in this module: it removes the cluster.  The controller that makes waypoint pods must not
+    bring back any namespace while `down` removes them."""
+    from tests.integration.conftest import leftovers
+
+    meshctl("cluster", "down", mesh.name)
+    assert leftovers(mesh.name) == []

@@ -1,0 +1,47 @@
+"""What every long-running data plane process does the same way: file limits, signals, exit codes."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import signal
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from mesh.errors import MeshError
+
+
+def raise_open_files_limit() -> None:
+    """A proxied connection holds two or three sockets: take the whole hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def serve_until_signalled(body: Callable[[trio.Event], Awaitable[None]], log: logging.Logger,
+                          stopping: str) -> int:
+    """Run `body(stop)` under trio until it returns; SIGTERM or SIGINT sets `stop` (the body drains
+    and returns).  A `MeshError` is logged as one line and the exit status is 1."""
+
+    async def supervised() -> None:
+        stop = trio.Event()
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                async def run_then_stop() -> None:
+                    await body(stop)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(run_then_stop)
+                async for _ in signals:
+                    log.info("%s", stopping)
+                    stop.set()
+                    break
+                await trio.sleep_forever()
+
+    try:
+        trio.run(supervised)
+    except MeshError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
