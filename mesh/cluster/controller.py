@@ -10,6 +10,7 @@ waypoint pods; a failed step is logged and tried again on the next round.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -31,7 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     record = state.read_record(args.cluster)
-    cluster_plan = plan.make_plan(spec.load(record["source"]))
+    # The name is the cluster's, not the file's: a cluster may be started under another name.
+    cluster_plan = plan.make_plan(dataclasses.replace(spec.load(record["source"]), name=args.cluster))
     controller = WaypointController(args.cluster, cluster_plan, state.cluster_dir(args.cluster), args.cert_ttl)
     for proc in record.get("processes", []):  # adopt the waypoints an earlier run started
         if proc["name"].startswith("waypoint "):
