@@ -48,7 +48,7 @@ class Agent:
         self.metrics = NodeAgentMetrics.create(registry)
         self.pool = HbonePool(pool_connect(opts.connect_timeout), certs.client_context,
                               connect_timeout=opts.connect_timeout)
-        self.parts = AgentParts(node=opts.node, state=state, certs=certs, pool=self.pool, metrics=self.metrics,
+        self.parts = AgentParts(state=state, certs=certs, pool=self.pool, metrics=self.metrics,
                                 log=AccessLog(sys.stdout), trust_domain=opts.trust_domain,
                                 connect_timeout=opts.connect_timeout)
         self.enroller: Enroller | None = None

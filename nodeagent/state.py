@@ -2,7 +2,7 @@
 
 A read model (STYLE.md 3): only the discovery handler changes it, through `apply()`, which takes one
 update for one resource type and swaps the indexes in whole, so a reader never sees half an update.
-Proxies get the narrow lookups they need (`WorkloadLookup`), never the discovery client.
+Proxies only read it (lookups by uid, address, VIP, hostname); they never see the discovery client.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from mesh.proto import discovery_pb2 as pb
 
@@ -18,12 +18,6 @@ WORKLOAD = "workload"
 SERVICE = "service"
 AUTHORIZATION = "authorization"
 M = TypeVar("M", pb.Workload, pb.Service, pb.Authorization)
-
-
-class WorkloadLookup(Protocol):
-    def workload_by_address(self, ip: str) -> pb.Workload | None: ...
-    def service_by_vip(self, ip: str) -> pb.Service | None: ...
-    def workload(self, uid: str) -> pb.Workload | None: ...
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any
 from mesh.cluster import processes
 from mesh.cluster.processes import ProcessRecord
 from mesh.errors import MeshError
+from mesh.files import write_atomic
 
 CONTROLPLANE_GRPC_PORT = 15012
 CONTROLPLANE_METRICS_PORT = 15014
@@ -89,10 +90,7 @@ def mint_node_token(home: Path, node: str) -> Path:
 
     issuer = NodeTokenIssuer.load_or_create(home / CONTROLPLANE_SUBDIR / "node-token-key.pem")
     path = home / "nodes" / node / "token"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(issuer.mint_node_token(node))
+    write_atomic(path, issuer.mint_node_token(node).encode(), mode=0o600)
     return path
 
 

@@ -30,7 +30,6 @@ from mesh.errors import MeshError
 log = logging.getLogger(__name__)
 
 DEFAULT_READY_TIMEOUT = 30.0
-BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class ClusterError(MeshError):
@@ -140,12 +139,10 @@ def _start_mesh(cluster: Cluster, timeout: float) -> None:
 
 
 def pod_env(plan: ClusterPlan, pod: PodPlan) -> dict[str, str]:
-    env = {
-        "PATH": os.environ.get("PATH", BASE_PATH), "HOME": os.environ.get("HOME", "/root"),
-        "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1", "HOSTNAME": pod.name,
-        "POD_NAME": pod.name, "POD_NAMESPACE": pod.namespace, "POD_IP": str(pod.ip),
+    env = components.component_env({
+        "HOSTNAME": pod.name, "POD_NAME": pod.name, "POD_NAMESPACE": pod.namespace, "POD_IP": str(pod.ip),
         "NODE_NAME": pod.node, "SERVICE_ACCOUNT": pod.spec.service_account,
-    }
+    })
     env.update(dict(pod.spec.env))
     return env
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from mesh.cluster import components, network, processes, state
 from mesh.cluster.plan import ClusterPlan, PodPlan
 from mesh.cluster.processes import ProcessRecord
 from mesh.cluster.spec import PodSpec
+from mesh.files import write_atomic
 
 log = logging.getLogger("mesh.cluster.waypoints")
 
@@ -145,10 +145,8 @@ class WaypointController:
 
         issuer = NodeTokenIssuer.load_or_create(self.home / components.CONTROLPLANE_SUBDIR / "node-token-key.pem")
         path = self.home / "waypoints" / wp.namespace / wp.name / "token"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(issuer.mint_workload_token(SpiffeId(components.TRUST_DOMAIN, wp.namespace, wp.name)))
+        token = issuer.mint_workload_token(SpiffeId(components.TRUST_DOMAIN, wp.namespace, wp.name))
+        write_atomic(path, token.encode(), mode=0o600)
         return path
 
     def _register(self, wp: WaypointPod, pod: PodPlan) -> None:

@@ -6,13 +6,12 @@ access log); `PodContext` adds the pod.  The proxies read the state; they never 
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass
 
 import trio
 
-from mesh.hbone.pool import HbonePool, PoolKey
+from mesh.hbone.pool import ConnectFn, HbonePool, PoolKey
 from mesh.proto import discovery_pb2 as pb
 from mesh.secrets.manager import SecretManager
 from nodeagent.accesslog import AccessLog, Peer
@@ -24,7 +23,6 @@ from nodeagent.state import MeshState
 
 @dataclass(frozen=True)
 class AgentParts:
-    node: str
     state: MeshState
     certs: SecretManager
     pool: HbonePool
@@ -61,7 +59,7 @@ async def connect_in(netns: str, address: tuple[str, int], timeout: float) -> tr
     return trio.SocketStream(sock)
 
 
-def pool_connect(timeout: float):  # type: ignore[no-untyped-def]
+def pool_connect(timeout: float) -> ConnectFn:
     """The pool's dialer: HBONE connections leave from the source pod's namespace (`key.origin`)."""
 
     async def connect(key: PoolKey) -> trio.abc.Stream:
@@ -70,9 +68,8 @@ def pool_connect(timeout: float):  # type: ignore[no-untyped-def]
     return connect
 
 
-def peer_of(stream: trio.SocketStream, which: str = "peer") -> tuple[str, int]:
-    sock = stream.socket
-    addr = sock.getpeername() if which == "peer" else sock.getsockname()
+def peer_of(stream: trio.SocketStream) -> tuple[str, int]:
+    addr = stream.socket.getpeername()
     return str(addr[0]), int(addr[1])
 
 
@@ -93,4 +90,4 @@ class Clock:
         return time.monotonic() - self._t0
 
 
-SOCKET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, socket.timeout)
+SOCKET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)

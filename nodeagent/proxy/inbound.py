@@ -51,8 +51,11 @@ async def handle_hbone(ctx: PodContext, stream: trio.SocketStream) -> None:
 
 async def _tunnel(ctx: PodContext, request: InboundRequest, acceptor: TunnelAcceptor) -> None:
     clock = Clock()
-    src_ip, _, src_port = (request.forwarded_for or request.peer_address or "").rpartition(":")
-    src_ip = src_ip.strip("[]")
+    # Authorize on the connection's own peer address (HBONE leaves the source pod with its address);
+    # `Forwarded` is the client's word, good for the log's port but never for an ipBlocks decision.
+    src_ip = request.peer_address.rpartition(":")[0].strip("[]")
+    fwd_ip, _, fwd_port = (request.forwarded_for or "").rpartition(":")
+    src_port = fwd_port if fwd_ip.strip("[]") == src_ip else ""
     port = request.authority.port
     if request.authority.host != ctx.pod.ip:
         ctx.parts.metrics.agent.connection_failed("inbound", FailureReason.BAD_REQUEST)

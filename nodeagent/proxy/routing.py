@@ -63,10 +63,7 @@ def target_port(w: pb.Workload, svc: pb.Service, port: int) -> int | None:
 def endpoints(view: MeshState, svc: pb.Service, port: int) -> list[tuple[pb.Workload, int]]:
     """Healthy workloads behind a service port, with the port each listens on."""
     out = []
-    uids = [e.workload_uid for e in svc.endpoints]
-    candidates = [view.workload(u) for u in uids] if uids else \
-        [w for w in view.workloads() if service_key(svc) in w.services]
-    for w in candidates:
+    for w in (view.workload(e.workload_uid) for e in svc.endpoints):
         if w is None or w.status != pb.HEALTHY or not w.addresses:
             continue
         tp = target_port(w, svc, port)
