@@ -11,9 +11,8 @@ out which names changed by comparing versions, and pushes only those.  Versions 
 content changes; `mesh.xds.resources.version_of` (a content hash) is the easy way.
 
 - `MemorySource`: resources set and removed directly (tests, benchmarks).
-- `MessageSource`: wraps a function that returns every discovery message (the translation of the
-  store); call `notify()` after the store changes.  It packs, names and versions the messages once per
-  change, on the first `resources()` call after it.
+- `TranslatedSource`: the translation of the configuration store, packed, named and versioned once per
+  store version, on the first `resources()` call after a change.
 """
 
 from __future__ import annotations
@@ -29,6 +28,21 @@ from controlplane.xds_state import Resources
 from mesh.xds import resources as rs
 
 Callback = Callable[[], None]
+Entry = tuple[str, any_pb2.Any]  # (version, packed resource)
+
+
+def entry(msg: Message) -> tuple[str, str, Entry]:
+    """(type URL, resource name, (version, packed)) of one discovery message."""
+    packed = rs.pack(msg)
+    return packed.type_url, rs.name_of(msg), (rs.version_of(packed), packed)
+
+
+def by_type(messages: Iterable[Message]) -> dict[str, dict[str, Entry]]:
+    out: dict[str, dict[str, Entry]] = {t: {} for t in rs.ALL_TYPES}
+    for msg in messages:
+        type_url, name, value = entry(msg)
+        out.setdefault(type_url, {})[name] = value
+    return out
 
 
 class ResourceSource(Protocol):
@@ -61,23 +75,21 @@ class _Watchers:
 
 
 class MemorySource(_Watchers):
-    """Resources kept in memory; every `put`/`remove`/`replace` notifies watchers (unless `quiet`)."""
+    """Resources kept in memory; every `put`/`remove` notifies watchers (unless `quiet`)."""
 
     def __init__(self, messages: Iterable[Message] = ()) -> None:
         super().__init__()
-        self._data: dict[str, dict[str, tuple[str, any_pb2.Any]]] = {t: {} for t in rs.ALL_TYPES}
+        self._data = by_type(messages)
         self._data_lock = threading.Lock()
-        for m in messages:
-            self.put(m, quiet=True)
 
     def resources(self) -> Resources:
         with self._data_lock:
             return {t: dict(v) for t, v in self._data.items()}
 
     def put(self, msg: Message, quiet: bool = False) -> None:
-        packed = rs.pack(msg)
+        type_url, name, value = entry(msg)
         with self._data_lock:
-            self._data.setdefault(packed.type_url, {})[rs.name_of(msg)] = (rs.version_of(packed), packed)
+            self._data.setdefault(type_url, {})[name] = value
         if not quiet:
             self.notify()
 
@@ -86,45 +98,6 @@ class MemorySource(_Watchers):
             self._data.get(type_url, {}).pop(name, None)
         if not quiet:
             self.notify()
-
-    def replace(self, messages: Iterable[Message]) -> None:
-        fresh: dict[str, dict[str, tuple[str, any_pb2.Any]]] = {t: {} for t in rs.ALL_TYPES}
-        for m in messages:
-            packed = rs.pack(m)
-            fresh.setdefault(packed.type_url, {})[rs.name_of(m)] = (rs.version_of(packed), packed)
-        with self._data_lock:
-            self._data = fresh
-        self.notify()
-
-
-class MessageSource(_Watchers):
-    """Serves whatever `produce()` returns; recomputed lazily after `notify()`."""
-
-    def __init__(self, produce: Callable[[], Iterable[Message]]) -> None:
-        super().__init__()
-        self._produce = produce
-        self._lock = threading.Lock()
-        self._dirty = True
-        self._cache: dict[str, dict[str, tuple[str, any_pb2.Any]]] = {}
-
-    def notify(self) -> None:
-        with self._lock:
-            self._dirty = True
-        super().notify()
-
-    def resources(self) -> Resources:
-        with self._lock:
-            if self._dirty:
-                self._cache = self._build()
-                self._dirty = False
-            return self._cache
-
-    def _build(self) -> dict[str, dict[str, tuple[str, any_pb2.Any]]]:
-        out: dict[str, dict[str, tuple[str, any_pb2.Any]]] = {t: {} for t in rs.ALL_TYPES}
-        for m in self._produce():
-            packed = rs.pack(m)
-            out.setdefault(packed.type_url, {})[rs.name_of(m)] = (rs.version_of(packed), packed)
-        return out
 
 
 def changed_names(old: Resources, new: Resources) -> dict[str, set[str]]:
@@ -149,21 +122,19 @@ class TranslatedSource(_Watchers):
         super().__init__()
         self._config = config
         self._translate = translate
-        self._lock = threading.Lock()
+        # Its own lock: the store calls `notify` (the watchers' lock) while holding its lock, so the
+        # watchers' lock must never be held while asking the store for a snapshot.
+        self._cache_lock = threading.Lock()
         self._version: Any = object()
-        self._cache: dict[str, dict[str, tuple[str, any_pb2.Any]]] = {}
+        self._cache: dict[str, dict[str, Entry]] = {}
         self._unsubscribe = config.subscribe(lambda _event: self.notify())
 
     def close(self) -> None:
         self._unsubscribe()
 
     def resources(self) -> Resources:
-        with self._lock:
+        with self._cache_lock:
             snap = self._config.snapshot()
             if snap.version != self._version:
-                out: dict[str, dict[str, tuple[str, any_pb2.Any]]] = {t: {} for t in rs.ALL_TYPES}
-                for m in self._translate(snap):
-                    packed = rs.pack(m)
-                    out.setdefault(packed.type_url, {})[rs.name_of(m)] = (rs.version_of(packed), packed)
-                self._cache, self._version = out, snap.version
+                self._cache, self._version = by_type(self._translate(snap)), snap.version
             return self._cache

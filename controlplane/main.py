@@ -8,14 +8,13 @@ DIR is the cluster's state directory; the control plane keeps everything under `
     ca/                  the CA's root and signing key (generated on first start; see `ca.authority`);
                          clients trust `ca/root-cert.pem`
     node-token-key.pem   the key node tokens are signed with (`ca.auth.NodeTokenIssuer`)
-    api.sock             the apply API (the config store's server), when that component is present
+    api.sock             the apply API (the config store's server)
     debug.sock           local-only HTTP: /debug/connections (what `meshctl proxy-status` reads), /metrics
     endpoints.json       written once serving: {"pid", "grpc", "metrics", "version"} with the real ports
 
 Assembly, top to bottom (`serve`): metrics registry, CA, configuration source, discovery server, one
 grpc.aio server (TLS) hosting both services, HTTP endpoints, apply API; then wait for SIGTERM/SIGINT and
-shut down in the reverse order.  Optional parts (CA, store) are imported lazily: without the CA package
-the process only serves discovery, in plaintext and only when `--plaintext` is given.
+shut down in the reverse order.  `--plaintext` serves gRPC without TLS (debugging only).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -36,11 +36,20 @@ from typing import Any, TypeVar
 
 import grpc
 
+from ca.auth import NodeTokenIssuer
+from ca.authority import CertificateAuthority
+from ca.metrics import CAMetrics
+from ca.service import AsyncCertificateServicer, CertificateService
+from ca.service import add_to_server as add_ca
+from ca.serving import server_credentials
+from controlplane.apiserver import ApiServer
 from controlplane.discovery import DiscoveryServer, add_to_server
 from controlplane.discovery_http import DebugHttp
 from controlplane.discovery_pods import WorkloadPodLocator
-from controlplane.discovery_source import MemorySource, ResourceSource, TranslatedSource
+from controlplane.discovery_source import ResourceSource, TranslatedSource
 from controlplane.metrics import ControlPlaneMetrics, log_event
+from controlplane.store import Store
+from controlplane.translate import translate
 from mesh.errors import MeshError
 from mesh.files import write_atomic
 
@@ -110,12 +119,7 @@ def _serving_hosts(opts: Options) -> list[str]:
 
 
 def _make_source(opts: Options, metrics: ControlPlaneMetrics, extras: dict[str, Any]) -> ResourceSource:
-    """The configuration store (state under `controlplane/store/`) and its translation, when present."""
-    try:
-        from controlplane.store import Store
-    except ImportError:
-        log.warning("no configuration store in this build: serving an empty configuration")
-        return MemorySource()
+    """The configuration store (state under `controlplane/store/`) and its translation."""
     store = Store(opts.home / STORE_SUBDIR)
     extras["store"] = store
 
@@ -129,52 +133,27 @@ def _make_source(opts: Options, metrics: ControlPlaneMetrics, extras: dict[str, 
         )
 
     store.subscribe(on_change)
-    try:
-        from controlplane.translate import translate  # type: ignore[attr-defined,import-not-found,unused-ignore]
-    except ImportError:
-        log.warning("no translation in this build: the store is kept but discovery serves nothing")
-        return MemorySource()
-    return TranslatedSource(store, translate)
+    return TranslatedSource(store, functools.partial(translate, trust_domain=opts.trust_domain))
 
 
-def _start_api(home: Path, extras: dict[str, Any], metrics: ControlPlaneMetrics) -> Any:
+def _start_api(home: Path, extras: dict[str, Any], metrics: ControlPlaneMetrics) -> ApiServer | None:
     store = extras.get("store")
     if store is None:
         return None
-    try:
-        from controlplane.apiserver import ApiServer
-    except ImportError:
-        log.warning("no apply API in this build")
-        return None
-    api_log = logging.getLogger("controlplane.apiserver")
-    api_log.addFilter(_ApplyRecorder(metrics))
-    if api_log.getEffectiveLevel() > logging.INFO:
-        api_log.setLevel(logging.INFO)
-    api = ApiServer(store, home / API_SOCKET)
+
+    def record(path: str, status: int, version: str | int, errors: int, ms: float) -> None:
+        """One structured line per apply, delete or label, and the rejected-applies counter."""
+        if path not in ("/apply", "/delete", "/label"):
+            return
+        accepted = status == 200
+        if path == "/apply" and not accepted:
+            metrics.apply(False)
+        log_event("apply" if path == "/apply" else path.lstrip("/"), request=path, status=status,
+                  accepted=accepted, version=version, errors=errors, ms=round(ms, 1))
+
+    api = ApiServer(store, home / API_SOCKET, on_request=record)
     api.start()
     return api
-
-
-class _ApplyRecorder(logging.Filter):
-    """Turns the apply API's per-request log record ("api %s status=%d version=%s errors=%d ms=%.1f")
-    into the structured apply line and the rejected-applies counter.  Interim: until the API server
-    offers a result hook, this reads the record's arguments (never its formatted text)."""
-
-    def __init__(self, metrics: ControlPlaneMetrics) -> None:
-        super().__init__()
-        self._metrics = metrics
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args: tuple[Any, ...] = record.args if isinstance(record.args, tuple) else ()
-        if str(record.msg).startswith("api ") and len(args) >= 5 and args[0] in ("/apply", "/delete", "/label"):
-            path, status, version, errors, ms = args[:5]
-            accepted = int(status) == 200
-            if path == "/apply" and not accepted:
-                self._metrics.apply(False)
-            log_event("apply" if path == "/apply" else path.lstrip("/"), request=path, status=int(status),
-                      accepted=accepted, version=version, errors=errors, ms=round(float(ms), 1))
-            return False  # the structured line replaces it
-        return True
 
 
 def _ref_name(ref: Any) -> str:
@@ -205,30 +184,16 @@ async def serve(
     add_to_server(server, discovery)
     root_pem: bytes | None = None
     creds = None
-    try:
-        from ca.auth import NodeTokenIssuer
-        from ca.authority import CertificateAuthority
-        from ca.metrics import CAMetrics
-        from ca.service import AsyncCertificateServicer, CertificateService
-        from ca.service import add_to_server as add_ca
-        from ca.serving import server_credentials
-    except ImportError as exc:
-        if not opts.plaintext:
-            raise ControlPlaneError(
-                f"the CA component is missing ({exc.name}); run with --plaintext to serve discovery only"
-            ) from None
-        log.warning("CA component missing: serving discovery only, in PLAINTEXT")
-    else:
-        authority = CertificateAuthority.load_or_create(home / CA_SUBDIR, trust_domain=opts.trust_domain)
-        issuer = NodeTokenIssuer.load_or_create(home / TOKEN_KEY_FILE)
-        service = CertificateService(
-            authority, issuer.authenticator(), WorkloadPodLocator(discovery), CAMetrics(metrics.registry)
-        )
-        add_ca(server, AsyncCertificateServicer(service))
-        if not opts.plaintext:
-            creds, rotating = server_credentials(authority, _serving_hosts(opts))
-            root_pem = rotating.current.root_pem
-        extras.update(authority=authority, token_issuer=issuer)
+    authority = CertificateAuthority.load_or_create(home / CA_SUBDIR, trust_domain=opts.trust_domain)
+    issuer = NodeTokenIssuer.load_or_create(home / TOKEN_KEY_FILE)
+    service = CertificateService(
+        authority, issuer.authenticator(), WorkloadPodLocator(discovery), CAMetrics(metrics.registry)
+    )
+    add_ca(server, AsyncCertificateServicer(service))
+    if not opts.plaintext:
+        creds, rotating = server_credentials(authority, _serving_hosts(opts))
+        root_pem = rotating.current.root_pem
+    extras.update(authority=authority, token_issuer=issuer)
     if creds is not None:
         grpc_port = server.add_secure_port(opts.grpc_listen, creds)
     else:
@@ -247,7 +212,7 @@ async def serve(
     unix = await asyncio.start_unix_server(http.handle, path=str(debug_path))
     os.chmod(debug_path, 0o600)
 
-    # The apply API, when the store component provides one.
+    # The apply API.
     api_handle = _start_api(home, extras, metrics)
 
     running = Running(grpc_port, metrics_port, root_pem, discovery, extras)

@@ -59,9 +59,9 @@ def translate_snapshot(snapshot: Any, trust_domain: str = DEFAULT_TRUST_DOMAIN) 
                        tuple(dict.fromkeys(problems)))
 
 
-def translate(snapshot: Any) -> list[Message]:
+def translate(snapshot: Any, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> list[Message]:
     """Every discovery message for `snapshot` (the function the discovery source calls)."""
-    translation = translate_snapshot(snapshot)
+    translation = translate_snapshot(snapshot, trust_domain)
     for problem in translation.problems:
         log.warning("translation version=%d: %s", translation.version, problem)
     return translation.messages()

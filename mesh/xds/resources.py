@@ -39,10 +39,6 @@ L7_KIND_NAMES = {
 }
 
 
-def type_url_of(msg: Message) -> str:
-    return TYPE_PREFIX + msg.DESCRIPTOR.full_name
-
-
 def name_of(msg: Message) -> str:
     """The xDS resource name of a discovery message (see mesh/proto/discovery.proto)."""
     if isinstance(msg, pb.Workload):
@@ -67,13 +63,3 @@ def version_of(resource: any_pb2.Any) -> str:
     """A content version: equal content gives an equal version (deterministic serialization)."""
     data = resource.type_url.encode() + b"\0" + resource.value
     return hashlib.sha256(data).hexdigest()[:16]
-
-
-def unpack(resource: any_pb2.Any) -> Message:
-    cls = MESSAGE_CLASSES.get(resource.type_url)
-    if cls is None:
-        raise TypeError(f"unknown resource type {resource.type_url}")
-    msg = cls()
-    if not resource.Unpack(msg):
-        raise TypeError(f"resource does not unpack as {resource.type_url}")
-    return msg
