@@ -283,6 +283,8 @@ class Http2Client(_H2Base):
         await self._pump()
 
     async def send_request(self, head: RequestHead, body: AsyncIterable[bytes]) -> None:
+        if self._current is not None:  # one request at a time: forget the previous one's stream
+            self.streams.pop(self._current.stream_id, None)
         try:
             sid = self.conn.get_next_available_stream_id()
             s = self._current = self._new_stream(sid)

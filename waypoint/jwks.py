@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import h11
+import jwt as pyjwt
 import trio
 
 from waypoint.errors import JwksError
@@ -64,11 +64,11 @@ class JwksCache:
         self._fetch = fetch
         self._refresh = refresh
         self._clock = clock
-        self._sets: dict[str, tuple[float, Mapping[str, Any]]] = {}
+        self._sets: dict[str, tuple[float, pyjwt.PyJWKSet]] = {}  # parsed once per fetch
         self._locks: dict[str, trio.Lock] = {}
         self.errors: dict[str, str] = {}
 
-    def get(self, uri: str) -> Mapping[str, Any] | None:
+    def get(self, uri: str) -> pyjwt.PyJWKSet | None:
         hit = self._sets.get(uri)
         return hit[1] if hit else None
 
@@ -82,8 +82,9 @@ class JwksCache:
                 data = json.loads(await self._fetch(uri))
                 if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
                     raise JwksError(f"{uri} did not return a JSON Web Key Set")
-            except (JwksError, ValueError) as exc:
+                keyset = pyjwt.PyJWKSet.from_dict(data)
+            except (JwksError, ValueError, pyjwt.PyJWTError) as exc:
                 self.errors[uri] = str(exc)
                 return
             self.errors.pop(uri, None)
-            self._sets[uri] = (self._clock(), data)
+            self._sets[uri] = (self._clock(), keyset)

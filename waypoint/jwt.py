@@ -27,14 +27,14 @@ DEFAULT_HEADER = ("authorization", "Bearer ")
 DEFAULT_PARAM = "access_token"
 _ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"]
 
-JwksLookup = Callable[[str], Mapping[str, Any] | None]
+JwksLookup = Callable[[str], pyjwt.PyJWKSet | None]
 
 
 @dataclass(frozen=True)
 class JwtRule:
     issuer: str
     audiences: tuple[str, ...] = ()
-    jwks: Mapping[str, Any] | None = None
+    jwks: pyjwt.PyJWKSet | None = None  # parsed once, when the rule is compiled
     jwks_uri: str = ""
     headers: tuple[tuple[str, str], ...] = (DEFAULT_HEADER,)
     params: tuple[str, ...] = (DEFAULT_PARAM,)
@@ -66,8 +66,7 @@ def compile_rules(where: str, namespace: str, name: str, spec: Mapping[str, Any]
         jwks = None
         if r.get("jwks"):
             try:
-                jwks = json.loads(r["jwks"])
-                pyjwt.PyJWKSet.from_dict(jwks)
+                jwks = pyjwt.PyJWKSet.from_dict(json.loads(r["jwks"]))
             except (ValueError, pyjwt.PyJWTError) as exc:
                 raise ConfigError(where, f"spec.jwtRules[{i}].jwks: not a usable key set: {exc}") from exc
         elif not r.get("jwksUri"):
@@ -108,8 +107,7 @@ def _unverified_issuer(token: str) -> str | None:
     return iss if isinstance(iss, str) else None
 
 
-def _key_for(jwks: Mapping[str, Any], token: str) -> Any:
-    keyset = pyjwt.PyJWKSet.from_dict(dict(jwks))
+def _key_for(keyset: pyjwt.PyJWKSet, token: str) -> Any:
     kid = pyjwt.get_unverified_header(token).get("kid")
     keys = [k for k in keyset.keys if kid is None or k.key_id == kid]
     if not keys:

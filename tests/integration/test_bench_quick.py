@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -34,18 +35,14 @@ def test_bench_quick_writes_results_and_cleans_up(meshctl: Meshctl, tmp_path: Pa
     assert set(modes) == {"a", "b", "c", "d"}
     # Every mode runs for real: no mesh, the node agents, the waypoint, and the Envoy pair.
     assert {key: info["status"] for key, info in modes.items()} == {m: "ok" for m in "abcd"}
-    for key, info in modes.items():
-        assert info["status"] == "ok" or info["status"].startswith("unavailable: "), (key, info)
+    for key in modes:
         ran = [r for r in results["rounds"] if r["mode"] == key]
-        if info["status"] == "ok":
-            assert ran and all(r["error_count"] == 0 for r in ran), (key, ran[0].get("errors") if ran else None)
-            phases = ran[0]["phases"]
-            assert phases["open"]["completed"] >= 1900 and phases["saturation"]["requests_per_s"] > 0
-            assert phases["stream"]["mb_per_s"] > 0
-            assert results["summary"][key]["open"]["p99"] > 0
-        else:
-            assert not ran
-    assert "Envoy" in results["meta"]["envoy"] or results["meta"]["envoy"]
+        assert ran and all(r["error_count"] == 0 for r in ran), (key, ran[0].get("errors") if ran else None)
+        phases = ran[0]["phases"]
+        assert phases["open"]["completed"] >= 1900 and phases["saturation"]["requests_per_s"] > 0
+        assert phases["stream"]["mb_per_s"] > 0
+        assert results["summary"][key]["open"]["p99"] > 0
+    assert re.search(r"\d+\.\d+\.\d+", results["meta"]["envoy"]), results["meta"]["envoy"]  # Envoy's version
     d = next(r for r in results["rounds"] if r["mode"] == "d")
     assert d["path"].startswith("client and server Envoys forwarded")
     assert set(d["peak_rss_kib"]) == {"envoy client", "envoy server"}
