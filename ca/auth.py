@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from ca.errors import AuthenticationError, CAStoreError
+from mesh.files import write_atomic
 from mesh.identity import IdentityError, SpiffeId
 
 DEFAULT_ISSUER = "mesh-controlplane"
@@ -208,10 +209,17 @@ class NodeTokenIssuer:
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(pem)
-            return cls(key, **kwargs)
+            # Complete and private before it has its name (a crash leaves no half key), and never over
+            # a key another process made meanwhile: link() refuses an existing name.
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            write_atomic(tmp, pem, mode=0o600)
+            try:
+                os.link(tmp, path)
+                return cls(key, **kwargs)
+            except FileExistsError:
+                pass  # someone else's key won: use it
+            finally:
+                tmp.unlink(missing_ok=True)
         try:
             loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except (OSError, ValueError, TypeError) as exc:

@@ -28,12 +28,11 @@ from ca.errors import BadRequestError, CAError, OversizedRequestError, SigningEr
 from ca.metrics import CAMetrics
 from ca.pods import PodLocator
 from ca.policy import allowed_identity
-from mesh.identity import IdentityError, SpiffeId
+from mesh.identity import IMPERSONATED_IDENTITY, IdentityError, SpiffeId
 from mesh.proto import ca_pb2, ca_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
 # A request is a CSR (under 1 KiB) and a little metadata.  Requests above this are refused by the
 # servicer (counted, RESOURCE_EXHAUSTED); `MAX_TRANSPORT_BYTES` is the hard limit gRPC enforces before
 # the servicer sees anything (those are refused by gRPC itself and not counted).

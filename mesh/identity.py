@@ -26,6 +26,10 @@ _TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9._-]{1,255}$")
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 
 
+# The metadata key of Istio's certificate API under which a node agent names the identity it asks for.
+IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
+
+
 class IdentityError(MeshError):
     """A string or certificate that does not carry a valid workload identity."""
 

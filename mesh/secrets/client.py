@@ -11,11 +11,10 @@ from typing import Protocol
 
 import grpc
 
-from mesh.identity import SpiffeId
+from mesh.identity import IMPERSONATED_IDENTITY, SpiffeId
 from mesh.proto import ca_pb2, ca_pb2_grpc
 from mesh.secrets.errors import CertificateRequestError
 
-IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
 # Refusals that will not change by asking again with the same request.
 _PERMANENT = {
     grpc.StatusCode.INVALID_ARGUMENT,

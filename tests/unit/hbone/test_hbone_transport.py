@@ -215,23 +215,30 @@ def test_client_refuses_a_server_with_the_wrong_identity(mint: Mint) -> None:
 def test_server_refuses_a_client_from_another_root(
     mint: Mint, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    """The client trusts the mesh root (so its side of the handshake is fine) but presents a certificate
+    from another CA: the server must refuse it, and no HBONE connection may be served."""
+    import dataclasses
 
     from ca.authority import CertificateAuthority
+    from mesh.hbone.errors import HboneError
+    from mesh.secrets.tls import client_context, server_context
 
     other = CertificateAuthority.load_or_create(tmp_path_factory.mktemp("other-ca") / "ca")
-    stranger = mint_from(other)(SLEEP)
     server_svid = mint(WEB)
-    from mesh.secrets.tls import client_context, server_context
+    stranger = dataclasses.replace(mint_from(other)(SLEEP), trust_bundle=server_svid.trust_bundle)
 
     async def main() -> None:
         async with (
-            hbone_server(server_context(server_svid), echo_handler) as (port, _),
+            hbone_server(server_context(server_svid), echo_handler) as (port, served),
             trio.open_nursery() as nursery,
         ):
-            with pytest.raises(HandshakeError):
+            with pytest.raises((HboneError, trio.BrokenResourceError)):
                 tcp = await trio.open_tcp_stream("127.0.0.1", port)
                 conn = await open_hbone_connection(nursery, tcp, client_context(stranger), expected={WEB})
-                await conn.open_tunnel("10.0.0.1:80")
+                tunnel = await conn.open_tunnel("10.0.0.1:80")
+                await tunnel.send_all(b"hello")
+                await tunnel.receive_some()
+            assert served == []
 
     run(main)
 

@@ -98,7 +98,8 @@ def test_client_refuses_a_server_with_the_wrong_san(sleep_svid: Svid, node_b: CA
     )
     assert isinstance(client, PeerIdentityError)
     assert str(client) == f"peer is {INTRUDER}, expected {WEB}"
-    assert not isinstance(server, SpiffeId) or server == SLEEP  # the server never got a request
+    # The server had nothing against this client; it saw the connection end without a request.
+    assert server == SLEEP or isinstance(server, (ssl.SSLError, OSError)), server
 
 
 def test_server_refuses_a_client_from_another_trust_domain(tmp_path: Any, web_svid: Svid) -> None:
