@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.histogram import exact_percentile
 from ca.auth import NodeTokenIssuer
 from ca.authority import CertificateAuthority
 from ca.pods import InMemoryPodLocator, PodPlacement
@@ -31,11 +32,6 @@ from mesh.secrets.svid import generate_key, make_csr
 
 NODE = "bench-node"
 IDENTITY = SpiffeId("cluster.local", "bench", "client")
-
-
-def percentile(sorted_values: Sequence[float], p: float) -> float:
-    index = min(len(sorted_values) - 1, max(0, round(p / 100 * len(sorted_values)) - 1))
-    return sorted_values[index]
 
 
 def make_csrs(n: int) -> list[str]:
@@ -102,9 +98,9 @@ def run(sequential: int, concurrent: int, threads: int, warmup: int = 20) -> dic
         sign_times.append(time.perf_counter() - started)
     return {
         "sequential": float(sequential),
-        "p50_ms": percentile(latencies, 50) * 1000,
-        "p90_ms": percentile(latencies, 90) * 1000,
-        "p99_ms": percentile(latencies, 99) * 1000,
+        "p50_ms": exact_percentile(latencies, 50) * 1000,
+        "p90_ms": exact_percentile(latencies, 90) * 1000,
+        "p99_ms": exact_percentile(latencies, 99) * 1000,
         "mean_ms": statistics.fmean(latencies) * 1000,
         "concurrent": float(issued),
         "threads": float(threads),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import trio
 
+from bench.histogram import exact_percentile
 from ca.authority import CertificateAuthority
 from mesh.hbone.client import open_hbone_connection
 from mesh.hbone.server import InboundRequest, TunnelAcceptor, serve_hbone
@@ -100,8 +100,8 @@ async def measure(open_stream: Callable[[], Awaitable[Stream]], megabytes: int, 
     samples.sort()
     return Figures(
         mb_per_s=megabytes / elapsed,
-        p50_us=statistics.median(samples),
-        p99_us=samples[int(len(samples) * 0.99) - 1],
+        p50_us=exact_percentile(samples, 50),
+        p99_us=exact_percentile(samples, 99),
     )
 
 

@@ -52,6 +52,7 @@ from controlplane.store import Store
 from controlplane.translate import translate
 from mesh.errors import MeshError
 from mesh.files import write_atomic
+from mesh.process import split_hostport
 
 log = logging.getLogger("controlplane")
 T = TypeVar("T")
@@ -101,13 +102,6 @@ class Running:
     root_pem: bytes | None
     discovery: DiscoveryServer
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-def split_hostport(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ControlPlaneError(f"{value!r} is not HOST:PORT (e.g. 0.0.0.0:15012)")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _serving_hosts(opts: Options) -> list[str]:

@@ -12,6 +12,14 @@ import trio
 from mesh.errors import MeshError
 
 
+def split_hostport(value: str) -> tuple[str, int]:
+    """A listen address `HOST:PORT` (`[v6]:PORT` too; an empty host means every address)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise MeshError(f"{value!r} is not HOST:PORT (e.g. 0.0.0.0:15012)")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
 def raise_open_files_limit() -> None:
     """A proxied connection holds two or three sockets: take the whole hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -17,6 +17,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from mesh.hbone.pool import HbonePool
+from mesh.process import split_hostport
 from mesh.secrets.manager import SecretManager
 from mesh.xds.trio_client import TrioXdsClient
 from nodeagent.accesslog import AccessLog
@@ -31,11 +32,6 @@ if TYPE_CHECKING:
     from nodeagent.main import Options
 
 log = logging.getLogger("nodeagent")
-
-
-def split_hostport(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host or "0.0.0.0", int(port)
 
 
 class Agent:

@@ -67,6 +67,3 @@ class RefusedStream(UpstreamError):
 class JwksError(WaypointError):
     """A JSON Web Key Set could not be fetched or parsed."""
 
-
-class TokenError(WaypointError):
-    """A request's JWT is invalid (answered with 401)."""

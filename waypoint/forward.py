@@ -195,14 +195,13 @@ class Forwarder:
             conn: UpstreamConnection | None = None
             reused = False
             try:
-                with trio.move_on_after(d.retries.per_try_timeout or math.inf) as per_try:
+                with trio.move_on_after(d.retries.per_try_timeout or math.inf):
                     conn, reused = await self.pool.acquire(ep, protocol, limits.connect_timeout, service, client)
                     await conn.send_request(d.request, body.chunks())
                     head = await conn.receive_response()
                     return _Response(head, conn, protocol)
                 if conn is not None:
                     await conn.aclose()
-                _ = per_try
                 return Outcome(failure="timeout")
             except UpstreamError as exc:
                 if conn is not None:

@@ -44,10 +44,6 @@ def to_l4(policy: CompiledPolicy) -> L4Policy:
     return L4Policy(policy.hostnames, projected)
 
 
-def compile_l4(policies: Sequence[CompiledPolicy]) -> tuple[L4Policy, ...]:
-    return tuple(to_l4(p) for p in policies)
-
-
 def decide(policies: Sequence[L4Policy], hostname: str, client: ClientInfo) -> l4.Decision:
     """May the tunnel of `client` (addressed to a service `hostname`, or "" for a workload) pass?"""
     try:

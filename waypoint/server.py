@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from mesh.hbone.pool import HbonePool, tcp_connect
 from mesh.identity import SpiffeId
+from mesh.process import split_hostport
 from mesh.secrets.errors import SecretsError
 from mesh.secrets.manager import SecretManager
 from mesh.xds.node import ROLE_WAYPOINT, NodeInfo
@@ -69,11 +70,6 @@ class Options:
 
     def node_info(self) -> NodeInfo:
         return NodeInfo(id="", role=ROLE_WAYPOINT, node=self.node, namespace=self.namespace, name=self.name)
-
-
-def split_hostport(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 class Waypoint:

@@ -30,20 +30,21 @@ class ProxyStatusError(MeshError):
 
 def fetch_connections(socket_path: str | None = None, url: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
     where = url or socket_path or "?"
+    conn: http.client.HTTPConnection
+    if url:
+        parts = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 15014, timeout=timeout)
+    else:
+        assert socket_path is not None
+        conn = UnixHTTPConnection(socket_path, timeout)
     try:
-        conn: http.client.HTTPConnection
-        if url:
-            parts = urllib.parse.urlsplit(url)
-            conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 15014, timeout=timeout)
-        else:
-            assert socket_path is not None
-            conn = UnixHTTPConnection(socket_path, timeout)
         conn.request("GET", "/debug/connections")
         resp = conn.getresponse()
         body = resp.read()
-        conn.close()
     except (OSError, http.client.HTTPException) as exc:
         raise ProxyStatusError(f"cannot reach the control plane at {where}: {exc} (is it running?)") from None
+    finally:
+        conn.close()
     if resp.status != 200:
         raise ProxyStatusError(f"control plane at {where} answered {resp.status}: {body.decode(errors='replace').strip()}")
     try:

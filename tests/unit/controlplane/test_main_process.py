@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.main import split_hostport
 from mesh.errors import MeshError
+from mesh.process import split_hostport
 from mesh.xds import resources as rs
 from mesh.xds.client import ClientConfig, XdsClient
 from mesh.xds.node import NodeInfo
