@@ -42,7 +42,7 @@ from typing import Any
 from bench.modes import DEFAULT_MODES, MODES, Context, Mode, PathError, Unavailable
 from bench.netio import Proc, peak_rss_kib, tree_cpu_seconds
 from bench.sidecar import Route, SidecarPair, SidecarPod
-from mesh.cluster import lifecycle, spec, state
+from localcluster import lifecycle, spec, state
 from mesh.identity import SpiffeId
 
 BENCH_DIR = Path(__file__).resolve().parent

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench.netio import ProbeError, Proc, http_get, run_in, tree_cpu_seconds
 from bench.sidecar import SidecarError, SidecarPair
-from mesh.cluster import processes
+from localcluster import processes
 
 AMBIENT_LABEL = "istio.io/dataplane-mode"
 METRICS_PORT = 15020
@@ -57,7 +57,7 @@ class Context:
     def meshctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ)
         env.update(self.state_env)
-        return subprocess.run([sys.executable, "-m", "mesh.cli.main", *args, "--cluster", self.cluster],
+        return subprocess.run([sys.executable, "-m", "meshctl.main", *args, "--cluster", self.cluster],
                               capture_output=True, text=True, env=env, timeout=60, check=False)
 
     def meshctl_ok(self, *args: str) -> str:

@@ -37,8 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.netio import ProbeError, http_get, run_in
 from ca.authority import CertificateAuthority
-from mesh.cluster import processes
-from mesh.cluster.processes import ProcessRecord
+from localcluster import processes
+from localcluster.processes import ProcessRecord
 from mesh.identity import SpiffeId
 
 PROXY_UID = 1337

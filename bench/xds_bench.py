@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from controlplane.discovery_source import MemorySource
+from controlplane.discovery.source import MemorySource
 from controlplane.main import ControlPlaneThread, Options, Running
 from mesh.proto import discovery_pb2 as pb
 from mesh.xds import resources as rs

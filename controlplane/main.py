@@ -42,14 +42,14 @@ from ca.metrics import CAMetrics
 from ca.service import AsyncCertificateServicer, CertificateService
 from ca.service import add_to_server as add_ca
 from ca.serving import server_credentials
-from controlplane.apiserver import ApiServer
-from controlplane.discovery import DiscoveryServer, add_to_server
-from controlplane.discovery_http import DebugHttp
-from controlplane.discovery_pods import WorkloadPodLocator
-from controlplane.discovery_source import ResourceSource, TranslatedSource
+from controlplane.config.apiserver import ApiServer
+from controlplane.config.store import Store
+from controlplane.discovery.http import DebugHttp
+from controlplane.discovery.pods import WorkloadPodLocator
+from controlplane.discovery.server import DiscoveryServer, add_to_server
+from controlplane.discovery.source import ResourceSource, TranslatedSource
 from controlplane.metrics import ControlPlaneMetrics, log_event
-from controlplane.store import Store
-from controlplane.translate import translate
+from controlplane.translate.snapshot import translate
 from mesh.errors import MeshError
 from mesh.files import write_atomic
 from mesh.process import split_hostport
@@ -113,7 +113,7 @@ def _serving_hosts(opts: Options) -> list[str]:
 
 
 def _make_source(opts: Options, metrics: ControlPlaneMetrics, extras: dict[str, Any]) -> ResourceSource:
-    """The configuration store (state under `controlplane/store/`) and its translation."""
+    """The configuration store (state under `controlplane/config/store/`) and its translation."""
     store = Store(opts.home / STORE_SUBDIR)
     extras["store"] = store
 

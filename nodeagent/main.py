@@ -61,7 +61,7 @@ def apply_update(state: MeshState, update: Update) -> None:
 async def run(opts: Options) -> None:
     from mesh.secrets.client import CAClient
     from mesh.secrets.manager import SecretManager
-    from nodeagent.agent import Agent
+    from nodeagent.app import Agent
 
     registry = CollectorRegistry()
     state = MeshState()

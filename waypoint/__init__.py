@@ -10,11 +10,11 @@ Public API for whoever runs it (the HBONE wiring and the local cluster):
   `await .serve_tunnel(stream, ClientInfo(peer_identity, source, original_destination))` serves one
   inbound tunnel (HTTP/1.1, HTTP/2 prior knowledge, or L4 through `l4_handler`).
 - `waypoint.metrics.WaypointMetrics().registry`: the Prometheus registry to serve on /metrics.
-- `waypoint.pool.Upstream`: `async connect(endpoint, *, service="", client="")`; `TcpUpstream` (plain TCP)
+- `waypoint.upstream.pool.Upstream`: `async connect(endpoint, *, service="", client="")`; `TcpUpstream` (plain TCP)
   and `waypoint.upstream.HboneUpstream` (HBONE to endpoints in the mesh, TCP to the others).
 
 The process (`python -m waypoint.main --name NAME --namespace NS --node NODE --control-plane HOST:15012
---root-cert FILE --token-file FILE ...`) is assembled in `waypoint.server.Waypoint`: its certificate
+--root-cert FILE --token-file FILE ...`) is assembled in `waypoint.app.Waypoint`: its certificate
 from the CA with a workload token, discovery (`waypoint.discovery`: Workloads, Services and the
 L7Configs naming it, compiled into a table; a bad resource is NACKed and the last good table kept),
 the HBONE inbound on 15008 (`waypoint.inbound`: CONNECT admission, 400 for an unknown authority, L4

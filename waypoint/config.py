@@ -24,12 +24,12 @@ from mesh.api.errors import FieldError
 from mesh.api.kinds import kind_info
 from mesh.proto import discovery_pb2 as pb
 from mesh.xds.resources import L7_KIND_NAMES
-from waypoint.authz import CompiledPolicy, compile_policy
 from waypoint.errors import ConfigError
-from waypoint.jwt import JwtRule, compile_rules
-from waypoint.l4authz import L4Policy, to_l4
-from waypoint.model import Endpoint
-from waypoint.rules import (
+from waypoint.l7.authz import CompiledPolicy, compile_policy
+from waypoint.l7.jwt import JwtRule, compile_rules
+from waypoint.l7.l4authz import L4Policy, to_l4
+from waypoint.l7.model import Endpoint
+from waypoint.l7.rules import (
     DestinationRuleRules,
     VirtualServiceRules,
     compile_destination_rule,

@@ -5,7 +5,7 @@
     VIP:port or a workload that uses this waypoint -> 200 -> `WaypointProxy.serve_tunnel` with who the
     client is (verified identity, original address from `Forwarded`, original destination)
 
-Tunnels that turn out not to be HTTP reach `l4`: the waypoint's policies at L4 (`waypoint.l4authz`),
+Tunnels that turn out not to be HTTP reach `l4`: the waypoint's policies at L4 (`waypoint.l7.l4authz`),
 then the proxy's passthrough.  `drain()` stops accepting and sends GOAWAY on every connection, so the
 node agents open new tunnels elsewhere while those in flight finish.
 """
@@ -26,9 +26,9 @@ from mesh.hbone.server import HboneServerConnection, InboundRequest, TunnelAccep
 from mesh.identity import SpiffeId
 from mesh.secrets.errors import SecretsError
 from mesh.secrets.manager import SecretManager
-from waypoint import l4authz
 from waypoint.config import RouteTable
-from waypoint.model import ClientInfo
+from waypoint.l7 import l4authz
+from waypoint.l7.model import ClientInfo
 from waypoint.proxy import WaypointProxy
 
 log = logging.getLogger("waypoint.inbound")

@@ -1,4 +1,4 @@
-"""Key sets fetched from `jwksUri`, cached with a refresh interval (the I/O side of `waypoint.jwt`).
+"""Key sets fetched from `jwksUri`, cached with a refresh interval (the I/O side of `waypoint.l7.jwt`).
 
 The fetch function is injected (tests serve a key set from a local server); the default speaks plain
 HTTP/1.1 or HTTPS with the system trust store.  A failed refresh keeps the last good key set.

@@ -24,8 +24,8 @@ import trio
 from mesh.process import raise_open_files_limit, serve_until_signalled
 from mesh.xds.client import ClientConfig
 from mesh.xds.trio_client import open_xds_client
+from waypoint.app import Options, Waypoint
 from waypoint.discovery import SUBSCRIPTIONS
-from waypoint.server import Options, Waypoint
 
 log = logging.getLogger("waypoint")
 

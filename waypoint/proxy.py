@@ -26,19 +26,19 @@ from dataclasses import dataclass, field
 
 import trio
 
-from waypoint import authz, jwt, routing
 from waypoint.accesslog import AccessRecord, Sink, format_line, logger_sink
 from waypoint.config import CompileResult, RouteTable
-from waypoint.detect import PrefixedStream, Protocol, detect
 from waypoint.errors import UpstreamError
-from waypoint.exchange import ServerExchange, iterate
-from waypoint.forward import Forwarder, Record, RequestBody, send_local
-from waypoint.http1 import Http1Server, Http1Settings
-from waypoint.http2 import Http2Server
+from waypoint.http.detect import PrefixedStream, Protocol, detect
+from waypoint.http.exchange import ServerExchange, iterate
+from waypoint.http.http1 import Http1Server, Http1Settings
+from waypoint.http.http2 import Http2Server
 from waypoint.jwks import JwksCache
+from waypoint.l7 import authz, jwt, routing
+from waypoint.l7.model import ClientInfo, Endpoint, RequestHead, with_header, without
 from waypoint.metrics import RequestLabels, WaypointMetrics
-from waypoint.model import ClientInfo, Endpoint, RequestHead, with_header, without
-from waypoint.pool import ConnectionPool, Upstream
+from waypoint.upstream.forward import Forwarder, Record, RequestBody, send_local
+from waypoint.upstream.pool import ConnectionPool, Upstream
 
 L4Handler = Callable[[trio.abc.HalfCloseableStream, ClientInfo], Awaitable[None]]
 

@@ -23,7 +23,7 @@ CALLS = 20
 
 
 def meshctl(*args: str, capture: bool = False) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mesh.cli.main", *args], text=True, check=False,
+    return subprocess.run([sys.executable, "-m", "meshctl.main", *args], text=True, check=False,
                           capture_output=capture, cwd=HERE.parents[1])
 
 

@@ -1,4 +1,4 @@
-"""The client of the control plane's apply API (served by `controlplane.apiserver` on a Unix socket).
+"""The client of the control plane's apply API (served by `controlplane.config.apiserver` on a Unix socket).
 
     client = ApiClient(socket_path)
     client.apply(documents)                  # -> {"version", "outcomes": [...]}; ValidationError if refused
@@ -36,7 +36,7 @@ class ControlPlaneUnavailable(ApiError):
 
 def socket_for(cluster: str | None) -> Path:
     """The apply API socket of `cluster` (or of the only cluster that is up)."""
-    from mesh.cluster.state import cluster_dir, find_cluster
+    from localcluster.state import cluster_dir, find_cluster
 
     return cluster_dir(find_cluster(cluster)) / "controlplane" / SOCKET_NAME
 

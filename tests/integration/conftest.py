@@ -42,14 +42,14 @@ class Meshctl:
         return env
 
     def __call__(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        out = subprocess.run([sys.executable, "-m", "mesh.cli.main", *args], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-m", "meshctl.main", *args], capture_output=True, text=True,
                              env=self.env(), cwd=ROOT, timeout=timeout, check=False)
         if check and out.returncode != 0:
             raise AssertionError(f"meshctl {' '.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}")
         return out
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, "-m", "mesh.cli.main", *args], stdout=subprocess.PIPE,
+        return subprocess.Popen([sys.executable, "-m", "meshctl.main", *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=self.env(), cwd=ROOT)
 
 

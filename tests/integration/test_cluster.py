@@ -130,7 +130,7 @@ def test_bad_file_is_refused_before_anything_is_built(meshctl: Meshctl, tmp_path
 
 def test_without_root_one_clear_line(meshctl: Meshctl) -> None:
     out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
-                          os.sys.executable, "-m", "mesh.cli.main", "cluster", "up", "-f", str(BOOKINFO)],
+                          os.sys.executable, "-m", "meshctl.main", "cluster", "up", "-f", str(BOOKINFO)],
                          capture_output=True, text=True, env=meshctl.env(), cwd=BOOKINFO.parents[2], check=False)
     assert out.returncode == 1, out.stderr
     assert out.stderr.strip() == ("meshctl: cluster up needs root (network namespaces, veths and iptables): "

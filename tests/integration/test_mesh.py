@@ -453,8 +453,8 @@ def test_hbone_requests_the_agent_refuses(mesh: Mesh) -> None:
 # -- the agent and the control plane going away ---------------------------------------------------------
 
 def _restart_agent(mesh: Mesh, node: str) -> None:
-    from mesh.cluster import components, processes, state
-    from mesh.cluster.processes import ProcessRecord
+    from localcluster import components, processes, state
+    from localcluster.processes import ProcessRecord
 
     rec = ProcessRecord.from_json(mesh.agent(node))
     processes.stop([rec.pid])
@@ -480,8 +480,8 @@ def test_agent_restart_adopts_what_it_installed(mesh: Mesh) -> None:
 
 
 def test_destination_agent_down_fails_promptly(mesh: Mesh) -> None:
-    from mesh.cluster import processes
-    from mesh.cluster.processes import ProcessRecord
+    from localcluster import processes
+    from localcluster.processes import ProcessRecord
 
     rec = ProcessRecord.from_json(mesh.agent("node-2"))
     processes.stop([rec.pid])
@@ -499,8 +499,8 @@ def test_destination_agent_down_fails_promptly(mesh: Mesh) -> None:
 
 
 def test_last_good_config_while_the_control_plane_is_away(mesh: Mesh) -> None:
-    from mesh.cluster import processes
-    from mesh.cluster.processes import ProcessRecord
+    from localcluster import processes
+    from localcluster.processes import ProcessRecord
 
     cp = ProcessRecord.from_json(next(p for p in mesh.status()["processes"] if p["name"] == "controlplane"))
     processes.stop([cp.pid])
@@ -510,7 +510,7 @@ def test_last_good_config_while_the_control_plane_is_away(mesh: Mesh) -> None:
     # The control plane comes back on its persisted state and the agents resume.
     os.environ["MESH_STATE_DIR"] = str(mesh.meshctl.state_dir)
     try:
-        from mesh.cluster import components, state
+        from localcluster import components, state
 
         record = state.read_record(mesh.name)
         gateway = record["plan"]["underlay"]["gateway"]

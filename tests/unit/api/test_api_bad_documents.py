@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from controlplane.store import Store
+from controlplane.config.store import Store
 from mesh.api.errors import ValidationError
 from mesh.api.loader import parse_text
 from mesh.api.validate import validate_documents

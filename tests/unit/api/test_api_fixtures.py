@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.store import Store
+from controlplane.config.store import Store
 from mesh.api.loader import load_paths, parse_text
 from mesh.api.schema import parse_duration
 from mesh.api.validate import check_document

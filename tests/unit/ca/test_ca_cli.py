@@ -9,8 +9,8 @@ import pytest
 from ca_helpers import SLEEP, new_key
 
 from ca.authority import CertificateAuthority, generate_root, to_pem
-from mesh.cli.main import main
 from mesh.identity import SpiffeId
+from meshctl.main import main
 
 
 @pytest.fixture(autouse=True)

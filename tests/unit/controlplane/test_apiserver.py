@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.apiserver import ApiServer
-from controlplane.store import Store
+from controlplane.config.apiserver import ApiServer
+from controlplane.config.store import Store
 from mesh.api.client import ApiClient, ControlPlaneUnavailable, register_cluster_objects
 from mesh.api.errors import Conflict, NotFound, ValidationError
 from mesh.api.loader import parse_text

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from controlplane.discovery_source import MemorySource
+from controlplane.discovery.source import MemorySource
 from controlplane.main import ControlPlaneThread, Options, Running
 from mesh.proto import discovery_pb2 as pb
 from mesh.xds import resources as rs
@@ -95,7 +95,7 @@ def test_tls_add_change_remove(plane: tuple[ControlPlaneThread, Running], source
 def test_nack_is_reported_by_proxy_status(
     plane: tuple[ControlPlaneThread, Running], source: MemorySource, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mesh.cli.main import main as meshctl
+    from meshctl.main import main as meshctl
 
     _, running = plane
 

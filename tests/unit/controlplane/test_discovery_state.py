@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2 as xds
 
-from controlplane.discovery_filter import wants
-from controlplane.xds_state import Acked, Nacked, ProtocolError, Push, Snapshot, StreamState
+from controlplane.discovery.filter import wants
+from controlplane.discovery.state import Acked, Nacked, ProtocolError, Push, Snapshot, StreamState
 from mesh.proto import discovery_pb2 as pb
 from mesh.xds import resources as rs
 from mesh.xds.node import NodeInfo

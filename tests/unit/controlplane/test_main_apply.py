@@ -11,11 +11,11 @@ import yaml
 
 from controlplane.main import ControlPlaneThread, Options
 from mesh.api.client import ApiClient
-from mesh.cli.main import main as meshctl
 from mesh.errors import MeshError
 from mesh.xds import resources as rs
 from mesh.xds.client import ClientConfig, XdsClient
 from mesh.xds.node import NodeInfo
+from meshctl.main import main as meshctl
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.source import ChangeEvent
-from controlplane.store import STATE_FILE, Store, StoreError
+from controlplane.config.source import ChangeEvent
+from controlplane.config.store import STATE_FILE, Store, StoreError
 from mesh.api.errors import Conflict, NotFound, ValidationError
 from mesh.api.loader import parse_text
 from mesh.api.validate import Ref

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from google.protobuf import json_format
 
-from controlplane.store import Store
-from controlplane.translate import translate, translate_snapshot
+from controlplane.config.store import Store
+from controlplane.translate.snapshot import translate, translate_snapshot
 from mesh.api.loader import load_paths, parse_text
 from mesh.api.validate import Ref
 from mesh.proto import discovery_pb2 as pb

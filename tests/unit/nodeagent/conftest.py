@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from controlplane.source import Snapshot
-from controlplane.translate import translate_snapshot
+from controlplane.config.source import Snapshot
+from controlplane.translate.snapshot import translate_snapshot
+from localcluster import plan, spec
+from localcluster.registration import cluster_objects
 from mesh.api.validate import Ref
-from mesh.cluster import plan, spec
-from mesh.cluster.registration import cluster_objects
 from nodeagent.state import AUTHORIZATION, SERVICE, WORKLOAD, MeshState
 
 BOOKINFO = Path(__file__).resolve().parents[3] / "examples" / "bookinfo" / "cluster.yaml"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from waypoint.detect import Protocol, sniff
-from waypoint.http2 import PREFACE
+from waypoint.http.detect import Protocol, sniff
+from waypoint.http.http2 import PREFACE
 
 
 def test_sniff() -> None:

@@ -10,11 +10,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from waypoint_resources import WAYPOINT, bookinfo, fq, l7
 
-from waypoint import authz
-from waypoint.authz import AuthzRequest, CompiledPolicy, compile_policy
 from waypoint.config import compile_table
-from waypoint.jwt import authenticate, compile_rules
-from waypoint.model import RequestHead
+from waypoint.l7 import authz
+from waypoint.l7.authz import AuthzRequest, CompiledPolicy, compile_policy
+from waypoint.l7.jwt import authenticate, compile_rules
+from waypoint.l7.model import RequestHead
 
 PRODUCTPAGE = fq("productpage")
 SLEEP = "cluster.local/ns/bookinfo/sa/sleep"

@@ -15,10 +15,10 @@ import trio
 from waypoint_harness import fq, logged, raw, request, running_proxy, service, start_backend, table, workload
 from waypoint_resources import l7
 
-from waypoint.exchange import iterate
-from waypoint.http1 import Http1Client
-from waypoint.http2 import Http2Client
-from waypoint.model import RequestHead
+from waypoint.http.exchange import iterate
+from waypoint.http.http1 import Http1Client
+from waypoint.http.http2 import Http2Client
+from waypoint.l7.model import RequestHead
 
 REVIEWS_DR = {"host": "reviews", "subsets": [{"name": n, "labels": {"version": n}} for n in ("v1", "v2", "v3")]}
 

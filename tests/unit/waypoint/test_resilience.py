@@ -5,12 +5,12 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from waypoint.lb import Balancer
-from waypoint.limits import Admission, ClusterLimiter
-from waypoint.model import Endpoint
-from waypoint.outlier import OutlierDetector
-from waypoint.retry import Outcome, retriable
-from waypoint.rules import OutlierPolicy, PoolLimits
+from waypoint.l7.lb import Balancer
+from waypoint.l7.limits import Admission, ClusterLimiter
+from waypoint.l7.model import Endpoint
+from waypoint.l7.outlier import OutlierDetector
+from waypoint.l7.retry import Outcome, retriable
+from waypoint.l7.rules import OutlierPolicy, PoolLimits
 
 EPS = [Endpoint(f"10.0.0.{i}", 80) for i in range(1, 5)]
 

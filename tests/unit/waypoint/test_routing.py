@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 from waypoint_resources import fq, l7, table_with
 
-from waypoint.model import ClientInfo, RequestHead
-from waypoint.routing import decide
+from waypoint.l7.model import ClientInfo, RequestHead
+from waypoint.l7.routing import decide
 
 REVIEWS = ClientInfo("spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage", "10.244.1.10:40000", "10.96.0.11:9080")
 RATINGS = ClientInfo("spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews", "10.244.1.12:40000", "10.96.0.12:9080")

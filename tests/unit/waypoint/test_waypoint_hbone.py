@@ -33,12 +33,12 @@ from mesh.proto import discovery_pb2 as pb
 from mesh.secrets.errors import CertificateRequestError
 from waypoint.config import RouteTable, compile_table
 from waypoint.errors import ConnectFailure
-from waypoint.exchange import iterate
-from waypoint.http1 import Http1Client
+from waypoint.http.exchange import iterate
+from waypoint.http.http1 import Http1Client
 from waypoint.inbound import InboundServer, Refusal, admit
-from waypoint.model import ClientInfo, Endpoint, RequestHead
+from waypoint.l7.model import ClientInfo, Endpoint, RequestHead
 from waypoint.proxy import WaypointProxy
-from waypoint.upstream import HboneUpstream
+from waypoint.upstream.connect import HboneUpstream
 
 pytestmark = pytest.mark.timeout(60)
 

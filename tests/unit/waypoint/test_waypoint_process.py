@@ -37,9 +37,9 @@ from nodeagent.admin import Request
 from waypoint.admin import AdminView
 from waypoint.config import RouteTable
 from waypoint.discovery import WaypointConfig
-from waypoint.exchange import iterate
-from waypoint.http1 import Http1Client
-from waypoint.model import RequestHead
+from waypoint.http.exchange import iterate
+from waypoint.http.http1 import Http1Client
+from waypoint.l7.model import RequestHead
 
 pytestmark = pytest.mark.timeout(90)
 ROOT = Path(__file__).resolve().parents[3]

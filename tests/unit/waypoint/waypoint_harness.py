@@ -16,11 +16,11 @@ import trio
 
 from mesh.proto import discovery_pb2 as pb
 from waypoint.config import compile_table
-from waypoint.exchange import iterate
-from waypoint.http1 import Http1Client, Http1Settings
-from waypoint.model import ClientInfo, RequestHead, ResponseHead
-from waypoint.pool import TcpUpstream
+from waypoint.http.exchange import iterate
+from waypoint.http.http1 import Http1Client, Http1Settings
+from waypoint.l7.model import ClientInfo, RequestHead, ResponseHead
 from waypoint.proxy import ProxySettings, WaypointProxy
+from waypoint.upstream.pool import TcpUpstream
 
 NS = "bookinfo"
 WAYPOINT = "bookinfo/waypoint"

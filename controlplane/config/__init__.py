@@ -1,0 +1,1 @@
+"""controlplane.config package."""

@@ -1,0 +1,1 @@
+"""controlplane.discovery.server package."""

@@ -1,0 +1,311 @@
+"""The delta xDS protocol for one client stream, without I/O.
+
+`StreamState` takes the client's `DeltaDiscoveryRequest`s and the control plane's snapshots in, and
+gives out what to do: `Push` (a response to send) and records (`Acked`, `Nacked`) for reporting.  The
+gRPC layer (`controlplane.discovery.server`) only moves these values between the network and this object.
+
+Per resource type the stream keeps:
+
+- the subscription: wildcard (all resources the client's role needs, see `discovery_filter`) and/or
+  explicit names;
+- `sent`: the version of each resource the client has or is about to have (optimistic: set when a
+  response goes out, reverted when the client NACKs it);
+- `acked`: versions the client confirmed (or declared with `initial_resource_versions` on resume);
+- `rejected`: versions the client NACKed.  These are never sent again; the resource is sent again only
+  once its content (hence its version) changes.
+
+A response goes out when a type is first subscribed (always, even if empty, so a client knows it is in
+sync), when the subscription changes, and when a snapshot changes resources the client should have.
+An ACK or a NACK alone never triggers a response.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import secrets
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from envoy.service.discovery.v3 import discovery_pb2 as xds
+from google.protobuf import any_pb2
+
+from mesh.xds.node import NodeInfo
+
+# type_url -> resource name -> (version, resource)
+Resources = Mapping[str, Mapping[str, tuple[str, any_pb2.Any]]]
+# type_url -> names whose version changed (added, changed or removed) since the previous snapshot
+Changes = Mapping[str, Iterable[str]]
+WantsFn = Callable[[NodeInfo, str, any_pb2.Any], bool]
+
+WILDCARD = "*"
+MAX_PENDING = 256
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the control plane serves at one moment; `version` names the moment."""
+
+    version: str
+    resources: Resources
+
+
+@dataclass(frozen=True)
+class Push:
+    type_url: str
+    nonce: str
+    version: str
+    updated: tuple[tuple[str, str, any_pb2.Any], ...]  # (name, version, resource)
+    removed: tuple[str, ...]
+
+    def to_response(self) -> xds.DeltaDiscoveryResponse:
+        resp = xds.DeltaDiscoveryResponse(
+            type_url=self.type_url,
+            nonce=self.nonce,
+            system_version_info=self.version,
+            removed_resources=list(self.removed),
+        )
+        for name, version, res in self.updated:
+            r = resp.resources.add(name=name, version=version)
+            r.resource.CopyFrom(res)
+        return resp
+
+
+@dataclass(frozen=True)
+class Acked:
+    type_url: str
+    nonce: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Nacked:
+    type_url: str
+    nonce: str
+    version: str
+    error: str
+    names: tuple[str, ...]
+
+
+Output = Push | Acked | Nacked
+
+
+class ProtocolError(Exception):
+    """The client broke the protocol; the stream should be closed with this message."""
+
+
+class Phase(enum.Enum):
+    AWAITING_FIRST_REQUEST = "awaiting-first-request"
+    ACTIVE = "active"
+
+
+@dataclass
+class _Pending:
+    type_url: str
+    version: str
+    updated: dict[str, str]
+    removed: frozenset[str]
+
+
+@dataclass
+class TypeState:
+    wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    sent: dict[str, str] = field(default_factory=dict)
+    acked: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    acked_version: str = ""
+    last_nack: Nacked | None = None
+
+
+class StreamState:
+    """The protocol state of one DeltaAggregatedResources stream."""
+
+    def __init__(self, wants: WantsFn, nonce_prefix: str | None = None) -> None:
+        self._wants = wants
+        self.phase = Phase.AWAITING_FIRST_REQUEST
+        self.node: NodeInfo = NodeInfo(id="")
+        self.types: dict[str, TypeState] = {}
+        self.last_acked_version = ""
+        self._pending: dict[str, _Pending] = {}
+        self._prefix = nonce_prefix if nonce_prefix is not None else secrets.token_hex(4)
+        self._counter = itertools.count(1)
+
+    # -- inputs ------------------------------------------------------------------------------------
+
+    def receive(self, req: xds.DeltaDiscoveryRequest, snapshot: Snapshot) -> list[Output]:
+        """Handle one request from the client; returns records and pushes, in order."""
+        if self.phase is Phase.AWAITING_FIRST_REQUEST:
+            if not req.node.id:
+                raise ProtocolError("the first request must carry node.id")
+            self.node = NodeInfo.from_proto(req.node)
+            self.phase = Phase.ACTIVE
+        if not req.type_url:
+            raise ProtocolError("request without type_url")
+        out: list[Output] = []
+        ts = self.types.get(req.type_url)
+        first = ts is None
+        if ts is None:
+            ts = self.types[req.type_url] = TypeState()
+        if req.response_nonce:
+            out.extend(self._ack_or_nack(ts, req))
+        changed = self._update_subscription(ts, req, first)
+        if first or changed:
+            push = self._diff(req.type_url, ts, snapshot, names=None, always=first)
+            if push is not None:
+                out.append(push)
+        return out
+
+    def on_snapshot(self, snapshot: Snapshot, changes: Changes | None = None) -> list[Output]:
+        """The control plane's resources changed; `changes` (if known) limits what is compared."""
+        out: list[Output] = []
+        for type_url, ts in self.types.items():
+            names = None if changes is None else changes.get(type_url)
+            if changes is not None and not names:
+                continue
+            push = self._diff(type_url, ts, snapshot, names=names, always=False)
+            if push is not None:
+                out.append(push)
+        return out
+
+    # -- steps -------------------------------------------------------------------------------------
+
+    def _ack_or_nack(self, ts: TypeState, req: xds.DeltaDiscoveryRequest) -> list[Output]:
+        pending = self._pending.pop(req.response_nonce, None)
+        if pending is None or pending.type_url != req.type_url:
+            return []  # stale or unknown nonce (e.g. from before a reconnect): nothing to learn
+        if req.HasField("error_detail"):
+            for name, version in pending.updated.items():
+                ts.rejected[name] = version
+                if ts.sent.get(name) == version:
+                    if name in ts.acked:
+                        ts.sent[name] = ts.acked[name]
+                    else:
+                        ts.sent.pop(name, None)
+            for name in pending.removed:
+                if name not in ts.sent and name in ts.acked:
+                    ts.sent[name] = ts.acked[name]
+            nack = Nacked(
+                type_url=req.type_url,
+                nonce=req.response_nonce,
+                version=pending.version,
+                error=req.error_detail.message or f"code {req.error_detail.code}",
+                names=tuple(sorted(pending.updated)),
+            )
+            ts.last_nack = nack
+            return [nack]
+        for name, version in pending.updated.items():
+            ts.acked[name] = version
+            ts.rejected.pop(name, None)
+        for name in pending.removed:
+            ts.acked.pop(name, None)
+            ts.rejected.pop(name, None)
+        ts.acked_version = pending.version
+        self.last_acked_version = pending.version
+        if not ts.rejected:
+            ts.last_nack = None
+        return [Acked(type_url=req.type_url, nonce=req.response_nonce, version=pending.version)]
+
+    def _update_subscription(self, ts: TypeState, req: xds.DeltaDiscoveryRequest, first: bool) -> bool:
+        before = (ts.wildcard, frozenset(ts.names))
+        subscribe = list(req.resource_names_subscribe)
+        if first:
+            # An empty first subscription means "wildcard" (the original delta xDS convention).
+            ts.wildcard = not subscribe or WILDCARD in subscribe
+            for name, version in req.initial_resource_versions.items():
+                ts.sent[name] = version
+                ts.acked[name] = version
+        elif WILDCARD in subscribe:
+            ts.wildcard = True
+        ts.names.update(n for n in subscribe if n != WILDCARD)
+        for name in req.resource_names_unsubscribe:
+            if name == WILDCARD:
+                ts.wildcard = False
+            else:
+                ts.names.discard(name)
+        # What is no longer subscribed the client drops by itself; forget it so that subscribing again
+        # sends it again.
+        if not ts.wildcard:
+            for name in [n for n in ts.sent if n not in ts.names]:
+                ts.sent.pop(name, None)
+                ts.acked.pop(name, None)
+                ts.rejected.pop(name, None)
+        return (ts.wildcard, frozenset(ts.names)) != before
+
+    def _diff(
+        self,
+        type_url: str,
+        ts: TypeState,
+        snapshot: Snapshot,
+        names: Iterable[str] | None,
+        always: bool,
+    ) -> Push | None:
+        current = snapshot.resources.get(type_url, {})
+        if names is None:
+            candidates: Iterable[str] = (
+                itertools.chain(current, (n for n in ts.sent if n not in current))
+                if ts.wildcard
+                else set(ts.names) | set(ts.sent)
+            )
+        else:
+            candidates = names
+        updated: list[tuple[str, str, any_pb2.Any]] = []
+        removed: list[str] = []
+        for name in candidates:
+            entry = current.get(name)
+            if entry is not None and self._subscribed(ts, type_url, name, entry[1]):
+                version, res = entry
+                if ts.sent.get(name) == version or ts.rejected.get(name) == version:
+                    continue
+                updated.append((name, version, res))
+            else:
+                if entry is None:
+                    ts.rejected.pop(name, None)
+                if name in ts.sent:
+                    removed.append(name)
+        if not updated and not removed and not always:
+            return None
+        nonce = f"{self._prefix}-{next(self._counter)}"
+        for name, version, _ in updated:
+            ts.sent[name] = version
+        for name in removed:
+            ts.sent.pop(name, None)
+        if len(self._pending) >= MAX_PENDING:  # a client that never answers: forget the oldest
+            del self._pending[next(iter(self._pending))]
+        self._pending[nonce] = _Pending(
+            type_url=type_url,
+            version=snapshot.version,
+            updated={n: v for n, v, _ in updated},
+            removed=frozenset(removed),
+        )
+        return Push(
+            type_url=type_url,
+            nonce=nonce,
+            version=snapshot.version,
+            updated=tuple(sorted(updated, key=lambda u: u[0])),
+            removed=tuple(sorted(removed)),
+        )
+
+    def _subscribed(self, ts: TypeState, type_url: str, name: str, res: any_pb2.Any) -> bool:
+        if name in ts.names:
+            return True
+        return ts.wildcard and self._wants(self.node, type_url, res)
+
+    # -- reporting ---------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, dict[str, object]]:
+        """Per type: subscription, counts, last ACKed version, outstanding NACK (for proxy-status)."""
+        out: dict[str, dict[str, object]] = {}
+        for type_url, ts in sorted(self.types.items()):
+            nack = ts.last_nack
+            out[type_url] = {
+                "wildcard": ts.wildcard,
+                "names": sorted(ts.names),
+                "resources": len(ts.acked),
+                "acked_version": ts.acked_version,
+                "pending": sum(1 for p in self._pending.values() if p.type_url == type_url),
+                "nack": None
+                if nack is None
+                else {"version": nack.version, "nonce": nack.nonce, "error": nack.error, "names": list(nack.names)},
+            }
+        return out

@@ -1,0 +1,254 @@
+"""`cluster up`, `down` and `status`: carry out a plan, record it, and remove exactly what it made.
+
+`up` validates the file, removes what a crashed earlier run of the same cluster left, records its
+intent (phase `building`) before it creates anything, builds the network, starts the pods, waits for
+their ports, and only then marks the cluster `ready`.  A failure on the way tears everything down again,
+so a cluster is either fully up or not there.  `down` works from the record and, beyond it, from the
+cluster's name prefix and process marker, so it also cleans a run that died before it could record.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from localcluster import components, network, processes, state
+from localcluster.plan import ClusterPlan, PodPlan, cluster_prefix, make_plan
+from localcluster.processes import ProcessRecord
+from localcluster.registration import cluster_objects
+from localcluster.spec import ClusterSpec
+from mesh import netns as mnetns
+from mesh.errors import MeshError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_READY_TIMEOUT = 30.0
+
+
+class ClusterError(MeshError):
+    pass
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise ClusterError(f"{what} needs root (network namespaces, veths and iptables): run it with sudo or as root")
+
+
+@dataclass
+class Cluster:
+    """A cluster being built or torn down, and its record on disk."""
+
+    spec: ClusterSpec
+    plan: ClusterPlan
+    processes: list[ProcessRecord] = field(default_factory=list)
+    phase: str = "building"
+    agent_args: list[str] = field(default_factory=list)  # extra node agent flags (tests: short TTLs)
+    started: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    @property
+    def dir(self) -> Path:
+        return state.cluster_dir(self.plan.name)
+
+    def save(self) -> None:
+        state.write_record(self.plan.name, {
+            "name": self.plan.name, "phase": self.phase, "source": str(self.spec.source.resolve()),
+            "started": self.started, "prefix": self.plan.prefix, "plan": self.plan.to_record(),
+            "processes": [p.to_json() for p in self.processes],
+        })
+
+
+def is_up(name: str) -> bool:
+    try:
+        record = state.read_record(name)
+    except MeshError:
+        return False
+    return record.get("phase") == "ready" and mnetns.exists(record["plan"]["underlay"]["netns"])
+
+
+def leftovers(name: str) -> bool:
+    prefix = cluster_prefix(name)
+    return (any(n.startswith(prefix) for n in mnetns.list_named()) or state.cluster_dir(name).exists()
+            or bool(processes.marked_pids(name)))
+
+
+def up(spec: ClusterSpec, ready_timeout: float = DEFAULT_READY_TIMEOUT, say: Any = print,
+       agent_args: list[str] | None = None) -> Cluster:
+    require_root("cluster up")
+    name = spec.name
+    if is_up(name):
+        raise ClusterError(f"cluster {name!r} is already up: run `meshctl cluster down {name}` first")
+    if leftovers(name):
+        say(f"removing what an earlier run of cluster {name!r} left behind")
+        down(name)
+    plan = make_plan(spec)
+    cluster = Cluster(spec, plan, agent_args=list(agent_args or []))
+    cluster.save()
+    me = os.getpid()
+    try:
+        _build(cluster, say)
+        _start_mesh(cluster, ready_timeout)
+        _start_pods(cluster)
+        _wait_ready(cluster, ready_timeout)
+    except BaseException:
+        if os.getpid() != me:  # a forked helper (pyroute2 forks without exec) must not clean up for us
+            os._exit(1)
+        say(f"cluster {name!r} did not come up; removing what was made")
+        down(name)
+        raise
+    cluster.phase = "ready"
+    cluster.save()
+    return cluster
+
+
+def _build(cluster: Cluster, say: Any) -> None:
+    plan = cluster.plan
+    say(f"building cluster {plan.name!r}: {len(plan.nodes)} nodes, {len(plan.pods)} pods, "
+        f"{len(plan.services)} services")
+    network.build_underlay(plan)
+    for node in plan.nodes:
+        network.build_node(plan, node)
+    for pod in plan.pods:
+        network.build_pod(plan, pod)
+    for node in plan.nodes:
+        network.install_service_rules(plan, node)
+
+
+def _start_mesh(cluster: Cluster, timeout: float) -> None:
+    """The control plane first (with the cluster's objects registered in it), then the node agents."""
+    plan = cluster.plan
+    gateway = str(plan.underlay_gateway)
+    cp = components.start_control_plane(plan.name, cluster.dir, plan.underlay_netns, gateway)
+    cluster.processes.append(cp)
+    cluster.save()
+    components.wait_control_plane(cluster.dir, cp, timeout)
+    components.register_objects(cluster.dir, cluster_objects(cluster.spec, plan))
+    pod_netns = f"{mnetns.NETNS_RUN_DIR}/{plan.prefix}pod.{{namespace}}.{{name}}"
+    for node in plan.nodes:
+        cluster.processes.append(components.start_node_agent(plan.name, cluster.dir, node.name, node.netns,
+                                                             gateway, pod_netns, cluster.agent_args))
+        cluster.save()
+    cluster.processes.append(components.start_controller(plan.name, cluster.dir, cluster.agent_args))
+    cluster.save()
+
+
+def pod_env(plan: ClusterPlan, pod: PodPlan) -> dict[str, str]:
+    env = components.component_env({
+        "HOSTNAME": pod.name, "POD_NAME": pod.name, "POD_NAMESPACE": pod.namespace, "POD_IP": str(pod.ip),
+        "NODE_NAME": pod.node, "SERVICE_ACCOUNT": pod.spec.service_account,
+    })
+    env.update(dict(pod.spec.env))
+    return env
+
+
+def _start_pods(cluster: Cluster) -> None:
+    base = cluster.spec.source.resolve().parent
+    for pod in cluster.plan.pods:
+        cwd = base / pod.spec.working_dir if pod.spec.working_dir else base
+        if not cwd.is_dir():
+            raise ClusterError(f"pod {pod.key}: working directory {cwd} does not exist")
+        rec = processes.spawn(cluster.plan.name, f"pod {pod.key}", pod.netns, list(pod.spec.command),
+                              pod_env(cluster.plan, pod), cluster.dir / "logs" / f"{pod.namespace}.{pod.name}.log",
+                              cwd=str(cwd))
+        cluster.processes.append(rec)
+        cluster.save()
+
+
+def _port_open(pod: PodPlan, port: int) -> bool:
+    with mnetns.entered(pod.netns), socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((str(pod.ip), port)) == 0
+
+
+def _wait_ready(cluster: Cluster, timeout: float) -> None:
+    """Wait until every pod's TCP container ports accept connections; fail early if a pod exits."""
+    by_pod = {rec.name: rec for rec in cluster.processes}
+    waiting = [(pod, cp.container_port) for pod in cluster.plan.pods for cp in pod.spec.ports if cp.protocol == "TCP"]
+    deadline = time.monotonic() + timeout
+    while waiting:
+        for pod, port in list(waiting):
+            rec = by_pod[f"pod {pod.key}"]
+            if not processes.is_running(rec):
+                raise ClusterError(f"pod {pod.key} exited while starting; its log ends with:\n"
+                                   f"{processes.tail(rec.log)}")
+            if _port_open(pod, port):
+                waiting.remove((pod, port))
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            pod, port = waiting[0]
+            raise ClusterError(f"pod {pod.key} is not listening on port {port} after {timeout:.0f}s; its log "
+                               f"ends with:\n{processes.tail(by_pod[f'pod {pod.key}'].log)}")
+        time.sleep(0.1)
+
+
+def down(name: str) -> list[str]:
+    """Remove everything of cluster `name`: processes, namespaces (and with them links and rules),
+    /etc/netns entries and the state directory.  Returns a summary of what was removed."""
+    require_root("cluster down")
+    removed: list[str] = []
+    try:
+        record = state.read_record(name)
+    except MeshError:
+        record = {}
+    # The controller first: it makes waypoint pods, and must not make one while the rest goes.
+    controllers = [ProcessRecord.from_json(p) for p in record.get("processes", []) if p["name"] == "controller"]
+    processes.stop([c.pid for c in controllers if processes.start_time(c.pid) == c.start_time])
+    pids: set[int] = set(processes.marked_pids(name))
+    for data in record.get("processes", []):
+        rec = ProcessRecord.from_json(data)
+        if processes.start_time(rec.pid) == rec.start_time:
+            pids.add(rec.pid)
+    prefix = cluster_prefix(name)
+    for ns_name in mnetns.list_named():
+        if ns_name.startswith(prefix):
+            pids.update(processes.netns_pids(ns_name))
+    if pids:
+        processes.stop(pids)
+        removed.append(f"{len(pids)} processes")
+    gone = network.remove_all(prefix)
+    if gone:
+        removed.append(f"{len(gone)} network namespaces")
+    directory = state.cluster_dir(name)
+    if directory.exists():
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(f"state directory {directory}")
+    return removed
+
+
+def status(name: str) -> dict[str, Any]:
+    """The record of a cluster with each pod's and process's liveness filled in."""
+    record = state.read_record(name)
+    alive = {}
+    for data in record.get("processes", []):
+        rec = ProcessRecord.from_json(data)
+        alive[rec.name] = processes.is_running(rec)
+        data["running"] = alive[rec.name]
+    for pod in record["plan"]["pods"]:
+        kind = "waypoint" if pod.get("waypoint") else "pod"
+        pod["running"] = alive.get(f"{kind} {pod['namespace']}/{pod['name']}", False)
+        pod["netnsPresent"] = mnetns.exists(pod["netns"])
+    for node in record["plan"]["nodes"]:
+        node["netnsPresent"] = mnetns.exists(node["netns"])
+    return record
+
+
+def find_pod(name: str, namespace: str, pod: str) -> dict[str, Any]:
+    record = state.read_record(name)
+    for p in record["plan"]["pods"]:
+        if p["namespace"] == namespace and p["name"] == pod:
+            return dict(p)
+    have = ", ".join(p["name"] for p in record["plan"]["pods"] if p["namespace"] == namespace) or "none"
+    raise ClusterError(f"pod {namespace}/{pod} does not exist in cluster {name!r} "
+                       f"(pods in namespace {namespace!r}: {have})")
+
+
+def pod_log(name: str, namespace: str, pod: str) -> Path:
+    find_pod(name, namespace, pod)
+    return state.cluster_dir(name) / "logs" / f"{namespace}.{pod}.log"

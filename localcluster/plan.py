@@ -1,0 +1,239 @@
+"""The cluster plan: every name, address and rule the build will make, computed before any I/O.
+
+`make_plan(spec)` is pure: it names the network namespaces (all under the `amb.<cluster>.` prefix),
+gives addresses to nodes, pods and services, resolves each service's endpoints, and renders the
+kube-proxy style iptables rules and the per-pod name-resolution files.  `build.py` then carries it out.
+
+Addresses: on the underlay (default 172.30.0.0/24) `.1` is the underlay bridge, where cluster-wide
+processes such as the control plane listen, and node *i* is `.10+i`.  In a node's pod CIDR `.1` is the
+node's bridge (the pods' gateway) and pods take `.2` onwards in file order.  Services without a
+`clusterIP` take addresses from `.10` of the service CIDR onwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from localcluster.spec import ClusterSpec, PodSpec, ServicePort
+
+PREFIX = "amb"
+CLUSTER_DOMAIN = "cluster.local"
+MASQ_MARK = "0x4000/0x4000"
+
+
+def cluster_prefix(cluster: str) -> str:
+    """The prefix of every network namespace and /etc/netns entry of one cluster."""
+    return f"{PREFIX}.{cluster}."
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    name: str
+    netns: str
+    underlay_ip: ipaddress.IPv4Address
+    underlay_port: str  # the veth end on the underlay bridge
+    pod_cidr: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Address  # the node bridge's address in its pod CIDR
+
+
+@dataclass(frozen=True)
+class PodPlan:
+    name: str
+    namespace: str
+    node: str
+    netns: str
+    ip: ipaddress.IPv4Address
+    gateway: ipaddress.IPv4Address
+    prefixlen: int
+    host_veth: str  # the veth end on the node bridge
+    spec: PodSpec
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    pod: str  # namespace/name
+    ip: ipaddress.IPv4Address
+    port: int
+
+
+@dataclass(frozen=True)
+class ServicePortPlan:
+    port: ServicePort
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True)
+class ServicePlan:
+    name: str
+    namespace: str
+    cluster_ip: ipaddress.IPv4Address
+    ports: tuple[ServicePortPlan, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.{CLUSTER_DOMAIN}"
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    name: str
+    underlay_netns: str
+    underlay_gateway: ipaddress.IPv4Address
+    underlay_prefixlen: int
+    nodes: tuple[NodePlan, ...]
+    pods: tuple[PodPlan, ...]
+    services: tuple[ServicePlan, ...]
+
+    @property
+    def prefix(self) -> str:
+        return cluster_prefix(self.name)
+
+    def node(self, name: str) -> NodePlan:
+        return next(n for n in self.nodes if n.name == name)
+
+    def pod(self, namespace: str, name: str) -> PodPlan | None:
+        return next((p for p in self.pods if p.namespace == namespace and p.name == name), None)
+
+    def all_netns(self) -> list[str]:
+        return [self.underlay_netns] + [n.netns for n in self.nodes] + [p.netns for p in self.pods]
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-ready summary for the state record (status, exec and logs read it)."""
+        return {
+            "underlay": {"netns": self.underlay_netns, "gateway": str(self.underlay_gateway)},
+            "nodes": [{"name": n.name, "netns": n.netns, "ip": str(n.underlay_ip), "podCIDR": str(n.pod_cidr)}
+                      for n in self.nodes],
+            "pods": [{"name": p.name, "namespace": p.namespace, "node": p.node, "netns": p.netns,
+                      "ip": str(p.ip), "serviceAccount": p.spec.service_account, "labels": p.spec.labels}
+                     for p in self.pods],
+            "services": [{"name": s.name, "namespace": s.namespace, "clusterIP": str(s.cluster_ip),
+                          "ports": [{"port": sp.port.port, "name": sp.port.name,
+                                     "endpoints": [f"{e.ip}:{e.port}" for e in sp.endpoints]}
+                                    for sp in s.ports]}
+                         for s in self.services],
+        }
+
+
+def make_plan(spec: ClusterSpec) -> ClusterPlan:
+    prefix = cluster_prefix(spec.name)
+    hosts = list(spec.underlay_cidr.hosts())
+    nodes = tuple(
+        NodePlan(name=n.name, netns=f"{prefix}node.{n.name}", underlay_ip=hosts[9 + i], underlay_port=f"n{i}",
+                 pod_cidr=n.pod_cidr, gateway=n.pod_cidr.network_address + 1)
+        for i, n in enumerate(spec.nodes)
+    )
+    by_node = {n.name: n for n in nodes}
+    next_host: dict[str, int] = {n.name: 2 for n in nodes}
+    pods: list[PodPlan] = []
+    for k, pod in enumerate(spec.pods):
+        node = by_node[pod.node]
+        ip = node.pod_cidr.network_address + next_host[pod.node]
+        next_host[pod.node] += 1
+        pods.append(PodPlan(name=pod.name, namespace=pod.namespace, node=pod.node,
+                            netns=f"{prefix}pod.{pod.namespace}.{pod.name}", ip=ip, gateway=node.gateway,
+                            prefixlen=node.pod_cidr.prefixlen, host_veth=f"p{k}", spec=pod))
+    return ClusterPlan(
+        name=spec.name, underlay_netns=f"{prefix}underlay", underlay_gateway=hosts[0],
+        underlay_prefixlen=spec.underlay_cidr.prefixlen, nodes=nodes, pods=tuple(pods),
+        services=_services(spec, pods),
+    )
+
+
+def _services(spec: ClusterSpec, pods: list[PodPlan]) -> tuple[ServicePlan, ...]:
+    taken = {s.cluster_ip for s in spec.services if s.cluster_ip is not None}
+    free = (ip for ip in list(spec.service_cidr.hosts())[9:] if ip not in taken)
+    out = []
+    for svc in spec.services:
+        selected = [p for p in pods if p.namespace == svc.namespace and svc.selector
+                    and all(p.spec.labels.get(k) == v for k, v in svc.selector.items())]
+        ports = []
+        for port in svc.ports:
+            endpoints = []
+            for p in selected:
+                target = _target_port(port, p.spec)
+                if target is not None:
+                    endpoints.append(Endpoint(p.key, p.ip, target))
+            ports.append(ServicePortPlan(port, tuple(endpoints)))
+        out.append(ServicePlan(svc.name, svc.namespace, svc.cluster_ip or next(free), tuple(ports)))
+    return tuple(out)
+
+
+def _target_port(port: ServicePort, pod: PodSpec) -> int | None:
+    if isinstance(port.target_port, int):
+        return port.target_port
+    return next((cp.container_port for cp in pod.ports if cp.name == port.target_port), None)
+
+
+# -- name resolution inside pods -------------------------------------------------------------------
+
+def hosts_file(plan: ClusterPlan, pod: PodPlan) -> str:
+    """/etc/hosts for a pod: itself, then every service as `svc.ns.svc.cluster.local`, `svc.ns`, and
+    plain `svc` for the services of its own namespace."""
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", f"{pod.ip}\t{pod.name}"]
+    for svc in plan.services:
+        names = [svc.hostname, f"{svc.name}.{svc.namespace}"]
+        if svc.namespace == pod.namespace:
+            names.append(svc.name)
+        lines.append(f"{svc.cluster_ip}\t{' '.join(names)}")
+    return "\n".join(lines) + "\n"
+
+
+def resolv_conf(pod: PodPlan) -> str:
+    search = f"{pod.namespace}.svc.{CLUSTER_DOMAIN} svc.{CLUSTER_DOMAIN} {CLUSTER_DOMAIN}"
+    return f"search {search}\nnameserver 127.0.0.1\noptions ndots:1 timeout:1 attempts:1\n"
+
+
+# -- services, as kube-proxy's iptables mode does them ---------------------------------------------
+
+def _chain(kind: str, *parts: object) -> str:
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).hexdigest()[:16].upper()
+    return f"AMB-{kind}-{digest}"
+
+
+def service_rules(plan: ClusterPlan) -> str:
+    """The iptables-restore input installed in every node's namespace: ClusterIP traffic is DNATed to
+    one endpoint chosen at random with equal weights; a pod reaching itself through its service is
+    masqueraded; a service port without endpoints rejects."""
+    nat = ["*nat", ":AMB-SERVICES - [0:0]", ":AMB-MARK-MASQ - [0:0]", ":AMB-POSTROUTING - [0:0]"]
+    nat_rules = [
+        "-A PREROUTING -m comment --comment \"mesh local cluster services\" -j AMB-SERVICES",
+        "-A OUTPUT -m comment --comment \"mesh local cluster services\" -j AMB-SERVICES",
+        "-A POSTROUTING -j AMB-POSTROUTING",
+        f"-A AMB-MARK-MASQ -j MARK --set-xmark {MASQ_MARK}",
+        f"-A AMB-POSTROUTING -m mark --mark {MASQ_MARK} -j MASQUERADE",
+    ]
+    filt = ["*filter", ":AMB-SERVICES - [0:0]"]
+    filt_rules = ["-A FORWARD -j AMB-SERVICES", "-A OUTPUT -j AMB-SERVICES"]
+    for svc in plan.services:
+        for sp in svc.ports:
+            match = f"-d {svc.cluster_ip}/32 -p tcp -m tcp --dport {sp.port.port}"
+            comment = f"-m comment --comment \"{svc.key}:{sp.port.port}\""
+            if not sp.endpoints:
+                filt_rules.append(f"-A AMB-SERVICES {match} {comment} -j REJECT --reject-with tcp-reset")
+                continue
+            svc_chain = _chain("SVC", svc.key, sp.port.port)
+            nat.append(f":{svc_chain} - [0:0]")
+            nat_rules.append(f"-A AMB-SERVICES {match} {comment} -j {svc_chain}")
+            n = len(sp.endpoints)
+            for i, ep in enumerate(sp.endpoints):
+                sep = _chain("SEP", svc.key, sp.port.port, ep.ip, ep.port)
+                nat.append(f":{sep} - [0:0]")
+                if i < n - 1:
+                    nat_rules.append(f"-A {svc_chain} -m statistic --mode random --probability "
+                                     f"{1.0 / (n - i):.10f} -j {sep}")
+                else:
+                    nat_rules.append(f"-A {svc_chain} -j {sep}")
+                nat_rules.append(f"-A {sep} -s {ep.ip}/32 -j AMB-MARK-MASQ")
+                nat_rules.append(f"-A {sep} -p tcp -m tcp -j DNAT --to-destination {ep.ip}:{ep.port}")
+    return "\n".join(nat + nat_rules + ["COMMIT"] + filt + filt_rules + ["COMMIT"]) + "\n"

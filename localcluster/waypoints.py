@@ -1,0 +1,171 @@
+"""Waypoint pods of the local cluster: what Istio's deployment controller does on Kubernetes.
+
+For every `Gateway` of class `istio-waypoint` in the control plane's store, the cluster runs one pod
+named after the gateway in its namespace, with the gateway's name as its service account (so its
+identity is `spiffe://<td>/ns/<ns>/sa/<gateway>`) and the label
+`gateway.networking.k8s.io/gateway-name=<gateway>`, running `python -m waypoint.main`.  The pod gets its
+own network namespace on a node's bridge, an address from the top of that node's pod CIDR, and is
+registered in the control plane as a Pod, so the translation points workloads and services at it.
+
+`desired` and `place` are pure; `WaypointController.sync` does the I/O, one step per change.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from localcluster import components, network, processes, state
+from localcluster.plan import ClusterPlan, PodPlan
+from localcluster.processes import ProcessRecord
+from localcluster.spec import PodSpec
+from mesh.api.client import ApiClient
+from mesh.api.validate import Document, Ref
+from mesh.files import write_atomic
+
+log = logging.getLogger("localcluster.waypoints")
+
+WAYPOINT_CLASS = "istio-waypoint"
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+RESTART_BACKOFF = 5.0  # seconds
+
+
+@dataclass(frozen=True)
+class WaypointPod:
+    namespace: str
+    name: str  # the gateway's name: pod name and service account
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def desired(gateways: list[dict[str, Any]]) -> dict[str, WaypointPod]:
+    out = {}
+    for gw in gateways:
+        if (gw.get("spec") or {}).get("gatewayClassName") != WAYPOINT_CLASS:
+            continue
+        meta = gw.get("metadata") or {}
+        pod = WaypointPod(str(meta.get("namespace") or "default"), str(meta["name"]))
+        out[pod.key] = pod
+    return out
+
+
+def place(plan: ClusterPlan, used: dict[str, list[str]], index: int) -> tuple[str, ipaddress.IPv4Address, str]:
+    """A node (the one with the fewest pods), a free address from the top of its pod CIDR, and a
+    name for the veth end on the node's bridge."""
+    counts = {n.name: sum(1 for p in plan.pods if p.node == n.name) + len(used.get(n.name, [])) for n in plan.nodes}
+    node = min(plan.nodes, key=lambda n: (counts[n.name], n.name))
+    taken = {p.ip for p in plan.pods} | {ipaddress.IPv4Address(ip) for ips in used.values() for ip in ips}
+    candidate = node.pod_cidr.broadcast_address - 1
+    while candidate in taken:
+        candidate -= 1
+    return node.name, candidate, f"w{index}"
+
+
+class WaypointController:
+    def __init__(self, cluster: str, plan: ClusterPlan, home: Path, cert_ttl: int = 0) -> None:
+        self.cluster = cluster
+        self.plan = plan
+        self.home = home
+        self.cert_ttl = cert_ttl
+        self.api = ApiClient(home / components.CONTROLPLANE_SUBDIR / "api.sock", timeout=10)
+        self.running: dict[str, dict[str, Any]] = {}  # key -> {"pod": {...}, "process": {...}}
+        self._index = 0
+
+    def sync(self) -> None:
+        want = desired(self.api.get("Gateway"))
+        for key in [k for k in self.running if k not in want]:
+            self.remove(key)
+        for key, wp in want.items():
+            entry = self.running.get(key)
+            if entry is not None and processes.is_running(ProcessRecord.from_json(entry["process"])):
+                continue
+            if entry is not None:
+                if time.monotonic() - entry.get("started", 0.0) < RESTART_BACKOFF:
+                    continue  # a waypoint that keeps exiting is restarted at most this often
+                log.warning("waypoint %s exited; starting it again (its log: %s)", key, entry["process"]["log"])
+                self.remove(key)
+            self.create(wp)
+
+    def create(self, wp: WaypointPod) -> None:
+        used: dict[str, list[str]] = {}
+        for entry in self.running.values():
+            used.setdefault(entry["pod"]["node"], []).append(entry["pod"]["ip"])
+        self._index += 1
+        node_name, ip, veth = place(self.plan, used, self._index)
+        node = self.plan.node(node_name)
+        netns_name = f"{self.plan.prefix}pod.{wp.namespace}.{wp.name}"
+        token = self._token(wp)
+        argv = [sys.executable, "-m", "waypoint.main", "--name", wp.name, "--namespace", wp.namespace,
+                "--node", node_name, "--control-plane", components.controlplane_address(str(self.plan.underlay_gateway)),
+                "--root-cert", str(components.root_cert(self.home)), "--token-file", str(token),
+                "--trust-domain", components.TRUST_DOMAIN]
+        if self.cert_ttl:
+            argv += ["--cert-ttl", str(self.cert_ttl)]
+        spec = PodSpec(name=wp.name, namespace=wp.namespace, node=node_name,
+                       labels={GATEWAY_NAME_LABEL: wp.name},
+                       service_account=wp.name, container_name="waypoint", command=tuple(argv), env=(),
+                       ports=(), working_dir="", document={})
+        pod = PodPlan(name=wp.name, namespace=wp.namespace, node=node_name, netns=netns_name, ip=ip,
+                      gateway=node.gateway, prefixlen=node.pod_cidr.prefixlen, host_veth=veth, spec=spec)
+        network.build_pod(self.plan, pod)
+        self._register(wp, pod)
+        rec = processes.spawn(self.cluster, f"waypoint {wp.key}", netns_name, argv, components.component_env(),
+                              self.home / "logs" / f"{wp.namespace}.{wp.name}.log")
+        self.running[wp.key] = {"pod": {"name": wp.name, "namespace": wp.namespace, "node": node_name,
+                                        "netns": netns_name, "ip": str(ip), "serviceAccount": wp.name,
+                                        "labels": spec.labels},
+                                "process": rec.to_json(), "started": time.monotonic()}
+        self._save()
+        log.info('{"event": "waypoint started", "waypoint": "%s", "node": "%s", "ip": "%s"}', wp.key, node_name, ip)
+
+    def remove(self, key: str) -> None:
+        entry = self.running.pop(key)
+        rec = ProcessRecord.from_json(entry["process"])
+        if processes.start_time(rec.pid) == rec.start_time:
+            processes.stop([rec.pid])
+        ns, name = entry["pod"]["namespace"], entry["pod"]["name"]
+        try:
+            self.api.delete_refs([str(Ref("Pod", ns, name))], ignore_not_found=True)
+        except Exception as exc:  # the control plane may be away; the pod goes anyway
+            log.warning("could not unregister waypoint pod %s: %s", key, exc)
+        network.remove_netns(entry["pod"]["netns"])
+        self._save()
+        log.info('{"event": "waypoint removed", "waypoint": "%s"}', key)
+
+    def _token(self, wp: WaypointPod) -> Path:
+        from ca.auth import NodeTokenIssuer
+        from mesh.identity import SpiffeId
+
+        issuer = NodeTokenIssuer.load_or_create(self.home / components.CONTROLPLANE_SUBDIR / "node-token-key.pem")
+        path = self.home / "waypoints" / wp.namespace / wp.name / "token"
+        token = issuer.mint_workload_token(SpiffeId(components.TRUST_DOMAIN, wp.namespace, wp.name))
+        write_atomic(path, token.encode(), mode=0o600)
+        return path
+
+    def _register(self, wp: WaypointPod, pod: PodPlan) -> None:
+        bodies = [
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": wp.name, "namespace": wp.namespace}},
+            {"apiVersion": "v1", "kind": "Pod",
+             "metadata": {"name": wp.name, "namespace": wp.namespace, "labels": dict(pod.spec.labels)},
+             "spec": {"nodeName": pod.node, "serviceAccountName": wp.name,
+                      "containers": [{"name": "waypoint", "command": list(pod.spec.command)}]},
+             "status": {"phase": "Running", "podIP": str(pod.ip),
+                        "hostIP": str(self.plan.node(pod.node).underlay_ip)}},
+        ]
+        self.api.apply([Document("waypoint controller", i, b) for i, b in enumerate(bodies, start=1)])
+
+    def _save(self) -> None:
+        """Show the waypoint pods in the cluster record, so status, exec, logs and down see them."""
+        record = state.read_record(self.cluster)
+        static = [p for p in record["processes"] if not p["name"].startswith("waypoint ")]
+        record["processes"] = static + [e["process"] for e in self.running.values()]
+        record["plan"]["pods"] = [p for p in record["plan"]["pods"] if not p.get("waypoint")] + \
+            [{**e["pod"], "waypoint": True} for e in self.running.values()]
+        state.write_record(self.cluster, record)

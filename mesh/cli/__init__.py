@@ -1,1 +1,0 @@
-"""mesh/cli package."""

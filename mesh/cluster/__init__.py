@@ -1,1 +1,0 @@
-"""mesh/cluster package."""

@@ -1,0 +1,284 @@
+"""`meshctl agent workloads|certs|policies NODE`: what a node agent knows, read from its admin endpoint.
+
+The agent serves its admin endpoint on 127.0.0.1:15000 of its node, which only that node can reach.
+In the local cluster the agent runs in the node's network namespace, so meshctl opens its connection
+from inside that namespace (this needs root, as `meshctl cluster up` does).  `--admin-address
+HOST:PORT` reads from another address instead, without entering any namespace.
+
+    workloads   the pods on the node (all known workloads with --all): address, tunnel, waypoint,
+                identity and enrollment state
+    certs       the certificates the agent holds for its pods: state, expiry, next renewal
+    policies    the authorization policies the agent knows and the local pods each applies to
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.client
+import json
+import socket
+from typing import Any
+
+from localcluster import state
+from localcluster.plan import cluster_prefix
+from mesh import netns
+from mesh.errors import MeshError, UsageError
+
+ADMIN_HOST = "127.0.0.1"
+ADMIN_PORT = 15000
+TIMEOUT = 5.0
+
+PATHS = {"workloads": "/workloads", "certs": "/certs", "policies": "/policies"}
+
+
+class AgentCliError(MeshError):
+    pass
+
+
+# --- reaching the agent ---------------------------------------------------------------------------------
+
+
+class _NetnsHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection whose socket is created inside a network namespace."""
+
+    def __init__(self, host: str, port: int, netns_name: str | None, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._netns = netns_name
+
+    def connect(self) -> None:
+        if self._netns is None:
+            super().connect()
+            return
+        with netns.entered(self._netns):
+            sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect((self.host, self.port))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[V6]:PORT`."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--admin-address {value!r}: expected HOST:PORT, e.g. 127.0.0.1:15000")
+    return host, int(port)
+
+
+def node_netns(cluster: str, node: str) -> str:
+    """The network namespace of `node` in the local cluster `cluster`."""
+    record = state.read_record(cluster)
+    nodes = {n["name"]: n.get("netns") for n in record.get("plan", {}).get("nodes", [])}
+    if node not in nodes:
+        have = ", ".join(sorted(nodes)) or "none"
+        raise AgentCliError(f"node {node!r} is not in cluster {cluster!r} (nodes: {have})")
+    return nodes[node] or f"{cluster_prefix(cluster)}node.{node}"
+
+
+def fetch(path: str, node: str, *, address: str | None = None, cluster: str | None = None) -> dict[str, Any]:
+    """GET `path` from the admin endpoint of the agent on `node` and return its JSON."""
+    if address:
+        host, port = parse_address(address)
+        where, ns = f"node agent at {host}:{port}", None
+    else:
+        host, port = ADMIN_HOST, ADMIN_PORT
+        ns = node_netns(state.find_cluster(cluster), node)
+        where = f"node agent on {node}"
+    conn = _NetnsHTTPConnection(host, port, ns, TIMEOUT)
+    try:
+        conn.request("GET", path, headers={"Accept": "application/json"})
+        resp = conn.getresponse()
+        body = resp.read()
+    except netns.NetnsError as exc:
+        raise AgentCliError(f"cannot enter the network namespace of {node}: {exc}") from None
+    except (OSError, http.client.HTTPException):
+        raise AgentCliError(f"{where} is not answering on {host}:{port}: is it running? "
+                            "(`meshctl cluster status`)") from None
+    finally:
+        conn.close()
+    if resp.status != 200:
+        text = body.decode(errors="replace").strip()
+        raise AgentCliError(f"{where} answered {resp.status} for {path}: {text}")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise AgentCliError(f"{where} sent something that is not JSON for {path}") from None
+    if not isinstance(data, dict):
+        raise AgentCliError(f"{where} sent unexpected JSON for {path}")
+    return data
+
+
+# --- rendering (pure) -----------------------------------------------------------------------------------
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _identity(w: dict[str, Any]) -> str:
+    if not w.get("service_account"):
+        return "-"
+    td = w.get("trust_domain") or "cluster.local"
+    return f"spiffe://{td}/ns/{w.get('namespace', '')}/sa/{w['service_account']}"
+
+
+def _waypoint(w: dict[str, Any]) -> str:
+    gw = w.get("waypoint") or {}
+    if not gw:
+        return "-"
+    if gw.get("name"):
+        return f"{gw.get('namespace', '')}/{gw['name']}"
+    host = (gw.get("hostname") or {}).get("hostname") or (gw.get("address") or {}).get("address")
+    return host or "yes"
+
+
+def render_workloads(data: dict[str, Any], show_all: bool = False) -> str:
+    node = data.get("node") or "?"
+    items = [w for w in data.get("workloads", []) if show_all or w.get("local")]
+    rows = [
+        [
+            w.get("namespace", ""),
+            w.get("name", ""),
+            ",".join(w.get("addresses", [])) or "-",
+            w.get("node", "") or "-",
+            "HBONE" if w.get("tunnel_protocol") == "HBONE" else "TCP",
+            _waypoint(w),
+            _identity(w),
+            str(w.get("enrollment") or w.get("status") or "HEALTHY"),
+        ]
+        for w in items
+    ]
+    what = "workloads known to" if show_all else "workloads on"
+    head = f"{len(rows)} {what} the agent of {node}"
+    if not rows:
+        return head + ("" if show_all else " (use --all to list every workload it knows)")
+    headers = ["NAMESPACE", "NAME", "ADDRESS", "NODE", "PROTOCOL", "WAYPOINT", "IDENTITY", "STATUS"]
+    return head + "\n" + table(headers, rows)
+
+
+def _when(value: object, now: datetime.datetime) -> str:
+    """An ISO time as `2024-05-02 10:00:00Z (in 23h59m)`."""
+    if not value:
+        return "-"
+    try:
+        t = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return str(value)
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=datetime.UTC)
+    t = t.astimezone(datetime.UTC)
+    return f"{t:%Y-%m-%d %H:%M:%S}Z ({_delta((t - now).total_seconds())})"
+
+
+def _delta(seconds: float) -> str:
+    past, s = seconds < 0, int(abs(seconds))
+    d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
+    text = f"{d}d{h}h" if d else f"{h}h{m}m" if h else f"{m}m{s % 60}s"
+    return f"{text} ago" if past else f"in {text}"
+
+
+def render_certs(data: dict[str, Any], now: datetime.datetime | None = None) -> str:
+    now = now or datetime.datetime.now(datetime.UTC)
+    certs = data.get("certificates", [])
+    head = f"{len(certs)} certificate(s) held by the agent of {data.get('node') or '?'}"
+    if not certs:
+        return head
+    rows = []
+    problems = []
+    for c in certs:
+        nxt = c.get("next_attempt_in")
+        rows.append([
+            str(c.get("identity", "")),
+            str(c.get("state", "")).upper() or "-",
+            str(c.get("serial") or "-"),
+            _when(c.get("not_before"), now) if c.get("not_before") else "-",
+            _when(c.get("not_after"), now),
+            _delta(float(nxt)) if isinstance(nxt, int | float) else "-",
+        ])
+        if c.get("last_error"):
+            problems.append(f"  {c.get('identity')}: {c['last_error']} ({c.get('failures', 0)} failure(s))")
+    out = head + "\n" + table(["IDENTITY", "STATE", "SERIAL", "NOT BEFORE", "NOT AFTER", "NEXT RENEWAL"], rows)
+    if problems:
+        out += "\n\nLast errors:\n" + "\n".join(problems)
+    return out
+
+
+def _count_rules(p: dict[str, Any]) -> str:
+    rules = p.get("rules", [])
+    return "none" if not rules else str(len(rules))
+
+
+def _scope(p: dict[str, Any]) -> str:
+    scope = p.get("scope", "GLOBAL")
+    if scope == "WORKLOAD_SELECTOR":
+        sel = ",".join(f"{k}={v}" for k, v in sorted((p.get("selector") or {}).items()))
+        return f"selector {sel}" if sel else "selector"
+    return {"GLOBAL": "mesh", "NAMESPACE": "namespace"}.get(scope, scope.lower())
+
+
+def render_policies(data: dict[str, Any]) -> str:
+    pols = data.get("policies", [])
+    head = f"{len(pols)} authorization policies known to the agent of {data.get('node') or '?'}"
+    if not pols:
+        return head
+    rows = [
+        [
+            p.get("namespace", ""),
+            p.get("name", ""),
+            p.get("action", "ALLOW") + (" (dry-run)" if p.get("dry_run") else ""),
+            _scope(p),
+            _count_rules(p),
+            ", ".join(p.get("applies_to", [])) or "-",
+        ]
+        for p in pols
+    ]
+    return head + "\n" + table(["NAMESPACE", "NAME", "ACTION", "SCOPE", "RULES", "APPLIES TO (this node)"], rows)
+
+
+# --- the verb -------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    data = fetch(PATHS[args.what], args.node, address=args.admin_address, cluster=args.cluster)
+    if args.output == "json":
+        print(json.dumps(data, indent=2))
+    elif args.what == "workloads":
+        print(render_workloads(data, show_all=args.all))
+    elif args.what == "certs":
+        print(render_certs(data))
+    else:
+        print(render_policies(data))
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "agent",
+        help="show what a node agent knows: its workloads, certificates and policies",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    helps = {
+        "workloads": "the workloads on the node (with --all: every workload the agent knows)",
+        "certs": "the certificates the agent holds for its pods",
+        "policies": "the authorization policies the agent knows and where they apply",
+    }
+    for what, text in helps.items():
+        s = sub.add_parser(what, help=text, description=f"Show {text}.")
+        s.add_argument("node", metavar="NODE", help="the node whose agent to ask, e.g. node-1")
+        s.add_argument("--cluster", help="cluster name (default: the only cluster up)")
+        s.add_argument("--admin-address", metavar="HOST:PORT",
+                       help="read the agent's admin endpoint at this address (no namespace is entered)")
+        s.add_argument("-o", "--output", choices=["table", "json"], default="table")
+        if what == "workloads":
+            s.add_argument("-A", "--all", action="store_true", help="every workload the agent knows")
+        s.set_defaults(func=run, what=what)

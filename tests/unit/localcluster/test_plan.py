@@ -1,0 +1,65 @@
+"""The plan: names, addresses, services and rules, computed without touching the machine."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from localcluster import plan, spec
+
+BOOKINFO = Path(__file__).resolve().parents[3] / "examples" / "bookinfo" / "cluster.yaml"
+
+
+def bookinfo() -> plan.ClusterPlan:
+    return plan.make_plan(spec.load(BOOKINFO))
+
+
+def test_names_share_the_cluster_prefix() -> None:
+    p = bookinfo()
+    assert all(name.startswith("amb.bookinfo.") for name in p.all_netns())
+    assert len(set(p.all_netns())) == len(p.all_netns())
+
+
+def test_addresses() -> None:
+    p = bookinfo()
+    assert p.underlay_gateway == ipaddress.IPv4Address("172.30.0.1")
+    assert [str(n.underlay_ip) for n in p.nodes] == ["172.30.0.10", "172.30.0.11"]
+    for pod in p.pods:
+        node = p.node(pod.node)
+        assert pod.ip in node.pod_cidr and pod.ip != node.gateway
+    assert len({pod.ip for pod in p.pods}) == len(p.pods)
+    assert [str(s.cluster_ip) for s in p.services] == ["10.96.0.10", "10.96.0.11", "10.96.0.12", "10.96.0.13"]
+
+
+def test_service_endpoints_follow_selectors() -> None:
+    p = bookinfo()
+    reviews = next(s for s in p.services if s.name == "reviews")
+    assert {e.pod for e in reviews.ports[0].endpoints} == {"bookinfo/reviews-v1", "bookinfo/reviews-v2",
+                                                          "bookinfo/reviews-v3"}
+
+
+def test_rules_spread_over_endpoints_with_equal_chances() -> None:
+    rules = plan.service_rules(bookinfo())
+    assert "--probability 0.3333333333" in rules and "--probability 0.5000000000" in rules
+    assert rules.count("-j DNAT") == 6
+    assert rules.count("COMMIT") == 2
+
+
+def test_service_without_endpoints_rejects() -> None:
+    text = BOOKINFO.read_text().replace("selector:\n    app: ratings", "selector:\n    app: nobody")
+    p = plan.make_plan(spec.parse(text, BOOKINFO))
+    assert "-d 10.96.0.13/32 -p tcp -m tcp --dport 9080 -m comment --comment \"bookinfo/ratings:9080\" -j REJECT" \
+        in plan.service_rules(p)
+
+
+def test_hosts_file_names_services_three_ways() -> None:
+    p = bookinfo()
+    legacy_sleep = p.pod("legacy", "sleep")
+    assert legacy_sleep is not None
+    hosts = plan.hosts_file(p, legacy_sleep)
+    assert "10.96.0.10\tproductpage.bookinfo.svc.cluster.local productpage.bookinfo\n" in hosts
+    sleep = p.pod("bookinfo", "sleep")
+    assert sleep is not None
+    assert "10.96.0.10\tproductpage.bookinfo.svc.cluster.local productpage.bookinfo productpage\n" in \
+        plan.hosts_file(p, sleep)
+    assert plan.resolv_conf(sleep).startswith("search bookinfo.svc.cluster.local svc.cluster.local")

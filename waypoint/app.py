@@ -1,0 +1,190 @@
+"""The waypoint, assembled: the one place that shows how its parts fit, top to bottom.
+
+    discovery (Workloads, Services, L7Configs naming it) ──> WaypointConfig ──> RouteTable ──> proxy
+    :15008 HBONE inbound (mTLS, own certificate) ──> admit CONNECT ──> WaypointProxy.serve_tunnel
+                                                        │ HTTP: route, authn, authz, faults, retries
+                                                        │ other: L4 policy, passthrough
+                                                        └──> HboneUpstream: HBONE pool (own certificate)
+                                                             to endpoints' 15008, plain TCP outside the mesh
+    certificate (CA, own identity)   metrics :15020   readiness :15021   admin 127.0.0.1:15000
+
+`Waypoint.run` serves until `stop` is set, then drains: readiness turns 503, the listener closes, every
+HBONE connection gets GOAWAY, and tunnels in flight have `drain_seconds` to finish.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry
+
+from mesh.hbone.pool import HbonePool, tcp_connect
+from mesh.identity import SpiffeId
+from mesh.process import split_hostport
+from mesh.secrets.errors import SecretsError
+from mesh.secrets.manager import SecretManager
+from mesh.xds.node import ROLE_WAYPOINT, NodeInfo
+from mesh.xds.trio_client import TrioXdsClient
+from nodeagent.admin import Readiness, serve_http, serve_metrics, serve_readiness
+from waypoint.admin import AdminView, ProcessMetrics
+from waypoint.discovery import WaypointConfig
+from waypoint.inbound import InboundServer, stdout_line
+from waypoint.metrics import WaypointMetrics
+from waypoint.proxy import WaypointProxy
+from waypoint.upstream.connect import HboneUpstream
+
+log = logging.getLogger("waypoint")
+
+
+@dataclass(frozen=True)
+class Options:
+    name: str
+    namespace: str
+    node: str
+    control_plane: str
+    root_cert: Path
+    token_file: Path
+    trust_domain: str = "cluster.local"
+    service_account: str = ""  # default: the waypoint's name
+    cert_ttl: int = 0  # seconds; 0 = the CA's default
+    listen: str = "0.0.0.0:15008"
+    metrics_listen: str = "0.0.0.0:15020"
+    ready_listen: str = "0.0.0.0:15021"
+    admin_listen: str = "127.0.0.1:15000"
+    connect_timeout: float = 5.0
+    drain_seconds: float = 2.0  # within the local cluster's stop grace (3 s) before SIGKILL
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def identity(self) -> SpiffeId:
+        return SpiffeId(self.trust_domain, self.namespace, self.service_account or self.name)
+
+    def node_info(self) -> NodeInfo:
+        return NodeInfo(id="", role=ROLE_WAYPOINT, node=self.node, namespace=self.namespace, name=self.name)
+
+
+class Waypoint:
+    def __init__(self, opts: Options, certs: SecretManager, registry: CollectorRegistry | None = None) -> None:
+        self.opts = opts
+        self.identity = opts.identity
+        self.certs = certs
+        self.registry = registry or CollectorRegistry()
+        self.pool = HbonePool(tcp_connect, certs.client_context, connect_timeout=opts.connect_timeout)
+        upstream = HboneUpstream(self.pool, self.identity, trust_domain=opts.trust_domain,
+                                 connect_timeout=opts.connect_timeout)
+        self.proxy = WaypointProxy(upstream, metrics=WaypointMetrics(self.registry), access_log=stdout_line)
+        self.config = WaypointConfig(opts.key, self.proxy.update)
+        self.inbound = InboundServer(self.proxy, certs, self.identity, trust_domain=opts.trust_domain)
+        self.proxy.l4_handler = self.inbound.l4
+        self.synced = False
+        self.draining = False
+        self.xds: TrioXdsClient | None = None
+        self.ports: dict[str, int] = {}
+        ProcessMetrics(self.registry, connected=lambda: self.xds is not None and self.xds.connected,
+                       config_version=lambda: self.config.version, certificate_expiry=self._expiry,
+                       tunnels=lambda: self.inbound.tunnels,
+                       inbound_connections=lambda: len(self.inbound.connections),
+                       upstream_connections=self.pool.connection_count)
+
+    # ---- what the endpoints read --------------------------------------------------------------------
+
+    def _expiry(self) -> float:
+        svid = self.certs.current(self.identity)
+        return svid.leaf.not_valid_after_utc.timestamp() if svid else 0.0
+
+    def readiness(self) -> Readiness:
+        if self.draining:
+            return Readiness(False, "draining")
+        return Readiness.from_checks({"discovery": self.synced,
+                                      "certificate": self.certs.current(self.identity) is not None})
+
+    def config_dump(self) -> dict[str, Any]:
+        return {"identity": str(self.identity), "synced": self.synced, **self.config.summary()}
+
+    def stats(self) -> dict[str, Any]:
+        return {"tunnels": self.inbound.tunnels, "inbound_connections": len(self.inbound.connections),
+                "refused_tunnels": self.inbound.refused, "upstream_connections": self.pool.connection_count(),
+                "idle_upstream_http_connections": self.proxy.pool.idle_count(), "draining": self.draining}
+
+    # ---- running --------------------------------------------------------------------------------------
+
+    async def run(self, xds: TrioXdsClient, stop: trio.Event, *,
+                  task_status: trio.TaskStatus[dict[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until `stop` is set, then drain and return.  Reports the bound ports."""
+        opts = self.opts
+        self.xds = xds
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.pool.run)
+            nursery.start_soon(self._drain_updates, xds)
+            nursery.start_soon(self._keep_certificate)
+            host, port = split_hostport(opts.metrics_listen)
+            self.ports["metrics"] = await nursery.start(functools.partial(
+                serve_metrics, self.registry, host=host, port=port))
+            host, port = split_hostport(opts.ready_listen)
+            self.ports["ready"] = await nursery.start(functools.partial(
+                serve_readiness, self.readiness, host=host, port=port))
+            host, port = split_hostport(opts.admin_listen)
+            view = AdminView(self.config_dump, self.certs.status, self.stats, name=opts.key)
+            self.ports["admin"] = await nursery.start(functools.partial(
+                serve_http, view.handle, host, port, name="admin"))
+            host, port = split_hostport(opts.listen)
+            inbound_done = trio.Event()
+
+            async def serve_inbound(task_status: trio.TaskStatus[int]) -> None:
+                try:
+                    await self.inbound.serve(host, port, task_status=task_status)
+                finally:
+                    inbound_done.set()
+
+            self.ports["hbone"] = await nursery.start(serve_inbound)
+            log.info('{"event": "listening", "waypoint": "%s", "identity": "%s", "hbone": %d}',
+                     opts.key, self.identity, self.ports["hbone"])
+            task_status.started(dict(self.ports))
+            nursery.start_soon(self._wait_synced, xds)
+            await stop.wait()
+            self.draining = True
+            log.info('{"event": "draining", "waypoint": "%s", "tunnels": %d}', opts.key, self.inbound.tunnels)
+            self.inbound.drain()
+            with trio.move_on_after(opts.drain_seconds):
+                await inbound_done.wait()
+            nursery.cancel_scope.cancel()
+        await self.proxy.pool.aclose()
+
+    async def _wait_synced(self, xds: TrioXdsClient) -> None:
+        while not await xds.wait_synced(timeout=5.0):
+            log.info('{"event": "waiting for discovery", "control_plane": "%s"}', self.opts.control_plane)
+        self.synced = True
+        log.info('{"event": "synced", "waypoint": "%s", "version": %d, "services": %d}', self.opts.key,
+                 self.config.version, len(self.proxy.table.services))
+
+    async def _keep_certificate(self) -> None:
+        """The first certificate, asked again with backoff until the CA gives it (then renewed by the
+        secret manager)."""
+        delay = 0.5
+        while True:
+            try:
+                svid = await self.certs.get(self.identity)
+            except SecretsError as exc:
+                log.warning("no certificate for %s yet (%s); asking again in %.1fs", self.identity, exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            log.info('{"event": "certificate", "identity": "%s", "expires_in": %d}', self.identity,
+                     svid.leaf.not_valid_after_utc.timestamp() - time.time())
+            return
+
+    @staticmethod
+    async def _drain_updates(xds: TrioXdsClient) -> None:
+        """Accepted updates are also offered on a channel (the handler applied them already): keep it
+        empty, or the discovery client would stop acknowledging."""
+        async for _ in xds.updates:
+            pass

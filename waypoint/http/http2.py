@@ -1,0 +1,336 @@
+"""HTTP/2 with prior knowledge over trio streams with h2: the server side (concurrent streams, each handed
+to the pipeline) and a simple client side toward endpoints (one request at a time per connection, reused).
+
+Flow control is real in both directions: received data is acknowledged only as the pipeline consumes
+it, and sending waits for the peer's window.  A request head larger than `max_header_bytes` gets 431.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import trio
+
+from waypoint.errors import HttpError, RefusedStream, UpstreamReset
+from waypoint.http.exchange import Handler
+from waypoint.l7.model import RequestHead, ResponseHead, forwardable
+
+READ_SIZE = 65536
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _text(v: str | bytes) -> str:
+    return v.decode("latin-1") if isinstance(v, bytes) else v
+
+
+@dataclass
+class _Stream:
+    stream_id: int
+    send: trio.MemorySendChannel[bytes]
+    receive: trio.MemoryReceiveChannel[bytes]
+    window: trio.Event = field(default_factory=trio.Event)
+    reset: bool = False
+    ended: bool = False
+
+
+class _H2Base:
+    def __init__(self, stream: trio.abc.Stream, client_side: bool, max_header_bytes: int) -> None:
+        self.stream = stream
+        config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
+                                           validate_inbound_headers=True)
+        self.conn = h2.connection.H2Connection(config=config)
+        self.conn.local_settings = h2.settings.Settings(client=client_side, initial_values={
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_bytes,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 200,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        })
+        self.max_header_bytes = max_header_bytes
+        self._send_lock = trio.Lock()
+        self.streams: dict[int, _Stream] = {}
+        self.closed = False
+
+    async def flush(self) -> None:
+        async with self._send_lock:
+            data = self.conn.data_to_send()
+            if data:
+                await self.stream.send_all(data)
+
+    def _new_stream(self, stream_id: int) -> _Stream:
+        send, receive = trio.open_memory_channel[bytes](math.inf)
+        s = self.streams[stream_id] = _Stream(stream_id, send, receive)
+        return s
+
+    def _on_event(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.DataReceived) and event.stream_id in self.streams:
+            s = self.streams[event.stream_id]
+            data = bytes(event.data or b"")
+            if data:
+                s.send.send_nowait(data)
+            padding = (event.flow_controlled_length or 0) - len(data)
+            if padding > 0:
+                self.conn.acknowledge_received_data(padding, event.stream_id)
+        elif isinstance(event, h2.events.StreamEnded) and event.stream_id in self.streams:
+            self.streams[event.stream_id].ended = True
+            self.streams[event.stream_id].send.close()
+        elif isinstance(event, h2.events.StreamReset) and event.stream_id in self.streams:
+            s = self.streams[event.stream_id]
+            s.reset = True
+            s.send.close()
+            s.window.set()
+        elif isinstance(event, h2.events.WindowUpdated):
+            targets = self.streams.values() if event.stream_id == 0 else \
+                [self.streams[event.stream_id]] if event.stream_id in self.streams else []
+            for s in list(targets):
+                s.window.set()
+                s.window = trio.Event()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._terminate()
+
+    def _terminate(self) -> None:
+        self.closed = True
+        for s in self.streams.values():
+            s.reset = True
+            s.send.close()
+            s.window.set()
+
+    async def consumed(self, stream_id: int, n: int) -> None:
+        if n and not self.closed and stream_id in self.streams:
+            try:
+                self.conn.acknowledge_received_data(n, stream_id)
+            except h2.exceptions.StreamClosedError:
+                return
+            await self.flush()
+
+    async def wait_window(self, s: _Stream) -> None:
+        await s.window.wait()
+
+    async def send_body(self, s: _Stream, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if s.reset or self.closed:
+                raise trio.BrokenResourceError("stream was reset")
+            window = min(self.conn.local_flow_control_window(s.stream_id), self.conn.max_outbound_frame_size)
+            if window <= 0:
+                await self.wait_window(s)
+                continue
+            self.conn.send_data(s.stream_id, bytes(view[:window]))
+            view = view[window:]
+            await self.flush()
+
+
+class _ServerExchange:
+    def __init__(self, server: Http2Server, s: _Stream, head: RequestHead) -> None:
+        self._server = server
+        self._s = s
+        self.head = head
+        self._started = False
+
+    @property
+    def response_started(self) -> bool:
+        return self._started
+
+    async def body(self) -> AsyncIterator[bytes]:
+        async for chunk in self._s.receive:
+            await self._server.consumed(self._s.stream_id, len(chunk))
+            yield chunk
+        if self._s.reset and not self._s.ended:
+            raise HttpError(400, "client reset the stream")
+
+    async def send_head(self, head: ResponseHead, end: bool = False) -> None:
+        self._started = True
+        headers = [(":status", str(head.status))] + [(k, v) for k, v in forwardable(head.headers)]
+        if self._s.reset or self._server.closed:
+            raise trio.BrokenResourceError("stream was reset")
+        self._server.conn.send_headers(self._s.stream_id, headers, end_stream=end)
+        await self._server.flush()
+
+    async def send_data(self, data: bytes) -> None:
+        await self._server.send_body(self._s, data)
+
+    async def end(self) -> None:
+        if not self._s.reset and not self._server.closed:
+            self._server.conn.end_stream(self._s.stream_id)
+            await self._server.flush()
+
+    async def reset(self) -> None:
+        if not self._s.reset and not self._server.closed:
+            self._s.reset = True
+            self._server.conn.reset_stream(self._s.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            await self._server.flush()
+
+
+class Http2Server(_H2Base):
+    def __init__(self, stream: trio.abc.Stream, max_header_bytes: int = 60 * 1024, initial: bytes = b"") -> None:
+        super().__init__(stream, client_side=False, max_header_bytes=max_header_bytes)
+        self._initial = initial
+
+    async def serve(self, handler: Handler) -> None:
+        self.conn.initiate_connection()
+        try:
+            await self.flush()
+            async with trio.open_nursery() as nursery:
+                data = self._initial
+                while not self.closed:
+                    if not data:
+                        data = bytes(await self.stream.receive_some(READ_SIZE))
+                        if not data:
+                            break
+                    try:
+                        events = self.conn.receive_data(bytes(data))
+                    except h2.exceptions.ProtocolError:
+                        await self.flush()
+                        break
+                    data = b""
+                    for event in events:
+                        if isinstance(event, h2.events.RequestReceived):
+                            self._start(nursery, handler, event)
+                        else:
+                            self._on_event(event)
+                    await self.flush()
+                self._terminate()
+                nursery.cancel_scope.deadline = trio.current_time() + 1.0
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._terminate()
+        finally:
+            with trio.move_on_after(1) as cs:
+                cs.shield = True
+                await self.stream.aclose()
+
+    def _start(self, nursery: trio.Nursery, handler: Handler, event: h2.events.RequestReceived) -> None:
+        s = self._new_stream(event.stream_id)
+        pairs = [(_text(k), _text(v)) for k, v in event.headers or []]
+        pseudo = {k: v for k, v in pairs if k.startswith(":")}
+        size = sum(len(k) + len(v) + 32 for k, v in pairs)
+        head = RequestHead(method=pseudo.get(":method", "GET"), path=pseudo.get(":path", "/"),
+                           authority=pseudo.get(":authority", ""), scheme=pseudo.get(":scheme", "http"),
+                           headers=tuple((k.lower(), v) for k, v in pairs if not k.startswith(":")),
+                           protocol="HTTP/2")
+        if event.stream_ended is not None:
+            s.ended = True
+            s.send.close()
+        exchange = _ServerExchange(self, s, head)
+        nursery.start_soon(self._run, handler, exchange, size)
+
+    async def _run(self, handler: Handler, exchange: _ServerExchange, size: int) -> None:
+        try:
+            if size > self.max_header_bytes:
+                raise HttpError(431, "request headers too large")
+            await handler(exchange)
+        except HttpError as exc:
+            if not exchange.response_started:
+                body = str(exc).encode()
+                try:
+                    await exchange.send_head(ResponseHead(exc.status, (("content-length", str(len(body))),)))
+                    await exchange.send_data(body)
+                    await exchange.end()
+                except (trio.BrokenResourceError, h2.exceptions.H2Error):
+                    pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h2.exceptions.H2Error):
+            pass
+        finally:
+            self.streams.pop(exchange._s.stream_id, None)
+
+
+class Http2Client(_H2Base):
+    """An HTTP/2 connection to one endpoint; requests are sent one at a time and read inline."""
+
+    def __init__(self, stream: trio.abc.Stream, max_header_bytes: int = 60 * 1024) -> None:
+        super().__init__(stream, client_side=True, max_header_bytes=max_header_bytes)
+        self.conn.initiate_connection()
+        self._current: _Stream | None = None
+        self._response: ResponseHead | None = None
+
+    async def _pump(self) -> None:
+        try:
+            data = await self.stream.receive_some(READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._terminate()
+            raise UpstreamReset(f"connection to endpoint reset: {exc}") from exc
+        if not data:
+            self._terminate()
+            return
+        try:
+            events = self.conn.receive_data(bytes(data))
+        except h2.exceptions.ProtocolError as exc:
+            self._terminate()
+            raise UpstreamReset(f"endpoint broke the HTTP/2 protocol: {exc}") from exc
+        for event in events:
+            if isinstance(event, h2.events.ResponseReceived) and self._current is not None \
+                    and event.stream_id == self._current.stream_id:
+                pairs = [(_text(k).lower(), _text(v)) for k, v in event.headers or []]
+                status = int(next((v for k, v in pairs if k == ":status"), "502"))
+                self._response = ResponseHead(status, tuple(p for p in pairs if not p[0].startswith(":")))
+                if event.stream_ended is not None:
+                    self._on_event(event.stream_ended)
+            elif isinstance(event, h2.events.StreamReset) and self._current is not None \
+                    and event.stream_id == self._current.stream_id and event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM:
+                self._current.reset = True
+                self._current.send.close()
+                raise RefusedStream("endpoint refused the stream")
+            else:
+                self._on_event(event)
+        await self.flush()
+
+    async def wait_window(self, s: _Stream) -> None:
+        await self._pump()
+
+    async def send_request(self, head: RequestHead, body: AsyncIterable[bytes]) -> None:
+        if self._current is not None:  # one request at a time: forget the previous one's stream
+            self.streams.pop(self._current.stream_id, None)
+        try:
+            sid = self.conn.get_next_available_stream_id()
+            s = self._current = self._new_stream(sid)
+            self._response = None
+            headers = [(":method", head.method), (":scheme", head.scheme), (":authority", head.authority),
+                       (":path", head.path), *forwardable(head.headers)]
+            self.conn.send_headers(sid, headers)
+            await self.flush()
+            async for chunk in body:
+                await self.send_body(s, chunk)
+            self.conn.end_stream(sid)
+            await self.flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h2.exceptions.H2Error) as exc:
+            raise UpstreamReset(f"connection to endpoint reset while sending: {exc}") from exc
+
+    async def receive_response(self) -> ResponseHead:
+        while self._response is None:
+            if self.closed or (self._current is not None and self._current.reset):
+                raise UpstreamReset("endpoint reset the stream before answering")
+            await self._pump()
+        return self._response
+
+    async def response_body(self) -> AsyncIterator[bytes]:
+        s = self._current
+        assert s is not None
+        while True:
+            try:
+                chunk = s.receive.receive_nowait()
+            except trio.WouldBlock:
+                if s.reset or self.closed:
+                    raise UpstreamReset("endpoint reset the stream in the middle of the response", "UR") from None
+                await self._pump()
+                continue
+            except trio.EndOfChannel:
+                if s.reset and not s.ended:
+                    raise UpstreamReset("endpoint reset the stream in the middle of the response", "UR") from None
+                return
+            await self.consumed(s.stream_id, len(chunk))
+            yield chunk
+
+    @property
+    def reusable(self) -> bool:
+        s = self._current
+        return not self.closed and s is not None and s.ended and not s.reset
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1) as cs:
+            cs.shield = True
+            await self.stream.aclose()

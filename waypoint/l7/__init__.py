@@ -1,0 +1,1 @@
+"""waypoint.l7 package."""

@@ -1,0 +1,1 @@
+"""waypoint.upstream.connect package."""
