@@ -22,10 +22,13 @@ from mesh.secrets.manager import SecretManager
 from mesh.xds.trio_client import TrioXdsClient
 from nodeagent.accesslog import AccessLog
 from nodeagent.admin import Readiness, serve_admin, serve_metrics, serve_readiness
-from nodeagent.enroll import Enroller, PodRef
+from nodeagent.enroll import Enroller
 from nodeagent.metrics import NodeAgentMetrics
+from nodeagent.pods.local import LocalPodSource
+from nodeagent.pods.source import PodRef
 from nodeagent.proxy.context import AgentParts, PodContext, pool_connect
 from nodeagent.proxy.pod import PodProxy
+from nodeagent.redirect.iptables import IptablesRedirector
 from nodeagent.state import MeshState
 
 if TYPE_CHECKING:
@@ -46,7 +49,7 @@ class Agent:
                               connect_timeout=opts.connect_timeout)
         self.parts = AgentParts(state=state, certs=certs, pool=self.pool, metrics=self.metrics,
                                 log=AccessLog(sys.stdout), trust_domain=opts.trust_domain,
-                                connect_timeout=opts.connect_timeout)
+                                connect_timeout=opts.connect_timeout, redirector=IptablesRedirector())
         self.enroller: Enroller | None = None
         self._nursery: trio.Nursery | None = None
         self.synced = False
@@ -98,7 +101,8 @@ class Agent:
             self.metrics.agent.set_xds_connected(self.xds.connected)
         self.synced = True
         self.metrics.agent.set_xds_connected(True)
-        self.enroller = Enroller(opts.node, self.state, opts.pod_netns, self.start_pod)
+        pods = LocalPodSource(self.state, opts.node, opts.pod_netns)
+        self.enroller = Enroller(pods, self.parts.redirector, self.start_pod)
         await nursery.start(self.enroller.run)
         log.info('{"event": "ready", "node": "%s", "enrolled": %d}', opts.node, len(self.enroller.enrolled))
         while True:

@@ -15,9 +15,10 @@ from mesh.hbone.pool import ConnectFn, HbonePool, PoolKey
 from mesh.proto import discovery_pb2 as pb
 from mesh.secrets.manager import SecretManager
 from nodeagent.accesslog import AccessLog, Peer
-from nodeagent.enroll import PodRef
 from nodeagent.metrics import NodeAgentMetrics
+from nodeagent.pods.source import PodRef
 from nodeagent.proxy.sockets import connecting_socket_in
+from nodeagent.redirect.base import Redirector
 from nodeagent.state import MeshState
 
 
@@ -30,6 +31,7 @@ class AgentParts:
     log: AccessLog
     trust_domain: str
     connect_timeout: float
+    redirector: Redirector
 
 
 @dataclass(frozen=True)

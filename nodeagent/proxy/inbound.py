@@ -22,7 +22,6 @@ from nodeagent.accesslog import INBOUND, RESULT_OK, AccessLogEntry, decision_fie
 from nodeagent.metrics import FailureReason, Reporter, ResponseFlag, tcp_labels
 from nodeagent.proxy import authz
 from nodeagent.proxy.context import SOCKET_ERRORS, Clock, PodContext, peer_of, workload_peer
-from nodeagent.proxy.sockets import original_destination
 
 log = logging.getLogger("nodeagent.inbound")
 
@@ -68,7 +67,7 @@ async def handle_plaintext(ctx: PodContext, client: trio.SocketStream) -> None:
     """A connection from outside the mesh, redirected to 15006 by the pod's rules."""
     clock = Clock()
     src_ip, src_port = peer_of(client)
-    _, port = original_destination(client.socket)  # type: ignore[arg-type]
+    _, port = ctx.parts.redirector.original_destination(client.socket)  # type: ignore[arg-type]
     await _serve(ctx, clock, src_ip, src_port, None, port, client)
 
 

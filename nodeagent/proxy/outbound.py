@@ -21,7 +21,6 @@ from nodeagent.accesslog import OUTBOUND, RESULT_OK, AccessLogEntry, result_upst
 from nodeagent.metrics import FailureReason, Reporter, ResponseFlag, tcp_labels
 from nodeagent.proxy.context import SOCKET_ERRORS, Clock, PodContext, peer_of, workload_peer
 from nodeagent.proxy.routing import Route, RouteKind, decide
-from nodeagent.proxy.sockets import original_destination
 
 log = logging.getLogger("nodeagent.outbound")
 
@@ -29,7 +28,7 @@ log = logging.getLogger("nodeagent.outbound")
 async def handle(ctx: PodContext, client: trio.SocketStream) -> None:
     clock = Clock()
     src = peer_of(client)
-    dst_ip, dst_port = original_destination(client.socket)  # type: ignore[arg-type]
+    dst_ip, dst_port = ctx.parts.redirector.original_destination(client.socket)  # type: ignore[arg-type]
     source = ctx.workload()
     route = decide(ctx.parts.state, source, dst_ip, dst_port)
     via_hbone = route.kind in (RouteKind.HBONE, RouteKind.WAYPOINT)

@@ -33,7 +33,7 @@ class PodProxy:
         self.ctx = ctx
         self._scope = trio.CancelScope()
         self._done = trio.Event()
-        self.ports: dict[int, int] = {}
+        self.listeners: dict[int, socket.socket] = {}
 
     async def start(self, nursery: trio.Nursery) -> PodProxy:
         sockets: list[tuple[socket.socket, ConnectionHandler]] = []
@@ -44,6 +44,7 @@ class PodProxy:
             for s, _ in sockets:
                 s.close()
             raise
+        self.listeners = {port: sock for (port, _), (sock, _) in zip(HANDLERS, sockets, strict=True)}
         nursery.start_soon(self._serve, sockets)
         return self
 

@@ -2,20 +2,16 @@
 
 A socket belongs to the network namespace its creating thread was in when `socket()` ran, for good:
 create it inside the pod (via `mesh.netns.entered`), then use it from anywhere.  Every socket the agent
-makes in a pod carries SO_MARK 0x539 so the pod's redirect rules let it through.  `original_destination`
-reads where a redirected connection was going (SO_ORIGINAL_DST).
+makes in a pod carries SO_MARK 0x539 so the pod's redirect rules let it through.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import socket
-import struct
 
 from mesh import netns
 from nodeagent.redirect.rules import AGENT_MARK
 
-SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 LISTEN_BACKLOG = 1024
 
 
@@ -43,10 +39,3 @@ def connecting_socket_in(netns_path: str) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setblocking(False)
     return sock
-
-
-def original_destination(sock: socket.socket) -> tuple[str, int]:
-    """The address a connection redirected by iptables REDIRECT was originally going to."""
-    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    port, packed = struct.unpack_from("!2xH4s", raw)
-    return str(ipaddress.IPv4Address(packed)), port

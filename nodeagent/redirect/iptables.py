@@ -1,4 +1,4 @@
-"""Install, inspect and remove the in-pod redirect rules in a pod's network namespace.
+"""The iptables redirector: install, inspect and remove the in-pod redirect rules in a pod's netns.
 
 The pod's namespace is given as a path (`/run/netns/<name>` in the local cluster, `/proc/<pid>/ns/net`
 or a CNI netns path on Kubernetes); commands run in it with `nsenter --net=PATH`.  Each change is one
@@ -7,17 +7,18 @@ or a CNI netns path on Kubernetes); commands run in it with `nsenter --net=PATH`
 
 from __future__ import annotations
 
-import enum
+import ipaddress
+import socket
+import struct
 import subprocess
+from collections.abc import Mapping
 
 from nodeagent.errors import RedirectError
+from nodeagent.pods.source import PodRef
+from nodeagent.redirect.base import Capture, Outcome
 from nodeagent.redirect.rules import Installed, install_script, parse_saved, remove_script
 
-
-class Outcome(enum.Enum):
-    INSTALLED = "installed"
-    ADOPTED = "adopted"  # found exactly our rules, left by an earlier run of the agent
-    REDONE = "redone"  # found a partial or different set: removed it and installed ours
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 
 
 def _run(netns_path: str, argv: list[str], stdin: str | None = None) -> str:
@@ -60,3 +61,33 @@ def remove(netns_path: str) -> bool:
         return False
     _run(netns_path, ["iptables-restore", "-w", "5", "--noflush"], script)
     return True
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    """The address a connection redirected by iptables REDIRECT was originally going to."""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    return str(ipaddress.IPv4Address(packed)), port
+
+
+class IptablesRedirector:
+    """Capture with nat REDIRECT rules inside the pod's network namespace (Istio's in-pod mode)."""
+
+    mode = "iptables"
+
+    def install(self, pod: PodRef, listeners: Mapping[int, socket.socket]) -> Outcome:
+        return install(pod.netns)
+
+    def adopt(self, pod: PodRef, listeners: Mapping[int, socket.socket]) -> bool:
+        return self.verify(pod).exact
+
+    def remove(self, pod: PodRef) -> bool:
+        return remove(pod.netns)
+
+    def verify(self, pod: PodRef) -> Capture:
+        found = inspect(pod.netns)
+        rules = tuple(r for table in sorted(found.rules) for r in found.rules[table])
+        return Capture(self.mode, present=not found.empty, exact=not found.empty and found.complete(), detail=rules)
+
+    def original_destination(self, sock: socket.socket) -> tuple[str, int]:
+        return original_destination(sock)
