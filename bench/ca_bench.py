@@ -26,12 +26,13 @@ from ca.auth import NodeTokenIssuer
 from ca.authority import CertificateAuthority
 from ca.pods import InMemoryPodLocator, PodPlacement
 from ca.serve import start_ca_server
+from mesh import defaults
 from mesh.identity import SpiffeId
 from mesh.secrets.client import CAClient
 from mesh.secrets.svid import generate_key, make_csr
 
 NODE = "bench-node"
-IDENTITY = SpiffeId("cluster.local", "bench", "client")
+IDENTITY = SpiffeId(defaults.TRUST_DOMAIN, "bench", "client")
 
 
 def make_csrs(n: int) -> list[str]:

@@ -43,6 +43,7 @@ from bench.modes import DEFAULT_MODES, MODES, Context, Mode, PathError, Unavaila
 from bench.netio import Proc, peak_rss_kib, tree_cpu_seconds
 from bench.sidecar import Route, SidecarPair, SidecarPod
 from localcluster import lifecycle, spec, state
+from mesh import defaults
 from mesh.identity import SpiffeId
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -414,8 +415,8 @@ def _context(cluster: lifecycle.Cluster, s: Settings) -> Context:
     for sp in svc.ports:
         ep = sp.endpoints[0]
         routes.append(Route(str(svc.cluster_ip), sp.port.port, str(ep.ip), ep.port, http=sp.port.port == HTTP_SERVICE_PORT))
-    cid = SpiffeId("cluster.local", NAMESPACE, client.spec.service_account)
-    sid = SpiffeId("cluster.local", NAMESPACE, server.spec.service_account)
+    cid = SpiffeId(defaults.TRUST_DOMAIN, NAMESPACE, client.spec.service_account)
+    sid = SpiffeId(defaults.TRUST_DOMAIN, NAMESPACE, server.spec.service_account)
     pair = SidecarPair(plan.name, cluster.dir, SidecarPod("client", client.netns, cid, sid),
                        SidecarPod("server", server.netns, sid, cid), routes, concurrency=s.envoy_concurrency)
     env = {"MESH_STATE_DIR": str(state.state_root())}

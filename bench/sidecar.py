@@ -39,6 +39,7 @@ from bench.netio import ProbeError, http_get, run_in
 from ca.authority import CertificateAuthority
 from localcluster import processes
 from localcluster.processes import ProcessRecord
+from mesh import defaults
 from mesh.identity import SpiffeId
 
 PROXY_UID = 1337
@@ -47,7 +48,7 @@ INBOUND_PORT = 15006
 ADMIN_PORT = 15000
 CHAIN_OUT = "BENCH-SIDECAR-OUTBOUND"
 CHAIN_IN = "BENCH-SIDECAR-INBOUND"
-TRUST_DOMAIN = "cluster.local"
+TRUST_DOMAIN = defaults.TRUST_DOMAIN
 CERT_TTL = datetime.timedelta(hours=24)
 
 

@@ -29,11 +29,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ca.errors import CAStoreError, SigningError, TTLError
+from mesh import defaults
 from mesh.files import write_atomic
 from mesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId, check_trust_domain
 
 CA_CERT = "ca-cert.pem"
-CA_KEY = "ca-key.pem"
+CA_KEY = defaults.CA_KEY_FILE
 ROOT_CERT = "root-cert.pem"
 CERT_CHAIN = "cert-chain.pem"
 CA_FILES = (CA_CERT, CA_KEY, ROOT_CERT, CERT_CHAIN)

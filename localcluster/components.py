@@ -17,12 +17,13 @@ from typing import Any
 
 from localcluster import processes
 from localcluster.processes import ProcessRecord
+from mesh import defaults
 from mesh.errors import MeshError
 from mesh.files import write_atomic
 
-CONTROLPLANE_GRPC_PORT = 15012
-CONTROLPLANE_METRICS_PORT = 15014
-TRUST_DOMAIN = "cluster.local"
+CONTROLPLANE_GRPC_PORT = defaults.CONTROLPLANE_GRPC_PORT
+CONTROLPLANE_METRICS_PORT = defaults.CONTROLPLANE_METRICS_PORT
+TRUST_DOMAIN = defaults.TRUST_DOMAIN
 CONTROLPLANE_SUBDIR = "controlplane"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

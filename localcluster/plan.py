@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from localcluster.spec import ClusterSpec, PodSpec, ServicePort
+from mesh import defaults
 
 PREFIX = "amb"
-CLUSTER_DOMAIN = "cluster.local"
+CLUSTER_DOMAIN = defaults.TRUST_DOMAIN
 MASQ_MARK = "0x4000/0x4000"
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from localcluster.fields import Doc, kind_of
 from mesh.errors import MeshError
 
 CLUSTER_API_VERSION = "mesh.local/v1alpha1"
@@ -24,8 +24,6 @@ DEFAULT_SERVICE_CIDR = "10.96.0.0/16"
 DEFAULT_UNDERLAY_CIDR = "172.30.0.0/24"
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
-LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 MAX_CLUSTER_NAME = 20
 
 
@@ -111,94 +109,6 @@ class ClusterSpec:
         return next(n for n in self.nodes if n.name == name)
 
 
-class _Doc:
-    """Reads one document, recording each problem with its location."""
-
-    def __init__(self, where: str, problems: list[str]) -> None:
-        self.where = where
-        self.problems = problems
-
-    def error(self, path: str, message: str) -> None:
-        self.problems.append(f"{self.where}:{path}: {message}" if path else f"{self.where}: {message}")
-
-    def mapping(self, value: Any, path: str, allowed: Iterable[str], required: Iterable[str] = ()) -> dict[str, Any]:
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            self.error(path, f"must be a mapping, not {_kind(value)}")
-            return {}
-        allowed = set(allowed)
-        for key in value:
-            if key not in allowed:
-                self.error(_join(path, str(key)), f"unknown field (allowed: {', '.join(sorted(allowed))})")
-        for key in required:
-            if value.get(key) in (None, "", [], {}):
-                self.error(_join(path, key), "is required")
-        return {k: v for k, v in value.items() if k in allowed}
-
-    def string(self, value: Any, path: str, pattern: re.Pattern[str] | None = None, what: str = "") -> str:
-        if value is None:
-            return ""
-        if not isinstance(value, str):
-            self.error(path, f"must be a string, not {_kind(value)}")
-            return ""
-        if pattern is not None and not pattern.match(value):
-            self.error(path, f"{value!r} is not a valid {what}")
-            return ""
-        return value
-
-    def integer(self, value: Any, path: str, low: int, high: int) -> int | None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.error(path, f"must be an integer from {low} to {high}, not {_kind(value)} {value!r}")
-            return None
-        if not low <= value <= high:
-            self.error(path, f"{value} is out of range ({low}-{high})")
-            return None
-        return value
-
-    def labels(self, value: Any, path: str) -> dict[str, str]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.error(path, f"must be a mapping of label names to values, not {_kind(value)}")
-            return {}
-        out: dict[str, str] = {}
-        for key, val in value.items():
-            name = str(key).rsplit("/", 1)[-1]
-            if not isinstance(key, str) or len(name) > 63 or not LABEL_NAME.match(name):
-                self.error(_join(path, str(key)), "is not a valid label name")
-                continue
-            if not isinstance(val, str) or len(val) > 63 or not LABEL_VALUE.match(val):
-                self.error(_join(path, key), f"label value {val!r} must be a string of at most 63 characters "
-                           "([A-Za-z0-9._-], starting and ending alphanumeric)")
-                continue
-            out[key] = val
-        return out
-
-    def network(self, value: Any, path: str) -> ipaddress.IPv4Network | None:
-        if not isinstance(value, str):
-            self.error(path, f"must be an IPv4 CIDR such as 10.244.1.0/24, not {_kind(value)}")
-            return None
-        try:
-            net = ipaddress.IPv4Network(value, strict=True)
-        except ValueError as exc:
-            self.error(path, f"{value!r} is not a valid IPv4 CIDR ({exc})")
-            return None
-        if net.prefixlen > 28:
-            self.error(path, f"{value} is too small: use a /28 or larger")
-            return None
-        return net
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
-
-
 def load(path: str | Path) -> ClusterSpec:
     """Read and validate a cluster file; raise ClusterFileError listing every problem."""
     path = Path(path)
@@ -232,15 +142,15 @@ class _Parser:
         namespaces: dict[str, dict[str, str]] = {"default": {}}
         declared_ns: dict[str, str] = {}
         accounts: dict[tuple[str, str], str] = {}
-        pods: list[tuple[PodSpec, _Doc]] = []
-        services: list[tuple[ServiceSpec, _Doc]] = []
+        pods: list[tuple[PodSpec, Doc]] = []
+        services: list[tuple[ServiceSpec, Doc]] = []
         kept: list[dict[str, Any]] = []
         for index, raw in enumerate(docs, start=1):
             if raw is None:
                 continue
-            d = _Doc(f"{self.name}:document {index}", self.problems)
+            d = Doc(f"{self.name}:document {index}", self.problems)
             if not isinstance(raw, dict):
-                d.error("", f"must be a mapping with apiVersion and kind, not {_kind(raw)}")
+                d.error("", f"must be a mapping with apiVersion and kind, not {kind_of(raw)}")
                 continue
             kind = raw.get("kind")
             if kind == "Cluster":
@@ -295,7 +205,7 @@ class _Parser:
 
     # -- documents ---------------------------------------------------------------------------------
 
-    def cluster(self, raw: dict[str, Any], d: _Doc) -> tuple[str, tuple[NodeSpec, ...], Any, Any]:
+    def cluster(self, raw: dict[str, Any], d: Doc) -> tuple[str, tuple[NodeSpec, ...], Any, Any]:
         top = d.mapping(raw, "", ("apiVersion", "kind", "metadata", "spec"), ("metadata", "spec"))
         if top.get("apiVersion") != CLUSTER_API_VERSION:
             d.error("apiVersion", f"a Cluster needs apiVersion {CLUSTER_API_VERSION}, not {top.get('apiVersion')!r}")
@@ -310,7 +220,7 @@ class _Parser:
         nodes: list[NodeSpec] = []
         raw_nodes = spec.get("nodes")
         if raw_nodes is not None and not isinstance(raw_nodes, list):
-            d.error("spec.nodes", f"must be a list of nodes, not {_kind(raw_nodes)}")
+            d.error("spec.nodes", f"must be a list of nodes, not {kind_of(raw_nodes)}")
             raw_nodes = []
         seen: dict[str, str] = {}
         nets: list[tuple[str, ipaddress.IPv4Network]] = []
@@ -338,7 +248,7 @@ class _Parser:
             d.error("spec.underlayCIDR", f"{underlay_cidr} has too few addresses for {len(nodes)} nodes")
         return name, tuple(nodes), service_cidr, underlay_cidr
 
-    def metadata(self, raw: dict[str, Any], d: _Doc, namespaced: bool) -> tuple[str, str, dict[str, str]] | None:
+    def metadata(self, raw: dict[str, Any], d: Doc, namespaced: bool) -> tuple[str, str, dict[str, str]] | None:
         allowed: tuple[str, ...] = ("apiVersion", "kind", "metadata", "spec")
         if raw.get("kind") == "ServiceAccount":
             allowed = ("apiVersion", "kind", "metadata")
@@ -357,7 +267,7 @@ class _Parser:
             return None
         return name, ns, labels
 
-    def pod(self, raw: dict[str, Any], d: _Doc, meta: tuple[str, str, dict[str, str]]) -> PodSpec | None:
+    def pod(self, raw: dict[str, Any], d: Doc, meta: tuple[str, str, dict[str, str]]) -> PodSpec | None:
         name, ns, labels = meta
         spec = d.mapping(raw.get("spec"), "spec", ("nodeName", "serviceAccountName", "containers"),
                          ("nodeName", "containers"))
@@ -394,7 +304,7 @@ class _Parser:
             ename = d.string(em.get("name"), f"{p}.env[{i}].name", ENV_NAME, "environment variable name")
             value = em.get("value", "")
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                d.error(f"{p}.env[{i}].value", f"must be a string, not {_kind(value)}")
+                d.error(f"{p}.env[{i}].value", f"must be a string, not {kind_of(value)}")
                 continue
             if ename:
                 env.append((ename, str(value)))
@@ -420,7 +330,7 @@ class _Parser:
                        container_name=cname, command=tuple(command), env=tuple(env), ports=tuple(ports),
                        working_dir=wd, document=raw)
 
-    def service(self, raw: dict[str, Any], d: _Doc, meta: tuple[str, str, dict[str, str]]) -> ServiceSpec | None:
+    def service(self, raw: dict[str, Any], d: Doc, meta: tuple[str, str, dict[str, str]]) -> ServiceSpec | None:
         name, ns, labels = meta
         spec = d.mapping(raw.get("spec"), "spec", ("selector", "ports", "clusterIP", "type"), ("ports",))
         if spec.get("type", "ClusterIP") != "ClusterIP":
@@ -459,8 +369,8 @@ class _Parser:
     # -- across documents --------------------------------------------------------------------------
 
     def cross_check(self, nodes: tuple[NodeSpec, ...], namespaces: dict[str, dict[str, str]],
-                    accounts: dict[tuple[str, str], str], pods: list[tuple[PodSpec, _Doc]],
-                    services: list[tuple[ServiceSpec, _Doc]], service_cidr: Any) -> None:
+                    accounts: dict[tuple[str, str], str], pods: list[tuple[PodSpec, Doc]],
+                    services: list[tuple[ServiceSpec, Doc]], service_cidr: Any) -> None:
         node_names = {n.name for n in nodes}
         node_pods: dict[str, int] = {}
         seen_pods: dict[str, str] = {}

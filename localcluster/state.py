@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mesh import defaults
 from mesh.errors import MeshError
 from mesh.files import write_atomic
 
@@ -70,3 +71,8 @@ def read_record(name: str) -> dict[str, Any]:
 
 def write_record(name: str, record: dict[str, Any]) -> None:
     write_atomic(cluster_dir(name) / RECORD_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
+
+
+def api_socket(name: str | None) -> Path:
+    """The apply API socket of cluster `name` (or of the only cluster that is up)."""
+    return cluster_dir(find_cluster(name)) / defaults.CONTROLPLANE_DIR / defaults.API_SOCKET

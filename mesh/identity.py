@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
 
+from mesh import defaults
 from mesh.errors import MeshError
 
-DEFAULT_TRUST_DOMAIN = "cluster.local"
+DEFAULT_TRUST_DOMAIN = defaults.TRUST_DOMAIN
 SCHEME = "spiffe://"
 
 # A trust domain is a DNS-like name: lower-case letters, digits, dots, dashes and underscores (SPIFFE ID

@@ -22,7 +22,7 @@ from typing import Any
 
 from localcluster import state
 from localcluster.plan import cluster_prefix
-from mesh import netns
+from mesh import defaults, netns
 from mesh.errors import MeshError, UsageError
 
 ADMIN_HOST = "127.0.0.1"
@@ -126,7 +126,7 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 def _identity(w: dict[str, Any]) -> str:
     if not w.get("service_account"):
         return "-"
-    td = w.get("trust_domain") or "cluster.local"
+    td = w.get("trust_domain") or defaults.TRUST_DOMAIN
     return f"spiffe://{td}/ns/{w.get('namespace', '')}/sa/{w['service_account']}"
 
 

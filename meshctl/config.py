@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from mesh.api.client import ApiClient, socket_for
+from localcluster.state import api_socket
+from mesh.api.client import ApiClient
 from mesh.api.errors import ApiError, ValidationError
 from mesh.api.kinds import DEFAULT_NAMESPACE, KINDS, resolve_kind
 from mesh.api.loader import load_paths
@@ -30,7 +31,7 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
 
 
 def client_from(args: argparse.Namespace) -> ApiClient:
-    return ApiClient(args.socket or socket_for(args.cluster))
+    return ApiClient(args.socket or api_socket(args.cluster))
 
 
 def report(exc: ValidationError, action: str) -> ApiError:

@@ -33,6 +33,7 @@ from types import TracebackType
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from mesh import defaults
 from mesh.identity import SpiffeId
 from mesh.proto import discovery_pb2 as pb
 
@@ -123,7 +124,7 @@ def workload_principal(workload: pb.Workload) -> str:
     """The SPIFFE ID a workload runs as, from its record (trust domain, namespace, service account)."""
     if not workload.service_account or not workload.namespace:
         return UNKNOWN
-    td = workload.trust_domain or "cluster.local"
+    td = workload.trust_domain or defaults.TRUST_DOMAIN
     return f"spiffe://{td}/ns/{workload.namespace}/sa/{workload.service_account}"
 
 

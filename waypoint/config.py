@@ -19,6 +19,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from mesh import defaults
 from mesh.api.crossref import host_covers
 from mesh.api.errors import FieldError
 from mesh.api.kinds import kind_info
@@ -130,7 +131,7 @@ def _ints(value: Any) -> Any:
 
 
 def _endpoint(w: pb.Workload, address: str, port: int) -> Endpoint:
-    td = w.trust_domain or "cluster.local"
+    td = w.trust_domain or defaults.TRUST_DOMAIN
     labels = tuple(sorted(w.labels.items()))
     return Endpoint(address=address, port=port, uid=w.uid, name=w.name, namespace=w.namespace,
                     identity=f"spiffe://{td}/ns/{w.namespace}/sa/{w.service_account}" if w.service_account else "",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import trio
 
+from mesh import defaults
 from mesh.hbone.errors import HboneError
 from mesh.hbone.headers import Authority
 from mesh.hbone.server import HboneServerConnection, InboundRequest, TunnelAcceptor, serve_hbone
@@ -59,7 +60,7 @@ def stdout_line(line: str) -> None:
 
 class InboundServer:
     def __init__(self, proxy: WaypointProxy, certs: SecretManager, identity: SpiffeId, *,
-                 trust_domain: str = "cluster.local", handshake_timeout: float = 10.0,
+                 trust_domain: str = defaults.TRUST_DOMAIN, handshake_timeout: float = 10.0,
                  event_log: Callable[[str], None] = stdout_line) -> None:
         self.proxy = proxy
         self.certs = certs

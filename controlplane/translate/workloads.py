@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mesh import defaults
 from mesh.api.crossref import CLUSTER_DOMAIN
 from mesh.api.kinds_gateway import (
     DATAPLANE_MODE_LABEL,
@@ -35,7 +36,7 @@ from mesh.api.kinds_gateway import (
 )
 from mesh.proto import discovery_pb2 as pb
 
-DEFAULT_TRUST_DOMAIN = "cluster.local"
+DEFAULT_TRUST_DOMAIN = defaults.TRUST_DOMAIN
 CLUSTER_ID = "Kubernetes"
 
 _APP_PROTOCOLS = ("http2", "https", "http", "grpc-web", "grpc", "tcp", "tls", "mongo", "redis", "mysql")

@@ -8,8 +8,6 @@
 
 `register_cluster_objects(socket_path, bodies)` is what the local cluster calls at start to put its
 namespaces, service accounts, pods and services into the store.
-
-`socket_for(cluster)` is where a cluster's control plane listens: `<cluster state dir>/controlplane/api.sock`.
 """
 
 from __future__ import annotations
@@ -23,22 +21,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from mesh import defaults
 from mesh.api.errors import ApiError, Conflict, FieldError, NotFound, ValidationError
 from mesh.api.loader import documents_to_json
 from mesh.api.validate import Document
 
-SOCKET_NAME = "api.sock"
+SOCKET_NAME = defaults.API_SOCKET
 
 
 class ControlPlaneUnavailable(ApiError):
     pass
-
-
-def socket_for(cluster: str | None) -> Path:
-    """The apply API socket of `cluster` (or of the only cluster that is up)."""
-    from localcluster.state import cluster_dir, find_cluster
-
-    return cluster_dir(find_cluster(cluster)) / "controlplane" / SOCKET_NAME
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

@@ -17,10 +17,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from mesh import defaults
 from mesh.api.errors import FieldError
 from mesh.api.validate import Document, Ref
 
-CLUSTER_DOMAIN = "svc.cluster.local"
+CLUSTER_DOMAIN = defaults.CLUSTER_DOMAIN
 
 State = Mapping[Ref, dict[str, Any]]
 ADVICE = ": change or delete the VirtualService first"

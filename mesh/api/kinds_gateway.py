@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from mesh import defaults
 from mesh.api.errors import FieldError
 from mesh.api.names import check_dns1123_label, labels
 from mesh.api.schema import AnyValue, Enum, Errors, ListOf, MapOf, Obj, Str, child, port
 
 WAYPOINT_CLASS = "istio-waypoint"
-WAYPOINT_PORT = 15008
+WAYPOINT_PORT = defaults.HBONE_PORT
 WAYPOINT_LISTENER = "mesh"
 DEFAULT_WAYPOINT_NAME = "waypoint"
 GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"

@@ -1,6 +1,6 @@
 """HBONE: TCP tunnelled as HTTP/2 CONNECT streams inside mutual TLS 1.3 (port 15008).
 
-- `mesh.hbone.protocol`: the sans-IO core (`HboneClient`, `HboneServer`): bytes in, events out.
+- `mesh.hbone.protocol` and `sides`: the sans-IO core (`HboneClient`, `HboneServer`): bytes in, events out.
 - `mesh.hbone.headers`: building and checking CONNECT requests (`request_headers`, `parse_connect`).
 - `mesh.hbone.state`: the connection and stream state machines.
 - `mesh.hbone.transport`: the trio layer both sides share (`Tunnel`, handshakes, the connection driver);

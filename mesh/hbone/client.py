@@ -25,8 +25,9 @@ from mesh.hbone.errors import (
 from mesh.hbone.events import (
     StreamRejected,
 )
+from mesh.hbone.frames import ErrorCode
 from mesh.hbone.headers import Header
-from mesh.hbone.protocol import ErrorCode, HboneClient
+from mesh.hbone.sides import HboneClient
 from mesh.hbone.transport import Tunnel, _Driver, client_handshake
 from mesh.identity import SpiffeId
 

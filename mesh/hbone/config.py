@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mesh import defaults
+
 KIB = 1024
 MIB = 1024 * KIB
 
-HBONE_PORT = 15008
+HBONE_PORT = defaults.HBONE_PORT
 
 
 @dataclass(frozen=True)

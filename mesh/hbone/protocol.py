@@ -20,7 +20,6 @@ END_STREAM both ways.  Keepalive PINGs and their timeout run off `next_deadline(
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import h2.config
@@ -33,32 +32,20 @@ import h2.settings
 from mesh.hbone.config import HboneConfig
 from mesh.hbone.errors import (
     ConnectionNotUsableError,
-    HeaderListTooLargeError,
     ProtocolUsageError,
-    StreamLimitError,
 )
 from mesh.hbone.events import (
     ConnectionClosed,
     ConnectionDraining,
-    ConnectRequested,
     DataReceived,
     Event,
     PingAcknowledged,
-    RequestRefused,
-    StreamAccepted,
     StreamEnded,
     StreamRejected,
     StreamReset,
     StreamWritable,
 )
-from mesh.hbone.headers import (
-    Header,
-    Malformed,
-    check_regular_headers,
-    header_list_size,
-    parse_authority,
-    parse_connect,
-)
+from mesh.hbone.frames import PREFACE, ErrorCode, FrameGuard, error_name
 from mesh.hbone.state import (
     RECEIVING_STATES,
     SENDING_STATES,
@@ -71,19 +58,11 @@ from mesh.hbone.state import (
     next_stream_state,
 )
 
-ErrorCode = h2.errors.ErrorCodes
 _H2_OPEN = {True: h2.connection.ConnectionState.CLIENT_OPEN, False: h2.connection.ConnectionState.SERVER_OPEN}
 
 
-def error_name(code: int) -> str:
-    try:
-        return ErrorCode(code).name
-    except ValueError:
-        return f"error {code:#x}"
-
-
 @dataclass(eq=False)
-class _Stream:
+class TunnelStream:
     id: int
     state: StreamState = StreamState.PENDING
     outbound: bytearray = field(default_factory=bytearray)  # accepted from the writer, not yet framed
@@ -104,7 +83,7 @@ class HboneConnection:
     def __init__(self, config: HboneConfig | None = None, *, now: float = 0.0) -> None:
         self.config = config = config or HboneConfig()
         self._state = ConnectionState.OPEN
-        self._streams: dict[int, _Stream] = {}
+        self._streams: dict[int, TunnelStream] = {}
         h2_config = h2.config.H2Configuration(
             client_side=self._client_side,
             header_encoding=None,
@@ -132,7 +111,7 @@ class HboneConnection:
         if increment > 0:
             self._h2.increment_flow_control_window(increment)
         # h2 buffers a whole frame before it checks its length; look at each frame header as it arrives.
-        self._frame_guard = _FrameGuard(0 if self._client_side else len(_PREFACE), config.max_frame_size)
+        self._frame_guard = FrameGuard(0 if self._client_side else len(PREFACE), config.max_frame_size)
         self._ping_due: float = now + config.ping_interval
         self._ping_outstanding: bytes | None = None
         self._ping_deadline: float = 0.0
@@ -276,7 +255,7 @@ class HboneConnection:
         out.append(StreamReset(stream.id, code, f"reset by peer ({error_name(code)})", by_peer=True))
         self._forget(stream)
 
-    def _finish_rejection(self, stream: _Stream, out: list[Event]) -> None:
+    def _finish_rejection(self, stream: TunnelStream, out: list[Event]) -> None:
         if stream.reject_status is not None:
             reason = stream.reject_body.decode("utf-8", "replace").strip()
             out.append(StreamRejected(stream.id, stream.reject_status, reason))
@@ -362,7 +341,7 @@ class HboneConnection:
         if length > 0 and self._state is not ConnectionState.CLOSED:
             self._h2.acknowledge_received_data(length, stream_id)
 
-    def _sending_stream(self, stream_id: int) -> _Stream:
+    def _sending_stream(self, stream_id: int) -> TunnelStream:
         stream = self._streams.get(stream_id)
         if stream is None:
             raise ProtocolUsageError(f"stream {stream_id} is not an open HBONE tunnel")
@@ -372,7 +351,7 @@ class HboneConnection:
             raise ConnectionNotUsableError("the HBONE connection is closed")
         return stream
 
-    def _flush(self, stream: _Stream) -> None:
+    def _flush(self, stream: TunnelStream) -> None:
         """Frame as much of `stream`'s queue as the windows allow."""
         while stream.outbound:
             window = min(self._h2.local_flow_control_window(stream.id), self._h2.max_outbound_frame_size)
@@ -404,12 +383,12 @@ class HboneConnection:
         with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self._h2.reset_stream(stream_id, error_code)
 
-    def _forget_if_done(self, stream: _Stream) -> None:
+    def _forget_if_done(self, stream: TunnelStream) -> None:
         done = stream.state in TERMINAL_STREAM_STATES and not stream.outbound and not stream.fin_queued
         if done and stream.reject_status is None:  # a rejection is kept until its reason has been read
             self._forget(stream)
 
-    def _forget(self, stream: _Stream) -> None:
+    def _forget(self, stream: TunnelStream) -> None:
         self._streams.pop(stream.id, None)
 
     # -- the connection as a whole -----------------------------------------------------------------------
@@ -496,172 +475,3 @@ class HboneConnection:
             self._ping_deadline = now + self.config.ping_timeout
             self._ping_due = now + self.config.ping_interval
         return out
-
-
-class HboneClient(HboneConnection):
-    """The side that opens tunnels (a node agent's outbound, a waypoint towards a destination)."""
-
-    _client_side = True
-
-    def can_open_stream(self) -> bool:
-        """Whether `open_stream` may be called (open, and under the peer's stream limit)."""
-        if self._state is not ConnectionState.OPEN:
-            return False
-        limit = self._h2.remote_settings.max_concurrent_streams
-        return self._h2.open_outbound_streams < limit
-
-    def open_stream(self, authority: str, headers: Sequence[Header] = ()) -> int:
-        """Send a CONNECT to `authority` ("ip:port") with regular `headers` (see `request_headers`);
-        returns the stream id.  The answer comes as `StreamAccepted` or `StreamRejected`."""
-        target = parse_authority(authority)
-        try:
-            check_regular_headers(headers)
-        except ValueError as exc:
-            raise ProtocolUsageError(str(exc)) from None
-        if self._state is not ConnectionState.OPEN:
-            raise ConnectionNotUsableError(
-                f"connection is {self._state.value}: open the tunnel on another one"
-            )
-        block = [(":method", "CONNECT"), (":authority", str(target)), *headers]
-        limit = self.config.max_header_list_size
-        peer_limit = self._h2.remote_settings.max_header_list_size
-        if peer_limit is not None:
-            limit = min(limit, peer_limit)
-        size = header_list_size(block)
-        if size > limit:
-            raise HeaderListTooLargeError(
-                f"CONNECT headers are {size} bytes; the limit is {limit}: send fewer"
-            )
-        stream_id = self._h2.get_next_available_stream_id()
-        try:
-            self._h2.send_headers(stream_id, block, end_stream=False)
-        except h2.exceptions.TooManyStreamsError:
-            raise StreamLimitError(
-                f"the peer allows {self._h2.remote_settings.max_concurrent_streams} concurrent streams and "
-                "all are in use: open another connection"
-            ) from None
-        self._streams[stream_id] = _Stream(stream_id)
-        return stream_id
-
-    def _on_response(self, event: h2.events.ResponseReceived, out: list[Event]) -> None:
-        assert event.stream_id is not None
-        stream = self._streams.get(event.stream_id)
-        if stream is None or stream.state is not StreamState.PENDING:
-            return
-        status = _status_of(event.headers or [])
-        if 200 <= status < 300:
-            stream.advance(StreamInput.ACCEPTED)
-            out.append(StreamAccepted(stream.id, status))
-            return
-        stream.advance(StreamInput.REJECTED)
-        stream.reject_status = status
-        # The rejection is reported once its body (the reason) has ended; see _finish_rejection.
-
-
-class HboneServer(HboneConnection):
-    """The side that takes tunnels (port 15008 of a pod, a waypoint)."""
-
-    _client_side = False
-
-    def accept(self, stream_id: int) -> None:
-        """Answer 200: the upstream is connected; bytes may flow both ways."""
-        stream = self._pending_stream(stream_id)
-        self._h2.send_headers(stream_id, [(":status", "200")], end_stream=False)
-        stream.advance(StreamInput.ACCEPTED)
-
-    def reject(self, stream_id: int, status: int, reason: str = "") -> list[Event]:
-        """Answer with a non-2xx `status` (401 denied, 503 upstream unreachable, ...) and `reason` as a
-        short text body, then end the stream."""
-        if not 300 <= status <= 599:
-            raise ProtocolUsageError(f"reject() takes a 3xx-5xx status, not {status}")
-        stream = self._pending_stream(stream_id)
-        stream.advance(StreamInput.REJECTED)
-        self._respond(stream_id, status, reason)
-        self._forget(stream)
-        return self._drained_events()
-
-    def _pending_stream(self, stream_id: int) -> _Stream:
-        stream = self._streams.get(stream_id)
-        if stream is None:
-            raise ProtocolUsageError(f"stream {stream_id} is not a CONNECT waiting for an answer (reset?)")
-        if stream.state not in (StreamState.PENDING, StreamState.PENDING_REMOTE_CLOSED):
-            raise ProtocolUsageError(f"stream {stream_id} was already answered ({stream.state.value})")
-        if self._state is ConnectionState.CLOSED:
-            raise ConnectionNotUsableError("the HBONE connection is closed")
-        return stream
-
-    def _respond(self, stream_id: int, status: int, reason: str) -> None:
-        body = reason.encode("utf-8")[: self.config.reject_body_limit]
-        headers = [(":status", str(status))]
-        if body:
-            headers += [("content-type", "text/plain; charset=utf-8"), ("content-length", str(len(body)))]
-        self._h2.send_headers(stream_id, headers, end_stream=not body)
-        if body and len(body) <= self._h2.local_flow_control_window(stream_id):
-            self._h2.send_data(stream_id, body, end_stream=True)
-        elif body:
-            self._h2.end_stream(stream_id)
-        # The answer is complete; tell the client to stop sending without calling it an error.
-        self._reset_quietly(stream_id, ErrorCode.NO_ERROR)
-
-    def _on_request(self, event: h2.events.RequestReceived, out: list[Event]) -> None:
-        assert event.stream_id is not None
-        sid = event.stream_id
-        if self._state is not ConnectionState.OPEN:
-            self._reset_quietly(sid, ErrorCode.REFUSED_STREAM)
-            return
-        decision = parse_connect(event.headers or [])
-        if isinstance(decision, Malformed):
-            self._respond(sid, 400, decision.reason)
-            out.append(RequestRefused(sid, 400, decision.reason))
-            return
-        self._streams[sid] = _Stream(sid)
-        out.append(ConnectRequested(sid, decision))
-
-
-_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_FRAME_HEADER = 9
-
-
-class _FrameGuard:
-    """Follows frame boundaries in the received bytes and refuses a frame longer than we allow as soon
-    as its 9-byte header is seen, so a broken or hostile peer cannot make us buffer 16 MiB first."""
-
-    def __init__(self, skip: int, limit: int) -> None:
-        self._skip = skip  # the client preface, which h2 checks itself
-        self._limit = limit
-        self._header = bytearray()
-        self._body_left = 0
-
-    def check(self, data: bytes) -> str | None:
-        i, n = 0, len(data)
-        while i < n:
-            if self._skip:
-                take = min(self._skip, n - i)
-                self._skip -= take
-                i += take
-            elif self._body_left:
-                take = min(self._body_left, n - i)
-                self._body_left -= take
-                i += take
-            else:
-                take = min(_FRAME_HEADER - len(self._header), n - i)
-                self._header += data[i : i + take]
-                i += take
-                if len(self._header) == _FRAME_HEADER:
-                    length = int.from_bytes(self._header[:3], "big")
-                    self._header.clear()
-                    if length > self._limit:
-                        return (
-                            f"peer sent a {length}-byte frame, over the {self._limit}-byte limit: "
-                            "is it speaking HTTP/2 (HBONE) at all?"
-                        )
-                    self._body_left = length
-        return None
-
-
-def _status_of(headers: Sequence[tuple[bytes | str, bytes | str]]) -> int:
-    for name, value in headers:
-        if name in (b":status", ":status"):
-            text = value.decode("ascii") if isinstance(value, bytes) else value
-            return int(text) if text.isdigit() else 0
-    return 0

@@ -28,8 +28,9 @@ from mesh.hbone.errors import (
 from mesh.hbone.events import (
     ConnectRequested,
 )
+from mesh.hbone.frames import ErrorCode
 from mesh.hbone.headers import Authority, ConnectRequest, Header
-from mesh.hbone.protocol import ErrorCode, HboneServer
+from mesh.hbone.sides import HboneServer
 from mesh.hbone.transport import Tunnel, _Driver, _peer_name, server_handshake
 from mesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 

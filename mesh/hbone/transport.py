@@ -33,7 +33,8 @@ from mesh.hbone.events import (
     StreamReset,
     StreamWritable,
 )
-from mesh.hbone.protocol import ErrorCode, HboneConnection
+from mesh.hbone.frames import ErrorCode
+from mesh.hbone.protocol import HboneConnection
 from mesh.hbone.state import SENDING_STATES, TERMINAL_STREAM_STATES, ConnectionState
 from mesh.identity import SpiffeId
 from mesh.secrets.errors import PeerIdentityError

@@ -15,6 +15,7 @@ import enum
 import random
 from dataclasses import dataclass
 
+from mesh import defaults
 from mesh.identity import SpiffeId
 from mesh.proto import discovery_pb2 as pb
 from nodeagent.redirect.rules import HBONE_PORT
@@ -40,7 +41,7 @@ class Route:
 
 
 def workload_identity(w: pb.Workload) -> SpiffeId:
-    return SpiffeId(w.trust_domain or "cluster.local", w.namespace, w.service_account or "default")
+    return SpiffeId(w.trust_domain or defaults.TRUST_DOMAIN, w.namespace, w.service_account or "default")
 
 
 def service_key(svc: pb.Service) -> str:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-AGENT_MARK = 0x539  # SO_MARK on every socket the node agent makes inside a pod
-CONN_MARK = 0x111  # connmark of connections the agent made
-MARK_MASK = 0xFFF
-OUTBOUND_PORT = 15001
-INBOUND_PLAIN_PORT = 15006
-HBONE_PORT = 15008
+from mesh import defaults
+
+AGENT_MARK = defaults.AGENT_MARK
+CONN_MARK = defaults.CONN_MARK
+MARK_MASK = defaults.MARK_MASK
+OUTBOUND_PORT = defaults.OUTBOUND_PORT
+INBOUND_PLAIN_PORT = defaults.INBOUND_PLAIN_PORT
+HBONE_PORT = defaults.HBONE_PORT
 CHAIN_PRERT = "AMB_PRERT"
 CHAIN_OUTPUT = "AMB_OUTPUT"
 TABLE_CHAINS = {"mangle": (("PREROUTING", CHAIN_PRERT), ("OUTPUT", CHAIN_OUTPUT)),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import trio
 
+from mesh import defaults
 from mesh.hbone.config import HBONE_PORT
 from mesh.hbone.errors import HboneError, TunnelRejected
 from mesh.hbone.headers import request_headers
@@ -32,7 +33,7 @@ def endpoint_identity(endpoint: Endpoint, trust_domain: str) -> SpiffeId:
 
 
 class HboneUpstream:
-    def __init__(self, pool: HbonePool, identity: SpiffeId, *, trust_domain: str = "cluster.local",
+    def __init__(self, pool: HbonePool, identity: SpiffeId, *, trust_domain: str = defaults.TRUST_DOMAIN,
                  connect_timeout: float = 5.0, hbone_port: int = HBONE_PORT) -> None:
         self.pool = pool
         self.identity = identity

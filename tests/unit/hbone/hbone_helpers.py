@@ -15,8 +15,8 @@ from ca.authority import CertificateAuthority
 from mesh.hbone.config import HboneConfig
 from mesh.hbone.errors import HboneError
 from mesh.hbone.events import Event
-from mesh.hbone.protocol import HboneClient, HboneServer
 from mesh.hbone.server import Handler, HboneServerConnection, serve_hbone
+from mesh.hbone.sides import HboneClient, HboneServer
 from mesh.identity import SpiffeId
 from mesh.secrets.svid import Svid, accept_issued, generate_key, load_trust_bundle
 from mesh.secrets.tls import client_context, server_context

@@ -29,8 +29,9 @@ from mesh.hbone.events import (
     StreamReset,
     StreamWritable,
 )
+from mesh.hbone.frames import ErrorCode
 from mesh.hbone.headers import request_headers
-from mesh.hbone.protocol import ErrorCode, HboneClient, HboneServer
+from mesh.hbone.sides import HboneClient, HboneServer
 from mesh.hbone.state import ConnectionState, StreamState
 
 
