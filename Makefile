@@ -1,6 +1,6 @@
 # make demo   - bring up the bookinfo local cluster and call it (installs what it needs first)
 # make test   - every test, unit and integration (root), installing what it needs first
-# make lint   - ruff and mypy
+# make lint   - ruff, mypy and the import contract
 # make bench  - the latency and cost comparison (bench/README.md); make bench-quick: under 5 minutes
 SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
@@ -41,9 +41,11 @@ test-unit: setup
 test-integration: setup
 	@$(PY) -m pytest -q -ra tests/integration
 
+# The import contract (docs/ARCHITECTURE.md, 'Allowed imports') is a test: it fails on a forbidden import.
 lint: setup
 	@$(VENV)/bin/ruff check .
-	@$(VENV)/bin/mypy mesh controlplane ca nodeagent waypoint bpf bench examples
+	@$(VENV)/bin/mypy mesh controlplane ca nodeagent waypoint bpf meshctl localcluster bench examples
+	@$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_layers.py
 
 bench: setup
 	@$(MESHCTL) bench

@@ -1,1 +1,1 @@
-"""examples package."""
+"""Examples that run on the mesh: the bookinfo sample and its demo."""

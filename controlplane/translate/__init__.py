@@ -1,1 +1,2 @@
-"""controlplane.translate.snapshot package."""
+"""Translation, pure: a configuration snapshot in, discovery resources out (workloads, services,
+L4 authorization, L7 routes for waypoints)."""

@@ -1,1 +1,2 @@
-"""waypoint.l7 package."""
+"""The waypoint's pure L7 logic: compiled rules, routing, authorization, JWT, retries, outlier
+detection, load balancing and limits (no I/O)."""

@@ -1,1 +1,2 @@
-"""waypoint.upstream.connect package."""
+"""The waypoint's way to its endpoints: HBONE or plain TCP connectors, the keep-alive pool, and
+forwarding one routed request with retries and timeouts."""
