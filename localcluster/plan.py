@@ -30,6 +30,15 @@ def cluster_prefix(cluster: str) -> str:
     return f"{PREFIX}.{cluster}."
 
 
+def cluster_cgroup(cluster: str) -> str:
+    """The cgroup (relative to the v2 root) under which every pod of the cluster has its own."""
+    return f"{PREFIX}.{cluster}"
+
+
+def pod_cgroup(cluster: str, namespace: str, name: str) -> str:
+    return f"{cluster_cgroup(cluster)}/pod.{namespace}.{name}"
+
+
 @dataclass(frozen=True)
 class NodePlan:
     name: str
@@ -38,6 +47,7 @@ class NodePlan:
     underlay_port: str  # the veth end on the underlay bridge
     pod_cidr: ipaddress.IPv4Network
     gateway: ipaddress.IPv4Address  # the node bridge's address in its pod CIDR
+    redirect_mode: str = defaults.REDIRECT_MODE  # how the node's agent captures its pods
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class PodPlan:
     prefixlen: int
     host_veth: str  # the veth end on the node bridge
     spec: PodSpec
+    cgroup: str = ""  # the pod's cgroup, relative to the cgroup v2 root (as a kubelet makes one per pod)
 
     @property
     def key(self) -> str:
@@ -113,10 +124,10 @@ class ClusterPlan:
         """A JSON-ready summary for the state record (status, exec and logs read it)."""
         return {
             "underlay": {"netns": self.underlay_netns, "gateway": str(self.underlay_gateway)},
-            "nodes": [{"name": n.name, "netns": n.netns, "ip": str(n.underlay_ip), "podCIDR": str(n.pod_cidr)}
-                      for n in self.nodes],
+            "nodes": [{"name": n.name, "netns": n.netns, "ip": str(n.underlay_ip), "podCIDR": str(n.pod_cidr),
+                       "redirectMode": n.redirect_mode} for n in self.nodes],
             "pods": [{"name": p.name, "namespace": p.namespace, "node": p.node, "netns": p.netns,
-                      "ip": str(p.ip), "serviceAccount": p.spec.service_account, "labels": p.spec.labels}
+                      "cgroup": p.cgroup, "ip": str(p.ip), "serviceAccount": p.spec.service_account, "labels": p.spec.labels}
                      for p in self.pods],
             "services": [{"name": s.name, "namespace": s.namespace, "clusterIP": str(s.cluster_ip),
                           "ports": [{"port": sp.port.port, "name": sp.port.name,
@@ -131,7 +142,7 @@ def make_plan(spec: ClusterSpec) -> ClusterPlan:
     hosts = list(spec.underlay_cidr.hosts())
     nodes = tuple(
         NodePlan(name=n.name, netns=f"{prefix}node.{n.name}", underlay_ip=hosts[9 + i], underlay_port=f"n{i}",
-                 pod_cidr=n.pod_cidr, gateway=n.pod_cidr.network_address + 1)
+                 pod_cidr=n.pod_cidr, gateway=n.pod_cidr.network_address + 1, redirect_mode=n.redirect_mode)
         for i, n in enumerate(spec.nodes)
     )
     by_node = {n.name: n for n in nodes}
@@ -143,7 +154,8 @@ def make_plan(spec: ClusterSpec) -> ClusterPlan:
         next_host[pod.node] += 1
         pods.append(PodPlan(name=pod.name, namespace=pod.namespace, node=pod.node,
                             netns=f"{prefix}pod.{pod.namespace}.{pod.name}", ip=ip, gateway=node.gateway,
-                            prefixlen=node.pod_cidr.prefixlen, host_veth=f"p{k}", spec=pod))
+                            prefixlen=node.pod_cidr.prefixlen, host_veth=f"p{k}", spec=pod,
+                            cgroup=pod_cgroup(spec.name, pod.namespace, pod.name)))
     return ClusterPlan(
         name=spec.name, underlay_netns=f"{prefix}underlay", underlay_gateway=hosts[0],
         underlay_prefixlen=spec.underlay_cidr.prefixlen, nodes=nodes, pods=tuple(pods),

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mesh import cgroup as mcgroup
+
 MARKER = "AMB_CLUSTER"
 
 
@@ -57,9 +59,9 @@ def is_running(rec: ProcessRecord) -> bool:
 
 
 def spawn(cluster: str, name: str, netns: str, argv: list[str], env: Mapping[str, str], log: Path,
-          cwd: str | None = None) -> ProcessRecord:
+          cwd: str | None = None, cgroup: Path | None = None) -> ProcessRecord:
     """Start `argv` inside `netns` (the host's own namespace when empty), detached in its own session,
-    output appended to `log`."""
+    output appended to `log`; inside cgroup v2 directory `cgroup` when given (a pod's own)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     full_env = dict(env)
     full_env[MARKER] = cluster
@@ -67,6 +69,7 @@ def spawn(cluster: str, name: str, netns: str, argv: list[str], env: Mapping[str
         proc = subprocess.Popen(
             ["ip", "netns", "exec", netns, *argv] if netns else argv, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True, close_fds=True,
+            preexec_fn=(lambda: mcgroup.join_self(cgroup)) if cgroup is not None else None,
         )
     st = start_time(proc.pid)
     return ProcessRecord(name=name, pid=proc.pid, start_time=st or 0, netns=netns, log=str(log))

@@ -8,6 +8,7 @@ error is refused whole.  A service that selects no pod is only a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 import yaml
 
 from localcluster.fields import Doc, kind_of
+from mesh import defaults
 from mesh.errors import MeshError
 
 CLUSTER_API_VERSION = "mesh.local/v1alpha1"
@@ -39,6 +41,7 @@ class ClusterFileError(MeshError):
 class NodeSpec:
     name: str
     pod_cidr: ipaddress.IPv4Network
+    redirect_mode: str = defaults.REDIRECT_MODE  # how this node's agent captures pods: iptables or ebpf
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,13 @@ class ClusterSpec:
 
     def node(self, name: str) -> NodeSpec:
         return next(n for n in self.nodes if n.name == name)
+
+
+def with_redirect_mode(spec: ClusterSpec, mode: str) -> ClusterSpec:
+    """The cluster with every node capturing its pods in `mode` (`meshctl cluster up --redirect-mode`)."""
+    if mode not in defaults.REDIRECT_MODES:
+        raise MeshError(f"{mode!r} is not a redirect mode (one of: {', '.join(defaults.REDIRECT_MODES)})")
+    return dataclasses.replace(spec, nodes=tuple(dataclasses.replace(n, redirect_mode=mode) for n in spec.nodes))
 
 
 def load(path: str | Path) -> ClusterSpec:
@@ -214,7 +224,10 @@ class _Parser:
                         "digits and '-')")
         if len(name) > MAX_CLUSTER_NAME:
             d.error("metadata.name", f"{name!r} is longer than {MAX_CLUSTER_NAME} characters")
-        spec = d.mapping(top.get("spec"), "spec", ("nodes", "serviceCIDR", "underlayCIDR"), ("nodes",))
+        spec = d.mapping(top.get("spec"), "spec", ("nodes", "serviceCIDR", "underlayCIDR", "mesh"), ("nodes",))
+        mesh = d.mapping(spec.get("mesh"), "spec.mesh", ("redirectMode",))
+        cluster_mode = self.redirect_mode(mesh.get("redirectMode"), "spec.mesh.redirectMode", d,
+                                          defaults.REDIRECT_MODE)
         service_cidr = d.network(spec.get("serviceCIDR", DEFAULT_SERVICE_CIDR), "spec.serviceCIDR")
         underlay_cidr = d.network(spec.get("underlayCIDR", DEFAULT_UNDERLAY_CIDR), "spec.underlayCIDR")
         nodes: list[NodeSpec] = []
@@ -230,7 +243,8 @@ class _Parser:
             nets.append(("spec.underlayCIDR", underlay_cidr))
         for i, node in enumerate(raw_nodes or []):
             p = f"spec.nodes[{i}]"
-            nd = d.mapping(node, p, ("name", "podCIDR"), ("name", "podCIDR"))
+            nd = d.mapping(node, p, ("name", "podCIDR", "redirectMode"), ("name", "podCIDR"))
+            mode = self.redirect_mode(nd.get("redirectMode"), f"{p}.redirectMode", d, cluster_mode)
             nname = d.string(nd.get("name"), f"{p}.name", DNS1123_LABEL, "node name")
             if nname in seen:
                 d.error(f"{p}.name", f"duplicate node name {nname!r} (also {seen[nname]})")
@@ -239,7 +253,7 @@ class _Parser:
             if cidr is not None:
                 nets.append((f"{p}.podCIDR", cidr))
             if nname and cidr is not None:
-                nodes.append(NodeSpec(nname, cidr))
+                nodes.append(NodeSpec(nname, cidr, mode))
         for i, (pa, a) in enumerate(nets):
             for pb, b in nets[i + 1:]:
                 if a.overlaps(b):
@@ -247,6 +261,15 @@ class _Parser:
         if underlay_cidr is not None and len(nodes) + 10 > underlay_cidr.num_addresses - 2:
             d.error("spec.underlayCIDR", f"{underlay_cidr} has too few addresses for {len(nodes)} nodes")
         return name, tuple(nodes), service_cidr, underlay_cidr
+
+    @staticmethod
+    def redirect_mode(value: Any, path: str, d: Doc, default: str) -> str:
+        if value is None:
+            return default
+        if value not in defaults.REDIRECT_MODES:
+            d.error(path, f"{value!r} is not a redirect mode (one of: {', '.join(defaults.REDIRECT_MODES)})")
+            return default
+        return str(value)
 
     def metadata(self, raw: dict[str, Any], d: Doc, namespaced: bool) -> tuple[str, str, dict[str, str]] | None:
         allowed: tuple[str, ...] = ("apiVersion", "kind", "metadata", "spec")

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from localcluster import lifecycle, spec, state
+from mesh import defaults
 
 HELP_UP = """Build a local cluster from a cluster file: a network namespace per node and per pod, pod veths
 on a bridge per node, routes between nodes over an underlay, ClusterIP services, names resolvable
@@ -22,6 +23,9 @@ def add_parser(sub: Any) -> None:
     up.add_argument("-f", "--file", required=True, metavar="FILE", help="the cluster file (YAML)")
     up.add_argument("--wait", type=float, default=lifecycle.DEFAULT_READY_TIMEOUT, metavar="SECONDS",
                     help="how long to wait for every pod's ports to listen (default %(default)s)")
+    up.add_argument("--redirect-mode", choices=defaults.REDIRECT_MODES, metavar="MODE",
+                    help="how every node agent captures its pods: iptables or ebpf (default: the cluster "
+                         "file's spec.mesh.redirectMode and per-node redirectMode, else iptables)")
     up.add_argument("--agent-arg", action="append", default=[], metavar="ARG",
                     help="an extra flag for every node agent, e.g. --agent-arg=--cert-ttl=60 (repeatable)")
     up.set_defaults(func=cmd_up)
@@ -45,6 +49,8 @@ def add_parser(sub: Any) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     lifecycle.require_root("cluster up")
     cluster_spec = spec.load(args.file)
+    if args.redirect_mode:
+        cluster_spec = spec.with_redirect_mode(cluster_spec, args.redirect_mode)
     for warning in cluster_spec.warnings:
         print(f"warning: {warning}")
     cluster = lifecycle.up(cluster_spec, ready_timeout=args.wait, agent_args=args.agent_arg)

@@ -106,7 +106,7 @@ class Enroller:
             return
         self.enrolled[ref.uid] = (ref, handle)
         self.failures.pop(ref.uid, None)
-        log.info('{"event": "enrolled", "pod": "%s", "ip": "%s", "mode": "%s", "capture": "%s"}',
+        log.info('{"event": "enrolled", "pod": "%s", "ip": "%s", "mode": "%s", "rules": "%s"}',
                  ref.key, ref.ip, self.redirector.mode, outcome.value)
 
     async def release(self, uid: str) -> None:

@@ -63,3 +63,12 @@ def test_hosts_file_names_services_three_ways() -> None:
     assert "10.96.0.10\tproductpage.bookinfo.svc.cluster.local productpage.bookinfo productpage\n" in \
         plan.hosts_file(p, sleep)
     assert plan.resolv_conf(sleep).startswith("search bookinfo.svc.cluster.local svc.cluster.local")
+
+
+def test_each_pod_has_its_own_cgroup_under_the_clusters() -> None:
+    p = plan.make_plan(spec.load(BOOKINFO))
+    cgroups = [pod.cgroup for pod in p.pods]
+    assert len(set(cgroups)) == len(cgroups)
+    assert all(c.startswith(f"{plan.cluster_cgroup(p.name)}/pod.") for c in cgroups)
+    assert p.pod("bookinfo", p.pods[0].name) is not None
+    assert {n.redirect_mode for n in p.nodes} == {"iptables"}

@@ -127,3 +127,31 @@ def test_service_selecting_nothing_is_a_warning() -> None:
 def test_unreadable_file() -> None:
     with pytest.raises(spec.MeshError, match="cannot read the cluster file"):
         spec.load("/nonexistent/cluster.yaml")
+
+
+def test_redirect_mode_is_iptables_unless_the_file_says_otherwise() -> None:
+    assert {n.redirect_mode for n in parse(CLUSTER).nodes} == {"iptables"}
+
+
+def test_redirect_mode_for_the_cluster_and_per_node() -> None:
+    text = CLUSTER.replace("spec:\n  nodes:", "spec:\n  mesh: {redirectMode: ebpf}\n  nodes:").replace(
+        "{name: node-2, podCIDR: 10.244.2.0/24}", "{name: node-2, podCIDR: 10.244.2.0/24, redirectMode: iptables}")
+    assert [(n.name, n.redirect_mode) for n in parse(text).nodes] == [("node-1", "ebpf"), ("node-2", "iptables")]
+
+
+def test_a_bad_redirect_mode_is_refused_with_its_location() -> None:
+    text = CLUSTER.replace("{name: node-1, podCIDR: 10.244.1.0/24}",
+                           "{name: node-1, podCIDR: 10.244.1.0/24, redirectMode: tproxy}")
+    assert refused(text) == ["c.yaml:document 1:spec.nodes[0].redirectMode: 'tproxy' is not a redirect mode "
+                             "(one of: iptables, ebpf)"]
+    text = CLUSTER.replace("spec:\n  nodes:", "spec:\n  mesh: {redirectMode: 1, dns: true}\n  nodes:")
+    assert sorted(refused(text)) == [
+        "c.yaml:document 1:spec.mesh.dns: unknown field (allowed: redirectMode)",
+        "c.yaml:document 1:spec.mesh.redirectMode: 1 is not a redirect mode (one of: iptables, ebpf)"]
+
+
+def test_the_command_line_overrides_every_node() -> None:
+    s = spec.with_redirect_mode(parse(CLUSTER), "ebpf")
+    assert {n.redirect_mode for n in s.nodes} == {"ebpf"}
+    with pytest.raises(spec.MeshError, match="'bpf' is not a redirect mode"):
+        spec.with_redirect_mode(s, "bpf")
