@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from nodeagent.proxy.authz import Decision
+from mesh.policy.evaluator import Decision
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +36,23 @@ OUTBOUND = "outbound"
 RESULT_OK = "200"
 
 
+def result_of(status: int, detail: str) -> str:
+    """`<status> <detail>`: how a connection that was not carried reads in the log."""
+    return f"{status} {detail}"
+
+
 def result_denied(reason: str) -> str:
     """`401 <reason>`, e.g. from `Decision.reason`: "401 denied by prod/deny-sleep"."""
-    return f"401 {reason}"
+    return result_of(401, reason)
 
 
 def result_upstream_failed(detail: str) -> str:
     """`503 <detail>`, e.g. "503 upstream refused", "503 no healthy endpoint"."""
-    return f"503 {detail}"
+    return result_of(503, detail)
 
 
 def result_bad_request(detail: str) -> str:
-    return f"400 {detail}"
+    return result_of(400, detail)
 
 
 @dataclass(frozen=True)

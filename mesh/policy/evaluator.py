@@ -1,8 +1,8 @@
-"""L4 authorization of one inbound connection: a pure function from facts to a decision.
+"""L4 authorization of one connection: a pure function from facts to a decision.
 
-The inbound path (HBONE 15008 or plaintext 15006) gathers what it knows about a connection into a
-`ConnectionInfo`, asks `MeshState.policies_for(destination)` for the policies that apply, and calls
-`evaluate()`.  Nothing here reads sockets, clocks or the read model, so the whole policy language is
+The node agent's inbound path (HBONE 15008 or plaintext 15006) and the waypoint's L4 passthrough gather
+what they know about a connection into a `ConnectionInfo`, take the `Authorization` policies that apply
+(projected by `mesh.policy.projection`), and call `evaluate()`.  Nothing here reads sockets, clocks or the read model, so the whole policy language is
 tested with plain values.
 
 How a decision is made (the order matters):
@@ -25,6 +25,7 @@ matches puts no condition.  A match holds when every field it sets holds:
   with the full URI, so both spellings work.  `presence` means "has any identity".
 * namespaces / not_namespaces: the namespace of the peer's identity.
 * source_ips, destination_ips (and not_*): CIDRs; a bare address means that one address.
+  (These three are `mesh.policy.matchers`, which the waypoint's L7 authorization uses as well.)
 * destination_ports (and not_*).
 
 A connection without a peer identity (plaintext on 15006) fails every positive principal or namespace
@@ -35,25 +36,22 @@ that have no identity.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from mesh.identity import SCHEME, SpiffeId
+from mesh.identity import SpiffeId
+from mesh.policy.matchers import any_namespace, any_principal, ip_in
 from mesh.proto import discovery_pb2 as pb
-
-_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 ACTION_NAMES = {pb.ALLOW: "ALLOW", pb.DENY: "DENY", pb.AUDIT: "AUDIT"}
 
 
 @dataclass(frozen=True)
 class ConnectionInfo:
-    """What the inbound path knows about a connection when it must decide.
+    """What the enforcing proxy knows about a connection when it must decide.
 
     `source_principal` is None for a connection without a verified peer identity (plaintext 15006).
+    `destination` is the destination workload (an empty `Workload` where the waypoint does not know it).
     """
 
     source_principal: SpiffeId | None
@@ -104,92 +102,28 @@ def policy_key(policy: pb.Authorization) -> str:
     return f"{policy.namespace}/{policy.name}"
 
 
-# --- field matchers ------------------------------------------------------------------------------------
-
-
-def _string_matches(m: pb.StringMatch, value: str | None, full: str | None = None) -> bool:
-    """Does `m` match `value`?  `full` is the spelling to use for patterns that carry the `spiffe://`
-    scheme (principals only)."""
-    if value is None:
-        return False
-    kind = m.WhichOneof("match")
-    if kind == "presence":
-        return m.presence and value != ""
-    pattern = getattr(m, kind) if kind else ""
-    subject = full if full is not None and pattern.startswith(SCHEME) else value
-    if kind == "exact":
-        return subject == pattern
-    if kind == "prefix":
-        return subject.startswith(pattern)
-    if kind == "suffix":
-        return subject.endswith(pattern)
-    return False  # an empty StringMatch matches nothing
-
-
-def _any_string(ms: Iterable[pb.StringMatch], value: str | None, full: str | None = None) -> bool:
-    return any(_string_matches(m, value, full) for m in ms)
-
-
-@functools.lru_cache(maxsize=4096)
-def _network(cidr: str) -> _Network | None:
-    try:
-        return ipaddress.ip_network(cidr.strip(), strict=False)
-    except ValueError:
-        return None  # the control plane validates CIDRs; a bad one matches nothing rather than crash
-
-
-@functools.lru_cache(maxsize=4096)
-def _address(ip: str) -> _Address | None:
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
-def _in_any(cidrs: Sequence[str], ip: str) -> bool:
-    addr = _address(ip)
-    if addr is None:
-        return False
-    for c in cidrs:
-        net = _network(c)
-        if net is not None and addr.version == net.version and addr in net:
-            return True
-    return False
-
-
 # --- structure ------------------------------------------------------------------------------------------
-
-
-def _principal_forms(conn: ConnectionInfo) -> tuple[str | None, str | None]:
-    p = conn.source_principal
-    if p is None:
-        return None, None
-    uri = p.uri
-    return uri[len(SCHEME):], uri
 
 
 def match_holds(m: pb.Match, conn: ConnectionInfo) -> bool:
     """True when every field `m` sets holds for `conn` (a Match that sets nothing always holds)."""
-    short, full = _principal_forms(conn)
-    namespace = conn.source_principal.namespace if conn.source_principal else None
-    if m.principals and not _any_string(m.principals, short, full):
+    peer = conn.source_principal
+    namespace = peer.namespace if peer else None
+    if m.principals and not any_principal(m.principals, peer):
         return False
-    if m.not_principals and _any_string(m.not_principals, short, full):
+    if m.not_principals and any_principal(m.not_principals, peer):
         return False
-    if m.namespaces and not _any_string(m.namespaces, namespace):
+    if m.namespaces and not any_namespace(m.namespaces, namespace):
         return False
-    if m.not_namespaces and _any_string(m.not_namespaces, namespace):
+    if m.not_namespaces and any_namespace(m.not_namespaces, namespace):
         return False
-    if m.source_ips and not _in_any(m.source_ips, conn.source_ip):
+    if m.source_ips and not ip_in(m.source_ips, conn.source_ip):
         return False
-    if m.not_source_ips and _in_any(m.not_source_ips, conn.source_ip):
+    if m.not_source_ips and ip_in(m.not_source_ips, conn.source_ip):
         return False
-    if m.destination_ips and not _in_any(m.destination_ips, conn.destination_ip):
+    if m.destination_ips and not ip_in(m.destination_ips, conn.destination_ip):
         return False
-    if m.not_destination_ips and _in_any(m.not_destination_ips, conn.destination_ip):
+    if m.not_destination_ips and ip_in(m.not_destination_ips, conn.destination_ip):
         return False
     if m.destination_ports and conn.destination_port not in m.destination_ports:
         return False

@@ -1,10 +1,11 @@
 """Inbound: HBONE on 15008 (mutual TLS) and plaintext on 15006, both in the destination pod's namespace.
 
-HBONE: TLS 1.3 with the pod's certificate, a client certificate of the trust domain required; each
-CONNECT must name this pod's address; L4 authorization decides with the client's verified identity
-(401 when denied); then the agent connects to the application (503 when it refuses) and relays.
-Plaintext (from clients outside the mesh): the same authorization with no identity, so a STRICT
-PeerAuthentication (a DENY of connections without a principal) refuses it.
+HBONE: TLS 1.3 with the pod's certificate, a client certificate of the trust domain required; then each
+CONNECT is decided as a value (`admission.decide`: this pod's address? this pod known? L4 authorization
+with the client's verified identity) before any answer: refused with 400, 503 or 401, or admitted, when
+the agent connects to the application (503 when it refuses), answers 200 and relays.  Plaintext (from
+clients outside the mesh): the same decision with no identity, so a STRICT PeerAuthentication (a DENY of
+connections without a principal) refuses it.  Each connection's outcome is recorded once.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import trio
 from mesh.hbone.errors import HboneError
 from mesh.hbone.relay import relay
 from mesh.hbone.server import InboundRequest, TunnelAcceptor, serve_hbone
-from mesh.identity import SpiffeId
 from mesh.secrets.errors import SecretsError
-from nodeagent.accesslog import INBOUND, RESULT_OK, AccessLogEntry, decision_fields, result_upstream_failed
-from nodeagent.metrics import FailureReason, Reporter, ResponseFlag, tcp_labels
-from nodeagent.proxy import authz
-from nodeagent.proxy.context import SOCKET_ERRORS, Clock, PodContext, peer_of, workload_peer
+from nodeagent.metrics import FailureReason
+from nodeagent.proxy import admission
+from nodeagent.proxy.admission import InboundConnection, Refusal
+from nodeagent.proxy.context import SOCKET_ERRORS, PodContext, peer_of
+from nodeagent.proxy.errors import UPSTREAM_ERRORS, upstream_error
+from nodeagent.proxy.outcome import OutcomeRecorder
 
 log = logging.getLogger("nodeagent.inbound")
 
@@ -49,75 +51,44 @@ async def handle_hbone(ctx: PodContext, stream: trio.SocketStream) -> None:
 
 
 async def _tunnel(ctx: PodContext, request: InboundRequest, acceptor: TunnelAcceptor) -> None:
-    clock = Clock()
-    # Authorize on the connection's own peer address (HBONE leaves the source pod with its address);
-    # `Forwarded` is the client's word, good for the log's port but never for an ipBlocks decision.
-    src_ip = request.peer_address.rpartition(":")[0].strip("[]")
-    fwd_ip, _, fwd_port = (request.forwarded_for or "").rpartition(":")
-    src_port = fwd_port if fwd_ip.strip("[]") == src_ip else ""
-    port = request.authority.port
-    if request.authority.host != ctx.pod.ip:
-        ctx.parts.metrics.agent.connection_failed("inbound", FailureReason.BAD_REQUEST)
-        await acceptor.reject(400, f"{request.authority} is not this pod ({ctx.pod.ip})")
-        return
-    await _serve(ctx, clock, src_ip, int(src_port) if src_port.isdigit() else 0, request.peer, port, acceptor)
+    await _serve(ctx, admission.from_connect(request), acceptor)
 
 
 async def handle_plaintext(ctx: PodContext, client: trio.SocketStream) -> None:
     """A connection from outside the mesh, redirected to 15006 by the pod's rules."""
-    clock = Clock()
-    src_ip, src_port = peer_of(client)
     _, port = ctx.parts.redirector.original_destination(client.socket)  # type: ignore[arg-type]
-    await _serve(ctx, clock, src_ip, src_port, None, port, client)
+    await _serve(ctx, admission.plaintext(ctx.pod, peer_of(client), port), client)
 
 
-async def _serve(ctx: PodContext, clock: Clock, src_ip: str, src_port: int, peer: SpiffeId | None, port: int,
-                 downstream: TunnelAcceptor | trio.SocketStream) -> None:
-    """Authorize, connect to the application, answer, relay: the part both inbound paths share."""
-    destination = ctx.workload()
-    source = ctx.parts.state.workload_by_address(src_ip)
-    mtls = peer is not None
-    labels = tcp_labels(Reporter.DESTINATION, source=source, source_principal=peer, destination=destination,
-                        destination_principal=ctx.pod.identity, mutual_tls=mtls)
-    conn = ctx.parts.metrics.tcp.open(labels)
-    decision = None
-    result, flags, error = RESULT_OK, None, ""
-    try:
-        if destination is None:
-            result, flags, error = "503", ResponseFlag.NO_ROUTE, "this pod is no longer known to the agent"
-            await _refuse(downstream, 503, error)
+Downstream = TunnelAcceptor | trio.SocketStream  # a CONNECT to answer, or a plaintext client
+
+
+async def _serve(ctx: PodContext, conn: InboundConnection, downstream: Downstream) -> None:
+    """Decide, then answer and forward: the part both inbound paths share."""
+    view = ctx.parts.state
+    verdict = admission.decide(view, ctx.pod, conn)
+    source = view.workload_by_address(conn.source_ip)
+    with OutcomeRecorder.of(ctx).inbound(conn, verdict, source, ctx.workload()) as outcome:
+        if isinstance(verdict, Refusal):
+            outcome.refused(verdict)
+            await _refuse(downstream, verdict.status, verdict.reason)
             return
-        decision = authz.evaluate(authz.ConnectionInfo(peer, src_ip, destination, ctx.pod.ip, port),
-                                  ctx.parts.state.policies_for(destination))
-        if not decision.allowed:
-            result, flags, error = decision.result(), ResponseFlag.DENIED, decision.reason
-            ctx.parts.metrics.agent.connection_failed("inbound", FailureReason.DENIED)
-            await _refuse(downstream, 401, decision.reason)
-            return
-        try:
-            app = await ctx.connect_from_pod((ctx.pod.ip, port))
-        except (TimeoutError, *SOCKET_ERRORS) as exc:
-            result, flags, error = result_upstream_failed(str(exc)), ResponseFlag.UPSTREAM_CONNECT_FAILURE, str(exc)
-            ctx.parts.metrics.agent.connection_failed("inbound", FailureReason.UPSTREAM_REFUSED)
-            await _refuse(downstream, 503, f"connection to the application on port {port} failed: {exc}")
-            return
+        app = await _connect_app(ctx, verdict.address, downstream)
         client = await downstream.accept() if isinstance(downstream, TunnelAcceptor) else downstream
-        copied = await relay(client, app)
-        conn.add_received(copied.a_to_b)
-        conn.add_sent(copied.b_to_a)
-        error = copied.error or ""
-    finally:
-        conn.close(flags)
-        fields = {**(decision_fields(decision) if decision is not None else {}), "result": result}
-        ctx.parts.log.write(AccessLogEntry(
-            direction=INBOUND, start=clock.start, duration=clock.elapsed(),
-            source=workload_peer(src_ip, src_port, source, str(peer) if peer else ""),
-            destination=workload_peer(ctx.pod.ip, port, destination, str(ctx.pod.identity)),
-            bytes_sent=conn.sent, bytes_received=conn.received,
-            connection_security_policy="mutual_tls" if mtls else "none", error=error, **fields))
+        outcome.relayed(await relay(client, app, counter=outcome.bytes))
 
 
-async def _refuse(downstream: TunnelAcceptor | trio.SocketStream, status: int, reason: str) -> None:
+async def _connect_app(ctx: PodContext, address: tuple[str, int], downstream: Downstream) -> trio.abc.Stream:
+    """The application's connection; a failure is answered to the client (503) and raised."""
+    try:
+        return await ctx.connect_from_pod(address)
+    except UPSTREAM_ERRORS as exc:
+        error = upstream_error(exc, f"connection to the application on port {address[1]} failed")
+        await _refuse(downstream, error.status, str(error))
+        raise error from exc
+
+
+async def _refuse(downstream: Downstream, status: int, reason: str) -> None:
     if isinstance(downstream, TunnelAcceptor):
         await downstream.reject(status, reason)
     else:

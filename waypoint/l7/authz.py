@@ -9,9 +9,10 @@ matches when one of its rules matches; a rule matches when every `from`, `to` an
 `action: CUSTOM` (an external authorizer) is not supported: such a policy is compiled with a warning and
 requests it covers are denied (fail closed) rather than silently let through.
 
-Values use Istio's forms: `*` (present, non-empty), `prefix*`, `*suffix`, or an exact string.  Principals
-are written without the `spiffe://` scheme (`cluster.local/ns/NS/sa/SA`); request principals are
-`<iss>/<sub>`.
+Values use Istio's forms: `*` (present, non-empty), `prefix*`, `*suffix`, or an exact string.  Principals,
+namespaces and IP blocks (in `from` and in `when`) are matched by `mesh.policy.matchers`, the matcher the
+node agents use, so a principal written `cluster.local/ns/NS/sa/SA` and one written
+`spiffe://cluster.local/ns/NS/sa/SA` mean the same.  Request principals are `<iss>/<sub>`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mesh.policy.matchers import any_namespace, any_principal, ip_in, string_matches
 from waypoint.errors import ConfigError
 from waypoint.l7.model import Headers, header_values
 
@@ -92,20 +94,20 @@ def compile_policy(where: str, name: str, namespace: str, spec: Mapping[str, Any
 
 # ---- matching ---------------------------------------------------------------------------------------
 
-def value_matches(pattern: str, value: str | None) -> bool:
-    if value is None:
-        return False
-    if pattern == "*":
-        return value != ""
-    if pattern.endswith("*"):
-        return value.startswith(pattern[:-1])
-    if pattern.startswith("*"):
-        return value.endswith(pattern[1:])
-    return value == pattern
-
-
 def _any(patterns: Sequence[str], values: Sequence[str | None]) -> bool:
-    return any(value_matches(p, v) for p in patterns for v in values)
+    return any(string_matches(p, v) for p in patterns for v in values)
+
+
+def _principals(patterns: Sequence[str], values: Sequence[str | None]) -> bool:
+    return any(any_principal(patterns, v) for v in values)
+
+
+def _namespaces(patterns: Sequence[str], values: Sequence[str | None]) -> bool:
+    return any(any_namespace(patterns, v) for v in values)
+
+
+def _in_cidrs(blocks: Sequence[str], values: Sequence[str | None]) -> bool:
+    return any(ip_in(blocks, v) for v in values)
 
 
 def _field(spec: Mapping[str, Any], key: str, values: Sequence[str | None],
@@ -117,21 +119,6 @@ def _field(spec: Mapping[str, Any], key: str, values: Sequence[str | None],
     return not (neg and match(neg, values))
 
 
-def _in_cidrs(blocks: Sequence[str], values: Sequence[str | None]) -> bool:
-    for v in values:
-        try:
-            ip = ipaddress.ip_address(v or "")
-        except ValueError:
-            continue
-        for b in blocks:
-            try:
-                if ip in ipaddress.ip_network(b, strict=False):
-                    return True
-            except ValueError:
-                continue
-    return False
-
-
 def _host_match(patterns: Sequence[str], values: Sequence[str | None]) -> bool:
     def norm(h: str | None) -> str | None:
         return None if h is None else h.lower()
@@ -141,9 +128,9 @@ def _host_match(patterns: Sequence[str], values: Sequence[str | None]) -> bool:
 
 
 def _source(spec: Mapping[str, Any], r: AuthzRequest) -> bool:
-    return (_field(spec, "principals", [r.principal] if r.principal else [])
+    return (_field(spec, "principals", [r.principal] if r.principal else [], _principals)
             and _field(spec, "requestPrincipals", [r.request_principal] if r.request_principal else [])
-            and _field(spec, "namespaces", [r.namespace] if r.namespace else [])
+            and _field(spec, "namespaces", [r.namespace] if r.namespace else [], _namespaces)
             and _field(spec, "ipBlocks", [r.source_ip], _in_cidrs)
             and _field(spec, "remoteIpBlocks", [r.source_ip], _in_cidrs))
 
@@ -183,11 +170,14 @@ def condition_values(key: str, r: AuthzRequest) -> list[str]:
     return [v for v in simple.get(key, []) if v]
 
 
+# `when` keys whose values are not plain strings (the rest match with `_any`).
+_WHEN_MATCHERS = {"source.ip": _in_cidrs, "remote.ip": _in_cidrs, "destination.ip": _in_cidrs,
+                  "source.principal": _principals, "source.namespace": _namespaces}
+
+
 def _when(spec: Mapping[str, Any], r: AuthzRequest) -> bool:
     key = spec["key"]
-    values = condition_values(key, r)
-    match = _in_cidrs if key in ("source.ip", "remote.ip", "destination.ip") else _any
-    return _field(spec, "values", values, match)
+    return _field(spec, "values", condition_values(key, r), _WHEN_MATCHERS.get(key, _any))
 
 
 def _rule(rule: Mapping[str, Any], r: AuthzRequest) -> bool:

@@ -3,8 +3,8 @@
 A tunnel that carries no HTTP still passes the waypoint's AuthorizationPolicies, but only their L4 part
 can be checked: peer principals and namespaces, source IP blocks, destination ports, and `when` on
 source/destination attributes.  The projection is the one the control plane makes for node agents
-(`controlplane.translate.authz.authorization_policy`), and the decision is the node agents' own
-(`nodeagent.proxy.authz.evaluate`), so a policy means the same at L4 wherever it is enforced.  Rules
+(`mesh.policy.projection.authorization_policy`), and the decision is the node agents' own
+(`mesh.policy.evaluator.evaluate`), so a policy means the same at L4 wherever it is enforced.  Rules
 that need HTTP attributes fail closed: in an ALLOW policy such a rule allows nothing, in a DENY policy
 its HTTP conditions are dropped (it denies more).  CUSTOM policies deny every connection they cover.
 """
@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from controlplane.translate.authz import authorization_policy
 from mesh.identity import IdentityError, SpiffeId
+from mesh.policy.evaluator import ConnectionInfo, Decision, evaluate
+from mesh.policy.projection import authorization_policy
 from mesh.proto import discovery_pb2 as pb
-from nodeagent.proxy import authz as l4
 from waypoint.l7.authz import CompiledPolicy
 from waypoint.l7.model import ClientInfo
 
@@ -44,12 +44,12 @@ def to_l4(policy: CompiledPolicy) -> L4Policy:
     return L4Policy(policy.hostnames, projected)
 
 
-def decide(policies: Sequence[L4Policy], hostname: str, client: ClientInfo) -> l4.Decision:
+def decide(policies: Sequence[L4Policy], hostname: str, client: ClientInfo) -> Decision:
     """May the tunnel of `client` (addressed to a service `hostname`, or "" for a workload) pass?"""
     try:
         peer = SpiffeId.parse(client.peer_identity) if client.peer_identity else None
     except IdentityError:
         peer = None
-    conn = l4.ConnectionInfo(source_principal=peer, source_ip=client.source_ip, destination=pb.Workload(),
-                             destination_ip=client.destination_ip, destination_port=client.destination_port)
-    return l4.evaluate(conn, [p.authorization for p in policies if p.applies_to(hostname)])
+    conn = ConnectionInfo(source_principal=peer, source_ip=client.source_ip, destination=pb.Workload(),
+                          destination_ip=client.destination_ip, destination_port=client.destination_port)
+    return evaluate(conn, [p.authorization for p in policies if p.applies_to(hostname)])

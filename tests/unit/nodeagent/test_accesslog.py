@@ -8,6 +8,7 @@ import logging
 
 import pytest
 
+from mesh.policy.evaluator import Decision, PolicyMatch
 from nodeagent.accesslog import (
     INBOUND,
     OUTBOUND,
@@ -21,7 +22,6 @@ from nodeagent.accesslog import (
     result_denied,
     result_upstream_failed,
 )
-from nodeagent.proxy.authz import Decision, PolicyMatch
 
 SRC = Peer("10.244.1.3", 40112, "sleep-1", "default", "spiffe://cluster.local/ns/default/sa/sleep")
 DST = Peer("10.244.2.5", 8080, "web-1", "prod", "spiffe://cluster.local/ns/prod/sa/web")

@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 
 from mesh.identity import SpiffeId
+from mesh.policy.evaluator import ConnectionInfo, PolicyMatch, evaluate, match_holds, policy_matches
 from mesh.proto import discovery_pb2 as pb
-from nodeagent.proxy.authz import ConnectionInfo, PolicyMatch, evaluate, match_holds, policy_matches
 
 SLEEP = SpiffeId("cluster.local", "default", "sleep")
 OTHER_TD = SpiffeId("other.domain", "prod", "web")
