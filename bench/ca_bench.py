@@ -25,7 +25,7 @@ from bench.histogram import exact_percentile
 from ca.auth import NodeTokenIssuer
 from ca.authority import CertificateAuthority
 from ca.pods import InMemoryPodLocator, PodPlacement
-from ca.serve import start_ca_server
+from ca.server import start_ca_server
 from mesh import defaults
 from mesh.identity import SpiffeId
 from mesh.secrets.client import CAClient
@@ -44,7 +44,7 @@ def run(sequential: int, concurrent: int, threads: int, warmup: int = 20) -> dic
         authority = CertificateAuthority.load_or_create(Path(tmp) / "ca")
         issuer = NodeTokenIssuer.generate()
         pods = InMemoryPodLocator([PodPlacement(IDENTITY.namespace, "client-0", IDENTITY.service_account, NODE)])
-        server = start_ca_server(authority, issuer.authenticator(), pods, max_workers=max(16, threads * 2))
+        server = start_ca_server(authority, issuer.authenticator(), pods)
         token = issuer.mint_node_token(NODE)
         try:
             client = CAClient(server.address, server.root_pem, token)

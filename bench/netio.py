@@ -3,13 +3,13 @@ and CPU / memory figures of processes from /proc."""
 
 from __future__ import annotations
 
-import http.client
 import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh import netns as mnetns
+from mesh.serve import client
+from mesh.serve.errors import NoAnswer, Unreachable
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -20,25 +20,15 @@ class ProbeError(Exception):
 
 def http_get(netns: str, host: str, port: int, path: str, timeout: float = 3.0) -> str:
     """GET http://host:port/path from inside network namespace `netns`; the body as text."""
-    # The socket is created while this thread is in the namespace and stays there afterwards.
-    with mnetns.entered(netns):
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
-        try:
-            conn.connect()
-        except OSError as exc:
-            conn.close()
-            raise ProbeError(f"{host}:{port} in {netns}: {exc.strerror or exc}") from exc
     try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        body = resp.read().decode(errors="replace")
-        if resp.status != 200:
-            raise ProbeError(f"GET {path} on {host}:{port} in {netns}: HTTP {resp.status}")
-        return body
-    except OSError as exc:
-        raise ProbeError(f"GET {path} on {host}:{port} in {netns}: {exc}") from exc
-    finally:
-        conn.close()
+        reply = client.get(client.Endpoint.tcp(host, port, netns=netns), path, timeout=timeout)
+    except Unreachable as exc:
+        raise ProbeError(f"{host}:{port} in {netns}: {exc.strerror}") from exc
+    except NoAnswer as exc:
+        raise ProbeError(f"GET {path} on {host}:{port} in {netns}: {exc.__cause__}") from exc
+    if reply.status != 200:
+        raise ProbeError(f"GET {path} on {host}:{port} in {netns}: HTTP {reply.status}")
+    return reply.text
 
 
 def run_in(netns: str, argv: list[str], stdin: str | None = None, timeout: float = 30.0,

@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from controlplane.app import ControlPlaneThread, Running
 from controlplane.discovery.source import MemorySource
-from controlplane.main import ControlPlaneThread, Options, Running
+from controlplane.options import Options
 from mesh.proto import discovery_pb2 as pb
 from mesh.xds import resources as rs
 from mesh.xds.client import ClientConfig, XdsClient

@@ -1,8 +1,20 @@
-"""A standalone CA gRPC server: what tests and benchmarks run, and `python -m ca.serve` for a manual try.
+"""The CA's gRPC server, assembled in one place, top to bottom: state directory → CA → token issuer →
+service → TLS → gRPC server.
 
-The control plane does not use this module; it hosts the CA on its own :15012 server with
-`ca.service.add_to_server()` and `ca.serving.server_credentials()`.  This module shows that assembly in
-one place, top to bottom: state directory, CA, token issuer, service, TLS, server.
+    server = CAServer.from_state_dir(home, pods, trust_domain=td, serving_hosts=[...])
+    add_to_server(server.grpc, discovery)     # the control plane hosts discovery on the same port
+    port = await server.start("0.0.0.0:15012")
+    ...
+    await server.stop(1.0)
+
+The control plane runs it so (`controlplane.app`); tests, benchmarks and `python -m ca.server` run the
+same server alone, on an event loop of its own (`start_ca_server`).
+
+A state directory (the control plane's `DIR/controlplane/`) holds:
+
+    ca/                  the CA's root and signing key, in Istio's `cacerts` layout (`ca.authority`)
+    node-token-key.pem   the key tokens are signed with (`ca.auth.NodeTokenIssuer`); read here and nowhere
+                         else: whoever needs a token asks the control plane for one (its apply API, `/token`)
 """
 
 from __future__ import annotations
@@ -12,41 +24,128 @@ import datetime
 import sys
 import threading
 from collections.abc import Sequence
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
 
 from ca.auth import Authenticator, NodeTokenIssuer
 from ca.authority import ROOT_CERT, CertificateAuthority
+from ca.errors import CAError
 from ca.metrics import CAMetrics
 from ca.pods import InMemoryPodLocator, PodLocator, PodPlacement
-from ca.service import SERVER_OPTIONS, CertificateService, CertificateServicer, add_to_server
+from ca.service import AsyncCertificateServicer, CertificateService, add_to_server
 from ca.serving import RotatingServingCertificate, server_credentials
+from mesh import defaults
+from mesh.loopthread import LoopThread
 
-CA_SUBDIR = "ca"
-TOKEN_KEY_FILE = "node-token-key.pem"
+# Requests above this are cut off by gRPC before any servicer sees them (certificate requests are also
+# refused above `ca.service.MAX_REQUEST_BYTES` by the service, counted); discovery responses may be large.
+MAX_TRANSPORT_BYTES = 4 * 1024 * 1024
+SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_receive_message_length", MAX_TRANSPORT_BYTES),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+)
+DEFAULT_SERVING_HOSTS = ("localhost", "127.0.0.1")
+
+
+class CAServerError(CAError):
+    """The CA's server cannot listen."""
+
+
+def load_state(home: Path, trust_domain: str = defaults.TRUST_DOMAIN) -> tuple[CertificateAuthority, NodeTokenIssuer]:
+    """The CA (`home/ca/`) and the token issuer (`home/node-token-key.pem`), each made on first start."""
+    authority = CertificateAuthority.load_or_create(home / defaults.CA_DIR, trust_domain=trust_domain)
+    issuer = NodeTokenIssuer.load_or_create(home / defaults.TOKEN_KEY_FILE)
+    return authority, issuer
+
+
+class CAServer:
+    """A `grpc.aio` server hosting the CA service; its owner may add services before `start`.
+    Make it on the event loop that will run it."""
+
+    def __init__(
+        self,
+        authority: CertificateAuthority,
+        authenticator: Authenticator,
+        pods: PodLocator,
+        *,
+        issuer: NodeTokenIssuer | None = None,
+        registry: CollectorRegistry | None = None,
+        serving_hosts: Sequence[str] = DEFAULT_SERVING_HOSTS,
+        plaintext: bool = False,
+    ) -> None:
+        self.authority = authority
+        self.issuer = issuer
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.service = CertificateService(authority, authenticator, pods, CAMetrics(self.registry))
+        self.grpc = grpc.aio.server(options=SERVER_OPTIONS)
+        add_to_server(self.grpc, AsyncCertificateServicer(self.service))
+        self._credentials: grpc.ServerCredentials | None = None
+        self.serving: RotatingServingCertificate | None = None
+        if not plaintext:  # plaintext: debugging only
+            self._credentials, self.serving = server_credentials(authority, list(serving_hosts))
+        self.port = 0
+
+    @classmethod
+    def from_state_dir(cls, home: Path, pods: PodLocator, *, trust_domain: str = defaults.TRUST_DOMAIN,
+                       **kwargs: Any) -> CAServer:
+        authority, issuer = load_state(home, trust_domain)
+        return cls(authority, issuer.authenticator(), pods, issuer=issuer, **kwargs)
+
+    @property
+    def root_pem(self) -> bytes | None:
+        """The trust anchor clients need (None when serving plaintext)."""
+        return self.serving.current.root_pem if self.serving is not None else None
+
+    async def start(self, listen: str) -> int:
+        """Bind `listen` (`HOST:PORT`; port 0 picks one) and serve; the bound port."""
+        if self._credentials is not None:
+            port = self.grpc.add_secure_port(listen, self._credentials)
+        else:
+            port = self.grpc.add_insecure_port(listen)
+        if port == 0:
+            raise CAServerError(f"cannot listen on {listen}: is another control plane running?")
+        await self.grpc.start()
+        self.port = port
+        return port
+
+    async def stop(self, grace: float | None) -> None:
+        await self.grpc.stop(grace)
 
 
 @dataclass
 class RunningCA:
-    """A CA server listening on `address`; `stop()` it when done."""
+    """A CA server listening on `address`, on its own event loop; `stop()` it when done."""
 
-    server: grpc.Server
+    server: CAServer
     address: str
     port: int
-    service: CertificateService
-    serving: RotatingServingCertificate
-    registry: CollectorRegistry
+    loop: LoopThread
+
+    @property
+    def service(self) -> CertificateService:
+        return self.server.service
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.server.registry
 
     @property
     def root_pem(self) -> str:
-        return self.service.authority.root_pem
+        return self.server.authority.root_pem
 
     def stop(self, grace: float | None = None) -> None:
-        self.server.stop(grace).wait()
+        if self.loop.closed:  # stopped already
+            return
+        try:
+            self.loop.run(self.server.stop(grace))
+        finally:
+            self.loop.close()
 
 
 def start_ca_server(
@@ -57,31 +156,35 @@ def start_ca_server(
     host: str = "127.0.0.1",
     port: int = 0,
     registry: CollectorRegistry | None = None,
-    max_workers: int = 16,
     serving_hosts: Sequence[str] | None = None,
+    issuer: NodeTokenIssuer | None = None,
 ) -> RunningCA:
-    """Start a TLS gRPC server hosting only the CA service.  `port=0` picks a free port."""
-    registry = registry if registry is not None else CollectorRegistry()
-    service = CertificateService(authority, authenticator, pods, CAMetrics(registry))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS)
-    add_to_server(server, CertificateServicer(service))
-    creds, serving = server_credentials(authority, list(serving_hosts or [host, "localhost"]))
-    bound = server.add_secure_port(f"{host}:{port}", creds)
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
-    server.start()
-    return RunningCA(server, f"{host}:{bound}", bound, service, serving, registry)
+    """The CA server alone, on an event loop of its own.  `port=0` picks a free port."""
+    loop = LoopThread("ca")
+
+    async def start() -> CAServer:
+        server = CAServer(authority, authenticator, pods, issuer=issuer, registry=registry,
+                          serving_hosts=list(serving_hosts or [host, "localhost"]))
+        await server.start(f"{host}:{port}")
+        return server
+
+    try:
+        server = loop.run(start())
+    except BaseException:
+        loop.close()
+        raise
+    return RunningCA(server, f"{host}:{server.port}", server.port, loop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ca.serve",
+        prog="python -m ca.server",
         description="Run a standalone mesh CA on TLS gRPC, printing node tokens for the nodes named.",
     )
     parser.add_argument("--state-dir", type=Path, required=True, help="where the CA keeps its root and token key")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=15012)
-    parser.add_argument("--trust-domain", default="cluster.local")
+    parser.add_argument("--port", type=int, default=defaults.CONTROLPLANE_GRPC_PORT)
+    parser.add_argument("--trust-domain", default=defaults.TRUST_DOMAIN)
     parser.add_argument("--node", action="append", default=[], help="mint a node token for NODE (repeatable)")
     parser.add_argument(
         "--pod",
@@ -92,15 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-
-    authority = CertificateAuthority.load_or_create(args.state_dir / CA_SUBDIR, trust_domain=args.trust_domain)
-    issuer = NodeTokenIssuer.load_or_create(args.state_dir / TOKEN_KEY_FILE)
+    authority, issuer = load_state(args.state_dir, args.trust_domain)
     pods = InMemoryPodLocator()
     for i, spec in enumerate(args.pod):
         node, ns, sa = spec.split("/", 2)
         pods.put(PodPlacement(ns, f"pod-{i}", sa, node))
-    running = start_ca_server(authority, issuer.authenticator(), pods, host=args.host, port=args.port)
-    print(f"CA listening on {running.address} (root: {args.state_dir / CA_SUBDIR / ROOT_CERT})", flush=True)
+    running = start_ca_server(authority, issuer.authenticator(), pods, host=args.host, port=args.port, issuer=issuer)
+    print(f"CA listening on {running.address} (root: {args.state_dir / defaults.CA_DIR / ROOT_CERT})", flush=True)
     for node in args.node:
         token = issuer.mint_node_token(node, ttl=datetime.timedelta(days=1))
         print(f"node token for {node}: {token}", flush=True)

@@ -2,8 +2,8 @@
 
 `CertificateService.create_certificate()` does the whole job on plain values (request fields and the
 caller's metadata in, PEM chain out, a `CAError` carrying a gRPC status otherwise) so it is tested and
-reused without a server.  The servicers only translate: `CertificateServicer` for `grpc.server()`,
-`AsyncCertificateServicer` for `grpc.aio.server()`.  Host either with `add_to_server()`.
+reused without a server.  The servicer only translates (`AsyncCertificateServicer`, for
+`grpc.aio.server()`); `ca.server` hosts it with `add_to_server()`.
 
 Order of checks: size, then authentication (nothing is parsed for an unauthenticated caller beyond the
 metadata), then request fields, then the CSR, then the authorization decision, then signing.  Every
@@ -34,14 +34,9 @@ from mesh.proto import ca_pb2, ca_pb2_grpc
 log = logging.getLogger(__name__)
 
 # A request is a CSR (under 1 KiB) and a little metadata.  Requests above this are refused by the
-# servicer (counted, RESOURCE_EXHAUSTED); `MAX_TRANSPORT_BYTES` is the hard limit gRPC enforces before
-# the servicer sees anything (those are refused by gRPC itself and not counted).
+# servicer (counted, RESOURCE_EXHAUSTED); `ca.server.MAX_TRANSPORT_BYTES` is the hard limit gRPC enforces
+# before the servicer sees anything (those are refused by gRPC itself and not counted).
 MAX_REQUEST_BYTES = 64 * 1024
-MAX_TRANSPORT_BYTES = 1024 * 1024
-SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.max_receive_message_length", MAX_TRANSPORT_BYTES),
-    ("grpc.max_send_message_length", 1024 * 1024),
-)
 
 
 def metadata_dict(pairs: Sequence[tuple[str, str | bytes]] | None) -> dict[str, str]:
@@ -144,22 +139,6 @@ class CertificateService:
         return issued.pems
 
 
-class CertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
-    """For a synchronous `grpc.server()`."""
-
-    def __init__(self, service: CertificateService) -> None:
-        self.service = service
-
-    def CreateCertificate(  # noqa: N802 - the gRPC method name
-        self, request: ca_pb2.IstioCertificateRequest, context: grpc.ServicerContext
-    ) -> ca_pb2.IstioCertificateResponse:
-        try:
-            chain = self.service.create_certificate(request, metadata_dict(context.invocation_metadata()))
-        except CAError as exc:
-            context.abort(exc.code, str(exc))
-        return ca_pb2.IstioCertificateResponse(cert_chain=chain)
-
-
 class AsyncCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
     """For `grpc.aio.server()`: signing runs in the default executor so the event loop stays free."""
 
@@ -179,12 +158,6 @@ class AsyncCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
         return ca_pb2.IstioCertificateResponse(cert_chain=chain)
 
 
-def add_to_server(
-    server: grpc.Server | grpc.aio.Server, servicer: CertificateServicer | AsyncCertificateServicer
-) -> None:
-    """Register the CA service on a gRPC server the caller owns (the control plane's :15012).
-
-    Create the server with `options=SERVER_OPTIONS` (or at least the receive limit) so that oversized
-    requests are cut off by gRPC.
-    """
+def add_to_server(server: grpc.aio.Server, servicer: AsyncCertificateServicer) -> None:
+    """Register the CA service on a gRPC server (`ca.server.CAServer` does, with its receive limit)."""
     ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]

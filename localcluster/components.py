@@ -2,8 +2,9 @@
 
 The control plane runs in the underlay namespace on its `.1` address (as a Deployment would run on some
 node, reachable from all), with its state under `<cluster dir>/controlplane/`.  `cluster up` waits for it,
-registers the cluster's namespaces, service accounts, pods and services in its store, mints each node's
-token with the control plane's token key, and starts each node's agent in the node's namespace with it.
+registers the cluster's namespaces, service accounts, pods and services in its store, asks it for each
+node's token (the control plane alone reads its token key), and starts each node's agent in the node's
+namespace with it.
 """
 
 from __future__ import annotations
@@ -86,22 +87,24 @@ def root_cert(home: Path) -> Path:
 
 
 def mint_node_token(home: Path, node: str) -> Path:
-    """Sign the node's token with the control plane's token key and keep it where its agent reads it."""
-    from ca.auth import NodeTokenIssuer
+    """Ask the control plane for the node's token and keep it where its agent reads it."""
+    from mesh.api.client import ApiClient
 
-    issuer = NodeTokenIssuer.load_or_create(home / CONTROLPLANE_SUBDIR / "node-token-key.pem")
     path = home / "nodes" / node / "token"
-    write_atomic(path, issuer.mint_node_token(node).encode(), mode=0o600)
+    token = ApiClient(home / CONTROLPLANE_SUBDIR / defaults.API_SOCKET, timeout=10).node_token(node)
+    write_atomic(path, token.encode(), mode=0o600)
     return path
 
 
 def start_node_agent(cluster_name: str, home: Path, node: str, netns: str, gateway: str,
-                     pod_netns_format: str, extra_args: list[str] | None = None) -> ProcessRecord:
+                     pod_netns_format: str, extra_args: list[str] | None = None, *,
+                     redirect_mode: str = defaults.REDIRECT_MODE, pod_cgroup_format: str = "") -> ProcessRecord:
     token = mint_node_token(home, node)
     argv = [sys.executable, "-m", "nodeagent.main", "--node", node,
             "--control-plane", controlplane_address(gateway), "--root-cert", str(root_cert(home)),
             "--token-file", str(token), "--trust-domain", TRUST_DOMAIN,
             "--pod-netns", pod_netns_format, "--state-dir", str(home / "nodes" / node),
+            "--redirect-mode", redirect_mode, *(["--pod-cgroup", pod_cgroup_format] if pod_cgroup_format else []),
             *(extra_args or [])]
     return processes.spawn(cluster_name, f"nodeagent {node}", netns, argv, component_env(),
                            home / "logs" / f"nodeagent.{node}.log")

@@ -9,6 +9,7 @@ cluster's name prefix and process marker, so it also cleans a run that died befo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -20,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from localcluster import components, network, processes, state
-from localcluster.plan import ClusterPlan, PodPlan, cluster_prefix, make_plan
+from localcluster.plan import ClusterPlan, PodPlan, cluster_cgroup, cluster_prefix, make_plan, pod_cgroup
 from localcluster.processes import ProcessRecord
 from localcluster.registration import cluster_objects
 from localcluster.spec import ClusterSpec
+from mesh import cgroup as mcgroup
 from mesh import netns as mnetns
 from mesh.errors import MeshError
 
@@ -116,6 +118,7 @@ def _build(cluster: Cluster, say: Any) -> None:
         network.build_node(plan, node)
     for pod in plan.pods:
         network.build_pod(plan, pod)
+        mcgroup.create(mcgroup.v2_root() / pod.cgroup)
     for node in plan.nodes:
         network.install_service_rules(plan, node)
 
@@ -130,9 +133,11 @@ def _start_mesh(cluster: Cluster, timeout: float) -> None:
     components.wait_control_plane(cluster.dir, cp, timeout)
     components.register_objects(cluster.dir, cluster_objects(cluster.spec, plan))
     pod_netns = f"{mnetns.NETNS_RUN_DIR}/{plan.prefix}pod.{{namespace}}.{{name}}"
+    pod_cgroups = str(mcgroup.v2_root() / pod_cgroup(plan.name, "{namespace}", "{name}"))
     for node in plan.nodes:
-        cluster.processes.append(components.start_node_agent(plan.name, cluster.dir, node.name, node.netns,
-                                                             gateway, pod_netns, cluster.agent_args))
+        cluster.processes.append(components.start_node_agent(
+            plan.name, cluster.dir, node.name, node.netns, gateway, pod_netns, cluster.agent_args,
+            redirect_mode=node.redirect_mode, pod_cgroup_format=pod_cgroups))
         cluster.save()
     cluster.processes.append(components.start_controller(plan.name, cluster.dir, cluster.agent_args))
     cluster.save()
@@ -155,7 +160,7 @@ def _start_pods(cluster: Cluster) -> None:
             raise ClusterError(f"pod {pod.key}: working directory {cwd} does not exist")
         rec = processes.spawn(cluster.plan.name, f"pod {pod.key}", pod.netns, list(pod.spec.command),
                               pod_env(cluster.plan, pod), cluster.dir / "logs" / f"{pod.namespace}.{pod.name}.log",
-                              cwd=str(cwd))
+                              cwd=str(cwd), cgroup=mcgroup.v2_root() / pod.cgroup)
         cluster.processes.append(rec)
         cluster.save()
 
@@ -215,6 +220,9 @@ def down(name: str) -> list[str]:
     gone = network.remove_all(prefix)
     if gone:
         removed.append(f"{len(gone)} network namespaces")
+    with contextlib.suppress(mcgroup.CgroupError):
+        if mcgroup.remove_tree(mcgroup.v2_root() / cluster_cgroup(name)):
+            removed.append("pod cgroups")
     directory = state.cluster_dir(name)
     if directory.exists():
         shutil.rmtree(directory, ignore_errors=True)

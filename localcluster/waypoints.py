@@ -27,6 +27,7 @@ from localcluster.spec import PodSpec
 from mesh.api.client import ApiClient
 from mesh.api.validate import Document, Ref
 from mesh.files import write_atomic
+from mesh.identity import SpiffeId
 
 log = logging.getLogger("localcluster.waypoints")
 
@@ -140,12 +141,9 @@ class WaypointController:
         log.info('{"event": "waypoint removed", "waypoint": "%s"}', key)
 
     def _token(self, wp: WaypointPod) -> Path:
-        from ca.auth import NodeTokenIssuer
-        from mesh.identity import SpiffeId
-
-        issuer = NodeTokenIssuer.load_or_create(self.home / components.CONTROLPLANE_SUBDIR / "node-token-key.pem")
+        """A workload token for the waypoint's own identity, from the control plane."""
         path = self.home / "waypoints" / wp.namespace / wp.name / "token"
-        token = issuer.mint_workload_token(SpiffeId(components.TRUST_DOMAIN, wp.namespace, wp.name))
+        token = self.api.workload_token(SpiffeId(components.TRUST_DOMAIN, wp.namespace, wp.name))
         write_atomic(path, token.encode(), mode=0o600)
         return path
 

@@ -31,6 +31,11 @@ AGENT_MARK = 0x539  # SO_MARK on every socket the node agent makes inside a pod 
 CONN_MARK = 0x111  # connmark of connections the agent made
 MARK_MASK = 0xFFF
 
+# -- capture -----------------------------------------------------------------------------------------
+REDIRECT_MODES = ("iptables", "ebpf")
+REDIRECT_MODE = "iptables"
+BPF_PIN_PREFIX = "ambient"  # pinned eBPF maps and links live under /sys/fs/bpf/<prefix>/
+
 # -- timers ------------------------------------------------------------------------------------------
 CONNECT_TIMEOUT = 5.0  # seconds
 

@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import http.client
 import json
-import socket
 from typing import Any
 
 from localcluster import state
 from localcluster.plan import cluster_prefix
 from mesh import defaults, netns
 from mesh.errors import MeshError, UsageError
+from mesh.serve import client
+from mesh.serve.errors import HttpClientError
 
 ADMIN_HOST = "127.0.0.1"
-ADMIN_PORT = 15000
+ADMIN_PORT = defaults.ADMIN_PORT
 TIMEOUT = 5.0
 
 PATHS = {"workloads": "/workloads", "certs": "/certs", "policies": "/policies"}
@@ -37,28 +37,6 @@ class AgentCliError(MeshError):
 
 
 # --- reaching the agent ---------------------------------------------------------------------------------
-
-
-class _NetnsHTTPConnection(http.client.HTTPConnection):
-    """An HTTP connection whose socket is created inside a network namespace."""
-
-    def __init__(self, host: str, port: int, netns_name: str | None, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self._netns = netns_name
-
-    def connect(self) -> None:
-        if self._netns is None:
-            super().connect()
-            return
-        with netns.entered(self._netns):
-            sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect((self.host, self.port))
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -89,23 +67,17 @@ def fetch(path: str, node: str, *, address: str | None = None, cluster: str | No
         host, port = ADMIN_HOST, ADMIN_PORT
         ns = node_netns(state.find_cluster(cluster), node)
         where = f"node agent on {node}"
-    conn = _NetnsHTTPConnection(host, port, ns, TIMEOUT)
     try:
-        conn.request("GET", path, headers={"Accept": "application/json"})
-        resp = conn.getresponse()
-        body = resp.read()
+        reply = client.get(client.Endpoint.tcp(host, port, netns=ns), path, timeout=TIMEOUT)
     except netns.NetnsError as exc:
         raise AgentCliError(f"cannot enter the network namespace of {node}: {exc}") from None
-    except (OSError, http.client.HTTPException):
+    except HttpClientError:
         raise AgentCliError(f"{where} is not answering on {host}:{port}: is it running? "
                             "(`meshctl cluster status`)") from None
-    finally:
-        conn.close()
-    if resp.status != 200:
-        text = body.decode(errors="replace").strip()
-        raise AgentCliError(f"{where} answered {resp.status} for {path}: {text}")
+    if reply.status != 200:
+        raise AgentCliError(f"{where} answered {reply.status} for {path}: {reply.text.strip()}")
     try:
-        data = json.loads(body)
+        data = reply.json()
     except ValueError:
         raise AgentCliError(f"{where} sent something that is not JSON for {path}") from None
     if not isinstance(data, dict):

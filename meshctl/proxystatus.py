@@ -10,17 +10,18 @@ is the control plane version the client last ACKed.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from localcluster.state import cluster_dir, find_cluster
-from mesh.api.client import UnixHTTPConnection
+from mesh import defaults
 from mesh.errors import MeshError
+from mesh.serve import client
+from mesh.serve.errors import HttpClientError
 
-DEBUG_SOCKET = Path("controlplane") / "debug.sock"
+DEBUG_SOCKET = Path(defaults.CONTROLPLANE_DIR) / defaults.DEBUG_SOCKET
 TYPE_COLUMNS = ("Workload", "Service", "Authorization", "L7Config")
 
 
@@ -30,25 +31,20 @@ class ProxyStatusError(MeshError):
 
 def fetch_connections(socket_path: str | None = None, url: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
     where = url or socket_path or "?"
-    conn: http.client.HTTPConnection
     if url:
         parts = urllib.parse.urlsplit(url)
-        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 15014, timeout=timeout)
+        endpoint = client.Endpoint.tcp(parts.hostname or "127.0.0.1", parts.port or defaults.CONTROLPLANE_METRICS_PORT)
     else:
         assert socket_path is not None
-        conn = UnixHTTPConnection(socket_path, timeout)
+        endpoint = client.Endpoint.unix(socket_path)
     try:
-        conn.request("GET", "/debug/connections")
-        resp = conn.getresponse()
-        body = resp.read()
-    except (OSError, http.client.HTTPException) as exc:
-        raise ProxyStatusError(f"cannot reach the control plane at {where}: {exc} (is it running?)") from None
-    finally:
-        conn.close()
-    if resp.status != 200:
-        raise ProxyStatusError(f"control plane at {where} answered {resp.status}: {body.decode(errors='replace').strip()}")
+        reply = client.get(endpoint, "/debug/connections", timeout=timeout)
+    except HttpClientError as exc:
+        raise ProxyStatusError(f"cannot reach the control plane at {where}: {exc.__cause__} (is it running?)") from None
+    if reply.status != 200:
+        raise ProxyStatusError(f"control plane at {where} answered {reply.status}: {reply.text.strip()}")
     try:
-        data: dict[str, Any] = json.loads(body)
+        data: dict[str, Any] = reply.json()
     except ValueError:
         raise ProxyStatusError(f"control plane at {where} sent something that is not JSON") from None
     return data

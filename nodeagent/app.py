@@ -1,9 +1,14 @@
-"""The node agent, assembled: the one place that shows how its parts fit, top to bottom.
+"""The node agent, assembled: the one place that shows how its parts fit, top to bottom (`serve`).
 
     state (fed by discovery) ──> enroller ──> PodProxy per enrolled pod (15001, 15006, 15008 in the pod)
                                                  │ outbound ──> HBONE pool (connections from the pod)
                                                  │ inbound  ──> authorization ──> the application
     certificates (CA, on behalf of the node's pods)   metrics :15020   readiness :15021   admin :15000
+
+`serve` reads in order: metrics registry, mesh state, certificates (the CA, asked on behalf of the node's
+pods with the node's token), discovery feeding the state, the serving endpoints, then the enroller, which
+starts a `PodProxy` (the pod's listeners) for every pod of this node in the mesh.  `run` is the process
+(`mesh.runtime`): it serves until SIGTERM; the pods keep their capture, and the next run adopts it.
 """
 
 from __future__ import annotations
@@ -11,36 +16,79 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry
 
+from mesh import runtime
 from mesh.hbone.pool import HbonePool
-from mesh.process import split_hostport
 from mesh.secrets.manager import SecretManager
+from mesh.serve.endpoints import Readiness
+from mesh.xds import resources as rs
+from mesh.xds.client_state import Update
+from mesh.xds.node import ROLE_NODEAGENT, NodeInfo
 from mesh.xds.trio_client import TrioXdsClient
 from nodeagent.accesslog import AccessLog
-from nodeagent.admin import Readiness, serve_admin, serve_metrics, serve_readiness
+from nodeagent.admin import AdminView
 from nodeagent.enroll import Enroller
 from nodeagent.metrics import NodeAgentMetrics
+from nodeagent.options import Options
 from nodeagent.pods.local import LocalPodSource
 from nodeagent.pods.source import PodRef
 from nodeagent.proxy.context import AgentParts, PodContext, pool_connect
 from nodeagent.proxy.pod import PodProxy
 from nodeagent.redirect.iptables import IptablesRedirector
-from nodeagent.state import MeshState
-
-if TYPE_CHECKING:
-    from nodeagent.main import Options
+from nodeagent.state import AUTHORIZATION, SERVICE, WORKLOAD, MeshState
 
 log = logging.getLogger("nodeagent")
 
+KIND_OF_TYPE = {rs.WORKLOAD: WORKLOAD, rs.SERVICE: SERVICE, rs.AUTHORIZATION: AUTHORIZATION}
+SUBSCRIPTIONS: dict[str, list[str] | None] = {rs.WORKLOAD: None, rs.SERVICE: None, rs.AUTHORIZATION: None}
+
+
+def run(opts: Options) -> int:
+    """The process, until SIGTERM or SIGINT; the exit status."""
+    return runtime.run(opts, runtime.cancelled_on_stop(functools.partial(serve, opts)), log,
+                       f'{{"event": "stopping", "node": "{opts.node}"}}')
+
+
+async def serve(opts: Options) -> None:
+    """The node agent, until cancelled."""
+    registry = CollectorRegistry()
+    state = MeshState()
+    node = NodeInfo(id="", role=ROLE_NODEAGENT, node=opts.node)
+    async with runtime.open_certificates(opts, impersonate=True) as certs, \
+            runtime.open_discovery(opts, node, SUBSCRIPTIONS, functools.partial(apply_update, state)) as xds, \
+            trio.open_nursery() as nursery:
+        agent = Agent(opts, state, certs, registry, xds, nursery)
+        await nursery.start(agent.pool.run)
+        admin = AdminView(state, certs.status, node=opts.node, enrollment=agent.enrollment)
+        await runtime.start_serving(nursery, opts, registry=registry, ready=agent.readiness, admin=admin.handle)
+        await runtime.wait_synced(xds, opts, log, on_wait=agent.report)
+        agent.synced = True
+        pods = LocalPodSource(state, opts.node, opts.pod_netns, opts.pod_cgroup)
+        agent.enroller = enroller = Enroller(pods, agent.parts.redirector, agent.start_pod)
+        await nursery.start(enroller.run)
+        log.info('{"event": "ready", "node": "%s", "enrolled": %d}', opts.node, len(enroller.enrolled))
+        while True:
+            agent.report()
+            await trio.sleep(1.0)
+
+
+def apply_update(state: MeshState, update: Update) -> None:
+    """The discovery handler: the only writer of the agent's state (raising NACKs the update)."""
+    kind = KIND_OF_TYPE.get(update.type_url)
+    if kind is None:
+        return
+    state.apply(kind, dict(update.updated), update.removed, update.version)
+
 
 class Agent:
+    """The agent's parts that outlive one pod, and what the endpoints read of them."""
+
     def __init__(self, opts: Options, state: MeshState, certs: SecretManager, registry: CollectorRegistry,
-                 xds: TrioXdsClient) -> None:
-        self.opts = opts
+                 xds: TrioXdsClient, nursery: trio.Nursery) -> None:
         self.state = state
         self.certs = certs
         self.xds = xds
@@ -51,11 +99,10 @@ class Agent:
                                 log=AccessLog(sys.stdout), trust_domain=opts.trust_domain,
                                 connect_timeout=opts.connect_timeout, redirector=IptablesRedirector())
         self.enroller: Enroller | None = None
-        self._nursery: trio.Nursery | None = None
         self.synced = False
+        self._nursery = nursery
 
     async def start_pod(self, ref: PodRef) -> PodProxy:
-        assert self._nursery is not None
         proxy = await PodProxy(PodContext(ref, self.parts)).start(self._nursery)
         self._nursery.start_soon(self._prefetch_certificate, ref)
         return proxy
@@ -82,36 +129,8 @@ class Agent:
         out.update({uid: f"failed: {why}" for uid, why in enroller.failures.items()})
         return out
 
-    async def serve(self, nursery: trio.Nursery) -> None:
-        """Run until cancelled."""
-        self._nursery = nursery
-        opts = self.opts
-        await nursery.start(self.pool.run)
-        nursery.start_soon(self._drain_updates)
-        metrics_host, metrics_port = split_hostport(opts.metrics_listen)
-        await nursery.start(functools.partial(serve_metrics, self.metrics.registry, host=metrics_host,
-                                              port=metrics_port))
-        ready_host, ready_port = split_hostport(opts.ready_listen)
-        await nursery.start(functools.partial(serve_readiness, self.readiness, host=ready_host, port=ready_port))
-        admin_host, admin_port = split_hostport(opts.admin_listen)
-        await nursery.start(functools.partial(serve_admin, self.state, self.certs.status, node=opts.node,
-                                              enrollment=self.enrollment, host=admin_host, port=admin_port))
-        log.info('{"event": "waiting for discovery", "control_plane": "%s"}', opts.control_plane)
-        while not await self.xds.wait_synced(timeout=5.0):
-            self.metrics.agent.set_xds_connected(self.xds.connected)
-        self.synced = True
-        self.metrics.agent.set_xds_connected(True)
-        pods = LocalPodSource(self.state, opts.node, opts.pod_netns)
-        self.enroller = Enroller(pods, self.parts.redirector, self.start_pod)
-        await nursery.start(self.enroller.run)
-        log.info('{"event": "ready", "node": "%s", "enrolled": %d}', opts.node, len(self.enroller.enrolled))
-        while True:
-            await trio.sleep(1.0)
-            self.metrics.agent.set_xds_connected(self.xds.connected)
+    def report(self) -> None:
+        """The gauges that are read, not counted: discovery connected, pods enrolled."""
+        self.metrics.agent.set_xds_connected(self.xds.connected)
+        if self.enroller is not None:
             self.metrics.agent.set_enrolled_pods(len(self.enroller.enrolled))
-
-    async def _drain_updates(self) -> None:
-        """Accepted updates are also offered on a channel (the state has them already): keep it empty,
-        or the discovery client would stop acknowledging."""
-        async for _ in self.xds.updates:
-            pass

@@ -56,7 +56,8 @@ class ResponseFlag(enum.StrEnum):
     NO_HEALTHY_UPSTREAM = "UH"  # a service without a healthy endpoint
     NO_ROUTE = "NR"  # no way to reach the destination
     DENIED = "RBAC"  # refused by an authorization policy
-    DOWNSTREAM_TERMINATED = "DC"  # the client went away early
+    DOWNSTREAM_TERMINATED = "DC"  # the client's side broke while relaying
+    UPSTREAM_TERMINATED = "UC"  # the destination's side broke while relaying
 
 
 class FailureReason(enum.StrEnum):
@@ -68,6 +69,7 @@ class FailureReason(enum.StrEnum):
     NO_ENDPOINT = "no_healthy_endpoint"
     TLS_HANDSHAKE = "tls_handshake"
     BAD_REQUEST = "bad_request"  # e.g. a CONNECT authority that is not this pod
+    UNKNOWN_DESTINATION = "unknown_destination"  # the destination pod is no longer in the agent's view
     TUNNEL = "tunnel_error"  # HBONE stream reset or protocol error
     NO_CERTIFICATE = "no_certificate"
 

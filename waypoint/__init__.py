@@ -14,7 +14,7 @@ Public API for whoever runs it (the HBONE wiring and the local cluster):
   and `waypoint.upstream.HboneUpstream` (HBONE to endpoints in the mesh, TCP to the others).
 
 The process (`python -m waypoint.main --name NAME --namespace NS --node NODE --control-plane HOST:15012
---root-cert FILE --token-file FILE ...`) is assembled in `waypoint.app.Waypoint`: its certificate
+--root-cert FILE --token-file FILE ...`) is assembled in `waypoint.app` (on `mesh.runtime`): its certificate
 from the CA with a workload token, discovery (`waypoint.discovery`: Workloads, Services and the
 L7Configs naming it, compiled into a table; a bad resource is NACKed and the last good table kept),
 the HBONE inbound on 15008 (`waypoint.inbound`: CONNECT admission, 400 for an unknown authority, L4
@@ -23,5 +23,5 @@ policy for tunnels that are not HTTP), metrics on 15020, readiness on 15021, adm
 
 Layout: pure decisions in `routing`, `authz`, `l4authz`, `jwt`, `lb`, `outlier`, `retry`, `rules`,
 `detect.sniff`, `inbound.admit`; I/O in `http1`, `http2`, `pool`, `upstream`, `forward`, `jwks`, `proxy`,
-`inbound`, `server`, `main`.
+`inbound`, `app` (the assembly), `options`, `main` (the command line).
 """

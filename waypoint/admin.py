@@ -6,8 +6,7 @@
     GET /certs         JSON: the waypoint's own certificate (identity, state, expiry)
     GET /stats         JSON: open tunnels, HBONE connections in and out, refusals
 
-Pure routing over `nodeagent.admin`'s `Request`/`Response` (served by its `serve_http`), so it is tested
-without sockets.
+Pure routing on `mesh.serve` (a `Request` in, a `Response` out), so it is tested without sockets.
 """
 
 from __future__ import annotations
@@ -17,29 +16,21 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from nodeagent.admin import Request, Response, plain
+from mesh.serve.endpoints import admin_handler
+from mesh.serve.routes import Request, Response, plain
 
 
 class AdminView:
     def __init__(self, config: Callable[[], Mapping[str, Any]], certs: Callable[[], Sequence[object]],
                  stats: Callable[[], Mapping[str, Any]], *, name: str = "") -> None:
-        self._name = name
-        self._routes: dict[str, Callable[[Request], Response]] = {
-            "/": self._index,
-            "/healthz": lambda _: Response.text("ok"),
+        self._router = admin_handler(f"waypoint admin{' of ' + name if name else ''}", {
             "/config_dump": lambda _: Response.json(dict(config())),
             "/certs": lambda _: Response.json({"certificates": [plain(c) for c in certs()]}),
             "/stats": lambda _: Response.json(dict(stats())),
-        }
+        })
 
     def handle(self, request: Request) -> Response:
-        route = self._routes.get(request.path.rstrip("/") or "/")
-        if route is None:
-            return Response.text(f"no such endpoint {request.path}: try {', '.join(self._routes)}", 404)
-        return route(request)
-
-    def _index(self, _: Request) -> Response:
-        return Response.text(f"waypoint admin{' of ' + self._name if self._name else ''}\n" + "\n".join(self._routes))
+        return self._router(request)
 
 
 class ProcessMetrics:

@@ -8,8 +8,11 @@
                                                              to endpoints' 15008, plain TCP outside the mesh
     certificate (CA, own identity)   metrics :15020   readiness :15021   admin 127.0.0.1:15000
 
-`Waypoint.run` serves until `stop` is set, then drains: readiness turns 503, the listener closes, every
-HBONE connection gets GOAWAY, and tunnels in flight have `drain_seconds` to finish.
+`serve` reads in order: certificates (the CA, with a workload token for its own identity), the waypoint's
+parts, discovery feeding its configuration, then `Waypoint.run`: the serving endpoints and the HBONE
+listener.  It serves until `stop` is set, then drains: readiness turns 503, the listener closes, every
+HBONE connection gets GOAWAY, and tunnels in flight have `drain_seconds` to finish.  `run` is the process
+(`mesh.runtime`).
 """
 
 from __future__ import annotations
@@ -17,59 +20,41 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry
 
+from mesh import runtime
 from mesh.hbone.pool import HbonePool, tcp_connect
-from mesh.identity import SpiffeId
 from mesh.process import split_hostport
 from mesh.secrets.errors import SecretsError
 from mesh.secrets.manager import SecretManager
-from mesh.xds.node import ROLE_WAYPOINT, NodeInfo
+from mesh.serve.endpoints import Readiness
 from mesh.xds.trio_client import TrioXdsClient
-from nodeagent.admin import Readiness, serve_http, serve_metrics, serve_readiness
 from waypoint.admin import AdminView, ProcessMetrics
-from waypoint.discovery import WaypointConfig
+from waypoint.discovery import SUBSCRIPTIONS, WaypointConfig
 from waypoint.inbound import InboundServer, stdout_line
 from waypoint.metrics import WaypointMetrics
+from waypoint.options import Options
 from waypoint.proxy import WaypointProxy
 from waypoint.upstream.connect import HboneUpstream
 
 log = logging.getLogger("waypoint")
 
 
-@dataclass(frozen=True)
-class Options:
-    name: str
-    namespace: str
-    node: str
-    control_plane: str
-    root_cert: Path
-    token_file: Path
-    trust_domain: str = "cluster.local"
-    service_account: str = ""  # default: the waypoint's name
-    cert_ttl: int = 0  # seconds; 0 = the CA's default
-    listen: str = "0.0.0.0:15008"
-    metrics_listen: str = "0.0.0.0:15020"
-    ready_listen: str = "0.0.0.0:15021"
-    admin_listen: str = "127.0.0.1:15000"
-    connect_timeout: float = 5.0
-    drain_seconds: float = 2.0  # within the local cluster's stop grace (3 s) before SIGKILL
+def run(opts: Options) -> int:
+    """The process, until SIGTERM or SIGINT and the drain; the exit status."""
+    logging.getLogger("waypoint.access").propagate = False  # access lines go to stdout as bare JSON
+    return runtime.run(opts, functools.partial(serve, opts), log, f'{{"event": "stopping", "waypoint": "{opts.key}"}}')
 
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
-    @property
-    def identity(self) -> SpiffeId:
-        return SpiffeId(self.trust_domain, self.namespace, self.service_account or self.name)
-
-    def node_info(self) -> NodeInfo:
-        return NodeInfo(id="", role=ROLE_WAYPOINT, node=self.node, namespace=self.namespace, name=self.name)
+async def serve(opts: Options, stop: trio.Event) -> None:
+    """The waypoint, until `stop` is set and it has drained."""
+    async with runtime.open_certificates(opts, impersonate=False) as certs:
+        waypoint = Waypoint(opts, certs)
+        async with runtime.open_discovery(opts, opts.node_info(), SUBSCRIPTIONS, waypoint.config.handle) as xds:
+            await waypoint.run(xds, stop)
 
 
 class Waypoint:
@@ -124,18 +109,10 @@ class Waypoint:
         self.xds = xds
         async with trio.open_nursery() as nursery:
             await nursery.start(self.pool.run)
-            nursery.start_soon(self._drain_updates, xds)
             nursery.start_soon(self._keep_certificate)
-            host, port = split_hostport(opts.metrics_listen)
-            self.ports["metrics"] = await nursery.start(functools.partial(
-                serve_metrics, self.registry, host=host, port=port))
-            host, port = split_hostport(opts.ready_listen)
-            self.ports["ready"] = await nursery.start(functools.partial(
-                serve_readiness, self.readiness, host=host, port=port))
-            host, port = split_hostport(opts.admin_listen)
-            view = AdminView(self.config_dump, self.certs.status, self.stats, name=opts.key)
-            self.ports["admin"] = await nursery.start(functools.partial(
-                serve_http, view.handle, host, port, name="admin"))
+            admin = AdminView(self.config_dump, self.certs.status, self.stats, name=opts.key)
+            self.ports.update(await runtime.start_serving(nursery, opts, registry=self.registry,
+                                                          ready=self.readiness, admin=admin.handle))
             host, port = split_hostport(opts.listen)
             inbound_done = trio.Event()
 
@@ -160,8 +137,7 @@ class Waypoint:
         await self.proxy.pool.aclose()
 
     async def _wait_synced(self, xds: TrioXdsClient) -> None:
-        while not await xds.wait_synced(timeout=5.0):
-            log.info('{"event": "waiting for discovery", "control_plane": "%s"}', self.opts.control_plane)
+        await runtime.wait_synced(xds, self.opts, log)
         self.synced = True
         log.info('{"event": "synced", "waypoint": "%s", "version": %d, "services": %d}', self.opts.key,
                  self.config.version, len(self.proxy.table.services))
@@ -181,10 +157,3 @@ class Waypoint:
             log.info('{"event": "certificate", "identity": "%s", "expires_in": %d}', self.identity,
                      svid.leaf.not_valid_after_utc.timestamp() - time.time())
             return
-
-    @staticmethod
-    async def _drain_updates(xds: TrioXdsClient) -> None:
-        """Accepted updates are also offered on a channel (the handler applied them already): keep it
-        empty, or the discovery client would stop acknowledging."""
-        async for _ in xds.updates:
-            pass

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from mesh.hbone.relay import relay
 from waypoint.accesslog import AccessRecord, Sink, format_line, logger_sink
 from waypoint.config import CompileResult, RouteTable
 from waypoint.errors import UpstreamError
@@ -126,9 +127,7 @@ class WaypointProxy:
         except (UpstreamError, OSError):
             await stream.aclose()
             return
-        async with up, stream, trio.open_nursery() as nursery:
-            nursery.start_soon(_copy, stream, up)
-            nursery.start_soon(_copy, up, stream)
+        await relay(stream, up)
 
     # ---- one request ---------------------------------------------------------------------------------
 
@@ -260,17 +259,3 @@ class WaypointProxy:
             details=rec.details))
         with contextlib.suppress(Exception):  # a broken log sink must not break requests
             self.access_log(line)
-
-
-async def _copy(src: trio.abc.Stream, dst: trio.abc.Stream) -> None:
-    try:
-        while True:
-            data = await src.receive_some(65536)
-            if not data:
-                break
-            await dst.send_all(data)
-        if isinstance(dst, trio.abc.HalfCloseableStream):
-            await dst.send_eof()
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return
-

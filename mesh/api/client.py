@@ -5,6 +5,7 @@
     client.delete(documents) / client.delete_refs(["Pod/default/x"])
     client.get("virtualservice", namespace="default", name="reviews")   # -> list of bodies
     client.label("Namespace//default", set_labels={...}, remove=[...])
+    client.node_token("node-1") / client.workload_token(identity)   # tokens the control plane signs
 
 `register_cluster_objects(socket_path, bodies)` is what the local cluster calls at start to put its
 namespaces, service accounts, pods and services into the store.
@@ -12,9 +13,7 @@ namespaces, service accounts, pods and services into the store.
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,6 +24,9 @@ from mesh import defaults
 from mesh.api.errors import ApiError, Conflict, FieldError, NotFound, ValidationError
 from mesh.api.loader import documents_to_json
 from mesh.api.validate import Document
+from mesh.identity import SpiffeId
+from mesh.serve import client
+from mesh.serve.errors import NoAnswer, Unreachable
 
 SOCKET_NAME = defaults.API_SOCKET
 
@@ -33,49 +35,29 @@ class ControlPlaneUnavailable(ApiError):
     pass
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP/1.1 over a Unix socket (the control plane's local APIs)."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 class ApiClient:
     def __init__(self, socket_path: Path | str, timeout: float = 30.0) -> None:
         self.socket_path = str(socket_path)
         self.timeout = timeout
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        conn = UnixHTTPConnection(self.socket_path, self.timeout)
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
         try:
-            data = json.dumps(body).encode() if body is not None else None
-            headers = {"Content-Type": "application/json"} if data is not None else {}
-            conn.request(method, path, body=data, headers=headers)
-            response = conn.getresponse()
-            raw = response.read()
-            status = response.status
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            answer = client.request(client.Endpoint.unix(self.socket_path), method, path, data, headers=headers,
+                                    timeout=self.timeout)
+        except Unreachable as exc:
             raise ControlPlaneUnavailable(
                 f"cannot reach the control plane at {self.socket_path}: is the cluster up? ({exc.strerror})") from exc
-        except (OSError, http.client.HTTPException) as exc:
-            raise ControlPlaneUnavailable(f"the control plane at {self.socket_path} did not answer: {exc}") from exc
-        finally:
-            conn.close()
+        except NoAnswer as exc:
+            raise ControlPlaneUnavailable(f"the control plane at {self.socket_path} did not answer: "
+                                          f"{exc.__cause__}") from exc
+        status = answer.status
         try:
-            reply = json.loads(raw)
+            reply = answer.json()
         except ValueError as exc:
-            raise ApiError(f"the control plane sent a reply that is not JSON (status {status})") from exc
+            raise ApiError(f"the control plane answered {status} with something that is not JSON: "
+                           f"{answer.text.strip()[:200]}") from exc
         if status == 200:
             return dict(reply)
         message = reply.get("error") or f"request failed with status {status}"
@@ -123,6 +105,14 @@ class ApiClient:
 
     def label(self, ref: str, set_labels: dict[str, str] | None = None, remove: Iterable[str] = ()) -> dict[str, Any]:
         return self.request("POST", "/label", {"ref": ref, "set": set_labels or {}, "remove": list(remove)})
+
+    def node_token(self, node: str) -> str:
+        """A token for the node agent of `node`, signed by the control plane."""
+        return str(self.request("POST", "/token", {"node": node})["token"])
+
+    def workload_token(self, identity: SpiffeId) -> str:
+        """A token for a workload (a waypoint) to ask for its own identity's certificate."""
+        return str(self.request("POST", "/token", {"identity": identity.uri})["token"])
 
 
 def register_cluster_objects(socket_path: Path | str, bodies: Iterable[dict[str, Any]],

@@ -6,7 +6,6 @@ access log); `PodContext` adds the pod.  The proxies read the state; they never 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import trio
@@ -14,7 +13,7 @@ import trio
 from mesh.hbone.pool import ConnectFn, HbonePool, PoolKey
 from mesh.proto import discovery_pb2 as pb
 from mesh.secrets.manager import SecretManager
-from nodeagent.accesslog import AccessLog, Peer
+from nodeagent.accesslog import AccessLog
 from nodeagent.metrics import NodeAgentMetrics
 from nodeagent.pods.source import PodRef
 from nodeagent.proxy.sockets import connecting_socket_in
@@ -73,23 +72,6 @@ def pool_connect(timeout: float) -> ConnectFn:
 def peer_of(stream: trio.SocketStream) -> tuple[str, int]:
     addr = stream.socket.getpeername()
     return str(addr[0]), int(addr[1])
-
-
-def workload_peer(ip: str, port: int, w: pb.Workload | None, principal: str = "") -> Peer:
-    if w is None:
-        return Peer(ip=ip, port=port, principal=principal)
-    return Peer(ip=ip, port=port, workload=w.name, namespace=w.namespace, principal=principal)
-
-
-class Clock:
-    """Start time and duration of one connection, for the access log."""
-
-    def __init__(self) -> None:
-        self.start = time.time()
-        self._t0 = time.monotonic()
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self._t0
 
 
 SOCKET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)

@@ -27,6 +27,8 @@ from nodeagent.proxy.outcome import OutcomeRecorder
 
 log = logging.getLogger("nodeagent.inbound")
 
+Downstream = TunnelAcceptor | trio.SocketStream  # a CONNECT to answer, or a plaintext client
+
 
 async def handle_hbone(ctx: PodContext, stream: trio.SocketStream) -> None:
     """One TLS connection from another agent (or a waypoint): many CONNECT streams."""
@@ -60,9 +62,6 @@ async def handle_plaintext(ctx: PodContext, client: trio.SocketStream) -> None:
     await _serve(ctx, admission.plaintext(ctx.pod, peer_of(client), port), client)
 
 
-Downstream = TunnelAcceptor | trio.SocketStream  # a CONNECT to answer, or a plaintext client
-
-
 async def _serve(ctx: PodContext, conn: InboundConnection, downstream: Downstream) -> None:
     """Decide, then answer and forward: the part both inbound paths share."""
     view = ctx.parts.state
@@ -74,8 +73,9 @@ async def _serve(ctx: PodContext, conn: InboundConnection, downstream: Downstrea
             await _refuse(downstream, verdict.status, verdict.reason)
             return
         app = await _connect_app(ctx, verdict.address, downstream)
-        client = await downstream.accept() if isinstance(downstream, TunnelAcceptor) else downstream
-        outcome.relayed(await relay(client, app, counter=outcome.bytes))
+        async with app:  # closed too when the client is gone before its answer
+            client = await downstream.accept() if isinstance(downstream, TunnelAcceptor) else downstream
+            outcome.relayed(await relay(client, app, counter=outcome.bytes))
 
 
 async def _connect_app(ctx: PodContext, address: tuple[str, int], downstream: Downstream) -> trio.abc.Stream:

@@ -39,6 +39,11 @@ class Route:
     workload: pb.Workload | None = None  # the destination workload, when known
     reason: str = ""
 
+    @property
+    def tunnelled(self) -> bool:
+        """Carried over HBONE (mutual TLS), to the destination's node agent or to a waypoint."""
+        return self.kind in (RouteKind.HBONE, RouteKind.WAYPOINT)
+
 
 def workload_identity(w: pb.Workload) -> SpiffeId:
     return SpiffeId(w.trust_domain or defaults.TRUST_DOMAIN, w.namespace, w.service_account or "default")

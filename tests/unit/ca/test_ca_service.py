@@ -17,7 +17,7 @@ from cryptography.x509 import verification
 from prometheus_client import generate_latest
 
 from ca.auth import NodeTokenIssuer
-from ca.serve import RunningCA
+from ca.server import MAX_TRANSPORT_BYTES, RunningCA
 from mesh.identity import SpiffeId, identity_of
 from mesh.proto import ca_pb2, ca_pb2_grpc
 
@@ -200,7 +200,7 @@ def test_istio_error_counters(stub: Stub, running_ca: RunningCA, issuer: NodeTok
 
 
 def test_request_above_the_transport_limit_is_cut_off_by_grpc(stub: Stub, issuer: NodeTokenIssuer) -> None:
-    req = request(csr_pem(), impersonate=SLEEP, extra={"pad": "x" * (2 * 1024 * 1024)})
+    req = request(csr_pem(), impersonate=SLEEP, extra={"pad": "x" * (2 * MAX_TRANSPORT_BYTES)})
     with pytest.raises(grpc.RpcError) as info:
         stub.CreateCertificate(req, metadata=NODE_A(issuer))
     err: Any = info.value

@@ -1,4 +1,4 @@
-"""The control plane's serving certificate, and the CA hosted on a grpc.aio server."""
+"""The control plane's serving certificate, and the CA's server driven from the caller's own event loop."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ from prometheus_client import CollectorRegistry
 
 from ca.auth import NodeTokenIssuer
 from ca.authority import CertificateAuthority
-from ca.metrics import CAMetrics
 from ca.pods import InMemoryPodLocator
-from ca.service import SERVER_OPTIONS, AsyncCertificateServicer, CertificateService, add_to_server
-from ca.serving import RotatingServingCertificate, issue_serving_certificate, server_credentials
+from ca.server import CAServer
+from ca.serving import RotatingServingCertificate, issue_serving_certificate
 from mesh.identity import uri_sans
 from mesh.proto import ca_pb2, ca_pb2_grpc
 
@@ -44,16 +43,12 @@ def test_ca_on_an_asyncio_grpc_server(
     authority: CertificateAuthority, issuer: NodeTokenIssuer, pods: InMemoryPodLocator
 ) -> None:
     registry = CollectorRegistry()
-    service = CertificateService(authority, issuer.authenticator(), pods, CAMetrics(registry))
 
     async def main() -> tuple[list[str], grpc.StatusCode]:
-        server = grpc.aio.server(options=SERVER_OPTIONS)
-        add_to_server(server, AsyncCertificateServicer(service))
-        creds, serving = server_credentials(authority, ["127.0.0.1"])
-        port = server.add_secure_port("127.0.0.1:0", creds)
-        await server.start()
+        server = CAServer(authority, issuer.authenticator(), pods, registry=registry, serving_hosts=["127.0.0.1"])
+        port = await server.start("127.0.0.1:0")
         try:
-            channel_creds = grpc.ssl_channel_credentials(root_certificates=serving.current.root_pem)
+            channel_creds = grpc.ssl_channel_credentials(root_certificates=server.root_pem)
             async with grpc.aio.secure_channel(f"127.0.0.1:{port}", channel_creds) as channel:
                 stub = ca_pb2_grpc.IstioCertificateServiceStub(channel)
                 req = ca_pb2.IstioCertificateRequest(csr=csr_pem())

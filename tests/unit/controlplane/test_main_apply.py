@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controlplane.main import ControlPlaneThread, Options
+from ca.auth import NodeAgent, Workload
+from controlplane.app import ControlPlaneThread
+from controlplane.options import Options
 from mesh.api.client import ApiClient
 from mesh.errors import MeshError
+from mesh.identity import SpiffeId
 from mesh.xds import resources as rs
 from mesh.xds.client import ClientConfig, XdsClient
 from mesh.xds.node import NodeInfo
@@ -84,5 +87,28 @@ def test_apply_reaches_client_and_rejects_are_counted(tmp_path: Path) -> None:
         with XdsClient(cfg2) as c:
             assert c.wait_synced(10)
             assert vips(c) == {key: ["10.96.0.12"]}
+    finally:
+        cp.stop()
+
+
+def test_tokens_come_from_the_control_plane_and_its_ca_accepts_them(tmp_path: Path) -> None:
+    cp = ControlPlaneThread(Options(state_dir=tmp_path, grpc_listen="127.0.0.1:0", metrics_listen="127.0.0.1:0"))
+    cp.start()
+    api = ApiClient(tmp_path / "controlplane" / "api.sock", timeout=10)
+    try:
+        node_token, workload_token = api.node_token("node-1"), api.workload_token(SpiffeId("cluster.local", "ns", "wp"))
+        with pytest.raises(MeshError, match="either"):
+            api.request("POST", "/token", {"node": "node-1", "identity": "spiffe://cluster.local/ns/ns/sa/wp"})
+        with pytest.raises(MeshError, match="identity"):
+            api.request("POST", "/token", {"identity": "not-a-spiffe-id"})
+    finally:
+        cp.stop()
+    # The key stays in the state directory: a restarted control plane accepts what it minted before.
+    cp = ControlPlaneThread(Options(state_dir=tmp_path, grpc_listen="127.0.0.1:0", metrics_listen="127.0.0.1:0"))
+    running = cp.start()
+    try:
+        authenticator = running.extras["token_issuer"].authenticator()
+        assert authenticator.caller_of(node_token) == NodeAgent("node-1")
+        assert authenticator.caller_of(workload_token) == Workload(SpiffeId("cluster.local", "ns", "wp"))
     finally:
         cp.stop()

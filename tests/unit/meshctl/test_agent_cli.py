@@ -19,8 +19,9 @@ import trio
 
 import meshctl.agent as agent_cli
 from mesh.proto import discovery_pb2 as pb
+from mesh.serve.server import serve_http
 from meshctl.main import main
-from nodeagent.admin import serve_admin
+from nodeagent.admin import AdminView
 from nodeagent.state import AUTHORIZATION, WORKLOAD, MeshState
 
 
@@ -67,8 +68,8 @@ def admin_port() -> Iterator[int]:
             async with trio.open_nursery() as nursery:
                 handles["scope"] = nursery.cancel_scope
                 handles["token"] = trio.lowlevel.current_trio_token()
-                ports.put(await nursery.start(partial(serve_admin, make_state(), lambda: CERTS, node="node-1",
-                                                      port=0)))
+                admin = AdminView(make_state(), lambda: CERTS, node="node-1")
+                ports.put(await nursery.start(partial(serve_http, admin.handle, "127.0.0.1", 0, name="admin")))
 
         trio.run(serve)
 

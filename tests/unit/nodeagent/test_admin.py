@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import json
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -13,18 +12,11 @@ import trio
 from prometheus_client import CollectorRegistry, Counter
 
 from mesh.proto import discovery_pb2 as pb
-from nodeagent.admin import (
-    AdminView,
-    Readiness,
-    Request,
-    Response,
-    metrics_handler,
-    readiness_handler,
-    serve_admin,
-    serve_http,
-    serve_metrics,
-    serve_readiness,
-)
+from mesh.serve import client
+from mesh.serve.endpoints import Readiness, metrics_handler, readiness_handler, serve_metrics, serve_readiness
+from mesh.serve.routes import Request, Response
+from mesh.serve.server import serve_http
+from nodeagent.admin import AdminView
 from nodeagent.state import AUTHORIZATION, SERVICE, WORKLOAD, MeshState
 
 
@@ -159,10 +151,10 @@ def with_servers(test: Callable[[Ports], Awaitable[None]], ready: Callable[[], R
     Counter("istio_tcp_connections_opened", "x", registry=reg).inc(3)
 
     async def main() -> None:
+        admin = AdminView(make_state(), lambda: CERTS, node="node-1")
         async with trio.open_nursery() as nursery:
             ports = {
-                "admin": await nursery.start(partial(serve_admin, make_state(), lambda: CERTS, node="node-1",
-                                                     port=0)),
+                "admin": await nursery.start(partial(serve_http, admin.handle, "127.0.0.1", 0, name="admin")),
                 "metrics": await nursery.start(partial(serve_metrics, reg, host="127.0.0.1", port=0)),
                 "ready": await nursery.start(partial(serve_readiness, ready or (lambda: Readiness(True)),
                                                      host="127.0.0.1", port=0)),
@@ -191,13 +183,8 @@ def status_of(reply: bytes) -> int:
 
 
 def get(port: int, path: str, method: str = "GET") -> tuple[int, str, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request(method, path)
-        resp = conn.getresponse()
-        return resp.status, resp.getheader("content-type") or "", resp.read()
-    finally:
-        conn.close()
+    reply = client.request(client.Endpoint.tcp("127.0.0.1", port), method, path)
+    return reply.status, reply.content_type, reply.body
 
 
 async def tget(port: int, path: str, method: str = "GET") -> tuple[int, str, bytes]:
@@ -261,7 +248,7 @@ def test_bad_requests_never_stop_the_server() -> None:
 
 
 def test_slow_request_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    import nodeagent.admin as admin
+    import mesh.serve.server as admin
 
     monkeypatch.setattr(admin, "REQUEST_TIMEOUT", 0.2)
 
@@ -294,7 +281,7 @@ def test_handler_failure_is_500() -> None:
 
 
 def test_port_in_use_is_one_clear_error() -> None:
-    from nodeagent.admin import AdminError
+    from mesh.serve.errors import ListenError as AdminError
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

@@ -11,7 +11,7 @@ import pytest
 from ca.auth import NodeTokenIssuer
 from ca.authority import CertificateAuthority
 from ca.pods import InMemoryPodLocator, PodPlacement
-from ca.serve import RunningCA, start_ca_server
+from ca.server import RunningCA, start_ca_server
 from mesh.secrets.client import CAClient
 
 

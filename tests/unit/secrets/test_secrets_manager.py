@@ -12,7 +12,7 @@ import trio
 from cryptography import x509
 from secrets_helpers import SLEEP, WEB
 
-from ca.serve import RunningCA
+from ca.server import RunningCA
 from mesh.secrets.client import CAClient
 from mesh.secrets.errors import CertificateRequestError, NoCertificateError, SecretsError
 from mesh.secrets.manager import SecretManager

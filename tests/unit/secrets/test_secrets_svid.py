@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from secrets_helpers import SLEEP, WEB, issue
 
 from ca.authority import CertificateAuthority, generate_root, to_pem
-from ca.serve import RunningCA
+from ca.server import RunningCA
 from mesh.identity import SpiffeId
 from mesh.secrets.client import CAClient
 from mesh.secrets.errors import CertificateRequestError, InvalidCertificateError

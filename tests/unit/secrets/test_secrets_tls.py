@@ -12,7 +12,7 @@ import pytest
 from secrets_helpers import INTRUDER, SLEEP, WEB, issue
 
 from ca.authority import CertificateAuthority
-from ca.serve import RunningCA
+from ca.server import RunningCA
 from mesh.identity import SpiffeId
 from mesh.secrets.client import CAClient
 from mesh.secrets.errors import PeerIdentityError

@@ -21,8 +21,8 @@ from waypoint_harness import start_backend
 from waypoint_hbone_helpers import SLEEP_ID, WAYPOINT_ID
 from waypoint_resources import fq, l7, service, workload
 
-from ca.auth import NodeTokenIssuer
-from controlplane.main import ControlPlaneThread, Options
+from controlplane.app import ControlPlaneThread
+from controlplane.options import Options
 from mesh.api.client import ApiClient
 from mesh.api.validate import Document
 from mesh.hbone.errors import TunnelRejected
@@ -30,10 +30,10 @@ from mesh.hbone.headers import request_headers
 from mesh.hbone.pool import HbonePool, PoolKey, tcp_connect
 from mesh.secrets.svid import accept_issued, generate_key, load_trust_bundle
 from mesh.secrets.tls import client_context
+from mesh.serve.routes import Request
 from mesh.xds import resources as rs
 from mesh.xds.client_state import Update
 from mesh.xds.errors import Rejected
-from nodeagent.admin import Request
 from waypoint.admin import AdminView
 from waypoint.config import RouteTable
 from waypoint.discovery import WaypointConfig
@@ -160,7 +160,7 @@ def test_the_waypoint_process_end_to_end(tmp_path: Path) -> None:
     home = tmp_path / "controlplane"
     authority = running.extras["authority"]
     token = tmp_path / "token"
-    token.write_text(NodeTokenIssuer.load_or_create(home / "node-token-key.pem").mint_workload_token(WAYPOINT_ID))
+    token.write_text(ApiClient(home / "api.sock", timeout=10).workload_token(WAYPOINT_ID))
     ports = {k: free_port() for k in ("hbone", "metrics", "ready", "admin")}
     out = (tmp_path / "waypoint.log").open("w")
     proc: subprocess.Popen[str] | None = None

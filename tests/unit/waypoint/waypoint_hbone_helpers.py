@@ -16,7 +16,7 @@ import trio
 from ca.auth import NodeTokenIssuer
 from ca.authority import CertificateAuthority
 from ca.pods import InMemoryPodLocator
-from ca.serve import start_ca_server
+from ca.server import start_ca_server
 from mesh.hbone.errors import HboneError
 from mesh.hbone.pool import HbonePool, tcp_connect
 from mesh.hbone.server import InboundRequest, TunnelAcceptor, serve_hbone

@@ -1,0 +1,188 @@
+"""The scaffold of a data plane process (the node agent, a waypoint): what both do the same way, so that
+each one's `app.py` shows only what is its own.
+
+    flags         add_flags(parser, token_help=...), then flag_values(parser, args) -> ProcessOptions fields:
+                  --control-plane --root-cert --token-file --trust-domain --cert-ttl --admin-listen
+                  --metrics-listen --ready-listen --connect-timeout --log-level
+    process       run(opts, body, log, stopping): logging, open-files limit, SIGTERM/SIGINT set `stop`;
+                  cancelled_on_stop(serve) for a process with nothing to drain
+    certificates  open_certificates(opts, impersonate=...): token file -> CA client -> secret manager (running)
+    discovery     open_discovery(opts, node, subscriptions, handler): the delta xDS client with the token,
+                  its channel of accepted updates kept empty; wait_synced(xds, opts, log, on_wait)
+    serving       start_serving(nursery, opts, registry=, ready=, admin=): metrics, readiness and admin
+                  endpoints (`mesh.serve`); their bound ports
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry
+
+from mesh import defaults
+from mesh.errors import MeshError
+from mesh.process import raise_open_files_limit, serve_until_signalled, split_hostport
+from mesh.secrets.client import CAClient
+from mesh.secrets.manager import SecretManager
+from mesh.serve.endpoints import Readiness, serve_metrics, serve_readiness
+from mesh.serve.routes import Handler
+from mesh.serve.server import serve_http
+from mesh.xds.client import ClientConfig
+from mesh.xds.node import NodeInfo
+from mesh.xds.trio_client import TrioHandler, TrioXdsClient, open_xds_client
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProcessOptions:
+    """What every data plane process is started with; a process's own `Options` adds to it."""
+
+    control_plane: str  # HOST:PORT of discovery and the CA (TLS)
+    root_cert: Path  # the mesh's root certificate (PEM)
+    token_file: Path  # the token the control plane issued (read again on each use: it may be replaced)
+    trust_domain: str = defaults.TRUST_DOMAIN
+    cert_ttl: int = 0  # seconds; 0 = the CA's default
+    admin_listen: str = defaults.ADMIN_LISTEN
+    metrics_listen: str = defaults.METRICS_LISTEN
+    ready_listen: str = defaults.READY_LISTEN
+    connect_timeout: float = defaults.CONNECT_TIMEOUT
+    log_level: str = "info"
+
+    def token(self) -> str:
+        return self.token_file.read_text().strip()
+
+
+# ---- flags ------------------------------------------------------------------------------------------------
+
+
+def add_flags(p: argparse.ArgumentParser, *, token_help: str) -> None:
+    """The flags of `ProcessOptions` (the process adds its own before or after)."""
+    d = ProcessOptions  # the defaults, written once
+    p.add_argument("--control-plane", required=True, metavar="HOST:PORT", help="discovery and CA (TLS)")
+    p.add_argument("--root-cert", required=True, type=Path, help="the mesh's root certificate (PEM)")
+    p.add_argument("--token-file", required=True, type=Path, help=token_help)
+    p.add_argument("--trust-domain", default=d.trust_domain)
+    p.add_argument("--cert-ttl", type=int, default=d.cert_ttl, metavar="SECONDS", help="certificate lifetime to ask for")
+    p.add_argument("--admin-listen", default=d.admin_listen, metavar="HOST:PORT")
+    p.add_argument("--metrics-listen", default=d.metrics_listen, metavar="HOST:PORT")
+    p.add_argument("--ready-listen", default=d.ready_listen, metavar="HOST:PORT")
+    p.add_argument("--connect-timeout", type=float, default=d.connect_timeout, metavar="SECONDS")
+    p.add_argument("--log-level", default=d.log_level, choices=LOG_LEVELS)
+
+
+def flag_values(p: argparse.ArgumentParser, args: argparse.Namespace, *,
+                listen: Sequence[str] = ()) -> dict[str, Any]:
+    """The `ProcessOptions` fields from parsed flags, checked (`p.error` exits with the reason).  `listen`
+    names the process's own HOST:PORT flags to check with the shared ones."""
+    for path, what in ((args.root_cert, "--root-cert"), (args.token_file, "--token-file")):
+        if not path.is_file():
+            p.error(f"{what} {path}: no such file")
+    for flag in ("admin_listen", "metrics_listen", "ready_listen", *listen):
+        try:
+            split_hostport(getattr(args, flag))
+        except MeshError as exc:
+            p.error(f"--{flag.replace('_', '-')}: {exc}")
+    return {"control_plane": args.control_plane, "root_cert": args.root_cert, "token_file": args.token_file,
+            "trust_domain": args.trust_domain, "cert_ttl": args.cert_ttl, "admin_listen": args.admin_listen,
+            "metrics_listen": args.metrics_listen, "ready_listen": args.ready_listen,
+            "connect_timeout": args.connect_timeout, "log_level": args.log_level}
+
+
+# ---- the process ------------------------------------------------------------------------------------------
+
+
+def run(opts: ProcessOptions, body: Callable[[trio.Event], Awaitable[None]], log: logging.Logger,
+        stopping: str) -> int:
+    """Run `body(stop)` as the process: logging on stdout, the whole open-files limit, and SIGTERM or
+    SIGINT setting `stop` (logged as `stopping`).  The exit status."""
+    logging.basicConfig(level=getattr(logging, opts.log_level.upper()), stream=sys.stdout, format=LOG_FORMAT)
+    raise_open_files_limit()
+    return serve_until_signalled(body, log, stopping)
+
+
+def cancelled_on_stop(serve: Callable[[], Awaitable[None]]) -> Callable[[trio.Event], Awaitable[None]]:
+    """A body for `run` that serves until `stop` is set and is then cancelled (nothing to drain)."""
+
+    async def body(stop: trio.Event) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            await stop.wait()
+            nursery.cancel_scope.cancel()
+
+    return body
+
+
+# ---- certificates -----------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def open_certificates(opts: ProcessOptions, *, impersonate: bool) -> AsyncIterator[SecretManager]:
+    """The secret manager, running: it asks the CA with the token in `opts.token_file` (`impersonate`:
+    on behalf of the pods of its node, as a node agent does; else for its own identity)."""
+    root_pem = opts.root_cert.read_bytes()
+    with CAClient(opts.control_plane, root_pem, opts.token) as signer:
+        certs = SecretManager(signer, root_pem, impersonate=impersonate, ttl_seconds=opts.cert_ttl)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(certs.run)
+            yield certs
+            nursery.cancel_scope.cancel()
+
+
+# ---- discovery --------------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def open_discovery(opts: ProcessOptions, node: NodeInfo, subscriptions: Mapping[str, Sequence[str] | None],
+                         handler: TrioHandler) -> AsyncIterator[TrioXdsClient]:
+    """The discovery client, feeding `handler` (the process's only writer of its configuration; raising
+    NACKs).  Accepted updates are also offered on a channel: it is kept empty here, or the client would
+    stop acknowledging."""
+    config = ClientConfig(target=opts.control_plane, node=node, subscriptions=subscriptions,
+                          root_pem=opts.root_cert.read_bytes(),
+                          metadata=(("authorization", f"Bearer {opts.token()}"),))
+    async with open_xds_client(config, handler=handler) as xds, trio.open_nursery() as nursery:
+        nursery.start_soon(_drain, xds)
+        yield xds
+        nursery.cancel_scope.cancel()
+
+
+async def _drain(xds: TrioXdsClient) -> None:
+    async for _ in xds.updates:
+        pass
+
+
+async def wait_synced(xds: TrioXdsClient, opts: ProcessOptions, log: logging.Logger,
+                      on_wait: Callable[[], None] | None = None, *, every: float = 5.0) -> None:
+    """Until discovery has delivered a first complete configuration; while waiting, a line in the log
+    and `on_wait()` every `every` seconds."""
+    while not await xds.wait_synced(timeout=every):
+        log.info('{"event": "waiting for discovery", "control_plane": "%s"}', opts.control_plane)
+        if on_wait is not None:
+            on_wait()
+
+
+# ---- serving ----------------------------------------------------------------------------------------------
+
+
+async def start_serving(nursery: trio.Nursery, opts: ProcessOptions, *, registry: CollectorRegistry,
+                        ready: Callable[[], Readiness], admin: Handler) -> dict[str, int]:
+    """The metrics, readiness and admin endpoints, started in `nursery`; their bound ports by name."""
+    ports: dict[str, int] = {}
+    host, port = split_hostport(opts.metrics_listen)
+    ports["metrics"] = await nursery.start(functools.partial(serve_metrics, registry, host=host, port=port))
+    host, port = split_hostport(opts.ready_listen)
+    ports["ready"] = await nursery.start(functools.partial(serve_readiness, ready, host=host, port=port))
+    host, port = split_hostport(opts.admin_listen)
+    ports["admin"] = await nursery.start(functools.partial(serve_http, admin, host, port, name="admin"))
+    return ports
