@@ -11,11 +11,27 @@ control plane, the CA's gRPC server): tests, benchmarks, small tools.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+def call_on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T], timeout: float | None = 10.0) -> T:
+    """Run `fn()` on the asyncio `loop` (from another thread) and return what it returns."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    loop.call_soon_threadsafe(run)
+    return future.result(timeout)
 
 
 class LoopThread:
@@ -30,11 +46,7 @@ class LoopThread:
 
     def call(self, fn: Callable[[], T], timeout: float | None = 10.0) -> T:
         """`fn()` on the loop's thread (state the loop owns is read safely there)."""
-
-        async def call() -> T:
-            return fn()
-
-        return self.run(call(), timeout)
+        return call_on_loop(self._loop, fn, timeout)
 
     @property
     def closed(self) -> bool:

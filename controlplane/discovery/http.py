@@ -17,9 +17,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from mesh.loopthread import call_on_loop
 from mesh.serve.endpoints import Readiness, metrics_handler, readiness_handler
 from mesh.serve.routes import Request, Response, Router
-from mesh.serve.thread import call_on_loop
 
 
 def http_endpoints(registry: CollectorRegistry, connections: Callable[[], dict[str, Any]],

@@ -13,8 +13,6 @@ prometheus registry, a store behind its lock); state an asyncio loop owns is rea
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import threading
@@ -29,21 +27,6 @@ from mesh.serve.routes import Handler
 from mesh.serve.server import MAX_BODY, serve_http, serve_unix
 
 T = TypeVar("T")
-
-
-def call_on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T], timeout: float = 10.0) -> T:
-    """Run `fn()` on the asyncio `loop` (from another thread) and return what it returns."""
-    future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def run() -> None:
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-    loop.call_soon_threadsafe(run)
-    return future.result(timeout)
 
 
 class ServerThread:

@@ -16,11 +16,12 @@ import pytest
 import trio
 
 from mesh import netns
+from mesh.loopthread import call_on_loop
 from mesh.serve import client
 from mesh.serve.errors import ListenError, NoAnswer, Unreachable
 from mesh.serve.routes import Request, Response, Router
 from mesh.serve.server import serve_http
-from mesh.serve.thread import ServerThread, call_on_loop
+from mesh.serve.thread import ServerThread
 
 
 def echo(request: Request) -> Response:
