@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from localcluster import components, network, processes, state
-from localcluster.plan import ClusterPlan, PodPlan, cluster_cgroup, cluster_prefix, make_plan, pod_cgroup
+from localcluster.plan import (
+    ClusterPlan,
+    PodPlan,
+    bpf_prefix,
+    cluster_cgroup,
+    cluster_prefix,
+    make_plan,
+    pod_cgroup,
+)
 from localcluster.processes import ProcessRecord
 from localcluster.registration import cluster_objects
 from localcluster.spec import ClusterSpec
@@ -29,6 +37,7 @@ from mesh import cgroup as mcgroup
 from mesh import netns as mnetns
 from mesh.errors import MeshError
 
+BPFFS = Path("/sys/fs/bpf")
 log = logging.getLogger(__name__)
 
 DEFAULT_READY_TIMEOUT = 30.0
@@ -223,6 +232,10 @@ def down(name: str) -> list[str]:
     with contextlib.suppress(mcgroup.CgroupError):
         if mcgroup.remove_tree(mcgroup.v2_root() / cluster_cgroup(name)):
             removed.append("pod cgroups")
+    pins = BPFFS / bpf_prefix(name)
+    if pins.is_dir():  # eBPF capture outlives the agents by design; the cluster's end is its end
+        shutil.rmtree(pins, ignore_errors=True)
+        removed.append(f"pinned eBPF programs {pins}")
     directory = state.cluster_dir(name)
     if directory.exists():
         shutil.rmtree(directory, ignore_errors=True)

@@ -35,6 +35,11 @@ def cluster_cgroup(cluster: str) -> str:
     return f"{PREFIX}.{cluster}"
 
 
+def bpf_prefix(cluster: str) -> str:
+    """Where the cluster's node agents pin their eBPF programs, under /sys/fs/bpf (no dots allowed)."""
+    return f"{PREFIX}-{cluster}"
+
+
 def pod_cgroup(cluster: str, namespace: str, name: str) -> str:
     return f"{cluster_cgroup(cluster)}/pod.{namespace}.{name}"
 

@@ -38,6 +38,8 @@ from nodeagent.pods.local import LocalPodSource
 from nodeagent.pods.source import PodRef
 from nodeagent.proxy.context import AgentParts, PodContext, pool_connect
 from nodeagent.proxy.pod import PodProxy
+from nodeagent.redirect.base import Redirector
+from nodeagent.redirect.ebpf import EbpfRedirector
 from nodeagent.redirect.iptables import IptablesRedirector
 from nodeagent.state import AUTHORIZATION, SERVICE, WORKLOAD, MeshState
 
@@ -58,10 +60,12 @@ async def serve(opts: Options) -> None:
     registry = CollectorRegistry()
     state = MeshState()
     node = NodeInfo(id="", role=ROLE_NODEAGENT, node=opts.node)
+    redirector = open_redirector(opts.redirect_mode, opts.bpf_prefix)  # refuses to start when the mode cannot work here
+    log.info('{"event": "capture", "mode": "%s"}', redirector.mode)
     async with runtime.open_certificates(opts, impersonate=True) as certs, \
             runtime.open_discovery(opts, node, SUBSCRIPTIONS, functools.partial(apply_update, state)) as xds, \
             trio.open_nursery() as nursery:
-        agent = Agent(opts, state, certs, registry, xds, nursery)
+        agent = Agent(opts, state, certs, registry, xds, nursery, redirector)
         await nursery.start(agent.pool.run)
         admin = AdminView(state, certs.status, node=opts.node, enrollment=agent.enrollment)
         await runtime.start_serving(nursery, opts, registry=registry, ready=agent.readiness, admin=admin.handle)
@@ -76,6 +80,13 @@ async def serve(opts: Options) -> None:
             await trio.sleep(1.0)
 
 
+def open_redirector(mode: str, bpf_prefix: str) -> Redirector:
+    """The capture mechanism of this node: iptables rules in each pod, or eBPF programs."""
+    if mode == "ebpf":
+        return EbpfRedirector.open(bpf_prefix)
+    return IptablesRedirector()
+
+
 def apply_update(state: MeshState, update: Update) -> None:
     """The discovery handler: the only writer of the agent's state (raising NACKs the update)."""
     kind = KIND_OF_TYPE.get(update.type_url)
@@ -88,7 +99,7 @@ class Agent:
     """The agent's parts that outlive one pod, and what the endpoints read of them."""
 
     def __init__(self, opts: Options, state: MeshState, certs: SecretManager, registry: CollectorRegistry,
-                 xds: TrioXdsClient, nursery: trio.Nursery) -> None:
+                 xds: TrioXdsClient, nursery: trio.Nursery, redirector: Redirector) -> None:
         self.state = state
         self.certs = certs
         self.xds = xds
@@ -97,7 +108,7 @@ class Agent:
                               connect_timeout=opts.connect_timeout)
         self.parts = AgentParts(state=state, certs=certs, pool=self.pool, metrics=self.metrics,
                                 log=AccessLog(sys.stdout), trust_domain=opts.trust_domain,
-                                connect_timeout=opts.connect_timeout, redirector=IptablesRedirector())
+                                connect_timeout=opts.connect_timeout, redirector=redirector)
         self.enroller: Enroller | None = None
         self.synced = False
         self._nursery = nursery

@@ -9,6 +9,7 @@ This module only reads the command line; the agent is assembled in `nodeagent.ap
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,13 +26,21 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                    help="path of a pod's network namespace, with {namespace}, {name} and {uid}")
     p.add_argument("--pod-cgroup", default="", metavar="FORMAT",
                    help="path of a pod's cgroup v2 directory, with {namespace}, {name} and {uid} (eBPF mode)")
-    p.add_argument("--redirect-mode", choices=defaults.REDIRECT_MODES, default=defaults.REDIRECT_MODE,
-                   help="how pods' traffic is captured (default %(default)s)")
+    p.add_argument("--redirect-mode", choices=defaults.REDIRECT_MODES,
+                   default=os.environ.get("REDIRECT_MODE") or defaults.REDIRECT_MODE,
+                   help="how pods' traffic is captured: iptables or ebpf (default: $REDIRECT_MODE, else "
+                        f"{defaults.REDIRECT_MODE})")
+    p.add_argument("--bpf-prefix", default=defaults.BPF_PIN_PREFIX, metavar="NAME",
+                   help="eBPF mode: the directory under /sys/fs/bpf where this node's pods' programs are pinned "
+                        "(default %(default)s)")
     p.add_argument("--state-dir", type=Path, help="where the agent keeps what it must find after a restart")
     runtime.add_flags(p, token_help="this node's token, as the control plane issued it")
     args = p.parse_args(argv)
+    if args.redirect_mode not in defaults.REDIRECT_MODES:
+        p.error(f"REDIRECT_MODE={args.redirect_mode!r} is not a redirect mode (one of: "
+                f"{', '.join(defaults.REDIRECT_MODES)})")
     return Options(node=args.node, pod_netns=args.pod_netns, pod_cgroup=args.pod_cgroup,
-                   redirect_mode=args.redirect_mode, state_dir=args.state_dir, **runtime.flag_values(p, args))
+                   redirect_mode=args.redirect_mode, bpf_prefix=args.bpf_prefix, state_dir=args.state_dir, **runtime.flag_values(p, args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

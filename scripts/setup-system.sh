@@ -6,7 +6,7 @@
 set -euo pipefail
 
 PACKAGES=(iptables iproute2 procps psmisc curl python3 python3-venv python3-dev
-          python3-bpfcc bpfcc-tools clang tcpdump wrk nghttp2-client openssl iputils-ping)
+          python3-bpfcc bpfcc-tools bpftool clang nftables tcpdump wrk nghttp2-client openssl iputils-ping)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup-system: must run as root (it installs Debian packages and links kernel headers)" >&2
@@ -17,6 +17,9 @@ missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# kubectl renders daemonset/ (kubectl kustomize) in the tests: Debian's kubernetes-client, unless a kubectl
+# is already installed (another package's kubectl owns /usr/bin/kubectl, and any kustomize since v2 will do).
+command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup-system: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
