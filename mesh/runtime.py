@@ -184,5 +184,7 @@ async def start_serving(nursery: trio.Nursery, opts: ProcessOptions, *, registry
     host, port = split_hostport(opts.ready_listen)
     ports["ready"] = await nursery.start(functools.partial(serve_readiness, ready, host=host, port=port))
     host, port = split_hostport(opts.admin_listen)
-    ports["admin"] = await nursery.start(functools.partial(serve_http, admin, host, port, name="admin"))
+    # The admin's answers may ask the kernel (a pod's capture): they run off the event loop.
+    ports["admin"] = await nursery.start(functools.partial(serve_http, admin, host, port, name="admin",
+                                                           in_thread=True))
     return ports

@@ -1,4 +1,4 @@
-"""`meshctl agent workloads|certs|policies NODE`: what a node agent knows, read from its admin endpoint.
+"""`meshctl agent workloads|certs|policies|redirect NODE`: what a node agent knows, read from its admin endpoint.
 
 The agent serves its admin endpoint on 127.0.0.1:15000 of its node, which only that node can reach.
 In the local cluster the agent runs in the node's network namespace, so meshctl opens its connection
@@ -6,9 +6,10 @@ from inside that namespace (this needs root, as `meshctl cluster up` does).  `--
 HOST:PORT` reads from another address instead, without entering any namespace.
 
     workloads   the pods on the node (all known workloads with --all): address, tunnel, waypoint,
-                identity and enrollment state
+                identity, capture mode and enrollment state
     certs       the certificates the agent holds for its pods: state, expiry, next renewal
     policies    the authorization policies the agent knows and the local pods each applies to
+    redirect    how each enrolled pod is captured: the eBPF programs (links, map sizes) or iptables rules
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ ADMIN_HOST = "127.0.0.1"
 ADMIN_PORT = defaults.ADMIN_PORT
 TIMEOUT = 5.0
 
-PATHS = {"workloads": "/workloads", "certs": "/certs", "policies": "/policies"}
+PATHS = {"workloads": "/workloads", "certs": "/certs", "policies": "/policies", "redirect": "/redirect"}
 
 
 class AgentCliError(MeshError):
@@ -112,6 +113,12 @@ def _waypoint(w: dict[str, Any]) -> str:
     return host or "yes"
 
 
+def _status(w: dict[str, Any]) -> str:
+    """Enrollment with the pod's capture mode (`enrolled (ebpf)`), else the workload's status."""
+    status = str(w.get("enrollment") or w.get("status") or "HEALTHY")
+    return f"{status} ({w['capture']})" if w.get("capture") else status
+
+
 def render_workloads(data: dict[str, Any], show_all: bool = False) -> str:
     node = data.get("node") or "?"
     items = [w for w in data.get("workloads", []) if show_all or w.get("local")]
@@ -124,7 +131,7 @@ def render_workloads(data: dict[str, Any], show_all: bool = False) -> str:
             "HBONE" if w.get("tunnel_protocol") == "HBONE" else "TCP",
             _waypoint(w),
             _identity(w),
-            str(w.get("enrollment") or w.get("status") or "HEALTHY"),
+            _status(w),
         ]
         for w in items
     ]
@@ -218,6 +225,22 @@ def render_policies(data: dict[str, Any]) -> str:
 # --- the verb -------------------------------------------------------------------------------------------
 
 
+def render_redirect(data: dict[str, Any]) -> str:
+    """The capture of each enrolled pod: mode, whether it is exactly the agent's, and what is in place
+    (eBPF programs with their links and map sizes, or the iptables rules)."""
+    node, mode = data.get("node") or "?", data.get("mode") or "?"
+    pods = data.get("pods", [])
+    lines = [f"{len(pods)} pods captured by the agent of {node} ({mode})"]
+    for pod in pods:
+        if "error" in pod:
+            lines.append(f"{pod['pod']}: cannot read its capture: {pod['error']}")
+            continue
+        state = "exact" if pod.get("exact") else "partial" if pod.get("present") else "none"
+        lines.append(f"{pod['pod']}: {state}")
+        lines += [f"    {d}" for d in pod.get("detail", [])]
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     data = fetch(PATHS[args.what], args.node, address=args.admin_address, cluster=args.cluster)
     if args.output == "json":
@@ -226,6 +249,8 @@ def run(args: argparse.Namespace) -> int:
         print(render_workloads(data, show_all=args.all))
     elif args.what == "certs":
         print(render_certs(data))
+    elif args.what == "redirect":
+        print(render_redirect(data))
     else:
         print(render_policies(data))
     return 0
@@ -243,6 +268,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "workloads": "the workloads on the node (with --all: every workload the agent knows)",
         "certs": "the certificates the agent holds for its pods",
         "policies": "the authorization policies the agent knows and where they apply",
+        "redirect": "how the agent captures each of its pods: the eBPF programs attached (links, map sizes) "
+                    "or the iptables rules",
     }
     for what, text in helps.items():
         s = sub.add_parser(what, help=text, description=f"Show {text}.")

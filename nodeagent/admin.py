@@ -6,6 +6,8 @@
     GET /policies      JSON: authorization policies, with the local workloads each applies to
     GET /certs         JSON: the certificates the agent holds for its pods (identity, state, expiry)
     GET /config_dump   JSON: all of the above plus services and the discovery versions
+    GET /redirect      JSON: the capture mode and, per enrolled pod, what of its capture is in place
+                       (iptables rules, or eBPF programs and map sizes)
 
 Pure routing (`AdminView.handle`: a `Request` in, a `Response` out), tested without sockets; served,
 like the agent's metrics (15020) and readiness (15021), by `mesh.serve`.
@@ -48,18 +50,23 @@ class AdminView:
         certs: Callable[[], Sequence[object]],
         *,
         node: str = "",
+        capture_mode: str = "",
         enrollment: Callable[[], Mapping[str, object]] | None = None,
+        capture: Callable[[], Mapping[str, object]] | None = None,
     ) -> None:
         self._state = state
         self._certs = certs
         self._node = node
+        self._capture_mode = capture_mode
         self._enrollment = enrollment
+        self._capture = capture
         title = "node agent admin" + (f" on {node}" if node else "")
         self._router = admin_handler(title, {
             "/workloads": lambda _: Response.json({"node": self._node, "workloads": self.workloads()}),
             "/policies": lambda _: Response.json({"node": self._node, "policies": self.policies()}),
             "/certs": lambda _: Response.json({"node": self._node, "certificates": self.certificates()}),
             "/config_dump": lambda _: Response.json(self.config_dump()),
+            "/redirect": lambda _: Response.json({"node": self._node, **(self._capture() if self._capture else {})}),
         })
 
     def handle(self, request: Request) -> Response:
@@ -73,6 +80,8 @@ class AdminView:
             d["local"] = bool(self._node) and w.node == self._node
             if w.uid in enrollment:
                 d["enrollment"] = enrollment[w.uid]
+                if enrollment[w.uid] == "enrolled" and self._capture_mode:
+                    d["capture"] = self._capture_mode
             out.append(d)
         return out
 

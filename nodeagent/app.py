@@ -22,6 +22,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from mesh import runtime
+from mesh.errors import MeshError
 from mesh.hbone.pool import HbonePool
 from mesh.secrets.manager import SecretManager
 from mesh.serve.endpoints import Readiness
@@ -67,7 +68,8 @@ async def serve(opts: Options) -> None:
             trio.open_nursery() as nursery:
         agent = Agent(opts, state, certs, registry, xds, nursery, redirector)
         await nursery.start(agent.pool.run)
-        admin = AdminView(state, certs.status, node=opts.node, enrollment=agent.enrollment)
+        admin = AdminView(state, certs.status, node=opts.node, capture_mode=redirector.mode,
+                          enrollment=agent.enrollment, capture=agent.capture)
         await runtime.start_serving(nursery, opts, registry=registry, ready=agent.readiness, admin=admin.handle)
         await runtime.wait_synced(xds, opts, log, on_wait=agent.report)
         agent.synced = True
@@ -139,6 +141,19 @@ class Agent:
         out: dict[str, Any] = {uid: "enrolled" for uid in enroller.enrolled}
         out.update({uid: f"failed: {why}" for uid, why in enroller.failures.items()})
         return out
+
+    def capture(self) -> dict[str, Any]:
+        """What of each enrolled pod's capture is in place (it asks the kernel: run it off the loop)."""
+        redirector = self.parts.redirector
+        pods = []
+        for ref, _ in list(self.enroller.enrolled.values()) if self.enroller else []:
+            try:
+                found = redirector.verify(ref)
+                pods.append({"pod": ref.key, "present": found.present, "exact": found.exact,
+                             "detail": list(found.detail)})
+            except (OSError, MeshError) as exc:
+                pods.append({"pod": ref.key, "error": str(exc)})
+        return {"mode": redirector.mode, "pods": pods}
 
     def report(self) -> None:
         """The gauges that are read, not counted: discovery connected, pods enrolled."""
