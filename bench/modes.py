@@ -4,7 +4,9 @@
     b  mesh L4           the namespace labelled istio.io/dataplane-mode=ambient: node agents capture
     c  mesh L7           as b, plus a waypoint for the namespace (meshctl waypoint apply --enroll-namespace)
     d  sidecar model     Envoy beside each app, in-pod iptables capture, mTLS between the Envoys
-    e  eBPF capture      reserved: as b, with the agents redirecting with eBPF instead of iptables
+    e  mesh L4, eBPF     as b, with the node agents restarted in eBPF capture mode (cgroup connect and
+                         sk_lookup programs instead of in-pod iptables rules); `leave` restarts them in
+                         the cluster's own mode
 
 A mode is switched on with `enter`, proven with `counters` (read before and after a short probe: the
 proxies of the mode must have counted the probe's traffic), and switched off with `leave`.  A mode that
@@ -25,11 +27,13 @@ from pathlib import Path
 from bench.netio import ProbeError, Proc, http_get, run_in, tree_cpu_seconds
 from bench.sidecar import SidecarError, SidecarPair
 from localcluster import processes
+from localcluster.plan import bpf_prefix
 
 AMBIENT_LABEL = "istio.io/dataplane-mode"
 METRICS_PORT = 15020
 SWITCH_TIMEOUT = 20.0
 CAPTURE_TARGETS = ("REDIRECT", "TPROXY", "DNAT")
+BPFFS = Path("/sys/fs/bpf")
 
 
 class Unavailable(Exception):
@@ -308,21 +312,63 @@ class Sidecars(Mode):
         return f"client and server Envoys forwarded all {requests} probe requests over mTLS"
 
 
-class EbpfCapture(Mode):
+class EbpfCapture(MeshL4):
     key = "e"
     title = "mesh L4, eBPF capture"
 
     def enter(self, ctx: Context) -> None:
-        raise Unavailable("eBPF capture is not built yet (this mode is a reserved slot)")
+        ctx.meshctl("label", "namespace", ctx.namespace, f"{AMBIENT_LABEL}-")
+        _wait_no_capture(ctx)
+        self._restart_agents(ctx, "ebpf")
+        super().enter(ctx)
+        deadline = time.monotonic() + SWITCH_TIMEOUT
+        while len(pinned_pods(ctx.cluster)) < 2:
+            if time.monotonic() > deadline:
+                raise PathError(f"the node agents did not attach eBPF programs to the pods within {SWITCH_TIMEOUT:.0f}s")
+            time.sleep(0.2)
+
+    def leave(self, ctx: Context) -> None:
+        super().leave(ctx)
+        self._restart_agents(ctx, "")
+
+    def _restart_agents(self, ctx: Context, mode: str) -> None:
+        env = dict(os.environ)
+        env.update(ctx.state_env)
+        for node in ctx.node_netns:
+            argv = [sys.executable, "-m", "meshctl.main", "agent", "restart", node, "--cluster", ctx.cluster]
+            out = subprocess.run([*argv, *(["--redirect-mode", mode] if mode else [])], capture_output=True,
+                                 text=True, env=env, timeout=60, check=False)
+            if out.returncode != 0:
+                raise Unavailable(f"restarting the agent of {node} in {mode or 'its own'} mode failed: "
+                                  f"{(out.stderr or out.stdout).strip()[-300:]}")
+        deadline = time.monotonic() + SWITCH_TIMEOUT
+        while len(self.procs(ctx)) < len(ctx.node_netns):
+            if time.monotonic() > deadline:
+                raise Unavailable("the restarted node agents did not come back")
+            time.sleep(0.2)
+
+    def check_path(self, ctx: Context, before: dict[str, float], after: dict[str, float], requests: int) -> str:
+        super().check_path(ctx, before, after, requests)
+        for netns in (ctx.client_netns, ctx.server_netns):
+            rules = capture_rules_in(netns)
+            if rules:
+                raise PathError(f"iptables capture rules in {netns} in eBPF mode: {rules[0]} ...")
+        return "node agents counted the probe's connections; the pods have eBPF programs and no iptables rules"
 
 
 MODES: dict[str, Mode] = {m.key: m for m in (NoMesh(), MeshL4(), MeshL7(), Sidecars(), EbpfCapture())}
-DEFAULT_MODES = ("a", "b", "c", "d")
+DEFAULT_MODES = ("a", "b", "c", "d", "e")
+
+
+def pinned_pods(cluster: str) -> list[Path]:
+    """The pods of the cluster with eBPF capture pinned (a directory each under the cluster's prefix)."""
+    root = BPFFS / bpf_prefix(cluster)
+    return [p for p in root.iterdir() if p.is_dir() and not p.name.startswith("~")] if root.is_dir() else []
 
 
 def _wait_no_capture(ctx: Context) -> None:
     deadline = time.monotonic() + SWITCH_TIMEOUT
-    while any(capture_rules_in(n) for n in (ctx.client_netns, ctx.server_netns)):
+    while any(capture_rules_in(n) for n in (ctx.client_netns, ctx.server_netns)) or pinned_pods(ctx.cluster):
         if time.monotonic() > deadline:
             raise PathError(f"capture rules still in the pods {SWITCH_TIMEOUT:.0f}s after removing the ambient label")
         time.sleep(0.5)

@@ -71,7 +71,7 @@ class Cluster:
         state.write_record(self.plan.name, {
             "name": self.plan.name, "phase": self.phase, "source": str(self.spec.source.resolve()),
             "started": self.started, "prefix": self.plan.prefix, "plan": self.plan.to_record(),
-            "processes": [p.to_json() for p in self.processes],
+            "processes": [p.to_json() for p in self.processes], "agentArgs": self.agent_args,
         })
 
 
@@ -141,15 +141,40 @@ def _start_mesh(cluster: Cluster, timeout: float) -> None:
     cluster.save()
     components.wait_control_plane(cluster.dir, cp, timeout)
     components.register_objects(cluster.dir, cluster_objects(cluster.spec, plan))
-    pod_netns = f"{mnetns.NETNS_RUN_DIR}/{plan.prefix}pod.{{namespace}}.{{name}}"
-    pod_cgroups = str(mcgroup.v2_root() / pod_cgroup(plan.name, "{namespace}", "{name}"))
     for node in plan.nodes:
-        cluster.processes.append(components.start_node_agent(
-            plan.name, cluster.dir, node.name, node.netns, gateway, pod_netns, cluster.agent_args,
-            redirect_mode=node.redirect_mode, pod_cgroup_format=pod_cgroups))
+        cluster.processes.append(_start_agent(plan.name, cluster.dir, node.name, node.netns, gateway,
+                                              node.redirect_mode, cluster.agent_args))
         cluster.save()
     cluster.processes.append(components.start_controller(plan.name, cluster.dir, cluster.agent_args))
     cluster.save()
+
+
+def _start_agent(cluster: str, home: Path, node: str, netns: str, gateway: str, mode: str,
+                 agent_args: list[str]) -> ProcessRecord:
+    pod_netns = f"{mnetns.NETNS_RUN_DIR}/{cluster_prefix(cluster)}pod.{{namespace}}.{{name}}"
+    pod_cgroups = str(mcgroup.v2_root() / pod_cgroup(cluster, "{namespace}", "{name}"))
+    return components.start_node_agent(cluster, home, node, netns, gateway, pod_netns, agent_args,
+                                       redirect_mode=mode, pod_cgroup_format=pod_cgroups)
+
+
+def restart_agent(name: str, node: str, redirect_mode: str | None = None) -> ProcessRecord:
+    """Stop the node's agent and start a new one (in `redirect_mode`, else the node's mode).  The pods
+    keep their capture meanwhile (they fail closed) and the new agent adopts it; a new mode replaces it
+    once the old agent's pods are released (label them out of the mesh first to switch cleanly)."""
+    require_root("agent restart")
+    record = state.read_record(name)
+    nodes = {n["name"]: n for n in record["plan"]["nodes"]}
+    if node not in nodes:
+        raise ClusterError(f"cluster {name!r} has no node {node!r} (nodes: {', '.join(sorted(nodes))})")
+    old = [ProcessRecord.from_json(p) for p in record["processes"] if p["name"] == f"nodeagent {node}"]
+    processes.stop([rec.pid for rec in old if processes.start_time(rec.pid) == rec.start_time])
+    mode = redirect_mode or nodes[node].get("redirectMode") or "iptables"
+    new = _start_agent(name, state.cluster_dir(name), node, nodes[node]["netns"], record["plan"]["underlay"]["gateway"],
+                       mode, list(record.get("agentArgs", [])))
+    nodes[node]["redirectMode"] = mode
+    record["processes"] = [p for p in record["processes"] if p["name"] != f"nodeagent {node}"] + [new.to_json()]
+    state.write_record(name, record)
+    return new
 
 
 def pod_env(plan: ClusterPlan, pod: PodPlan) -> dict[str, str]:

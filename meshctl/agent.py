@@ -9,6 +9,7 @@ HOST:PORT` reads from another address instead, without entering any namespace.
                 identity, capture mode and enrollment state
     certs       the certificates the agent holds for its pods: state, expiry, next renewal
     policies    the authorization policies the agent knows and the local pods each applies to
+    restart     stop the agent and start a new one (optionally in another capture mode)
     redirect    how each enrolled pod is captured: the eBPF programs (links, map sizes) or iptables rules
 """
 
@@ -19,7 +20,7 @@ import datetime
 import json
 from typing import Any
 
-from localcluster import state
+from localcluster import lifecycle, state
 from localcluster.plan import cluster_prefix
 from mesh import defaults, netns
 from mesh.errors import MeshError, UsageError
@@ -241,6 +242,14 @@ def render_redirect(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_restart(args: argparse.Namespace) -> int:
+    name = state.find_cluster(args.cluster)
+    rec = lifecycle.restart_agent(name, args.node, args.redirect_mode)
+    print(f"node agent of {args.node} restarted (pid {rec.pid}" +
+          (f", capture mode {args.redirect_mode})" if args.redirect_mode else ")"))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     data = fetch(PATHS[args.what], args.node, address=args.admin_address, cluster=args.cluster)
     if args.output == "json":
@@ -281,3 +290,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         if what == "workloads":
             s.add_argument("-A", "--all", action="store_true", help="every workload the agent knows")
         s.set_defaults(func=run, what=what)
+    r = sub.add_parser("restart", help="restart a node's agent (optionally in another capture mode)",
+                       description="Stop the node's agent and start a new one. Its pods keep their capture "
+                                   "meanwhile (new connections fail closed) and the new agent adopts it. "
+                                   "With --redirect-mode the node switches capture mode; take the pods out of "
+                                   "the mesh first (label their namespace istio.io/dataplane-mode-) for a "
+                                   "clean switch. Needs root.")
+    r.add_argument("node", metavar="NODE", help="the node whose agent to restart, e.g. node-1")
+    r.add_argument("--cluster", help="cluster name (default: the only cluster up)")
+    r.add_argument("--redirect-mode", choices=defaults.REDIRECT_MODES, metavar="MODE",
+                   help="capture mode of the new agent: iptables or ebpf (default: the node's current mode)")
+    r.set_defaults(func=run_restart)

@@ -12,7 +12,7 @@ from mesh.errors import MeshError, UsageError
 
 HELP = """Build a dedicated two-node cluster, run the same client and server through each mode in
 alternating rounds (a: no mesh, b: mesh L4 through the node agents, c: mesh L7 through a waypoint,
-d: Envoy sidecars with mTLS; e: eBPF capture, reserved), and write the raw figures (JSON), a Markdown
+d: Envoy sidecars with mTLS; e: mesh L4 with eBPF capture), and write the raw figures (JSON), a Markdown
 table and a PNG chart to bench/results/. A mode that cannot run here is reported as unavailable with
 the reason. The cluster is removed at the end, also when interrupted. Needs root."""
 

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from localcluster.plan import bpf_prefix, cluster_cgroup
+from mesh import cgroup
+
 ROOT = Path(__file__).resolve().parents[2]
 BOOKINFO = ROOT / "examples" / "bookinfo" / "cluster.yaml"
 
@@ -65,6 +68,10 @@ def leftovers(cluster: str) -> list[str]:
     found += [f"process {line.strip()}" for line in procs.splitlines() if f"AMB_CLUSTER={cluster} " in line + " "]
     if Path("/etc/netns").is_dir():
         found += [f"/etc/netns/{p.name}" for p in Path("/etc/netns").iterdir() if p.name.startswith(prefix)]
+    cgroups = cgroup.v2_root() / cluster_cgroup(cluster)
+    found += [f"cgroup {cgroups}"] if cgroups.exists() else []
+    pins = Path("/sys/fs/bpf") / bpf_prefix(cluster)
+    found += [f"pinned eBPF objects {pins}"] if pins.exists() else []
     return found
 
 

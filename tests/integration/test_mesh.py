@@ -1,7 +1,8 @@
 """The node agent for real: capture in pods, HBONE with mutual TLS between nodes, L4 policy, metrics.
 
-One cluster for the module: bookinfo plus an echo server, with short certificate lifetimes so that
-rotation happens while the tests run.  The bookinfo namespace is put in the mesh by labelling it live.
+One cluster per capture mode (iptables, then eBPF: every test runs in both): bookinfo plus an echo
+server, with short certificate lifetimes so that rotation happens while the tests run.  The bookinfo
+namespace is put in the mesh by labelling it live.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from mesh import netns
+from bpf import layout
+from localcluster.plan import bpf_prefix, pod_cgroup
+from mesh import cgroup, netns
 from tests.integration.conftest import Meshctl, cluster_file
 
+BPFFS = Path("/sys/fs/bpf")
 PODTOOLS = Path(__file__).resolve().parent / "podtools"
 CERT_TTL = 16  # seconds: renewed at half-life, several times during the module
 
@@ -56,6 +60,7 @@ spec:
 class Mesh:
     name: str
     meshctl: Meshctl
+    mode: str = "iptables"  # how the node agents capture pods
 
     @property
     def dir(self) -> Path:
@@ -88,6 +93,13 @@ class Mesh:
 
     def pod_netns(self, ns: str, name: str) -> str:
         return f"amb.{self.name}.pod.{ns}.{name}"
+
+    def captured(self, ns: str, pod: str) -> bool:
+        """Whether the pod's capture is in place, by the mode's own evidence: our iptables chains in the
+        pod's netns, or the pod's pinned eBPF links."""
+        if self.mode == "ebpf":
+            return bool(list(pinned_links(self.name, f"{ns}/{pod}")))
+        return has_rules(self.pod_netns(ns, pod))
 
     def agent(self, node: str) -> dict:
         return next(p for p in self.status()["processes"] if p["name"] == f"nodeagent {node}")
@@ -127,17 +139,23 @@ def has_rules(netns_name: str) -> bool:
     return "AMB_OUTPUT" in out
 
 
+def pinned_links(cluster: str, pod_id: str) -> list[Path]:
+    directory = BPFFS / bpf_prefix(cluster) / layout.pod_key(pod_id)
+    return sorted(directory.glob("link_*")) if directory.is_dir() else []
+
+
 BOOKINFO_PODS = ("productpage-v1", "details-v1", "reviews-v1", "reviews-v2", "reviews-v3", "ratings-v1", "sleep", "echo")
 
 
-@pytest.fixture(scope="module")
-def mesh(meshctl: Meshctl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    name = "t-mesh"
+@pytest.fixture(scope="module", params=["iptables", "ebpf"])
+def mesh(request: pytest.FixtureRequest, meshctl: Meshctl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    mode = request.param
+    name = "t-mesh" if mode == "iptables" else f"t-mesh-{mode}"
     path = cluster_file(tmp_path_factory.mktemp("mesh"), name)
     path.write_text(path.read_text() + ECHO)
-    m = Mesh(name, meshctl)
+    m = Mesh(name, meshctl, mode)
     try:
-        meshctl("cluster", "up", "-f", str(path), f"--agent-arg=--cert-ttl={CERT_TTL}")
+        meshctl("cluster", "up", "-f", str(path), "--redirect-mode", mode, f"--agent-arg=--cert-ttl={CERT_TTL}")
         m.ctl("label", "namespace", "bookinfo", "istio.io/dataplane-mode=ambient")
 
         def all_enrolled() -> bool:
@@ -185,9 +203,37 @@ def test_only_tls_crosses_between_nodes(mesh: Mesh, tmp_path: Path) -> None:
     assert b"\x17\x03\x03" in data  # TLS application data records
 
 
+def test_capture_is_the_nodes_mode_and_only_that(mesh: Mesh) -> None:
+    ns_name = mesh.pod_netns("bookinfo", "productpage-v1")
+    saved = subprocess.run(["ip", "netns", "exec", ns_name, "iptables-save"], capture_output=True, text=True,
+                           check=True).stdout
+    nft = subprocess.run(["ip", "netns", "exec", ns_name, "nft", "list", "ruleset"], capture_output=True, text=True,
+                         check=True).stdout
+    redirect = json.loads(mesh.ctl("agent", "redirect", "node-1", "-o", "json").stdout)
+    assert redirect["mode"] == mesh.mode
+    pods = {p["pod"]: p for p in redirect["pods"]}
+    assert pods["bookinfo/productpage-v1"]["exact"], pods
+    workloads = json.loads(mesh.ctl("agent", "workloads", "node-1", "-o", "json").stdout)["workloads"]
+    assert {w["name"]: w.get("capture") for w in workloads if w.get("local") and w["namespace"] == "bookinfo"} \
+        == {"productpage-v1": mesh.mode, "reviews-v1": mesh.mode, "reviews-v3": mesh.mode, "sleep": mesh.mode}
+    if mesh.mode == "iptables":
+        assert "AMB_OUTPUT" in saved and "AMB_PRERT" in saved
+        return
+    # eBPF mode: no iptables or nft rule at all in the pod; the programs are attached and pinned.
+    assert [line for line in saved.splitlines() if line.startswith("-A")] == []
+    assert nft.strip() == ""
+    detail = "\n".join(pods["bookinfo/productpage-v1"]["detail"])
+    for program in ("connect4", "connect6", "sockops", "steer_inbound"):
+        assert f"{program}: link" in detail, detail
+    assert {p.name for p in pinned_links(mesh.name, "bookinfo/productpage-v1")} == {
+        "link_connect4", "link_connect6", "link_sockops", "link_steer_inbound"}
+    links = subprocess.run(["bpftool", "link", "show"], capture_output=True, text=True, check=True).stdout
+    assert "sk_lookup" in links and "cgroup" in links
+
+
 def test_pods_outside_the_mesh_are_untouched(mesh: Mesh) -> None:
-    assert not has_rules(mesh.pod_netns("legacy", "sleep"))
-    assert has_rules(mesh.pod_netns("bookinfo", "productpage-v1"))
+    assert not mesh.captured("legacy", "sleep")
+    assert mesh.captured("bookinfo", "productpage-v1")
     # A client outside the mesh still reaches a meshed pod (plaintext, PERMISSIVE by default).
     answer = json.loads(mesh.curl("legacy", "sleep", "http://productpage.bookinfo:9080/productpage").stdout)
     assert answer["pod"] == "productpage-v1"
@@ -294,14 +340,14 @@ def test_enroll_and_release_live(mesh: Mesh) -> None:
     pid = next(p["pid"] for p in mesh.status()["processes"] if p["name"] == "pod bookinfo/details-v1")
     mesh.ctl("label", "pod", "details-v1", "-n", "bookinfo", "istio.io/dataplane-mode=none")
     try:
-        eventually(lambda: not has_rules(ns_name), timeout=10)
+        eventually(lambda: not mesh.captured("bookinfo", "details-v1"), timeout=10)
         answer = json.loads(mesh.curl("bookinfo", "sleep", "http://details:9080/details/2").stdout)
         assert answer["pod"] == "details-v1"  # reached as a destination outside the mesh
         listening = subprocess.run(["ip", "netns", "exec", ns_name, "ss", "-ltn"], capture_output=True, text=True).stdout
         assert ":15008" not in listening and ":15001" not in listening and ":15006" not in listening
     finally:
         mesh.ctl("label", "pod", "details-v1", "-n", "bookinfo", "istio.io/dataplane-mode-")
-    eventually(lambda: has_rules(ns_name), timeout=10)
+    eventually(lambda: mesh.captured("bookinfo", "details-v1"), timeout=10)
     eventually(lambda: mesh.enrollment("node-2").get("bookinfo/details-v1") == "enrolled", timeout=10)
     assert json.loads(mesh.curl("bookinfo", "sleep", "http://details:9080/details/3").stdout)["pod"] == "details-v1"
     assert os.path.exists(f"/proc/{pid}")  # the pod was never restarted
@@ -464,7 +510,9 @@ def _restart_agent(mesh: Mesh, node: str) -> None:
         new = components.start_node_agent(mesh.name, mesh.dir, node, f"amb.{mesh.name}.node.{node}",
                                           record["plan"]["underlay"]["gateway"],
                                           f"/run/netns/amb.{mesh.name}.pod.{{namespace}}.{{name}}",
-                                          [f"--cert-ttl={CERT_TTL}"])
+                                          [f"--cert-ttl={CERT_TTL}"], redirect_mode=mesh.mode,
+                                          pod_cgroup_format=str(cgroup.v2_root() / pod_cgroup(
+                                              mesh.name, "{namespace}", "{name}")))
         record["processes"] = [p for p in record["processes"] if p["name"] != rec.name] + [new.to_json()]
         state.write_record(mesh.name, record)
     finally:
@@ -476,7 +524,7 @@ def test_agent_restart_adopts_what_it_installed(mesh: Mesh) -> None:
     eventually(lambda: '"rules": "adopted"' in mesh.agent_log("node-2"), timeout=20)
     eventually(lambda: mesh.enrollment("node-2").get("bookinfo/details-v1") == "enrolled", timeout=20)
     assert json.loads(mesh.curl("bookinfo", "sleep", "http://details:9080/details/4").stdout)["pod"] == "details-v1"
-    assert has_rules(mesh.pod_netns("bookinfo", "details-v1"))
+    assert mesh.captured("bookinfo", "details-v1")
 
 
 def test_destination_agent_down_fails_promptly(mesh: Mesh) -> None:

@@ -1,6 +1,6 @@
 """A waypoint for real: bookinfo in the mesh, `meshctl waypoint apply -n bookinfo --enroll-namespace`, and
 the namespace's service traffic carried sleep -> node agent -> HBONE -> waypoint (L7) -> HBONE -> node
-agent -> pod.  One cluster for the module; each test applies its configuration, waits until the waypoint
+agent -> pod.  One cluster per capture mode (iptables, then eBPF: every test runs in both); each test applies its configuration, waits until the waypoint
 reports it in its config dump, checks the behaviour over many requests made inside the sleep pod, and
 removes what it applied.
 """
@@ -148,7 +148,7 @@ spec:
 
 
 class WaypointMesh(Mesh):
-    tools: Path
+    tools: Path = Path()  # set by the fixture: the pods' helper scripts
 
     @property
     def waypoint_netns(self) -> str:
@@ -200,18 +200,20 @@ def named(docs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return docs
 
 
-@pytest.fixture(scope="module")
-def mesh(meshctl: Meshctl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WaypointMesh]:
-    name = "t-waypoint"
+@pytest.fixture(scope="module", params=["iptables", "ebpf"])
+def mesh(request: pytest.FixtureRequest, meshctl: Meshctl,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[WaypointMesh]:
+    mode = request.param
+    name = "t-waypoint" if mode == "iptables" else f"t-waypoint-{mode}"
     tools = tmp_path_factory.mktemp("waypoint-tools")
     (tools / "flaky.py").write_text(FLAKY_SERVER)
     (tools / "client.py").write_text(CLIENT)
     path = cluster_file(tmp_path_factory.mktemp("waypoint"), name)
     path.write_text(path.read_text() + flaky_pod(tools / "flaky.py"))
-    m = WaypointMesh(name, meshctl)
+    m = WaypointMesh(name, meshctl, mode)
     m.tools = tools
     try:
-        meshctl("cluster", "up", "-f", str(path))
+        meshctl("cluster", "up", "-f", str(path), "--redirect-mode", mode)
         m.ctl("label", "namespace", NS, "istio.io/dataplane-mode=ambient")
         m.ctl("waypoint", "apply", "-n", NS, "--enroll-namespace")
 
