@@ -105,10 +105,11 @@ def start_node_agent(cluster_name: str, home: Path, node: str, netns: str, gatew
             "--control-plane", controlplane_address(gateway), "--root-cert", str(root_cert(home)),
             "--token-file", str(token), "--trust-domain", TRUST_DOMAIN,
             "--pod-netns", pod_netns_format, "--state-dir", str(home / "nodes" / node),
-            "--redirect-mode", redirect_mode, "--bpf-prefix", bpf_prefix(cluster_name), *(["--pod-cgroup", pod_cgroup_format] if pod_cgroup_format else []),
+            "--redirect-mode", redirect_mode, "--bpf-prefix", bpf_prefix(cluster_name),
+            *(["--pod-cgroup", pod_cgroup_format] if pod_cgroup_format else []),
             *(extra_args or [])]
     return processes.spawn(cluster_name, f"nodeagent {node}", netns, argv, component_env(),
-                           home / "logs" / f"nodeagent.{node}.log")
+                           home / "logs" / f"nodeagent.{node}.log", host_mounts=True)
 
 
 def start_controller(cluster_name: str, home: Path, agent_args: list[str]) -> ProcessRecord:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh import cgroup as mcgroup
+from mesh import netns as mnetns
 
 MARKER = "AMB_CLUSTER"
 
@@ -59,20 +60,33 @@ def is_running(rec: ProcessRecord) -> bool:
 
 
 def spawn(cluster: str, name: str, netns: str, argv: list[str], env: Mapping[str, str], log: Path,
-          cwd: str | None = None, cgroup: Path | None = None) -> ProcessRecord:
+          cwd: str | None = None, cgroup: Path | None = None, host_mounts: bool = False) -> ProcessRecord:
     """Start `argv` inside `netns` (the host's own namespace when empty), detached in its own session,
-    output appended to `log`; inside cgroup v2 directory `cgroup` when given (a pod's own)."""
+    output appended to `log`; inside cgroup v2 directory `cgroup` when given (a pod's own).
+
+    A pod's process gets `ip netns exec`'s view: its own /etc/hosts and resolv.conf, and a /sys of its
+    namespace.  With `host_mounts` only the network namespace is entered and the host's mounts stay
+    visible, as a DaemonSet's hostPath volumes make them: the node agent needs the host's cgroup v2
+    hierarchy and BPF file system (pins must outlive it)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     full_env = dict(env)
     full_env[MARKER] = cluster
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, *argv] if netns else argv, stdin=subprocess.DEVNULL, stdout=out,
+            _entering(netns, host_mounts) + argv, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True, close_fds=True,
             preexec_fn=(lambda: mcgroup.join_self(cgroup)) if cgroup is not None else None,
         )
     st = start_time(proc.pid)
     return ProcessRecord(name=name, pid=proc.pid, start_time=st or 0, netns=netns, log=str(log))
+
+
+def _entering(netns: str, host_mounts: bool) -> list[str]:
+    if not netns:
+        return []
+    if host_mounts:
+        return ["nsenter", f"--net={mnetns.netns_path(netns)}", "--"]
+    return ["ip", "netns", "exec", netns]
 
 
 def marked_pids(cluster: str) -> list[int]:

@@ -52,4 +52,27 @@ def serve_until_signalled(body: Callable[[trio.Event], Awaitable[None]], log: lo
     except MeshError as exc:
         log.error("%s", exc)
         return 1
+    except BaseExceptionGroup as group:  # a task of the nursery failed: one line if it was bad input
+        errors = mesh_errors(group)
+        if errors is None:
+            raise
+        for error in errors:
+            log.error("%s", error)
+        return 1
     return 0
+
+
+def mesh_errors(group: BaseExceptionGroup[BaseException]) -> list[MeshError] | None:
+    """The MeshErrors a (nested) exception group holds, or None when it holds anything else."""
+    found: list[MeshError] = []
+    for exc in group.exceptions:
+        if isinstance(exc, MeshError):
+            found.append(exc)
+        elif isinstance(exc, BaseExceptionGroup):
+            inner = mesh_errors(exc)
+            if inner is None:
+                return None
+            found += inner
+        else:
+            return None
+    return found
