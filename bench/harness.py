@@ -43,6 +43,7 @@ from bench.modes import DEFAULT_MODES, MODES, Context, Mode, PathError, Unavaila
 from bench.netio import Proc, peak_rss_kib, tree_cpu_seconds
 from bench.sidecar import Route, SidecarPair, SidecarPod
 from localcluster import lifecycle, spec, state
+from mesh import cgroup as mcgroup
 from mesh import defaults
 from mesh.identity import SpiffeId
 
@@ -157,7 +158,10 @@ def run_client(ctx: Context, settings: Settings, argv: list[str], timeout: float
     """Run a client command in the client pod, pinned; (stdout, its CPU seconds, exit status)."""
     cmd = ["ip", "netns", "exec", ctx.client_netns, "taskset", "-c", str(settings.pinned_cpu()), *argv]
     cpu0 = _children_cpu()
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, cwd=BENCH_DIR.parent)
+    # In the client pod's cgroup too, as the pod's own processes: eBPF capture (mode e) is per cgroup.
+    group = Path(ctx.client_cgroup) if ctx.client_cgroup else None
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, cwd=BENCH_DIR.parent,
+                         preexec_fn=(lambda: mcgroup.join_self(group)) if group else None)
     return out.stdout + (out.stderr if out.returncode else ""), _children_cpu() - cpu0, out.returncode
 
 
@@ -422,7 +426,8 @@ def _context(cluster: lifecycle.Cluster, s: Settings) -> Context:
     env = {"MESH_STATE_DIR": str(state.state_root())}
     server_pid = next(p.pid for p in cluster.processes if p.name == f"pod {server.key}")
     return Context(plan.name, NAMESPACE, client.netns, server.netns, {n.name: n.netns for n in plan.nodes}, pair,
-                   env, service_ip=str(svc.cluster_ip), server_pid=server_pid)
+                   env, service_ip=str(svc.cluster_ip), server_pid=server_pid,
+                   client_cgroup=str(mcgroup.v2_root() / client.cgroup))
 
 
 def _meta(s: Settings, cluster: str, started: datetime) -> dict[str, Any]:

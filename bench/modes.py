@@ -57,6 +57,7 @@ class Context:
     state_env: dict[str, str] = field(default_factory=dict)
     service_ip: str = ""
     server_pid: int = 0
+    client_cgroup: str = ""  # the client pod's cgroup v2 directory: clients run in it, as the pod's processes
 
     def meshctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ)

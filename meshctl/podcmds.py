@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from localcluster import lifecycle, state
+from mesh import cgroup as mcgroup
 from mesh.errors import UsageError
 
 
@@ -40,8 +41,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise UsageError("exec needs a command: meshctl exec [-n NS] POD -- COMMAND [ARG...]")
     lifecycle.require_root("exec")
     pod = lifecycle.find_pod(state.find_cluster(args.cluster), args.namespace, args.pod)
+    # As `kubectl exec` runs in the container's cgroup: the pod's eBPF capture (on its cgroup) applies.
+    group = mcgroup.v2_root() / pod["cgroup"] if pod.get("cgroup") else None
     try:
-        return subprocess.run(["ip", "netns", "exec", pod["netns"], *command], check=False).returncode
+        return subprocess.run(["ip", "netns", "exec", pod["netns"], *command], check=False,
+                              preexec_fn=(lambda: mcgroup.join_self(group)) if group else None).returncode
     except KeyboardInterrupt:
         return 130
 

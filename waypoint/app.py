@@ -66,8 +66,9 @@ class Waypoint:
         self.pool = HbonePool(tcp_connect, certs.client_context, connect_timeout=opts.connect_timeout)
         upstream = HboneUpstream(self.pool, self.identity, trust_domain=opts.trust_domain,
                                  connect_timeout=opts.connect_timeout)
-        self.proxy = WaypointProxy(upstream, metrics=WaypointMetrics(self.registry), access_log=stdout_line)
-        self.config = WaypointConfig(opts.key, self.proxy.update)
+        self.proxy = WaypointProxy(upstream, metrics=WaypointMetrics(self.registry), access_log=stdout_line,
+                                   identity=str(self.identity))
+        self.config = WaypointConfig(opts.key, self.proxy.update, allow_http_jwks=opts.allow_http_jwks)
         self.inbound = InboundServer(self.proxy, certs, self.identity, trust_domain=opts.trust_domain)
         self.proxy.l4_handler = self.inbound.l4
         self.synced = False
@@ -109,6 +110,7 @@ class Waypoint:
         self.xds = xds
         async with trio.open_nursery() as nursery:
             await nursery.start(self.pool.run)
+            await nursery.start(self.proxy.run)  # JWKS fetched and refreshed in the background
             nursery.start_soon(self._keep_certificate)
             admin = AdminView(self.config_dump, self.certs.status, self.stats, name=opts.key)
             self.ports.update(await runtime.start_serving(nursery, opts, registry=self.registry,

@@ -7,6 +7,19 @@ defensive, a newer or older control plane may disagree) and compiles it.  A reso
 compiled is reported in `CompileResult.errors` (the xDS handler NACKs it) and left out; warnings report
 what is accepted but not enforced as written (CUSTOM authorization, duplicate VirtualServices).
 
+Namespaces keep to themselves, as in Istio:
+- a policy (AuthorizationPolicy, RequestAuthentication) applies through its `targetRefs`, and only those
+  in its own namespace count unless it is in the root namespace (`istio-system`); a policy whose targets
+  are all elsewhere is left out, before it is compiled, so another namespace cannot widen, narrow or
+  break this waypoint's configuration;
+- a VirtualService is seen only where its `exportTo` reaches (the waypoint's namespace); of those that
+  cover a service, the one in the service's own namespace wins, then one naming the host exactly over a
+  wildcard, then by name and namespace (Istio orders by creation time first; the store keeps none); a
+  DestinationRule likewise, preferring the waypoint's namespace, then the service's, then the root's;
+- a tunnel is admitted only for a service bound to this waypoint (`Service.waypoint`), or a workload
+  that sends its own traffic through it;
+- a `jwksUri` over plain http is an error unless the waypoint is started with `--allow-http-jwks`.
+
 The table is immutable: a configuration change builds a new table and the proxy swaps the reference, so
 requests in flight keep the decision they made on the old one.
 """
@@ -20,7 +33,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from mesh import defaults
-from mesh.api.crossref import host_covers
+from mesh.api.crossref import fqdn, host_covers
 from mesh.api.errors import FieldError
 from mesh.api.kinds import kind_info
 from mesh.proto import discovery_pb2 as pb
@@ -55,6 +68,7 @@ class ServiceInfo:
     ports: tuple[ServicePortInfo, ...] = ()
     # Endpoints by service port (the workload's target port filled in).
     endpoints: Mapping[int, tuple[Endpoint, ...]] = field(default_factory=dict)
+    waypoint: str = ""  # "ns/name" of the waypoint its traffic goes through, "" for none
 
     def port_info(self, port: int) -> ServicePortInfo | None:
         return next((p for p in self.ports if p.port == port), None)
@@ -78,13 +92,30 @@ class RouteTable:
     jwt_rules: tuple[JwtRule, ...] = ()
     version: int = 0
 
-    def admits(self, host: str, port: int) -> bool:
-        """May a tunnel be addressed to host:port?  A service VIP and one of its ports, or a workload that
-        sends its traffic through this waypoint."""
+    def refusal(self, host: str, port: int) -> str:
+        """Why a tunnel to host:port is refused, "" when it is admitted: the VIP and a port of a service
+        bound to this waypoint (to any waypoint when the table is for ""), or a workload that sends its
+        own traffic through it."""
         hostname = self.by_vip.get(host)
+        waypoint = self.waypoint or "this waypoint"
         if hostname is not None:
-            return self.services[hostname].port_info(port) is not None
-        return host in self.waypoint_workloads
+            svc = self.services[hostname]
+            if not svc.waypoint or (self.waypoint and svc.waypoint != self.waypoint):
+                return f"service {hostname} does not use waypoint {waypoint}"
+            if svc.port_info(port) is None:
+                return f"service {hostname} has no port {port}"
+            return ""
+        if host in self.waypoint_workloads:
+            return ""
+        return f"neither a service of this mesh (VIP:port) nor a workload that uses waypoint {waypoint}"
+
+    def jwks_sources(self) -> dict[str, float]:
+        """The key sets to fetch: `jwksUri` -> fetch timeout (the longest any rule asks for)."""
+        out: dict[str, float] = {}
+        for r in self.jwt_rules:
+            if r.jwks is None and r.jwks_uri:
+                out[r.jwks_uri] = max(out.get(r.jwks_uri, 0.0), r.timeout)
+        return out
 
     def service_for_host(self, host: str, namespace: str = "") -> ServiceInfo | None:
         """A service by Host header value: full name, `name.ns`, or short name in `namespace`."""
@@ -140,6 +171,10 @@ def _endpoint(w: pb.Workload, address: str, port: int) -> Endpoint:
                     healthy=w.status == pb.HEALTHY, hbone=w.tunnel_protocol == pb.HBONE)
 
 
+def _waypoint_of(s: pb.Service) -> str:
+    return f"{s.waypoint.namespace}/{s.waypoint.name}" if s.HasField("waypoint") and s.waypoint.name else ""
+
+
 def _services(workloads: Iterable[pb.Workload], services: Iterable[pb.Service]) -> dict[str, ServiceInfo]:
     out: dict[str, ServiceInfo] = {}
     workloads = list(workloads)
@@ -156,7 +191,7 @@ def _services(workloads: Iterable[pb.Workload], services: Iterable[pb.Service]) 
                 target = mapping.get(p.port) or p.target_port
                 eps[p.port].append(_endpoint(w, w.addresses[0], target))
         out[s.hostname] = ServiceInfo(s.hostname, s.name, s.namespace, tuple(s.vips), ports,
-                                      {k: tuple(v) for k, v in eps.items()})
+                                      {k: tuple(v) for k, v in eps.items()}, _waypoint_of(s))
     return out
 
 
@@ -177,11 +212,88 @@ def _validate(kind: str, spec: dict[str, Any], where: str) -> None:
         raise ConfigError(where, "; ".join(f"{e.path}: {e.message}" for e in errors))
 
 
+def _policy_hosts(msg: pb.L7Config, spec: Mapping[str, Any], waypoint: str, where: str,
+                  warnings: list[str]) -> tuple[str, ...] | None:
+    """The hostnames a waypoint policy covers here (`()`: every request through the waypoint), or None
+    when none of its `targetRefs` reaches this waypoint from where the policy may reach.
+
+    As in Istio, a reference into another namespace counts only for a policy of the root namespace.  A
+    policy without `targetRefs` keeps the hostnames the control plane addressed it with."""
+    listed, single = spec.get("targetRefs") or [], spec.get("targetRef")
+    refs = [r for r in [*(listed if isinstance(listed, list) else []), *([single] if single else [])]
+            if isinstance(r, Mapping)]
+    if not refs:
+        return tuple(msg.hostnames)
+    ns = msg.namespace
+    usable = []
+    for ref in refs:
+        ref_ns = ref.get("namespace") or ns
+        if ref_ns != ns and ns != defaults.ROOT_NAMESPACE:
+            warnings.append(f"{where}: targetRef {ref.get('kind')} {ref_ns}/{ref.get('name')} is in another "
+                            f"namespace and is ignored (only policies in {defaults.ROOT_NAMESPACE} may target "
+                            "other namespaces)")
+            continue
+        usable.append((ref.get("kind"), ref_ns, ref.get("name", "")))
+    if any(kind == "Gateway" and (not waypoint or f"{ref_ns}/{name}" == waypoint) for kind, ref_ns, name in usable):
+        return ()
+    hosts = tuple(dict.fromkeys(fqdn(name, ref_ns) for kind, ref_ns, name in usable if kind == "Service"))
+    return hosts or None
+
+
+def _exported_to(spec: Mapping[str, Any], own: str, namespace: str) -> bool:
+    """Is a resource of namespace `own` with this `exportTo` visible in `namespace` ("" sees all)?"""
+    export = spec.get("exportTo") or ["*"]
+    return not namespace or "*" in export or namespace in export or ("." in export and own == namespace)
+
+
+def _host_namespace(hostname: str, svcs: Mapping[str, ServiceInfo]) -> str:
+    svc = svcs.get(hostname)
+    if svc is not None:
+        return svc.namespace
+    parts = hostname.split(".")
+    return parts[1] if len(parts) > 2 and parts[2] == "svc" else ""
+
+
+def _virtual_services(vss: list[VirtualServiceRules], svcs: Mapping[str, ServiceInfo],
+                      warnings: list[str]) -> dict[str, VirtualServiceRules]:
+    """Each service's VirtualService: its own namespace's first, then an exact host over a wildcard,
+    then by name and namespace."""
+    out: dict[str, VirtualServiceRules] = {}
+    for hostname, svc in svcs.items():
+        covering = [vs for vs in vss if any(host_covers(h, hostname) for h in vs.hosts)]
+        if not covering:
+            continue
+        covering.sort(key=lambda vs: (vs.namespace != svc.namespace, hostname not in vs.hosts, vs.name, vs.namespace))
+        chosen = covering[0]
+        if len(covering) > 1:
+            warnings.append(f"service {hostname}: several VirtualServices apply; using "
+                            f"{chosen.namespace}/{chosen.name}")
+        out[hostname] = chosen
+    return out
+
+
+def _destination_rules(drs: list[DestinationRuleRules], svcs: Mapping[str, ServiceInfo],
+                       namespace: str) -> dict[str, DestinationRuleRules]:
+    """One DestinationRule per host: the waypoint's namespace's, then the host's, then the root's."""
+    def rank(dr: DestinationRuleRules) -> tuple[int, str, str]:
+        order = [namespace, _host_namespace(dr.host, svcs), defaults.ROOT_NAMESPACE]
+        return (order.index(dr.namespace) if dr.namespace in order else len(order), dr.name, dr.namespace)
+
+    out: dict[str, DestinationRuleRules] = {}
+    for dr in sorted(drs, key=rank):
+        out.setdefault(dr.host, dr)
+    return out
+
+
 def compile_table(waypoint: str, workloads: Iterable[pb.Workload], services: Iterable[pb.Service],
-                  l7_configs: Iterable[pb.L7Config], version: int = 0) -> CompileResult:
-    """Compile what this waypoint (`ns/name`; "" takes every L7 config) needs into a RouteTable."""
+                  l7_configs: Iterable[pb.L7Config], version: int = 0, *,
+                  allow_http_jwks: bool = False) -> CompileResult:
+    """Compile what this waypoint (`ns/name`; "" takes every L7 config) needs into a RouteTable.
+    `allow_http_jwks` lets a `jwksUri` be plain http (refused otherwise: anyone on the path could hand in
+    keys)."""
     workloads = list(workloads)
     svcs = _services(workloads, services)
+    own_namespace = waypoint.split("/")[0] if waypoint else ""
     errors: list[ConfigError] = []
     warnings: list[str] = []
     vss: list[VirtualServiceRules] = []
@@ -196,13 +308,22 @@ def compile_table(waypoint: str, workloads: Iterable[pb.Workload], services: Ite
         where = f"{kind or 'L7Config'} {msg.namespace}/{msg.name}"
         try:
             spec = struct_to_dict(msg.spec)
+            if kind in ("VirtualService", "DestinationRule") and not _exported_to(spec, msg.namespace, own_namespace):
+                continue  # not exported to this waypoint's namespace
+            hostnames: tuple[str, ...] = ()
+            if kind in ("AuthorizationPolicy", "RequestAuthentication"):
+                reached = _policy_hosts(msg, spec, waypoint, where, warnings)
+                if reached is None:
+                    warnings.append(f"{where}: none of its targets is reachable from its namespace here: not applied")
+                    continue
+                hostnames = reached
             _validate(kind, spec, where)
             if kind == "VirtualService":
                 vss.append(compile_virtual_service(where, msg.name, msg.namespace, spec))
             elif kind == "DestinationRule":
                 drs.append(compile_destination_rule(where, msg.name, msg.namespace, spec))
             elif kind == "AuthorizationPolicy":
-                policy, warns = compile_policy(where, msg.name, msg.namespace, spec, list(msg.hostnames))
+                policy, warns = compile_policy(where, msg.name, msg.namespace, spec, list(hostnames))
                 try:
                     l4_policies.append(to_l4(policy))
                 except (ValueError, KeyError, TypeError) as exc:
@@ -210,25 +331,21 @@ def compile_table(waypoint: str, workloads: Iterable[pb.Workload], services: Ite
                 policies.append(policy)
                 warnings.extend(warns)
             elif kind == "RequestAuthentication":
-                jwt_rules.extend(compile_rules(where, msg.namespace, msg.name, spec, list(msg.hostnames)))
+                rules = compile_rules(where, msg.namespace, msg.name, spec, list(hostnames))
+                for r in rules:
+                    if r.jwks is None and r.jwks_uri.lower().startswith("http:") and not allow_http_jwks:
+                        raise ConfigError(where, f"jwksUri {r.jwks_uri!r} is plain http, so anyone on the path "
+                                                 "could hand in keys: serve the key set over https (or start "
+                                                 "the waypoint with --allow-http-jwks)")
+                jwt_rules.extend(rules)
         except ConfigError as exc:
             errors.append(exc)
-    by_host: dict[str, VirtualServiceRules] = {}
-    for hostname in svcs:
-        covering = [vs for vs in vss if any(host_covers(h, hostname) for h in vs.hosts)]
-        exact = [vs for vs in covering if hostname in vs.hosts]
-        chosen = (exact or covering)[:1]
-        if len(covering) > 1:
-            warnings.append(f"service {hostname}: several VirtualServices apply; using "
-                            f"{chosen[0].namespace}/{chosen[0].name}")
-        if chosen:
-            by_host[hostname] = chosen[0]
     table = RouteTable(
         waypoint=waypoint, services=svcs,
         by_vip={vip: s.hostname for s in svcs.values() for vip in s.vips},
         workloads_by_ip={w.addresses[0]: _endpoint(w, w.addresses[0], 0) for w in workloads if w.addresses},
         waypoint_workloads=frozenset(a for w in workloads if _uses(w, waypoint) for a in w.addresses),
-        virtual_services=by_host,
-        destination_rules={dr.host: dr for dr in drs},
+        virtual_services=_virtual_services(vss, svcs, warnings),
+        destination_rules=_destination_rules(drs, svcs, own_namespace),
         policies=tuple(policies), l4_policies=tuple(l4_policies), jwt_rules=tuple(jwt_rules), version=version)
     return CompileResult(table, tuple(errors), tuple(warnings))

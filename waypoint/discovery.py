@@ -28,9 +28,10 @@ SUBSCRIPTIONS: dict[str, None] = {rs.WORKLOAD: None, rs.SERVICE: None, rs.L7_CON
 class WaypointConfig:
     """The views the table is compiled from, and the last good compile."""
 
-    def __init__(self, waypoint: str, on_table: Callable[[RouteTable], None]) -> None:
+    def __init__(self, waypoint: str, on_table: Callable[[RouteTable], None], *, allow_http_jwks: bool = False) -> None:
         self.waypoint = waypoint  # "ns/name", as L7Config.waypoints names it
         self.on_table = on_table
+        self.allow_http_jwks = allow_http_jwks  # a jwksUri over plain http is refused unless set
         self.views: dict[str, Mapping[str, Message]] = {t: {} for t in SUBSCRIPTIONS}
         self.version = 0
         self.last: CompileResult | None = None
@@ -44,7 +45,7 @@ class WaypointConfig:
         views = {**self.views, update.type_url: dict(update.resources)}
         result = compile_table(self.waypoint, _of(views, rs.WORKLOAD, pb.Workload),
                                _of(views, rs.SERVICE, pb.Service), _of(views, rs.L7_CONFIG, pb.L7Config),
-                               self.version + 1)
+                               self.version + 1, allow_http_jwks=self.allow_http_jwks)
         if result.errors:
             self.rejected += 1
             detail = "; ".join(str(e) for e in result.errors)

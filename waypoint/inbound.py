@@ -1,9 +1,13 @@
 """The waypoint's HBONE inbound (15008): mutual TLS, CONNECT admission, tunnels handed to the proxy.
 
     TCP accept -> TLS 1.3 with the waypoint's own certificate (a client certificate of the trust domain
-    required) -> HTTP/2 CONNECT per tunnel -> `admit` (pure): 400 unless `:authority` is a service
-    VIP:port or a workload that uses this waypoint -> 200 -> `WaypointProxy.serve_tunnel` with who the
-    client is (verified identity, original address from `Forwarded`, original destination)
+    required) -> HTTP/2 CONNECT per tunnel -> `admit` (pure): 400 unless `:authority` is the VIP:port
+    of a service bound to this waypoint or a workload that uses it -> 200 -> `WaypointProxy.serve_tunnel`
+    with who the client is (verified identity, the connection's peer address, original destination)
+
+The client's address is the HBONE connection's own peer address: a source node agent opens it from
+inside the source pod, so it leaves with the pod's address.  `Forwarded` is the client's word: only its
+port is taken, and only when it names that same address (as the node agent's inbound does).
 
 Tunnels that turn out not to be HTTP reach `l4`: the waypoint's policies at L4 (`waypoint.l7.l4authz`),
 then the proxy's passthrough.  `drain()` stops accepting and sends GOAWAY on every connection, so the
@@ -29,7 +33,7 @@ from mesh.secrets.errors import SecretsError
 from mesh.secrets.manager import SecretManager
 from waypoint.config import RouteTable
 from waypoint.l7 import l4authz
-from waypoint.l7.model import ClientInfo
+from waypoint.l7.model import ClientInfo, split_host_port
 from waypoint.proxy import WaypointProxy
 
 log = logging.getLogger("waypoint.inbound")
@@ -46,11 +50,22 @@ class Refusal:
 def admit(table: RouteTable, authority: Authority, peer: SpiffeId | None, forwarded_for: str | None,
           peer_address: str) -> ClientInfo | Refusal:
     """Decide one CONNECT: who the client is, or why it is refused."""
-    if not table.admits(authority.host, authority.port):
-        return Refusal(400, f"{authority} is neither a service of this mesh (VIP:port) nor a workload that "
-                            f"uses waypoint {table.waypoint or 'this waypoint'}")
-    source = forwarded_for or (peer_address if peer_address != "?" else "")
-    return ClientInfo(peer_identity=str(peer) if peer else "", source=source, original_destination=str(authority))
+    why = table.refusal(authority.host, authority.port)
+    if why:
+        return Refusal(400, f"{authority}: {why}")
+    return ClientInfo(peer_identity=str(peer) if peer else "", source=_source(peer_address, forwarded_for),
+                      original_destination=str(authority))
+
+
+def _source(peer_address: str, forwarded_for: str | None) -> str:
+    """The verified peer `ip:port`, with the port `Forwarded` names when it names the same address."""
+    if peer_address == "?":
+        return ""
+    ip, port = split_host_port(peer_address)
+    fwd_ip, fwd_port = split_host_port(forwarded_for or "")
+    if fwd_port and fwd_ip == ip:
+        port = fwd_port
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def stdout_line(line: str) -> None:

@@ -1,14 +1,24 @@
-"""Key sets fetched from `jwksUri`, cached with a refresh interval (the I/O side of `waypoint.l7.jwt`).
+"""Key sets fetched from `jwksUri` in the background (the I/O side of `waypoint.l7.jwt`).
 
-The fetch function is injected (tests serve a key set from a local server); the default speaks plain
-HTTP/1.1 or HTTPS with the system trust store.  A failed refresh keeps the last good key set.
+A request never waits for a fetch.  The proxy tells the cache which key sets its table needs
+(`want(uri -> timeout)`), and `run()` keeps one task per `jwksUri`: it fetches, keeps the keys for the
+refresh interval, then fetches again; a failed fetch is remembered (its reason, how many in a row) and
+retried after a backoff that doubles up to a cap.  A failed refresh keeps the last good keys.  A request
+whose issuer has no keys yet, or whose fetches keep failing, is answered 401 at once with `unavailable()`
+as the reason: it fails closed, and cheaply.
+
+Each fetch is bounded by the JWT rule's `timeout` (default 5 s).  The fetch function is injected (tests
+serve a key set without a network); the default speaks HTTP/1.1 or HTTPS with the system trust store.
+Plain http is refused when the configuration is compiled (`waypoint.config`), unless allowed there.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import h11
@@ -16,12 +26,18 @@ import jwt as pyjwt
 import trio
 
 from waypoint.errors import JwksError
+from waypoint.l7.jwt import DEFAULT_FETCH_TIMEOUT
 
-Fetch = Callable[[str], Awaitable[bytes]]
+log = logging.getLogger("waypoint.jwks")
+
+Fetch = Callable[[str, float], Awaitable[bytes]]  # (uri, timeout) -> body of a 200 answer
 MAX_JWKS_BYTES = 1 << 20
+DEFAULT_REFRESH = 20 * 60.0  # as istiod refreshes the key sets it inlines (PILOT_JWT_PUB_KEY_REFRESH_INTERVAL)
+FIRST_RETRY = 1.0
+MAX_RETRY = 60.0
 
 
-async def fetch_url(url: str, timeout: float = 5.0) -> bytes:
+async def fetch_url(url: str, timeout: float = DEFAULT_FETCH_TIMEOUT) -> bytes:
     """GET `url` and return the body of a 200 answer, else raise `JwksError`."""
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -56,35 +72,116 @@ async def fetch_url(url: str, timeout: float = 5.0) -> bytes:
     return body
 
 
-class JwksCache:
-    """Key sets by URI.  `ensure(uri)` fetches when missing or older than `refresh`; `get` never blocks."""
+def parse_key_set(uri: str, body: bytes) -> pyjwt.PyJWKSet:
+    try:
+        data = json.loads(body)
+        if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+            raise JwksError(f"{uri} did not return a JSON Web Key Set")
+        return pyjwt.PyJWKSet.from_dict(data)
+    except (ValueError, pyjwt.PyJWTError) as exc:
+        raise JwksError(f"{uri} did not return a usable JSON Web Key Set: {exc}") from exc
 
-    def __init__(self, fetch: Fetch = fetch_url, refresh: float = 20 * 60.0,
+
+@dataclass
+class _Source:
+    """One `jwksUri`: its keys and how its fetches are going."""
+
+    timeout: float
+    keys: pyjwt.PyJWKSet | None = None
+    fetched_at: float | None = None
+    error: str = ""
+    failures: int = 0  # in a row
+    started: bool = False
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+class JwksCache:
+    """Key sets by URI, kept fresh by `run()`; `get` and `unavailable` never block."""
+
+    def __init__(self, fetch: Fetch = fetch_url, refresh: float = DEFAULT_REFRESH, *,
+                 first_retry: float = FIRST_RETRY, max_retry: float = MAX_RETRY,
                  clock: Callable[[], float] = trio.current_time) -> None:
         self._fetch = fetch
         self._refresh = refresh
+        self._first_retry = first_retry
+        self._max_retry = max_retry
         self._clock = clock
-        self._sets: dict[str, tuple[float, pyjwt.PyJWKSet]] = {}  # parsed once per fetch
-        self._locks: dict[str, trio.Lock] = {}
-        self.errors: dict[str, str] = {}
+        self._sources: dict[str, _Source] = {}
+        self._nursery: trio.Nursery | None = None
+
+    # ---- what requests read ---------------------------------------------------------------------------
 
     def get(self, uri: str) -> pyjwt.PyJWKSet | None:
-        hit = self._sets.get(uri)
-        return hit[1] if hit else None
+        src = self._sources.get(uri)
+        return src.keys if src else None
 
-    async def ensure(self, uri: str) -> None:
-        lock = self._locks.setdefault(uri, trio.Lock())
-        async with lock:
-            hit = self._sets.get(uri)
-            if hit is not None and self._clock() - hit[0] < self._refresh:
-                return
+    def unavailable(self, uri: str) -> str:
+        """Why `uri` has no keys, in words for a 401 and a log line."""
+        src = self._sources.get(uri)
+        if src is None:
+            return "the key set is not configured"
+        if src.error:
+            return f"{src.failures} fetch(es) in a row failed, the last: {src.error}"
+        return "the key set is not fetched yet"
+
+    # ---- what the configuration says -----------------------------------------------------------------
+
+    def want(self, sources: Mapping[str, float]) -> None:
+        """Keep exactly these key sets (`jwksUri` -> fetch timeout) fresh; stop fetching the others."""
+        for uri in [u for u in self._sources if u not in sources]:
+            self._sources.pop(uri).scope.cancel()
+        for uri, timeout in sources.items():
+            src = self._sources.setdefault(uri, _Source(timeout))
+            src.timeout = timeout
+        self._start_pending()
+
+    # ---- the background --------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Fetch and refresh every wanted key set until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             try:
-                data = json.loads(await self._fetch(uri))
-                if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
-                    raise JwksError(f"{uri} did not return a JSON Web Key Set")
-                keyset = pyjwt.PyJWKSet.from_dict(data)
-            except (JwksError, ValueError, pyjwt.PyJWTError) as exc:
-                self.errors[uri] = str(exc)
-                return
-            self.errors.pop(uri, None)
-            self._sets[uri] = (self._clock(), keyset)
+                self._start_pending()
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+                for src in self._sources.values():
+                    src.started = False
+                    src.scope = trio.CancelScope()
+
+    def _start_pending(self) -> None:
+        if self._nursery is None:
+            return
+        for uri, src in self._sources.items():
+            if not src.started:
+                src.started = True
+                self._nursery.start_soon(self._keep, uri, src)
+
+    async def _keep(self, uri: str, src: _Source) -> None:
+        with src.scope:
+            retry = self._first_retry
+            while True:
+                if await self._fetch_once(uri, src):
+                    retry = self._first_retry
+                    await trio.sleep(self._refresh)
+                else:
+                    await trio.sleep(retry)
+                    retry = min(retry * 2, self._max_retry)
+
+    async def _fetch_once(self, uri: str, src: _Source) -> bool:
+        timeout = src.timeout
+        try:
+            with trio.move_on_after(timeout) as deadline:
+                body = await self._fetch(uri, timeout)
+            if deadline.cancelled_caught:
+                raise JwksError(f"fetching the key set at {uri} timed out after {timeout:g}s")
+            keys = parse_key_set(uri, body)
+        except JwksError as exc:
+            src.error, src.failures = str(exc), src.failures + 1
+            log.warning('{"event": "jwks fetch failed", "uri": "%s", "failures": %d, "keys_kept": %s}: %s',
+                        uri, src.failures, "true" if src.keys is not None else "false", exc)
+            return False
+        src.keys, src.fetched_at, src.error, src.failures = keys, self._clock(), "", 0
+        return True

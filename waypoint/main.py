@@ -3,7 +3,7 @@
     python -m waypoint.main --name NAME --namespace NS --node NODE --control-plane HOST:15012 \\
         --root-cert FILE --token-file FILE [--trust-domain cluster.local] [--cert-ttl SECONDS] \\
         [--listen 0.0.0.0:15008] [--metrics-listen 0.0.0.0:15020] [--ready-listen 0.0.0.0:15021] \\
-        [--admin-listen 127.0.0.1:15000]
+        [--admin-listen 127.0.0.1:15000] [--allow-http-jwks]
 
 The token file holds a workload token for the waypoint's own identity
 (`spiffe://<trust domain>/ns/NS/sa/NAME`); with it the waypoint asks the CA for its certificate and
@@ -16,6 +16,7 @@ This module only reads the command line; the waypoint is assembled in `waypoint.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -34,10 +35,14 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     p.add_argument("--listen", default=Options.listen, metavar="HOST:PORT", help="HBONE inbound")
     p.add_argument("--drain-seconds", type=float, default=Options.drain_seconds, metavar="SECONDS",
                    help="how long tunnels in flight may take to finish after SIGTERM")
+    p.add_argument("--allow-http-jwks", action="store_true",
+                   default=os.environ.get("WAYPOINT_ALLOW_HTTP_JWKS", "").lower() in ("1", "true", "yes"),
+                   help="allow a RequestAuthentication jwksUri over plain http (refused by default: anyone on "
+                        "the path could hand in keys); also WAYPOINT_ALLOW_HTTP_JWKS=1")
     runtime.add_flags(p, token_help="a workload token for the waypoint's identity, as the control plane issued it")
     args = p.parse_args(argv)
     return Options(name=args.name, namespace=args.namespace, node=args.node, service_account=args.service_account,
-                   listen=args.listen, drain_seconds=args.drain_seconds,
+                   listen=args.listen, drain_seconds=args.drain_seconds, allow_http_jwks=args.allow_http_jwks,
                    **runtime.flag_values(p, args, listen=("listen",)))
 
 

@@ -19,6 +19,7 @@ class Options(ProcessOptions):
     service_account: str = ""  # default: the waypoint's name
     listen: str = defaults.HBONE_LISTEN  # HBONE inbound
     drain_seconds: float = 2.0  # within the local cluster's stop grace (3 s) before SIGKILL
+    allow_http_jwks: bool = False  # let RequestAuthentication fetch key sets over plain http
 
     @property
     def key(self) -> str:

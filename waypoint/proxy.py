@@ -4,10 +4,15 @@
 inbound tunnel's byte stream with who the client is.  The request pipeline is `_handle`, readable top to
 bottom:
 
-    parse (HTTP/1.1 or HTTP/2, detected) -> x-request-id / traceparent -> route decision (pure)
-    -> authentication (JWT) -> authorization -> fault (delay, abort) -> request body (buffered for
-    retries) -> mirrors (fire and forget) -> forward with retries and timeouts (LB, outlier detection,
-    pool limits) -> response header operations -> metrics and access log
+    parse (HTTP/1.1 or HTTP/2, detected) -> normalization (method, path: 400 when impossible)
+    -> forwarding headers (XFCC, XFF, Forwarded) and x-request-id / traceparent -> authentication (JWT;
+    never waits for keys) -> route decision (pure) -> authorization -> fault (delay, abort) -> request
+    body (buffered for retries) -> mirrors (fire and forget) -> forward with retries and timeouts (LB,
+    outlier detection, pool limits) -> response header operations -> metrics and access log
+
+Routing, authentication and authorization all see the normalized request that is sent upstream, with the
+JWT's header changes made, as Envoy's filters see it after its HTTP connection manager and jwt_authn.
+`run()` is the proxy's background work (keeping JWKS fresh); the process runs it beside the listeners.
 
 The route table is swapped whole by `update` (a reference assignment, atomic under trio): each request
 reads the table once at its start and keeps that decision to the end.
@@ -36,7 +41,9 @@ from waypoint.http.http1 import Http1Server, Http1Settings
 from waypoint.http.http2 import Http2Server
 from waypoint.jwks import JwksCache
 from waypoint.l7 import authz, jwt, routing
-from waypoint.l7.model import ClientInfo, Endpoint, RequestHead, with_header, without
+from waypoint.l7.forwarding import forwarding_headers, remote_ip
+from waypoint.l7.model import ClientInfo, Endpoint, RequestHead, with_header
+from waypoint.l7.normalize import NormalizationError, normalize_request
 from waypoint.metrics import RequestLabels, WaypointMetrics
 from waypoint.upstream.forward import Forwarder, Record, RequestBody, send_local
 from waypoint.upstream.pool import ConnectionPool, Upstream
@@ -52,6 +59,7 @@ class ProxySettings:
     detect_timeout: float = 5.0
     mirror_timeout: float = 10.0
     generate_traceparent: bool = True
+    xff_trusted_hops: int = 0  # proxies in front whose x-forwarded-for entries are believed (Envoy's default 0)
 
 
 class WaypointProxy:
@@ -59,10 +67,10 @@ class WaypointProxy:
                  settings: ProxySettings | None = None, metrics: WaypointMetrics | None = None,
                  access_log: Sink = logger_sink, rng: random.Random | None = None,
                  clock: Callable[[], float] = trio.current_time, jwks: JwksCache | None = None,
-                 l4_handler: L4Handler | None = None) -> None:
+                 l4_handler: L4Handler | None = None, identity: str = "") -> None:
         self.settings = settings or ProxySettings()
         self.upstream = upstream
-        self._table = table or RouteTable()
+        self.identity = identity  # the waypoint's own SPIFFE ID (x-forwarded-client-cert's By)
         self.metrics = metrics or WaypointMetrics()
         self.access_log = access_log
         self.rng = rng or random.Random()
@@ -71,6 +79,8 @@ class WaypointProxy:
         self.pool = ConnectionPool(upstream, clock=clock)
         self.forwarder = Forwarder(self.pool, clock, self.rng)
         self.l4_handler = l4_handler or self.passthrough
+        self._table = RouteTable()
+        self.update(table or RouteTable())
 
     # ---- configuration -------------------------------------------------------------------------------
 
@@ -81,9 +91,14 @@ class WaypointProxy:
     def update(self, table: RouteTable) -> None:
         """Serve new requests with `table`; requests in flight finish with the table they started with."""
         self._table = table
+        self.jwks.want(table.jwks_sources())
 
     def apply(self, result: CompileResult) -> None:
         self.update(result.table)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The proxy's background work until cancelled: the key sets of `jwksUri`s fetched and refreshed."""
+        await self.jwks.run(task_status=task_status)
 
     # ---- tunnels -------------------------------------------------------------------------------------
 
@@ -135,20 +150,32 @@ class WaypointProxy:
         start, wall = self.clock(), datetime.datetime.now(datetime.UTC)
         table = self._table
         rec = Record()
-        head = self._trace_headers(ex.head)
-        decision = routing.decide(table, head, client, self.rng)
+        head = ex.head
+        decision = routing.RouteDecision(table.services.get(routing.target_hostname(table, head, client)),
+                                         table_version=table.version)  # until the route is decided
         authn = jwt.AuthnResult(True)
         verdict = authz.AuthzDecision(True)
         try:
-            hostname = decision.service.hostname if decision.service else ""
-            # authentication: a present but invalid token is 401
+            # the request as policies, routes and the service will see it
+            try:
+                head = normalize_request(head)
+            except NormalizationError as exc:
+                rec.details = str(exc)
+                await send_local(ex, routing.LocalReply(400, f"bad request: {exc}".encode()), rec)
+                return
+            head = self._trace_headers(head.replace(headers=forwarding_headers(
+                head.headers, source_ip=client.source_ip, peer_identity=client.peer_identity,
+                local_identity=self.identity)))
+            hostname = routing.target_hostname(table, head, client)
+            # authentication: a present but invalid token is 401, and so is one whose keys are missing
             rules = [r for r in table.jwt_rules if r.applies_to(hostname)]
-            for uri in {r.jwks_uri for r in rules if r.jwks is None and r.jwks_uri}:
-                await self.jwks.ensure(uri)
-            authn = jwt.authenticate(rules, head, self.jwks.get)
+            authn = jwt.authenticate(rules, head, self.jwks.get, self.jwks.unavailable)
             if not authn.ok:
+                rec.details = authn.reason
                 await send_local(ex, routing.LocalReply(401, authn.reason.encode()), rec)
                 return
+            head = head.replace(headers=authn.apply(head.headers))
+            decision = routing.decide(table, head, client, self.rng)
             # authorization
             verdict = authz.decide(table.policies, hostname, self._authz_request(head, client, authn))
             if not verdict.allowed:
@@ -164,10 +191,6 @@ class WaypointProxy:
             if decision.local_reply is not None or decision.cluster is None or decision.request is None:
                 await send_local(ex, decision.local_reply or routing.LocalReply(404, b"", "NR"), rec)
                 return
-            request = decision.request
-            if authn.strip_header:
-                request = request.replace(headers=without(request.headers, [authn.strip_header]))
-            decision = routing.RouteDecision(**{**decision.__dict__, "request": request})
             # the body, buffered up to a bound for retries and mirrors
             body = RequestBody(ex.body(), self.settings.retry_buffer_bytes, rec)
             await body.prepare()
@@ -190,13 +213,14 @@ class WaypointProxy:
             headers = with_header(headers, "traceparent", f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01")
         return head.replace(headers=headers)
 
-    @staticmethod
-    def _authz_request(head: RequestHead, client: ClientInfo, authn: jwt.AuthnResult) -> authz.AuthzRequest:
+    def _authz_request(self, head: RequestHead, client: ClientInfo, authn: jwt.AuthnResult) -> authz.AuthzRequest:
         return authz.AuthzRequest(method=head.method, path=head.uri_path, host=head.authority,
                                   port=client.destination_port, headers=head.headers, principal=client.principal,
                                   namespace=client.namespace, source_ip=client.source_ip,
-                                  destination_ip=client.destination_ip, request_principal=authn.principal,
-                                  claims=authn.claims, audiences=authn.audiences, presenter=authn.presenter)
+                                  destination_ip=client.destination_ip,
+                                  remote_ip=remote_ip(head.headers, client.source_ip, self.settings.xff_trusted_hops),
+                                  request_principal=authn.principal, claims=authn.claims,
+                                  audiences=authn.audiences, presenter=authn.presenter)
 
     @staticmethod
     def _upstream_protocol(table: RouteTable, d: routing.RouteDecision) -> str:

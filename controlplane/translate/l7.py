@@ -6,7 +6,8 @@ fully qualified hostnames it concerns, and the waypoints (`<ns>/<gateway>`) that
 - VirtualService and DestinationRule: the waypoints of the services their hosts cover (short hosts are
   qualified in the resource's namespace);
 - AuthorizationPolicy and RequestAuthentication with `targetRef(s)`: a `Gateway` target names the
-  waypoint itself; a `Service` target means that service's waypoint.  Policies with a selector or no
+  waypoint itself; a `Service` target means that service's waypoint.  A target in another namespace is
+  ignored (and reported) unless the policy is in the root namespace, as in Istio.  Policies with a selector or no
   target are not for waypoints (AuthorizationPolicies go to agents at L4; a RequestAuthentication
   without a target is reported as not enforced, as in Istio ambient mode).
 A config whose services have no waypoint is still sent (with no waypoints), so `proxy-status` and
@@ -20,7 +21,9 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
+from controlplane.translate.guard import guarded
 from mesh.api.crossref import fqdn, host_covers
+from mesh.defaults import ROOT_NAMESPACE
 from mesh.proto import discovery_pb2 as pb
 
 _KINDS = {
@@ -59,6 +62,10 @@ def _targets(body: Mapping[str, Any], services: Mapping[str, pb.Service], waypoi
     hostnames: list[str] = []
     for ref in refs:
         ns = ref.get("namespace") or meta["namespace"]
+        if ns != meta["namespace"] and meta["namespace"] != ROOT_NAMESPACE:
+            problems.append(f"{where}: targets {ref['kind']} {ns}/{ref['name']} in another namespace: ignored "
+                            f"(only policies in {ROOT_NAMESPACE} may target other namespaces)")
+            continue
         if ref["kind"] == "Gateway":
             if (ns, ref["name"]) in waypoints:
                 found.add(f"{ns}/{ref['name']}")
@@ -78,28 +85,37 @@ def _targets(body: Mapping[str, Any], services: Mapping[str, pb.Service], waypoi
 
 
 def build_l7(snapshot: Any, services: Mapping[str, pb.Service], waypoints: set[tuple[str, str]],
-             problems: list[str]) -> dict[str, pb.L7Config]:
+             problems: list[str], errors: list[str] | None = None) -> dict[str, pb.L7Config]:
+    """One L7Config per VirtualService, DestinationRule and waypoint policy; one that cannot be translated
+    is left out and reported in `errors` (`controlplane.translate.guard`)."""
+    errors = errors if errors is not None else problems
     out: dict[str, pb.L7Config] = {}
 
-    def add(msg: pb.L7Config, kind: str) -> None:
-        out[f"{kind}/{msg.namespace}/{msg.name}"] = msg
-
-    for body in snapshot.of_kind("VirtualService"):
+    def virtual_service(body: Mapping[str, Any]) -> pb.L7Config:
         ns = body["metadata"]["namespace"]
         hosts = [fqdn(h, ns) for h in body["spec"]["hosts"]]
-        add(_envelope(body, _by_hosts(hosts, services), hosts), "VirtualService")
-    for body in snapshot.of_kind("DestinationRule"):
+        return _envelope(body, _by_hosts(hosts, services), hosts)
+
+    def destination_rule(body: Mapping[str, Any]) -> pb.L7Config:
         host = fqdn(body["spec"]["host"], body["metadata"]["namespace"])
-        add(_envelope(body, _by_hosts([host], services), [host]), "DestinationRule")
-    for kind in ("AuthorizationPolicy", "RequestAuthentication"):
+        return _envelope(body, _by_hosts([host], services), [host])
+
+    def policy(body: Mapping[str, Any]) -> pb.L7Config | None:
+        spec = body.get("spec") or {}
+        if not (spec.get("targetRef") or spec.get("targetRefs")):
+            if body["kind"] == "RequestAuthentication":
+                meta = body["metadata"]
+                problems.append(f"RequestAuthentication {meta['namespace']}/{meta['name']}: without targetRefs "
+                                "it applies to no waypoint and is not enforced")
+            return None
+        found, hostnames = _targets(body, services, waypoints, problems)
+        return _envelope(body, found, hostnames)
+
+    steps = (("VirtualService", virtual_service), ("DestinationRule", destination_rule),
+             ("AuthorizationPolicy", policy), ("RequestAuthentication", policy))
+    for kind, step in steps:
         for body in snapshot.of_kind(kind):
-            spec = body.get("spec") or {}
-            if not (spec.get("targetRef") or spec.get("targetRefs")):
-                if kind == "RequestAuthentication":
-                    meta = body["metadata"]
-                    problems.append(f"RequestAuthentication {meta['namespace']}/{meta['name']}: without targetRefs "
-                                    "it applies to no waypoint and is not enforced")
-                continue
-            found, hostnames = _targets(body, services, waypoints, problems)
-            add(_envelope(body, found, hostnames), kind)
+            msg = guarded(body, errors, lambda body=body, step=step: step(body))  # type: ignore[misc]
+            if msg is not None:
+                out[f"{kind}/{msg.namespace}/{msg.name}"] = msg
     return out

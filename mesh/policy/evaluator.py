@@ -14,6 +14,9 @@ How a decision is made (the order matters):
 4. Otherwise, if at least one ALLOW policy applies, the connection is allowed only when one matches.
 5. Otherwise it is allowed.
 
+CUSTOM policies (external authorization) have no provider in this mesh and fail closed: the projection
+hands them over as DENY policies (`mesh.policy.projection`), so they deny here what their rules match.
+
 Matching: a policy matches when any of its rules matches, so a policy without rules matches nothing
 (an ALLOW policy without rules therefore denies everything: "allow nothing"; a DENY policy without
 rules denies nothing).  A rule matches when all of its clauses match (a rule without clauses matches

@@ -11,8 +11,10 @@ are enforced by waypoints, so `authorization_policy()` leaves them out (None).
 A rule that also needs L7 attributes (methods, paths, hosts, request principals, header or claim
 conditions, remoteIpBlocks) cannot be checked at L4, so it fails closed: in an ALLOW policy the rule is
 dropped (it allows nothing), in a DENY policy the L7 conditions are dropped (it denies more).  AUDIT
-rules with L7 attributes are dropped.  CUSTOM policies are not supported and are skipped; every such
-decision is reported in `problems`.
+rules with L7 attributes are dropped.  A CUSTOM policy (external authorization, for which the mesh has
+no provider) fails closed: it is projected as a DENY policy, so it denies what its rules match, and
+more where its rules need L7 attributes (docs/ARCHITECTURE.md, "CUSTOM policies").  Every such decision
+is reported in `problems`.
 
 Principals and namespaces follow Istio's matching (`mesh.policy.matchers`): `*` (any non-empty value),
 `prefix*`, `*suffix`, or an exact value.  Principals are kept in Istio's form `<td>/ns/<ns>/sa/<sa>`
@@ -34,7 +36,7 @@ from mesh.proto import discovery_pb2 as pb
 L4_WHEN = ("source.ip", "source.namespace", "source.principal", "destination.ip", "destination.port")
 _L7_SOURCE = ("requestPrincipals", "notRequestPrincipals", "remoteIpBlocks", "notRemoteIpBlocks")
 _L7_OPERATION = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
-_ACTIONS = {"ALLOW": pb.ALLOW, "DENY": pb.DENY, "AUDIT": pb.AUDIT}
+_ACTIONS = {"ALLOW": pb.ALLOW, "DENY": pb.DENY, "AUDIT": pb.AUDIT, "CUSTOM": pb.DENY}
 PEER_AUTHN_PREFIX = "converted_peer_authentication_"
 
 
@@ -102,22 +104,22 @@ def _rule(rule: Mapping[str, Any]) -> pb.Rule:
 
 
 def authorization_policy(body: Mapping[str, Any], problems: list[str]) -> pb.Authorization | None:
-    """The L4 form of an AuthorizationPolicy; None when agents do not enforce it (targetRef, CUSTOM)."""
+    """The L4 form of an AuthorizationPolicy; None when agents do not enforce it (targetRef)."""
     meta, spec = body["metadata"], body.get("spec") or {}
     where = f"AuthorizationPolicy {meta['namespace']}/{meta['name']}"
     if spec.get("targetRef") or spec.get("targetRefs"):
         return None  # a waypoint enforces it
     action = spec.get("action", "ALLOW")
     if action == "CUSTOM":
-        problems.append(f"{where}: action CUSTOM is not supported; the policy is not enforced")
-        return None
+        problems.append(f"{where}: action CUSTOM has no external authorizer here; it is enforced as DENY "
+                        "(fail closed)")
     scope, selector = scope_of(body)
     out = pb.Authorization(name=meta["name"], namespace=meta["namespace"], scope=scope, selector=selector,
                            action=_ACTIONS[action],
                            dry_run=(meta.get("annotations") or {}).get("istio.io/dry-run") == "true")
     for i, rule in enumerate(spec.get("rules") or []):
         if _has_l7(rule):
-            if action == "DENY":
+            if action in ("DENY", "CUSTOM"):
                 problems.append(f"{where}: rules[{i}] has L7 attributes that agents cannot check; "
                                 "they are ignored at L4, so it denies more (add a waypoint to enforce them)")
             else:

@@ -6,8 +6,14 @@ allowed.  AUDIT policies never change the outcome; matches are reported for the 
 matches when one of its rules matches; a rule matches when every `from`, `to` and `when` holds; inside a
 `from`/`to` list any entry may match; inside one source or operation every field set must hold.
 
-`action: CUSTOM` (an external authorizer) is not supported: such a policy is compiled with a warning and
-requests it covers are denied (fail closed) rather than silently let through.
+`action: CUSTOM` (an external authorizer) has no provider here, so it fails closed, with the one rule node
+agents follow too (docs/ARCHITECTURE.md): a CUSTOM policy denies what its rules match, as a DENY would,
+and is evaluated first.  The waypoint sees HTTP, so it denies exactly the requests its rules match (the
+ones Envoy would have sent to the authorizer); where HTTP is not seen (node agents, the waypoint's L4
+passthrough) the rules' HTTP conditions are dropped and it denies more.  It is compiled with a warning.
+
+`source.ip` / `ipBlocks` are the verified address of the HBONE peer; `remote.ip` / `remoteIpBlocks` are
+Envoy's trusted client address (`waypoint.l7.forwarding.remote_ip`), the same unless trusted hops are set.
 
 Values use Istio's forms: `*` (present, non-empty), `prefix*`, `*suffix`, or an exact string.  Principals,
 namespaces and IP blocks (in `from` and in `when`) are matched by `mesh.policy.matchers`, the matcher the
@@ -42,6 +48,7 @@ class AuthzRequest:
     namespace: str = ""
     source_ip: str = ""
     destination_ip: str = ""
+    remote_ip: str = ""  # "" means source_ip
     request_principal: str = ""  # "" when no valid JWT
     claims: Mapping[str, Any] = field(default_factory=dict)
     audiences: tuple[str, ...] = ()
@@ -79,7 +86,7 @@ def compile_policy(where: str, name: str, namespace: str, spec: Mapping[str, Any
     warnings = []
     if action == "CUSTOM":
         warnings.append(f"{where}: action CUSTOM (external authorization) is not supported by this waypoint; "
-                        "requests it covers are denied")
+                        "requests its rules match are denied")
     rules = tuple(spec.get("rules") or ())
     for i, rule in enumerate(rules):
         for j, w in enumerate(rule.get("when") or ()):
@@ -132,7 +139,7 @@ def _source(spec: Mapping[str, Any], r: AuthzRequest) -> bool:
             and _field(spec, "requestPrincipals", [r.request_principal] if r.request_principal else [])
             and _field(spec, "namespaces", [r.namespace] if r.namespace else [], _namespaces)
             and _field(spec, "ipBlocks", [r.source_ip], _in_cidrs)
-            and _field(spec, "remoteIpBlocks", [r.source_ip], _in_cidrs))
+            and _field(spec, "remoteIpBlocks", [r.remote_ip or r.source_ip], _in_cidrs))
 
 
 def _operation(spec: Mapping[str, Any], r: AuthzRequest) -> bool:
@@ -163,7 +170,7 @@ def condition_values(key: str, r: AuthzRequest) -> list[str]:
         return _claim(r.claims, key[len("request.auth.claims["):-1].split("]["))
     simple = {
         "source.principal": [r.principal], "source.namespace": [r.namespace],
-        "source.ip": [r.source_ip], "remote.ip": [r.source_ip], "destination.ip": [r.destination_ip],
+        "source.ip": [r.source_ip], "remote.ip": [r.remote_ip or r.source_ip], "destination.ip": [r.destination_ip],
         "destination.port": [str(r.port)], "request.auth.principal": [r.request_principal],
         "request.auth.audiences": list(r.audiences), "request.auth.presenter": [r.presenter],
     }

@@ -6,7 +6,8 @@ source/destination attributes.  The projection is the one the control plane make
 (`mesh.policy.projection.authorization_policy`), and the decision is the node agents' own
 (`mesh.policy.evaluator.evaluate`), so a policy means the same at L4 wherever it is enforced.  Rules
 that need HTTP attributes fail closed: in an ALLOW policy such a rule allows nothing, in a DENY policy
-its HTTP conditions are dropped (it denies more).  CUSTOM policies deny every connection they cover.
+its HTTP conditions are dropped (it denies more).  CUSTOM policies are DENY policies here, as at the
+node agents (the one rule of docs/ARCHITECTURE.md): they deny what their rules' L4 conditions match.
 """
 
 from __future__ import annotations
@@ -34,13 +35,10 @@ class L4Policy:
 
 
 def to_l4(policy: CompiledPolicy) -> L4Policy:
-    if policy.action == "CUSTOM":  # not supported: deny what it covers rather than let it through
-        msg = pb.Authorization(name=policy.name, namespace=policy.namespace, action=pb.DENY, rules=[pb.Rule()])
-        return L4Policy(policy.hostnames, msg)
     body = {"metadata": {"name": policy.name, "namespace": policy.namespace},
             "spec": {"action": policy.action, "rules": [dict(r) for r in policy.rules]}}
     projected = authorization_policy(body, [])
-    assert projected is not None  # no targetRef and no CUSTOM in `body`
+    assert projected is not None  # no targetRef in `body`
     return L4Policy(policy.hostnames, projected)
 
 

@@ -75,7 +75,8 @@ class ClientInfo:
     """Who sent an inbound tunnel: what the HBONE layer knows before any HTTP is read.
 
     `peer_identity` is the SPIFFE URI of the client certificate (or "" when unknown), `source` the client's
-    `ip:port`, `original_destination` the tunnel's `:authority` (service VIP:port or workload IP:port).
+    `ip:port` as the connection shows it (never what the client wrote in a header), `original_destination`
+    the tunnel's `:authority` (service VIP:port or workload IP:port).
     """
 
     peer_identity: str = ""

@@ -183,6 +183,13 @@ def _target(table: RouteTable, head: RequestHead, client: ClientInfo) -> tuple[S
     return svc, hport or port or svc.default_port(), None
 
 
+def target_hostname(table: RouteTable, head: RequestHead, client: ClientInfo) -> str:
+    """The hostname of the service `head` is for ("" for a workload, or when none is known): what picks
+    the JWT rules and policies before the route is decided."""
+    svc, _, _ = _target(table, head, client)
+    return svc.hostname if svc is not None else ""
+
+
 def resolve_cluster(table: RouteTable, dest: Destination, incoming_port: int) -> Cluster | LocalReply:
     svc = table.services.get(dest.host) or table.service_for_host(dest.host)
     if svc is None:

@@ -90,7 +90,7 @@ def test_envoy_configs_originate_and_require_mtls(tmp_path: Path) -> None:
 def test_quick_settings_and_time_left() -> None:
     q = Settings.quick()
     assert (q.rounds, q.duration, q.stream_bytes) == (1, 5.0, 16 << 20)
-    full = Settings()
+    full = Settings(modes=("a", "b", "c", "d"))
     p = Progress(full, lambda _: None)
     total = p.remaining(1, 0, 0)
     # 4 modes x 3 rounds x (3 phases of 30 s + stream) + crosscheck + switch overheads: under 30 minutes

@@ -67,12 +67,15 @@ def test_scope_action_and_dry_run() -> None:
     assert project({}, annotations={"istio.io/dry-run": "true"})[0].dry_run
 
 
-def test_waypoint_and_custom_policies_are_not_projected() -> None:
+def test_waypoint_policies_are_not_projected_and_custom_ones_fail_closed() -> None:
     problems: list[str] = []
     assert authorization_policy(ap({"targetRefs": [{"kind": "Service", "name": "web"}], "rules": [{}]}), problems) is None
     assert problems == []
-    assert authorization_policy(ap({"action": "CUSTOM", "provider": {"name": "x"}, "rules": [{}]}), problems) is None
-    assert problems == ["AuthorizationPolicy prod/p: action CUSTOM is not supported; the policy is not enforced"]
+    # CUSTOM (no external authorizer here) is enforced as DENY; it used to be skipped, which failed open.
+    custom = authorization_policy(ap({"action": "CUSTOM", "provider": {"name": "x"}, "rules": [{}]}), problems)
+    assert custom is not None and custom.action == pb.DENY and len(custom.rules) == 1
+    assert problems == ["AuthorizationPolicy prod/p: action CUSTOM has no external authorizer here; it is enforced "
+                        "as DENY (fail closed)"]
 
 
 def test_l7_attributes_fail_closed() -> None:

@@ -12,9 +12,21 @@ import h2.config
 import h2.connection
 import h2.events
 import trio
-from waypoint_harness import fq, logged, raw, request, running_proxy, service, start_backend, table, workload
+from waypoint_harness import (
+    WAYPOINT,
+    fq,
+    logged,
+    raw,
+    request,
+    running_proxy,
+    service,
+    start_backend,
+    table,
+    workload,
+)
 from waypoint_resources import l7
 
+from waypoint.config import compile_table
 from waypoint.http.exchange import iterate
 from waypoint.http.http1 import Http1Client
 from waypoint.http.http2 import Http2Client
@@ -364,7 +376,13 @@ def test_jwt_through_the_proxy_with_jwks_uri() -> None:
                                                                 "rules": [{"from": [{"source": {"requestPrincipals": ["*"]}}],
                                                                            "to": [{"operation": {"paths": ["/private*"]}}]},
                                                                           {"to": [{"operation": {"notPaths": ["/private*"]}}]}]})
-            async with running_proxy(table(svcs, wls, [vs(route_to("v1")), dr(), ra, require])) as (_, front, log, _n):
+            # This key set is served over plain http, which the waypoint refuses unless allowed.
+            compiled = compile_table(WAYPOINT, wls, svcs, [vs(route_to("v1")), dr(), ra, require], allow_http_jwks=True)
+            assert not compiled.errors, compiled.errors
+            async with running_proxy(compiled.table) as (proxy, front, log, _n):
+                with trio.fail_after(5):  # fetched in the background; requests never wait for it
+                    while proxy.jwks.get(uri) is None:
+                        await trio.sleep(0.01)
                 head, body = await request(front.port, "/private", headers=(("authorization", f"Bearer {good}"),))
                 assert head.status == 200 and "authorization" not in json.loads(body)["headers"]
                 assert (await logged(log))["request_principal"] == f"{iss}/alice"

@@ -156,7 +156,8 @@ def test_admit_takes_service_vips_and_workloads_that_use_the_waypoint() -> None:
 
     table = _table({"v1": 1})
     ok = admit(table, parse_authority("10.96.0.11:9080"), SLEEP_ID, CLIENT, "10.244.1.1:5000")
-    assert ok == ClientInfo(str(SLEEP_ID), CLIENT, "10.96.0.11:9080")
+    # The client is the connection's own peer: a Forwarded naming another address is not believed.
+    assert ok == ClientInfo(str(SLEEP_ID), "10.244.1.1:5000", "10.96.0.11:9080")
     # No Forwarded header: the connection's own peer address is the client.
     assert isinstance(ok2 := admit(table, parse_authority("10.244.1.7:80"), SLEEP_ID, None, "10.244.1.1:5000"),
                       ClientInfo) and ok2.source == "10.244.1.1:5000"
@@ -212,7 +213,8 @@ def test_inbound_routes_by_authority_refuses_unknown_and_applies_l4_policy(ca: M
                     while not lines:
                         await trio.sleep(0.01)
                 entry = json.loads(lines[0])
-                assert entry["downstream_peer"] == CLIENT and entry["downstream_principal"] == str(SLEEP_ID)
+                # The HBONE connection's own peer, not the address the client wrote in Forwarded.
+                assert entry["downstream_peer"].startswith("127.0.0.1:") and entry["downstream_principal"] == str(SLEEP_ID)
                 assert entry["response_code"] == 200 and entry["upstream_host"] == f"127.0.0.1:{v1.port}"
                 metrics = list(proxy.metrics.requests.collect())[0].samples
                 assert any(s.labels["reporter"] == "waypoint" and s.labels["response_code"] == "200"

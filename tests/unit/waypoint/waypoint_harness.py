@@ -147,6 +147,7 @@ async def running_proxy(tbl: Any, destination: str = "10.96.0.11:9080", settings
         rng=random.Random(11), **kw)
     front = Front(proxy, destination)
     async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)  # its background work, as the process runs it
         listeners = await nursery.start(partial(trio.serve_tcp, front.handle, 0, host="127.0.0.1"))
         front.port = listeners[0].socket.getsockname()[1]
         yield proxy, front, log, nursery

@@ -19,9 +19,12 @@ def fq(name: str, ns: str = NS) -> str:
     return f"{name}.{ns}.svc.cluster.local"
 
 
-def service(name: str, vip: str, port: int = 9080, ns: str = NS, app_protocol: str = "") -> pb.Service:
+def service(name: str, vip: str, port: int = 9080, ns: str = NS, app_protocol: str = "",
+            waypoint: str = "waypoint") -> pb.Service:
+    """A service bound to the waypoint `waypoint` of its namespace ("": to none)."""
     return pb.Service(name=name, namespace=ns, hostname=fq(name, ns), vips=[vip],
-                      ports=[pb.ServicePort(service_port=port, target_port=port, name="http", app_protocol=app_protocol)])
+                      ports=[pb.ServicePort(service_port=port, target_port=port, name="http", app_protocol=app_protocol)],
+                      waypoint=pb.GatewayAddress(name=waypoint, namespace=ns) if waypoint else None)
 
 
 def workload(name: str, ip: str, svc: str, version: str = "v1", ns: str = NS, port: int = 9080,

@@ -1,0 +1,54 @@
+"""The forwarding headers a request leaves the waypoint with, from what the waypoint verified (pure).
+
+Envoy as Istio configures it, for a proxy that is the first to see the client's verified identity:
+
+- `x-forwarded-client-cert`: whatever the client wrote is dropped and the header is set to the verified
+  peer (`forward_client_cert_details: SANITIZE_SET`): `By=<this waypoint's SPIFFE ID>;URI=<the peer's>`;
+  no peer identity, no header.
+- `x-forwarded-for`: the verified source address is appended (`use_remote_address: true`).
+- `forwarded` (RFC 7239), which nothing here vouches for, is removed.
+
+The address `remoteIpBlocks` and `remote.ip` see is Envoy's "trusted client address": the appended
+`x-forwarded-for` read from the right, skipping `trusted_hops` proxies (`xff_num_trusted_hops`, 0 by
+default, so it is the verified source itself).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from waypoint.l7.model import Headers, header_values, with_header, without
+
+XFCC = "x-forwarded-client-cert"
+XFF = "x-forwarded-for"
+FORWARDED = "forwarded"
+
+
+def forwarding_headers(headers: Headers, *, source_ip: str, peer_identity: str, local_identity: str = "") -> Headers:
+    """`headers` with the forwarding headers sanitized and set."""
+    out = without(headers, [XFCC, FORWARDED, XFF])
+    chain = [a.strip() for v in header_values(headers, XFF) for a in v.split(",") if a.strip()]
+    if source_ip:
+        chain.append(source_ip)
+    if chain:
+        out = (*out, (XFF, ",".join(chain)))
+    if peer_identity:
+        parts = ([f"By={local_identity}"] if local_identity else []) + [f"URI={peer_identity}"]
+        out = with_header(out, XFCC, ";".join(parts))
+    return out
+
+
+def remote_ip(headers: Headers, source_ip: str, trusted_hops: int = 0) -> str:
+    """The trusted client address: `x-forwarded-for` (already appended with `source_ip`) counted
+    `trusted_hops` from the right; `source_ip` when the chain is too short or not an address there."""
+    if trusted_hops <= 0:
+        return source_ip
+    chain = [a.strip() for v in header_values(headers, XFF) for a in v.split(",") if a.strip()]
+    if len(chain) <= trusted_hops:
+        return source_ip
+    candidate = chain[-1 - trusted_hops]
+    try:
+        ipaddress.ip_address(candidate)
+    except ValueError:
+        return source_ip
+    return candidate
