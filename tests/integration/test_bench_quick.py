@@ -32,9 +32,10 @@ def test_bench_quick_writes_results_and_cleans_up(meshctl: Meshctl, tmp_path: Pa
     assert files[".png"].read_bytes()[:4] == b"\x89PNG"
     results = json.loads(files[".json"].read_text())
     modes = results["modes"]
-    assert set(modes) == {"a", "b", "c", "d"}
-    # Every mode runs for real: no mesh, the node agents, the waypoint, and the Envoy pair.
-    assert {key: info["status"] for key, info in modes.items()} == {m: "ok" for m in "abcd"}
+    assert set(modes) == {"a", "b", "c", "d", "e"}
+    # Every mode runs for real: no mesh, the node agents, the waypoint, the Envoy pair, and the node agents
+    # capturing with eBPF.
+    assert {key: info["status"] for key, info in modes.items()} == {m: "ok" for m in "abcde"}
     for key in modes:
         ran = [r for r in results["rounds"] if r["mode"] == key]
         assert ran and all(r["error_count"] == 0 for r in ran), (key, ran[0].get("errors") if ran else None)
@@ -46,6 +47,8 @@ def test_bench_quick_writes_results_and_cleans_up(meshctl: Meshctl, tmp_path: Pa
     d = next(r for r in results["rounds"] if r["mode"] == "d")
     assert d["path"].startswith("client and server Envoys forwarded")
     assert set(d["peak_rss_kib"]) == {"envoy client", "envoy server"}
+    e = next(r for r in results["rounds"] if r["mode"] == "e")
+    assert "eBPF programs and no iptables rules" in e["path"]
     md = files[".md"].read_text()
     assert "| a: no mesh | ok |" in md and "| d: sidecar model (Envoy) | ok |" in md
     assert leftovers(name) == []
