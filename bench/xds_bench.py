@@ -76,8 +76,10 @@ def rss_kib() -> int:
 
 
 def clients_child(target: str, root_file: str, count: int) -> None:
-    """Hold `count` wildcard clients open until stdin closes."""
+    """Hold `count` wildcard clients open until stdin closes; their node tokens are in `tokens` beside the
+    root file, one a line (discovery is authenticated)."""
     root = Path(root_file).read_bytes()
+    tokens = Path(root_file).with_name("tokens").read_text().split()
     clients = []
     for i in range(count):
         cfg = ClientConfig(
@@ -86,6 +88,7 @@ def clients_child(target: str, root_file: str, count: int) -> None:
             subscriptions={rs.WORKLOAD: None},
             root_pem=root,
             backoff_initial=0.1,
+            metadata=(("authorization", f"Bearer {tokens[i]}"),),
         )
         c = XdsClient(cfg)
         c.start()
@@ -106,7 +109,8 @@ def memory_child(workloads: int) -> None:
         running = cp.start()
         root = Path(tmp) / "root.pem"
         root.write_bytes(running.root_pem or b"")
-        print(json.dumps({"port": running.grpc_port, "root": str(root)}), flush=True)
+        token = running.extras["token_issuer"].mint_node_token("m")
+        print(json.dumps({"port": running.grpc_port, "root": str(root), "token": token}), flush=True)
         sys.stdin.readline()
         print(json.dumps({"workloads": workloads, "rss_kib": rss_kib()}), flush=True)
         sys.stdin.read()
@@ -147,6 +151,9 @@ def convergence(counts: list[int], applies: int) -> list[dict[str, Any]]:
         root_file = Path(tmp) / "root.pem"
         assert running.root_pem is not None
         root_file.write_bytes(running.root_pem)
+        issuer = running.extras["token_issuer"]
+        root_file.with_name("tokens").write_text(
+            "\n".join(issuer.mint_node_token(f"bench-{i}") for i in range(max(counts, default=0))))
         generation = 0
         for count in counts:
             child = subprocess.Popen(
@@ -201,6 +208,7 @@ def memory(sizes: list[int]) -> list[dict[str, Any]]:
                 node=NodeInfo(id="nodeagent~m~m.", role="nodeagent", node="m"),
                 subscriptions={rs.WORKLOAD: None, rs.SERVICE: None},
                 root_pem=Path(info["root"]).read_bytes(),
+                metadata=(("authorization", f"Bearer {info['token']}"),),
             )
             with XdsClient(cfg) as c:
                 if not c.wait_synced(120):

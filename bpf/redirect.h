@@ -22,6 +22,12 @@
  * iptables rules do. */
 #define AGENT_MARK 0x539
 
+/* The source ports of the agent's transparent sockets: the connections it makes to the app from the
+ * client's address (mesh/defaults.py TRANSPARENT_PORTS).  sk_lookup lets them reach the app; the pod's
+ * ip rules route TCP to these ports back into the pod, so nobody outside can use them. */
+#define TRANSPARENT_PORT_MIN 20000
+#define TRANSPARENT_PORT_MAX 29999
+
 /* Map sizes, per pod.  A record lives from the app's connect() until the agent accepts (or the LRU
  * evicts a record whose connection never got established). */
 #define ORIG_DST_MAX_ENTRIES 16384

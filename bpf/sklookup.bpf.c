@@ -14,6 +14,12 @@
  *     arrive from outside with a local source address (martians), and the replies to such an address
  *     would stay in the pod anyway.  (ingress_ifindex is no help here: for a connection to a local
  *     address it names the device of the route, not lo.);
+ *   - it comes from a source port of the agent's transparent sockets (TRANSPARENT_PORT_MIN..MAX): the
+ *     agent connecting to the app from the client's address, which it does to preserve it (as Istio
+ *     does).  Such a connection's source is the client's address, so the test above cannot see it;
+ *     the port can.  Someone outside choosing such a port reaches nothing: the pod's policy routing
+ *     (nodeagent/redirect/rules.py, eBPF mode) sends TCP to these ports back into the pod, so the
+ *     app's SYN-ACK never leaves it and no handshake completes;
  *   - its destination port is one of the agent's (15008 HBONE and the others), or one the loader was
  *     told to skip (map inbound_skip).
  * With no listener in the sockmap (the agent is gone) such a connection is refused: fail closed.
@@ -40,6 +46,9 @@ int steer_inbound(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	if (ctx->remote_ip4 == ctx->local_ip4) /* made inside the pod's namespace: the agent */
 		return SK_PASS;
+	__u16 remote_port = bpf_ntohs((__u16)ctx->remote_port);
+	if (remote_port >= TRANSPARENT_PORT_MIN && remote_port <= TRANSPARENT_PORT_MAX)
+		return SK_PASS; /* the agent, from the client's address */
 	__u32 port = ctx->local_port; /* host byte order */
 	if (agent_port(port))
 		return SK_PASS;

@@ -4,6 +4,7 @@
   leaf signing.
 - `ca.csr`: sans-IO checks of a certificate signing request.
 - `ca.auth`: who is calling (the `Authenticator` interface, local JWT node tokens and their issuer).
+- `ca.tokenreview`: who is calling on Kubernetes (projected service-account tokens, TokenReview).
 - `ca.pods`: the narrow question the CA asks of the cluster state (`PodLocator`).
 - `ca.policy`: the decision "may this caller have a certificate for that identity?".
 - `ca.service`: the request pipeline and its gRPC servicer; `add_to_server()`.

@@ -3,9 +3,9 @@
 An `Authenticator` turns the request's gRPC metadata (`authorization: Bearer <token>`) into a `Caller`:
 a node agent for a named node, or a workload with its own identity.  The local cluster uses
 `JwtAuthenticator` over tokens minted by `NodeTokenIssuer`, which the control plane creates at cluster
-start and keeps in its state directory.  A Kubernetes TokenReview authenticator is another class with
-the same `authenticate()` method (it would map `system:serviceaccount:<ns>:<sa>` to a `Workload`, and
-the node agent's service account plus the token's bound node to a `NodeAgent`).
+start and keeps in its state directory.  On Kubernetes, `ca.tokenreview.TokenReviewAuthenticator` has
+the same `authenticate()` method: `system:serviceaccount:<ns>:<sa>` is a `Workload`, and the node
+agent's service account a `NodeAgent` of the node its token's pod is scheduled on.
 
 Token format (JWT, EdDSA over Ed25519 or ES256 over P-256):
 

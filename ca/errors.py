@@ -59,6 +59,14 @@ class AuthenticationError(CAError):
     reason = "unauthenticated"
 
 
+class AuthenticationUnavailableError(CAError):
+    """The caller's credentials could not be checked (the Kubernetes API server failed or did not answer
+    a TokenReview in time): refused, since nothing is known about the caller (fail closed)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "authentication_unavailable"
+
+
 class PermissionDeniedError(CAError):
     """An authenticated caller asking for an identity it may not have."""
 

@@ -47,8 +47,13 @@ MAX_TRANSPORT_BYTES = 4 * 1024 * 1024
 SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", MAX_TRANSPORT_BYTES),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # Keepalive (mesh.defaults): a client that went silent is dropped, and clients' pings are welcome.
+    ("grpc.keepalive_time_ms", int(defaults.XDS_SERVER_KEEPALIVE_TIME * 1000)),
+    ("grpc.keepalive_timeout_ms", int(defaults.XDS_KEEPALIVE_TIMEOUT * 1000)),
+    ("grpc.http2.ping_timeout_ms", int(defaults.XDS_KEEPALIVE_TIMEOUT * 1000)),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", int(defaults.XDS_SERVER_MIN_PING_INTERVAL * 1000)),
+    ("grpc.http2.max_pings_without_data", 0),
 )
 DEFAULT_SERVING_HOSTS = ("localhost", "127.0.0.1")
 
@@ -93,9 +98,11 @@ class CAServer:
 
     @classmethod
     def from_state_dir(cls, home: Path, pods: PodLocator, *, trust_domain: str = defaults.TRUST_DOMAIN,
-                       **kwargs: Any) -> CAServer:
+                       authenticator: Authenticator | None = None, **kwargs: Any) -> CAServer:
+        """The CA of `home`; callers are authenticated by `authenticator` (on Kubernetes, TokenReview),
+        else by the tokens of `home`'s token issuer (the local cluster)."""
         authority, issuer = load_state(home, trust_domain)
-        return cls(authority, issuer.authenticator(), pods, issuer=issuer, **kwargs)
+        return cls(authority, authenticator or issuer.authenticator(), pods, issuer=issuer, **kwargs)
 
     @property
     def root_pem(self) -> bytes | None:

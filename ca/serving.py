@@ -8,13 +8,16 @@ its own.  Clients trust it through the mesh root (`root-cert.pem`), exactly like
 
 The key is made in this process and never written to disk.  The certificate is renewed at half-life:
 `server_credentials()` uses gRPC's dynamic credentials, which ask for the current certificate on each
-new TLS handshake, so live connections are not dropped when it rotates.
+new TLS handshake, so live connections are not dropped when it rotates.  `https_context()` does the same
+for an `ssl` server (the admission webhook on :15017): its SNI callback, which OpenSSL calls on every
+ClientHello, moves the handshake to a context made from the current certificate.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca.authority import CertificateAuthority, to_pem
 from mesh.identity import SpiffeId
+from mesh.secrets.tls import https_server_context
 
 CONTROL_PLANE_NAMESPACE = "istio-system"
 CONTROL_PLANE_SERVICE_ACCOUNT = "istiod"
@@ -145,3 +149,45 @@ def server_credentials(
         rotating._config(), rotating._fetch, require_client_authentication=False
     )
     return creds, rotating
+
+
+class _HttpsContexts:
+    """The `ssl` context of the current serving certificate, remade when it rotates (thread-safe)."""
+
+    def __init__(self, rotating: RotatingServingCertificate) -> None:
+        self._rotating = rotating
+        self._lock = threading.Lock()
+        self._cert = rotating.current
+        self._ctx = self._make(self._cert)
+
+    def _make(self, cert: ServingCertificate) -> ssl.SSLContext:
+        ctx = https_server_context(cert.chain_pem, cert.key_pem)
+        ctx.sni_callback = self._on_client_hello
+        return ctx
+
+    def current(self) -> ssl.SSLContext:
+        self._rotating.refresh()
+        cert = self._rotating.current
+        with self._lock:
+            if cert is not self._cert:
+                self._cert, self._ctx = cert, self._make(cert)
+            return self._ctx
+
+    def _on_client_hello(self, conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                         ctx: ssl.SSLContext) -> None:
+        current = self.current()
+        if current is not ctx:
+            conn.context = current
+
+
+def https_context(
+    authority: CertificateAuthority,
+    hosts: Sequence[str],
+    *,
+    identity: SpiffeId | None = None,
+    ttl: datetime.timedelta = SERVING_TTL,
+) -> tuple[ssl.SSLContext, RotatingServingCertificate]:
+    """An HTTPS server context presenting a serving certificate for `hosts` (renewed at half-life, see the
+    module docstring), and the rotating certificate behind it."""
+    rotating = RotatingServingCertificate(authority, hosts, identity=identity, ttl=ttl)
+    return _HttpsContexts(rotating).current(), rotating

@@ -1,9 +1,11 @@
 """The control plane, assembled: discovery and CA on one TLS gRPC port, the apply API, metrics.
 
 Top to bottom (`ControlPlane.start`): metrics registry, configuration source (the store and its
-translation), discovery server, the CA's server (`ca.server`: state directory → CA → token issuer →
-service → TLS) with discovery added on the same port, HTTP endpoints (metrics on TCP, debug on a Unix
-socket), the apply API (which also mints tokens with the CA's issuer), then `endpoints.json`.
+translation; on Kubernetes the store is filled from the cluster's API, listed before anything is served,
+and callers are authenticated by TokenReview), discovery server, the CA's server (`ca.server`: state
+directory → CA → token issuer → service → TLS) with discovery added on the same port, HTTP endpoints
+(metrics on TCP, debug on a Unix socket), the apply API (which also mints tokens with the CA's issuer;
+local source only) or, on Kubernetes, the admission webhook, then `endpoints.json`.
 `stop` undoes it in reverse.  `run` is the process (until SIGTERM or SIGINT); `ControlPlaneThread` runs
 it on an event loop of its own (tests, benchmarks).
 """
@@ -21,16 +23,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from ca.auth import Authenticator
 from ca.server import CAServer
+from ca.tokenreview import TokenReviewAuthenticator
 from controlplane.config.apiserver import ApiServer
+from controlplane.config.kubernetes import KubernetesSource, api_client
 from controlplane.config.store import Store
 from controlplane.discovery.http import http_endpoints
 from controlplane.discovery.pods import WorkloadPodLocator
 from controlplane.discovery.server import DiscoveryServer, add_to_server
 from controlplane.discovery.source import ResourceSource, TranslatedSource
 from controlplane.metrics import ControlPlaneMetrics, log_event
-from controlplane.options import ENDPOINTS_FILE, STORE_DIR, Options
-from controlplane.translate.snapshot import translate
+from controlplane.options import ENDPOINTS_FILE, KUBERNETES, LOCAL, STORE_DIR, Options
+from controlplane.translate.snapshot import translate_logged
+from controlplane.webhook import WebhookServer
 from mesh import defaults
 from mesh.errors import MeshError
 from mesh.files import write_atomic
@@ -67,6 +73,8 @@ class ControlPlane:
         self.ca: CAServer | None = None
         self.http: ServerThread | None = None
         self.api: ApiServer | None = None
+        self.kube: KubernetesSource | None = None
+        self.webhook: WebhookServer | None = None
 
     async def start(self) -> Running:
         """Everything, in order; if a step fails, what was started is stopped again."""
@@ -80,15 +88,22 @@ class ControlPlane:
         opts, home, metrics = self.opts, self.opts.home, self.metrics
         home.mkdir(parents=True, exist_ok=True)
 
-        # Configuration and discovery.
-        source = self.source if self.source is not None else self._store_source()
+        # Configuration and discovery (and, on Kubernetes, who the callers are).
+        authenticator: Authenticator | None = None
+        if self.source is not None:
+            source = self.source
+        elif opts.config_source == KUBERNETES:
+            source, authenticator = await self._kubernetes_source()
+        else:
+            source = self._store_source()
         self.discovery = discovery = DiscoveryServer(source, metrics, debounce=opts.debounce)
         await discovery.start()
 
         # One gRPC server for the CA and discovery.
         self.ca = ca = CAServer.from_state_dir(home, WorkloadPodLocator(discovery), trust_domain=opts.trust_domain,
-                                               registry=metrics.registry, serving_hosts=opts.tls_hosts(),
-                                               plaintext=opts.plaintext)
+                                               authenticator=authenticator, registry=metrics.registry,
+                                               serving_hosts=opts.tls_hosts(), plaintext=opts.plaintext)
+        discovery.authenticator = ca.service.authenticator  # one verifier for the CA and discovery
         add_to_server(ca.grpc, discovery)
         self.extras.update(authority=ca.authority, token_issuer=ca.issuer)
         grpc_port = await ca.start(opts.grpc_listen)
@@ -100,15 +115,21 @@ class ControlPlane:
         self.http.unix(endpoints, home / defaults.DEBUG_SOCKET, name="debug")
         metrics_port = int(self.http.start()[0])
 
-        # The apply API, and the token minter.
-        if "store" in self.extras:
+        # The apply API, and the token minter (local source: on Kubernetes, kubectl writes the configuration).
+        if opts.config_source == LOCAL and "store" in self.extras:
             self.api = ApiServer(self.extras["store"], home / defaults.API_SOCKET, on_request=self._record,
                                  tokens=ca.issuer)
             self.api.start()
 
-        write_atomic(home / ENDPOINTS_FILE, json.dumps(
-            {"pid": os.getpid(), "grpc": f"{split_hostport(opts.grpc_listen)[0]}:{grpc_port}",
-             "metrics": f"{mhost}:{metrics_port}", "debug_socket": defaults.DEBUG_SOCKET}).encode())
+        # The admission webhook (Kubernetes), with a serving certificate from the CA.
+        serving: dict[str, Any] = {"pid": os.getpid(), "grpc": f"{split_hostport(opts.grpc_listen)[0]}:{grpc_port}",
+                                   "metrics": f"{mhost}:{metrics_port}", "debug_socket": defaults.DEBUG_SOCKET}
+        if opts.config_source == KUBERNETES:
+            self.webhook = WebhookServer(ca.authority, opts.tls_hosts(), opts.webhook_listen)
+            self.extras["webhook_port"] = webhook_port = int(self.webhook.start()[0])
+            serving["webhook"] = f"{split_hostport(opts.webhook_listen)[0]}:{webhook_port}"
+
+        write_atomic(home / ENDPOINTS_FILE, json.dumps(serving).encode())
         log_event("started", grpc_port=grpc_port, metrics_port=metrics_port, tls=not opts.plaintext,
                   version=discovery.version)
         return Running(grpc_port, metrics_port, ca.root_pem, discovery, self.extras)
@@ -119,8 +140,13 @@ class ControlPlane:
         if self.api is not None:
             with contextlib.suppress(Exception):
                 self.api.stop()
+        if self.webhook is not None:
+            with contextlib.suppress(Exception):
+                self.webhook.stop()
         if self.discovery is not None:
             await self.discovery.stop()
+        if self.kube is not None:
+            await asyncio.to_thread(self.kube.stop)
         if self.ca is not None:
             await self.ca.stop(grace=1.0)
         if self.http is not None:
@@ -129,7 +155,22 @@ class ControlPlane:
 
     def _store_source(self) -> ResourceSource:
         """The configuration store (under `controlplane/store/`) and its translation."""
-        store = Store(self.opts.home / STORE_DIR)
+        return self._translated(Store(self.opts.home / STORE_DIR))
+
+    async def _kubernetes_source(self) -> tuple[ResourceSource, Authenticator]:
+        """The cluster's objects in a store in memory (every collection listed before this returns) and its
+        translation, and the TokenReview authenticator."""
+        opts = self.opts
+        api = api_client(opts.kubeconfig)
+        self.kube = self.extras["kubernetes"] = KubernetesSource(api, Store(check_references=False))
+        self.kube.start()
+        await asyncio.to_thread(self.kube.wait_synced, opts.sync_timeout)
+        authenticator = TokenReviewAuthenticator(api, trust_domain=opts.trust_domain,
+                                                 node_agents=opts.node_agent_accounts)
+        return self._translated(self.kube.store), authenticator
+
+    def _translated(self, store: Store) -> ResourceSource:
+        """`store`'s translation, with a log line and a count for every change."""
         self.extras["store"] = store
         metrics = self.metrics
 
@@ -143,7 +184,7 @@ class ControlPlane:
             )
 
         store.subscribe(on_change)
-        return TranslatedSource(store, functools.partial(translate, trust_domain=self.opts.trust_domain))
+        return TranslatedSource(store, functools.partial(translate_logged, trust_domain=self.opts.trust_domain))
 
     def _record(self, path: str, status: int, version: str | int, errors: int, ms: float) -> None:
         """One structured line per apply, delete or label, and the rejected-applies counter."""

@@ -2,6 +2,8 @@
 
     python -m controlplane.main --state-dir DIR [--grpc-listen 0.0.0.0:15012]
         [--metrics-listen 0.0.0.0:15014] [--trust-domain cluster.local] [--serving-host NAME ...]
+        [--config-source local|kubernetes] [--kubeconfig FILE] [--webhook-listen 0.0.0.0:15017]
+        [--node-agent-account NS/SA ...]
 
 What DIR holds is in `controlplane.options`; the assembly is `controlplane.app`.  Runs until SIGTERM or
 SIGINT, then shuts down in the reverse order.  `--plaintext` serves gRPC without TLS (debugging only).
@@ -15,8 +17,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ca.tokenreview import DEFAULT_NODE_AGENT_ACCOUNTS, parse_account
 from controlplane import app
-from controlplane.options import Options
+from controlplane.options import CONFIG_SOURCES, LOCAL, Options
 from mesh import defaults
 from mesh.errors import MeshError
 
@@ -41,8 +44,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--plaintext", action="store_true", help="no TLS (debugging only)")
     p.add_argument("--debounce", type=float, default=0.0, help="seconds to gather changes before a push")
+    p.add_argument("--config-source", choices=CONFIG_SOURCES, default=LOCAL,
+                   help="where the configuration comes from: the local store and its apply API, or the "
+                        "Kubernetes API (with TokenReview authentication and the admission webhook) "
+                        "(default %(default)s)")
+    p.add_argument("--kubeconfig", type=Path, metavar="FILE",
+                   help="kubernetes: the kubeconfig to use (default: the pod's in-cluster configuration)")
+    p.add_argument("--webhook-listen", default=defaults.CONTROLPLANE_WEBHOOK_LISTEN,
+                   help="kubernetes: the admission webhook, HTTPS (default %(default)s)")
+    p.add_argument("--node-agent-account", action="append", type=_account, metavar="NS/SA",
+                   help="kubernetes: the service account of the node agents, allowed to ask for the "
+                        "identities of pods on their node (repeatable; default "
+                        f"{', '.join(DEFAULT_NODE_AGENT_ACCOUNTS)})")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
+
+
+def _account(text: str) -> str:
+    try:
+        parse_account(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(message)s", stream=sys.stderr)
     opts = Options(state_dir=args.state_dir, grpc_listen=args.grpc_listen, metrics_listen=args.metrics_listen,
                    trust_domain=args.trust_domain, serving_hosts=args.serving_host, plaintext=args.plaintext,
-                   debounce=args.debounce)
+                   debounce=args.debounce, config_source=args.config_source, kubeconfig=args.kubeconfig,
+                   webhook_listen=args.webhook_listen,
+                   node_agent_accounts=args.node_agent_account or list(DEFAULT_NODE_AGENT_ACCOUNTS))
     try:
         app.run(opts)
     except (MeshError, OSError) as exc:

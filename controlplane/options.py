@@ -11,6 +11,13 @@ DIR (`--state-dir`) is the cluster's state directory; the control plane keeps ev
     api.sock             the apply API (the config store's server, and the token minter)
     debug.sock           local-only HTTP: /debug/connections (what `meshctl proxy-status` reads), /metrics
     endpoints.json       written once serving: {"pid", "grpc", "metrics", "debug_socket"} with the real ports
+                         (and "webhook" on Kubernetes)
+
+Where the configuration comes from (`config_source`): `local`, the store above, written through the apply
+API (`meshctl apply`, the local cluster); or `kubernetes`, the cluster's API (`controlplane.config.kubernetes`,
+through `kubeconfig` or, by default, the pod's in-cluster configuration), with callers authenticated by
+TokenReview (`ca.tokenreview`) and the admission webhook on `webhook_listen`.  There the store is kept in
+memory and the apply API is not served: the cluster's objects are written with kubectl.
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ca.server import DEFAULT_SERVING_HOSTS
+from ca.tokenreview import DEFAULT_NODE_AGENT_ACCOUNTS
 from mesh import defaults
 from mesh.process import split_hostport
 
 STORE_DIR = "store"
 ENDPOINTS_FILE = "endpoints.json"
+LOCAL, KUBERNETES = "local", "kubernetes"
+CONFIG_SOURCES = (LOCAL, KUBERNETES)
 
 
 @dataclass
@@ -35,6 +45,11 @@ class Options:
     serving_hosts: list[str] = field(default_factory=list)  # names clients dial; default localhost, 127.0.0.1
     plaintext: bool = False  # gRPC without TLS (debugging only)
     debounce: float = 0.0  # seconds to gather changes before a push
+    config_source: str = LOCAL  # one of CONFIG_SOURCES
+    kubeconfig: Path | None = None  # kubernetes: None means the pod's in-cluster configuration
+    webhook_listen: str = defaults.CONTROLPLANE_WEBHOOK_LISTEN  # kubernetes: the admission webhook (HTTPS)
+    node_agent_accounts: list[str] = field(default_factory=lambda: list(DEFAULT_NODE_AGENT_ACCOUNTS))  # NS/SA
+    sync_timeout: float = 60.0  # kubernetes: seconds to list every collection before serving
 
     @property
     def home(self) -> Path:

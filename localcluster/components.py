@@ -1,33 +1,42 @@
-"""The mesh's own processes in a local cluster: the control plane and one node agent per node.
+"""The mesh's own processes in a local cluster: the control plane and one node agent per node, started
+from `daemonset/`'s Deployment and DaemonSet as a kubelet would start their pods.
 
+Each start first decides (pure: `plan_control_plane`, `plan_node_agent`), then does the I/O.  The command,
+arguments, environment and readiness probe come from the manifest's container (`localcluster.kubelet`),
+with the local cluster's overlay (`localcluster.overlay`: where volumes are here, the flags that differ).
 The control plane runs in the underlay namespace on its `.1` address (as a Deployment would run on some
-node, reachable from all), with its state under `<cluster dir>/controlplane/`.  `cluster up` waits for it,
-registers the cluster's namespaces, service accounts, pods and services in its store, asks it for each
-node's token (the control plane alone reads its token key), and starts each node's agent in the node's
-namespace with it.
+node, reachable from all), with its state under `<cluster dir>/controlplane/`.  `cluster up` waits for it
+(its readiness probe and its apply API), registers the cluster's namespaces, service accounts, pods and
+services in its store, asks it for each node's token (the control plane alone reads its token key), and
+starts each node's agent in the node's namespace with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localcluster import processes
+from localcluster import kubelet, manifests, overlay, processes
+from localcluster.kubelet import ContainerRun, PodFields, Probe
+from localcluster.manifests import Manifest
 from localcluster.plan import bpf_prefix
 from localcluster.processes import ProcessRecord
+from localcluster.workloads import probe_ready
 from mesh import defaults
 from mesh.errors import MeshError
 from mesh.files import write_atomic
 
 CONTROLPLANE_GRPC_PORT = defaults.CONTROLPLANE_GRPC_PORT
-CONTROLPLANE_METRICS_PORT = defaults.CONTROLPLANE_METRICS_PORT
 TRUST_DOMAIN = defaults.TRUST_DOMAIN
 CONTROLPLANE_SUBDIR = "controlplane"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CONTROLPLANE_PROCESS = "controlplane"
 
 
 class ComponentError(MeshError):
@@ -45,17 +54,102 @@ def controlplane_address(gateway: str) -> str:
     return f"{gateway}:{CONTROLPLANE_GRPC_PORT}"
 
 
-def start_control_plane(cluster_name: str, home: Path, netns: str, gateway: str) -> ProcessRecord:
-    argv = [sys.executable, "-m", "controlplane.main", "--state-dir", str(home),
-            "--grpc-listen", controlplane_address(gateway),
-            "--metrics-listen", f"{gateway}:{CONTROLPLANE_METRICS_PORT}",
-            "--serving-host", gateway, "--trust-domain", TRUST_DOMAIN]
-    return processes.spawn(cluster_name, "controlplane", netns, argv, component_env(),
-                           home / "logs" / "controlplane.log")
+@dataclass(frozen=True)
+class Workloads:
+    """The two workloads of the base the local cluster runs."""
+
+    control_plane: Manifest
+    node_agent: Manifest
 
 
-def wait_control_plane(home: Path, rec: ProcessRecord, timeout: float) -> dict[str, Any]:
-    """Wait until the control plane has written its endpoints and its apply API answers."""
+def load_workloads(directory: Path = manifests.DAEMONSET_DIR) -> Workloads:
+    base = manifests.load_base(directory)
+    cp, agent = (base.find(ref.kind, ref.namespace, ref.name) for ref in (overlay.CONTROL_PLANE, overlay.NODE_AGENT))
+    return Workloads(cp, agent)
+
+
+def nodeagent_process(node: str) -> str:
+    return f"nodeagent {node}"
+
+
+def _run(workload: Manifest, ref: overlay.WorkloadRef, pod: PodFields, ov: overlay.Overlay) -> ContainerRun:
+    run = kubelet.container_run(workload, ref.container, pod, ov.mounts, env_overrides=ov.env,
+                                executables=ov.executables, skip_init=ov.skip_init)
+    return dataclasses.replace(run, argv=tuple(overlay.apply_args(run.argv, ov.args)))
+
+
+def _pod(workload: Manifest, name: str, node: str, ip: str) -> PodFields:
+    template = workload.body["spec"]["template"]
+    meta = template.get("metadata") or {}
+    return PodFields(name=name, namespace=workload.namespace, node=node, ip=ip, host_ip=ip,
+                     service_account=str(template["spec"].get("serviceAccountName") or "default"),
+                     uid=f"{workload.namespace}.{name}", labels=dict(meta.get("labels") or {}),
+                     annotations=dict(meta.get("annotations") or {}))
+
+
+def plan_control_plane(home: Path, gateway: str, workload: Manifest) -> tuple[PodFields, ContainerRun]:
+    """The control plane's pod (in the underlay, on its `.1` address) and what to start for it."""
+    pod = _pod(workload, f"{workload.name}-0", "", gateway)
+    ov = overlay.control_plane(home, pod.name, controlplane_address(gateway))
+    return pod, _run(workload, overlay.CONTROL_PLANE, pod, ov)
+
+
+def plan_node_agent(cluster_name: str, home: Path, node: str, node_ip: str, gateway: str, workload: Manifest, *,
+                    redirect_mode: str, pod_netns_format: str, pod_cgroup_format: str = "",
+                    extra_args: list[str] | None = None) -> tuple[PodFields, ContainerRun]:
+    """A node's agent's pod (in the node's namespace, on its address) and what to start for it."""
+    pod = _pod(workload, f"{workload.name}-{node}", node, node_ip)
+    ov = overlay.node_agent(home=home, pod=pod.name, node_dir=node_dir(home, node), token=node_token(home, node),
+                            root_cert=root_cert(home), control_plane=controlplane_address(gateway),
+                            redirect_mode=redirect_mode, pod_netns=pod_netns_format, pod_cgroup=pod_cgroup_format,
+                            bpf_prefix=bpf_prefix(cluster_name), extra_args=extra_args or ())
+    return pod, _run(workload, overlay.NODE_AGENT, pod, ov)
+
+
+def workload_record(workload: Manifest, ref: overlay.WorkloadRef, pods: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the cluster record keeps of a workload it runs: the manifest as run, and its pods."""
+    return {"kind": workload.kind, "namespace": workload.namespace, "name": workload.name,
+            "container": ref.container, "source": manifests.shown(workload.source), "document": workload.document,
+            "manifest": manifests.snapshot(workload), "pods": pods}
+
+
+@dataclass(frozen=True)
+class Started:
+    """A workload's pod the local cluster started: the pod, what was started for it, and the process."""
+
+    pod: PodFields
+    run: ContainerRun
+    process: ProcessRecord
+
+    def pod_record(self) -> dict[str, Any]:
+        """What the cluster record keeps of the pod (`localcluster.workloads` reads it)."""
+        readiness = self.run.readiness
+        return {"name": self.pod.name, "node": self.pod.node, "ip": self.pod.ip, "netns": self.process.netns,
+                "process": self.process.name, "readiness": dataclasses.asdict(readiness) if readiness else None}
+
+
+def _spawn(cluster_name: str, name: str, netns: str, run: ContainerRun, log: Path, host_mounts: bool = False) -> ProcessRecord:
+    for directory in run.make_dirs:
+        directory.mkdir(parents=True, exist_ok=True)
+    return processes.spawn(cluster_name, name, netns, list(run.argv), component_env(dict(run.env)), log,
+                           host_mounts=host_mounts)
+
+
+def run_control_plane(cluster_name: str, home: Path, netns: str, gateway: str, workload: Manifest) -> Started:
+    pod, run = plan_control_plane(home, gateway, workload)
+    return Started(pod, run, _spawn(cluster_name, CONTROLPLANE_PROCESS, netns, run, home / "logs" / "controlplane.log"))
+
+
+def start_control_plane(cluster_name: str, home: Path, netns: str, gateway: str, *,
+                        workload: Manifest | None = None) -> ProcessRecord:
+    """The control plane from the Deployment (`workload`, else the one in daemonset/)."""
+    return run_control_plane(cluster_name, home, netns, gateway, workload or load_workloads().control_plane).process
+
+
+def wait_control_plane(home: Path, rec: ProcessRecord, timeout: float, *, readiness: Probe | None = None,
+                       ip: str = "") -> dict[str, Any]:
+    """Wait until the control plane has written its endpoints, its readiness probe (the manifest's, when
+    given) passes and its apply API answers."""
     from mesh.api.client import ApiClient
 
     cp = home / CONTROLPLANE_SUBDIR
@@ -64,7 +158,8 @@ def wait_control_plane(home: Path, rec: ProcessRecord, timeout: float) -> dict[s
         if not processes.is_running(rec):
             raise ComponentError(f"the control plane exited while starting; its log ends with:\n{processes.tail(rec.log)}")
         endpoints = cp / "endpoints.json"
-        if endpoints.exists() and (cp / "api.sock").exists():
+        if endpoints.exists() and (cp / "api.sock").exists() and \
+                (readiness is None or probe_ready(readiness, rec.netns, ip)):
             try:
                 ApiClient(cp / "api.sock", timeout=2).wait_ready(max(0.5, deadline - time.monotonic()))
                 data: dict[str, Any] = json.loads(endpoints.read_text())
@@ -87,29 +182,45 @@ def root_cert(home: Path) -> Path:
     return home / CONTROLPLANE_SUBDIR / "ca" / "root-cert.pem"
 
 
+def node_dir(home: Path, node: str) -> Path:
+    return home / "nodes" / node
+
+
+def node_token(home: Path, node: str) -> Path:
+    return node_dir(home, node) / "token"
+
+
 def mint_node_token(home: Path, node: str) -> Path:
     """Ask the control plane for the node's token and keep it where its agent reads it."""
     from mesh.api.client import ApiClient
 
-    path = home / "nodes" / node / "token"
+    path = node_token(home, node)
     token = ApiClient(home / CONTROLPLANE_SUBDIR / defaults.API_SOCKET, timeout=10).node_token(node)
     write_atomic(path, token.encode(), mode=0o600)
     return path
 
 
+def run_node_agent(cluster_name: str, home: Path, node: str, netns: str, gateway: str, pod_netns_format: str,
+                   extra_args: list[str] | None = None, *, redirect_mode: str = defaults.REDIRECT_MODE,
+                   pod_cgroup_format: str = "", node_ip: str = "", workload: Manifest | None = None) -> Started:
+    """The node's agent, from the DaemonSet (`workload`, else the one in daemonset/), with a new token."""
+    pod, run = plan_node_agent(cluster_name, home, node, node_ip, gateway, workload or load_workloads().node_agent,
+                               redirect_mode=redirect_mode, pod_netns_format=pod_netns_format,
+                               pod_cgroup_format=pod_cgroup_format, extra_args=extra_args)
+    mint_node_token(home, node)
+    # Only the node's network namespace: the host's mounts stay visible, as the DaemonSet's hostPath volumes
+    # give them (cgroup v2, the BPF file system).
+    return Started(pod, run, _spawn(cluster_name, nodeagent_process(node), netns, run,
+                                    home / "logs" / f"nodeagent.{node}.log", host_mounts=True))
+
+
 def start_node_agent(cluster_name: str, home: Path, node: str, netns: str, gateway: str,
                      pod_netns_format: str, extra_args: list[str] | None = None, *,
-                     redirect_mode: str = defaults.REDIRECT_MODE, pod_cgroup_format: str = "") -> ProcessRecord:
-    token = mint_node_token(home, node)
-    argv = [sys.executable, "-m", "nodeagent.main", "--node", node,
-            "--control-plane", controlplane_address(gateway), "--root-cert", str(root_cert(home)),
-            "--token-file", str(token), "--trust-domain", TRUST_DOMAIN,
-            "--pod-netns", pod_netns_format, "--state-dir", str(home / "nodes" / node),
-            "--redirect-mode", redirect_mode, "--bpf-prefix", bpf_prefix(cluster_name),
-            *(["--pod-cgroup", pod_cgroup_format] if pod_cgroup_format else []),
-            *(extra_args or [])]
-    return processes.spawn(cluster_name, f"nodeagent {node}", netns, argv, component_env(),
-                           home / "logs" / f"nodeagent.{node}.log", host_mounts=True)
+                     redirect_mode: str = defaults.REDIRECT_MODE, pod_cgroup_format: str = "",
+                     node_ip: str = "", workload: Manifest | None = None) -> ProcessRecord:
+    return run_node_agent(cluster_name, home, node, netns, gateway, pod_netns_format, extra_args,
+                          redirect_mode=redirect_mode, pod_cgroup_format=pod_cgroup_format, node_ip=node_ip,
+                          workload=workload).process
 
 
 def start_controller(cluster_name: str, home: Path, agent_args: list[str]) -> ProcessRecord:

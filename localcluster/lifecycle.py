@@ -20,7 +20,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from localcluster import components, network, processes, state
+from localcluster import components, network, overlay, processes, state
+from localcluster.components import Workloads
+from localcluster.manifests import Manifest
 from localcluster.plan import (
     ClusterPlan,
     PodPlan,
@@ -61,6 +63,7 @@ class Cluster:
     processes: list[ProcessRecord] = field(default_factory=list)
     phase: str = "building"
     agent_args: list[str] = field(default_factory=list)  # extra node agent flags (tests: short TTLs)
+    workloads: list[dict[str, Any]] = field(default_factory=list)  # daemonset/'s workloads as run, with their pods
     started: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @property
@@ -72,6 +75,7 @@ class Cluster:
             "name": self.plan.name, "phase": self.phase, "source": str(self.spec.source.resolve()),
             "started": self.started, "prefix": self.plan.prefix, "plan": self.plan.to_record(),
             "processes": [p.to_json() for p in self.processes], "agentArgs": self.agent_args,
+            "workloads": self.workloads,
         })
 
 
@@ -99,12 +103,13 @@ def up(spec: ClusterSpec, ready_timeout: float = DEFAULT_READY_TIMEOUT, say: Any
         say(f"removing what an earlier run of cluster {name!r} left behind")
         down(name)
     plan = make_plan(spec)
+    workloads = _check_workloads(plan, list(agent_args or []))  # a bad manifest is refused before anything is built
     cluster = Cluster(spec, plan, agent_args=list(agent_args or []))
     cluster.save()
     me = os.getpid()
     try:
         _build(cluster, say)
-        _start_mesh(cluster, ready_timeout)
+        _start_mesh(cluster, workloads, ready_timeout)
         _start_pods(cluster)
         _wait_ready(cluster, ready_timeout)
     except BaseException:
@@ -132,29 +137,64 @@ def _build(cluster: Cluster, say: Any) -> None:
         network.install_service_rules(plan, node)
 
 
-def _start_mesh(cluster: Cluster, timeout: float) -> None:
+def _check_workloads(plan: ClusterPlan, agent_args: list[str]) -> Workloads:
+    """The control plane Deployment and node agent DaemonSet of daemonset/, each planned once for this
+    cluster (pure), so that a manifest the local cluster cannot run fails `up` before it builds."""
+    workloads = components.load_workloads()
+    home = state.cluster_dir(plan.name)
+    components.plan_control_plane(home, str(plan.underlay_gateway), workloads.control_plane)
+    for node in plan.nodes:
+        components.plan_node_agent(plan.name, home, node.name, str(node.underlay_ip), str(plan.underlay_gateway),
+                                   workloads.node_agent, redirect_mode=node.redirect_mode,
+                                   pod_netns_format=_pod_netns(plan.name), pod_cgroup_format=_pod_cgroups(plan.name),
+                                   extra_args=agent_args)
+    return workloads
+
+
+def _start_mesh(cluster: Cluster, workloads: Workloads, timeout: float) -> None:
     """The control plane first (with the cluster's objects registered in it), then the node agents."""
     plan = cluster.plan
     gateway = str(plan.underlay_gateway)
-    cp = components.start_control_plane(plan.name, cluster.dir, plan.underlay_netns, gateway)
-    cluster.processes.append(cp)
+    cp = components.run_control_plane(plan.name, cluster.dir, plan.underlay_netns, gateway, workloads.control_plane)
+    cluster.processes.append(cp.process)
+    cluster.workloads.append(components.workload_record(workloads.control_plane, overlay.CONTROL_PLANE,
+                                                        [cp.pod_record()]))
     cluster.save()
-    components.wait_control_plane(cluster.dir, cp, timeout)
+    components.wait_control_plane(cluster.dir, cp.process, timeout, readiness=cp.run.readiness, ip=cp.pod.ip)
     components.register_objects(cluster.dir, cluster_objects(cluster.spec, plan))
+    agent_pods: list[dict[str, Any]] = []
+    cluster.workloads.append(components.workload_record(workloads.node_agent, overlay.NODE_AGENT, agent_pods))
     for node in plan.nodes:
-        cluster.processes.append(_start_agent(plan.name, cluster.dir, node.name, node.netns, gateway,
-                                              node.redirect_mode, cluster.agent_args))
+        agent = _start_agent(plan.name, cluster.dir, node.name, node.netns, gateway, node.redirect_mode,
+                             cluster.agent_args, str(node.underlay_ip), workloads.node_agent)
+        cluster.processes.append(agent.process)
+        agent_pods.append(agent.pod_record())
         cluster.save()
     cluster.processes.append(components.start_controller(plan.name, cluster.dir, cluster.agent_args))
     cluster.save()
 
 
+def _pod_netns(cluster: str) -> str:
+    return f"{mnetns.NETNS_RUN_DIR}/{cluster_prefix(cluster)}pod.{{namespace}}.{{name}}"
+
+
+def _pod_cgroups(cluster: str) -> str:
+    return str(mcgroup.v2_root() / pod_cgroup(cluster, "{namespace}", "{name}"))
+
+
 def _start_agent(cluster: str, home: Path, node: str, netns: str, gateway: str, mode: str,
-                 agent_args: list[str]) -> ProcessRecord:
-    pod_netns = f"{mnetns.NETNS_RUN_DIR}/{cluster_prefix(cluster)}pod.{{namespace}}.{{name}}"
-    pod_cgroups = str(mcgroup.v2_root() / pod_cgroup(cluster, "{namespace}", "{name}"))
-    return components.start_node_agent(cluster, home, node, netns, gateway, pod_netns, agent_args,
-                                       redirect_mode=mode, pod_cgroup_format=pod_cgroups)
+                 agent_args: list[str], node_ip: str, workload: Manifest | None) -> components.Started:
+    return components.run_node_agent(cluster, home, node, netns, gateway, _pod_netns(cluster), agent_args,
+                                       redirect_mode=mode, pod_cgroup_format=_pod_cgroups(cluster),
+                                       node_ip=node_ip, workload=workload)
+
+
+def _recorded(record: dict[str, Any], ref: overlay.WorkloadRef) -> Manifest | None:
+    """A workload as the cluster runs it (its record), so a restarted pod is the same pod."""
+    for e in record.get("workloads", []):
+        if (e["kind"], e["namespace"], e["name"]) == (ref.kind, ref.namespace, ref.name):
+            return Manifest(e["manifest"], Path(e["source"]), int(e["document"]))
+    return None
 
 
 def restart_agent(name: str, node: str, redirect_mode: str | None = None) -> ProcessRecord:
@@ -166,13 +206,14 @@ def restart_agent(name: str, node: str, redirect_mode: str | None = None) -> Pro
     nodes = {n["name"]: n for n in record["plan"]["nodes"]}
     if node not in nodes:
         raise ClusterError(f"cluster {name!r} has no node {node!r} (nodes: {', '.join(sorted(nodes))})")
-    old = [ProcessRecord.from_json(p) for p in record["processes"] if p["name"] == f"nodeagent {node}"]
+    old = [ProcessRecord.from_json(p) for p in record["processes"] if p["name"] == components.nodeagent_process(node)]
     processes.stop([rec.pid for rec in old if processes.start_time(rec.pid) == rec.start_time])
     mode = redirect_mode or nodes[node].get("redirectMode") or "iptables"
     new = _start_agent(name, state.cluster_dir(name), node, nodes[node]["netns"], record["plan"]["underlay"]["gateway"],
-                       mode, list(record.get("agentArgs", [])))
+                       mode, list(record.get("agentArgs", [])), nodes[node]["ip"],
+                       _recorded(record, overlay.NODE_AGENT)).process
     nodes[node]["redirectMode"] = mode
-    record["processes"] = [p for p in record["processes"] if p["name"] != f"nodeagent {node}"] + [new.to_json()]
+    record["processes"] = [p for p in record["processes"] if p["name"] != components.nodeagent_process(node)] + [new.to_json()]
     state.write_record(name, record)
     return new
 

@@ -10,7 +10,8 @@ from pathlib import Path
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace `path` with `data`: readers see the old or the new content, never a mix.  The temporary
     file is created private (0600) and only given `mode` once complete, so a key is never readable by
-    others, even briefly."""
+    others, even briefly.  Durable when it returns: the file is fsynced before the rename, and the
+    directory after it (the rename lives in the directory; without that a crash may lose it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -23,3 +24,13 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the names in `directory` (a rename, a new file) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

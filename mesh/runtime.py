@@ -3,7 +3,8 @@ each one's `app.py` shows only what is its own.
 
     flags         add_flags(parser, token_help=...), then flag_values(parser, args) -> ProcessOptions fields:
                   --control-plane --root-cert --token-file --trust-domain --cert-ttl --admin-listen
-                  --metrics-listen --ready-listen --connect-timeout --log-level
+                  --metrics-listen --ready-listen --connect-timeout --log-level --otlp-endpoint
+                  --trace-sampling
     process       run(opts, body, log, stopping): logging, open-files limit, SIGTERM/SIGINT set `stop`;
                   cancelled_on_stop(serve) for a process with nothing to drain
     certificates  open_certificates(opts, impersonate=...): token file -> CA client -> secret manager (running)
@@ -11,6 +12,9 @@ each one's `app.py` shows only what is its own.
                   its channel of accepted updates kept empty; wait_synced(xds, opts, log, on_wait)
     serving       start_serving(nursery, opts, registry=, ready=, admin=): metrics, readiness and admin
                   endpoints (`mesh.serve`); their bound ports
+    tracing       tracer(opts, resource, registry): the process's `Tracer`, with an OTLP exporter when
+                  --otlp-endpoint (or $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set; start_tracing(nursery,
+                  tracer) runs the exporter's background task
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -36,6 +41,11 @@ from mesh.secrets.manager import SecretManager
 from mesh.serve.endpoints import Readiness, serve_metrics, serve_readiness
 from mesh.serve.routes import Handler
 from mesh.serve.server import serve_http
+from mesh.tracing.errors import TracingError
+from mesh.tracing.exporter import ENDPOINT_ENV, OtlpEndpoint, SpanExporter
+from mesh.tracing.sampler import DEFAULT_SAMPLING_PERCENT
+from mesh.tracing.span import Resource
+from mesh.tracing.tracer import Tracer
 from mesh.xds.client import ClientConfig
 from mesh.xds.node import NodeInfo
 from mesh.xds.trio_client import TrioHandler, TrioXdsClient, open_xds_client
@@ -58,6 +68,8 @@ class ProcessOptions:
     ready_listen: str = defaults.READY_LISTEN
     connect_timeout: float = defaults.CONNECT_TIMEOUT
     log_level: str = "info"
+    otlp_endpoint: str = ""  # OTLP/HTTP traces URL; "" exports no spans (ids still propagate)
+    trace_sampling: float = DEFAULT_SAMPLING_PERCENT  # percent of new traces sampled, unless Telemetry says
 
     def token(self) -> str:
         return self.token_file.read_text().strip()
@@ -79,6 +91,12 @@ def add_flags(p: argparse.ArgumentParser, *, token_help: str) -> None:
     p.add_argument("--ready-listen", default=d.ready_listen, metavar="HOST:PORT")
     p.add_argument("--connect-timeout", type=float, default=d.connect_timeout, metavar="SECONDS")
     p.add_argument("--log-level", default=d.log_level, choices=LOG_LEVELS)
+    p.add_argument("--otlp-endpoint", default=os.environ.get(ENDPOINT_ENV, ""), metavar="URL",
+                   help="send spans over OTLP/HTTP to this collector URL, e.g. http://collector:4318/v1/traces "
+                        f"(default: ${ENDPOINT_ENV}; unset: no spans are exported)")
+    p.add_argument("--trace-sampling", type=float, default=d.trace_sampling, metavar="PERCENT",
+                   help="percentage of new traces this process samples when no Telemetry resource sets it "
+                        "(default %(default)s, as Istio)")
 
 
 def flag_values(p: argparse.ArgumentParser, args: argparse.Namespace, *,
@@ -93,10 +111,18 @@ def flag_values(p: argparse.ArgumentParser, args: argparse.Namespace, *,
             split_hostport(getattr(args, flag))
         except MeshError as exc:
             p.error(f"--{flag.replace('_', '-')}: {exc}")
+    if args.otlp_endpoint:
+        try:
+            OtlpEndpoint.parse(args.otlp_endpoint)
+        except TracingError as exc:
+            p.error(f"--otlp-endpoint: {exc}")
+    if not 0.0 <= args.trace_sampling <= 100.0:
+        p.error(f"--trace-sampling {args.trace_sampling:g}: give a percentage from 0 to 100")
     return {"control_plane": args.control_plane, "root_cert": args.root_cert, "token_file": args.token_file,
             "trust_domain": args.trust_domain, "cert_ttl": args.cert_ttl, "admin_listen": args.admin_listen,
             "metrics_listen": args.metrics_listen, "ready_listen": args.ready_listen,
-            "connect_timeout": args.connect_timeout, "log_level": args.log_level}
+            "connect_timeout": args.connect_timeout, "log_level": args.log_level,
+            "otlp_endpoint": args.otlp_endpoint, "trace_sampling": args.trace_sampling}
 
 
 # ---- the process ------------------------------------------------------------------------------------------
@@ -148,9 +174,10 @@ async def open_discovery(opts: ProcessOptions, node: NodeInfo, subscriptions: Ma
     """The discovery client, feeding `handler` (the process's only writer of its configuration; raising
     NACKs).  Accepted updates are also offered on a channel: it is kept empty here, or the client would
     stop acknowledging."""
+    opts.token()  # readable now, or fail here saying so
     config = ClientConfig(target=opts.control_plane, node=node, subscriptions=subscriptions,
                           root_pem=opts.root_cert.read_bytes(),
-                          metadata=(("authorization", f"Bearer {opts.token()}"),))
+                          metadata_fn=lambda: (("authorization", f"Bearer {opts.token()}"),))  # read per stream
     async with open_xds_client(config, handler=handler) as xds, trio.open_nursery() as nursery:
         nursery.start_soon(_drain, xds)
         yield xds
@@ -188,3 +215,21 @@ async def start_serving(nursery: trio.Nursery, opts: ProcessOptions, *, registry
     ports["admin"] = await nursery.start(functools.partial(serve_http, admin, host, port, name="admin",
                                                            in_thread=True))
     return ports
+
+
+# ---- tracing ----------------------------------------------------------------------------------------------
+
+
+def tracer(opts: ProcessOptions, resource: Resource, registry: CollectorRegistry) -> Tracer:
+    """The process's tracer: exporting to `opts.otlp_endpoint` when set (the exporter's counters on
+    `registry`), else propagating ids only.  No I/O: `start_tracing` runs the exporter."""
+    exporter = None
+    if opts.otlp_endpoint:
+        exporter = SpanExporter(OtlpEndpoint.parse(opts.otlp_endpoint), resource, registry)
+    return Tracer(exporter, sampling=opts.trace_sampling)
+
+
+async def start_tracing(nursery: trio.Nursery, tracer: Tracer) -> None:
+    """The exporter's background task, started in `nursery` (nothing when the tracer does not export)."""
+    if isinstance(tracer.exporter, SpanExporter):
+        await nursery.start(tracer.exporter.run)

@@ -11,7 +11,9 @@ from mesh import defaults
 
 HELP_UP = """Build a local cluster from a cluster file: a network namespace per node and per pod, pod veths
 on a bridge per node, routes between nodes over an underlay, ClusterIP services, names resolvable
-inside pods, and each pod's command started in its namespace. Needs root."""
+inside pods, and each pod's command started in its namespace. The control plane and one node agent per
+node are started from daemonset/'s Deployment and DaemonSet, as a kubelet would (see them with `meshctl get
+daemonset,deployment -A`). Needs root."""
 
 
 def add_parser(sub: Any) -> None:

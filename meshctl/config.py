@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from localcluster.state import api_socket
+from localcluster import workloads
+from localcluster.state import api_socket, find_cluster
 from mesh.api.client import ApiClient
 from mesh.api.errors import ApiError, ValidationError
 from mesh.api.kinds import DEFAULT_NAMESPACE, KINDS, resolve_kind
@@ -22,6 +23,7 @@ from mesh.api.validate import check_reference, validate_documents
 from mesh.errors import UsageError
 
 KIND_NAMES = ", ".join(sorted(k.lower() for k in KINDS))
+WORKLOAD_KINDS = ("DaemonSet", "Deployment")  # the local cluster's own (daemonset/), read from its record
 
 
 def add_connection_args(parser: argparse.ArgumentParser) -> None:
@@ -76,13 +78,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser(
-        "get", help="show configuration held by the control plane",
+        "get", help="show configuration held by the control plane, and the mesh's own workloads",
         description=f"List resources of a kind, or show one. Kinds: {KIND_NAMES} (plural and short names "
-                    "such as vs, dr, ap, svc, ns work too).",
+                    "such as vs, dr, ap, svc, ns work too), held by the control plane; and daemonset (ds) and "
+                    "deployment (deploy): the node agents and the control plane the local cluster runs from "
+                    "daemonset/, with their desired and ready counts (read from the cluster's record, the "
+                    "processes and their readiness probes; needs root). Several kinds: KIND,KIND.",
         epilog="examples:\n  meshctl get pods -n bookinfo\n  meshctl get vs reviews -n bookinfo -o yaml\n"
-               "  meshctl get authorizationpolicies -A",
+               "  meshctl get authorizationpolicies -A\n  meshctl get daemonset,deployment -A -o json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", metavar="KIND")
+    p.add_argument("kind", metavar="KIND[,KIND...]")
     p.add_argument("name", nargs="?", metavar="NAME")
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("-n", "--namespace", metavar="NS", help="namespace (default: default)")
@@ -154,22 +159,47 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    info = _kind(args.kind)
-    namespace = None if args.all_namespaces or not info.namespaced else (args.namespace or DEFAULT_NAMESPACE)
-    items = client_from(args).get(info.kind, namespace, args.name)
+    kinds = [k for k in args.kind.split(",") if k]
+    if not kinds:
+        raise UsageError("say which kind to get, e.g. `meshctl get pods`")
+    if args.name and len(kinds) > 1:
+        raise UsageError("a NAME needs one kind: `meshctl get KIND NAME`")
+    sections: list[tuple[str, str, list[dict[str, Any]], str | None, bool]] = []
+    for text in kinds:
+        kind = workloads.resolve_kind(text)
+        if kind is not None:  # the local cluster's own workloads: from its record
+            namespace = None if args.all_namespaces else (args.namespace or DEFAULT_NAMESPACE)
+            items = workloads.get(find_cluster(args.cluster), kind, namespace, args.name)
+            sections.append((kind, f"{kind.lower()}.apps", items, namespace, True))
+            continue
+        if resolve_kind(text) is None:
+            raise UsageError(f"unknown kind {text!r}: use one of {KIND_NAMES}, daemonset, deployment")
+        info = _kind(text)
+        namespace = None if args.all_namespaces or not info.namespaced else (args.namespace or DEFAULT_NAMESPACE)
+        items = client_from(args).get(info.kind, namespace, args.name)
+        sections.append((info.kind, info.display, items, namespace, info.namespaced))
+    everything = [body for _, _, items, _, _ in sections for body in items]
     if args.output == "json":
-        out: Any = items[0] if args.name else {"apiVersion": "v1", "kind": "List", "items": items}
+        out: Any = everything[0] if args.name and everything else {"apiVersion": "v1", "kind": "List",
+                                                                    "items": everything}
         print(json.dumps(out, indent=2))
     elif args.output == "yaml":
-        print(yaml.safe_dump_all(items, sort_keys=False, default_flow_style=False), end="")
+        print(yaml.safe_dump_all(everything, sort_keys=False, default_flow_style=False), end="")
     elif args.output == "name":
-        for body in items:
-            print(f"{info.display}/{body['metadata']['name']}")
+        for _, display, items, _, _ in sections:
+            for body in items:
+                print(f"{display}/{body['metadata']['name']}")
     else:
-        _print_table(info.kind, items, show_namespace=namespace is None and info.namespaced)
-    if not items and args.output == "table":
-        where = f" in namespace {namespace}" if namespace else ""
-        print(f"No {info.kind} resources found{where}.", file=sys.stderr)
+        printed = False
+        for kind, _, items, namespace, namespaced in sections:
+            if items and printed:
+                print()
+            _print_table(kind, items, show_namespace=namespace is None and namespaced)
+            printed = printed or bool(items)
+        for kind, _, items, namespace, _ in sections:
+            if not items:
+                where = f" in namespace {namespace}" if namespace else ""
+                print(f"No {kind} resources found{where}.", file=sys.stderr)
     return 0
 
 
@@ -223,6 +253,15 @@ def _columns(kind: str, body: dict[str, Any]) -> dict[str, str]:
         return {"MODE": (spec.get("mtls") or {}).get("mode", "UNSET")}
     if kind == "Gateway":
         return {"CLASS": spec.get("gatewayClassName", "")}
+    if kind == "DaemonSet":
+        return {"DESIRED": str(status.get("desiredNumberScheduled", 0)),
+                "CURRENT": str(status.get("currentNumberScheduled", 0)), "READY": str(status.get("numberReady", 0)),
+                "UP-TO-DATE": str(status.get("updatedNumberScheduled", 0)),
+                "AVAILABLE": str(status.get("numberAvailable", 0))}
+    if kind == "Deployment":
+        return {"READY": f"{status.get('readyReplicas', 0)}/{spec.get('replicas', 1)}",
+                "UP-TO-DATE": str(status.get("updatedReplicas", 0)),
+                "AVAILABLE": str(status.get("availableReplicas", 0))}
     return {}
 
 
@@ -234,7 +273,8 @@ def _print_table(kind: str, items: list[dict[str, Any]], show_namespace: bool) -
         meta = body["metadata"]
         row = ({"NAMESPACE": meta.get("namespace", "")} if show_namespace else {}) | {"NAME": meta["name"]}
         row |= _columns(kind, body)
-        row["VERSION"] = str(meta.get("resourceVersion", ""))
+        if kind not in WORKLOAD_KINDS:  # the local cluster's workloads have no store version
+            row["VERSION"] = str(meta.get("resourceVersion", ""))
         rows.append(row)
     headers = list(rows[0])
     widths = {h: max(len(h), *(len(r.get(h, "")) for r in rows)) for h in headers}

@@ -4,7 +4,9 @@ It reads `/debug/connections` from the control plane's local-only debug socket,
 `<cluster state dir>/controlplane/debug.sock` (or the socket / URL given).  Per client and resource
 type it shows SYNCED (everything sent to it ACKed), STALE (a push not ACKed yet), NACK (the client
 refused the last change and keeps its previous configuration) or "-" (not subscribed).  ACKED VERSION
-is the control plane version the client last ACKed.
+is the control plane version the client last ACKed.  Every client listed was authenticated: NAME, ROLE
+and NODE are those its token gives.  Resources the control plane could not translate (left out, the rest
+served) are listed at the end.
 """
 
 from __future__ import annotations
@@ -93,6 +95,11 @@ def render(data: dict[str, Any]) -> str:
         lines.append("")
         lines.append("Rejected updates (clients keep their previous configuration):")
         lines += [f"  {n}" for n in nacks]
+    errors = data.get("errors") or []
+    if errors:
+        lines.append("")
+        lines.append("Configuration the control plane could not translate (left out; everything else is served):")
+        lines += [f"  {e}" for e in errors]
     return "\n".join(lines)
 
 

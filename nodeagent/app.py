@@ -4,10 +4,12 @@
                                                  │ outbound ──> HBONE pool (connections from the pod)
                                                  │ inbound  ──> authorization ──> the application
     certificates (CA, on behalf of the node's pods)   metrics :15020   readiness :15021   admin :15000
+    tunnel spans (`nodeagent.tracing`) ──> OTLP exporter (--otlp-endpoint), in the background
 
 `serve` reads in order: metrics registry, mesh state, certificates (the CA, asked on behalf of the node's
 pods with the node's token), discovery feeding the state, the serving endpoints, then the enroller, which
-starts a `PodProxy` (the pod's listeners) for every pod of this node in the mesh.  `run` is the process
+starts a `PodProxy` (the pod's listeners) for every pod of this node in the mesh (`open_pod_source`:
+discovery and a netns path format, or the CNI plugin's handovers on `--cni-socket`).  `run` is the process
 (`mesh.runtime`): it serves until SIGTERM; the pods keep their capture, and the next run adopts it.
 """
 
@@ -23,9 +25,11 @@ from prometheus_client import CollectorRegistry
 
 from mesh import runtime
 from mesh.errors import MeshError
+from mesh.hbone.config import ListenerLimits
 from mesh.hbone.pool import HbonePool
 from mesh.secrets.manager import SecretManager
 from mesh.serve.endpoints import Readiness
+from mesh.tracing.span import Resource
 from mesh.xds import resources as rs
 from mesh.xds.client_state import Update
 from mesh.xds.node import ROLE_NODEAGENT, NodeInfo
@@ -35,14 +39,17 @@ from nodeagent.admin import AdminView
 from nodeagent.enroll import Enroller
 from nodeagent.metrics import NodeAgentMetrics
 from nodeagent.options import Options
+from nodeagent.pods.cni import CniPodSource
+from nodeagent.pods.handover import HandoverServer
 from nodeagent.pods.local import LocalPodSource
-from nodeagent.pods.source import PodRef
+from nodeagent.pods.source import PodRef, PodSource
 from nodeagent.proxy.context import AgentParts, PodContext, pool_connect
 from nodeagent.proxy.pod import PodProxy
 from nodeagent.redirect.base import Redirector
 from nodeagent.redirect.ebpf import EbpfRedirector
 from nodeagent.redirect.iptables import IptablesRedirector
 from nodeagent.state import AUTHORIZATION, SERVICE, WORKLOAD, MeshState
+from nodeagent.tracing import TunnelTracer
 
 log = logging.getLogger("nodeagent")
 
@@ -68,18 +75,31 @@ async def serve(opts: Options) -> None:
             trio.open_nursery() as nursery:
         agent = Agent(opts, state, certs, registry, xds, nursery, redirector)
         await nursery.start(agent.pool.run)
+        await runtime.start_tracing(nursery, agent.tracer)
         admin = AdminView(state, certs.status, node=opts.node, capture_mode=redirector.mode,
                           enrollment=agent.enrollment, capture=agent.capture)
         await runtime.start_serving(nursery, opts, registry=registry, ready=agent.readiness, admin=admin.handle)
         await runtime.wait_synced(xds, opts, log, on_wait=agent.report)
         agent.synced = True
-        pods = LocalPodSource(state, opts.node, opts.pod_netns, opts.pod_cgroup)
+        pods = await open_pod_source(opts, state)
         agent.enroller = enroller = Enroller(pods, agent.parts.redirector, agent.start_pod)
         await nursery.start(enroller.run)
+        if isinstance(pods, CniPodSource):  # the CNI plugin's socket, once handed-over pods can be enrolled
+            await nursery.start(HandoverServer(opts.cni_socket, pods, enroller).serve)
         log.info('{"event": "ready", "node": "%s", "enrolled": %d}', opts.node, len(enroller.enrolled))
         while True:
             agent.report()
             await trio.sleep(1.0)
+
+
+async def open_pod_source(opts: Options, state: MeshState) -> PodSource:
+    """Where the agent learns its node's pods: discovery and a netns path format (local), or the CNI
+    plugin's handovers, with the pods that already run (cni: the record in --state-dir, then a scan)."""
+    if opts.pod_source == "cni":
+        return await trio.to_thread.run_sync(functools.partial(
+            CniPodSource.open, state, opts.node, state_dir=opts.state_dir, cgroup_format=opts.pod_cgroup,
+            trust_domain=opts.trust_domain))
+    return LocalPodSource(state, opts.node, opts.pod_netns, opts.pod_cgroup)
 
 
 def open_redirector(mode: str, bpf_prefix: str) -> Redirector:
@@ -106,11 +126,15 @@ class Agent:
         self.certs = certs
         self.xds = xds
         self.metrics = NodeAgentMetrics.create(registry)
+        self.tracer = runtime.tracer(opts, Resource.of({"service.name": "nodeagent", "service.instance.id": opts.node,
+                                                        "k8s.node.name": opts.node}), registry)
         self.pool = HbonePool(pool_connect(opts.connect_timeout), certs.client_context,
-                              connect_timeout=opts.connect_timeout)
+                              connect_timeout=opts.connect_timeout, certificate=certs.current)
         self.parts = AgentParts(state=state, certs=certs, pool=self.pool, metrics=self.metrics,
                                 log=AccessLog(sys.stdout), trust_domain=opts.trust_domain,
-                                connect_timeout=opts.connect_timeout, redirector=redirector)
+                                connect_timeout=opts.connect_timeout, redirector=redirector,
+                                hbone_limits=ListenerLimits(opts.hbone_max_connections, opts.hbone_max_handshakes),
+                                tracer=TunnelTracer(self.tracer, opts.node) if self.tracer.exporting else None)
         self.enroller: Enroller | None = None
         self.synced = False
         self._nursery = nursery

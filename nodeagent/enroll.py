@@ -48,6 +48,8 @@ class Enroller:
         self.failures: dict[str, str] = {}
         self._changed = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
+        self._passes = (0, 0)  # reconcile passes started, finished
+        self._pass_done = trio.Event()
 
     def notify(self) -> None:
         """Called by the pod source on each change, from whichever thread saw it."""
@@ -82,12 +84,27 @@ class Enroller:
                 log.warning("could not clean pod %s: %s", ref.key, exc)
 
     async def reconcile(self) -> None:
-        want = self.pods.desired()
-        for uid in [u for u in self.enrolled if u not in want or want[u] != self.enrolled[u][0]]:
-            await self.release(uid)
-        for uid, ref in want.items():
-            if uid not in self.enrolled:
-                await self.enroll(ref)
+        started = self._passes[0] + 1
+        self._passes = (started, self._passes[1])
+        try:
+            want = self.pods.desired()
+            for uid in [u for u in self.enrolled if u not in want or want[u] != self.enrolled[u][0]]:
+                await self.release(uid)
+            for uid, ref in want.items():
+                if uid not in self.enrolled:
+                    await self.enroll(ref)
+        finally:
+            self._passes = (self._passes[0], max(self._passes[1], started))
+            self._pass_done.set()
+            self._pass_done = trio.Event()
+
+    async def settle(self) -> None:
+        """Return once a reconcile pass that started after this call has finished (the running loop is
+        woken for it): what the pod source said before the call is then carried out, or in `failures`."""
+        target = self._passes[0] + 1
+        self._changed.set()
+        while self._passes[1] < target:
+            await self._pass_done.wait()
 
     async def enroll(self, ref: PodRef) -> None:
         if not os.path.exists(ref.netns):

@@ -2,6 +2,7 @@
 
     python -m nodeagent.main --node NODE --control-plane HOST:15012 --root-cert FILE --token-file FILE
         --pod-netns /run/netns/amb.<cluster>.pod.{namespace}.{name} [--state-dir DIR] ...
+        (on Kubernetes: --pod-source cni --cni-socket /var/run/ambient/cni.sock instead of --pod-netns)
 
 This module only reads the command line; the agent is assembled in `nodeagent.app`.
 """
@@ -16,14 +17,21 @@ from pathlib import Path
 
 from mesh import defaults, runtime
 from nodeagent import app
-from nodeagent.options import Options
+from nodeagent.cni.protocol import DEFAULT_SOCKET as CNI_SOCKET
+from nodeagent.options import POD_SOURCES, Options
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
     p = argparse.ArgumentParser(prog="nodeagent", description="The mesh's node agent (one per node).")
     p.add_argument("--node", required=True, help="this node's name")
-    p.add_argument("--pod-netns", required=True, metavar="FORMAT",
-                   help="path of a pod's network namespace, with {namespace}, {name} and {uid}")
+    p.add_argument("--pod-source", choices=POD_SOURCES, default="local",
+                   help="where the agent learns its node's pods: local (discovery, netns by --pod-netns) or cni "
+                        "(handed over by the CNI plugin on --cni-socket; default %(default)s)")
+    p.add_argument("--cni-socket", default=CNI_SOCKET, metavar="PATH",
+                   help="pod source cni: the Unix socket the CNI plugin hands pods over on (default %(default)s)")
+    p.add_argument("--pod-netns", default="", metavar="FORMAT",
+                   help="pod source local (required there): path of a pod's network namespace, with {namespace}, "
+                        "{name} and {uid}")
     p.add_argument("--pod-cgroup", default="", metavar="FORMAT",
                    help="path of a pod's cgroup v2 directory, with {namespace}, {name} and {uid} (eBPF mode)")
     p.add_argument("--redirect-mode", choices=defaults.REDIRECT_MODES,
@@ -34,13 +42,26 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                    help="eBPF mode: the directory under /sys/fs/bpf where this node's pods' programs are pinned "
                         "(default %(default)s)")
     p.add_argument("--state-dir", type=Path, help="where the agent keeps what it must find after a restart")
+    p.add_argument("--hbone-max-connections", type=int, default=defaults.HBONE_MAX_CONNECTIONS, metavar="N",
+                   help="HBONE connections each pod's 15008 keeps open at once; more are closed as soon as "
+                        "accepted (default %(default)s)")
+    p.add_argument("--hbone-max-handshakes", type=int, default=defaults.HBONE_MAX_HANDSHAKES, metavar="N",
+                   help="TLS handshakes each pod's 15008 runs at once; more wait their turn within the "
+                        "handshake timeout (default %(default)s)")
     runtime.add_flags(p, token_help="this node's token, as the control plane issued it")
     args = p.parse_args(argv)
     if args.redirect_mode not in defaults.REDIRECT_MODES:
         p.error(f"REDIRECT_MODE={args.redirect_mode!r} is not a redirect mode (one of: "
                 f"{', '.join(defaults.REDIRECT_MODES)})")
-    return Options(node=args.node, pod_netns=args.pod_netns, pod_cgroup=args.pod_cgroup,
-                   redirect_mode=args.redirect_mode, bpf_prefix=args.bpf_prefix, state_dir=args.state_dir, **runtime.flag_values(p, args))
+    if args.hbone_max_connections < 1 or args.hbone_max_handshakes < 1:
+        p.error("--hbone-max-connections and --hbone-max-handshakes must be at least 1")
+    if args.pod_source == "local" and not args.pod_netns:
+        p.error("--pod-netns is required with --pod-source local")
+    return Options(node=args.node, pod_source=args.pod_source, cni_socket=args.cni_socket,
+                   pod_netns=args.pod_netns, pod_cgroup=args.pod_cgroup,
+                   redirect_mode=args.redirect_mode, bpf_prefix=args.bpf_prefix, state_dir=args.state_dir,
+                   hbone_max_connections=args.hbone_max_connections, hbone_max_handshakes=args.hbone_max_handshakes,
+                   **runtime.flag_values(p, args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

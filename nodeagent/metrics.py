@@ -1,6 +1,6 @@
 """The node agent's Prometheus metrics: Istio's standard TCP metrics, and the agent's own.
 
-TCP metrics, with the label names Istio uses so that its dashboards and queries carry over:
+TCP metrics (defined once for every proxy in `mesh.istiometrics`, with Istio's names and labels):
 
     istio_tcp_connections_opened_total   connections opened
     istio_tcp_connections_closed_total   connections closed
@@ -27,25 +27,32 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Mapping
-from dataclasses import astuple, dataclass, fields, replace
-from types import TracebackType
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from mesh import defaults
 from mesh.identity import SpiffeId
-from mesh.proto import discovery_pb2 as pb
+from mesh.istiometrics import (
+    MUTUAL_TLS,
+    NO_FLAGS,
+    PLAINTEXT,
+    TCP_LABEL_NAMES,
+    UNKNOWN,
+    ConnectionMetrics,
+    Reporter,
+    TcpLabels,
+    TcpMetrics,
+    canonical_app,
+    canonical_version,
+    tcp_labels,
+    workload_principal,
+)
 
-UNKNOWN = "unknown"
-NO_FLAGS = "-"
-MUTUAL_TLS = "mutual_tls"
-PLAINTEXT = "none"
-
-
-class Reporter(enum.StrEnum):
-    SOURCE = "source"
-    DESTINATION = "destination"
+__all__ = [  # the TCP metrics are re-exported: the agent's parts import them from here
+    "MUTUAL_TLS", "NO_FLAGS", "PLAINTEXT", "TCP_LABEL_NAMES", "UNKNOWN", "AgentMetrics", "ConnectionMetrics",
+    "FailureReason", "NodeAgentMetrics", "Reporter", "ResponseFlag", "TcpLabels", "TcpMetrics", "canonical_app",
+    "canonical_version", "tcp_labels", "workload_principal",
+]
 
 
 class ResponseFlag(enum.StrEnum):
@@ -72,187 +79,8 @@ class FailureReason(enum.StrEnum):
     UNKNOWN_DESTINATION = "unknown_destination"  # the destination pod is no longer in the agent's view
     TUNNEL = "tunnel_error"  # HBONE stream reset or protocol error
     NO_CERTIFICATE = "no_certificate"
-
-
-# --- labels (pure) -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TcpLabels:
-    """The label values of one connection, in the order of `TCP_LABEL_NAMES`."""
-
-    reporter: str
-    source_workload: str = UNKNOWN
-    source_workload_namespace: str = UNKNOWN
-    source_principal: str = UNKNOWN
-    source_app: str = UNKNOWN
-    source_version: str = UNKNOWN
-    source_cluster: str = UNKNOWN
-    destination_workload: str = UNKNOWN
-    destination_workload_namespace: str = UNKNOWN
-    destination_principal: str = UNKNOWN
-    destination_app: str = UNKNOWN
-    destination_version: str = UNKNOWN
-    destination_service: str = UNKNOWN
-    destination_service_name: str = UNKNOWN
-    destination_service_namespace: str = UNKNOWN
-    destination_cluster: str = UNKNOWN
-    request_protocol: str = "tcp"
-    response_flags: str = NO_FLAGS
-    connection_security_policy: str = UNKNOWN
-
-    def values(self) -> tuple[str, ...]:
-        return tuple(str(v) for v in astuple(self))
-
-
-TCP_LABEL_NAMES: tuple[str, ...] = tuple(f.name for f in fields(TcpLabels))
-
-
-def canonical_app(workload: pb.Workload) -> str:
-    """The workload's canonical service: its `canonical_name`, else the usual labels, else its name."""
-    labels: Mapping[str, str] = workload.labels
-    return (workload.canonical_name or labels.get("service.istio.io/canonical-name")
-            or labels.get("app.kubernetes.io/name") or labels.get("app") or workload.name or UNKNOWN)
-
-
-def canonical_version(workload: pb.Workload) -> str:
-    """The workload's canonical revision: its `canonical_revision`, else the usual labels, else "latest"."""
-    labels: Mapping[str, str] = workload.labels
-    return (workload.canonical_revision or labels.get("service.istio.io/canonical-revision")
-            or labels.get("app.kubernetes.io/version") or labels.get("version") or "latest")
-
-
-def workload_principal(workload: pb.Workload) -> str:
-    """The SPIFFE ID a workload runs as, from its record (trust domain, namespace, service account)."""
-    if not workload.service_account or not workload.namespace:
-        return UNKNOWN
-    td = workload.trust_domain or defaults.TRUST_DOMAIN
-    return f"spiffe://{td}/ns/{workload.namespace}/sa/{workload.service_account}"
-
-
-def _principal(explicit: SpiffeId | str | None, workload: pb.Workload | None) -> str:
-    if explicit is not None and str(explicit):
-        return str(explicit)
-    return workload_principal(workload) if workload is not None else UNKNOWN
-
-
-def tcp_labels(
-    reporter: Reporter | str,
-    *,
-    source: pb.Workload | None = None,
-    source_principal: SpiffeId | str | None = None,
-    destination: pb.Workload | None = None,
-    destination_principal: SpiffeId | str | None = None,
-    service: pb.Service | None = None,
-    mutual_tls: bool = True,
-) -> TcpLabels:
-    """Labels for one connection from what the proxy knows about its two ends.
-
-    A principal given explicitly (the verified peer identity) wins over the one derived from the
-    workload record.  Reported by the destination, a plaintext connection (`mutual_tls=False`) has no
-    verified source identity, so its source principal is "unknown" even when the source pod is known;
-    reported by the source, the agent knows whose traffic it carries either way.
-    """
-    verified = mutual_tls or str(reporter) == Reporter.SOURCE
-    src_principal = _principal(source_principal, source) if verified else UNKNOWN
-    out = TcpLabels(
-        reporter=str(reporter),
-        source_principal=src_principal,
-        destination_principal=_principal(destination_principal, destination),
-        connection_security_policy=MUTUAL_TLS if mutual_tls else PLAINTEXT,
-    )
-    if source is not None:
-        out = replace(out, source_workload=source.name or UNKNOWN,
-                      source_workload_namespace=source.namespace or UNKNOWN,
-                      source_app=canonical_app(source), source_version=canonical_version(source),
-                      source_cluster=source.cluster_id or UNKNOWN)
-    if destination is not None:
-        out = replace(out, destination_workload=destination.name or UNKNOWN,
-                      destination_workload_namespace=destination.namespace or UNKNOWN,
-                      destination_app=canonical_app(destination),
-                      destination_version=canonical_version(destination),
-                      destination_cluster=destination.cluster_id or UNKNOWN)
-    if service is not None:
-        out = replace(out, destination_service=service.hostname or UNKNOWN,
-                      destination_service_name=service.name or UNKNOWN,
-                      destination_service_namespace=service.namespace or UNKNOWN)
-    return out
-
-
-# --- per-connection counting ----------------------------------------------------------------------------
-
-
-class _State(enum.Enum):
-    OPEN = "open"
-    CLOSED = "closed"
-
-
-class ConnectionMetrics:
-    """The metrics of one open connection.  `close()` is idempotent; counting after close is ignored."""
-
-    __slots__ = ("_metrics", "labels", "_sent", "_received", "sent", "received", "_state")
-
-    def __init__(self, metrics: TcpMetrics, labels: TcpLabels) -> None:
-        values = labels.values()
-        self._metrics = metrics
-        self.labels = labels
-        self._sent = metrics.sent_bytes.labels(*values)
-        self._received = metrics.received_bytes.labels(*values)
-        self.sent = 0  # bytes written to the client so far (for the access log)
-        self.received = 0  # bytes read from the client so far
-        self._state = _State.OPEN
-        metrics.opened.labels(*values).inc()
-
-    def add_received(self, n: int) -> None:
-        """Count `n` bytes read from the client (towards the server: the request direction)."""
-        if n > 0 and self._state is _State.OPEN:
-            self.received += n
-            self._received.inc(n)
-
-    def add_sent(self, n: int) -> None:
-        """Count `n` bytes written to the client (from the server: the response direction)."""
-        if n > 0 and self._state is _State.OPEN:
-            self.sent += n
-            self._sent.inc(n)
-
-    @property
-    def closed(self) -> bool:
-        return self._state is _State.CLOSED
-
-    def close(self, response_flags: str | None = None) -> None:
-        """Count the connection as closed.  `response_flags` (a `ResponseFlag`) labels the closed
-        counter only, as the other counters were labelled when the connection opened."""
-        if self._state is _State.CLOSED:
-            return
-        self._state = _State.CLOSED
-        labels = self.labels
-        if response_flags is not None and response_flags != labels.response_flags:
-            labels = replace(labels, response_flags=str(response_flags))
-        self._metrics.closed.labels(*labels.values()).inc()
-
-    def __enter__(self) -> ConnectionMetrics:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-
-class TcpMetrics:
-    """Istio's four TCP counters on `registry`."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        names = TCP_LABEL_NAMES
-        self.opened = Counter("istio_tcp_connections_opened", "TCP connections opened.", names, registry=registry)
-        self.closed = Counter("istio_tcp_connections_closed", "TCP connections closed.", names, registry=registry)
-        self.sent_bytes = Counter("istio_tcp_sent_bytes", "Bytes sent to the client (response direction).",
-                                  names, registry=registry)
-        self.received_bytes = Counter("istio_tcp_received_bytes",
-                                      "Bytes received from the client (request direction).", names, registry=registry)
-
-    def open(self, labels: TcpLabels) -> ConnectionMetrics:
-        """Count a connection as opened; count its bytes and its close on the returned object."""
-        return ConnectionMetrics(self, labels)
+    LISTENER_FULL = "listener_full"  # over the cap of connections of a pod's HBONE listener
+    SELF_CALL = "self_call"  # addressed to the agent itself (its ports, loopback): refused, never dialled
 
 
 # --- the agent's own metrics ----------------------------------------------------------------------------

@@ -8,13 +8,21 @@ from pathlib import Path
 
 from mesh import defaults
 from mesh.runtime import ProcessOptions
+from nodeagent.cni.protocol import DEFAULT_SOCKET as CNI_SOCKET
+
+POD_SOURCES = ("local", "cni")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Options(ProcessOptions):
     node: str  # this node's name
-    pod_netns: str  # path format of a pod's network namespace, with {namespace}, {name} and {uid}
-    pod_cgroup: str = ""  # path format of a pod's cgroup v2 directory (eBPF capture attaches there)
+    pod_source: str = "local"  # local: pods from discovery, netns by --pod-netns; cni: handed over by the plugin
+    cni_socket: str = CNI_SOCKET  # pod source cni: where the CNI plugin hands pods over
+    pod_netns: str = ""  # pod source local: path format of a pod's netns, with {namespace}, {name} and {uid}
+    pod_cgroup: str = ""  # path format of a pod's cgroup v2 directory (eBPF capture attaches there; pod source
+    # cni: only for running pods a scan finds, where no process shows their cgroup)
     redirect_mode: str = defaults.REDIRECT_MODE
     bpf_prefix: str = defaults.BPF_PIN_PREFIX  # eBPF mode: pins under /sys/fs/bpf/<prefix>/
     state_dir: Path | None = None  # where the agent keeps what it must find after a restart
+    hbone_max_connections: int = defaults.HBONE_MAX_CONNECTIONS  # per pod's 15008: open at once
+    hbone_max_handshakes: int = defaults.HBONE_MAX_HANDSHAKES  # per pod's 15008: TLS handshakes at once

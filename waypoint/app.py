@@ -7,6 +7,7 @@
                                                         └──> HboneUpstream: HBONE pool (own certificate)
                                                              to endpoints' 15008, plain TCP outside the mesh
     certificate (CA, own identity)   metrics :15020   readiness :15021   admin 127.0.0.1:15000
+    spans (one per request, `waypoint.tracing`) ──> OTLP exporter (--otlp-endpoint), in the background
 
 `serve` reads in order: certificates (the CA, with a workload token for its own identity), the waypoint's
 parts, discovery feeding its configuration, then `Waypoint.run`: the serving endpoints and the HBONE
@@ -31,6 +32,7 @@ from mesh.process import split_hostport
 from mesh.secrets.errors import SecretsError
 from mesh.secrets.manager import SecretManager
 from mesh.serve.endpoints import Readiness
+from mesh.tracing.span import Resource
 from mesh.xds.trio_client import TrioXdsClient
 from waypoint.admin import AdminView, ProcessMetrics
 from waypoint.discovery import SUBSCRIPTIONS, WaypointConfig
@@ -63,11 +65,16 @@ class Waypoint:
         self.identity = opts.identity
         self.certs = certs
         self.registry = registry or CollectorRegistry()
-        self.pool = HbonePool(tcp_connect, certs.client_context, connect_timeout=opts.connect_timeout)
+        self.pool = HbonePool(tcp_connect, certs.client_context, connect_timeout=opts.connect_timeout,
+                              certificate=certs.current)
         upstream = HboneUpstream(self.pool, self.identity, trust_domain=opts.trust_domain,
                                  connect_timeout=opts.connect_timeout)
+        self.tracer = runtime.tracer(opts, Resource.of({
+            "service.name": f"{opts.name}.{opts.namespace}", "service.instance.id": opts.key,
+            "k8s.namespace.name": opts.namespace, "k8s.node.name": opts.node, "istio.proxy": "waypoint"}),
+            self.registry)
         self.proxy = WaypointProxy(upstream, metrics=WaypointMetrics(self.registry), access_log=stdout_line,
-                                   identity=str(self.identity))
+                                   identity=str(self.identity), tracer=self.tracer)
         self.config = WaypointConfig(opts.key, self.proxy.update, allow_http_jwks=opts.allow_http_jwks)
         self.inbound = InboundServer(self.proxy, certs, self.identity, trust_domain=opts.trust_domain)
         self.proxy.l4_handler = self.inbound.l4
@@ -111,6 +118,7 @@ class Waypoint:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.pool.run)
             await nursery.start(self.proxy.run)  # JWKS fetched and refreshed in the background
+            await runtime.start_tracing(nursery, self.tracer)  # spans sent in the background
             nursery.start_soon(self._keep_certificate)
             admin = AdminView(self.config_dump, self.certs.status, self.stats, name=opts.key)
             self.ports.update(await runtime.start_serving(nursery, opts, registry=self.registry,

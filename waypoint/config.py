@@ -4,7 +4,8 @@
 `Service` and `L7Config` messages of `mesh.proto.discovery_pb2`), keeps the L7 configs that name this
 waypoint, checks each spec again with `mesh.api` (the model that validated it in the control plane:
 defensive, a newer or older control plane may disagree) and compiles it.  A resource that cannot be
-compiled is reported in `CompileResult.errors` (the xDS handler NACKs it) and left out; warnings report
+compiled is reported in `CompileResult.errors` (and by resource name in `failed`) and left out, the rest
+compiled as if it were not there (the xDS handler applies the rest); warnings report
 what is accepted but not enforced as written (CUSTOM authorization, duplicate VirtualServices).
 
 Namespaces keep to themselves, as in Istio:
@@ -18,7 +19,9 @@ Namespaces keep to themselves, as in Istio:
   DestinationRule likewise, preferring the waypoint's namespace, then the service's, then the root's;
 - a tunnel is admitted only for a service bound to this waypoint (`Service.waypoint`), or a workload
   that sends its own traffic through it;
-- a `jwksUri` over plain http is an error unless the waypoint is started with `--allow-http-jwks`.
+- a `jwksUri` over plain http is an error unless the waypoint is started with `--allow-http-jwks`;
+- tracing follows the Telemetry resources the control plane sent this waypoint, resolved for its
+  namespace and Gateway (`mesh.tracing.sampler.resolve`: root, then namespace, then targetRefs).
 
 The table is immutable: a configuration change builds a new table and the proxy swaps the reference, so
 requests in flight keep the decision they made on the old one.
@@ -36,8 +39,11 @@ from mesh import defaults
 from mesh.api.crossref import fqdn, host_covers
 from mesh.api.errors import FieldError
 from mesh.api.kinds import kind_info
+from mesh.api.schema import drop_nulls
+from mesh.istiometrics import canonical_app, canonical_version
 from mesh.proto import discovery_pb2 as pb
-from mesh.xds.resources import L7_KIND_NAMES
+from mesh.tracing.sampler import TelemetryDoc, TracingPolicy, resolve
+from mesh.xds.resources import L7_KIND_NAMES, name_of
 from waypoint.errors import ConfigError
 from waypoint.l7.authz import CompiledPolicy, compile_policy
 from waypoint.l7.jwt import JwtRule, compile_rules
@@ -90,6 +96,7 @@ class RouteTable:
     policies: tuple[CompiledPolicy, ...] = ()
     l4_policies: tuple[L4Policy, ...] = ()  # the same policies, as checked on non-HTTP tunnels
     jwt_rules: tuple[JwtRule, ...] = ()
+    tracing: TracingPolicy = TracingPolicy()  # from the Telemetry resources that apply to this waypoint
     version: int = 0
 
     def refusal(self, host: str, port: int) -> str:
@@ -144,11 +151,14 @@ class CompileResult:
     table: RouteTable
     errors: tuple[ConfigError, ...] = ()
     warnings: tuple[str, ...] = ()
+    failed: Mapping[str, str] = field(default_factory=dict)  # L7Config resource name -> why it was left out
 
 
 def struct_to_dict(msg: Any) -> dict[str, Any]:
-    """A Struct as plain data; whole-number floats (Struct has no integers) become ints again."""
-    return _ints(json_format.MessageToDict(msg))
+    """A Struct as plain data; whole-number floats (Struct has no integers) become ints again, and a null
+    field is not set (`mesh.api.schema.drop_nulls`, as the control plane stores it)."""
+    out: dict[str, Any] = drop_nulls(_ints(json_format.MessageToDict(msg)))
+    return out
 
 
 def _ints(value: Any) -> Any:
@@ -168,7 +178,9 @@ def _endpoint(w: pb.Workload, address: str, port: int) -> Endpoint:
                     identity=f"spiffe://{td}/ns/{w.namespace}/sa/{w.service_account}" if w.service_account else "",
                     labels=labels, app=w.canonical_name or w.labels.get("app", ""),
                     version=w.canonical_revision or w.labels.get("version", ""),
-                    healthy=w.status == pb.HEALTHY, hbone=w.tunnel_protocol == pb.HBONE)
+                    healthy=w.status == pb.HEALTHY, hbone=w.tunnel_protocol == pb.HBONE,
+                    canonical_service=canonical_app(w), canonical_revision=canonical_version(w),
+                    cluster=w.cluster_id)
 
 
 def _waypoint_of(s: pb.Service) -> str:
@@ -295,12 +307,14 @@ def compile_table(waypoint: str, workloads: Iterable[pb.Workload], services: Ite
     svcs = _services(workloads, services)
     own_namespace = waypoint.split("/")[0] if waypoint else ""
     errors: list[ConfigError] = []
+    failed: dict[str, str] = {}
     warnings: list[str] = []
     vss: list[VirtualServiceRules] = []
     drs: list[DestinationRuleRules] = []
     policies: list[CompiledPolicy] = []
     l4_policies: list[L4Policy] = []
     jwt_rules: list[JwtRule] = []
+    telemetries: list[TelemetryDoc] = []
     for msg in sorted(l7_configs, key=lambda m: (m.kind, m.namespace, m.name)):
         if waypoint and waypoint not in msg.waypoints:
             continue
@@ -338,8 +352,12 @@ def compile_table(waypoint: str, workloads: Iterable[pb.Workload], services: Ite
                                                  "could hand in keys: serve the key set over https (or start "
                                                  "the waypoint with --allow-http-jwks)")
                 jwt_rules.extend(rules)
-        except ConfigError as exc:
-            errors.append(exc)
+            elif kind == "Telemetry":
+                telemetries.append(TelemetryDoc(msg.namespace, msg.name, spec))
+        except Exception as exc:  # noqa: BLE001 - one resource that does not compile is left out alone
+            error = exc if isinstance(exc, ConfigError) else ConfigError(where, f"cannot be compiled: {exc!r}")
+            errors.append(error)
+            failed[name_of(msg)] = str(error)
     table = RouteTable(
         waypoint=waypoint, services=svcs,
         by_vip={vip: s.hostname for s in svcs.values() for vip in s.vips},
@@ -347,5 +365,6 @@ def compile_table(waypoint: str, workloads: Iterable[pb.Workload], services: Ite
         waypoint_workloads=frozenset(a for w in workloads if _uses(w, waypoint) for a in w.addresses),
         virtual_services=_virtual_services(vss, svcs, warnings),
         destination_rules=_destination_rules(drs, svcs, own_namespace),
-        policies=tuple(policies), l4_policies=tuple(l4_policies), jwt_rules=tuple(jwt_rules), version=version)
-    return CompileResult(table, tuple(errors), tuple(warnings))
+        policies=tuple(policies), l4_policies=tuple(l4_policies), jwt_rules=tuple(jwt_rules),
+        tracing=resolve(telemetries, namespace=own_namespace, gateway=waypoint.partition("/")[2]), version=version)
+    return CompileResult(table, tuple(errors), tuple(warnings), failed)

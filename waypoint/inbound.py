@@ -27,7 +27,7 @@ import trio
 from mesh import defaults
 from mesh.hbone.errors import HboneError
 from mesh.hbone.headers import Authority
-from mesh.hbone.server import HboneServerConnection, InboundRequest, TunnelAcceptor, serve_hbone
+from mesh.hbone.server import HboneServerConnection, InboundRequest, ListenerGate, TunnelAcceptor, serve_hbone
 from mesh.identity import SpiffeId
 from mesh.secrets.errors import SecretsError
 from mesh.secrets.manager import SecretManager
@@ -84,6 +84,7 @@ class InboundServer:
         self.handshake_timeout = handshake_timeout
         self.event_log = event_log
         self.connections: set[HboneServerConnection] = set()
+        self.gate = ListenerGate()  # 15008's caps: connections open and TLS handshakes at once
         self.tunnels = 0  # open now
         self.refused = 0  # CONNECTs answered 400 since start
         self._accepting = trio.CancelScope()
@@ -133,7 +134,7 @@ class InboundServer:
                            task_status: trio.TaskStatus[HboneServerConnection]) -> None:
         try:
             await serve_hbone(tls, self.tunnel, trust_domain=self.trust_domain,
-                              handshake_timeout=self.handshake_timeout, task_status=task_status)
+                              handshake_timeout=self.handshake_timeout, gate=self.gate, task_status=task_status)
         finally:
             self.connections = {c for c in self.connections if not c.is_closed}
 

@@ -1,70 +1,53 @@
-"""Istio's standard request metrics, reported by the waypoint (`reporter="waypoint"`).
+"""Istio's standard metrics, reported by the waypoint (`reporter="waypoint"`).
 
-One registry per waypoint (`WaypointMetrics.registry`, served on /metrics by whoever runs the process).
-Label names and meanings follow Istio's standard metrics so that dashboards carry over.
+One registry per waypoint (`WaypointMetrics.registry`, served on /metrics by whoever runs the process):
+the request counter and histograms for HTTP, and the TCP counters for tunnels it passes through at L4.
+Names, labels and buckets are defined once for every proxy in `mesh.istiometrics`, so that Istio's
+dashboards and queries carry over.  `peer_labels` fills the labels both share from what the waypoint
+knows: the client's workload (by its address) and verified identity, the chosen endpoint, the service.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 
-LABELS = (
-    "reporter", "source_workload", "source_workload_namespace", "source_principal", "source_app",
-    "source_version", "destination_workload", "destination_workload_namespace", "destination_principal",
-    "destination_app", "destination_version", "destination_service", "destination_service_name",
-    "destination_service_namespace", "request_protocol", "response_code", "response_flags",
-    "connection_security_policy",
-)
-DURATION_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000,
-                    600000, 1800000, 3600000)
-SIZE_BUCKETS = tuple(float(1 * 10**i) for i in range(9))
+from mesh.istiometrics import UNKNOWN, Reporter, RequestLabels, RequestMetrics, TcpLabels, TcpMetrics
+from waypoint.l7.model import Endpoint
 
-
-@dataclass(frozen=True)
-class RequestLabels:
-    source_workload: str = "unknown"
-    source_workload_namespace: str = "unknown"
-    source_principal: str = "unknown"
-    source_app: str = "unknown"
-    source_version: str = "unknown"
-    destination_workload: str = "unknown"
-    destination_workload_namespace: str = "unknown"
-    destination_principal: str = "unknown"
-    destination_app: str = "unknown"
-    destination_version: str = "unknown"
-    destination_service: str = "unknown"
-    destination_service_name: str = "unknown"
-    destination_service_namespace: str = "unknown"
-    request_protocol: str = "http"
-    response_code: str = "0"
-    response_flags: str = "-"
-    connection_security_policy: str = "mutual_tls"
-
-    def values(self) -> dict[str, str]:
-        out = {k: (v or "unknown") for k, v in self.__dict__.items()}
-        out["reporter"] = "waypoint"
-        return out
+__all__ = ["RequestLabels", "TcpLabels", "WaypointMetrics", "peer_labels"]
 
 
 class WaypointMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("istio_requests_total", "Requests handled by the waypoint", LABELS, registry=r)
-        self.duration = Histogram("istio_request_duration_milliseconds", "Request duration in milliseconds",
-                                  LABELS, buckets=DURATION_BUCKETS, registry=r)
-        self.request_bytes = Histogram("istio_request_bytes", "Request sizes in bytes (headers and body)",
-                                       LABELS, buckets=SIZE_BUCKETS, registry=r)
-        self.response_bytes = Histogram("istio_response_bytes", "Response sizes in bytes (headers and body)",
-                                        LABELS, buckets=SIZE_BUCKETS, registry=r)
-        self.tcp_opened = Counter("istio_tcp_connections_opened_total", "L4 connections passed through",
-                                  ["reporter", "destination_service"], registry=r)
+        self.http = RequestMetrics(self.registry, " by the waypoint")
+        self.tcp = TcpMetrics(self.registry)
 
     def record(self, labels: RequestLabels, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
-        values = labels.values()
-        self.requests.labels(**values).inc()
-        self.duration.labels(**values).observe(duration_ms)
-        self.request_bytes.labels(**values).observe(request_bytes)
-        self.response_bytes.labels(**values).observe(response_bytes)
+        self.http.record(labels, duration_ms, request_bytes, response_bytes)
+
+
+def _side(prefix: str, ep: Endpoint | None) -> dict[str, str]:
+    if ep is None:
+        return {}
+    return {f"{prefix}_workload": ep.name, f"{prefix}_workload_namespace": ep.namespace,
+            f"{prefix}_app": ep.app, f"{prefix}_version": ep.version,
+            f"{prefix}_canonical_service": ep.canonical_service or ep.app,
+            f"{prefix}_canonical_revision": ep.canonical_revision or ep.version, f"{prefix}_cluster": ep.cluster}
+
+
+def peer_labels(*, source: Endpoint | None, source_namespace: str, source_principal: str,
+                destination: Endpoint | None, service_host: str, service_name: str = "",
+                service_namespace: str = "") -> dict[str, Any]:
+    """The labels of who talked to whom, as keyword arguments of `RequestLabels` or `TcpLabels`."""
+    out: dict[str, Any] = {"reporter": Reporter.WAYPOINT.value, "source_workload_namespace": source_namespace,
+                           "source_principal": source_principal or UNKNOWN}
+    out.update(_side("source", source))
+    out.update(_side("destination", destination))
+    if destination is not None:
+        out["destination_principal"] = destination.identity
+    out.update(destination_service=service_host, destination_service_name=service_name,
+               destination_service_namespace=service_namespace)
+    return {k: v for k, v in out.items() if v}

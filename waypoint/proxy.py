@@ -4,11 +4,13 @@
 inbound tunnel's byte stream with who the client is.  The request pipeline is `_handle`, readable top to
 bottom:
 
-    parse (HTTP/1.1 or HTTP/2, detected) -> normalization (method, path: 400 when impossible)
-    -> forwarding headers (XFCC, XFF, Forwarded) and x-request-id / traceparent -> authentication (JWT;
-    never waits for keys) -> route decision (pure) -> authorization -> fault (delay, abort) -> request
-    body (buffered for retries) -> mirrors (fire and forget) -> forward with retries and timeouts (LB,
-    outlier detection, pool limits) -> response header operations -> metrics and access log
+    parse (HTTP/1.1 or HTTP/2, detected) -> the request's span (`waypoint.tracing`: the incoming trace
+    context continued, or a new trace) -> normalization (method, path: 400 when impossible)
+    -> forwarding headers (XFCC, XFF, Forwarded), x-request-id and the span's trace headers
+    -> authentication (JWT; never waits for keys) -> route decision (pure) -> authorization -> fault
+    (delay, abort) -> request body (buffered for retries) -> mirrors (fire and forget) -> forward with
+    retries and timeouts (LB, outlier detection, pool limits) -> response header operations -> metrics,
+    access log and the span, once
 
 Routing, authentication and authorization all see the normalized request that is sent upstream, with the
 JWT's header changes made, as Envoy's filters see it after its HTTP connection manager and jwt_authn.
@@ -24,7 +26,6 @@ import contextlib
 import dataclasses
 import datetime
 import random
-import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,10 @@ from dataclasses import dataclass, field
 import trio
 
 from mesh.hbone.relay import relay
+from mesh.tracing.propagation import extract
+from mesh.tracing.span import SpanKind
+from mesh.tracing.tracer import Started, Tracer
+from waypoint import tracing
 from waypoint.accesslog import AccessRecord, Sink, format_line, logger_sink
 from waypoint.config import CompileResult, RouteTable
 from waypoint.errors import UpstreamError
@@ -44,7 +49,7 @@ from waypoint.l7 import authz, jwt, routing
 from waypoint.l7.forwarding import forwarding_headers, remote_ip
 from waypoint.l7.model import ClientInfo, Endpoint, RequestHead, with_header
 from waypoint.l7.normalize import NormalizationError, normalize_request
-from waypoint.metrics import RequestLabels, WaypointMetrics
+from waypoint.metrics import RequestLabels, TcpLabels, WaypointMetrics, peer_labels
 from waypoint.upstream.forward import Forwarder, Record, RequestBody, send_local
 from waypoint.upstream.pool import ConnectionPool, Upstream
 
@@ -58,7 +63,6 @@ class ProxySettings:
     retry_buffer_bytes: int = 64 * 1024
     detect_timeout: float = 5.0
     mirror_timeout: float = 10.0
-    generate_traceparent: bool = True
     xff_trusted_hops: int = 0  # proxies in front whose x-forwarded-for entries are believed (Envoy's default 0)
 
 
@@ -67,8 +71,9 @@ class WaypointProxy:
                  settings: ProxySettings | None = None, metrics: WaypointMetrics | None = None,
                  access_log: Sink = logger_sink, rng: random.Random | None = None,
                  clock: Callable[[], float] = trio.current_time, jwks: JwksCache | None = None,
-                 l4_handler: L4Handler | None = None, identity: str = "") -> None:
+                 l4_handler: L4Handler | None = None, identity: str = "", tracer: Tracer | None = None) -> None:
         self.settings = settings or ProxySettings()
+        self.tracer = tracer or Tracer()  # without an exporter: trace ids propagate, nothing is recorded
         self.upstream = upstream
         self.identity = identity  # the waypoint's own SPIFFE ID (x-forwarded-client-cert's By)
         self.metrics = metrics or WaypointMetrics()
@@ -133,16 +138,24 @@ class WaypointProxy:
         else:
             w = table.workloads_by_ip.get(client.destination_ip)
             target = dataclasses.replace(w, port=client.destination_port) if w else None
-        self.metrics.tcp_opened.labels(reporter="waypoint", destination_service=hostname or "unknown").inc()
-        if target is None:
-            await stream.aclose()
-            return
-        try:
-            up = await self.upstream.connect(target, service=hostname or "", client=client.source)
-        except (UpstreamError, OSError):
-            await stream.aclose()
-            return
-        await relay(stream, up)
+        svc_info = table.services.get(hostname) if hostname is not None else None
+        with self.metrics.tcp.open(TcpLabels(**peer_labels(
+                source=table.workloads_by_ip.get(client.source_ip), source_namespace=client.namespace,
+                source_principal=client.peer_identity, destination=target, service_host=hostname or "",
+                service_name=svc_info.name if svc_info else "",
+                service_namespace=svc_info.namespace if svc_info else ""))) as counted:
+            if target is None:
+                counted.close("UH" if hostname else "NR")
+                await stream.aclose()
+                return
+            try:
+                up = await self.upstream.connect(target, service=hostname or "", client=client.source)
+            except (UpstreamError, OSError):
+                counted.close("UF")
+                await stream.aclose()
+                return
+            copied = await relay(stream, up, counter=counted)
+            counted.close(("DC" if copied.failed == "a" else "UC") if copied.error else None)
 
     # ---- one request ---------------------------------------------------------------------------------
 
@@ -151,6 +164,7 @@ class WaypointProxy:
         table = self._table
         rec = Record()
         head = ex.head
+        span = self.tracer.start(extract(head.header), table.tracing)
         decision = routing.RouteDecision(table.services.get(routing.target_hostname(table, head, client)),
                                          table_version=table.version)  # until the route is decided
         authn = jwt.AuthnResult(True)
@@ -165,7 +179,7 @@ class WaypointProxy:
                 return
             head = self._trace_headers(head.replace(headers=forwarding_headers(
                 head.headers, source_ip=client.source_ip, peer_identity=client.peer_identity,
-                local_identity=self.identity)))
+                local_identity=self.identity)), span)
             hostname = routing.target_hostname(table, head, client)
             # authentication: a present but invalid token is 401, and so is one whose keys are missing
             rules = [r for r in table.jwt_rules if r.applies_to(hostname)]
@@ -202,16 +216,15 @@ class WaypointProxy:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             rec.flag("DC")
         finally:
-            self._report(table, head, client, decision, rec, authn, verdict, start, wall)
+            self._report(table, head, client, decision, rec, authn, verdict, start, wall, span)
 
-    def _trace_headers(self, head: RequestHead) -> RequestHead:
+    @staticmethod
+    def _trace_headers(head: RequestHead, span: Started) -> RequestHead:
+        """x-request-id (kept, or made) and the trace context of the waypoint's span."""
         headers = head.headers
         if not head.header("x-request-id"):
             headers = with_header(headers, "x-request-id", str(uuid.uuid4()))
-        has_b3 = head.header("b3") is not None or head.header("x-b3-traceid") is not None
-        if self.settings.generate_traceparent and not head.header("traceparent") and not has_b3:
-            headers = with_header(headers, "traceparent", f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01")
-        return head.replace(headers=headers)
+        return head.replace(headers=tracing.request_headers(headers, span))
 
     def _authz_request(self, head: RequestHead, client: ClientInfo, authn: jwt.AuthnResult) -> authz.AuthzRequest:
         return authz.AuthzRequest(method=head.method, path=head.uri_path, host=head.authority,
@@ -253,24 +266,31 @@ class WaypointProxy:
 
     def _report(self, table: RouteTable, head: RequestHead, client: ClientInfo, d: routing.RouteDecision,
                 rec: Record, authn: jwt.AuthnResult, verdict: authz.AuthzDecision, start: float,
-                wall: datetime.datetime) -> None:
+                wall: datetime.datetime, span: Started) -> None:
         duration_ms = max(0.0, (self.clock() - start) * 1000.0)
         src = table.workloads_by_ip.get(client.source_ip)
         ep = rec.upstream
         svc = d.service
         labels = RequestLabels(
-            source_workload=src.name if src else "", source_workload_namespace=src.namespace if src else client.namespace,
-            source_principal=client.peer_identity, source_app=src.app if src else "",
-            source_version=src.version if src else "",
-            destination_workload=ep.name if ep else "", destination_workload_namespace=ep.namespace if ep else "",
-            destination_principal=ep.identity if ep else "", destination_app=ep.app if ep else "",
-            destination_version=ep.version if ep else "",
-            destination_service=svc.hostname if svc else head.authority,
-            destination_service_name=svc.name if svc else "", destination_service_namespace=svc.namespace if svc else "",
+            **peer_labels(source=src, source_namespace=src.namespace if src else client.namespace,
+                          source_principal=client.peer_identity, destination=ep,
+                          service_host=svc.hostname if svc else head.authority, service_name=svc.name if svc else "",
+                          service_namespace=svc.namespace if svc else ""),
             request_protocol="grpc" if (head.header("content-type") or "").startswith("application/grpc") else "http",
             response_code=str(rec.status), response_flags=rec.flag_text)
         header_bytes = sum(len(k) + len(v) for k, v in head.headers) + len(head.path)
         self.metrics.record(labels, duration_ms, header_bytes + rec.bytes_received, rec.bytes_sent)
+        if span.recording:
+            namespace, _, name = table.waypoint.partition("/")
+            self.tracer.finish(span, tracing.span_name(head, svc.hostname if svc else "", client.destination_port),
+                               SpanKind.SERVER, tracing.attributes(
+                                   head, status=rec.status, flags=rec.flag_text,
+                                   upstream_cluster=d.cluster.key if d.cluster else "",
+                                   upstream_host=ep.key if ep else "", peer=client.source,
+                                   request_bytes=header_bytes + rec.bytes_received, response_bytes=rec.bytes_sent,
+                                   canonical_service=name or "waypoint", namespace=namespace,
+                                   tags=table.tracing.custom_tags),
+                               error=tracing.failed(rec.status), message=rec.details or rec.flag_text)
         line = format_line(AccessRecord(
             start_time=wall.isoformat(timespec="milliseconds"), method=head.method, path=head.path,
             protocol=head.protocol, response_code=rec.status, response_flags=rec.flag_text,

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from controlplane.config.store import Store, StoreError
-from mesh.api.errors import ApiError, Conflict, NotFound, ValidationError
+from mesh.api.errors import ApiError, BadRequest, Conflict, NotFound, ValidationError
 from mesh.api.kinds import DEFAULT_NAMESPACE, resolve_kind
 from mesh.api.loader import documents_from_json
 from mesh.api.validate import Ref
@@ -45,10 +45,6 @@ from mesh.serve.thread import ServerThread
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024 * 1024
-
-
-class BadRequest(ApiError):
-    pass
 
 
 RequestHook = Callable[[str, int, "str | int", int, float], None]

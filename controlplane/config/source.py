@@ -5,9 +5,9 @@ A source offers a consistent `Snapshot` of every resource and tells subscribers 
     snap = source.snapshot()                 # immutable: version + {Ref: body}
     unsubscribe = source.subscribe(on_change) # on_change(ChangeEvent) after every committed change
 
-`controlplane.config.store.Store` is the source in local mode (fed by `meshctl apply` through the apply API and
-by the local cluster at start).  A Kubernetes watch source, to come, implements the same two methods
-from an informer cache, so nothing downstream changes.
+`controlplane.config.store.Store` is the source in both modes: fed by `meshctl apply` through the apply API
+and by the local cluster at start (local), or by the cluster's list and watch streams
+(`controlplane.config.kubernetes`), so nothing downstream changes.
 
 Callbacks run synchronously in the thread that committed the change, in commit order, while the
 source's lock is held: they must be quick and must not call back into the source's write methods.  A

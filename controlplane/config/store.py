@@ -79,10 +79,14 @@ class Result:
 
 
 class Store:
-    """The configuration store.  `directory` None keeps everything in memory (tests)."""
+    """The configuration store.  `directory` None keeps everything in memory (tests, and the Kubernetes
+    source, whose truth is the API server).  `check_references=False` leaves out the checks across
+    documents (`mesh.api.crossref`): a source that mirrors the Kubernetes API cannot refuse a deletion
+    that already happened, nor depend on the order in which it hears of objects."""
 
-    def __init__(self, directory: Path | str | None = None) -> None:
+    def __init__(self, directory: Path | str | None = None, *, check_references: bool = True) -> None:
         self._dir = Path(directory) if directory is not None else None
+        self._check_references = check_references
         self._lock = threading.RLock()
         self._subscribers: list[Callback] = []
         self._version = 0
@@ -146,7 +150,7 @@ class Store:
                 new[ref] = body
                 changed.add(ref)
                 outcomes.append(Outcome(ref, "configured" if before is not None else "created"))
-            problems = check_subsets(new, old, batch)
+            problems = check_subsets(new, old, batch) if self._check_references else []
             if problems:
                 raise ValidationError(problems)
             return self._commit(new, changed, set(), outcomes)
@@ -178,7 +182,7 @@ class Store:
                     raise NotFound(str(errors[0]))
                 raise ValidationError(errors)
             new = {r: b for r, b in old.items() if r not in refs}
-            problems = check_subsets(new, old, refs, deleting=True)
+            problems = check_subsets(new, old, refs, deleting=True) if self._check_references else []
             if problems:
                 if all(not refs[r].source for r in refs):
                     raise Conflict("; ".join(p.message.removesuffix(ADVICE) for p in problems) + ADVICE)
@@ -266,10 +270,42 @@ class Store:
                              "move it away to start empty") from exc
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise StoreError(f"{path}: unknown format (expected format {FORMAT}); move it away to start empty")
-        state = {Ref.of(body): body for body in data.get("resources", [])}
-        self._version = int(data.get("version", 0))
+        version, resources = data.get("version", 0), data.get("resources", [])
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise StoreError(f"{path}: 'version' must be a non-negative integer, not {version!r}; "
+                             "move the file away to start empty")
+        if not isinstance(resources, list):
+            raise StoreError(f"{path}: 'resources' must be a list; move the file away to start empty")
+        state: dict[Ref, dict[str, Any]] = {}
+        for i, body in enumerate(resources):
+            ref, body = _loaded(path, i, body)
+            if ref in state:
+                raise StoreError(f"{path}: resources[{i}]: {ref} is saved twice; move the file away to start empty")
+            state[ref] = body
+        self._version = version
         self._state = MappingProxyType(state)
         log.info("store loaded %d resources at version %d from %s", len(state), self._version, path)
+
+
+def _loaded(path: Path, i: int, body: Any) -> tuple[Ref, dict[str, Any]]:
+    """One saved resource: a `StoreError` naming the file and the entry if it names no resource; normalized
+    (nulls dropped, as an apply does today) if it still validates, else kept as saved and reported
+    (translation leaves out what it cannot serve, and says so: the control plane still starts)."""
+    ref, errors = check_reference(body)
+    if ref is None or not isinstance(body, dict):
+        what = "; ".join(str(e) for e in errors) or "not a resource"
+        raise StoreError(f"{path}: resources[{i}] is not a resource the store could have saved ({what}); "
+                         "move the file away to start empty")
+    checked, errors = check_document(body, ref.namespace or DEFAULT_NAMESPACE)
+    if checked is None:
+        log.warning("store: saved %s no longer validates (%s); kept as saved: what translation cannot serve "
+                    "is left out and reported; apply a corrected version", ref, "; ".join(str(e) for e in errors))
+        return ref, body
+    saved_meta = body.get("metadata") or {}
+    for key in _SERVER_FIELDS:
+        if key in saved_meta:
+            checked["metadata"][key] = saved_meta[key]
+    return ref, checked
 
 
 def _content(body: Mapping[str, Any]) -> Any:

@@ -1,16 +1,18 @@
-"""Which resources a discovery client gets on a wildcard subscription: "what its node needs".
+"""Which resources a discovery client may have: "what its node needs".
 
-The rule, kept deliberately simple for now:
+The client's role, node and waypoint are those of its token (`controlplane.discovery.identity` checks
+the `node` it sends against the token before this filter ever sees it).  The rule:
 
 - a node agent (ROLE=nodeagent) gets every Workload, Service and Authorization.  It needs every
   workload and service to route and to check destination identities (a pod may talk to any other pod),
   and every L4 policy whose scope can reach its pods; it never gets L7Config (it does not speak HTTP).
 - a waypoint (ROLE=waypoint) gets every Workload and Service (its upstreams and DestinationRule subsets)
   and only the L7Config objects that name it ("<namespace>/<name>" in L7Config.waypoints).
-- any other client (a tool) gets everything it subscribes to.
+- any other client gets nothing (an authenticated stream always has one of the two roles).
 
-A client that subscribes to resources by name gets those names whatever its role: it asked for them.
-Narrowing a node agent to the policies that select its own pods is a later refinement.
+The filter applies to resources subscribed to by name as much as to a wildcard subscription: naming
+another waypoint's L7Config does not get it.  Narrowing a node agent to the policies that select its own
+pods is a later refinement.
 """
 
 from __future__ import annotations
@@ -34,4 +36,4 @@ def wants(node: NodeInfo, type_url: str, resource: any_pb2.Any) -> bool:
             cfg = pb.L7Config()
             return resource.Unpack(cfg) and node.waypoint_key in cfg.waypoints
         return type_url in _WAYPOINT_TYPES
-    return True
+    return False

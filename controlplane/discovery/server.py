@@ -4,6 +4,17 @@ This module only moves values: requests from the network into each stream's `Str
 (`controlplane.discovery.state`, where the protocol lives), pushes from it onto the network, and records
 (ACK, NACK) into metrics, logs and the connection table `proxy-status` reads.
 
+Every stream is authenticated with the CA's `authenticator` (`ca.auth`: the control plane's JWTs in the
+local cluster; on Kubernetes `ca.tokenreview.TokenReviewAuthenticator`) from its `authorization: Bearer`
+token, before anything is read; a refusal ends the stream with the authenticator's status
+(UNAUTHENTICATED, or UNAVAILABLE when the check itself failed).  A server without an authenticator
+refuses every stream.  The token then decides who the client is (`controlplane.discovery.identity`): the
+`node` it sends may not contradict it, and the connection table shows only authenticated identities.
+
+Bounds (`Limits`): concurrent streams in all (checked before the token is) and per identity, and per
+stream the subscriptions (`StreamState`) and the responses queued for a client that does not read them
+(`_Outbox`); going over one ends that stream with RESOURCE_EXHAUSTED.
+
 Changes from the source (`controlplane.discovery.source`) wake one push task.  It takes a fresh copy of
 the resources, works out which names changed, and hands the new snapshot to every stream; changes that
 arrive while a push is being prepared are coalesced into the next one (plus an optional `debounce`).
@@ -12,7 +23,9 @@ arrive while a push is being prepared are coalesced into the next one (plus an o
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import hashlib
 import itertools
 import logging
@@ -25,10 +38,16 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3 import discovery_pb2 as xds
 
+from ca.auth import Authenticator
+from ca.errors import CAError
+from ca.service import metadata_dict
 from controlplane.discovery.filter import wants
+from controlplane.discovery.identity import Principal, WaypointDirectory, identify
 from controlplane.discovery.source import ResourceSource, changed_names
 from controlplane.discovery.state import (
+    DEFAULT_LIMITS,
     Acked,
+    Limits,
     Nacked,
     Output,
     ProtocolError,
@@ -37,12 +56,55 @@ from controlplane.discovery.state import (
     Snapshot,
     StreamState,
     WantsFn,
+    exhausted,
 )
 from controlplane.metrics import ControlPlaneMetrics, log_event, short_type
 
 log = logging.getLogger(__name__)
 
 _CLOSE = object()
+
+
+class _Outbox:
+    """What is waiting to be written to one client, at most `limit` items; `close()` jumps the queue."""
+
+    def __init__(self, limit: int) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._limit = limit
+        self._ready = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._closing: Any = None
+
+    def put(self, item: Any) -> bool:
+        """Queue `item`; False when the outbox is full (the client is not reading)."""
+        if len(self._items) >= self._limit:
+            return False
+        self._items.append(item)
+        self._ready.set()
+        return True
+
+    def close(self, item: Any = _CLOSE) -> None:
+        """End the stream with `item` (`_CLOSE`, or a `ProtocolError` to abort with), whatever is queued."""
+        if self._closing is None:
+            self._closing = item
+            self._closed.set()
+        self._ready.set()
+
+    @property
+    def closing(self) -> Any:
+        return self._closing
+
+    async def closed(self) -> None:
+        await self._closed.wait()
+
+    async def get(self) -> Any:
+        """The next item to write, or the closing item once closed."""
+        while self._closing is None and not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        if self._closing is not None:
+            return self._closing
+        return self._items.popleft()
 
 
 def snapshot_version(resources: Resources) -> str:
@@ -59,8 +121,9 @@ class _Stream:
     id: int
     peer: str
     state: StreamState
+    principal: Principal
+    outbox: _Outbox
     connected_at: float = field(default_factory=time.time)
-    outbox: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     # nonce -> monotonic time of the change that caused it (for convergence time)
     triggers: dict[str, float | None] = field(default_factory=dict)
 
@@ -76,8 +139,14 @@ class DiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         *,
         wants_fn: WantsFn = wants,
         debounce: float = 0.0,
+        authenticator: Authenticator | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self._source = source
+        self.authenticator = authenticator  # the CA's; set by the assembly before serving
+        self.limits = limits
+        self._opening = 0  # streams being authenticated
+        self._waypoints = WaypointDirectory(lambda: (self._snapshot.version, self._snapshot.resources))
         self.metrics = metrics or ControlPlaneMetrics()
         self._wants = wants_fn
         self._debounce = debounce
@@ -111,7 +180,7 @@ class DiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for stream in list(self._streams.values()):
-            stream.outbox.put_nowait(_CLOSE)
+            stream.outbox.close()
 
     @property
     def version(self) -> str:
@@ -172,26 +241,74 @@ class DiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         request_iterator: AsyncIterator[xds.DeltaDiscoveryRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        stream = _Stream(id=next(self._ids), peer=context.peer(), state=StreamState(self._wants))
+        principal = await self._authenticate(context)
+        state = StreamState(self._wants, limits=self.limits,
+                            identify=functools.partial(identify, principal, directory=self._waypoints))
+        stream = _Stream(id=next(self._ids), peer=context.peer(), state=state, principal=principal,
+                         outbox=_Outbox(self.limits.outbox))
         self._streams[stream.id] = stream
         self.metrics.connected.inc()
         reader = asyncio.create_task(self._read(stream, request_iterator))
+        # The writer may be stuck in a write to a client that does not read: closing must not wait for it.
+        writer = asyncio.create_task(self._write(stream, context))
+        closed = asyncio.create_task(stream.outbox.closed())
         try:
-            while True:
-                item = await stream.outbox.get()
-                if item is _CLOSE:
-                    break
-                if isinstance(item, ProtocolError):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
-                assert isinstance(item, Push)
-                await context.write(item.to_response())
-                self.metrics.pushed(item.type_url, stream.triggers.pop(item.nonce, None))
+            await asyncio.wait((writer, closed), return_when=asyncio.FIRST_COMPLETED)
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+            end = stream.outbox.closing
+            if isinstance(end, ProtocolError):
+                log_event("closed", logging.WARNING, stream=stream.id, caller=str(principal), peer=stream.peer,
+                          code=end.code, error=str(end))
+                await context.abort(grpc.StatusCode[end.code], f"discovery: {end}")
         finally:
-            reader.cancel()
+            for task in (reader, writer, closed):
+                task.cancel()
             del self._streams[stream.id]
             self.metrics.connected.dec()
             node = stream.state.node
             log_event("disconnect", stream=stream.id, node_id=node.id, peer=stream.peer)
+
+    async def _write(self, stream: _Stream, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        while True:
+            item = await stream.outbox.get()
+            if not isinstance(item, Push):
+                return
+            await context.write(item.to_response())
+            self.metrics.pushed(item.type_url, stream.triggers.pop(item.nonce, None))
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        """Who the caller is, within the stream limits; the stream is aborted if it is refused."""
+        refusal: tuple[grpc.StatusCode, str, str] | None = None
+        if len(self._streams) + self._opening >= self.limits.max_streams:
+            refusal = (grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_streams",
+                       f"the control plane serves at most {self.limits.max_streams} discovery streams; retry later")
+        elif self.authenticator is None:
+            refusal = (grpc.StatusCode.UNAUTHENTICATED, "no_authenticator",
+                       "this control plane has no authenticator: no stream is served")
+        principal: Principal | None = None
+        if refusal is None:
+            assert self.authenticator is not None
+            metadata = metadata_dict(context.invocation_metadata())  # type: ignore[arg-type]
+            self._opening += 1
+            try:
+                principal = Principal(await asyncio.to_thread(self.authenticator.authenticate, metadata))
+            except CAError as exc:
+                refusal = (exc.code, exc.reason, str(exc))
+            finally:
+                self._opening -= 1
+        if principal is not None:
+            open_streams = sum(1 for s in self._streams.values() if s.principal.key == principal.key)
+            if open_streams >= self.limits.max_streams_per_identity:
+                refusal = (grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_streams",
+                           f"{principal} has {open_streams} discovery streams open, the most one identity may have")
+        if refusal is not None or principal is None:
+            code, reason, message = refusal or (grpc.StatusCode.UNAUTHENTICATED, "unauthenticated", "")
+            log_event("refused", logging.WARNING, peer=context.peer(), reason=reason, error=message)
+            await context.abort(code, f"discovery: {message}")
+            raise AssertionError("not reached: abort raises")
+        return principal
 
     async def _read(self, stream: _Stream, requests: AsyncIterator[xds.DeltaDiscoveryRequest]) -> None:
         try:
@@ -200,19 +317,18 @@ class DiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 try:
                     outputs = stream.state.receive(req, self._snapshot)
                 except ProtocolError as exc:
-                    stream.outbox.put_nowait(exc)
+                    stream.outbox.close(exc)
                     return
                 if first:
                     node = stream.state.node
-                    log_event(
-                        "connect", stream=stream.id, node_id=node.id, role=node.role, node=node.node, peer=stream.peer
-                    )
+                    log_event("connect", stream=stream.id, node_id=node.id, role=node.role, node=node.node,
+                              caller=str(stream.principal), peer=stream.peer)
                 self._dispatch(stream, outputs, None)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the client went away mid-read
             log.debug("stream %d: read ended: %s", stream.id, exc)
-        stream.outbox.put_nowait(_CLOSE)
+        stream.outbox.close()
 
     def _dispatch(self, stream: _Stream, outputs: list[Output], trigger: float | None) -> int:
         pushes = 0
@@ -221,7 +337,11 @@ class DiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 stream.triggers[out.nonce] = trigger
                 if len(stream.triggers) > 512:
                     stream.triggers.pop(next(iter(stream.triggers)))
-                stream.outbox.put_nowait(out)
+                if not stream.outbox.put(out):
+                    stream.outbox.close(exhausted(
+                        f"{self.limits.outbox} responses are waiting for this client, which is not reading them: "
+                        "closing the stream (reconnect to resume)"))
+                    break
                 pushes += 1
             elif isinstance(out, Acked):
                 self.metrics.acked(out.type_url)
@@ -251,13 +371,15 @@ class DiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         return n
 
     def connections(self) -> dict[str, Any]:
-        """The connection table, JSON-ready: what `meshctl proxy-status` shows."""
+        """The connection table, JSON-ready: what `meshctl proxy-status` shows.  Every entry is an
+        authenticated stream; `identity` is its token's, and role, node and name were checked against it."""
         clients = []
         for s in sorted(self._streams.values(), key=lambda s: s.id):
             node = s.state.node
             clients.append(
                 {
                     "stream": s.id,
+                    "identity": str(s.principal),
                     "node_id": node.id,
                     "role": node.role,
                     "node": node.node,
@@ -269,7 +391,7 @@ class DiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     "types": s.state.status(),
                 }
             )
-        return {"version": self._snapshot.version, "clients": clients}
+        return {"version": self._snapshot.version, "clients": clients, "errors": list(self._source.errors())}
 
 
 def add_to_server(server: grpc.aio.Server, discovery: DiscoveryServer) -> None:

@@ -5,6 +5,9 @@ A source is anything with
     resources() -> {type_url: {name: (version, Any)}}    everything to serve, now
     watch(callback) -> cancel                              call `callback()` (from any thread) after
                                                            every change; `cancel()` stops that
+    errors() -> ("what was left out and why", ...)         resources that could not be made (shown by
+                                                           proxy-status); translation is total, so
+                                                           these never stop the others
 
 The server calls `resources()` after each notification (changes close together are coalesced), works
 out which names changed by comparing versions, and pushes only those.  Versions must change when the
@@ -50,6 +53,17 @@ class ResourceSource(Protocol):
 
     def watch(self, callback: Callback) -> Callable[[], None]: ...
 
+    def errors(self) -> tuple[str, ...]: ...
+
+
+class Translated(Protocol):
+    """What a translation function returns (`controlplane.translate.snapshot.Translation`)."""
+
+    @property
+    def errors(self) -> tuple[str, ...]: ...
+
+    def messages(self) -> list[Message]: ...
+
 
 class _Watchers:
     def __init__(self) -> None:
@@ -86,6 +100,9 @@ class MemorySource(_Watchers):
         with self._data_lock:
             return {t: dict(v) for t, v in self._data.items()}
 
+    def errors(self) -> tuple[str, ...]:
+        return ()
+
     def put(self, msg: Message, quiet: bool = False) -> None:
         type_url, name, value = entry(msg)
         with self._data_lock:
@@ -114,11 +131,11 @@ def changed_names(old: Resources, new: Resources) -> dict[str, set[str]]:
 
 class TranslatedSource(_Watchers):
     """Serves the translation of a configuration source (`controlplane.config.source.ConfigSource`, e.g. the
-    store): `translate(config_snapshot)` returns every discovery message.  Translation runs at most
-    once per configuration version, on the first `resources()` call after a change, on the caller's
-    thread (the discovery server calls it off its event loop)."""
+    store): `translate(config_snapshot)` returns a `Translated` (or just every discovery message).
+    Translation runs at most once per configuration version, on the first `resources()` call after a
+    change, on the caller's thread (the discovery server calls it off its event loop)."""
 
-    def __init__(self, config: Any, translate: Callable[[Any], Iterable[Message]]) -> None:
+    def __init__(self, config: Any, translate: Callable[[Any], Translated | Iterable[Message]]) -> None:
         super().__init__()
         self._config = config
         self._translate = translate
@@ -127,6 +144,7 @@ class TranslatedSource(_Watchers):
         self._cache_lock = threading.Lock()
         self._version: Any = object()
         self._cache: dict[str, dict[str, Entry]] = {}
+        self._errors: tuple[str, ...] = ()
         self._unsubscribe = config.subscribe(lambda _event: self.notify())
 
     def close(self) -> None:
@@ -136,5 +154,14 @@ class TranslatedSource(_Watchers):
         with self._cache_lock:
             snap = self._config.snapshot()
             if snap.version != self._version:
-                self._cache, self._version = by_type(self._translate(snap)), snap.version
+                result = self._translate(snap)
+                if isinstance(result, Iterable):
+                    self._cache, self._errors = by_type(result), ()
+                else:
+                    self._cache, self._errors = by_type(result.messages()), tuple(result.errors)
+                self._version = snap.version
             return self._cache
+
+    def errors(self) -> tuple[str, ...]:
+        """What the current translation left out, and why (read without waiting for a translation)."""
+        return self._errors

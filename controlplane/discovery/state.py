@@ -11,12 +11,25 @@ Per resource type the stream keeps:
 - `sent`: the version of each resource the client has or is about to have (optimistic: set when a
   response goes out, reverted when the client NACKs it);
 - `acked`: versions the client confirmed (or declared with `initial_resource_versions` on resume);
-- `rejected`: versions the client NACKed.  These are never sent again; the resource is sent again only
-  once its content (hence its version) changes.
+- `rejected`: versions the client NACKed in a response of their own.  These are never sent again; the
+  resource is sent again only once its content (hence its version) changes.
+
+A NACK refuses a whole response, but the fault is usually one resource's.  So a NACKed response that
+carried several changes is not held against any of them: it is sent again at once as two responses, each
+with half of the changes, and so on for each half that is NACKed again, until the bad resource is alone
+in a response; that one is remembered in `rejected`, and every good one is ACKed and applied.  A DENY
+policy applied beside a broken one thus still reaches the client.  (Halves, not one response per
+resource: a NACK never makes more than two responses, so a large response cannot flood the client.)
 
 A response goes out when a type is first subscribed (always, even if empty, so a client knows it is in
-sync), when the subscription changes, and when a snapshot changes resources the client should have.
-An ACK or a NACK alone never triggers a response.
+sync), when the subscription changes, when a snapshot changes resources the client should have, and
+when a NACK of several changes is split as above.  An ACK, or a NACK of one change, triggers none.
+
+Who the client is (`node`) comes from its first request, passed through `identify` (the discovery server's
+check against the caller's token, `controlplane.discovery.identity`).  Every resource, subscribed by
+wildcard or by name, goes through `wants` (what that client's role may have).  What a client can make the
+control plane remember is bounded (`Limits`): subscribed types, names per type, the length of a name.
+Going over a limit is a `ProtocolError` with `code` RESOURCE_EXHAUSTED, which ends the stream.
 """
 
 from __future__ import annotations
@@ -40,6 +53,24 @@ WantsFn = Callable[[NodeInfo, str, any_pb2.Any], bool]
 
 WILDCARD = "*"
 MAX_PENDING = 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may make the control plane hold.  Per stream: subscribed types, names per type
+    (explicit subscriptions and resumed versions each), the length of a name, responses queued for a
+    client that does not read them (`outbox`, the server's).  Per server: concurrent streams, in all and
+    per authenticated identity (a node agent, or a waypoint's replicas, reconnecting)."""
+
+    max_types: int = 8
+    max_names: int = 4096
+    max_name_length: int = 512
+    outbox: int = 256
+    max_streams: int = 4096
+    max_streams_per_identity: int = 8
+
+
+DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -91,7 +122,17 @@ Output = Push | Acked | Nacked
 
 
 class ProtocolError(Exception):
-    """The client broke the protocol; the stream should be closed with this message."""
+    """The stream must be closed with this message and `code` (a gRPC status name): the client broke the
+    protocol (INVALID_ARGUMENT), went over a limit (RESOURCE_EXHAUSTED) or claimed to be someone its
+    token does not say it is (PERMISSION_DENIED)."""
+
+    def __init__(self, message: str, code: str = "INVALID_ARGUMENT") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def exhausted(message: str) -> ProtocolError:
+    return ProtocolError(message, "RESOURCE_EXHAUSTED")
 
 
 class Phase(enum.Enum):
@@ -121,8 +162,11 @@ class TypeState:
 class StreamState:
     """The protocol state of one DeltaAggregatedResources stream."""
 
-    def __init__(self, wants: WantsFn, nonce_prefix: str | None = None) -> None:
+    def __init__(self, wants: WantsFn, nonce_prefix: str | None = None, *, limits: Limits = DEFAULT_LIMITS,
+                 identify: Callable[[NodeInfo], NodeInfo] | None = None) -> None:
         self._wants = wants
+        self._limits = limits
+        self._identify = identify
         self.phase = Phase.AWAITING_FIRST_REQUEST
         self.node: NodeInfo = NodeInfo(id="")
         self.types: dict[str, TypeState] = {}
@@ -138,7 +182,8 @@ class StreamState:
         if self.phase is Phase.AWAITING_FIRST_REQUEST:
             if not req.node.id:
                 raise ProtocolError("the first request must carry node.id")
-            self.node = NodeInfo.from_proto(req.node)
+            claimed = NodeInfo.from_proto(req.node)
+            self.node = self._identify(claimed) if self._identify is not None else claimed
             self.phase = Phase.ACTIVE
         if not req.type_url:
             raise ProtocolError("request without type_url")
@@ -146,9 +191,17 @@ class StreamState:
         ts = self.types.get(req.type_url)
         first = ts is None
         if ts is None:
+            if len(self.types) >= self._limits.max_types:
+                raise exhausted(f"too many resource types: a stream may subscribe to at most "
+                                f"{self._limits.max_types}")
             ts = self.types[req.type_url] = TypeState()
         if req.response_nonce:
-            out.extend(self._ack_or_nack(ts, req))
+            records, retry = self._ack_or_nack(ts, req)
+            out.extend(records)
+            for names in retry:  # a NACK of several changes: again, in halves
+                push = self._diff(req.type_url, ts, snapshot, names=names, always=False)
+                if push is not None:
+                    out.append(push)
         changed = self._update_subscription(ts, req, first)
         if first or changed:
             push = self._diff(req.type_url, ts, snapshot, names=None, always=first)
@@ -170,13 +223,16 @@ class StreamState:
 
     # -- steps -------------------------------------------------------------------------------------
 
-    def _ack_or_nack(self, ts: TypeState, req: xds.DeltaDiscoveryRequest) -> list[Output]:
+    def _ack_or_nack(self, ts: TypeState, req: xds.DeltaDiscoveryRequest) -> tuple[list[Output], list[list[str]]]:
+        """The records, and the groups of names to send again (each group in a response of its own)."""
         pending = self._pending.pop(req.response_nonce, None)
         if pending is None or pending.type_url != req.type_url:
-            return []  # stale or unknown nonce (e.g. from before a reconnect): nothing to learn
+            return [], []  # stale or unknown nonce (e.g. from before a reconnect): nothing to learn
         if req.HasField("error_detail"):
+            alone = len(pending.updated) + len(pending.removed) == 1
             for name, version in pending.updated.items():
-                ts.rejected[name] = version
+                if alone:
+                    ts.rejected[name] = version
                 if ts.sent.get(name) == version:
                     if name in ts.acked:
                         ts.sent[name] = ts.acked[name]
@@ -193,7 +249,10 @@ class StreamState:
                 names=tuple(sorted(pending.updated)),
             )
             ts.last_nack = nack
-            return [nack]
+            changes = sorted([*pending.updated, *pending.removed])
+            half = (len(changes) + 1) // 2
+            retry = [] if alone else [changes[:half], changes[half:]]
+            return [nack], retry
         for name, version in pending.updated.items():
             ts.acked[name] = version
             ts.rejected.pop(name, None)
@@ -204,9 +263,24 @@ class StreamState:
         self.last_acked_version = pending.version
         if not ts.rejected:
             ts.last_nack = None
-        return [Acked(type_url=req.type_url, nonce=req.response_nonce, version=pending.version)]
+        return [Acked(type_url=req.type_url, nonce=req.response_nonce, version=pending.version)], []
+
+    def _check_names(self, req: xds.DeltaDiscoveryRequest, ts: TypeState) -> None:
+        limits = self._limits
+        names = [*req.resource_names_subscribe, *req.resource_names_unsubscribe, *req.initial_resource_versions]
+        long = next((n for n in names if len(n) > limits.max_name_length), None)
+        if long is not None:
+            raise exhausted(f"resource name of {len(long)} characters: at most {limits.max_name_length} are accepted")
+        if len(req.initial_resource_versions) > limits.max_names:
+            raise exhausted(f"{len(req.initial_resource_versions)} resumed resource versions of {req.type_url}: "
+                            f"at most {limits.max_names} are accepted")
+        subscribed = ts.names | {n for n in req.resource_names_subscribe if n != WILDCARD}
+        if len(subscribed) > limits.max_names:
+            raise exhausted(f"{len(subscribed)} names subscribed to of {req.type_url}: at most {limits.max_names} "
+                            "are accepted (subscribe with the wildcard instead)")
 
     def _update_subscription(self, ts: TypeState, req: xds.DeltaDiscoveryRequest, first: bool) -> bool:
+        self._check_names(req, ts)
         before = (ts.wildcard, frozenset(ts.names))
         subscribe = list(req.resource_names_subscribe)
         if first:
@@ -287,9 +361,9 @@ class StreamState:
         )
 
     def _subscribed(self, ts: TypeState, type_url: str, name: str, res: any_pb2.Any) -> bool:
-        if name in ts.names:
-            return True
-        return ts.wildcard and self._wants(self.node, type_url, res)
+        """Asked for (by name or wildcard) and allowed to this client: naming a resource never gets
+        around the role's filter."""
+        return (name in ts.names or ts.wildcard) and self._wants(self.node, type_url, res)
 
     # -- reporting ---------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ of translation (and so of discovery, or of the control plane's start).
 Documents reach translation validated (`mesh.api.validate`), so a failure here is a disagreement between
 the validator and translation, or a document saved by an older version that validated differently.
 Either way the other resources must still be served.  Each builder runs its per-resource step through
-`guarded`, which turns an exception into one line in `errors`:
+`guarded(body, errors, step, *args)`, which turns an exception into one line in `errors`:
 
     AuthorizationPolicy bookinfo/deny: cannot be translated (KeyError: 'x'): left out; everything else is served
 """
@@ -27,10 +27,10 @@ def describe(body: Any) -> str:
     return f"{body.get('kind', 'resource')} {where or '(unnamed)'}"
 
 
-def guarded(body: Any, errors: list[str], step: Callable[[], T]) -> T | None:
-    """`step()`, or None with a line in `errors` naming `body` when it raises."""
+def guarded(body: Any, errors: list[str], step: Callable[..., T], *args: Any) -> T | None:
+    """`step(*args)`, or None with a line in `errors` naming `body` when it raises."""
     try:
-        return step()
+        return step(*args)
     except Exception as exc:  # noqa: BLE001 - any failure of one resource is that resource's alone
         errors.append(f"{describe(body)}: cannot be translated ({type(exc).__name__}: {exc}): left out; "
                       "everything else is served")

@@ -9,7 +9,11 @@ fully qualified hostnames it concerns, and the waypoints (`<ns>/<gateway>`) that
   waypoint itself; a `Service` target means that service's waypoint.  A target in another namespace is
   ignored (and reported) unless the policy is in the root namespace, as in Istio.  Policies with a selector or no
   target are not for waypoints (AuthorizationPolicies go to agents at L4; a RequestAuthentication
-  without a target is reported as not enforced, as in Istio ambient mode).
+  without a target is reported as not enforced, as in Istio ambient mode);
+- Telemetry (tracing): one in the root namespace without selector or targets goes to every waypoint, a
+  namespace's own to the waypoints of that namespace, one with `targetRefs` to the waypoint Gateways it
+  names (same namespace rule as policies); one with a `selector` selects sidecars, which this mesh has
+  none of: it goes to no waypoint and is reported.
 A config whose services have no waypoint is still sent (with no waypoints), so `proxy-status` and
 waypoints added later see it; waypoints filter on the `waypoints` field.
 """
@@ -31,6 +35,7 @@ _KINDS = {
     "DestinationRule": pb.DESTINATION_RULE,
     "AuthorizationPolicy": pb.AUTHORIZATION_POLICY,
     "RequestAuthentication": pb.REQUEST_AUTHENTICATION,
+    "Telemetry": pb.TELEMETRY,
 }
 
 
@@ -111,11 +116,24 @@ def build_l7(snapshot: Any, services: Mapping[str, pb.Service], waypoints: set[t
         found, hostnames = _targets(body, services, waypoints, problems)
         return _envelope(body, found, hostnames)
 
+    def telemetry(body: Mapping[str, Any]) -> pb.L7Config:
+        meta, spec = body["metadata"], body.get("spec") or {}
+        if spec.get("selector"):
+            problems.append(f"Telemetry {meta['namespace']}/{meta['name']}: a selector picks workloads' sidecars, "
+                            "and this mesh has none: no waypoint applies it (use targetRefs to a waypoint "
+                            "Gateway, or no selector for the whole namespace)")
+            return _envelope(body, set(), [])
+        if spec.get("targetRef") or spec.get("targetRefs"):
+            found, _ = _targets(body, services, waypoints, problems)
+            return _envelope(body, found, [])
+        ns = meta["namespace"]
+        return _envelope(body, {f"{w_ns}/{w}" for w_ns, w in waypoints if ns in (ROOT_NAMESPACE, w_ns)}, [])
+
     steps = (("VirtualService", virtual_service), ("DestinationRule", destination_rule),
-             ("AuthorizationPolicy", policy), ("RequestAuthentication", policy))
+             ("AuthorizationPolicy", policy), ("RequestAuthentication", policy), ("Telemetry", telemetry))
     for kind, step in steps:
         for body in snapshot.of_kind(kind):
-            msg = guarded(body, errors, lambda body=body, step=step: step(body))  # type: ignore[misc]
+            msg = guarded(body, errors, step, body)
             if msg is not None:
                 out[f"{kind}/{msg.namespace}/{msg.name}"] = msg
     return out

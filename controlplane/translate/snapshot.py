@@ -6,7 +6,11 @@
     translation.authorizations  {"<ns>/<name>": Authorization}      (L4 policies for node agents)
     translation.l7              {"<Kind>/<ns>/<name>": L7Config}    (for waypoints)
     translation.problems        ("what is wrong and what happens", ...) for the control plane's log
+    translation.errors          ("<Kind ns/name>: cannot be translated (...): left out", ...): resources
+                                left out (translation is total: one never stops the others, see
+                                `controlplane.translate.guard`); logged, and shown by `proxy-status`
     translate(snapshot)         every message as one list (what the discovery source serves); logs problems
+    translate_logged(snapshot)  the Translation, its problems and errors logged (what the source uses)
 
 The keys are the xDS resource names of `mesh.xds.resources.name_of`.  The rules are in the modules that
 apply them: `translate_workloads` (pods, services, enrollment, waypoints), `translate_authz` (L4
@@ -43,6 +47,7 @@ class Translation:
     authorizations: dict[str, pb.Authorization]
     l7: dict[str, pb.L7Config]
     problems: tuple[str, ...]
+    errors: tuple[str, ...] = ()
 
     def messages(self) -> list[Message]:
         return [*self.workloads.values(), *self.services.values(), *self.authorizations.values(), *self.l7.values()]
@@ -51,17 +56,24 @@ class Translation:
 def translate_snapshot(snapshot: Any, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> Translation:
     index = build_index(snapshot, trust_domain)
     services = build_services(index)
-    workloads = build_workloads(index)
-    problems = index.problems
-    authorizations = build_authorizations(snapshot, problems)
-    l7 = build_l7(snapshot, services, set(index.waypoints), problems)
+    workloads = build_workloads(index, services)
+    problems, errors = index.problems, index.errors
+    authorizations = build_authorizations(snapshot, problems, errors)
+    l7 = build_l7(snapshot, services, set(index.waypoints), problems, errors)
     return Translation(int(getattr(snapshot, "version", 0)), workloads, services, authorizations, l7,
-                       tuple(dict.fromkeys(problems)))
+                       tuple(dict.fromkeys(problems)), tuple(dict.fromkeys(errors)))
 
 
-def translate(snapshot: Any, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> list[Message]:
-    """Every discovery message for `snapshot` (the function the discovery source calls)."""
+def translate_logged(snapshot: Any, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> Translation:
+    """`translate_snapshot`, with its problems (warnings) and errors logged."""
     translation = translate_snapshot(snapshot, trust_domain)
     for problem in translation.problems:
         log.warning("translation version=%d: %s", translation.version, problem)
-    return translation.messages()
+    for error in translation.errors:
+        log.error("translation version=%d: %s", translation.version, error)
+    return translation
+
+
+def translate(snapshot: Any, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> list[Message]:
+    """Every discovery message for `snapshot`."""
+    return translate_logged(snapshot, trust_domain).messages()

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from controlplane.translate.guard import guarded
 from mesh import defaults
 from mesh.api.crossref import CLUSTER_DOMAIN
 from mesh.api.kinds_gateway import (
@@ -85,6 +86,7 @@ class Index:
     services: list[dict[str, Any]] = field(default_factory=list)
     waypoints: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (ns, name) -> Gateway
     problems: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # resources left out (`controlplane.translate.guard`)
     trust_domain: str = DEFAULT_TRUST_DOMAIN
 
     def waypoint_of(self, body: Mapping[str, Any], traffic: str) -> pb.GatewayAddress | None:
@@ -128,14 +130,28 @@ class Index:
         return bool(name) and (pod["metadata"]["namespace"], name) in self.waypoints
 
 
+def _named(body: Any, namespaced: bool = True) -> bool:
+    """Has the metadata every step reads (a validated document always has)."""
+    if not isinstance(body, Mapping) or not isinstance(body.get("metadata"), Mapping):
+        raise ValueError("no metadata")
+    meta = body["metadata"]
+    if not isinstance(meta.get("name"), str) or (namespaced and not isinstance(meta.get("namespace"), str)):
+        raise ValueError("metadata.name or metadata.namespace is missing")
+    if not isinstance(meta.get("labels") or {}, Mapping):
+        raise ValueError("metadata.labels is not a mapping")
+    return True
+
+
 def build_index(snapshot: Any, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> Index:
     index = Index(trust_domain=trust_domain)
+    errors = index.errors
     for ns in snapshot.of_kind("Namespace"):
-        index.namespaces[ns["metadata"]["name"]] = labels_of(ns)
-    index.pods = snapshot.of_kind("Pod")
-    index.services = snapshot.of_kind("Service")
+        if guarded(ns, errors, _named, ns, False):
+            index.namespaces[ns["metadata"]["name"]] = labels_of(ns)
+    index.pods = [p for p in snapshot.of_kind("Pod") if guarded(p, errors, _named, p)]
+    index.services = [s for s in snapshot.of_kind("Service") if guarded(s, errors, _named, s)]
     for gw in snapshot.of_kind("Gateway"):
-        if is_waypoint(gw):
+        if guarded(gw, errors, _named, gw) and is_waypoint(gw):
             index.waypoints[(gw["metadata"]["namespace"], gw["metadata"]["name"])] = gw
     return index
 
@@ -191,55 +207,72 @@ def healthy(pod: Mapping[str, Any]) -> bool:
 def build_services(index: Index) -> dict[str, pb.Service]:
     out: dict[str, pb.Service] = {}
     for svc in index.services:
-        meta, spec = svc["metadata"], svc.get("spec") or {}
-        ns = meta["namespace"]
-        pods = endpoints_of(svc, index)
-        vips = [ip for ip in [spec.get("clusterIP"), *(spec.get("clusterIPs") or [])] if ip and ip != "None"]
-        msg = pb.Service(name=meta["name"], namespace=ns, hostname=hostname(meta["name"], ns),
-                         vips=list(dict.fromkeys(vips)), selector=spec.get("selector") or {})
-        for port in spec.get("ports") or []:
-            msg.ports.append(pb.ServicePort(service_port=port["port"], target_port=target_port(port, pods[0] if pods else None),
-                                            name=port.get("name", ""), app_protocol=app_protocol(port)))
-        waypoint = index.waypoint_of(svc, "service")
-        if waypoint is not None:
-            msg.waypoint.CopyFrom(waypoint)
-        msg.subject_alt_names.extend(sorted({identity(ns, service_account(p), index.trust_domain) for p in pods}))
-        for pod in pods:
-            msg.endpoints.append(pb.ServiceEndpoint(workload_uid=workload_uid(pod), addresses=pod_ips(pod), healthy=healthy(pod)))
-        out[f"{ns}/{msg.hostname}"] = msg
+        msg = guarded(svc, index.errors, _service, svc, index)
+        if msg is not None:
+            out[f"{msg.namespace}/{msg.hostname}"] = msg
     return out
 
 
-def build_workloads(index: Index) -> dict[str, pb.Workload]:
+def _service(svc: Mapping[str, Any], index: Index) -> pb.Service:
+    meta, spec = svc["metadata"], svc.get("spec") or {}
+    ns = meta["namespace"]
+    pods = endpoints_of(svc, index)
+    vips = [ip for ip in [spec.get("clusterIP"), *(spec.get("clusterIPs") or [])] if ip and ip != "None"]
+    msg = pb.Service(name=meta["name"], namespace=ns, hostname=hostname(meta["name"], ns),
+                     vips=list(dict.fromkeys(vips)), selector=spec.get("selector") or {})
+    for port in spec.get("ports") or []:
+        msg.ports.append(pb.ServicePort(service_port=port["port"], target_port=target_port(port, pods[0] if pods else None),
+                                        name=port.get("name", ""), app_protocol=app_protocol(port)))
+    waypoint = index.waypoint_of(svc, "service")
+    if waypoint is not None:
+        msg.waypoint.CopyFrom(waypoint)
+    msg.subject_alt_names.extend(sorted({identity(ns, service_account(p), index.trust_domain) for p in pods}))
+    for pod in pods:
+        msg.endpoints.append(pb.ServiceEndpoint(workload_uid=workload_uid(pod), addresses=pod_ips(pod), healthy=healthy(pod)))
+    return msg
+
+
+def build_workloads(index: Index, services: Mapping[str, pb.Service] | None = None) -> dict[str, pb.Workload]:
+    """The pods' Workloads; with `services` (what `build_services` made), only those services are named
+    in them (one left out for an error is not half-served)."""
     out: dict[str, pb.Workload] = {}
     services_of: dict[str, list[dict[str, Any]]] = {}
     for svc in index.services:
-        for pod in endpoints_of(svc, index):
+        meta = svc["metadata"]
+        if services is not None and f"{meta['namespace']}/{hostname(meta['name'], meta['namespace'])}" not in services:
+            continue
+        for pod in guarded(svc, [], endpoints_of, svc, index) or []:  # reported by build_services
             services_of.setdefault(workload_uid(pod), []).append(svc)
     for pod in index.pods:
-        meta = pod["metadata"]
-        labels = labels_of(pod)
-        uid = workload_uid(pod)
-        is_wp = index.is_waypoint_pod(pod)
-        name, rev = canonical(labels, meta["name"])
-        msg = pb.Workload(
-            uid=uid, name=meta["name"], namespace=meta["namespace"], addresses=pod_ips(pod),
-            service_account=service_account(pod), node=str((pod.get("spec") or {}).get("nodeName") or ""),
-            tunnel_protocol=pb.HBONE if is_wp or enrolled(pod, index) else pb.NONE,
-            canonical_name=name, canonical_revision=rev, labels=labels,
-            status=pb.HEALTHY if healthy(pod) else pb.UNHEALTHY, workload_type="pod", cluster_id=CLUSTER_ID,
-            is_waypoint=is_wp,
-        )
-        if index.trust_domain != DEFAULT_TRUST_DOMAIN:
-            msg.trust_domain = index.trust_domain
-        if not is_wp:
-            waypoint = index.waypoint_of(pod, "workload")
-            if waypoint is not None:
-                msg.waypoint.CopyFrom(waypoint)
-        for svc in services_of.get(uid, []):
-            key = f"{svc['metadata']['namespace']}/{hostname(svc['metadata']['name'], svc['metadata']['namespace'])}"
-            ports = pb.PortList(ports=[pb.PortMapping(service_port=p["port"], target_port=target_port(p, pod))
-                                       for p in (svc.get("spec") or {}).get("ports") or []])
-            msg.services[key].CopyFrom(ports)
-        out[uid] = msg
+        msg = guarded(pod, index.errors, _workload, pod, index, services_of)
+        if msg is not None:
+            out[msg.uid] = msg
     return out
+
+
+def _workload(pod: Mapping[str, Any], index: Index, services_of: Mapping[str, list[dict[str, Any]]]) -> pb.Workload:
+    meta = pod["metadata"]
+    labels = labels_of(pod)
+    uid = workload_uid(pod)
+    is_wp = index.is_waypoint_pod(pod)
+    name, rev = canonical(labels, meta["name"])
+    msg = pb.Workload(
+        uid=uid, name=meta["name"], namespace=meta["namespace"], addresses=pod_ips(pod),
+        service_account=service_account(pod), node=str((pod.get("spec") or {}).get("nodeName") or ""),
+        tunnel_protocol=pb.HBONE if is_wp or enrolled(pod, index) else pb.NONE,
+        canonical_name=name, canonical_revision=rev, labels=labels,
+        status=pb.HEALTHY if healthy(pod) else pb.UNHEALTHY, workload_type="pod", cluster_id=CLUSTER_ID,
+        is_waypoint=is_wp,
+    )
+    if index.trust_domain != DEFAULT_TRUST_DOMAIN:
+        msg.trust_domain = index.trust_domain
+    if not is_wp:
+        waypoint = index.waypoint_of(pod, "workload")
+        if waypoint is not None:
+            msg.waypoint.CopyFrom(waypoint)
+    for svc in services_of.get(uid, []):
+        key = f"{svc['metadata']['namespace']}/{hostname(svc['metadata']['name'], svc['metadata']['namespace'])}"
+        ports = pb.PortList(ports=[pb.PortMapping(service_port=p["port"], target_port=target_port(p, pod))
+                                   for p in (svc.get("spec") or {}).get("ports") or []])
+        msg.services[key].CopyFrom(ports)
+    return msg

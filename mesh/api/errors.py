@@ -52,6 +52,10 @@ class ValidationError(ApiError):
         return [str(e) for e in self.errors]
 
 
+class BadRequest(ApiError):
+    """A request to the apply API that is malformed in itself (not the documents it carries): 400."""
+
+
 class NotFound(ApiError):
     """A resource that does not exist was asked for."""
 

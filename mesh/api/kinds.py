@@ -10,6 +10,7 @@ from mesh.api.kinds_core import CORE_KINDS
 from mesh.api.kinds_gateway import GATEWAY_KINDS
 from mesh.api.kinds_networking import NETWORKING_KINDS
 from mesh.api.kinds_security import SECURITY_KINDS
+from mesh.api.kinds_telemetry import TELEMETRY_KINDS
 from mesh.api.names import check_dns1123_label, check_dns1123_subdomain
 from mesh.api.schema import AnyValue, Node
 
@@ -66,6 +67,8 @@ for _kind, _spec in SECURITY_KINDS.items():
     _add(KindInfo(_kind, "security.istio.io", _ISTIO_SEC, True, _spec, AnyValue(),
                   aliases={"AuthorizationPolicy": ("ap",), "PeerAuthentication": ("pa",),
                            "RequestAuthentication": ("ra",)}[_kind]))
+for _kind, _spec in TELEMETRY_KINDS.items():
+    _add(KindInfo(_kind, "telemetry.istio.io", ("v1", "v1alpha1"), True, _spec, AnyValue()))
 for _kind, _spec in GATEWAY_KINDS.items():
     _add(KindInfo(_kind, "gateway.networking.k8s.io", ("v1", "v1beta1"), True, _spec, AnyValue(),
                   spec_required=True, aliases=("gtw",)))

@@ -1,7 +1,7 @@
 """`networking.istio.io` kinds: VirtualService, DestinationRule, ServiceEntry.
 
-Checks inside one document live here (types, regexes, durations, percentages, weights summing to 100);
-checks across documents (a subset a VirtualService names must be defined by a DestinationRule) live in
+Checks inside one document live here (types, regexes, durations, percentages, weights summing to 100),
+with what waypoints support in `mesh.api.waypoint_support`; checks across documents (a subset a VirtualService names must be defined by a DestinationRule) live in
 `mesh.api.crossref`.
 """
 
@@ -31,6 +31,7 @@ from mesh.api.schema import (
     positive_duration,
     strings,
 )
+from mesh.api.waypoint_support import check_http_route, check_load_balancer
 
 STRING_MATCH = Obj(
     {"exact": Str(), "prefix": Str(), "regex": Str(checks=[check_regex])},
@@ -196,7 +197,7 @@ HTTP_ROUTE = Obj(
         "corsPolicy": CORS,
         "headers": HEADERS,
     },
-    checks=[_check_http_route],
+    checks=[_check_http_route, check_http_route],  # the second: what a waypoint supports
 )
 
 L4_MATCH_FIELDS = {
@@ -255,6 +256,7 @@ LOAD_BALANCER = Obj(
         "warmupDurationSecs": duration(),
     },
     one_of=[("simple", "consistentHash")],
+    checks=[check_load_balancer],  # what a waypoint supports
 )
 
 CONNECTION_POOL = Obj(

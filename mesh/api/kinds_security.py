@@ -7,7 +7,6 @@ enforced by nobody (the control plane logs it).
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 from urllib.parse import urlparse
@@ -28,6 +27,7 @@ from mesh.api.schema import (
     positive_duration,
     strings,
 )
+from mesh.api.waypoint_support import check_jwt_rule
 
 # `when` condition keys an AuthorizationPolicy may use; the bracketed ones take any name inside.
 WHEN_KEYS = (
@@ -166,18 +166,6 @@ def _check_url(value: str, path: str, errors: Errors) -> None:
         errors.append(FieldError(path, f"{value!r} is not an http(s) URL"))
 
 
-def _check_jwt_rule(value: dict[str, Any], path: str, errors: Errors) -> None:
-    if value.get("jwks") and value.get("jwksUri"):
-        errors.append(FieldError(path, "set only one of jwks, jwksUri"))
-    if value.get("jwks"):
-        try:
-            keys = json.loads(value["jwks"])
-            if not isinstance(keys, dict) or not isinstance(keys.get("keys"), list):
-                raise ValueError("no keys list")
-        except ValueError:
-            errors.append(FieldError(child(path, "jwks"), "is not a JSON Web Key Set ({\"keys\": [...]})"))
-
-
 JWT_RULE = Obj(
     {
         "issuer": Str(nonempty=True),
@@ -194,7 +182,7 @@ JWT_RULE = Obj(
         "timeout": positive_duration(),
     },
     required=["issuer"],
-    checks=[_check_jwt_rule],
+    checks=[check_jwt_rule],  # what a waypoint can use: mesh.api.waypoint_support
 )
 
 REQUEST_AUTHENTICATION_SPEC = Obj(

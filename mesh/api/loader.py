@@ -15,7 +15,7 @@ from typing import IO, Any
 
 import yaml
 
-from mesh.api.errors import ApiError, FieldError, ValidationError
+from mesh.api.errors import ApiError, BadRequest, FieldError, ValidationError
 from mesh.api.validate import Document
 
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -78,8 +78,20 @@ def documents_from_json(items: Any) -> list[Document]:
     for i, item in enumerate(items):
         if not isinstance(item, dict) or "body" not in item:
             raise ValidationError([FieldError(f"documents[{i}]", "must be {source, index, body}")])
-        docs.append(Document(str(item.get("source") or "-"), int(item.get("index") or i + 1), item["body"]))
+        docs.append(Document(str(item.get("source") or "-"), _index(item.get("index"), i), item["body"]))
     return docs
+
+
+def _index(value: Any, i: int) -> int:
+    """A document's number in its file: a positive integer (or its digits), by default its place + 1."""
+    if value is None:
+        return i + 1
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadRequest(f"documents[{i}].index must be a positive integer (the document's number in its file), "
+                         f"not {value!r}")
+    return value
 
 
 def documents_to_json(docs: Sequence[Document]) -> list[dict[str, Any]]:

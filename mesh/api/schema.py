@@ -270,6 +270,18 @@ class Obj(Node):
                 c(value, path, errors)
 
 
+def drop_nulls(value: Any) -> Any:
+    """`value` without the null fields of its mappings, at any depth: null means "not set", as in Istio
+    (a Kubernetes structural schema prunes such fields, protobuf JSON reads them as the default).  `Obj`
+    skips them when checking, so what is stored and translated, and what a waypoint compiles, never
+    holds them.  (A null inside a list, or as a map's value, is refused by the schema, not dropped.)"""
+    if isinstance(value, dict):
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_nulls(v) for v in value]
+    return value
+
+
 def unknown_field_message(name: str, known: Mapping[str, Any] | Sequence[str]) -> str:
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
     if not close:

@@ -22,7 +22,7 @@ from mesh.api.kinds_gateway import (
     WAYPOINT_FOR_VALUES,
 )
 from mesh.api.names import dns1123_label_problem, metadata
-from mesh.api.schema import Errors, Node, child, type_name, unknown_field_message
+from mesh.api.schema import Errors, Node, child, drop_nulls, type_name, unknown_field_message
 
 
 @dataclass(frozen=True, order=True)
@@ -152,8 +152,9 @@ def _check_part(info: KindInfo, body: dict[str, Any], part: str, node: Node | No
 
 
 def normalize(body: dict[str, Any], info: KindInfo, default_namespace: str) -> dict[str, Any]:
-    """A deep copy with the namespace filled in (namespaced kinds) and server-set metadata removed."""
-    out = copy.deepcopy(body)
+    """A deep copy with the namespace filled in (namespaced kinds), server-set metadata removed, and no
+    null fields at any depth (null means "not set": `schema.drop_nulls`)."""
+    out: dict[str, Any] = drop_nulls(copy.deepcopy(body))
     meta = out.setdefault("metadata", {})
     if info.namespaced:
         meta["namespace"] = meta.get("namespace") or default_namespace

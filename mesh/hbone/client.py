@@ -21,6 +21,7 @@ from mesh.hbone.errors import (
     ConnectionNotUsableError,
     TunnelRejected,
     TunnelReset,
+    TunnelTimeout,
 )
 from mesh.hbone.events import (
     StreamRejected,
@@ -65,7 +66,8 @@ class HboneClientConnection(_Driver):
     async def open_tunnel(self, authority: str, headers: Sequence[Header] = ()) -> Tunnel:
         """CONNECT to `authority` ("ip:port"); returns the tunnel once the server answered 200.
         Raises `TunnelRejected` (with `.status`) for any other answer, `TunnelReset` if the stream or
-        connection failed first, `ConnectionNotUsableError` if this connection takes no new tunnels."""
+        connection failed first, `TunnelTimeout` if no answer came within the config's `answer_timeout`
+        (the stream is reset), `ConnectionNotUsableError` if this connection takes no new tunnels."""
         if self._nursery is None:
             raise ConnectionNotUsableError("the HBONE connection is not running (or already closed)")
         stream_id = self.proto.open_stream(authority, headers)
@@ -73,9 +75,18 @@ class HboneClientConnection(_Driver):
         self._tunnels[stream_id] = tunnel
         self._idle_since = None
         self.kick()
+        timeout = self.proto.config.answer_timeout
         try:
-            while tunnel._answer is None and tunnel._error is None:
-                await tunnel._lot.park()
+            with trio.fail_after(timeout):
+                while tunnel._answer is None and tunnel._error is None:
+                    await tunnel._lot.park()
+        except trio.TooSlowError:
+            self._dispatch(self.proto.reset(stream_id, ErrorCode.CANCEL))
+            self.release(tunnel)
+            raise TunnelTimeout(
+                f"CONNECT {authority} got no answer from {self._name()} within {timeout:g}s: is the "
+                "destination (its node agent, or the application behind it) overloaded?"
+            ) from None
         except BaseException:
             self._dispatch(self.proto.reset(stream_id, ErrorCode.CANCEL))
             self.release(tunnel)

@@ -29,6 +29,17 @@ class HboneConfig:
     ping_timeout: float = 20.0
     send_buffer_low_water: int = 64 * KIB
     reject_body_limit: int = 1 * KIB  # how much of a rejection's body the client keeps as its reason
+    # -- abuse bounds (HTTP/2 rapid reset, CONTINUATION and control-frame floods) ----------------------
+    max_reset_streams: int = 100  # streams the peer may abandon beyond those it let us answer (ResetBudget)
+    max_unsent_control_frames: int = 1000  # PING/SETTINGS answers queued while the peer reads none (Envoy's)
+    answer_timeout: float = 15.0  # client: how long a CONNECT may wait for its answer (the server's
+    #                               upstream connect is bounded by its connect timeout, 5 s by default)
+
+    @property
+    def max_header_block(self) -> int:
+        """Bytes a header block (HEADERS + CONTINUATION) may have on the wire: the decoded limit and room
+        for what HPACK and framing add (length prefixes, padding, priority)."""
+        return self.max_header_list_size + 1 * KIB
 
     def __post_init__(self) -> None:
         if not 65_535 <= self.stream_window <= 2**31 - 1:
@@ -39,3 +50,22 @@ class HboneConfig:
             raise ValueError("max_frame_size must be between 16 KiB and 16 MiB - 1")
         if self.ping_interval <= 0 or self.ping_timeout <= 0:
             raise ValueError("ping_interval and ping_timeout must be positive")
+        if self.max_reset_streams < 1 or self.max_unsent_control_frames < 1:
+            raise ValueError("max_reset_streams and max_unsent_control_frames must be at least 1")
+        if self.answer_timeout <= 0:
+            raise ValueError("answer_timeout must be positive")
+
+
+@dataclass(frozen=True)
+class ListenerLimits:
+    """Caps of one HBONE listener (a pod's 15008, a waypoint's): connections open at once (more are
+    closed as soon as they are accepted) and TLS handshakes in progress at once (more wait, within the
+    handshake timeout, for one to finish), so that a flood of connections, or of handshakes that never
+    finish, costs a bounded share of the process's descriptors and time."""
+
+    max_connections: int = defaults.HBONE_MAX_CONNECTIONS
+    max_handshakes: int = defaults.HBONE_MAX_HANDSHAKES
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1 or self.max_handshakes < 1:
+            raise ValueError("max_connections and max_handshakes must be at least 1")

@@ -47,6 +47,14 @@ class TunnelRejected(HboneError):
         self.reason = reason
 
 
+class TunnelTimeout(HboneError, TimeoutError):
+    """The HBONE server did not answer a CONNECT in time (the stream was reset)."""
+
+
+class ListenerFull(HboneError):
+    """A listener took a connection over its cap (`ListenerLimits`): it was closed at once."""
+
+
 class TunnelReset(HboneError, trio.BrokenResourceError):
     """The tunnel's stream was reset (by the peer, or because its connection failed)."""
 

@@ -14,16 +14,24 @@ others of its key, and other keys, carry on.
 `connect(key)` makes the TCP connection (the node agent does so inside the source pod's network
 namespace with SO_MARK, using `key.origin` to find it); `tls(source)` returns the client
 `ssl.SSLContext` of the source identity, fetched per connection so renewed certificates are used.
+
+A connection is only as good as the certificates it was made with: it takes no new tunnel once the
+peer's certificate has expired, nor, given `certificate(source)` (the source's current SVID), once its
+own certificate expired or was replaced by a renewal (another serial).  Such a connection is drained
+(GOAWAY: its tunnels finish) and a new one made with the current certificates.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
+from cryptography import x509
 
 from mesh.hbone.client import HboneClientConnection
 from mesh.hbone.config import HboneConfig
@@ -31,6 +39,7 @@ from mesh.hbone.errors import ConnectionNotUsableError, HandshakeError, PoolConn
 from mesh.hbone.headers import Header
 from mesh.hbone.transport import Tunnel, client_handshake
 from mesh.identity import SpiffeId
+from mesh.secrets.svid import Svid
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +65,16 @@ class PoolKey:
 
 ConnectFn = Callable[[PoolKey], Awaitable[trio.abc.Stream]]
 TlsProvider = Callable[[SpiffeId], ssl.SSLContext]
+CertificateProvider = Callable[[SpiffeId], Svid | None]
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    """What a pooled connection was made with: the local certificate's serial (None: not known) and
+    when the first of the two certificates expires (Unix time)."""
+
+    serial: int | None
+    expires: float
 
 
 async def tcp_connect(key: PoolKey) -> trio.abc.Stream:
@@ -73,6 +92,8 @@ class HbonePool:
         max_streams_per_connection: int = DEFAULT_MAX_STREAMS,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         connect_timeout: float = 10.0,
+        certificate: CertificateProvider | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if max_streams_per_connection < 1:
             raise ValueError("max_streams_per_connection must be at least 1")
@@ -82,7 +103,10 @@ class HbonePool:
         self._max_streams = max_streams_per_connection
         self._idle_timeout = idle_timeout
         self._connect_timeout = connect_timeout
+        self._certificate = certificate
+        self._clock = clock
         self._connections: dict[PoolKey, list[HboneClientConnection]] = {}
+        self._credentials: dict[HboneClientConnection, _Credentials] = {}
         self._dial_locks: dict[PoolKey, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
         self.dialled = 0  # connections made since start (for tests and metrics)
@@ -126,8 +150,17 @@ class HbonePool:
 
     def _pick(self, key: PoolKey) -> HboneClientConnection | None:
         best: HboneClientConnection | None = None
-        for conn in self._connections.get(key, ()):
+        conns = self._connections.get(key, ())
+        serial = self._serial(key.source) if conns else None
+        now = self._clock()
+        for conn in conns:
             if not conn.can_open_tunnel() or conn.active_tunnels >= self._max_streams:
+                continue
+            made_with = self._credentials.get(conn)
+            if made_with is not None and (now >= made_with.expires or made_with.serial != serial):
+                log.debug("retiring HBONE connection to %s: %s", key.describe(),
+                          "a certificate expired" if now >= made_with.expires else "our certificate was renewed")
+                conn.goaway()  # its tunnels finish; new ones go on a connection with current certificates
                 continue
             if best is None or conn.active_tunnels > best.active_tunnels:
                 best = conn  # fill busy connections first, so spare ones can go idle
@@ -165,6 +198,9 @@ class HbonePool:
         except HandshakeError as exc:
             raise PoolConnectError(str(exc)) from None
         conn = HboneClientConnection(tls, peer=peer, config=self._config, idle_timeout=self._idle_timeout)
+        svid = self._certificate(key.source) if self._certificate is not None else None
+        expires = min(_peer_not_after(tls), svid.not_after if svid is not None else math.inf)
+        self._credentials[conn] = _Credentials(svid.leaf.serial_number if svid is not None else None, expires)
         await self._nursery.start(self._host, key, conn)
         self.dialled += 1
         return conn
@@ -178,6 +214,7 @@ class HbonePool:
         except Exception:  # one broken connection must not take the pool (and its other connections) down
             log.exception("HBONE connection to %s failed", key.describe())
         finally:
+            self._credentials.pop(conn, None)
             conns = self._connections.get(key, [])
             if conn in conns:
                 conns.remove(conn)
@@ -187,3 +224,17 @@ class HbonePool:
                 if lock is not None and not lock.locked():
                     del self._dial_locks[key]
             log.debug("HBONE connection to %s gone: %s", key.describe(), conn.close_reason)
+
+    def _serial(self, source: SpiffeId) -> int | None:
+        if self._certificate is None:
+            return None
+        svid = self._certificate(source)
+        return svid.leaf.serial_number if svid is not None else None
+
+
+def _peer_not_after(tls: trio.SSLStream[trio.abc.Stream]) -> float:
+    """When the peer's certificate expires (Unix time), read from the finished handshake."""
+    der = tls.getpeercert(binary_form=True)
+    if not der:
+        return math.inf
+    return x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()

@@ -45,8 +45,9 @@ from mesh.hbone.events import (
     StreamReset,
     StreamWritable,
 )
-from mesh.hbone.frames import PREFACE, ErrorCode, FrameGuard, error_name
+from mesh.hbone.frames import PREFACE, ErrorCode, FrameGuard, ResetBudget, error_name
 from mesh.hbone.state import (
+    PENDING_STATES,
     RECEIVING_STATES,
     SENDING_STATES,
     TERMINAL_STREAM_STATES,
@@ -110,8 +111,12 @@ class HboneConnection:
         increment = config.connection_window - 65_535
         if increment > 0:
             self._h2.increment_flow_control_window(increment)
-        # h2 buffers a whole frame before it checks its length; look at each frame header as it arrives.
-        self._frame_guard = FrameGuard(0 if self._client_side else len(PREFACE), config.max_frame_size)
+        # h2 buffers a whole frame (and a whole header block) before it checks its length; look at each
+        # frame header as it arrives.
+        self._frame_guard = FrameGuard(0 if self._client_side else len(PREFACE), config.max_frame_size,
+                                       config.max_header_block)
+        self._resets = ResetBudget(config.max_reset_streams)
+        self._unsent_control = 0  # PING and SETTINGS answers h2 queued since the transport last took output
         self._ping_due: float = now + config.ping_interval
         self._ping_outstanding: bytes | None = None
         self._ping_deadline: float = 0.0
@@ -140,6 +145,7 @@ class HboneConnection:
         return bool(self._held)
 
     def data_to_send(self) -> bytes:
+        self._unsent_control = 0  # the transport takes the output only once it could write the last
         if self._held:
             held, self._held = bytes(self._held), bytearray()
             return held + self._h2.data_to_send()
@@ -164,9 +170,9 @@ class HboneConnection:
         out: list[Event] = []
         if self._state is ConnectionState.CLOSED:
             return out
-        oversized = self._frame_guard.check(data)
-        if oversized is not None:
-            self._finish(out, ErrorCode.FRAME_SIZE_ERROR, oversized, by_peer=False, send_goaway=True)
+        refused = self._frame_guard.check(data)
+        if refused is not None:
+            self._finish(out, refused.error_code, refused.reason, by_peer=False, send_goaway=True)
             return out
         try:
             h2_events = self._h2.receive_data(data)
@@ -181,6 +187,12 @@ class HboneConnection:
             self._handle(event, out)
             if self._state is ConnectionState.CLOSED:
                 break
+        if self._unsent_control > self.config.max_unsent_control_frames:
+            self._finish(out, ErrorCode.ENHANCE_YOUR_CALM,
+                         f"peer sent over {self.config.max_unsent_control_frames} PING or SETTINGS frames "
+                         "without reading the answers", by_peer=False, send_goaway=True)
+        if self._resets.exhausted:
+            self._finish(out, ErrorCode.ENHANCE_YOUR_CALM, self._resets.reason(), by_peer=False, send_goaway=True)
         self._flush_all(out)
         self._check_drained(out)
         return out
@@ -202,6 +214,8 @@ class HboneConnection:
                 out.append(PingAcknowledged(event.ping_data or b""))
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._on_goaway(event, out)
+        elif isinstance(event, h2.events.PingReceived | h2.events.RemoteSettingsChanged):
+            self._unsent_control += 1  # h2 queued the ACK
         # Window updates and settings changes are handled by the flush after every batch; informational
         # responses, trailers, priority and unknown frames mean nothing to a tunnel.
 
@@ -250,6 +264,8 @@ class HboneConnection:
         if stream.state is StreamState.REJECTED:
             self._finish_rejection(stream, out)
             return
+        if stream.state in PENDING_STATES and not self._is_local_stream(stream.id):
+            self._resets.abandoned()  # reset before this side answered: what a rapid reset does
         code = int(event.error_code or 0)
         stream.advance(StreamInput.RESET)
         out.append(StreamReset(stream.id, code, f"reset by peer ({error_name(code)})", by_peer=True))

@@ -8,7 +8,11 @@
         tunnel = await acceptor.accept()
         await relay(tunnel, upstream)
 
-    await serve_hbone(ssl_stream, handler)              # one call per accepted TLS connection
+    gate = ListenerGate(ListenerLimits())               # one per listener: its caps
+    await serve_hbone(ssl_stream, handler, gate=gate)   # one call per accepted TLS connection
+
+A CONNECT the client resets before it is answered cancels its handler (and so the upstream connect in
+progress); the core closes a connection that keeps doing so (`ResetBudget`).
 """
 
 from __future__ import annotations
@@ -19,14 +23,18 @@ from dataclasses import dataclass
 
 import trio
 
-from mesh.hbone.config import HboneConfig
+from mesh.hbone.config import HboneConfig, ListenerLimits
 from mesh.hbone.errors import (
     HboneError,
+    ListenerFull,
     ProtocolUsageError,
     TunnelReset,
 )
 from mesh.hbone.events import (
+    ConnectionClosed,
     ConnectRequested,
+    Event,
+    StreamReset,
 )
 from mesh.hbone.frames import ErrorCode
 from mesh.hbone.headers import Authority, ConnectRequest, Header
@@ -97,6 +105,7 @@ class TunnelAcceptor:
                 f"CONNECT {self._tunnel.authority} was cancelled by the client: {self._tunnel._error}"
             )
         self.decided = True
+        self._driver._answered(self._tunnel.stream_id)
 
 
 Handler = Callable[[InboundRequest, TunnelAcceptor], Awaitable[None]]
@@ -118,6 +127,21 @@ class HboneServerConnection(_Driver):
         super().__init__(HboneServer(config, now=trio.current_time()), stream, peer)
         self._handler = handler
         self._peer_address = _peer_name(stream) if isinstance(stream, trio.SSLStream) else "?"
+        self._unanswered: dict[int, trio.CancelScope] = {}  # handlers of CONNECTs not answered yet
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, StreamReset):
+            scope = self._unanswered.pop(event.stream_id, None)
+            if scope is not None:  # the client gave up: stop connecting upstream for it
+                scope.cancel()
+        elif isinstance(event, ConnectionClosed):
+            for scope in self._unanswered.values():
+                scope.cancel()
+            self._unanswered.clear()
+        super()._handle(event)
+
+    def _answered(self, stream_id: int) -> None:
+        self._unanswered.pop(stream_id, None)
 
     def _on_connect_requested(self, event: ConnectRequested) -> None:
         if self._nursery is None:
@@ -135,11 +159,18 @@ class HboneServerConnection(_Driver):
             forwarded_for=request.forwarded_for,
             forwarded_host=request.forwarded_host,
         )
-        self._nursery.start_soon(self._run_handler, info, TunnelAcceptor(self, tunnel), tunnel)
+        scope = self._unanswered[event.stream_id] = trio.CancelScope()
+        self._nursery.start_soon(self._run_handler, info, TunnelAcceptor(self, tunnel), tunnel, scope)
 
-    async def _run_handler(self, info: InboundRequest, acceptor: TunnelAcceptor, tunnel: Tunnel) -> None:
+    async def _run_handler(self, info: InboundRequest, acceptor: TunnelAcceptor, tunnel: Tunnel,
+                           scope: trio.CancelScope) -> None:
         try:
-            await self._handler(info, acceptor)
+            with scope:
+                if not scope.cancel_called:  # reset in the same read as its HEADERS: never started
+                    await self._handler(info, acceptor)
+            if scope.cancelled_caught:
+                log.debug("HBONE CONNECT %s from %s: reset by the client before its answer", info.authority,
+                          info.peer)
         except (HboneError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("HBONE tunnel to %s from %s ended: %s", info.authority, info.peer, exc)
             self._answer_if_undecided(acceptor, 503, f"upstream failed: {exc}")
@@ -149,6 +180,7 @@ class HboneServerConnection(_Driver):
         else:
             self._answer_if_undecided(acceptor, 503, "the server did not answer this CONNECT")
         finally:
+            self._unanswered.pop(info.stream_id, None)
             if not tunnel._closed:
                 with trio.CancelScope(shield=True):
                     await tunnel.aclose()
@@ -171,6 +203,7 @@ async def serve_hbone(
     trust_domain: str | None = DEFAULT_TRUST_DOMAIN,
     config: HboneConfig | None = None,
     handshake_timeout: float = 10.0,
+    gate: ListenerGate | None = None,
     task_status: trio.TaskStatus[HboneServerConnection] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve one accepted TLS connection (handshake not yet done) until it closes.
@@ -178,8 +211,39 @@ async def serve_hbone(
     The client must present an SVID of `trust_domain` (else `HandshakeError`, the stream closed);
     its identity is `InboundRequest.peer`.  `handler(request, acceptor)` runs once per CONNECT in its
     own task; when it returns the tunnel is closed, so relay inside it.  An exception in a handler is
-    logged and costs that tunnel only (503 if it was not answered yet)."""
-    peer = await server_handshake(stream, trust_domain, timeout=handshake_timeout)
-    conn = HboneServerConnection(stream, handler, peer=peer, config=config)
-    task_status.started(conn)
-    await conn.run()
+    logged and costs that tunnel only (503 if it was not answered yet).  `gate`: the listener's caps;
+    a connection over its cap is closed at once (`ListenerFull`)."""
+    if gate is not None and not gate.enter():
+        await trio.aclose_forcefully(stream)
+        raise ListenerFull(f"refused a connection from {_peer_name(stream)}: {gate.limits.max_connections} "
+                           "connections are open on this HBONE listener, its cap")
+    try:
+        peer = await server_handshake(stream, trust_domain, timeout=handshake_timeout,
+                                      slots=gate.handshakes if gate is not None else None)
+        conn = HboneServerConnection(stream, handler, peer=peer, config=config)
+        task_status.started(conn)
+        await conn.run()
+    finally:
+        if gate is not None:
+            gate.leave()
+
+
+class ListenerGate:
+    """The caps of one HBONE listener (`ListenerLimits`), shared by all its connections: how many are
+    open, how many are in their TLS handshake.  `serve_hbone` enters and leaves it."""
+
+    def __init__(self, limits: ListenerLimits | None = None) -> None:
+        self.limits = limits or ListenerLimits()
+        self.handshakes = trio.CapacityLimiter(self.limits.max_handshakes)
+        self.connections = 0  # open now
+        self.refused = 0  # closed at once for being over the cap, since start
+
+    def enter(self) -> bool:
+        if self.connections >= self.limits.max_connections:
+            self.refused += 1
+            return False
+        self.connections += 1
+        return True
+
+    def leave(self) -> None:
+        self.connections -= 1

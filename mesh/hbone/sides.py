@@ -99,6 +99,7 @@ class HboneServer(HboneConnection):
         stream = self._pending_stream(stream_id)
         self._h2.send_headers(stream_id, [(":status", "200")], end_stream=False)
         stream.advance(StreamInput.ACCEPTED)
+        self._resets.carried()
 
     def reject(self, stream_id: int, status: int, reason: str = "") -> list[Event]:
         """Answer with a non-2xx `status` (401 denied, 503 upstream unreachable, ...) and `reason` as a
@@ -144,6 +145,7 @@ class HboneServer(HboneConnection):
         if isinstance(decision, Malformed):
             self._respond(sid, 400, decision.reason)
             out.append(RequestRefused(sid, 400, decision.reason))
+            self._resets.abandoned()  # checked once the batch is read
             return
         self._streams[sid] = TunnelStream(sid)
         out.append(ConnectRequested(sid, decision))

@@ -98,6 +98,8 @@ def next_stream_state(state: StreamState, event: StreamInput) -> StreamState:
         raise ProtocolUsageError(f"HBONE stream cannot take {event.value!r} while {state.value}") from None
 
 
-# Which states let this side send bytes, and which mean the peer may still send some.
+# Which states are still waiting for their answer, which let this side send bytes, and which mean the
+# peer may still send some.
+PENDING_STATES = frozenset({StreamState.PENDING, StreamState.PENDING_REMOTE_CLOSED})
 SENDING_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 RECEIVING_STATES = frozenset({StreamState.PENDING, StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL})

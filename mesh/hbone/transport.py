@@ -60,10 +60,15 @@ def _peer_name(stream: trio.SSLStream[trio.abc.Stream]) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-async def _handshake(stream: trio.SSLStream[trio.abc.Stream], timeout: float) -> None:
+async def _handshake(stream: trio.SSLStream[trio.abc.Stream], timeout: float,
+                     slots: trio.CapacityLimiter | None = None) -> None:
     try:
-        with trio.fail_after(timeout):
-            await stream.do_handshake()
+        with trio.fail_after(timeout):  # waiting for a slot counts: a full listener answers late or never
+            if slots is None:
+                await stream.do_handshake()
+            else:
+                async with slots:
+                    await stream.do_handshake()
     except trio.TooSlowError:
         raise HandshakeError(f"TLS handshake with {_peer_name(stream)} took over {timeout:g}s") from None
     except (trio.BrokenResourceError, ssl.SSLError) as exc:
@@ -94,12 +99,14 @@ async def client_handshake(
 
 
 async def server_handshake(
-    stream: trio.SSLStream[trio.abc.Stream], trust_domain: str | None, *, timeout: float = 10.0
+    stream: trio.SSLStream[trio.abc.Stream], trust_domain: str | None, *, timeout: float = 10.0,
+    slots: trio.CapacityLimiter | None = None,
 ) -> SpiffeId | None:
     """TLS handshake as the server; the client must be in `trust_domain` (None: do not check).
+    `slots`: the listener's handshakes in progress (waiting for one is part of `timeout`).
     Closes `stream` on failure."""
     try:
-        await _handshake(stream, timeout)
+        await _handshake(stream, timeout, slots)
         if trust_domain is None:
             return None
         try:

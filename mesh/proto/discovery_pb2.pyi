@@ -37,6 +37,7 @@ class L7Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DESTINATION_RULE: _ClassVar[L7Kind]
     AUTHORIZATION_POLICY: _ClassVar[L7Kind]
     REQUEST_AUTHENTICATION: _ClassVar[L7Kind]
+    TELEMETRY: _ClassVar[L7Kind]
 NONE: TunnelProtocol
 HBONE: TunnelProtocol
 HEALTHY: WorkloadStatus
@@ -52,6 +53,7 @@ VIRTUAL_SERVICE: L7Kind
 DESTINATION_RULE: L7Kind
 AUTHORIZATION_POLICY: L7Kind
 REQUEST_AUTHENTICATION: L7Kind
+TELEMETRY: L7Kind
 
 class NamespacedHostname(_message.Message):
     __slots__ = ("namespace", "hostname")

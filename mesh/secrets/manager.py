@@ -5,6 +5,11 @@ a worker thread), checks the answer, builds a server and a client `SSLContext`, 
 half-life (`mesh.secrets.renewal` decides when; this module only sleeps and calls).  Callers fetch the
 context per connection, so new connections use the renewed certificate while live ones carry on.
 
+It does not hold on to what nobody wants: a node agent (`impersonate`) forgets an identity nobody has
+asked about (`get`, a context, `current`) for `forget_after` seconds (a pod that left the node; one that
+is still there gets a new certificate on its next connection), and at most `max_identities` are held
+(the least recently used goes first).
+
     async with trio.open_nursery() as nursery:
         manager = SecretManager(CAClient(addr, root_pem, token), root_pem, impersonate=True)
         await nursery.start(manager.run)
@@ -33,6 +38,9 @@ from mesh.secrets.tls import ALPN_H2, client_context, server_context
 
 log = logging.getLogger(__name__)
 
+DEFAULT_FORGET_AFTER = 3600.0  # seconds an identity may go unused before a node agent forgets it
+DEFAULT_MAX_IDENTITIES = 1024
+
 
 @dataclass(frozen=True)
 class CertificateStatus:
@@ -55,6 +63,7 @@ class _Entry:
     generation: int = 0  # how many certificates this identity has had
     last_error: str | None = None
     cancel: trio.CancelScope | None = None
+    last_used: float = 0.0  # the manager's clock
 
 
 class SecretManager:
@@ -69,10 +78,13 @@ class SecretManager:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
         alpn: Sequence[str] = (ALPN_H2,),
+        forget_after: float = DEFAULT_FORGET_AFTER,
+        max_identities: int = DEFAULT_MAX_IDENTITIES,
     ) -> None:
         """`impersonate`: ask for each identity via ImpersonatedIdentity (a node agent for its pods);
         otherwise the caller's token must itself be for the identity (a waypoint).
-        `ttl_seconds`: requested lifetime, 0 for the CA's default."""
+        `ttl_seconds`: requested lifetime, 0 for the CA's default.  `forget_after`, `max_identities`: see
+        the module docstring (a manager that does not impersonate forgets nothing for being unused)."""
         self._signer = signer
         self._trust_bundle = load_trust_bundle(trust_bundle_pem)
         self._impersonate = impersonate
@@ -83,6 +95,8 @@ class SecretManager:
         self._alpn = tuple(alpn)
         self._entries: dict[SpiffeId, _Entry] = {}
         self._nursery: trio.Nursery | None = None
+        self._forget_after = forget_after
+        self._max_identities = max(1, max_identities)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host the renewal tasks; runs until cancelled.  Start it with `nursery.start(manager.run)`."""
@@ -101,8 +115,10 @@ class SecretManager:
         if the CA refuses); from then on it is renewed in the background."""
         entry = self._entries.get(identity)
         if entry is None:
+            self._make_room()
             entry = _Entry(identity, RenewalSchedule(self._policy, self._rng))
             self._entries[identity] = entry
+        self._used(entry)
         async with entry.lock:
             if entry.svid is not None and not entry.schedule.expired(self._clock()):
                 return entry.svid
@@ -121,20 +137,33 @@ class SecretManager:
         if entry is not None and entry.cancel is not None:
             entry.cancel.cancel()
 
+    def _used(self, entry: _Entry | None) -> _Entry | None:
+        if entry is not None:
+            entry.last_used = self._clock()
+        return entry
+
+    def _make_room(self) -> None:
+        """Forget the least recently used identities until one more fits."""
+        while len(self._entries) >= self._max_identities:
+            oldest = min(self._entries.values(), key=lambda e: e.last_used)
+            log.info("holding %d identities, the most allowed: forgetting %s, the least recently used",
+                     len(self._entries), oldest.identity)
+            self.forget(oldest.identity)
+
     # -- what the data plane reads (sync, cheap, per connection) ---------------------------------------
 
     def current(self, identity: SpiffeId) -> Svid | None:
-        entry = self._entries.get(identity)
+        entry = self._used(self._entries.get(identity))
         return entry.svid if entry else None
 
     def server_context(self, identity: SpiffeId) -> ssl.SSLContext:
-        entry = self._entries.get(identity)
+        entry = self._used(self._entries.get(identity))
         if entry is None or entry.server_ctx is None:
             raise NoCertificateError(f"no certificate for {identity} yet: call get() first")
         return entry.server_ctx
 
     def client_context(self, identity: SpiffeId) -> ssl.SSLContext:
-        entry = self._entries.get(identity)
+        entry = self._used(self._entries.get(identity))
         if entry is None or entry.client_ctx is None:
             raise NoCertificateError(f"no certificate for {identity} yet: call get() first")
         return entry.client_ctx
@@ -189,8 +218,8 @@ class SecretManager:
         return svid
 
     def _start_renewal(self, entry: _Entry) -> None:
-        if entry.cancel is not None:
-            return
+        if entry.cancel is not None or self._entries.get(entry.identity) is not entry:
+            return  # renewing already, or forgotten meanwhile
         if self._nursery is None:
             raise SecretsError("SecretManager is not running: start it with nursery.start(manager.run)")
         entry.cancel = trio.CancelScope()
@@ -200,7 +229,18 @@ class SecretManager:
         assert entry.cancel is not None
         with entry.cancel:
             while True:
-                await trio.sleep(entry.schedule.delay(self._clock()))
+                now = self._clock()
+                wait = entry.schedule.delay(now)
+                if self._impersonate:
+                    wait = min(wait, max(0.0, entry.last_used + self._forget_after - now))
+                await trio.sleep(wait)
+                idle = self._clock() - entry.last_used
+                if self._impersonate and idle >= self._forget_after:
+                    log.info("nobody asked for %s for %.0fs: forgotten", entry.identity, idle)
+                    self.forget(entry.identity)
+                    return
+                if entry.schedule.delay(self._clock()) > 0:
+                    continue
                 async with entry.lock:
                     try:
                         await self._issue(entry)

@@ -89,6 +89,18 @@ def client_context(svid: Svid, *, alpn: Sequence[str] = (ALPN_H2,)) -> ssl.SSLCo
     return ctx
 
 
+def https_server_context(chain_pem: bytes, key_pem: bytes, *, alpn: Sequence[str] = ("http/1.1",)) -> ssl.SSLContext:
+    """A server context for plain HTTPS (TLS 1.2 or later, no client certificate asked for) presenting
+    `chain_pem` (leaf first) with `key_pem`; the key is read from memory, never from a disk."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    with _in_memory_files(chain_pem, key_pem) as (chain_path, key_path):
+        ctx.load_cert_chain(chain_path, key_path)
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
 class PeerCertSource(Protocol):
     """`ssl.SSLSocket`, `ssl.SSLObject`, or `trio.SSLStream` (which forwards `getpeercert`)."""
 

@@ -2,6 +2,7 @@
 
     await nursery.start(partial(serve_http, router, "127.0.0.1", 15000, name="admin"))   # -> bound port
     await nursery.start(partial(serve_unix, router, state_dir / "api.sock", name="apply API"))
+    await nursery.start(partial(serve_http, router, "0.0.0.0", 15017, name="webhook", tls=ssl_context))
 
 Why this style: the node agent and the waypoint are trio programs and h11 is sans-IO, so the server is
 a thin loop around a pure handler (`mesh.serve.routes`).  A process whose main loop is not trio (the
@@ -10,7 +11,9 @@ handlers run in worker threads (`in_thread=True`) and read thread-safe state or 
 
 Behaviour: keep-alive, a 16 KiB limit on the request head (431 beyond), a body limit per server (413),
 a time limit on each request (408; an idle keep-alive connection is closed without a word), 400 for
-anything h11 cannot parse, 500 if a handler raises.  No request can stop a server.
+anything h11 cannot parse, 500 if a handler raises.  No request can stop a server.  Over TCP it may
+serve HTTPS (`tls=`, an `ssl.SSLContext`; the control plane's admission webhook): a client that fails
+the handshake is dropped like one that goes away.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
 import h11
 import trio
 
+from mesh import netns as mnetns
 from mesh.serve.errors import ListenError
 from mesh.serve.routes import Handler, Request, Response
 
@@ -127,7 +132,11 @@ async def _linger(stream: trio.abc.Stream) -> None:
                 break
 
 
-def _is_local(stream: trio.SocketStream) -> bool:
+def _is_local(stream: trio.abc.Stream) -> bool:
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if not isinstance(stream, trio.SocketStream):
+        return False
     if stream.socket.family == socket.AF_UNIX:
         return True
     try:
@@ -136,7 +145,7 @@ def _is_local(stream: trio.SocketStream) -> bool:
         return False
 
 
-async def serve_connection(stream: trio.SocketStream, handler: Handler, *, max_body: int = MAX_BODY,
+async def serve_connection(stream: trio.abc.Stream, handler: Handler, *, max_body: int = MAX_BODY,
                            in_thread: bool = False) -> None:
     """Answer the requests of one connection, then close it."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
@@ -185,11 +194,16 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler, *, max_b
             await stream.aclose()
 
 
-async def _serve(listeners: list[trio.SocketListener], handler: Handler, max_body: int, in_thread: bool) -> None:
-    async def on_connection(stream: trio.SocketStream) -> None:
+async def _serve(listeners: list[trio.SocketListener], handler: Handler, max_body: int, in_thread: bool,
+                 tls: ssl.SSLContext | None = None) -> None:
+    async def on_connection(stream: trio.abc.Stream) -> None:
         await serve_connection(stream, handler, max_body=max_body, in_thread=in_thread)
 
-    await trio.serve_listeners(on_connection, listeners)
+    if tls is None:
+        await trio.serve_listeners(on_connection, listeners)
+    else:
+        await trio.serve_listeners(on_connection, [trio.SSLListener(listener, tls, https_compatible=True)
+                                                   for listener in listeners])
 
 
 async def serve_http(
@@ -200,18 +214,37 @@ async def serve_http(
     name: str = "http",
     max_body: int = MAX_BODY,
     in_thread: bool = False,
+    tls: ssl.SSLContext | None = None,
+    netns: str | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `handler` on TCP host:port until cancelled; reports the bound port (port 0 picks one)."""
+    """Serve `handler` on TCP host:port (HTTPS with `tls`) until cancelled; reports the bound port (port 0
+    picks one).  With `netns` the listening socket is made inside that network namespace (and stays
+    there), while the server runs where it is."""
     try:
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        listeners = [_listener_in(netns, host, port)] if netns else await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         raise ListenError(f"cannot listen for the {name} endpoint on {host}:{port}: {exc.strerror or exc}"
                           " (is another instance running here?)") from None
     bound = listeners[0].socket.getsockname()[1]
-    log.info("%s endpoint listening on %s:%d", name, host, bound)
+    log.info("%s endpoint listening on %s:%d%s", name, host, bound, " (HTTPS)" if tls is not None else "")
     task_status.started(bound)
-    await _serve(listeners, handler, max_body, in_thread)
+    await _serve(listeners, handler, max_body, in_thread, tls)
+
+
+def _listener_in(name: str, host: str, port: int) -> trio.SocketListener:
+    """A TCP listener made inside network namespace `name` (one numeric address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with mnetns.entered(name):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
 async def serve_unix(

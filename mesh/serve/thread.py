@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -42,9 +43,12 @@ class ServerThread:
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
-    def tcp(self, handler: Handler, host: str, port: int, *, name: str, max_body: int = MAX_BODY) -> ServerThread:
+    def tcp(self, handler: Handler, host: str, port: int, *, name: str, max_body: int = MAX_BODY,
+            tls: ssl.SSLContext | None = None, netns: str | None = None) -> ServerThread:
+        """Serve `handler` on TCP (HTTPS when `tls` is given; listening inside network namespace `netns`
+        when given)."""
         self._servers.append(functools.partial(serve_http, handler, host, port, name=name, max_body=max_body,
-                                               in_thread=True))
+                                               in_thread=True, tls=tls, netns=netns))
         return self
 
     def unix(self, handler: Handler, path: Path | str, *, name: str, mode: int = 0o600,

@@ -10,6 +10,8 @@
 (`mesh.xds.errors.Rejected` or anything else) refuses it: the client NACKs with the exception's message
 and keeps its previous configuration.  While the control plane is away the client keeps that
 configuration and reconnects with jittered exponential backoff, resuming with the versions it holds.
+The channel pings the control plane when it has heard nothing for `keepalive_time` (gRPC keepalive), so
+a silent partition ends the stream after `keepalive_timeout` and the client reconnects.
 For trio, use `mesh.xds.trio_client`.
 """
 
@@ -28,6 +30,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3 import discovery_pb2 as xds
 from google.protobuf.message import Message
 
+from mesh import defaults
 from mesh.xds import resources as rs
 from mesh.xds.client_state import Candidate, ClientState, Update
 from mesh.xds.node import NodeInfo
@@ -52,8 +55,13 @@ class ClientConfig:
     client_key_pem: bytes | None = None
     client_chain_pem: bytes | None = None
     metadata: tuple[tuple[str, str], ...] = ()  # e.g. (("authorization", "Bearer ..."),)
+    # Read again for each new stream, e.g. the token from a file the kubelet or the controller replaces
+    # (a projected token expires); when set, it is sent instead of `metadata`.
+    metadata_fn: Callable[[], tuple[tuple[str, str], ...]] | None = None
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
+    keepalive_time: float = defaults.XDS_KEEPALIVE_TIME  # seconds without a read before a ping
+    keepalive_timeout: float = defaults.XDS_KEEPALIVE_TIMEOUT  # seconds to wait for the ping's answer
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random | None = None) -> float:
@@ -134,9 +142,20 @@ class XdsClient:
             log.info("discovery stream to %s ended (%s); retrying in %.2fs", self.config.target, self.last_error, delay)
             self._stop.wait(delay)
 
+    def channel_options(self) -> list[tuple[str, Any]]:
+        cfg = self.config
+        return [
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", int(cfg.keepalive_time * 1000)),
+            ("grpc.keepalive_timeout_ms", int(cfg.keepalive_timeout * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),  # keep pinging a stream that has nothing to say
+            ("grpc.http2.ping_timeout_ms", int(cfg.keepalive_timeout * 1000)),  # newer gRPC times pings with this
+        ]
+
     def _channel(self) -> grpc.Channel:
         cfg = self.config
-        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        options = self.channel_options()
         if cfg.root_pem is None:
             return grpc.insecure_channel(cfg.target, options=options)
         if cfg.server_name:
@@ -162,7 +181,8 @@ class XdsClient:
         channel = self._channel()
         try:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)  # type: ignore[no-untyped-call]
-            call = stub.DeltaAggregatedResources(requests(), metadata=self.config.metadata or None)
+            metadata = self.config.metadata_fn() if self.config.metadata_fn is not None else self.config.metadata
+            call = stub.DeltaAggregatedResources(requests(), metadata=metadata or None)
             self._call = call
             if self._stop.is_set():
                 call.cancel()

@@ -44,7 +44,7 @@ class NodeInfo:
     @classmethod
     def from_proto(cls, node: base_pb2.Node) -> NodeInfo:
         meta = {k: v for k, v in node.metadata.items() if isinstance(v, str)}
-        role, host, name, namespace = _parse_id(node.id)
+        role, host, name, namespace = parse_id(node.id)
         return cls(
             id=node.id,
             role=meta.get("ROLE", role),
@@ -58,7 +58,8 @@ def default_id(info: NodeInfo) -> str:
     return f"{info.role or 'client'}~{info.node}~{info.name}.{info.namespace}"
 
 
-def _parse_id(node_id: str) -> tuple[str, str, str, str]:
+def parse_id(node_id: str) -> tuple[str, str, str, str]:
+    """(role, node, name, namespace) of a conventional id; all empty when it does not follow the convention."""
     parts = node_id.split("~")
     if len(parts) != 3:
         return "", "", "", ""

@@ -36,6 +36,7 @@ L7_KIND_NAMES = {
     pb.DESTINATION_RULE: "DestinationRule",
     pb.AUTHORIZATION_POLICY: "AuthorizationPolicy",
     pb.REQUEST_AUTHENTICATION: "RequestAuthentication",
+    pb.TELEMETRY: "Telemetry",
 }
 
 

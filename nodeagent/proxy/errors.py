@@ -52,6 +52,15 @@ class NoHealthyUpstream(ProxyError):
     failure = FailureReason.NO_ENDPOINT
 
 
+class SelfCall(ProxyError):
+    """The connection was addressed to the node agent itself (loopback, its own ports, the listener it
+    arrived on): refused, as ztunnel refuses a SelfCall, instead of dialled back into the agent."""
+
+    flag = ResponseFlag.NO_ROUTE
+    status = 400
+    failure = FailureReason.SELF_CALL
+
+
 class TunnelRefused(ProxyError):
     """The next hop answered the CONNECT with `status` (401: its policy denied the connection)."""
 

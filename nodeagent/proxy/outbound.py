@@ -14,40 +14,45 @@ import trio
 from mesh.hbone.headers import request_headers
 from mesh.hbone.pool import PoolKey
 from mesh.hbone.relay import relay
-from nodeagent.proxy.context import PodContext, peer_of
-from nodeagent.proxy.errors import UPSTREAM_ERRORS, NoHealthyUpstream, upstream_error
+from nodeagent.proxy.context import PodContext, local_of, original_destination, peer_of
+from nodeagent.proxy.errors import UPSTREAM_ERRORS, NoHealthyUpstream, SelfCall, upstream_error
 from nodeagent.proxy.outcome import OutcomeRecorder
 from nodeagent.proxy.routing import Route, RouteKind, decide
 
 
 async def handle(ctx: PodContext, client: trio.SocketStream) -> None:
     src = peer_of(client)
-    dst_ip, dst_port = ctx.parts.redirector.original_destination(client.socket)  # type: ignore[arg-type]
+    local = local_of(client)
+    dst_ip, dst_port = original_destination(ctx, client)
     source = ctx.workload()
-    route = decide(ctx.parts.state, source, dst_ip, dst_port)
+    route = decide(ctx.parts.state, source, dst_ip, dst_port, pod_ip=ctx.pod.ip, arrived_at=local)
     with OutcomeRecorder.of(ctx).outbound(src, (dst_ip, dst_port), source, route) as outcome:
-        upstream = await _connect(ctx, route, src)
+        upstream = await _connect(ctx, route, src, outcome.traceparent)
         outcome.relayed(await relay(client, upstream, counter=outcome.bytes))
 
 
-async def _connect(ctx: PodContext, route: Route, src: tuple[str, int]) -> trio.abc.Stream:
+async def _connect(ctx: PodContext, route: Route, src: tuple[str, int],
+                   traceparent: str | None = None) -> trio.abc.Stream:
     """The upstream the route names; a route that goes nowhere, or a connection that fails, is raised as
     the `ProxyError` that says how (and the pod's proxy then closes the client)."""
+    if route.kind is RouteKind.SELF_CALL:
+        raise SelfCall(route.reason)
     if route.kind is RouteKind.REFUSE:
         raise NoHealthyUpstream(route.reason)
     try:
-        return await (_hbone(ctx, route, src) if route.tunnelled else _plain(ctx, route))
+        return await (_hbone(ctx, route, src, traceparent) if route.tunnelled else _plain(ctx, route))
     except UPSTREAM_ERRORS as exc:
         raise upstream_error(exc) from exc
 
 
-async def _hbone(ctx: PodContext, route: Route, src: tuple[str, int]) -> trio.abc.Stream:
+async def _hbone(ctx: PodContext, route: Route, src: tuple[str, int], traceparent: str | None) -> trio.abc.Stream:
     assert route.next_hop is not None and route.expected
     await ctx.parts.certs.get(ctx.pod.identity)  # cached after the first connection
     key = PoolKey(source=ctx.pod.identity, destination=route.expected[0], address=route.next_hop,
                   origin=ctx.pod.netns)
     headers = request_headers(forwarded_for=f"{src[0]}:{src[1]}",
-                              service_host=route.service.hostname if route.service else None)
+                              service_host=route.service.hostname if route.service else None,
+                              traceparent=traceparent)
     return await ctx.parts.pool.open_tunnel(key, route.authority, headers)
 
 

@@ -10,7 +10,7 @@ carries the connection out inside `with outcome:`.  How it ended is told in one 
 - a `ProxyError` leaving the block: it carries its own flag, status and failure reason.
 
 Leaving the block records it, once: the closed counter labelled with the flag, the agent's failure
-counter, one access-log line.  A `ProxyError` ends there (the proxy has answered its client already);
+counter, one access-log line, and the tunnel's span (`nodeagent.tracing`) when the agent traces.  A `ProxyError` ends there (the proxy has answered its client already);
 any other exception (a cancellation, a client gone mid-answer) is recorded and goes on.
 """
 
@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
+
+import trio
 
 from mesh.hbone.relay import RelayResult
 from mesh.policy.evaluator import Decision
@@ -40,14 +42,17 @@ from nodeagent.proxy.admission import Admit, InboundConnection, Refusal
 from nodeagent.proxy.context import PodContext
 from nodeagent.proxy.errors import ProxyError
 from nodeagent.proxy.routing import Route
+from nodeagent.tracing import TunnelSpan, TunnelTracer
 
 
 class ConnectionOutcome:
     """How one connection went, built while it runs; `record()` (leaving the `with` block) reports it."""
 
     def __init__(self, metrics: NodeAgentMetrics, log: AccessLog, direction: str, labels: TcpLabels,
-                 source: Peer, destination: Peer, *, service: str = "", decision: Decision | None = None) -> None:
+                 source: Peer, destination: Peer, *, service: str = "", decision: Decision | None = None,
+                 span: TunnelSpan | None = None) -> None:
         self._metrics = metrics
+        self.span = span  # the tunnel's span (HBONE only)
         self._log = log
         self.direction = direction
         self.source = source
@@ -63,6 +68,11 @@ class ConnectionOutcome:
         self.recorded = False
         self.start = time.time()
         self._t0 = time.monotonic()
+
+    @property
+    def traceparent(self) -> str | None:
+        """The trace context for the tunnel's CONNECT (None when the connection has no span)."""
+        return self.span.traceparent if self.span is not None else None
 
     def relayed(self, copied: RelayResult) -> None:
         if copied.error:
@@ -93,6 +103,9 @@ class ConnectionOutcome:
             source=self.source, destination=self.destination, destination_service=self.service,
             bytes_sent=self.bytes.sent, bytes_received=self.bytes.received,
             connection_security_policy=self.security, error=self.error, **fields))
+        if self.span is not None:
+            self.span.end(flag=str(self.flag), bytes_sent=self.bytes.sent, bytes_received=self.bytes.received,
+                          error=self.error)
 
     def __enter__(self) -> ConnectionOutcome:
         return self
@@ -101,6 +114,11 @@ class ConnectionOutcome:
                  tb: TracebackType | None) -> bool:
         if isinstance(exc, ProxyError):
             self.failed(exc)
+        elif isinstance(exc, trio.Cancelled) and self.flag is ResponseFlag.NONE:
+            # The client reset its CONNECT before the answer (its handler is cancelled), or the pod's
+            # proxies stopped: either way the downstream side ended it.
+            self.flag = ResponseFlag.DOWNSTREAM_TERMINATED
+            self.error = self.error or "cancelled: the client went away before its answer, or the pod left the mesh"
         elif exc is not None and not self.error:
             self.error = str(exc) or type(exc).__name__
         self.record()
@@ -121,10 +139,11 @@ class OutcomeRecorder:
     metrics: NodeAgentMetrics
     log: AccessLog
     pod: PodRef
+    tracer: TunnelTracer | None = None
 
     @classmethod
     def of(cls, ctx: PodContext) -> OutcomeRecorder:
-        return cls(ctx.parts.metrics, ctx.parts.log, ctx.pod)
+        return cls(ctx.parts.metrics, ctx.parts.log, ctx.pod, ctx.parts.tracer)
 
     def outbound(self, src: tuple[str, int], dst: tuple[str, int], source: pb.Workload | None,
                  route: Route) -> ConnectionOutcome:
@@ -135,7 +154,13 @@ class OutcomeRecorder:
         return ConnectionOutcome(self.metrics, self.log, OUTBOUND, labels,
                                  workload_peer(src, source, str(self.pod.identity)),
                                  workload_peer(dst, route.workload, str(expected or "")),
-                                 service=route.service.hostname if route.service else "")
+                                 service=route.service.hostname if route.service else "",
+                                 span=self.tracer.outbound(
+                                     route.authority, source=f"{src[0]}:{src[1]}",
+                                     source_principal=str(self.pod.identity),
+                                     destination_principal=str(expected or ""),
+                                     service=route.service.hostname if route.service else "")
+                                 if self.tracer is not None and route.tunnelled else None)
 
     def inbound(self, conn: InboundConnection, verdict: Admit | Refusal, source: pb.Workload | None,
                 destination: pb.Workload | None) -> ConnectionOutcome:
@@ -146,4 +171,10 @@ class OutcomeRecorder:
                                  workload_peer((conn.source_ip, conn.source_port), source, str(conn.peer or "")),
                                  workload_peer((self.pod.ip, conn.destination.port), destination,
                                                str(self.pod.identity)),
-                                 decision=verdict.decision)
+                                 decision=verdict.decision,
+                                 span=self.tracer.inbound(
+                                     conn.traceparent, str(conn.destination),
+                                     source=f"{conn.source_ip}:{conn.source_port}",
+                                     source_principal=str(conn.peer or ""),
+                                     destination_principal=str(self.pod.identity))
+                                 if self.tracer is not None and conn.hbone else None)

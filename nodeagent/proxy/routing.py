@@ -7,6 +7,9 @@ outbound proxy then carries it out with one I/O function per kind.  Most tests a
   (then that endpoint's waypoint if it has one, HBONE if it is in the mesh, plain TCP if not).
 - A workload address: its waypoint, HBONE to its 15008 if it is in the mesh, or plain TCP.
 - Anything else: plain TCP to where the application was going (passthrough).
+- Refused first, before any of that: a call to the agent itself (`selfcall`): loopback, the listener the
+  connection arrived at, an agent port of this pod; and, once the endpoint is chosen, an agent port of
+  the workload an HBONE tunnel would ask its agent to connect to.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from mesh import defaults
 from mesh.identity import SpiffeId
 from mesh.proto import discovery_pb2 as pb
+from nodeagent.proxy.selfcall import agent_port, self_call
 from nodeagent.redirect.rules import HBONE_PORT
 from nodeagent.state import MeshState
 
@@ -27,6 +31,7 @@ class RouteKind(enum.Enum):
     WAYPOINT = "waypoint"  # to the waypoint over HBONE, which picks the endpoint
     PASSTHROUGH = "passthrough"  # plain TCP: the destination is not in the mesh
     REFUSE = "refuse"  # nowhere to send it (a service without healthy endpoints)
+    SELF_CALL = "self call"  # addressed to the node agent itself: refused, never dialled
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,25 @@ def _to_workload(view: MeshState, w: pb.Workload, port: int, authority: str, svc
 
 
 def decide(view: MeshState, source: pb.Workload | None, dst_ip: str, dst_port: int,
-           rng: random.Random | None = None) -> Route:
+           rng: random.Random | None = None, *, pod_ip: str = "",
+           arrived_at: tuple[str, int] | None = None) -> Route:
+    """The route of a connection the application of `source` (at `pod_ip`) sent to `dst_ip:dst_port`;
+    `arrived_at` is the local address of the agent's accepted socket (where the capture delivered it)."""
+    own = {pod_ip, *(source.addresses if source is not None else ())} - {""}
+    why = self_call(dst_ip, dst_port, own_ips=own, arrived_at=arrived_at)
+    if why is not None:
+        return Route(RouteKind.SELF_CALL, None, f"{dst_ip}:{dst_port}", reason=why)
+    route = _decide(view, source, dst_ip, dst_port, rng)
+    if route.kind is RouteKind.HBONE:  # the destination's agent would connect to this port of its pod
+        why = agent_port(int(route.authority.rpartition(":")[2]))
+        if why is not None:
+            return Route(RouteKind.SELF_CALL, None, route.authority, service=route.service,
+                         workload=route.workload, reason=why)
+    return route
+
+
+def _decide(view: MeshState, source: pb.Workload | None, dst_ip: str, dst_port: int,
+            rng: random.Random | None) -> Route:
     authority = f"{dst_ip}:{dst_port}"
     svc = view.service_by_vip(dst_ip)
     if svc is not None:

@@ -3,14 +3,25 @@
 A socket belongs to the network namespace its creating thread was in when `socket()` ran, for good:
 create it inside the pod (via `mesh.netns.entered`), then use it from anywhere.  Every socket the agent
 makes in a pod carries SO_MARK 0x539 so the pod's redirect rules let it through.
+
+`transparent_socket_in` is the one the destination agent connects to the application with: bound to
+the client's address (IP_TRANSPARENT), so that the application sees who connected, and to a source
+port of `TRANSPARENT_PORTS`; the pod's policy routing (`redirect.rules.policy_routing`) brings the
+application's replies to that address back to this socket (in eBPF mode, by that port).
 """
 
 from __future__ import annotations
 
+import errno
+import random
 import socket
 
 from mesh import netns
-from nodeagent.redirect.rules import AGENT_MARK
+from nodeagent.redirect.rules import AGENT_MARK, TRANSPARENT_PORTS
+
+IP_FREEBIND = 15
+IP_TRANSPARENT = 19
+BUSY = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)  # a source port taken for that address (or 4-tuple)
 
 LISTEN_BACKLOG = 1024
 
@@ -39,3 +50,25 @@ def connecting_socket_in(netns_path: str) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setblocking(False)
     return sock
+
+
+def transparent_socket_in(netns_path: str, source_ip: str, port: int) -> socket.socket:
+    """An unconnected, marked TCP socket inside the pod's namespace, bound to `source_ip:port`: an
+    address that is not the pod's (the client's), and a port of `TRANSPARENT_PORTS` (`source_port()`).
+    The kernel cannot pick these ports itself (a socket's own port range is clamped to the ephemeral
+    range), so the caller does, and tries another if connect() finds that 4-tuple taken (`BUSY`)."""
+    sock = connecting_socket_in(netns_path)
+    try:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # one port, many destinations
+        sock.bind((source_ip, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def source_port() -> int:
+    low, high = TRANSPARENT_PORTS
+    return random.randint(low, high)

@@ -5,7 +5,8 @@ Outbound, `connect4`/`connect6` on the pod's cgroup rewrite the application's TC
 TCP arriving for the pod to the agent's 15006 listener (HBONE on 15008 and the agent's own ports pass).
 The agent's own sockets are not in the pod's cgroup, so they are never rewritten.  Links and maps are
 pinned, so capture outlives the agent (pods fail closed) and the next agent adopts it.  No iptables or
-nft rule is made in an eBPF-mode pod.
+nft rule is made in an eBPF-mode pod; the policy routing that brings the application's replies to the
+agent's transparent sockets is ip rules and a route only (`routing`, `rules.policy_routing("ebpf")`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from bpf.pods import PodPrograms
 from mesh import defaults
 from nodeagent.errors import NodeAgentError, RedirectError
 from nodeagent.pods.source import PodRef
+from nodeagent.redirect import routing
 from nodeagent.redirect.base import Capture, Outcome
+from nodeagent.redirect.rules import policy_routing
 
 
 class EbpfUnavailableError(NodeAgentError):
@@ -53,11 +56,14 @@ class EbpfRedirector:
         inbound = listeners.get(defaults.INBOUND_PLAIN_PORT)
         if inbound is None:
             raise RedirectError(f"pod {pod.key}: no {defaults.INBOUND_PLAIN_PORT} listener to steer inbound to")
+        routed = routing.complete(pod.netns, self.mode)
+        routing.install(pod.netns, self.mode)  # first: a redirected connection's replies must find their way
         try:
-            done = self.loader.attach_pod(pod.key, pod.netns, pod.cgroup, inbound, pod_ip=pod.ip or None)
+            done = Outcome(self.loader.attach_pod(pod.key, pod.netns, pod.cgroup, inbound,
+                                                  pod_ip=pod.ip or None).value)
         except BpfError as exc:
             raise RedirectError(f"pod {pod.key}: {exc}") from exc
-        return Outcome(done.value)
+        return Outcome.REDONE if done is Outcome.ADOPTED and not routed else done
 
     def adopt(self, pod: PodRef, listeners: Mapping[int, socket.socket]) -> bool:
         if not self.verify(pod).exact:
@@ -66,16 +72,20 @@ class EbpfRedirector:
 
     def remove(self, pod: PodRef) -> bool:
         try:
-            return self.loader.detach_pod(pod.key)
+            detached = self.loader.detach_pod(pod.key)
         except BpfError as exc:
             raise RedirectError(f"pod {pod.key}: {exc}") from exc
+        return routing.remove(pod.netns) or detached
 
     def verify(self, pod: PodRef) -> Capture:
         try:
             found = self.loader.inspect_pod(pod.key)
         except BpfError as exc:
             raise RedirectError(f"pod {pod.key}: {exc}") from exc
-        return Capture(self.mode, present=found.present, exact=found.exact, detail=describe(found))
+        routes = routing.inspect(pod.netns)
+        return Capture(self.mode, present=found.present or not routes.empty,
+                       exact=found.exact and routes.exactly(policy_routing(self.mode)),
+                       detail=describe(found) + routes.detail())
 
     def original_destination(self, sock: socket.socket) -> tuple[str, int]:
         """Outbound (15001): the record the connect hook kept.  Inbound (15006): sk_lookup keeps the

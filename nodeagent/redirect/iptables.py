@@ -2,7 +2,8 @@
 
 The pod's namespace is given as a path (`/run/netns/<name>` in the local cluster, `/proc/<pid>/ns/net`
 or a CNI netns path on Kubernetes); commands run in it with `nsenter --net=PATH`.  Each change is one
-`iptables-restore --noflush` transaction, so a pod never has half our rules.
+`iptables-restore --noflush` transaction, so a pod never has half our rules.  The policy routing that
+brings the application's replies back to the agent (`routing`) goes in and out with the rules.
 """
 
 from __future__ import annotations
@@ -10,57 +11,47 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
-import subprocess
 from collections.abc import Mapping
 
-from nodeagent.errors import RedirectError
 from nodeagent.pods.source import PodRef
+from nodeagent.redirect import routing
 from nodeagent.redirect.base import Capture, Outcome
-from nodeagent.redirect.rules import Installed, install_script, parse_saved, remove_script
+from nodeagent.redirect.nsexec import run_in
+from nodeagent.redirect.rules import Installed, install_script, parse_saved, policy_routing, remove_script
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
-
-
-def _run(netns_path: str, argv: list[str], stdin: str | None = None) -> str:
-    cmd = ["nsenter", f"--net={netns_path}", *argv]
-    try:
-        out = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=30, check=False)
-    except FileNotFoundError as exc:
-        raise RedirectError(f"{argv[0]} is not installed on this node: install iptables") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise RedirectError(f"{argv[0]} in {netns_path} did not finish in 30s: is the xtables lock held?") from exc
-    if out.returncode != 0:
-        detail = (out.stderr or out.stdout).strip().splitlines()
-        raise RedirectError(f"{' '.join(argv)} in {netns_path} failed: {detail[-1] if detail else out.returncode}")
-    return out.stdout
+MODE = "iptables"
 
 
 def inspect(netns_path: str) -> Installed:
-    return parse_saved(_run(netns_path, ["iptables-save", "-t", "mangle"]) +
-                       _run(netns_path, ["iptables-save", "-t", "nat"]))
+    return parse_saved(run_in(netns_path, ["iptables-save", "-t", "mangle"]) +
+                       run_in(netns_path, ["iptables-save", "-t", "nat"]))
 
 
 def install(netns_path: str) -> Outcome:
-    """Make the pod's rules exactly ours, whatever an earlier run left."""
+    """Make the pod's rules and policy routing exactly ours, whatever an earlier run left."""
     found = inspect(netns_path)
-    if not found.empty and found.complete():
+    routes = routing.inspect(netns_path)
+    if not found.empty and found.complete() and routes.exactly(policy_routing(MODE)):
         return Outcome.ADOPTED
     outcome = Outcome.INSTALLED
-    if not found.empty:
-        _run(netns_path, ["iptables-restore", "-w", "5", "--noflush"], remove_script(found.jumps, found.chains))
+    if not found.empty or not routes.empty:
+        if not found.empty:
+            run_in(netns_path, ["iptables-restore", "-w", "5", "--noflush"], remove_script(found.jumps, found.chains))
+        routing.remove_found(netns_path, routes)
         outcome = Outcome.REDONE
-    _run(netns_path, ["iptables-restore", "-w", "5", "--noflush"], install_script())
+    routing.install(netns_path, MODE)  # first: a redirected connection's replies must already find their way
+    run_in(netns_path, ["iptables-restore", "-w", "5", "--noflush"], install_script())
     return outcome
 
 
 def remove(netns_path: str) -> bool:
-    """Remove our jumps and chains; returns whether there was anything to remove."""
+    """Remove our jumps and chains, then our policy routing; returns whether there was anything to remove."""
     found = inspect(netns_path)
     script = remove_script(found.jumps, found.chains)
-    if not script:
-        return False
-    _run(netns_path, ["iptables-restore", "-w", "5", "--noflush"], script)
-    return True
+    if script:
+        run_in(netns_path, ["iptables-restore", "-w", "5", "--noflush"], script)
+    return routing.remove(netns_path) or bool(script)
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
@@ -73,7 +64,7 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
 class IptablesRedirector:
     """Capture with nat REDIRECT rules inside the pod's network namespace (Istio's in-pod mode)."""
 
-    mode = "iptables"
+    mode = MODE
 
     def install(self, pod: PodRef, listeners: Mapping[int, socket.socket]) -> Outcome:
         return install(pod.netns)
@@ -86,8 +77,11 @@ class IptablesRedirector:
 
     def verify(self, pod: PodRef) -> Capture:
         found = inspect(pod.netns)
+        routes = routing.inspect(pod.netns)
         rules = tuple(r for table in sorted(found.rules) for r in found.rules[table])
-        return Capture(self.mode, present=not found.empty, exact=not found.empty and found.complete(), detail=rules)
+        exact = not found.empty and found.complete() and routes.exactly(policy_routing(MODE))
+        return Capture(self.mode, present=not found.empty or not routes.empty, exact=exact,
+                       detail=rules + routes.detail())
 
     def original_destination(self, sock: socket.socket) -> tuple[str, int]:
         return original_destination(sock)

@@ -9,10 +9,22 @@ application sends anywhere but loopback is redirected to 15001 (outbound).  DNS 
 All rules live in chains the agent owns (`AMB_PRERT`, `AMB_OUTPUT`), entered by one jump from each
 built-in chain; `install_script` and `remove_script` are iptables-restore input, so each change is one
 atomic transaction and removal takes exactly what installation added.
+
+Policy routing (`policy_routing`), installed and removed with the capture in both modes: the destination
+agent connects to the application from the client's address (a transparent socket), so the
+application's replies go to an address that is not in the pod; these ip rules send them to table 100,
+`local 0.0.0.0/0 dev lo`, where they reach the agent's socket instead of leaving the pod.
+- iptables mode, as Istio's in-pod mode: the mangle rules above give the agent's connections connmark
+  0x111 and restore it on the replies; `fwmark 0x111/0xfff lookup 100`.
+- eBPF mode has no iptables and so no connmark: the agent's sockets keep the main table
+  (`fwmark 0x539/0xfff lookup main`), and TCP to the agent's transparent source ports
+  (`TRANSPARENT_PORTS`) goes to table 100.  A client outside the mesh that picks such a port itself
+  never completes a handshake with the application: the replies stay in the pod.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from mesh import defaults
@@ -27,6 +39,9 @@ CHAIN_PRERT = "AMB_PRERT"
 CHAIN_OUTPUT = "AMB_OUTPUT"
 TABLE_CHAINS = {"mangle": (("PREROUTING", CHAIN_PRERT), ("OUTPUT", CHAIN_OUTPUT)),
                 "nat": (("PREROUTING", CHAIN_PRERT), ("OUTPUT", CHAIN_OUTPUT))}
+ROUTE_TABLE = defaults.INBOUND_ROUTE_TABLE
+RULE_PRIORITY = defaults.INBOUND_RULE_PRIORITY
+TRANSPARENT_PORTS = defaults.TRANSPARENT_PORTS
 
 
 @dataclass(frozen=True)
@@ -145,3 +160,99 @@ def parse_saved(text: str) -> Installed:
             elif parts[-2:-1] == ["-j"] and parts[-1] in ours and len(parts) == 4:
                 jumps.setdefault(table, []).append((chain, parts[-1]))
     return Installed(jumps, chains, {t: tuple(r) for t, r in rules.items()})
+
+
+# -- policy routing ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IpRule:
+    """One `ip rule`: its priority, what it selects, the table it looks up."""
+
+    priority: int
+    selector: tuple[str, ...]  # ip rule's words, e.g. ("fwmark", "0x111/0xfff")
+    table: str
+
+    def words(self) -> list[str]:
+        return ["pref", str(self.priority), *self.selector, "lookup", self.table]
+
+    def shown(self) -> dict[str, object]:
+        """How `ip -j rule show` prints this rule (the fields that identify it)."""
+        out: dict[str, object] = {"priority": self.priority, "src": "all", "table": self.table}
+        words = list(self.selector)
+        for key, value in zip(words[::2], words[1::2], strict=True):
+            if key == "fwmark":
+                mark, _, mask = value.partition("/")
+                out["fwmark"], out["fwmask"] = mark, mask
+            elif key == "dport":
+                low, _, high = value.partition("-")
+                out["dport_start"], out["dport_end"] = int(low), int(high or low)
+            else:
+                out[key] = value
+        return out
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The policy routing of one capture mode: its rules and the route of its table."""
+
+    rules: tuple[IpRule, ...]
+    route: tuple[str, ...] = ("local", "0.0.0.0/0", "dev", "lo", "table", str(ROUTE_TABLE))
+
+
+def policy_routing(mode: str) -> Routing:
+    table = str(ROUTE_TABLE)
+    if mode == "ebpf":
+        low, high = TRANSPARENT_PORTS
+        return Routing((IpRule(RULE_PRIORITY - 1, ("fwmark", f"{AGENT_MARK:#x}/{MARK_MASK:#x}"), "main"),
+                        IpRule(RULE_PRIORITY, ("ipproto", "tcp", "dport", f"{low}-{high}"), table)))
+    return Routing((IpRule(RULE_PRIORITY, ("fwmark", f"{CONN_MARK:#x}/{MARK_MASK:#x}"), table),))
+
+
+ALL_RULES = tuple(r for mode in defaults.REDIRECT_MODES for r in policy_routing(mode).rules)
+
+
+@dataclass(frozen=True)
+class RoutingFound:
+    """Which of our rules (of any mode, as `ip -j rule show` printed them) and whether our route are in a pod."""
+
+    rules: tuple[IpRule, ...]
+    route: bool
+
+    @property
+    def empty(self) -> bool:
+        return not self.rules and not self.route
+
+    def exactly(self, routing: Routing) -> bool:
+        return sorted(self.rules, key=str) == sorted(routing.rules, key=str) and self.route
+
+    def detail(self) -> tuple[str, ...]:
+        return tuple(["ip rule " + " ".join(r.words()) for r in self.rules]
+                     + (["ip route " + " ".join(Routing(()).route)] if self.route else []))
+
+
+def parse_routing(rules_json: str, routes_json: str) -> RoutingFound:
+    """Ours among `ip -4 -j rule show` and `ip -4 -j route show table 100` (json)."""
+    shown = json.loads(rules_json or "[]")
+    rules = tuple(r for r in ALL_RULES if r.shown() in [_identity(s) for s in shown])
+    routes = json.loads(routes_json or "[]")
+    route = any(r.get("type") == "local" and r.get("dst") == "default" and r.get("dev") == "lo" for r in routes)
+    return RoutingFound(rules, route)
+
+
+def _identity(shown: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in shown.items() if k not in ("flags", "protocol")}
+
+
+def routing_install_script(routing: Routing) -> str:
+    """`ip -batch` input: the route first, so that the rules never point at an empty table."""
+    return "\n".join([" ".join(("route", "replace", *routing.route)),
+                      *(" ".join(("rule", "add", *r.words())) for r in routing.rules)]) + "\n"
+
+
+def routing_remove_script(found: RoutingFound) -> str:
+    """`ip -batch` input removing exactly what `found` saw of ours: the rules first, then the route."""
+    lines = [" ".join(("rule", "del", *r.words())) for r in found.rules]
+    if found.route:
+        lines.append(" ".join(("route", "del", *Routing(()).route)))
+    return "\n".join(lines) + "\n" if lines else ""

@@ -11,8 +11,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.integration.conftest import BOOKINFO, Meshctl, cluster_file, leftovers
+from tests.integration.conftest import BOOKINFO, ROOT, Meshctl, cluster_file, leftovers
 
 
 def curl(meshctl: Meshctl, cluster: str, ns: str, pod: str, url: str) -> dict:
@@ -102,6 +103,61 @@ def test_pod_reaches_itself_through_its_service(meshctl: Meshctl, bookinfo: str)
     # ratings has one endpoint, ratings-v1: the connection is DNATed back to its own source.
     answer = curl(meshctl, bookinfo, "bookinfo", "ratings-v1", "http://ratings:9080/ratings/3")
     assert answer["pod"] == "ratings-v1"
+
+
+def _proc(pid: int, what: str) -> list[str]:
+    return Path(f"/proc/{pid}/{what}").read_bytes().decode().split("\0")[:-1]
+
+
+def _manifest_container(file: str, kind: str, name: str) -> dict:
+    doc = next(d for d in yaml.safe_load_all((ROOT / "daemonset" / file).read_text()) if d and d["kind"] == kind)
+    return next(c for c in doc["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+def _pairs(args: list[str]) -> set[tuple[str, str]]:
+    return {(a, b) for a, b in zip(args, args[1:], strict=False) if a.startswith("--") and not b.startswith("--")}
+
+
+def test_mesh_runs_from_the_daemonset_and_deployment(meshctl: Meshctl, bookinfo: str) -> None:
+    """`meshctl get daemonset,deployment` shows one ready agent per node and the control plane, and the
+    processes' command lines are the manifests' (daemonset/), with the local cluster's overlay."""
+    def workloads() -> dict:
+        out = meshctl("get", "daemonset,deployment", "-A", "-o", "json", "--cluster", bookinfo)
+        return {i["kind"]: i for i in json.loads(out.stdout)["items"]}
+
+    deadline = time.monotonic() + 30
+    while (got := workloads())["DaemonSet"]["status"]["numberReady"] != 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    ds, deploy = got["DaemonSet"], got["Deployment"]
+    assert (ds["apiVersion"], ds["metadata"]["name"], ds["metadata"]["namespace"]) == \
+        ("apps/v1", "ambient-nodeagent", "istio-system")
+    assert ds["status"]["desiredNumberScheduled"] == ds["status"]["currentNumberScheduled"] == \
+        ds["status"]["numberReady"] == 2
+    assert (deploy["metadata"]["name"], deploy["status"]["readyReplicas"], deploy["status"]["replicas"]) == ("istiod", 1, 1)
+    table = meshctl("get", "ds,deploy", "-A", "--cluster", bookinfo).stdout.splitlines()
+    assert table[1].split() == ["istio-system", "ambient-nodeagent", "2", "2", "2", "2", "2"]
+    assert table[4].split() == ["istio-system", "istiod", "1/1", "1", "1"]
+
+    agent = _manifest_container("nodeagent.yaml", "DaemonSet", "nodeagent")
+    overlaid = {"--control-plane", "--pod-source"}  # the local cluster's own values (localcluster/overlay.py)
+    processes = {p["name"]: p["pid"] for p in status(meshctl, bookinfo)["processes"]}
+    for node in ("node-1", "node-2"):
+        argv, environ = _proc(processes[f"nodeagent {node}"], "cmdline"), _proc(processes[f"nodeagent {node}"], "environ")
+        assert argv[1:3] == agent["command"][1:]  # python -m nodeagent.main
+        expanded = [a.replace("$(NODE_NAME)", node).replace("$(REDIRECT_MODE)", "iptables") for a in agent["args"]]
+        # Every flag of the manifest with a value that is not a path (paths are the node's: below) is there.
+        assert {(f, v) for f, v in _pairs(expanded) if not v.startswith("/") and f not in overlaid} <= _pairs(argv)
+        assert ("--state-dir", str(meshctl.state_dir / bookinfo / "nodes" / node / "nodeagent")) in _pairs(argv)
+        assert ("--token-file", str(meshctl.state_dir / bookinfo / "nodes" / node / "token")) in _pairs(argv)
+        assert ("--pod-source", "local") in _pairs(argv) and ("--bpf-prefix", f"amb-{bookinfo}") in _pairs(argv)
+        assert {f"NODE_NAME={node}", "REDIRECT_MODE=iptables", f"POD_NAME=ambient-nodeagent-{node}",
+                "POD_NAMESPACE=istio-system"} <= set(environ)
+    cp = _proc(processes["controlplane"], "cmdline")
+    manifest_cp = _manifest_container("controlplane.yaml", "Deployment", "discovery")
+    assert cp[1:3] == manifest_cp["command"][1:]
+    assert {(f, v) for f, v in _pairs(manifest_cp["args"]) if f != "--config-source" and not v.startswith("/")} \
+        <= _pairs(cp)
+    assert ("--config-source", "local") in _pairs(cp)
 
 
 def test_status_logs_and_errors(meshctl: Meshctl, bookinfo: str) -> None:

@@ -3,6 +3,12 @@ to the pipeline) and a simple client side toward endpoints (one request at a tim
 
 Flow control is real in both directions: received data is acknowledged only as the pipeline consumes
 it, and sending waits for the peer's window.  A request head larger than `max_header_bytes` gets 431.
+
+The server bounds what a client can make it spend (the HBONE core's guards, `mesh.hbone.frames`): a
+request the client resets has its handler cancelled, and a client that keeps resetting requests gets
+GOAWAY ENHANCE_YOUR_CALM (rapid reset); a header block is bounded in bytes across HEADERS and
+CONTINUATION frames (ENHANCE_YOUR_CALM), not only in frames as h2 does; and it reads only once what it
+had to send went out, so a client that floods PINGs without reading the answers stops being read.
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ import h2.exceptions
 import h2.settings
 import trio
 
+from mesh.hbone.frames import FrameGuard, ResetBudget
 from waypoint.errors import HttpError, RefusedStream, UpstreamReset
 from waypoint.http.exchange import Handler
 from waypoint.l7.model import RequestHead, ResponseHead, forwardable
 
 READ_SIZE = 65536
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+MAX_RESET_STREAMS = 100  # requests a client may abandon beyond those it let us answer (ResetBudget)
+HEADER_BLOCK_SLACK = 1024  # what HPACK and framing may add to a header list on the wire
 
 
 def _text(v: str | bytes) -> str:
@@ -39,6 +48,7 @@ class _Stream:
     window: trio.Event = field(default_factory=trio.Event)
     reset: bool = False
     ended: bool = False
+    handler: trio.CancelScope = field(default_factory=trio.CancelScope)  # server: the request's handler
 
 
 class _H2Base:
@@ -171,6 +181,9 @@ class Http2Server(_H2Base):
     def __init__(self, stream: trio.abc.Stream, max_header_bytes: int = 60 * 1024, initial: bytes = b"") -> None:
         super().__init__(stream, client_side=False, max_header_bytes=max_header_bytes)
         self._initial = initial
+        self._guard = FrameGuard(len(PREFACE), self.conn.max_inbound_frame_size,
+                                 max_header_bytes + HEADER_BLOCK_SLACK)
+        self._resets = ResetBudget(MAX_RESET_STREAMS)
 
     async def serve(self, handler: Handler) -> None:
         self.conn.initiate_connection()
@@ -183,6 +196,11 @@ class Http2Server(_H2Base):
                         data = bytes(await self.stream.receive_some(READ_SIZE))
                         if not data:
                             break
+                    refused = self._guard.check(data)
+                    if refused is not None:
+                        self._abort(refused.error_code, refused.reason)
+                        await self.flush()
+                        break
                     try:
                         events = self.conn.receive_data(bytes(data))
                     except h2.exceptions.ProtocolError:
@@ -192,8 +210,14 @@ class Http2Server(_H2Base):
                     for event in events:
                         if isinstance(event, h2.events.RequestReceived):
                             self._start(nursery, handler, event)
+                        elif isinstance(event, h2.events.StreamReset):
+                            self._on_reset(event)
                         else:
                             self._on_event(event)
+                    if self._resets.exhausted:
+                        self._abort(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, self._resets.reason())
+                        await self.flush()
+                        break
                     await self.flush()
                 self._terminate()
                 nursery.cancel_scope.deadline = trio.current_time() + 1.0
@@ -203,6 +227,17 @@ class Http2Server(_H2Base):
             with trio.move_on_after(1) as cs:
                 cs.shield = True
                 await self.stream.aclose()
+
+    def _abort(self, code: int, reason: str) -> None:
+        """GOAWAY with `code` (h2 then refuses anything more); the loop stops reading."""
+        self.conn.close_connection(code, additional_data=reason.encode("utf-8")[:256])
+
+    def _on_reset(self, event: h2.events.StreamReset) -> None:
+        s = self.streams.get(event.stream_id) if event.stream_id is not None else None
+        if s is not None and not s.reset:
+            self._resets.abandoned()  # reset while its handler still ran: what a rapid reset does
+            s.handler.cancel()
+        self._on_event(event)
 
     def _start(self, nursery: trio.Nursery, handler: Handler, event: h2.events.RequestReceived) -> None:
         s = self._new_stream(event.stream_id)
@@ -220,10 +255,16 @@ class Http2Server(_H2Base):
         nursery.start_soon(self._run, handler, exchange, size)
 
     async def _run(self, handler: Handler, exchange: _ServerExchange, size: int) -> None:
+        scope = exchange._s.handler
         try:
-            if size > self.max_header_bytes:
-                raise HttpError(431, "request headers too large")
-            await handler(exchange)
+            with scope:
+                if scope.cancel_called:  # reset in the same read as its HEADERS: never started
+                    return
+                if size > self.max_header_bytes:
+                    raise HttpError(431, "request headers too large")
+                await handler(exchange)
+            if not scope.cancelled_caught and not exchange._s.reset:
+                self._resets.carried()
         except HttpError as exc:
             if not exchange.response_started:
                 body = str(exc).encode()

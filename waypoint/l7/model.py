@@ -60,6 +60,9 @@ class Endpoint:
     version: str = ""
     healthy: bool = True
     hbone: bool = False  # in the mesh: reached over HBONE (its node agent's 15008), else plain TCP
+    canonical_service: str = ""  # for the metrics' *_canonical_service and *_canonical_revision
+    canonical_revision: str = ""
+    cluster: str = ""  # the workload's cluster id
 
     @property
     def key(self) -> str:

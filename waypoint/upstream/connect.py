@@ -4,7 +4,7 @@
 opens a tunnel over the shared HBONE pool: TLS to the endpoint pod's 15008 (its node agent) with the
 waypoint's own certificate, the server required to present the endpoint workload's identity,
 `:authority` = `podIP:targetPort`, and `Forwarded: for="<original client>"` (plus `;host=<service>`)
-so the destination's policy and logs see who really called.  An endpoint outside the mesh (tunnel
+so the destination's policy and logs see who really called, and the opening request's `traceparent`.  An endpoint outside the mesh (tunnel
 protocol NONE) gets a plain TCP connection.  Every failure is a `ConnectFailure` that says what to check.
 """
 
@@ -41,16 +41,18 @@ class HboneUpstream:
         self.connect_timeout = connect_timeout
         self.hbone_port = hbone_port
 
-    async def connect(self, endpoint: Endpoint, *, service: str = "",
-                      client: str = "") -> trio.abc.HalfCloseableStream:
+    async def connect(self, endpoint: Endpoint, *, service: str = "", client: str = "",
+                      traceparent: str = "") -> trio.abc.HalfCloseableStream:
         if endpoint.hbone:
-            return await self._tunnel(endpoint, service, client)
+            return await self._tunnel(endpoint, service, client, traceparent)
         return await self._plain(endpoint)
 
-    async def _tunnel(self, endpoint: Endpoint, service: str, client: str) -> trio.abc.HalfCloseableStream:
+    async def _tunnel(self, endpoint: Endpoint, service: str, client: str,
+                      traceparent: str) -> trio.abc.HalfCloseableStream:
         key = PoolKey(source=self.identity, destination=endpoint_identity(endpoint, self.trust_domain),
                       address=(endpoint.address, self.hbone_port))
-        headers = request_headers(forwarded_for=client or None, service_host=service or None)
+        headers = request_headers(forwarded_for=client or None, service_host=service or None,
+                                  traceparent=traceparent or None)
         try:
             return await self.pool.open_tunnel(key, endpoint.key, headers)
         except TunnelRejected as exc:

@@ -196,7 +196,8 @@ class Forwarder:
             reused = False
             try:
                 with trio.move_on_after(d.retries.per_try_timeout or math.inf):
-                    conn, reused = await self.pool.acquire(ep, protocol, limits.connect_timeout, service, client)
+                    conn, reused = await self.pool.acquire(ep, protocol, limits.connect_timeout, service, client,
+                                                           d.request.header("traceparent") or "")
                     await conn.send_request(d.request, body.chunks())
                     head = await conn.receive_response()
                     return _Response(head, conn, protocol)

@@ -27,18 +27,19 @@ from waypoint.l7.model import Endpoint
 class Upstream(Protocol):
     """Opens a byte stream to an endpoint.  `service` is the service hostname the request was for ("" for
     workload-addressed traffic) and `client` the original client's `ip:port` ("" when unknown), both for
-    the tunnel's `Forwarded` header.  Raise `ConnectFailure` (or OSError) when the endpoint cannot be
-    reached."""
+    the tunnel's `Forwarded` header; `traceparent` the trace context of the request that opens it (the
+    tunnel's CONNECT carries it, so the destination's agent links its span).  Raise `ConnectFailure` (or
+    OSError) when the endpoint cannot be reached."""
 
-    async def connect(self, endpoint: Endpoint, *, service: str = "",
-                      client: str = "") -> trio.abc.HalfCloseableStream: ...
+    async def connect(self, endpoint: Endpoint, *, service: str = "", client: str = "",
+                      traceparent: str = "") -> trio.abc.HalfCloseableStream: ...
 
 
 class TcpUpstream:
     """Plain TCP to `endpoint.address:endpoint.port` (tests, benchmarks, non-mesh endpoints)."""
 
-    async def connect(self, endpoint: Endpoint, *, service: str = "",
-                      client: str = "") -> trio.abc.HalfCloseableStream:
+    async def connect(self, endpoint: Endpoint, *, service: str = "", client: str = "",
+                      traceparent: str = "") -> trio.abc.HalfCloseableStream:
         try:
             return await trio.open_tcp_stream(endpoint.address, endpoint.port)
         except OSError as exc:
@@ -56,8 +57,9 @@ class ConnectionPool:
         self.opened = 0
 
     async def acquire(self, endpoint: Endpoint, protocol: str, connect_timeout: float,
-                      service: str = "", client: str = "") -> tuple[UpstreamConnection, bool]:
-        """A connection and whether it was reused from the pool."""
+                      service: str = "", client: str = "", traceparent: str = "") -> tuple[UpstreamConnection, bool]:
+        """A connection and whether it was reused from the pool (`traceparent`: of the request that would
+        open a new one)."""
         idle = self._idle[(endpoint.key, protocol, client)]
         now = self._clock()
         while idle:
@@ -66,7 +68,7 @@ class ConnectionPool:
                 return conn, True
             await conn.aclose()
         with trio.move_on_after(connect_timeout) as cs:
-            stream = await self.upstream.connect(endpoint, service=service, client=client)
+            stream = await self.upstream.connect(endpoint, service=service, client=client, traceparent=traceparent)
         if cs.cancelled_caught:
             raise ConnectFailure(f"connection to {endpoint.key} timed out after {connect_timeout:g}s")
         self.opened += 1

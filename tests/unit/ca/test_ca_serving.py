@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import ssl
 
 import grpc
 from ca_helpers import SLEEP, csr_pem
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry
 
 from ca.auth import NodeTokenIssuer
 from ca.authority import CertificateAuthority
 from ca.pods import InMemoryPodLocator
 from ca.server import CAServer
-from ca.serving import RotatingServingCertificate, issue_serving_certificate
+from ca.serving import RotatingServingCertificate, https_context, issue_serving_certificate
 from mesh.identity import uri_sans
 from mesh.proto import ca_pb2, ca_pb2_grpc
 
@@ -68,3 +70,38 @@ def test_ca_on_an_asyncio_grpc_server(
     assert len(chain) == 2 and chain[-1] == authority.root_pem
     assert refused == grpc.StatusCode.UNAUTHENTICATED
     assert registry.get_sample_value("citadel_server_csr_count") == 2
+
+
+def _handshake(server_ctx: ssl.SSLContext, root_pem: str) -> bytes:
+    """The leaf (DER) a client sees in a TLS handshake with `server_ctx`, done in memory."""
+    client_ctx = ssl.create_default_context(cadata=root_pem)
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="127.0.0.1")
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    done = {"client": False, "server": False}
+    for _ in range(10):
+        for name, side in (("client", client), ("server", server)):
+            if not done[name]:
+                try:
+                    side.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            break
+    der = client.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_https_context_presents_the_current_certificate_after_it_rotates(authority: CertificateAuthority) -> None:
+    ctx, rotating = https_context(authority, ["127.0.0.1"], ttl=datetime.timedelta(hours=2))
+    first = x509.load_pem_x509_certificates(rotating.current.chain_pem)[0]
+    assert _handshake(ctx, authority.root_pem) == first.public_bytes(serialization.Encoding.DER)
+    assert rotating.refresh(now=rotating.current.renew_at() + datetime.timedelta(seconds=1))
+    second = x509.load_pem_x509_certificates(rotating.current.chain_pem)[0]
+    assert second != first
+    # The listener keeps its first context; the next handshake is moved to the new certificate.
+    assert _handshake(ctx, authority.root_pem) == second.public_bytes(serialization.Encoding.DER)

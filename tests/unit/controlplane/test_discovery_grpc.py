@@ -62,11 +62,13 @@ def plane(tmp_path: Path, source: MemorySource) -> Iterator[tuple[ControlPlaneTh
 
 
 def client_for(running: Running, port: int | None = None, name: str = "n1", handler=None) -> XdsClient:  # type: ignore[no-untyped-def]
+    token = running.extras["token_issuer"].mint_node_token(name)  # discovery is authenticated
     cfg = ClientConfig(
         target=f"127.0.0.1:{port or running.grpc_port}",
         node=NodeInfo(id=f"nodeagent~{name}~{name}.", role="nodeagent", node=name),
         subscriptions={rs.WORKLOAD: None, rs.SERVICE: None},
         root_pem=running.root_pem,
+        metadata=(("authorization", f"Bearer {token}"),),
         backoff_initial=0.05,
         backoff_max=0.3,
     )

@@ -37,9 +37,10 @@ def test_apply_reaches_client_and_rejects_are_counted(tmp_path: Path) -> None:
     cp = ControlPlaneThread(Options(state_dir=tmp_path, grpc_listen="127.0.0.1:0", metrics_listen="127.0.0.1:0"))
     running = cp.start()
     sock = str(tmp_path / "controlplane" / "api.sock")
+    token = (("authorization", f"Bearer {running.extras['token_issuer'].mint_node_token('n1')}"),)
     cfg = ClientConfig(
         target=f"127.0.0.1:{running.grpc_port}", node=NodeInfo(id="nodeagent~n1~n1.", role="nodeagent", node="n1"),
-        subscriptions={rs.SERVICE: None}, root_pem=running.root_pem, backoff_initial=0.05,
+        subscriptions={rs.SERVICE: None}, root_pem=running.root_pem, backoff_initial=0.05, metadata=token,
     )
     f = tmp_path / "svc.yaml"
 
@@ -82,7 +83,7 @@ def test_apply_reaches_client_and_rejects_are_counted(tmp_path: Path) -> None:
     try:
         cfg2 = ClientConfig(
             target=f"127.0.0.1:{running.grpc_port}", node=cfg.node, subscriptions={rs.SERVICE: None},
-            root_pem=running.root_pem, backoff_initial=0.05,
+            root_pem=running.root_pem, backoff_initial=0.05, metadata=token,
         )
         with XdsClient(cfg2) as c:
             assert c.wait_synced(10)

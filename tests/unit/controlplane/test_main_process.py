@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mesh.api.client import ApiClient
 from mesh.errors import MeshError
 from mesh.process import split_hostport
 from mesh.xds import resources as rs
@@ -36,9 +37,11 @@ def test_process_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
             time.sleep(0.05)
         endpoints = json.loads((home / "endpoints.json").read_text())
         root = (home / "ca" / "root-cert.pem").read_bytes()
+        token = ApiClient(home / "api.sock", timeout=10).node_token("n1")  # discovery is authenticated
         cfg = ClientConfig(
-            target=endpoints["grpc"], node=NodeInfo(id="tool~n1~x.y"), subscriptions={rs.WORKLOAD: None},
-            root_pem=root, backoff_initial=0.05,
+            target=endpoints["grpc"], node=NodeInfo(id="nodeagent~n1~n1.", role="nodeagent", node="n1"),
+            subscriptions={rs.WORKLOAD: None}, root_pem=root, backoff_initial=0.05,
+            metadata=(("authorization", f"Bearer {token}"),),
         )
         with XdsClient(cfg) as client:
             assert client.wait_synced(10)

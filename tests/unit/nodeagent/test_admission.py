@@ -40,7 +40,7 @@ ALLOW_OTHERS = policy("allow-others", pb.ALLOW, pb.Match(principals=[pb.StringMa
 
 def test_the_source_is_the_connections_own_address_and_forwarded_gives_only_its_port() -> None:
     conn = from_connect(connect("10.244.2.3:8080"))
-    assert conn == InboundConnection("10.244.1.2", 40112, SLEEP_ID, Authority("10.244.2.3", 8080))
+    assert conn == InboundConnection("10.244.1.2", 40112, SLEEP_ID, Authority("10.244.2.3", 8080), hbone=True)
     # A Forwarded naming another address is the client's word: no port taken from it, no address either.
     assert from_connect(connect("10.244.2.3:8080", forwarded_for="10.9.9.9:1234")).source_ip == "10.244.1.2"
     assert from_connect(connect("10.244.2.3:8080", forwarded_for="10.9.9.9:1234")).source_port == 0

@@ -39,10 +39,11 @@ def sample(reg: CollectorRegistry, name: str, labels: TcpLabels) -> float | None
 def test_label_names_are_istios() -> None:
     assert set(TCP_LABEL_NAMES) == {
         "reporter", "source_workload", "source_workload_namespace", "source_principal", "source_app",
-        "source_version", "source_cluster", "destination_workload", "destination_workload_namespace",
-        "destination_principal", "destination_app", "destination_version", "destination_service",
-        "destination_service_name", "destination_service_namespace", "destination_cluster", "request_protocol",
-        "response_flags", "connection_security_policy",
+        "source_version", "source_canonical_service", "source_canonical_revision", "source_cluster",
+        "destination_workload", "destination_workload_namespace", "destination_principal", "destination_app",
+        "destination_version", "destination_canonical_service", "destination_canonical_revision",
+        "destination_service", "destination_service_name", "destination_service_namespace", "destination_cluster",
+        "request_protocol", "response_flags", "connection_security_policy",
     }
 
 
@@ -71,10 +72,11 @@ def test_labels_from_both_ends() -> None:
         reporter="destination",
         source_workload="sleep-1", source_workload_namespace="default",
         source_principal="spiffe://cluster.local/ns/default/sa/sleep", source_app="sleep", source_version="v1",
-        source_cluster="Kubernetes",
+        source_canonical_service="sleep", source_canonical_revision="v1", source_cluster="Kubernetes",
         destination_workload="web-1", destination_workload_namespace="prod",
         destination_principal="spiffe://example.org/ns/prod/sa/web", destination_app="web",
-        destination_version="v2", destination_service="web.prod.svc.cluster.local",
+        destination_version="v2", destination_canonical_service="web", destination_canonical_revision="v2",
+        destination_service="web.prod.svc.cluster.local",
         destination_service_name="web", destination_service_namespace="prod", destination_cluster=UNKNOWN,
         request_protocol="tcp", response_flags="-", connection_security_policy=MUTUAL_TLS,
     )

@@ -9,6 +9,7 @@ import random
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -43,6 +44,10 @@ from waypoint.upstream.connect import HboneUpstream
 pytestmark = pytest.mark.timeout(60)
 
 CLIENT = "10.244.1.7:40000"
+
+
+def _tcp_samples(proxy: WaypointProxy, name: str) -> list[Any]:
+    return [s for m in proxy.metrics.registry.collect() for s in m.samples if s.name == name]
 
 
 def run(fn: Callable[[], Awaitable[None]], limit: float = 20.0) -> None:
@@ -216,7 +221,7 @@ def test_inbound_routes_by_authority_refuses_unknown_and_applies_l4_policy(ca: M
                 # The HBONE connection's own peer, not the address the client wrote in Forwarded.
                 assert entry["downstream_peer"].startswith("127.0.0.1:") and entry["downstream_principal"] == str(SLEEP_ID)
                 assert entry["response_code"] == 200 and entry["upstream_host"] == f"127.0.0.1:{v1.port}"
-                metrics = list(proxy.metrics.requests.collect())[0].samples
+                metrics = list(proxy.metrics.http.requests.collect())[0].samples
                 assert any(s.labels["reporter"] == "waypoint" and s.labels["response_code"] == "200"
                            and s.labels["destination_service"] == fq("reviews") for s in metrics)
 
@@ -232,6 +237,14 @@ def test_inbound_routes_by_authority_refuses_unknown_and_applies_l4_policy(ca: M
                 await tunnel.send_eof()
                 assert await receive_all(tunnel) == b"\x16\x03\x01 not http"
                 await tunnel.aclose()
+                # ... counted with Istio's TCP metrics, reporter "waypoint", both ends labelled.
+                with trio.fail_after(2):
+                    while not (tcp := _tcp_samples(proxy, "istio_tcp_connections_closed_total")):
+                        await trio.sleep(0.01)
+                assert tcp[0].labels["reporter"] == "waypoint" and tcp[0].labels["source_principal"] == str(SLEEP_ID)
+                assert tcp[0].labels["destination_service"] == fq("echo") and tcp[0].value == 1
+                received = _tcp_samples(proxy, "istio_tcp_received_bytes_total")
+                assert received[0].value == len(b"\x16\x03\x01 not http")
 
                 # An ALLOW policy for another principal: the waypoint closes the tunnel at L4.
                 proxy.update(_table({"v1": v1.port}, echo_port, [deny_l4]))

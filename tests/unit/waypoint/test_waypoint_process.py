@@ -61,15 +61,21 @@ def test_discovery_handler_swaps_good_tables_and_refuses_bad_ones() -> None:
     assert tables[-1].services[fq("reviews")].endpoints[9080][0].address == "10.244.1.5"
     bad = l7("VirtualService", "broken", {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews"},
                                                                                   "weight": "lots"}]}]}, [fq("reviews")])
+    # Accepted per resource (security issue, item 12): the good one is applied, the broken one left out and
+    # reported.  (This test used to expect the whole response refused, which held back the good resources.)
+    both = {"VirtualService/bookinfo/reviews": good, "VirtualService/bookinfo/broken": bad}
+    cfg.handle(update(rs.L7_CONFIG, both))
+    assert len(tables) == 4 and cfg.rejected == 0 and tables[-1].virtual_service(fq("reviews")) is not None
+    assert "weight" in cfg.summary()["rejected_resources"]["VirtualService/bookinfo/broken"]  # type: ignore[index]
+    # A response of which nothing can be applied is refused, and the proxy keeps its table.
     with pytest.raises(Rejected, match="VirtualService bookinfo/broken"):
-        cfg.handle(update(rs.L7_CONFIG, {"VirtualService/bookinfo/reviews": good, "VirtualService/bookinfo/broken": bad}))
-    assert len(tables) == 3 and cfg.rejected == 1  # the proxy keeps its last good table
-    assert cfg.views[rs.L7_CONFIG].keys() == {"VirtualService/bookinfo/reviews"}
+        cfg.handle(Update(rs.L7_CONFIG, "v", "n", {"VirtualService/bookinfo/broken": bad}, (), both))
+    assert len(tables) == 4 and cfg.rejected == 1
     # Configuration for another waypoint is not this one's business, bad or not.
     cfg.handle(update(rs.L7_CONFIG, {"VirtualService/bookinfo/reviews": good,
                                      "VirtualService/bookinfo/broken": l7("VirtualService", "broken", {"hosts": ["x"], "http": [{"route": [{"destination": {"host": "x"}, "weight": "lots"}]}]},
                                                                           waypoints=["other/waypoint"])}))
-    assert len(tables) == 4 and cfg.version == 4
+    assert len(tables) == 5 and cfg.version == 5 and cfg.summary()["rejected_resources"] == {}
 
 
 def test_admin_view() -> None:

@@ -1,0 +1,286 @@
+"""Istio's standard metrics, defined once for every proxy of the mesh: names, labels, buckets.
+
+    istio_requests_total                     requests (waypoints: reporter="waypoint")
+    istio_request_duration_milliseconds      histogram, Istio's buckets (DURATION_BUCKETS)
+    istio_request_bytes / istio_response_bytes   histograms, headers and body (SIZE_BUCKETS)
+    istio_tcp_connections_opened_total / _closed_total / istio_tcp_sent_bytes_total / _received_bytes_total
+
+Label names and meanings are Istio's (istio.io, 'Istio Standard Metrics'), so that its dashboards,
+recording rules and users' queries carry over: `reporter`, each end's `*_workload`, `*_workload_namespace`,
+`*_principal`, `*_app`, `*_version`, `*_canonical_service`, `*_canonical_revision`, `*_cluster`, the
+`destination_service*`, `request_protocol`, `response_flags`, `connection_security_policy`; requests add
+`response_code` and `grpc_response_status`.  A value that is not known is "unknown".
+
+Node agents report TCP (`reporter="source"` on the client's side, `"destination"` on the server's); a
+waypoint reports requests and the TCP it passes through (`reporter="waypoint"`).  A proxy calls
+`TcpMetrics.open(labels)` once per connection and gets a `ConnectionMetrics`; counting bytes on it costs
+one addition and one increment of a counter that was looked up once at open, so it can be called for
+every chunk relayed.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import astuple, dataclass, fields, replace
+from types import TracebackType
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from mesh import defaults
+from mesh.identity import SpiffeId
+from mesh.proto import discovery_pb2 as pb
+
+UNKNOWN = "unknown"
+NO_FLAGS = "-"
+MUTUAL_TLS = "mutual_tls"
+PLAINTEXT = "none"
+DEFAULT_CLUSTER = "Kubernetes"  # Istio's cluster id when none is configured
+
+# Istio's buckets for istio_request_duration_milliseconds (milliseconds) and for the size histograms.
+DURATION_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000,
+                    600000, 1800000, 3600000)
+SIZE_BUCKETS = tuple(float(10**i) for i in range(9))  # 1, 10, ... 100 MB
+
+
+class Reporter(enum.StrEnum):
+    SOURCE = "source"
+    DESTINATION = "destination"
+    WAYPOINT = "waypoint"
+
+
+# --- labels (pure) -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerLabels:
+    """Who talked to whom: the labels every Istio metric carries, in Istio's order."""
+
+    reporter: str
+    source_workload: str = UNKNOWN
+    source_workload_namespace: str = UNKNOWN
+    source_principal: str = UNKNOWN
+    source_app: str = UNKNOWN
+    source_version: str = UNKNOWN
+    source_canonical_service: str = UNKNOWN
+    source_canonical_revision: str = UNKNOWN
+    source_cluster: str = UNKNOWN
+    destination_workload: str = UNKNOWN
+    destination_workload_namespace: str = UNKNOWN
+    destination_principal: str = UNKNOWN
+    destination_app: str = UNKNOWN
+    destination_version: str = UNKNOWN
+    destination_canonical_service: str = UNKNOWN
+    destination_canonical_revision: str = UNKNOWN
+    destination_service: str = UNKNOWN
+    destination_service_name: str = UNKNOWN
+    destination_service_namespace: str = UNKNOWN
+    destination_cluster: str = UNKNOWN
+
+    def values(self) -> tuple[str, ...]:
+        """The values in field order; an empty one is "unknown"."""
+        return tuple(str(v) or UNKNOWN for v in astuple(self))
+
+
+@dataclass(frozen=True)
+class TcpLabels(PeerLabels):
+    """The label values of one TCP connection, in the order of `TCP_LABEL_NAMES`."""
+
+    request_protocol: str = "tcp"
+    response_flags: str = NO_FLAGS
+    connection_security_policy: str = UNKNOWN
+
+
+@dataclass(frozen=True)
+class RequestLabels(PeerLabels):
+    """The label values of one request, in the order of `REQUEST_LABEL_NAMES`."""
+
+    request_protocol: str = "http"
+    response_code: str = "0"
+    grpc_response_status: str = ""  # Istio leaves it empty for requests that are not gRPC
+    response_flags: str = NO_FLAGS
+    connection_security_policy: str = MUTUAL_TLS
+
+    def values(self) -> tuple[str, ...]:
+        out = list(super().values())
+        out[REQUEST_LABEL_NAMES.index("grpc_response_status")] = self.grpc_response_status
+        return tuple(out)
+
+
+TCP_LABEL_NAMES: tuple[str, ...] = tuple(f.name for f in fields(TcpLabels))
+REQUEST_LABEL_NAMES: tuple[str, ...] = tuple(f.name for f in fields(RequestLabels))
+
+
+def canonical_app(workload: pb.Workload) -> str:
+    """The workload's canonical service: its `canonical_name`, else the usual labels, else its name."""
+    labels: Mapping[str, str] = workload.labels
+    return (workload.canonical_name or labels.get("service.istio.io/canonical-name")
+            or labels.get("app.kubernetes.io/name") or labels.get("app") or workload.name or UNKNOWN)
+
+
+def canonical_version(workload: pb.Workload) -> str:
+    """The workload's canonical revision: its `canonical_revision`, else the usual labels, else "latest"."""
+    labels: Mapping[str, str] = workload.labels
+    return (workload.canonical_revision or labels.get("service.istio.io/canonical-revision")
+            or labels.get("app.kubernetes.io/version") or labels.get("version") or "latest")
+
+
+def workload_principal(workload: pb.Workload) -> str:
+    """The SPIFFE ID a workload runs as, from its record (trust domain, namespace, service account)."""
+    if not workload.service_account or not workload.namespace:
+        return UNKNOWN
+    td = workload.trust_domain or defaults.TRUST_DOMAIN
+    return f"spiffe://{td}/ns/{workload.namespace}/sa/{workload.service_account}"
+
+
+def _principal(explicit: SpiffeId | str | None, workload: pb.Workload | None) -> str:
+    if explicit is not None and str(explicit):
+        return str(explicit)
+    return workload_principal(workload) if workload is not None else UNKNOWN
+
+
+def tcp_labels(
+    reporter: Reporter | str,
+    *,
+    source: pb.Workload | None = None,
+    source_principal: SpiffeId | str | None = None,
+    destination: pb.Workload | None = None,
+    destination_principal: SpiffeId | str | None = None,
+    service: pb.Service | None = None,
+    mutual_tls: bool = True,
+) -> TcpLabels:
+    """Labels for one connection from what the proxy knows about its two ends.
+
+    A principal given explicitly (the verified peer identity) wins over the one derived from the
+    workload record.  Reported by the destination, a plaintext connection (`mutual_tls=False`) has no
+    verified source identity, so its source principal is "unknown" even when the source pod is known;
+    reported by the source, the agent knows whose traffic it carries either way.
+    """
+    verified = mutual_tls or str(reporter) == Reporter.SOURCE
+    src_principal = _principal(source_principal, source) if verified else UNKNOWN
+    out = TcpLabels(
+        reporter=str(reporter),
+        source_principal=src_principal,
+        destination_principal=_principal(destination_principal, destination),
+        connection_security_policy=MUTUAL_TLS if mutual_tls else PLAINTEXT,
+    )
+    if source is not None:
+        out = replace(out, source_workload=source.name or UNKNOWN,
+                      source_workload_namespace=source.namespace or UNKNOWN,
+                      source_app=canonical_app(source), source_version=canonical_version(source),
+                      source_canonical_service=canonical_app(source),
+                      source_canonical_revision=canonical_version(source),
+                      source_cluster=source.cluster_id or UNKNOWN)
+    if destination is not None:
+        out = replace(out, destination_workload=destination.name or UNKNOWN,
+                      destination_workload_namespace=destination.namespace or UNKNOWN,
+                      destination_app=canonical_app(destination),
+                      destination_version=canonical_version(destination),
+                      destination_canonical_service=canonical_app(destination),
+                      destination_canonical_revision=canonical_version(destination),
+                      destination_cluster=destination.cluster_id or UNKNOWN)
+    if service is not None:
+        out = replace(out, destination_service=service.hostname or UNKNOWN,
+                      destination_service_name=service.name or UNKNOWN,
+                      destination_service_namespace=service.namespace or UNKNOWN)
+    return out
+
+
+# --- requests ----------------------------------------------------------------------------------------------
+
+
+class RequestMetrics:
+    """Istio's request metrics on `registry`: the counter and the three histograms."""
+
+    def __init__(self, registry: CollectorRegistry, help_suffix: str = "") -> None:
+        names, r = REQUEST_LABEL_NAMES, registry
+        self.requests = Counter("istio_requests_total", "Requests handled" + help_suffix, names, registry=r)
+        self.duration = Histogram("istio_request_duration_milliseconds", "Request duration in milliseconds",
+                                  names, buckets=DURATION_BUCKETS, registry=r)
+        self.request_bytes = Histogram("istio_request_bytes", "Request sizes in bytes (headers and body)",
+                                       names, buckets=SIZE_BUCKETS, registry=r)
+        self.response_bytes = Histogram("istio_response_bytes", "Response sizes in bytes (headers and body)",
+                                        names, buckets=SIZE_BUCKETS, registry=r)
+
+    def record(self, labels: RequestLabels, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
+        values = labels.values()
+        self.requests.labels(*values).inc()
+        self.duration.labels(*values).observe(duration_ms)
+        self.request_bytes.labels(*values).observe(request_bytes)
+        self.response_bytes.labels(*values).observe(response_bytes)
+
+
+# --- per-connection counting ----------------------------------------------------------------------------
+
+
+class _State(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class ConnectionMetrics:
+    """The metrics of one open connection.  `close()` is idempotent; counting after close is ignored."""
+
+    __slots__ = ("_metrics", "labels", "_sent", "_received", "sent", "received", "_state")
+
+    def __init__(self, metrics: TcpMetrics, labels: TcpLabels) -> None:
+        values = labels.values()
+        self._metrics = metrics
+        self.labels = labels
+        self._sent = metrics.sent_bytes.labels(*values)
+        self._received = metrics.received_bytes.labels(*values)
+        self.sent = 0  # bytes written to the client so far (for the access log)
+        self.received = 0  # bytes read from the client so far
+        self._state = _State.OPEN
+        metrics.opened.labels(*values).inc()
+
+    def add_received(self, n: int) -> None:
+        """Count `n` bytes read from the client (towards the server: the request direction)."""
+        if n > 0 and self._state is _State.OPEN:
+            self.received += n
+            self._received.inc(n)
+
+    def add_sent(self, n: int) -> None:
+        """Count `n` bytes written to the client (from the server: the response direction)."""
+        if n > 0 and self._state is _State.OPEN:
+            self.sent += n
+            self._sent.inc(n)
+
+    @property
+    def closed(self) -> bool:
+        return self._state is _State.CLOSED
+
+    def close(self, response_flags: str | None = None) -> None:
+        """Count the connection as closed.  `response_flags` (Envoy's short flag) labels the closed
+        counter only, as the other counters were labelled when the connection opened."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        labels = self.labels
+        if response_flags is not None and response_flags != labels.response_flags:
+            labels = replace(labels, response_flags=str(response_flags))
+        self._metrics.closed.labels(*labels.values()).inc()
+
+    def __enter__(self) -> ConnectionMetrics:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class TcpMetrics:
+    """Istio's four TCP counters on `registry`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        names = TCP_LABEL_NAMES
+        self.opened = Counter("istio_tcp_connections_opened", "TCP connections opened.", names, registry=registry)
+        self.closed = Counter("istio_tcp_connections_closed", "TCP connections closed.", names, registry=registry)
+        self.sent_bytes = Counter("istio_tcp_sent_bytes", "Bytes sent to the client (response direction).",
+                                  names, registry=registry)
+        self.received_bytes = Counter("istio_tcp_received_bytes",
+                                      "Bytes received from the client (request direction).", names, registry=registry)
+
+    def open(self, labels: TcpLabels) -> ConnectionMetrics:
+        """Count a connection as opened; count its bytes and its close on the returned object."""
+        return ConnectionMetrics(self, labels)

@@ -1,0 +1,11 @@
+"""Distributed tracing, shared by the node agent and the waypoint.
+
+    context.py      trace and span ids, `SpanContext`, `Parent` (what came in)
+    propagation.py  W3C traceparent/tracestate and B3 (multi and single header): read and written, pure
+    sampler.py      parent-based sampling; the percentage from Istio's Telemetry resources, resolved
+    span.py         finished spans and the reporting resource, frozen values
+    tracer.py       `Tracer.start` / `finish`: what the data path calls
+    otlp.py         OTLP protobuf encoding (opentelemetry-proto) and decoding
+    exporter.py     the bounded queue and the background OTLP/HTTP exporter
+    receiver.py     an embeddable OTLP/HTTP receiver and a trace store (tests, a dashboard)
+"""

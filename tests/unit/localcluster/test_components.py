@@ -1,0 +1,119 @@
+"""The local cluster's control plane and node agents come from daemonset/'s Deployment and DaemonSet: one
+agent per node with its node's name and capture mode, command lines that the processes' own parsers
+accept, and the overlay's flags last."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import controlplane.main
+import nodeagent.main
+from localcluster import components, overlay
+from localcluster.manifests import DAEMONSET_DIR, ManifestError
+from localcluster.overlay import ArgEdit, apply_args
+
+GATEWAY = "172.30.0.1"
+NODES = {"node-1": ("172.30.0.10", "iptables"), "node-2": ("172.30.0.11", "ebpf")}
+POD_NETNS = "/run/netns/amb.c1.pod.{namespace}.{name}"
+POD_CGROUP = "/sys/fs/cgroup/unified/amb.c1/pod.{namespace}.{name}"
+
+
+def flag(argv: tuple[str, ...] | list[str], name: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == name]
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A cluster directory with the files the agents' flags name (the parsers check they exist)."""
+    components.root_cert(tmp_path).parent.mkdir(parents=True)
+    components.root_cert(tmp_path).write_text("root")
+    for node in NODES:
+        components.node_token(tmp_path, node).parent.mkdir(parents=True)
+        components.node_token(tmp_path, node).write_text("token")
+    return tmp_path
+
+
+def agents(home: Path, extra: list[str] | None = None, directory: Path = DAEMONSET_DIR) -> dict:
+    workload = components.load_workloads(directory).node_agent
+    return {node: components.plan_node_agent("c1", home, node, ip, GATEWAY, workload, redirect_mode=mode,
+                                             pod_netns_format=POD_NETNS, pod_cgroup_format=POD_CGROUP,
+                                             extra_args=extra)
+            for node, (ip, mode) in NODES.items()}
+
+
+def test_one_agent_per_node_from_the_daemonset(home: Path) -> None:
+    planned = agents(home, extra=["--cert-ttl=60"])
+    for node, (pod, run) in planned.items():
+        ip, mode = NODES[node]
+        env = dict(run.env)
+        assert env["NODE_NAME"] == node and env["REDIRECT_MODE"] == mode
+        assert env["POD_NAME"] == pod.name == f"ambient-nodeagent-{node}" and env["POD_NAMESPACE"] == "istio-system"
+        assert run.argv[1:3] == ("-m", "nodeagent.main")  # the manifest's command, python -> this interpreter
+        assert flag(run.argv, "--node") == [node] and flag(run.argv, "--redirect-mode") == [mode]
+        assert flag(run.argv, "--token-file") == [str(components.node_token(home, node))]
+        assert flag(run.argv, "--root-cert") == [str(components.root_cert(home))]
+        assert flag(run.argv, "--state-dir") == [str(components.node_dir(home, node) / "nodeagent")]
+        # The overlay: the control plane's address, pods by name, pins per cluster; the extras last.
+        assert flag(run.argv, "--control-plane") == [f"{GATEWAY}:15012"]
+        assert flag(run.argv, "--pod-source") == ["local"] and flag(run.argv, "--pod-netns") == [POD_NETNS]
+        assert flag(run.argv, "--pod-cgroup") == [POD_CGROUP] and flag(run.argv, "--bpf-prefix") == ["amb-c1"]
+        assert run.argv[-1] == "--cert-ttl=60"
+        assert run.readiness is not None and (run.readiness.port, run.readiness.path) == (15021, "/healthz/ready")
+        assert pod.ip == ip and pod.node == node
+
+        opts = nodeagent.main.parse_args(list(run.argv[3:]))
+        assert (opts.node, opts.redirect_mode, opts.pod_source, opts.cert_ttl) == (node, mode, "local", 60)
+
+
+def test_control_plane_from_the_deployment(home: Path) -> None:
+    pod, run = components.plan_control_plane(home, GATEWAY, components.load_workloads().control_plane)
+    assert run.argv[1:3] == ("-m", "controlplane.main")
+    assert dict(run.env) == {"POD_NAME": "istiod-0", "POD_NAMESPACE": "istio-system"}
+    args = controlplane.main.build_parser().parse_args(list(run.argv[3:]))
+    assert args.config_source == "local" and args.state_dir == home
+    assert args.serving_host[-1] == GATEWAY and "istiod.istio-system.svc" in args.serving_host
+    assert run.readiness is not None and (run.readiness.port, run.readiness.path) == (15014, "/healthz/ready")
+    assert pod.ip == GATEWAY
+
+
+def test_the_manifest_is_what_runs(home: Path, tmp_path: Path) -> None:
+    base = tmp_path / "daemonset"
+    shutil.copytree(DAEMONSET_DIR, base)
+    agent = base / "nodeagent.yaml"
+    agent.write_text(agent.read_text().replace("        - --log-level\n        - info\n",
+                                               "        - --log-level\n        - debug\n", 1))
+    for _, run in agents(home, directory=base).values():
+        assert flag(run.argv, "--log-level") == ["debug"]
+
+
+def test_a_manifest_the_local_cluster_cannot_run_is_refused_naming_it(home: Path, tmp_path: Path) -> None:
+    base = tmp_path / "daemonset"
+    shutil.copytree(DAEMONSET_DIR, base)
+    agent = base / "nodeagent.yaml"
+    agent.write_text(agent.read_text().replace("      - name: nodeagent\n", "      - name: agent\n", 1))
+    with pytest.raises(ManifestError, match=r"daemonset/nodeagent.yaml: document 2 \(DaemonSet "
+                                            r"istio-system/ambient-nodeagent\): no container 'nodeagent'"):
+        agents(home, directory=base)
+
+
+def test_workload_record_keeps_the_manifest_and_its_pods(home: Path) -> None:
+    workload = components.load_workloads().node_agent
+    record = components.workload_record(workload, overlay.NODE_AGENT, [])
+    assert (record["kind"], record["namespace"], record["name"], record["container"]) == \
+        ("DaemonSet", "istio-system", "ambient-nodeagent", "nodeagent")
+    assert record["source"] == "daemonset/nodeagent.yaml" and record["manifest"] == workload.body
+    assert record["manifest"] is not workload.body
+
+
+@pytest.mark.parametrize("argv, edits, expected", [
+    (["a", "--x", "1"], [ArgEdit("set", "--x", "2")], ["a", "--x", "2"]),
+    (["a", "--x=1"], [ArgEdit("set", "--x", "2")], ["a", "--x=2"]),
+    (["a"], [ArgEdit("set", "--x", "2")], ["a", "--x", "2"]),
+    (["a", "--h", "n"], [ArgEdit("add", "--h", "m")], ["a", "--h", "n", "--h", "m"]),
+    (["a"], [ArgEdit("extra", "--t=1"), ArgEdit("extra", "-v")], ["a", "--t=1", "-v"]),
+])
+def test_apply_args(argv: list[str], edits: list[ArgEdit], expected: list[str]) -> None:
+    assert apply_args(argv, edits) == expected
