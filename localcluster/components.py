@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ TRUST_DOMAIN = defaults.TRUST_DOMAIN
 CONTROLPLANE_SUBDIR = "controlplane"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CONTROLPLANE_PROCESS = "controlplane"
+CNI_SOCKET_FLAG = "--cni-socket"
 
 
 class ComponentError(MeshError):
@@ -79,10 +81,10 @@ def _run(workload: Manifest, ref: overlay.WorkloadRef, pod: PodFields, ov: overl
 
 
 def _pod(workload: Manifest, name: str, node: str, ip: str) -> PodFields:
-    template = workload.body["spec"]["template"]
-    meta = template.get("metadata") or {}
+    spec = workload.pod_spec()  # a clear error, naming the file, when the template is broken
+    meta = workload.body["spec"]["template"].get("metadata") or {}
     return PodFields(name=name, namespace=workload.namespace, node=node, ip=ip, host_ip=ip,
-                     service_account=str(template["spec"].get("serviceAccountName") or "default"),
+                     service_account=str(spec.get("serviceAccountName") or "default"),
                      uid=f"{workload.namespace}.{name}", labels=dict(meta.get("labels") or {}),
                      annotations=dict(meta.get("annotations") or {}))
 
@@ -95,15 +97,57 @@ def plan_control_plane(home: Path, gateway: str, workload: Manifest) -> tuple[Po
 
 
 def plan_node_agent(cluster_name: str, home: Path, node: str, node_ip: str, gateway: str, workload: Manifest, *,
-                    redirect_mode: str, pod_netns_format: str, pod_cgroup_format: str = "",
+                    redirect_mode: str, pod_cgroup_format: str = "",
                     extra_args: list[str] | None = None) -> tuple[PodFields, ContainerRun]:
     """A node's agent's pod (in the node's namespace, on its address) and what to start for it."""
     pod = _pod(workload, f"{workload.name}-{node}", node, node_ip)
     ov = overlay.node_agent(home=home, pod=pod.name, node_dir=node_dir(home, node), token=node_token(home, node),
                             root_cert=root_cert(home), control_plane=controlplane_address(gateway),
-                            redirect_mode=redirect_mode, pod_netns=pod_netns_format, pod_cgroup=pod_cgroup_format,
+                            redirect_mode=redirect_mode, pod_cgroup=pod_cgroup_format,
                             bpf_prefix=bpf_prefix(cluster_name), extra_args=extra_args or ())
     return pod, _run(workload, overlay.NODE_AGENT, pod, ov)
+
+
+def cni_socket(run: ContainerRun) -> str:
+    """Where the node agent takes pods from the CNI plugin: its `--cni-socket`, as it will run (the
+    DaemonSet's path, rewritten to the node's directory), so that the node's CNI configuration names it."""
+    source, path = _flag_value(run.argv, "--pod-source"), _flag_value(run.argv, CNI_SOCKET_FLAG)
+    if source != "cni" or not path:
+        raise ComponentError(f"the node agent would not take pods from the CNI plugin (--pod-source {source or '?'}"
+                             f", {CNI_SOCKET_FLAG} {path or '?'}): the local cluster wires pods with CNI plugins, "
+                             f"so it needs --pod-source cni and {CNI_SOCKET_FLAG} PATH, as the DaemonSet gives them")
+    return path
+
+
+def _flag_value(argv: tuple[str, ...], flag: str) -> str:
+    """The last value of `flag` (`--flag value` or `--flag=value`), as argparse takes it; "" when absent."""
+    value = ""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def wait_cni_socket(path: str, rec: ProcessRecord, timeout: float) -> None:
+    """Wait until the node agent accepts on its CNI socket (it opens it once discovery has synced), so
+    that the plugin's ADD of the node's first pods finds it, as the DaemonSet's agent is ready before
+    a node takes pods."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not processes.is_running(rec):
+            raise ComponentError(f"the {rec.name} exited while starting; its log ends with:\n{processes.tail(rec.log)}")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+            try:
+                probe.connect(path)
+                return
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise ComponentError(f"the {rec.name} did not open its CNI socket {path} in {timeout:.0f}s (it does "
+                                 f"once discovery has synced); its log ends with:\n{processes.tail(rec.log)}")
+        time.sleep(0.1)
 
 
 def workload_record(workload: Manifest, ref: overlay.WorkloadRef, pods: list[dict[str, Any]]) -> dict[str, Any]:
@@ -178,6 +222,15 @@ def register_objects(home: Path, bodies: list[dict[str, Any]]) -> None:
     register_cluster_objects(home / CONTROLPLANE_SUBDIR / "api.sock", bodies, source="cluster file")
 
 
+def update_objects(home: Path, bodies: list[dict[str, Any]], source: str = "kubelet") -> None:
+    """Apply objects the control plane already has, changed (pods' status once their sandboxes are wired)."""
+    from mesh.api.client import ApiClient
+    from mesh.api.validate import Document
+
+    ApiClient(home / CONTROLPLANE_SUBDIR / defaults.API_SOCKET, timeout=10).apply(
+        [Document(source, i, body) for i, body in enumerate(bodies, start=1)])
+
+
 def root_cert(home: Path) -> Path:
     return home / CONTROLPLANE_SUBDIR / "ca" / "root-cert.pem"
 
@@ -200,13 +253,13 @@ def mint_node_token(home: Path, node: str) -> Path:
     return path
 
 
-def run_node_agent(cluster_name: str, home: Path, node: str, netns: str, gateway: str, pod_netns_format: str,
+def run_node_agent(cluster_name: str, home: Path, node: str, netns: str, gateway: str,
                    extra_args: list[str] | None = None, *, redirect_mode: str = defaults.REDIRECT_MODE,
                    pod_cgroup_format: str = "", node_ip: str = "", workload: Manifest | None = None) -> Started:
     """The node's agent, from the DaemonSet (`workload`, else the one in daemonset/), with a new token."""
     pod, run = plan_node_agent(cluster_name, home, node, node_ip, gateway, workload or load_workloads().node_agent,
-                               redirect_mode=redirect_mode, pod_netns_format=pod_netns_format,
-                               pod_cgroup_format=pod_cgroup_format, extra_args=extra_args)
+                               redirect_mode=redirect_mode, pod_cgroup_format=pod_cgroup_format,
+                               extra_args=extra_args)
     mint_node_token(home, node)
     # Only the node's network namespace: the host's mounts stay visible, as the DaemonSet's hostPath volumes
     # give them (cgroup v2, the BPF file system).
@@ -215,10 +268,10 @@ def run_node_agent(cluster_name: str, home: Path, node: str, netns: str, gateway
 
 
 def start_node_agent(cluster_name: str, home: Path, node: str, netns: str, gateway: str,
-                     pod_netns_format: str, extra_args: list[str] | None = None, *,
+                     extra_args: list[str] | None = None, *,
                      redirect_mode: str = defaults.REDIRECT_MODE, pod_cgroup_format: str = "",
                      node_ip: str = "", workload: Manifest | None = None) -> ProcessRecord:
-    return run_node_agent(cluster_name, home, node, netns, gateway, pod_netns_format, extra_args,
+    return run_node_agent(cluster_name, home, node, netns, gateway, extra_args,
                           redirect_mode=redirect_mode, pod_cgroup_format=pod_cgroup_format, node_ip=node_ip,
                           workload=workload).process
 

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Sequence
 
 from localcluster import plan, spec, state
+from localcluster.spec import Observability
 from localcluster.waypoints import WaypointController
 from mesh.errors import MeshError
 
@@ -34,7 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     record = state.read_record(args.cluster)
     # The name is the cluster's, not the file's: a cluster may be started under another name.
     cluster_plan = plan.make_plan(dataclasses.replace(spec.load(record["source"]), name=args.cluster))
-    controller = WaypointController(args.cluster, cluster_plan, state.cluster_dir(args.cluster), args.cert_ttl)
+    controller = WaypointController(args.cluster, cluster_plan, state.cluster_dir(args.cluster), args.cert_ttl,
+                                    proxy_args=Observability.from_record(record.get("observability")).proxy_args())
     for proc in record.get("processes", []):  # adopt the waypoints an earlier run started
         if proc["name"].startswith("waypoint "):
             key = proc["name"].split(" ", 1)[1]

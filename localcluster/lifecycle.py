@@ -1,8 +1,11 @@
 """`cluster up`, `down` and `status`: carry out a plan, record it, and remove exactly what it made.
 
 `up` validates the file, removes what a crashed earlier run of the same cluster left, records its
-intent (phase `building`) before it creates anything, builds the network, starts the pods, waits for
-their ports, and only then marks the cluster `ready`.  A failure on the way tears everything down again,
+intent (phase `building`) before it creates anything, builds the network (underlay, nodes, service rules,
+each node's CNI configuration), starts the control plane and the node agents (waiting for each agent's CNI
+socket), makes the pods' sandboxes (namespace, then CNI ADD: a pod of the mesh is captured before its
+command starts, as on Kubernetes), reports the pods' addresses, starts their commands, waits for their
+ports, and only then marks the cluster `ready`.  A failure on the way tears everything down again,
 so a cluster is either fully up or not there.  `down` works from the record and, beyond it, from the
 cluster's name prefix and process marker, so it also cleans a run that died before it could record.
 """
@@ -20,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from localcluster import components, network, overlay, processes, state
+from localcluster import components, network, overlay, processes, prometheus, state
 from localcluster.components import Workloads
 from localcluster.manifests import Manifest
 from localcluster.plan import (
@@ -29,11 +32,12 @@ from localcluster.plan import (
     bpf_prefix,
     cluster_cgroup,
     cluster_prefix,
+    cni_conflist,
     make_plan,
     pod_cgroup,
 )
 from localcluster.processes import ProcessRecord
-from localcluster.registration import cluster_objects
+from localcluster.registration import cluster_objects, wired_pods
 from localcluster.spec import ClusterSpec
 from mesh import cgroup as mcgroup
 from mesh import netns as mnetns
@@ -75,7 +79,7 @@ class Cluster:
             "name": self.plan.name, "phase": self.phase, "source": str(self.spec.source.resolve()),
             "started": self.started, "prefix": self.plan.prefix, "plan": self.plan.to_record(),
             "processes": [p.to_json() for p in self.processes], "agentArgs": self.agent_args,
-            "workloads": self.workloads,
+            "workloads": self.workloads, "observability": self.spec.observability.to_record(),
         })
 
 
@@ -103,12 +107,15 @@ def up(spec: ClusterSpec, ready_timeout: float = DEFAULT_READY_TIMEOUT, say: Any
         say(f"removing what an earlier run of cluster {name!r} left behind")
         down(name)
     plan = make_plan(spec)
-    workloads = _check_workloads(plan, list(agent_args or []))  # a bad manifest is refused before anything is built
+    agent_args = [*spec.observability.proxy_args(), *(agent_args or [])]  # where agents send spans
+    # A bad manifest is refused before anything is built.
+    workloads, cni_sockets = _check_workloads(plan, list(agent_args or []))
     cluster = Cluster(spec, plan, agent_args=list(agent_args or []))
     cluster.save()
     me = os.getpid()
     try:
-        _build(cluster, say)
+        _build(cluster, say, cni_sockets)
+        _start_prometheus(cluster, say, ready_timeout)
         _start_mesh(cluster, workloads, ready_timeout)
         _start_pods(cluster)
         _wait_ready(cluster, ready_timeout)
@@ -123,32 +130,49 @@ def up(spec: ClusterSpec, ready_timeout: float = DEFAULT_READY_TIMEOUT, say: Any
     return cluster
 
 
-def _build(cluster: Cluster, say: Any) -> None:
+def _build(cluster: Cluster, say: Any, cni_sockets: dict[str, str]) -> None:
     plan = cluster.plan
     say(f"building cluster {plan.name!r}: {len(plan.nodes)} nodes, {len(plan.pods)} pods, "
         f"{len(plan.services)} services")
     network.build_underlay(plan)
     for node in plan.nodes:
         network.build_node(plan, node)
-    for pod in plan.pods:
-        network.build_pod(plan, pod)
-        mcgroup.create(mcgroup.v2_root() / pod.cgroup)
     for node in plan.nodes:
         network.install_service_rules(plan, node)
+        network.write_cni_config(cluster.dir, node.name, cni_conflist(
+            node, agent_socket=cni_sockets[node.name], ipam_dir=str(network.ipam_dir(cluster.dir, node.name)),
+            cgroup_format=_pod_cgroups(plan.name)))
 
 
-def _check_workloads(plan: ClusterPlan, agent_args: list[str]) -> Workloads:
+def _start_prometheus(cluster: Cluster, say: Any, timeout: float) -> None:
+    """Prometheus in the underlay namespace, scraping what the record names (`localcluster.prometheus`)."""
+    obs = cluster.spec.observability
+    if not obs.prometheus:
+        return
+    if not prometheus.installed():
+        say("warning: the prometheus server is not installed (make setup installs it): the cluster runs "
+            "without it")
+        return
+    cluster.processes.append(prometheus.start(cluster.dir, state.read_record(cluster.plan.name),
+                                              prometheus.Settings.of(obs), timeout))
+    cluster.save()
+
+
+def _check_workloads(plan: ClusterPlan, agent_args: list[str]) -> tuple[Workloads, dict[str, str]]:
     """The control plane Deployment and node agent DaemonSet of daemonset/, each planned once for this
-    cluster (pure), so that a manifest the local cluster cannot run fails `up` before it builds."""
+    cluster (pure), so that a manifest the local cluster cannot run fails `up` before it builds; and each
+    node agent's CNI socket, which the node's CNI configuration names."""
     workloads = components.load_workloads()
     home = state.cluster_dir(plan.name)
     components.plan_control_plane(home, str(plan.underlay_gateway), workloads.control_plane)
+    sockets = {}
     for node in plan.nodes:
-        components.plan_node_agent(plan.name, home, node.name, str(node.underlay_ip), str(plan.underlay_gateway),
-                                   workloads.node_agent, redirect_mode=node.redirect_mode,
-                                   pod_netns_format=_pod_netns(plan.name), pod_cgroup_format=_pod_cgroups(plan.name),
-                                   extra_args=agent_args)
-    return workloads
+        _, run = components.plan_node_agent(plan.name, home, node.name, str(node.underlay_ip),
+                                            str(plan.underlay_gateway), workloads.node_agent,
+                                            redirect_mode=node.redirect_mode, pod_cgroup_format=_pod_cgroups(plan.name),
+                                            extra_args=agent_args)
+        sockets[node.name] = components.cni_socket(run)
+    return workloads, sockets
 
 
 def _start_mesh(cluster: Cluster, workloads: Workloads, timeout: float) -> None:
@@ -161,21 +185,21 @@ def _start_mesh(cluster: Cluster, workloads: Workloads, timeout: float) -> None:
                                                         [cp.pod_record()]))
     cluster.save()
     components.wait_control_plane(cluster.dir, cp.process, timeout, readiness=cp.run.readiness, ip=cp.pod.ip)
-    components.register_objects(cluster.dir, cluster_objects(cluster.spec, plan))
+    components.register_objects(cluster.dir, cluster_objects(cluster.spec, plan, wired=False))  # no pod IPs yet
     agent_pods: list[dict[str, Any]] = []
     cluster.workloads.append(components.workload_record(workloads.node_agent, overlay.NODE_AGENT, agent_pods))
+    agents = []
     for node in plan.nodes:
         agent = _start_agent(plan.name, cluster.dir, node.name, node.netns, gateway, node.redirect_mode,
                              cluster.agent_args, str(node.underlay_ip), workloads.node_agent)
+        agents.append(agent)
         cluster.processes.append(agent.process)
         agent_pods.append(agent.pod_record())
         cluster.save()
+    for agent in agents:  # the plugin's ADD of a node's pods must find its agent (they start together)
+        components.wait_cni_socket(components.cni_socket(agent.run), agent.process, timeout)
     cluster.processes.append(components.start_controller(plan.name, cluster.dir, cluster.agent_args))
     cluster.save()
-
-
-def _pod_netns(cluster: str) -> str:
-    return f"{mnetns.NETNS_RUN_DIR}/{cluster_prefix(cluster)}pod.{{namespace}}.{{name}}"
 
 
 def _pod_cgroups(cluster: str) -> str:
@@ -184,7 +208,7 @@ def _pod_cgroups(cluster: str) -> str:
 
 def _start_agent(cluster: str, home: Path, node: str, netns: str, gateway: str, mode: str,
                  agent_args: list[str], node_ip: str, workload: Manifest | None) -> components.Started:
-    return components.run_node_agent(cluster, home, node, netns, gateway, _pod_netns(cluster), agent_args,
+    return components.run_node_agent(cluster, home, node, netns, gateway, agent_args,
                                        redirect_mode=mode, pod_cgroup_format=_pod_cgroups(cluster),
                                        node_ip=node_ip, workload=workload)
 
@@ -228,6 +252,13 @@ def pod_env(plan: ClusterPlan, pod: PodPlan) -> dict[str, str]:
 
 
 def _start_pods(cluster: Cluster) -> None:
+    """As a kubelet: each pod's sandbox first (its cgroup, then its namespace wired by CNI: the agent of its
+    node has enrolled it when its ADD returns, if it is in the mesh), then the pods' addresses reported to
+    the control plane, then their commands."""
+    for pod in cluster.plan.pods:
+        mcgroup.create(mcgroup.v2_root() / pod.cgroup)  # before the ADD: the plugin finds it (eBPF capture)
+        network.create_pod(cluster.dir, cluster.plan, pod)
+    components.update_objects(cluster.dir, wired_pods(cluster.spec, cluster.plan))
     base = cluster.spec.source.resolve().parent
     for pod in cluster.plan.pods:
         cwd = base / pod.spec.working_dir if pod.spec.working_dir else base
@@ -292,6 +323,9 @@ def down(name: str) -> list[str]:
     if pids:
         processes.stop(pids)
         removed.append(f"{len(pids)} processes")
+    deleted = network.remove_cni(state.cluster_dir(name), name)  # as a kubelet tears a sandbox down: CNI DEL
+    if deleted:
+        removed.append(f"{deleted} pod interfaces (CNI DEL)")
     gone = network.remove_all(prefix)
     if gone:
         removed.append(f"{len(gone)} network namespaces")
@@ -323,6 +357,11 @@ def status(name: str) -> dict[str, Any]:
         pod["netnsPresent"] = mnetns.exists(pod["netns"])
     for node in record["plan"]["nodes"]:
         node["netnsPresent"] = mnetns.exists(node["netns"])
+    if prometheus.PROCESS in alive:
+        where = prometheus.endpoint(record)
+        record["prometheus"] = {"url": f"http://{where.host}:{where.port}", "netns": where.netns,
+                                "running": alive[prometheus.PROCESS], "config": str(
+                                    prometheus.directory(state.cluster_dir(name)) / prometheus.CONFIG_FILE)}
     return record
 
 

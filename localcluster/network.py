@@ -1,29 +1,56 @@
-"""Build and remove a cluster's network with pyroute2: namespaces, veths, bridges, routes, rules.
+"""Build and remove a cluster's network: namespaces, veths, bridges, routes, rules (pyroute2), and the pods'
+interfaces, made by CNI plugins.
 
 Nothing is created in the host's own namespace.  The underlay is a namespace of its own holding a
 bridge; each node namespace is wired to it with a veth made from inside the node namespace (so its
-peer never exists in the host namespace), and each pod namespace to its node's bridge the same way.
+peer never exists in the host namespace).  A pod is wired as a kubelet's runtime wires a sandbox: its
+namespace is made, then its node's network configuration list (`plan.cni_conflist`, written to
+`<cluster dir>/cni/<node>/net.d/` as a node's /etc/cni/net.d) is run by `localcluster.cni` inside the node's
+namespace: Debian's `bridge` makes the node's bridge (at the first pod) and the pod's veth, `host-local`
+gives the pod its planned address (its state in `<cluster dir>/cni/<node>/networks/`), `loopback` brings
+`lo` up, and the mesh's `ambient-cni` (run from this tree, with the node's python3) hands the pod to the
+node's agent.  Removing a pod runs the list's DEL, then removes its namespace.
 Cross-node pod traffic goes pod -> node bridge -> node routing -> underlay -> other node -> pod.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import NetNS, netns
 
-from localcluster.plan import ClusterPlan, NodePlan, PodPlan, hosts_file, resolv_conf, service_rules
+import nodeagent.cni
+from localcluster import cni, components, processes
+from localcluster.plan import (
+    CNI_NETWORK,
+    POD_IFNAME,
+    ClusterPlan,
+    NodePlan,
+    PodPlan,
+    hosts_file,
+    node_netns,
+    pod_cni_args,
+    resolv_conf,
+    service_rules,
+)
 from mesh import netns as mnetns
 from mesh.errors import MeshError
+from mesh.files import write_atomic
 
 log = logging.getLogger(__name__)
 
 ETC_NETNS = Path("/etc/netns")
 UNDERLAY_BRIDGE = "ul0"
-NODE_BRIDGE = "cni0"
+DEBIAN_CNI_PLUGINS = Path("/usr/lib/cni")  # containernetworking-plugins: bridge, host-local, loopback, ...
+MESH_CNI_PLUGINS = Path(nodeagent.cni.__file__).resolve().parent  # the ambient-cni wrapper, run from the tree
+CNI_SUBDIR = "cni"
+CONFLIST_FILE = f"10-{CNI_NETWORK}.conflist"
 
 
 class NetworkError(MeshError):
@@ -44,12 +71,14 @@ def _up(ns: NetNS, ifname: str) -> int:
     return index
 
 
-def create_netns(name: str) -> None:
+def create_netns(name: str, *, loopback: bool = True) -> None:
+    """A new namespace, with `lo` up unless a plugin brings it up (a pod's: CNI's `loopback`)."""
     if mnetns.exists(name):
         raise NetworkError(f"network namespace {name} already exists")
     netns.create(name)
-    with _open(name) as ns:
-        _up(ns, "lo")
+    if loopback:
+        with _open(name) as ns:
+            _up(ns, "lo")
 
 
 def build_underlay(plan: ClusterPlan) -> None:
@@ -67,9 +96,7 @@ def build_node(plan: ClusterPlan, node: NodePlan) -> None:
                 peer={"ifname": node.underlay_port, "net_ns_fd": plan.underlay_netns})
         eth0 = _up(ns, "eth0")
         ns.addr("add", index=eth0, address=str(node.underlay_ip), prefixlen=plan.underlay_prefixlen)
-        ns.link("add", ifname=NODE_BRIDGE, kind="bridge")
-        bridge = _up(ns, NODE_BRIDGE)
-        ns.addr("add", index=bridge, address=str(node.gateway), prefixlen=node.pod_cidr.prefixlen)
+        # The node's bridge (cni0, the pods' gateway) is the bridge plugin's, made at the node's first pod.
         for other in plan.nodes:
             if other.name != node.name:
                 ns.route("add", dst=str(other.pod_cidr), gateway=str(other.underlay_ip))
@@ -85,21 +112,94 @@ def build_node(plan: ClusterPlan, node: NodePlan) -> None:
     mnetns.write_sysctl(node.netns, "net.bridge.bridge-nf-call-iptables", "1")
 
 
-def build_pod(plan: ClusterPlan, pod: PodPlan) -> None:
-    create_netns(pod.netns)
-    node = plan.node(pod.node)
-    with _open(node.netns) as ns:
-        ns.link("add", ifname=pod.host_veth, kind="veth", peer={"ifname": "eth0", "net_ns_fd": pod.netns})
-        index = ns.link_lookup(ifname=pod.host_veth)[0]
-        ns.link("set", index=index, master=ns.link_lookup(ifname=NODE_BRIDGE)[0], state="up")
-        # Hairpin mode, as kubelet sets it: a pod's connection to its own service is DNATed back to
-        # the port it came in on, which a bridge otherwise refuses to send a frame out of.
-        ns.brport("set", index=index, mode=1)
-    with _open(pod.netns) as ns:
-        eth0 = _up(ns, "eth0")
-        ns.addr("add", index=eth0, address=str(pod.ip), prefixlen=pod.prefixlen)
-        ns.route("add", dst="0.0.0.0/0", gateway=str(pod.gateway))
+# -- pods: CNI ---------------------------------------------------------------------------------------
+
+def cni_dir(home: Path, node: str) -> Path:
+    """A node's CNI files in the cluster's directory: what /etc/cni/net.d, /var/lib/cni/networks (host-local)
+    and /var/lib/cni/results (the runtime's cache) are on a Kubernetes node."""
+    return home / CNI_SUBDIR / node
+
+
+def ipam_dir(home: Path, node: str) -> Path:
+    return cni_dir(home, node) / "networks"
+
+
+def conflist_path(home: Path, node: str) -> Path:
+    return cni_dir(home, node) / "net.d" / CONFLIST_FILE
+
+
+def write_cni_config(home: Path, node: str, conflist: dict[str, Any]) -> Path:
+    path = conflist_path(home, node)
+    write_atomic(path, (json.dumps(conflist, indent=2) + "\n").encode())
+    return path
+
+
+def cni_config(home: Path, node: str) -> cni.Conflist:
+    """The node's network configuration list, read as a runtime reads it before each sandbox."""
+    path = conflist_path(home, node)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise NetworkError(f"node {node} has no readable CNI configuration at {path}: {exc} (was the cluster "
+                           "made by `meshctl cluster up`?)") from exc
+    try:
+        return cni.Conflist.parse(data, str(path))
+    except cni.CniError as exc:
+        raise NetworkError(str(exc)) from exc
+
+
+def cni_runtime(home: Path, cluster: str, node: str) -> cni.Runtime:
+    """The runtime of one node: plugins run in the node's namespace and carry the cluster's marker."""
+    return cni.Runtime((MESH_CNI_PLUGINS, DEBIAN_CNI_PLUGINS), cni_dir(home, node) / "results",
+                       netns=node_netns(cluster, node), env=components.component_env({processes.MARKER: cluster}))
+
+
+def pod_attachment(pod: PodPlan, container_id: str) -> cni.Attachment:
+    return cni.Attachment(container_id, str(mnetns.netns_path(pod.netns)), POD_IFNAME, pod_cni_args(pod, container_id))
+
+
+def create_pod(home: Path, plan: ClusterPlan, pod: PodPlan) -> dict[str, Any]:
+    """The pod's sandbox: its namespace and name files, then CNI ADD on its node (the interface, its
+    address, and the node agent's answer: a pod in the mesh is captured when this returns).  The result."""
+    create_netns(pod.netns, loopback=False)
     write_name_files(plan, pod)
+    container_id = secrets.token_hex(32)  # a sandbox's id, as runtimes make them
+    try:
+        return cni_runtime(home, plan.name, pod.node).add(cni_config(home, pod.node), pod_attachment(pod, container_id))
+    except cni.CniError as exc:
+        raise NetworkError(f"pod {pod.key}: CNI ADD on node {pod.node} failed: {exc}") from exc
+
+
+def delete_pod(home: Path, cluster: str, node: str, pod_netns: str) -> None:
+    """Remove a pod's sandbox: CNI DEL of what was added for its namespace (the agent lets go of it,
+    host-local frees its address, the veth goes), then the namespace and its name files."""
+    runtime = cni_runtime(home, cluster, node)
+    path = str(mnetns.netns_path(pod_netns))
+    try:
+        for entry in runtime.attachments():
+            if entry.attachment.netns == path:
+                runtime.delete(entry.network, entry.attachment)
+    finally:
+        remove_netns(pod_netns)
+
+
+def remove_cni(home: Path, cluster: str) -> int:
+    """CNI DEL of every attachment still cached on the cluster's nodes (`cluster down`, after the pods'
+    processes stopped); best effort: the namespaces and the state directory go next in any case.  How many
+    were deleted."""
+    done = 0
+    nodes = sorted(p.name for p in (home / CNI_SUBDIR).iterdir()) if (home / CNI_SUBDIR).is_dir() else []
+    for node in nodes:
+        if not mnetns.exists(node_netns(cluster, node)):
+            continue  # the node is gone, and every link of its pods with it
+        runtime = cni_runtime(home, cluster, node)
+        for entry in runtime.attachments():
+            try:
+                runtime.delete(entry.network, entry.attachment)
+                done += 1
+            except cni.CniError as exc:
+                log.warning("CNI DEL of %s on node %s: %s", entry.attachment.netns, node, exc)
+    return done
 
 
 def write_name_files(plan: ClusterPlan, pod: PodPlan) -> None:

@@ -25,13 +25,17 @@ the host's):
                     --serving-host <underlay .1>    agents dial that address (no cluster DNS name resolves in
                                                    the nodes' namespaces), so the certificate must carry it
     node agent      --control-plane <underlay .1>:15012   the same reason
-                    --pod-source local, --pod-netns FORMAT, --pod-cgroup FORMAT
-                                                   pods come from discovery, their netns and cgroup by name,
-                                                   until the local cluster wires pods with CNI plugins
+                    --pod-cgroup FORMAT            where a pod's cgroup is (the local cluster makes one per
+                                                   pod), for pods found by a scan rather than handed over
                     --bpf-prefix amb-<cluster>     eBPF pins per cluster, so clusters never share them
                     REDIRECT_MODE=<node's mode>    per node (the cluster file, `cluster up --redirect-mode`,
                                                    `meshctl agent restart --redirect-mode`)
-                    init container install-cni     not run: it would install into the host's CNI directories
+                    init container install-cni     not run: the local cluster writes each node's network
+                                                   configuration itself, with the plugin chained
+                                                   (`plan.cni_conflist`), and runs the plugin from the tree
+
+The agents keep the manifest's `--pod-source cni --cni-socket /var/run/ambient/cni.sock` (the socket is in
+`<cluster dir>/nodes/<node>/`): pods are handed to them by the CNI plugin, as on Kubernetes.
 
 then the `--agent-arg` extras of `cluster up`.
 """
@@ -66,7 +70,8 @@ EXECUTABLES = {"python": sys.executable}
 # Init containers the local cluster does not run, and why.
 SKIPPED_INIT_CONTAINERS = {
     "install-cni": "it installs the CNI plugin into the host's /opt/cni/bin and /etc/cni/net.d; the local "
-                   "cluster wires pods itself (pod source local)",
+                   "cluster writes each node's network configuration with the plugin chained, and runs it "
+                   "from the source tree",
 }
 
 
@@ -104,18 +109,15 @@ def control_plane(home: Path, pod: str, address: str) -> Overlay:
 
 
 def node_agent(*, home: Path, pod: str, node_dir: Path, token: Path, root_cert: Path, control_plane: str,
-               redirect_mode: str, pod_netns: str, pod_cgroup: str, bpf_prefix: str,
-               extra_args: Sequence[str] = ()) -> Overlay:
-    """A node's agent's overlay: its node's directory for the host's /var/run/ambient, the node token and
-    the root certificate for the projected volumes, pods by name, the node's capture mode."""
+               redirect_mode: str, pod_cgroup: str, bpf_prefix: str, extra_args: Sequence[str] = ()) -> Overlay:
+    """A node's agent's overlay: its node's directory for the host's /var/run/ambient (where its CNI socket
+    is), the node token and the root certificate for the projected volumes, the node's capture mode."""
     volumes: dict[str, Place] = {
         "ambient-dir": HostDir(node_dir, create=True),
         "istio-token": HostFiles({"istio-token": token}),
         "istiod-ca-cert": HostFiles({"root-cert.pem": root_cert}),
     }
     args = [ArgEdit("set", "--control-plane", control_plane),
-            ArgEdit("set", "--pod-source", "local"),
-            ArgEdit("set", "--pod-netns", pod_netns),
             ArgEdit("set", "--bpf-prefix", bpf_prefix)]
     if pod_cgroup:
         args.append(ArgEdit("set", "--pod-cgroup", pod_cgroup))

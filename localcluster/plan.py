@@ -8,6 +8,11 @@ Addresses: on the underlay (default 172.30.0.0/24) `.1` is the underlay bridge, 
 processes such as the control plane listen, and node *i* is `.10+i`.  In a node's pod CIDR `.1` is the
 node's bridge (the pods' gateway) and pods take `.2` onwards in file order.  Services without a
 `clusterIP` take addresses from `.10` of the service CIDR onwards.
+
+Pod networking is CNI's (`cni_conflist`, one network configuration list per node, run by
+`localcluster.cni`): Debian's `bridge` plugin with `host-local` IPAM over the node's pod CIDR, `loopback`,
+then the mesh's own `ambient-cni`.  The plan's addresses stay the pods' addresses: each pod's ADD asks
+host-local for its planned address with `IP=` in CNI_ARGS (`pod_cni_args`).
 """
 
 from __future__ import annotations
@@ -19,10 +24,15 @@ from typing import Any
 
 from localcluster.spec import ClusterSpec, PodSpec, ServicePort
 from mesh import defaults
+from nodeagent.cni import protocol as cni_protocol
 
 PREFIX = "amb"
 CLUSTER_DOMAIN = defaults.TRUST_DOMAIN
 MASQ_MARK = "0x4000/0x4000"
+CNI_VERSION = "1.0.0"
+CNI_NETWORK = f"{PREFIX}-pods"  # the network's name in each node's conflist (host-local keeps its state by it)
+NODE_BRIDGE = "cni0"  # the bridge plugin's bridge in each node, the pods' gateway
+POD_IFNAME = "eth0"
 
 
 def cluster_prefix(cluster: str) -> str:
@@ -33,6 +43,10 @@ def cluster_prefix(cluster: str) -> str:
 def cluster_cgroup(cluster: str) -> str:
     """The cgroup (relative to the v2 root) under which every pod of the cluster has its own."""
     return f"{PREFIX}.{cluster}"
+
+
+def node_netns(cluster: str, node: str) -> str:
+    return f"{cluster_prefix(cluster)}node.{node}"
 
 
 def bpf_prefix(cluster: str) -> str:
@@ -64,7 +78,6 @@ class PodPlan:
     ip: ipaddress.IPv4Address
     gateway: ipaddress.IPv4Address
     prefixlen: int
-    host_veth: str  # the veth end on the node bridge
     spec: PodSpec
     cgroup: str = ""  # the pod's cgroup, relative to the cgroup v2 root (as a kubelet makes one per pod)
 
@@ -132,7 +145,9 @@ class ClusterPlan:
             "nodes": [{"name": n.name, "netns": n.netns, "ip": str(n.underlay_ip), "podCIDR": str(n.pod_cidr),
                        "redirectMode": n.redirect_mode} for n in self.nodes],
             "pods": [{"name": p.name, "namespace": p.namespace, "node": p.node, "netns": p.netns,
-                      "cgroup": p.cgroup, "ip": str(p.ip), "serviceAccount": p.spec.service_account, "labels": p.spec.labels}
+                      "cgroup": p.cgroup, "ip": str(p.ip), "serviceAccount": p.spec.service_account, "labels": p.spec.labels,
+                      "annotations": dict((p.spec.document.get("metadata") or {}).get("annotations") or {}),
+                      "ports": [cp.container_port for cp in p.spec.ports]}
                      for p in self.pods],
             "services": [{"name": s.name, "namespace": s.namespace, "clusterIP": str(s.cluster_ip),
                           "ports": [{"port": sp.port.port, "name": sp.port.name,
@@ -146,20 +161,20 @@ def make_plan(spec: ClusterSpec) -> ClusterPlan:
     prefix = cluster_prefix(spec.name)
     hosts = list(spec.underlay_cidr.hosts())
     nodes = tuple(
-        NodePlan(name=n.name, netns=f"{prefix}node.{n.name}", underlay_ip=hosts[9 + i], underlay_port=f"n{i}",
+        NodePlan(name=n.name, netns=node_netns(spec.name, n.name), underlay_ip=hosts[9 + i], underlay_port=f"n{i}",
                  pod_cidr=n.pod_cidr, gateway=n.pod_cidr.network_address + 1, redirect_mode=n.redirect_mode)
         for i, n in enumerate(spec.nodes)
     )
     by_node = {n.name: n for n in nodes}
     next_host: dict[str, int] = {n.name: 2 for n in nodes}
     pods: list[PodPlan] = []
-    for k, pod in enumerate(spec.pods):
+    for pod in spec.pods:
         node = by_node[pod.node]
         ip = node.pod_cidr.network_address + next_host[pod.node]
         next_host[pod.node] += 1
         pods.append(PodPlan(name=pod.name, namespace=pod.namespace, node=pod.node,
                             netns=f"{prefix}pod.{pod.namespace}.{pod.name}", ip=ip, gateway=node.gateway,
-                            prefixlen=node.pod_cidr.prefixlen, host_veth=f"p{k}", spec=pod,
+                            prefixlen=node.pod_cidr.prefixlen, spec=pod,
                             cgroup=pod_cgroup(spec.name, pod.namespace, pod.name)))
     return ClusterPlan(
         name=spec.name, underlay_netns=f"{prefix}underlay", underlay_gateway=hosts[0],
@@ -191,6 +206,46 @@ def _target_port(port: ServicePort, pod: PodSpec) -> int | None:
     if isinstance(port.target_port, int):
         return port.target_port
     return next((cp.container_port for cp in pod.ports if cp.name == port.target_port), None)
+
+
+# -- pod networking: CNI plugins ------------------------------------------------------------------
+
+def cni_conflist(node: NodePlan, *, agent_socket: str, ipam_dir: str, cgroup_format: str) -> dict[str, Any]:
+    """The node's network configuration list, as a node's /etc/cni/net.d holds it: the bridge plugin (the
+    node's bridge, gateway `.1`, no masquerading: pods reach other nodes' pods by routing, and services
+    are the node's kube-proxy rules) with host-local IPAM over the node's pod CIDR and the default route
+    through the gateway, `loopback`, then the mesh's plugin, which hands the pod to the node agent at
+    `agent_socket` (`cgroup_format` says where the pod's cgroup is, for eBPF capture)."""
+    return {
+        "cniVersion": CNI_VERSION,
+        "name": CNI_NETWORK,
+        "plugins": [
+            {"type": "bridge", "bridge": NODE_BRIDGE, "isGateway": True, "ipMasq": False,
+             # Hairpin mode, as kubelet sets it: a pod's connection to its own service is DNATed back to
+             # the port it came in on, which a bridge otherwise refuses to send a frame out of.
+             "hairpinMode": True,
+             "ipam": {"type": "host-local", "dataDir": ipam_dir,
+                      "ranges": [[{"subnet": str(node.pod_cidr), "gateway": str(node.gateway)}]],
+                      "routes": [{"dst": "0.0.0.0/0"}]}},
+            {"type": "loopback"},
+            {"type": cni_protocol.PLUGIN_TYPE, "agentSocket": agent_socket,
+             "excludeNamespaces": list(cni_protocol.EXCLUDED_NAMESPACES), "cgroupFormat": cgroup_format},
+        ],
+    }
+
+
+def pod_uid(pod: PodPlan) -> str:
+    """The pod's uid as the mesh knows it: the local cluster's pods have no `metadata.uid`, so the control
+    plane names their workloads `<namespace>/<name>` (the node agent matches handed-over pods by it)."""
+    return pod.key
+
+
+def pod_cni_args(pod: PodPlan, container_id: str) -> tuple[tuple[str, str], ...]:
+    """CNI_ARGS for the pod's ADD and DEL: who the pod is, as a kubelet's runtime says it, and `IP`, the
+    pod's planned address, which host-local gives it (the `IgnoreUnknown` makes every plugin ignore the
+    arguments it does not know)."""
+    return (("IgnoreUnknown", "1"), ("K8S_POD_NAMESPACE", pod.namespace), ("K8S_POD_NAME", pod.name),
+            ("K8S_POD_INFRA_CONTAINER_ID", container_id), ("K8S_POD_UID", pod_uid(pod)), ("IP", str(pod.ip)))
 
 
 # -- name resolution inside pods -------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The cluster file: parse and validate it into frozen values, before anything is built.
 
 A cluster file is Kubernetes-style YAML with several documents: one `Cluster` (name, nodes with their
-pod CIDRs, the service CIDR), then `Namespace`, `ServiceAccount`, `Pod` and `Service` documents.  Every
+pod CIDRs, the service CIDR, the mesh's capture mode, observability: Prometheus and where spans go), then
+`Namespace`, `ServiceAccount`, `Pod` and `Service` documents.  Every
 problem is reported as `file:document N:field: what is wrong`, all of them at once, and a file with any
 error is refused whole.  A service that selects no pod is only a warning.
 """
@@ -19,7 +20,10 @@ import yaml
 
 from localcluster.fields import Doc, kind_of
 from mesh import defaults
+from mesh.api.schema import parse_duration
 from mesh.errors import MeshError
+from mesh.tracing.errors import TracingError
+from mesh.tracing.exporter import OtlpEndpoint
 
 CLUSTER_API_VERSION = "mesh.local/v1alpha1"
 DEFAULT_SERVICE_CIDR = "10.96.0.0/16"
@@ -27,6 +31,8 @@ DEFAULT_UNDERLAY_CIDR = "172.30.0.0/24"
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 MAX_CLUSTER_NAME = 20
+DEFAULT_SCRAPE_INTERVAL = 5.0  # seconds; Prometheus' own default is 1m, Istio's samples use 15s
+SCRAPE_INTERVAL_RANGE = (0.1, 30.0)  # 30s still leaves two samples in the recording rules' 1m window
 
 
 class ClusterFileError(MeshError):
@@ -94,6 +100,48 @@ class ServiceSpec:
 
 
 @dataclass(frozen=True)
+class Observability:
+    """`spec.observability`: Prometheus (on by default) and where the proxies send spans.
+
+        observability:
+          prometheus: {enabled: true, scrapeInterval: 5s}
+          tracing: {otlpEndpoint: http://172.30.0.1:4318/v1/traces}
+    """
+
+    prometheus: bool = True
+    scrape_interval: float = DEFAULT_SCRAPE_INTERVAL  # seconds
+    otlp_endpoint: str = ""  # OTLP/HTTP traces URL for node agents and waypoints; "" sends no spans
+
+    def to_record(self) -> dict[str, Any]:
+        return {"prometheus": {"enabled": self.prometheus, "scrapeInterval": self.scrape_interval},
+                "tracing": {"otlpEndpoint": self.otlp_endpoint}}
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any] | None) -> Observability:
+        data = data or {}
+        prom, tracing = data.get("prometheus") or {}, data.get("tracing") or {}
+        return cls(bool(prom.get("enabled", True)), float(prom.get("scrapeInterval", DEFAULT_SCRAPE_INTERVAL)),
+                   str(tracing.get("otlpEndpoint") or ""))
+
+    def proxy_args(self) -> list[str]:
+        """The flags node agents and waypoints get for it."""
+        return [f"--otlp-endpoint={self.otlp_endpoint}"] if self.otlp_endpoint else []
+
+
+def check_scrape_interval(seconds: float) -> str | None:
+    lo, hi = SCRAPE_INTERVAL_RANGE
+    return None if lo <= seconds <= hi else f"{seconds:g}s is out of range: give {lo:g}s to {hi:g}s"
+
+
+def check_otlp_endpoint(url: str) -> str | None:
+    try:
+        OtlpEndpoint.parse(url)
+    except TracingError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     name: str
     nodes: tuple[NodeSpec, ...]
@@ -105,6 +153,7 @@ class ClusterSpec:
     services: tuple[ServiceSpec, ...]
     source: Path
     warnings: tuple[str, ...] = ()
+    observability: Observability = Observability()
     # Every document of the file but the Cluster one, as written: the control plane registers them.
     documents: tuple[dict[str, Any], ...] = field(default=(), compare=False, repr=False)
 
@@ -117,6 +166,23 @@ def with_redirect_mode(spec: ClusterSpec, mode: str) -> ClusterSpec:
     if mode not in defaults.REDIRECT_MODES:
         raise MeshError(f"{mode!r} is not a redirect mode (one of: {', '.join(defaults.REDIRECT_MODES)})")
     return dataclasses.replace(spec, nodes=tuple(dataclasses.replace(n, redirect_mode=mode) for n in spec.nodes))
+
+
+def with_observability(spec: ClusterSpec, *, prometheus: bool | None = None, scrape_interval: float | None = None,
+                       otlp_endpoint: str | None = None) -> ClusterSpec:
+    """The cluster with `meshctl cluster up`'s observability flags over the file's settings."""
+    obs = spec.observability
+    if scrape_interval is not None:
+        if (why := check_scrape_interval(scrape_interval)) is not None:
+            raise MeshError(f"--scrape-interval: {why}")
+        obs = dataclasses.replace(obs, scrape_interval=scrape_interval)
+    if otlp_endpoint is not None:
+        if otlp_endpoint and (why := check_otlp_endpoint(otlp_endpoint)) is not None:
+            raise MeshError(f"--otlp-endpoint: {why}")
+        obs = dataclasses.replace(obs, otlp_endpoint=otlp_endpoint)
+    if prometheus is not None:
+        obs = dataclasses.replace(obs, prometheus=prometheus)
+    return dataclasses.replace(spec, observability=obs)
 
 
 def load(path: str | Path) -> ClusterSpec:
@@ -146,6 +212,7 @@ class _Parser:
         self.source = source
         self.problems: list[str] = []
         self.warnings: list[str] = []
+        self.observability = Observability()
 
     def run(self, docs: list[Any]) -> ClusterSpec:
         cluster: tuple[str, tuple[NodeSpec, ...], Any, Any] | None = None
@@ -211,6 +278,7 @@ class _Parser:
             namespaces=namespaces, service_accounts=tuple(sorted(accounts)),
             pods=tuple(p for p, _ in pods), services=tuple(s for s, _ in services),
             source=self.source, warnings=tuple(self.warnings), documents=tuple(kept),
+            observability=self.observability,
         )
 
     # -- documents ---------------------------------------------------------------------------------
@@ -224,7 +292,9 @@ class _Parser:
                         "digits and '-')")
         if len(name) > MAX_CLUSTER_NAME:
             d.error("metadata.name", f"{name!r} is longer than {MAX_CLUSTER_NAME} characters")
-        spec = d.mapping(top.get("spec"), "spec", ("nodes", "serviceCIDR", "underlayCIDR", "mesh"), ("nodes",))
+        spec = d.mapping(top.get("spec"), "spec", ("nodes", "serviceCIDR", "underlayCIDR", "mesh", "observability"),
+                         ("nodes",))
+        self.observability = self.parse_observability(spec.get("observability"), d)
         mesh = d.mapping(spec.get("mesh"), "spec.mesh", ("redirectMode",))
         cluster_mode = self.redirect_mode(mesh.get("redirectMode"), "spec.mesh.redirectMode", d,
                                           defaults.REDIRECT_MODE)
@@ -261,6 +331,38 @@ class _Parser:
         if underlay_cidr is not None and len(nodes) + 10 > underlay_cidr.num_addresses - 2:
             d.error("spec.underlayCIDR", f"{underlay_cidr} has too few addresses for {len(nodes)} nodes")
         return name, tuple(nodes), service_cidr, underlay_cidr
+
+    @staticmethod
+    def parse_observability(value: Any, d: Doc) -> Observability:
+        top = d.mapping(value, "spec.observability", ("prometheus", "tracing"))
+        prom = d.mapping(top.get("prometheus"), "spec.observability.prometheus", ("enabled", "scrapeInterval"))
+        tracing = d.mapping(top.get("tracing"), "spec.observability.tracing", ("otlpEndpoint",))
+        out = Observability()
+        enabled = prom.get("enabled", True)
+        if not isinstance(enabled, bool):
+            d.error("spec.observability.prometheus.enabled", f"must be true or false, not {kind_of(enabled)}")
+        else:
+            out = dataclasses.replace(out, prometheus=enabled)
+        raw = prom.get("scrapeInterval")
+        if raw is not None:
+            try:
+                seconds = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else parse_duration(raw)
+            except ValueError:
+                d.error("spec.observability.prometheus.scrapeInterval", f"{raw!r} is not a duration such as 5s or 500ms")
+            else:
+                why = check_scrape_interval(seconds)
+                if why is None:
+                    out = dataclasses.replace(out, scrape_interval=seconds)
+                else:
+                    d.error("spec.observability.prometheus.scrapeInterval", why)
+        url = tracing.get("otlpEndpoint")
+        if url is not None:
+            why = check_otlp_endpoint(url) if isinstance(url, str) else f"must be a URL, not {kind_of(url)}"
+            if why is None:
+                out = dataclasses.replace(out, otlp_endpoint=str(url))
+            else:
+                d.error("spec.observability.tracing.otlpEndpoint", why)
+        return out
 
     @staticmethod
     def redirect_mode(value: Any, path: str, d: Doc, default: str) -> str:

@@ -3,11 +3,17 @@
 For every `Gateway` of class `istio-waypoint` in the control plane's store, the cluster runs one pod
 named after the gateway in its namespace, with the gateway's name as its service account (so its
 identity is `spiffe://<td>/ns/<ns>/sa/<gateway>`) and the label
-`gateway.networking.k8s.io/gateway-name=<gateway>`, running `python -m waypoint.main`.  The pod gets its
-own network namespace on a node's bridge, an address from the top of that node's pod CIDR, and is
-registered in the control plane as a Pod, so the translation points workloads and services at it.
+`gateway.networking.k8s.io/gateway-name=<gateway>`, running `python -m waypoint.main`.  The pod gets an
+address from the top of a node's pod CIDR and is registered in the control plane as a Pod, so the
+translation points workloads and services at it; then its sandbox is made like every pod's, a network
+namespace wired by the node's CNI plugins (`network.create_pod`: the node agent, asked by the chained
+plugin, finds it in discovery as a waypoint and leaves it uncaptured), and its process is started.  A
+waypoint that goes is stopped, its sandbox deleted with CNI DEL, and it is unregistered.
 
-`desired` and `place` are pure; `WaypointController.sync` does the I/O, one step per change.
+`desired` and `place` are pure; `WaypointController.sync` does the I/O, one step per change.  Each change
+is written to the cluster record and then announced with `on_change(cluster)`, by default the cluster's
+Prometheus reloading its scrape configuration (`localcluster.prometheus.refresh`), so that waypoints are
+scraped from their first seconds and dropped when they go.
 """
 
 from __future__ import annotations
@@ -16,16 +22,18 @@ import ipaddress
 import logging
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localcluster import components, network, processes, state
+from localcluster import components, network, processes, prometheus, state
 from localcluster.plan import ClusterPlan, PodPlan
 from localcluster.processes import ProcessRecord
 from localcluster.spec import PodSpec
 from mesh.api.client import ApiClient
 from mesh.api.validate import Document, Ref
+from mesh.errors import MeshError
 from mesh.files import write_atomic
 from mesh.identity import SpiffeId
 
@@ -57,27 +65,30 @@ def desired(gateways: list[dict[str, Any]]) -> dict[str, WaypointPod]:
     return out
 
 
-def place(plan: ClusterPlan, used: dict[str, list[str]], index: int) -> tuple[str, ipaddress.IPv4Address, str]:
-    """A node (the one with the fewest pods), a free address from the top of its pod CIDR, and a
-    name for the veth end on the node's bridge."""
+def place(plan: ClusterPlan, used: dict[str, list[str]]) -> tuple[str, ipaddress.IPv4Address]:
+    """A node (the one with the fewest pods) and a free address from the top of its pod CIDR (which
+    host-local gives the pod at its ADD)."""
     counts = {n.name: sum(1 for p in plan.pods if p.node == n.name) + len(used.get(n.name, [])) for n in plan.nodes}
     node = min(plan.nodes, key=lambda n: (counts[n.name], n.name))
     taken = {p.ip for p in plan.pods} | {ipaddress.IPv4Address(ip) for ips in used.values() for ip in ips}
     candidate = node.pod_cidr.broadcast_address - 1
     while candidate in taken:
         candidate -= 1
-    return node.name, candidate, f"w{index}"
+    return node.name, candidate
 
 
 class WaypointController:
-    def __init__(self, cluster: str, plan: ClusterPlan, home: Path, cert_ttl: int = 0) -> None:
+    def __init__(self, cluster: str, plan: ClusterPlan, home: Path, cert_ttl: int = 0, *,
+                 proxy_args: Sequence[str] = (),
+                 on_change: Callable[[str], object] = prometheus.refresh) -> None:
         self.cluster = cluster
         self.plan = plan
         self.home = home
+        self.proxy_args = list(proxy_args)  # flags every waypoint gets (where it sends spans)
+        self.on_change = on_change
         self.cert_ttl = cert_ttl
         self.api = ApiClient(home / components.CONTROLPLANE_SUBDIR / "api.sock", timeout=10)
         self.running: dict[str, dict[str, Any]] = {}  # key -> {"pod": {...}, "process": {...}}
-        self._index = 0
 
     def sync(self) -> None:
         want = desired(self.api.get("Gateway"))
@@ -98,8 +109,7 @@ class WaypointController:
         used: dict[str, list[str]] = {}
         for entry in self.running.values():
             used.setdefault(entry["pod"]["node"], []).append(entry["pod"]["ip"])
-        self._index += 1
-        node_name, ip, veth = place(self.plan, used, self._index)
+        node_name, ip = place(self.plan, used)
         node = self.plan.node(node_name)
         netns_name = f"{self.plan.prefix}pod.{wp.namespace}.{wp.name}"
         token = self._token(wp)
@@ -109,16 +119,21 @@ class WaypointController:
                 "--trust-domain", components.TRUST_DOMAIN]
         if self.cert_ttl:
             argv += ["--cert-ttl", str(self.cert_ttl)]
+        argv += self.proxy_args
         spec = PodSpec(name=wp.name, namespace=wp.namespace, node=node_name,
                        labels={GATEWAY_NAME_LABEL: wp.name},
                        service_account=wp.name, container_name="waypoint", command=tuple(argv), env=(),
                        ports=(), working_dir="", document={})
         pod = PodPlan(name=wp.name, namespace=wp.namespace, node=node_name, netns=netns_name, ip=ip,
-                      gateway=node.gateway, prefixlen=node.pod_cidr.prefixlen, host_veth=veth, spec=spec)
-        network.build_pod(self.plan, pod)
-        self._register(wp, pod)
-        rec = processes.spawn(self.cluster, f"waypoint {wp.key}", netns_name, argv, components.component_env(),
-                              self.home / "logs" / f"{wp.namespace}.{wp.name}.log")
+                      gateway=node.gateway, prefixlen=node.pod_cidr.prefixlen, spec=spec)
+        self._register(wp, pod)  # first: the plugin's ADD asks the node agent, which looks the pod up
+        try:
+            network.create_pod(self.home, self.plan, pod)
+            rec = processes.spawn(self.cluster, f"waypoint {wp.key}", netns_name, argv, components.component_env(),
+                                  self.home / "logs" / f"{wp.namespace}.{wp.name}.log")
+        except BaseException:  # nothing half-made stays: the next round starts afresh
+            self._unmake(wp.key, node_name, netns_name)
+            raise
         self.running[wp.key] = {"pod": {"name": wp.name, "namespace": wp.namespace, "node": node_name,
                                         "netns": netns_name, "ip": str(ip), "serviceAccount": wp.name,
                                         "labels": spec.labels},
@@ -131,14 +146,21 @@ class WaypointController:
         rec = ProcessRecord.from_json(entry["process"])
         if processes.start_time(rec.pid) == rec.start_time:
             processes.stop([rec.pid])
-        ns, name = entry["pod"]["namespace"], entry["pod"]["name"]
+        self._unmake(key, entry["pod"]["node"], entry["pod"]["netns"])
+        self._save()
+        log.info('{"event": "waypoint removed", "waypoint": "%s"}', key)
+
+    def _unmake(self, key: str, node: str, netns: str) -> None:
+        """Delete the pod's sandbox (CNI DEL, then its namespace) and unregister it; each step is tried."""
+        try:
+            network.delete_pod(self.home, self.cluster, node, netns)
+        except MeshError as exc:  # its namespace is removed all the same
+            log.warning("CNI DEL of waypoint pod %s: %s", key, exc)
+        ns, name = key.split("/", 1)
         try:
             self.api.delete_refs([str(Ref("Pod", ns, name))], ignore_not_found=True)
         except Exception as exc:  # the control plane may be away; the pod goes anyway
             log.warning("could not unregister waypoint pod %s: %s", key, exc)
-        network.remove_netns(entry["pod"]["netns"])
-        self._save()
-        log.info('{"event": "waypoint removed", "waypoint": "%s"}', key)
 
     def _token(self, wp: WaypointPod) -> Path:
         """A workload token for the waypoint's own identity, from the control plane."""
@@ -167,3 +189,7 @@ class WaypointController:
         record["plan"]["pods"] = [p for p in record["plan"]["pods"] if not p.get("waypoint")] + \
             [{**e["pod"], "waypoint": True} for e in self.running.values()]
         state.write_record(self.cluster, record)
+        try:
+            self.on_change(self.cluster)
+        except (MeshError, OSError) as exc:  # the waypoint runs either way; it is scraped after the next change
+            log.warning("could not reload the scrape configuration after a waypoint change: %s", exc)

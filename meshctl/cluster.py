@@ -13,7 +13,8 @@ HELP_UP = """Build a local cluster from a cluster file: a network namespace per 
 on a bridge per node, routes between nodes over an underlay, ClusterIP services, names resolvable
 inside pods, and each pod's command started in its namespace. The control plane and one node agent per
 node are started from daemonset/'s Deployment and DaemonSet, as a kubelet would (see them with `meshctl get
-daemonset,deployment -A`). Needs root."""
+daemonset,deployment -A`). Prometheus (Debian's) scrapes every component from the underlay (`cluster
+status` says where). Needs root."""
 
 
 def add_parser(sub: Any) -> None:
@@ -30,6 +31,14 @@ def add_parser(sub: Any) -> None:
                          "file's spec.mesh.redirectMode and per-node redirectMode, else iptables)")
     up.add_argument("--agent-arg", action="append", default=[], metavar="ARG",
                     help="an extra flag for every node agent, e.g. --agent-arg=--cert-ttl=60 (repeatable)")
+    up.add_argument("--scrape-interval", type=float, metavar="SECONDS",
+                    help="how often Prometheus scrapes every component (default: the cluster file's "
+                         "spec.observability.prometheus.scrapeInterval, else 5)")
+    up.add_argument("--no-prometheus", action="store_true", help="do not run Prometheus")
+    up.add_argument("--otlp-endpoint", metavar="URL",
+                    help="where node agents and waypoints send spans (OTLP/HTTP), e.g. "
+                         "http://172.30.0.1:4318/v1/traces for a collector on the underlay (default: the cluster "
+                         "file's spec.observability.tracing.otlpEndpoint, else none)")
     up.set_defaults(func=cmd_up)
 
     down = verbs.add_parser("down", help="remove a cluster and everything it made",
@@ -53,11 +62,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     cluster_spec = spec.load(args.file)
     if args.redirect_mode:
         cluster_spec = spec.with_redirect_mode(cluster_spec, args.redirect_mode)
+    cluster_spec = spec.with_observability(cluster_spec, scrape_interval=args.scrape_interval,
+                                           prometheus=False if args.no_prometheus else None,
+                                           otlp_endpoint=args.otlp_endpoint)
     for warning in cluster_spec.warnings:
         print(f"warning: {warning}")
     cluster = lifecycle.up(cluster_spec, ready_timeout=args.wait, agent_args=args.agent_arg)
     print(f"cluster {cluster.plan.name!r} is up: {len(cluster.plan.nodes)} nodes, {len(cluster.plan.pods)} pods, "
           f"{len(cluster.plan.services)} services")
+    if (prom := lifecycle.status(cluster.plan.name).get("prometheus")) is not None:
+        print(f"prometheus: {prom['url']} (in network namespace {prom['netns']})")
     print(f"remove it with: meshctl cluster down {cluster.plan.name}")
     return 0
 
@@ -113,6 +127,11 @@ def render_status(record: dict[str, Any]) -> str:
             rows.append([s["namespace"], s["name"], s["clusterIP"], str(port["port"]),
                          ",".join(port["endpoints"]) or "<none>"])
     out.append(table(["NAMESPACE", "SERVICE", "CLUSTER-IP", "PORT", "ENDPOINTS"], rows))
+    if (prom := record.get("prometheus")) is not None:
+        out.append("")
+        out.append(f"prometheus: {prom['url']} in network namespace {prom['netns']} "
+                   f"({'Running' if prom['running'] else 'Exited'}); e.g. ip netns exec {prom['netns']} "
+                   f"curl -s '{prom['url']}/api/v1/query?query=up'")
     others = [p for p in record.get("processes", []) if not p["name"].startswith("pod ")]
     if others:
         out.append("")

@@ -285,7 +285,7 @@ class WaypointProxy:
             self.tracer.finish(span, tracing.span_name(head, svc.hostname if svc else "", client.destination_port),
                                SpanKind.SERVER, tracing.attributes(
                                    head, status=rec.status, flags=rec.flag_text,
-                                   upstream_cluster=d.cluster.key if d.cluster else "",
+                                   upstream_cluster=tracing.cluster_name(d.cluster),
                                    upstream_host=ep.key if ep else "", peer=client.source,
                                    request_bytes=header_bytes + rec.bytes_received, response_bytes=rec.bytes_sent,
                                    canonical_service=name or "waypoint", namespace=namespace,
@@ -295,7 +295,7 @@ class WaypointProxy:
             start_time=wall.isoformat(timespec="milliseconds"), method=head.method, path=head.path,
             protocol=head.protocol, response_code=rec.status, response_flags=rec.flag_text,
             bytes_received=rec.bytes_received, bytes_sent=rec.bytes_sent, duration_ms=round(duration_ms, 3),
-            upstream_host=ep.key if ep else "", upstream_cluster=d.cluster.key if d.cluster else "",
+            upstream_host=ep.key if ep else "", upstream_cluster=tracing.cluster_name(d.cluster),
             route_name=d.route_name, authority=head.authority, x_request_id=head.header("x-request-id") or "",
             traceparent=head.header("traceparent") or "", downstream_peer=client.source,
             downstream_principal=client.peer_identity, request_principal=authn.principal,

@@ -23,11 +23,17 @@ from mesh.tracing.sampler import CustomTag
 from mesh.tracing.span import Attributes, AttributeValue
 from mesh.tracing.tracer import Started
 from waypoint.l7.model import Headers, RequestHead, header, without
+from waypoint.l7.routing import Cluster
 
 
 def request_headers(headers: Headers, span: Started) -> Headers:
     """`headers` with every propagation header replaced by those of the waypoint's span."""
     return (*without(headers, PROPAGATION_HEADERS), *span.headers())
+
+
+def cluster_name(cluster: Cluster | None) -> str:
+    """Envoy's name of the upstream cluster, as Istio's spans show it: `outbound|9080|v1|reviews.ns.svc...`."""
+    return f"outbound|{cluster.port}|{cluster.subset}|{cluster.hostname}" if cluster is not None else ""
 
 
 def span_name(head: RequestHead, hostname: str, port: int) -> str:

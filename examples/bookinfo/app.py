@@ -6,8 +6,9 @@
     ratings      GET /ratings/<id>  the ratings
 
 Every answer is JSON and says which service, version, pod and node served it.  The headers that tie a
-request together (`end-user`, `x-request-id`, `traceparent`, ...) are passed on to every call made for
-it.  HTTP/1.1 with keep-alive on both sides; standard library only, so it runs with any Python 3.
+request together (`end-user`, `x-request-id`, and the trace context: W3C `traceparent`/`tracestate`, and
+Zipkin's B3 set `x-b3-*` and single `b3`) are passed on to every call made for it, as Istio asks of an
+application so that the proxies' spans join into one trace.  HTTP/1.1 with keep-alive on both sides; standard library only, so it runs with any Python 3.
 Settings come from the environment: SERVICE, VERSION, PORT (9080), POD_NAME, NODE_NAME, and
 DOWNSTREAM_TIMEOUT (seconds, default 3).
 """
@@ -31,7 +32,7 @@ POD = os.environ.get("POD_NAME", os.uname().nodename)
 NODE = os.environ.get("NODE_NAME", "")
 TIMEOUT = float(os.environ.get("DOWNSTREAM_TIMEOUT", "3"))
 PROPAGATED = ("end-user", "x-request-id", "traceparent", "tracestate", "baggage", "x-b3-traceid",
-              "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "user-agent", "cookie")
+              "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "b3", "user-agent", "cookie")
 
 _local = threading.local()
 

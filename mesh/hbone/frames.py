@@ -4,7 +4,8 @@ the status of a response.  The waypoint's HTTP/2 server uses the same guard and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import h2.errors
@@ -22,8 +23,23 @@ def error_name(code: int) -> str:
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 FRAME_HEADER = 9
-HEADERS, PUSH_PROMISE, CONTINUATION = 0x1, 0x5, 0x9
-END_HEADERS = 0x4
+DATA, HEADERS, PUSH_PROMISE, WINDOW_UPDATE, CONTINUATION = 0x0, 0x1, 0x5, 0x8, 0x9
+END_STREAM, END_HEADERS, PADDED = 0x1, 0x4, 0x8
+MAX_WINDOW = 2**31 - 1
+
+# The hot path's frames, encoded without h2: a DATA frame is this 9-byte header and the payload as it is.
+_HEADER = struct.Struct(">IBI")  # 24-bit length and 8-bit type in one word, flags, stream id
+_WINDOW_UPDATE = struct.Struct(">IBII")
+
+
+def data_header(stream_id: int, length: int, end_stream: bool = False) -> bytes:
+    """The 9-byte header of a DATA frame of `length` payload bytes."""
+    return _HEADER.pack(length << 8 | DATA, END_STREAM if end_stream else 0, stream_id)
+
+
+def window_update(stream_id: int, increment: int) -> bytes:
+    """A WINDOW_UPDATE frame (stream 0: the connection's window)."""
+    return _WINDOW_UPDATE.pack(4 << 8 | WINDOW_UPDATE, 0, stream_id, increment)
 
 
 @dataclass(frozen=True)
@@ -79,11 +95,20 @@ class FrameGuard:
         return None
 
     def _frame(self, length: int, kind: int, flags: int) -> Violation | None:
+        self._body_left = length
+        return self.inspect(length, kind, flags)
+
+    @property
+    def in_header_block(self) -> bool:
+        """A HEADERS or PUSH_PROMISE without END_HEADERS came: only CONTINUATION may follow."""
+        return self._in_block
+
+    def inspect(self, length: int, kind: int, flags: int) -> Violation | None:
+        """Check one frame header (for a caller that splits frames itself, as `FrameReader` does)."""
         if length > self._limit:
             return Violation(ErrorCode.FRAME_SIZE_ERROR,
                              f"peer sent a {length}-byte frame, over the {self._limit}-byte limit: "
                              "is it speaking HTTP/2 (HBONE) at all?")
-        self._body_left = length
         if kind in (HEADERS, PUSH_PROMISE):
             self._block = length
         elif kind == CONTINUATION and self._in_block:
@@ -96,6 +121,138 @@ class FrameGuard:
                              f"peer sent a header block of over {self._block_limit} bytes "
                              f"({self._block} so far, in HEADERS and CONTINUATION frames)")
         return None
+
+
+# What a `FrameReader` hands its owner: bytes for h2 (every frame but DATA and WINDOW_UPDATE, in order);
+# a piece of a DATA frame's payload (stream, payload, window cost: the whole frame's length with its first
+# piece and 0 after, bytes to acknowledge once consumed, END_STREAM with the last piece); a WINDOW_UPDATE
+# (stream, increment); a violation.  Each returns False to stop reading (the connection is closed).
+ToH2 = Callable[[bytes], bool]
+OnData = Callable[[int, bytes, int, int, bool], bool]
+OnWindow = Callable[[int, int], bool]
+OnViolation = Callable[[Violation], None]
+
+_AT_HEADER, _IN_DATA, _IN_OTHER = 0, 1, 2
+_UNPACK_HEADER = _HEADER.unpack_from
+_UNPACK_WORD = struct.Struct(">I").unpack_from
+
+
+class FrameReader:
+    """Splits received bytes at frame boundaries: DATA and WINDOW_UPDATE frames are read here, from their
+    9-byte headers, with no copy of a payload that arrived whole; everything else goes to h2 as it came.
+    DATA payloads are handed on as they arrive (a 1 MiB frame need not be buffered first), except padded
+    frames, which are read whole.  Every frame header passes the `FrameGuard` first.  Inside a header
+    block all frames go to h2, which refuses anything but CONTINUATION there."""
+
+    def __init__(self, guard: FrameGuard, skip: int, to_h2: ToH2, on_data: OnData, on_window: OnWindow,
+                 on_violation: OnViolation) -> None:
+        self._guard = guard
+        self._skip = skip  # the client preface: h2 checks it
+        self._to_h2, self._on_data, self._on_window, self._on_violation = to_h2, on_data, on_window, on_violation
+        self._rest = b""  # an incomplete frame header (or WINDOW_UPDATE, or padded DATA frame)
+        self._mode = _AT_HEADER
+        self._left = 0  # bytes of the current frame body still to come
+        self._stream = 0
+        self._end = False
+        self._first = False  # the next DATA piece is the frame's first: it carries the window cost
+        self._length = 0
+
+    def feed(self, data: bytes) -> None:
+        if self._rest:
+            data = self._rest + data
+            self._rest = b""
+        n = len(data)
+        i = 0
+        run = -1  # where the bytes for h2 not handed over yet start
+        guard = self._guard
+        while i < n:
+            mode = self._mode
+            if mode == _IN_DATA:
+                take = min(self._left, n - i)
+                self._left -= take
+                last = not self._left
+                piece = data if take == n else data[i : i + take]
+                cost = self._length if self._first else 0
+                self._first = False
+                i += take
+                if last:
+                    self._mode = _AT_HEADER
+                if not self._on_data(self._stream, piece, cost, take, last and self._end):
+                    return
+                continue
+            if mode == _IN_OTHER or self._skip:
+                if run < 0:
+                    run = i
+                if self._skip:
+                    take = min(self._skip, n - i)
+                    self._skip -= take
+                else:
+                    take = min(self._left, n - i)
+                    self._left -= take
+                    if not self._left:
+                        self._mode = _AT_HEADER
+                i += take
+                continue
+            if n - i < FRAME_HEADER:
+                self._rest = data[i:]
+                break
+            word, flags, stream = _UNPACK_HEADER(data, i)
+            length, kind, stream = word >> 8, word & 0xFF, stream & 0x7FFFFFFF
+            violation = guard.inspect(length, kind, flags)
+            if violation is not None:
+                if run >= 0 and not self._to_h2(data[run:i]):
+                    return
+                self._on_violation(violation)
+                return
+            fast = (kind == DATA or kind == WINDOW_UPDATE) and not guard.in_header_block
+            if not fast:
+                if run < 0:
+                    run = i
+                i += FRAME_HEADER
+                if length:
+                    self._mode, self._left = _IN_OTHER, length
+                continue
+            if run >= 0:
+                if not self._to_h2(data[run:i]):
+                    return
+                run = -1
+            if kind == WINDOW_UPDATE:
+                if length != 4:
+                    self._on_violation(Violation(ErrorCode.FRAME_SIZE_ERROR,
+                                                 f"peer sent a WINDOW_UPDATE of {length} bytes (it has 4)"))
+                    return
+                if n - i < FRAME_HEADER + 4:
+                    self._rest = data[i:]
+                    break
+                increment = _UNPACK_WORD(data, i + FRAME_HEADER)[0] & 0x7FFFFFFF
+                i += FRAME_HEADER + 4
+                if not self._on_window(stream, increment):
+                    return
+                continue
+            end = bool(flags & END_STREAM)
+            if flags & PADDED:
+                if n - i < FRAME_HEADER + length:
+                    self._rest = data[i:]
+                    break
+                pad = data[i + FRAME_HEADER] if length else -1
+                if pad < 0 or pad >= length:
+                    self._on_violation(Violation(ErrorCode.PROTOCOL_ERROR,
+                                                 "peer sent a DATA frame with more padding than payload"))
+                    return
+                payload = data[i + FRAME_HEADER + 1 : i + FRAME_HEADER + length - pad]
+                i += FRAME_HEADER + length
+                if not self._on_data(stream, payload, length, length, end):
+                    return
+                continue
+            i += FRAME_HEADER
+            if not length:
+                if not self._on_data(stream, b"", 0, 0, end):
+                    return
+                continue
+            self._mode, self._left, self._length = _IN_DATA, length, length
+            self._stream, self._end, self._first = stream, end, True
+        if run >= 0:
+            self._to_h2(data[run:i])
 
 
 class ResetBudget:

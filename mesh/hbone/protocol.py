@@ -15,6 +15,12 @@ the peer's windows allow them (`can_send()` says when a writer should wait, `Str
 may go on), and acknowledge received bytes only when the reader says it consumed them
 (`acknowledge()`), so a slow reader slows its writer instead of growing a buffer.  Half-close is
 END_STREAM both ways.  Keepalive PINGs and their timeout run off `next_deadline()`/`on_timer(now)`.
+
+The hot path does not go through `h2`: DATA and WINDOW_UPDATE frames are read (`frames.FrameReader`)
+and written (a 9-byte header before the payload) here, and both directions' flow-control windows are
+kept here; `h2` handles every other frame (HEADERS and HPACK, SETTINGS, PING, GOAWAY, RST_STREAM) and
+each stream's open and close, told of a peer's END_STREAM by an empty DATA frame.  Everything sent goes
+into one ordered output, h2's bytes taken as soon as it produced them.
 """
 
 from __future__ import annotations
@@ -45,7 +51,19 @@ from mesh.hbone.events import (
     StreamReset,
     StreamWritable,
 )
-from mesh.hbone.frames import PREFACE, ErrorCode, FrameGuard, ResetBudget, error_name
+from mesh.hbone.frames import (
+    END_STREAM,
+    MAX_WINDOW,
+    PREFACE,
+    ErrorCode,
+    FrameGuard,
+    FrameReader,
+    ResetBudget,
+    Violation,
+    data_header,
+    error_name,
+    window_update,
+)
 from mesh.hbone.state import (
     PENDING_STATES,
     RECEIVING_STATES,
@@ -60,17 +78,22 @@ from mesh.hbone.state import (
 )
 
 _H2_OPEN = {True: h2.connection.ConnectionState.CLIENT_OPEN, False: h2.connection.ConnectionState.SERVER_OPEN}
+_SETTING = h2.settings.SettingCodes
+DEFAULT_WINDOW = 65_535  # HTTP/2's initial windows, until SETTINGS say otherwise
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class TunnelStream:
     id: int
+    send_window: int = DEFAULT_WINDOW  # what the peer lets us send on this stream
+    recv_window: int = DEFAULT_WINDOW  # what we let the peer send on it
     state: StreamState = StreamState.PENDING
     outbound: bytearray = field(default_factory=bytearray)  # accepted from the writer, not yet framed
     fin_queued: bool = False  # END_STREAM goes out after `outbound`
     blocked: bool = False  # the writer was told to wait (can_send false); tell it when to go on
     reject_status: int | None = None  # client: a rejection whose body is still being read
     reject_body: bytearray = field(default_factory=bytearray)
+    consumed: int = 0  # received bytes acknowledged but not yet given back in a WINDOW_UPDATE
 
     def advance(self, event: StreamInput) -> None:
         self.state = next_stream_state(self.state, event)
@@ -92,7 +115,7 @@ class HboneConnection:
             validate_inbound_headers=self._client_side,
         )
         self._h2 = h2.connection.H2Connection(h2_config)
-        self._held = bytearray()  # bytes h2 produced that `data_to_send` has not handed out yet
+        self._out: list[bytes] = []  # what goes out next, in order: h2's bytes and our own frames
         settings = {
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: config.stream_window,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: config.max_frame_size,
@@ -111,10 +134,23 @@ class HboneConnection:
         increment = config.connection_window - 65_535
         if increment > 0:
             self._h2.increment_flow_control_window(increment)
+        # Flow control of DATA is ours (h2 never sees a DATA payload): the peer's windows for what we
+        # send, ours for what it sends, and what was consumed but not yet given back.
+        self._send_window = DEFAULT_WINDOW
+        self._peer_stream_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
+        self._max_send_frame = 16_384  # the peer's SETTINGS_MAX_FRAME_SIZE
+        self._recv_window = config.connection_window
+        self._consumed = 0
+        self._update_at = config.connection_window // 2  # give back the connection window in halves
+        self._stream_update_at = config.stream_window // 2
+        self._windows_grew = False
+        self._events: list[Event] = []  # what the batch being read has produced so far
         # h2 buffers a whole frame (and a whole header block) before it checks its length; look at each
         # frame header as it arrives.
-        self._frame_guard = FrameGuard(0 if self._client_side else len(PREFACE), config.max_frame_size,
-                                       config.max_header_block)
+        self._frame_guard = FrameGuard(0, config.max_frame_size, config.max_header_block)
+        self._reader = FrameReader(self._frame_guard, 0 if self._client_side else len(PREFACE), self._rx_h2,
+                                   self._rx_data, self._rx_window, self._rx_violation)
+        self._take_h2()
         self._resets = ResetBudget(config.max_reset_streams)
         self._unsent_control = 0  # PING and SETTINGS answers h2 queued since the transport last took output
         self._ping_due: float = now + config.ping_interval
@@ -139,17 +175,28 @@ class HboneConnection:
 
     def has_output(self) -> bool:
         """Whether `data_to_send()` would return bytes, so a transport wakes its writer only then."""
-        produced = self._h2.data_to_send()  # kept, in order, ahead of anything h2 produces later
-        if produced:
-            self._held += produced
-        return bool(self._held)
+        self._take_h2()
+        return bool(self._out)
 
     def data_to_send(self) -> bytes:
         self._unsent_control = 0  # the transport takes the output only once it could write the last
-        if self._held:
-            held, self._held = bytes(self._held), bytearray()
-            return held + self._h2.data_to_send()
-        return self._h2.data_to_send()
+        self._take_h2()
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _take_h2(self) -> None:
+        """Move what h2 produced to the output, so that it goes out before any frame we add next."""
+        produced = self._h2.data_to_send()
+        if produced:
+            self._out.append(produced)
+
+    @property
+    def send_window(self) -> int:
+        """How many bytes the peer's connection window lets this side send now."""
+        return self._send_window
 
     def buffered(self, stream_id: int) -> int:
         """Bytes accepted for `stream_id` that still wait for the peer's window."""
@@ -170,32 +217,141 @@ class HboneConnection:
         out: list[Event] = []
         if self._state is ConnectionState.CLOSED:
             return out
-        refused = self._frame_guard.check(data)
-        if refused is not None:
-            self._finish(out, refused.error_code, refused.reason, by_peer=False, send_goaway=True)
+        self._events = out
+        self._reader.feed(data if isinstance(data, bytes) else bytes(data))
+        self._events = []
+        if self._state is ConnectionState.CLOSED:
             return out
-        try:
-            h2_events = self._h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            # h2 has already queued a GOAWAY; tell every stream and stop.
-            code = getattr(exc, "error_code", ErrorCode.PROTOCOL_ERROR)
-            self._finish(
-                out, code, f"peer broke the HTTP/2 protocol: {exc}", by_peer=False, send_goaway=False
-            )
-            return out
-        for event in h2_events:
-            self._handle(event, out)
-            if self._state is ConnectionState.CLOSED:
-                break
         if self._unsent_control > self.config.max_unsent_control_frames:
             self._finish(out, ErrorCode.ENHANCE_YOUR_CALM,
                          f"peer sent over {self.config.max_unsent_control_frames} PING or SETTINGS frames "
                          "without reading the answers", by_peer=False, send_goaway=True)
         if self._resets.exhausted:
             self._finish(out, ErrorCode.ENHANCE_YOUR_CALM, self._resets.reason(), by_peer=False, send_goaway=True)
-        self._flush_all(out)
+        if self._windows_grew:
+            self._windows_grew = False
+            self._flush_all(out)
         self._check_drained(out)
         return out
+
+    # -- what the frame reader hands over (each returns False once the connection is closed) --------------
+
+    def _rx_h2(self, data: bytes) -> bool:
+        out = self._events
+        try:
+            h2_events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            # h2 has already queued a GOAWAY; tell every stream and stop.
+            self._take_h2()
+            code = getattr(exc, "error_code", ErrorCode.PROTOCOL_ERROR)
+            self._finish(
+                out, code, f"peer broke the HTTP/2 protocol: {exc}", by_peer=False, send_goaway=False
+            )
+            return False
+        self._take_h2()
+        for event in h2_events:
+            self._handle(event, out)
+            if self._state is ConnectionState.CLOSED:
+                return False
+        return True
+
+    def _rx_violation(self, violation: Violation) -> None:
+        self._finish(self._events, violation.error_code, violation.reason, by_peer=False, send_goaway=True)
+
+    def _is_idle(self, stream_id: int) -> bool:
+        """A stream id never used yet (frames for it, other than HEADERS, are a protocol error)."""
+        if self._is_local_stream(stream_id):
+            return stream_id > (self._h2.highest_outbound_stream_id or 0)
+        return stream_id > (self._h2.highest_inbound_stream_id or 0)
+
+    def _rx_data(self, stream_id: int, data: bytes, cost: int, length: int, end: bool) -> bool:
+        if cost:
+            if not stream_id or self._is_idle(stream_id):
+                self._rx_violation(Violation(ErrorCode.PROTOCOL_ERROR,
+                                             f"peer sent DATA on stream {stream_id}, which it never opened"))
+                return False
+            self._recv_window -= cost
+            if self._recv_window < 0:
+                self._rx_violation(Violation(ErrorCode.FLOW_CONTROL_ERROR,
+                                             "peer sent more DATA than the connection's window allows"))
+                return False
+        stream = self._streams.get(stream_id)
+        if stream is None:  # reset or finished: nobody will read it, give the window back at once
+            self._consume(length)
+            return True
+        if cost:
+            stream.recv_window -= cost
+            if stream.recv_window < 0:
+                self._consume(length)
+                self._stream_error(stream, ErrorCode.FLOW_CONTROL_ERROR,
+                                   "peer sent more DATA than the stream's window allows")
+                return True
+        state = stream.state
+        if state is StreamState.REJECTED:
+            room = self.config.reject_body_limit - len(stream.reject_body)
+            if room > 0:
+                stream.reject_body += data[:room]
+            self._consume(length)
+            if end:  # the reason is complete (h2 is told by the reset, not asked to count the body)
+                self._finish_rejection(stream, self._events)
+            return True
+        if state in RECEIVING_STATES:
+            if data:
+                self._events.append(DataReceived(stream_id, data, length))
+            elif length:
+                self._consume(length)
+        else:  # DATA after the peer's END_STREAM
+            self._consume(length)
+            self._stream_error(stream, ErrorCode.STREAM_CLOSED, "peer sent DATA after it ended the stream")
+            return True
+        if end:  # h2 keeps each stream's state: tell it of the END_STREAM with an empty DATA frame
+            return self._rx_h2(data_header(stream_id, 0, end_stream=True))
+        return True
+
+    def _rx_window(self, stream_id: int, increment: int) -> bool:
+        if not stream_id:
+            if not increment:
+                self._rx_violation(Violation(ErrorCode.PROTOCOL_ERROR, "peer sent a WINDOW_UPDATE of 0"))
+                return False
+            self._send_window += increment
+            if self._send_window > MAX_WINDOW:
+                self._rx_violation(Violation(ErrorCode.FLOW_CONTROL_ERROR,
+                                             "peer grew the connection's window over 2^31-1"))
+                return False
+            self._windows_grew = True
+            return True
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            if self._is_idle(stream_id):
+                self._rx_violation(Violation(ErrorCode.PROTOCOL_ERROR,
+                                             f"peer sent WINDOW_UPDATE on stream {stream_id}, which was never opened"))
+                return False
+            return True
+        if not increment:
+            self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, "peer sent a WINDOW_UPDATE of 0")
+            return True
+        stream.send_window += increment
+        if stream.send_window > MAX_WINDOW:
+            self._stream_error(stream, ErrorCode.FLOW_CONTROL_ERROR, "peer grew a stream's window over 2^31-1")
+            return True
+        self._windows_grew = True
+        return True
+
+    def _stream_error(self, stream: TunnelStream, code: int, reason: str) -> None:
+        """The peer broke the protocol on one stream: reset it (RST_STREAM `code`), the others go on."""
+        self._reset_quietly(stream.id, code)
+        if stream.state not in TERMINAL_STREAM_STATES:
+            stream.advance(StreamInput.RESET)
+            self._events.append(StreamReset(stream.id, code, reason, by_peer=False))
+        self._forget(stream)
+
+    def _consume(self, length: int) -> None:
+        """`length` received bytes are gone (consumed or discarded): give the connection's window back."""
+        self._consumed += length
+        if self._consumed >= self._update_at:
+            self._out.append(window_update(0, self._consumed))
+            self._recv_window += self._consumed
+            self._consumed = 0
 
     def _handle(self, event: h2.events.Event, out: list[Event]) -> None:
         if isinstance(event, h2.events.RequestReceived):
@@ -214,10 +370,35 @@ class HboneConnection:
                 out.append(PingAcknowledged(event.ping_data or b""))
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._on_goaway(event, out)
-        elif isinstance(event, h2.events.PingReceived | h2.events.RemoteSettingsChanged):
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._unsent_control += 1  # h2 queued the ACK
+            self._on_settings(event, out)
+        elif isinstance(event, h2.events.PingReceived):
             self._unsent_control += 1  # h2 queued the ACK
         # Window updates and settings changes are handled by the flush after every batch; informational
         # responses, trailers, priority and unknown frames mean nothing to a tunnel.
+
+    def _on_settings(self, event: h2.events.RemoteSettingsChanged, out: list[Event]) -> None:
+        changed = event.changed_settings
+        window = changed.get(_SETTING.INITIAL_WINDOW_SIZE)
+        if window is not None:
+            delta = window.new_value - self._peer_stream_window
+            self._peer_stream_window = window.new_value
+            for stream in self._streams.values():
+                stream.send_window += delta
+                if stream.send_window > MAX_WINDOW:
+                    self._finish(out, ErrorCode.FLOW_CONTROL_ERROR,
+                                 "peer's SETTINGS grew a stream's window over 2^31-1", by_peer=False, send_goaway=True)
+                    return
+            self._windows_grew = True
+        frame_size = changed.get(_SETTING.MAX_FRAME_SIZE)
+        if frame_size is not None:
+            self._max_send_frame = frame_size.new_value
+
+    def _new_stream(self, stream_id: int) -> TunnelStream:
+        stream = TunnelStream(stream_id, self._peer_stream_window, self.config.stream_window)
+        self._streams[stream_id] = stream
+        return stream
 
     def _on_request(self, event: h2.events.RequestReceived, out: list[Event]) -> None:
         # Only a server gets here; HboneServer overrides it.
@@ -229,20 +410,7 @@ class HboneConnection:
         self._reset_quietly(event.stream_id, ErrorCode.PROTOCOL_ERROR)
 
     def _on_data(self, event: h2.events.DataReceived, out: list[Event]) -> None:
-        assert event.stream_id is not None
-        sid, data, length = event.stream_id, event.data or b"", event.flow_controlled_length or 0
-        stream = self._streams.get(sid)
-        if stream is not None and stream.state is StreamState.REJECTED:
-            room = self.config.reject_body_limit - len(stream.reject_body)
-            stream.reject_body += data[: max(room, 0)]
-            if length:
-                self._h2.acknowledge_received_data(length, sid)
-            return
-        if stream is None or stream.state not in RECEIVING_STATES or not data:
-            if length:  # nobody will read it: give the window back at once
-                self._h2.acknowledge_received_data(length, sid)
-            return
-        out.append(DataReceived(sid, data, length))
+        """h2 sees only the empty DATA frames that tell it of an END_STREAM (`_rx_data`): nothing to do."""
 
     def _on_stream_ended(self, event: h2.events.StreamEnded, out: list[Event]) -> None:
         assert event.stream_id is not None
@@ -320,11 +488,21 @@ class HboneConnection:
         """Queue tunnel bytes; they go out as the peer's windows allow.  Check `can_send()` first: the
         core takes what it is given, and the writer is the one that must wait."""
         stream = self._sending_stream(stream_id)
-        if data:
-            stream.outbound += data
-            self._flush(stream)
-            if len(stream.outbound) >= self.config.send_buffer_low_water:
-                stream.blocked = True
+        n = len(data)
+        if not n:
+            return
+        if not stream.outbound and n <= self._max_send_frame and n <= stream.send_window \
+                and n <= self._send_window:  # the usual case: one DATA frame, at once
+            out = self._out
+            out.append(data_header(stream_id, n))
+            out.append(data if isinstance(data, bytes) else bytes(data))
+            stream.send_window -= n
+            self._send_window -= n
+            return
+        stream.outbound += data
+        self._flush(stream)
+        if len(stream.outbound) >= self.config.send_buffer_low_water:
+            stream.blocked = True
 
     def end_stream(self, stream_id: int) -> list[Event]:
         """Half-close: END_STREAM after the queued bytes (the tunnel's FIN).  The events are empty
@@ -352,10 +530,18 @@ class HboneConnection:
         return out
 
     def acknowledge(self, stream_id: int, length: int) -> None:
-        """`length` received bytes of `stream_id` were consumed: let the peer send that much more
-        (h2 sends a WINDOW_UPDATE only once enough was consumed)."""
-        if length > 0 and self._state is not ConnectionState.CLOSED:
-            self._h2.acknowledge_received_data(length, stream_id)
+        """`length` received bytes of `stream_id` were consumed: let the peer send that much more (a
+        WINDOW_UPDATE goes out once half a window was consumed, for the stream and for the connection)."""
+        if length <= 0 or self._state is ConnectionState.CLOSED:
+            return
+        self._consume(length)
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.state in RECEIVING_STATES:
+            stream.consumed += length
+            if stream.consumed >= self._stream_update_at:
+                self._out.append(window_update(stream_id, stream.consumed))
+                stream.recv_window += stream.consumed
+                stream.consumed = 0
 
     def _sending_stream(self, stream_id: int) -> TunnelStream:
         stream = self._streams.get(stream_id)
@@ -368,19 +554,20 @@ class HboneConnection:
         return stream
 
     def _flush(self, stream: TunnelStream) -> None:
-        """Frame as much of `stream`'s queue as the windows allow."""
-        while stream.outbound:
-            window = min(self._h2.local_flow_control_window(stream.id), self._h2.max_outbound_frame_size)
-            if window <= 0:
+        """Frame as much of `stream`'s queue as the windows allow; then its END_STREAM, if queued."""
+        queue, out = stream.outbound, self._out
+        while queue:
+            size = min(stream.send_window, self._send_window, self._max_send_frame, len(queue))
+            if size <= 0:
                 return
-            chunk = bytes(stream.outbound[:window])
-            del stream.outbound[:window]
-            last = stream.fin_queued and not stream.outbound
-            self._h2.send_data(stream.id, chunk, end_stream=last)
-            if last:
-                stream.fin_queued = False
+            out.append(data_header(stream.id, size))
+            out.append(bytes(queue[:size]))
+            del queue[:size]
+            stream.send_window -= size
+            self._send_window -= size
         if stream.fin_queued:
-            self._h2.end_stream(stream.id)
+            self._h2.end_stream(stream.id)  # h2 keeps the stream's state: it sends the empty END_STREAM
+            self._take_h2()
             stream.fin_queued = False
 
     def _flush_all(self, out: list[Event]) -> None:
@@ -398,6 +585,7 @@ class HboneConnection:
         # Already closed at the frame level: nothing to abort.
         with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self._h2.reset_stream(stream_id, error_code)
+        self._take_h2()
 
     def _forget_if_done(self, stream: TunnelStream) -> None:
         done = stream.state in TERMINAL_STREAM_STATES and not stream.outbound and not stream.fin_queued
@@ -416,6 +604,7 @@ class HboneConnection:
             return out
         last = self._h2.highest_inbound_stream_id
         self._h2.close_connection(ErrorCode.NO_ERROR, last_stream_id=last)
+        self._take_h2()
         self._h2.state_machine.state = _H2_OPEN[self._client_side]
         self._state = next_connection_state(self._state, ConnectionInput.GOAWAY_SENT)
         out.append(ConnectionDraining(ErrorCode.NO_ERROR, last, by_peer=False))
@@ -440,6 +629,7 @@ class HboneConnection:
         if send_goaway:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self._h2.close_connection(code, additional_data=reason.encode("utf-8")[:256])
+            self._take_h2()
         failed = by_peer or code != ErrorCode.NO_ERROR
         self._state = next_connection_state(
             self._state, ConnectionInput.FAILED if failed else ConnectionInput.CLOSE
@@ -487,6 +677,7 @@ class HboneConnection:
             self._ping_counter += 1
             payload = self._ping_counter.to_bytes(8, "big")
             self._h2.ping(payload)
+            self._take_h2()
             self._ping_outstanding = payload
             self._ping_deadline = now + self.config.ping_timeout
             self._ping_due = now + self.config.ping_interval

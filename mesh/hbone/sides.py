@@ -16,7 +16,7 @@ from mesh.hbone.errors import (
     StreamLimitError,
 )
 from mesh.hbone.events import ConnectRequested, Event, RequestRefused, StreamAccepted
-from mesh.hbone.frames import ErrorCode, status_of
+from mesh.hbone.frames import ErrorCode, data_header, status_of
 from mesh.hbone.headers import (
     Header,
     Malformed,
@@ -71,7 +71,8 @@ class HboneClient(HboneConnection):
                 f"the peer allows {self._h2.remote_settings.max_concurrent_streams} concurrent streams and "
                 "all are in use: open another connection"
             ) from None
-        self._streams[stream_id] = TunnelStream(stream_id)
+        self._take_h2()
+        self._new_stream(stream_id)
         return stream_id
 
     def _on_response(self, event: h2.events.ResponseReceived, out: list[Event]) -> None:
@@ -98,6 +99,7 @@ class HboneServer(HboneConnection):
         """Answer 200: the upstream is connected; bytes may flow both ways."""
         stream = self._pending_stream(stream_id)
         self._h2.send_headers(stream_id, [(":status", "200")], end_stream=False)
+        self._take_h2()
         stream.advance(StreamInput.ACCEPTED)
         self._resets.carried()
 
@@ -128,10 +130,17 @@ class HboneServer(HboneConnection):
         if body:
             headers += [("content-type", "text/plain; charset=utf-8"), ("content-length", str(len(body)))]
         self._h2.send_headers(stream_id, headers, end_stream=not body)
-        if body and len(body) <= self._h2.local_flow_control_window(stream_id):
-            self._h2.send_data(stream_id, body, end_stream=True)
-        elif body:
-            self._h2.end_stream(stream_id)
+        self._take_h2()
+        if body:
+            stream = self._streams.get(stream_id)
+            window = min(stream.send_window if stream is not None else self._peer_stream_window,
+                         self._send_window, self._max_send_frame)
+            if len(body) <= window:  # the reason, as one DATA frame ending the stream (h2 learns of
+                self._out += (data_header(stream_id, len(body), end_stream=True), body)  # it by the reset)
+                self._send_window -= len(body)
+            else:
+                self._h2.end_stream(stream_id)
+                self._take_h2()
         # The answer is complete; tell the client to stop sending without calling it an error.
         self._reset_quietly(stream_id, ErrorCode.NO_ERROR)
 
@@ -147,5 +156,5 @@ class HboneServer(HboneConnection):
             out.append(RequestRefused(sid, 400, decision.reason))
             self._resets.abandoned()  # checked once the batch is read
             return
-        self._streams[sid] = TunnelStream(sid)
+        self._new_stream(sid)
         out.append(ConnectRequested(sid, decision))

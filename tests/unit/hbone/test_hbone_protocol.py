@@ -318,7 +318,7 @@ def test_settings_reach_the_peer() -> None:
     assert remote.max_frame_size == 1 * MIB
     assert remote.max_concurrent_streams == 200
     assert remote.max_header_list_size == 16 * 1024
-    assert pair.server._h2.outbound_flow_control_window == 16 * MIB  # the client's connection window
+    assert pair.server.send_window == 16 * MIB  # the client's connection window
 
 
 def test_stream_limit_and_reuse() -> None:

@@ -17,7 +17,6 @@ from localcluster.overlay import ArgEdit, apply_args
 
 GATEWAY = "172.30.0.1"
 NODES = {"node-1": ("172.30.0.10", "iptables"), "node-2": ("172.30.0.11", "ebpf")}
-POD_NETNS = "/run/netns/amb.c1.pod.{namespace}.{name}"
 POD_CGROUP = "/sys/fs/cgroup/unified/amb.c1/pod.{namespace}.{name}"
 
 
@@ -39,8 +38,7 @@ def home(tmp_path: Path) -> Path:
 def agents(home: Path, extra: list[str] | None = None, directory: Path = DAEMONSET_DIR) -> dict:
     workload = components.load_workloads(directory).node_agent
     return {node: components.plan_node_agent("c1", home, node, ip, GATEWAY, workload, redirect_mode=mode,
-                                             pod_netns_format=POD_NETNS, pod_cgroup_format=POD_CGROUP,
-                                             extra_args=extra)
+                                             pod_cgroup_format=POD_CGROUP, extra_args=extra)
             for node, (ip, mode) in NODES.items()}
 
 
@@ -56,16 +54,26 @@ def test_one_agent_per_node_from_the_daemonset(home: Path) -> None:
         assert flag(run.argv, "--token-file") == [str(components.node_token(home, node))]
         assert flag(run.argv, "--root-cert") == [str(components.root_cert(home))]
         assert flag(run.argv, "--state-dir") == [str(components.node_dir(home, node) / "nodeagent")]
-        # The overlay: the control plane's address, pods by name, pins per cluster; the extras last.
+        # The overlay: the control plane's address, the pods' cgroups, pins per cluster; the extras last.
         assert flag(run.argv, "--control-plane") == [f"{GATEWAY}:15012"]
-        assert flag(run.argv, "--pod-source") == ["local"] and flag(run.argv, "--pod-netns") == [POD_NETNS]
         assert flag(run.argv, "--pod-cgroup") == [POD_CGROUP] and flag(run.argv, "--bpf-prefix") == ["amb-c1"]
+        # Pods from the CNI plugin, as the DaemonSet says, on a socket in the node's directory.
+        assert flag(run.argv, "--pod-source") == ["cni"] and "--pod-netns" not in run.argv
+        assert components.cni_socket(run) == str(components.node_dir(home, node) / "cni.sock")
         assert run.argv[-1] == "--cert-ttl=60"
         assert run.readiness is not None and (run.readiness.port, run.readiness.path) == (15021, "/healthz/ready")
         assert pod.ip == ip and pod.node == node
 
         opts = nodeagent.main.parse_args(list(run.argv[3:]))
-        assert (opts.node, opts.redirect_mode, opts.pod_source, opts.cert_ttl) == (node, mode, "local", 60)
+        assert (opts.node, opts.redirect_mode, opts.pod_source, opts.cert_ttl) == (node, mode, "cni", 60)
+        assert opts.cni_socket == components.cni_socket(run)
+
+
+def test_an_agent_that_would_not_take_pods_from_the_plugin_is_refused(home: Path) -> None:
+    for extra in (["--pod-source=local"], ["--pod-source", "local"]):
+        _, run = agents(home, extra=extra)["node-1"]
+        with pytest.raises(components.ComponentError, match="needs --pod-source cni and --cni-socket"):
+            components.cni_socket(run)
 
 
 def test_control_plane_from_the_deployment(home: Path) -> None:
