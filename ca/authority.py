@@ -11,6 +11,10 @@ operator can replace a generated root with their own intermediate by dropping fo
 On first start, when the directory has none of these, a self-signed ECDSA P-256 root is generated and
 written there in the same layout (ca-cert = root-cert = cert-chain).  Either way the CA then signs leaf
 certificates whose chain is returned leaf first, root last.
+
+`root-cert.pem` is the trust bundle: every root that workloads trust, the one the CA's chain ends in
+first.  It holds two while the root is rotated (`ca.rotation`), which also swaps the signing key and
+chain in place (`use`, `trust`): the CA is never restarted for it.
 """
 
 from __future__ import annotations
@@ -96,8 +100,22 @@ class IssuedChain:
         return [to_pem(self.leaf), *(to_pem(c) for c in self.chain)]
 
 
+@dataclass(frozen=True)
+class _Material:
+    signing_key: SigningKey
+    chain: tuple[x509.Certificate, ...]  # the signing certificate up to its root, root last
+    bundle: tuple[x509.Certificate, ...]  # the roots workloads trust: the chain's root first
+
+
+def _bundle_with(root: x509.Certificate, bundle: Sequence[x509.Certificate]) -> tuple[x509.Certificate, ...]:
+    """`bundle` with `root` first (added if missing), each root once."""
+    rest = [c for c in bundle if c != root]
+    return (root, *dict.fromkeys(rest))
+
+
 class CertificateAuthority:
-    """Signs leaf certificates with one key.  Thread-safe: it holds no mutable state."""
+    """Signs leaf certificates with one key.  Thread-safe: its key, chain and trust bundle are one
+    immutable value, replaced as a whole (`use`, `trust`) when the root is rotated."""
 
     def __init__(
         self,
@@ -107,18 +125,40 @@ class CertificateAuthority:
         trust_domain: str = DEFAULT_TRUST_DOMAIN,
         default_ttl: datetime.timedelta = DEFAULT_TTL,
         max_ttl: datetime.timedelta = DEFAULT_MAX_TTL,
+        bundle: Sequence[x509.Certificate] = (),
     ) -> None:
-        """`chain` runs from the signing certificate up to the root, root last (one element for a root CA)."""
-        if not chain:
-            raise CAStoreError("the CA needs at least its signing certificate")
+        """`chain` runs from the signing certificate up to the root, root last (one element for a root CA);
+        `bundle`: other roots workloads trust besides the chain's (during a root rotation)."""
         if default_ttl <= datetime.timedelta(0) or max_ttl < default_ttl:
             raise CAStoreError(f"CA lifetimes out of order: default {default_ttl}, maximum {max_ttl}")
-        _check_chain(signing_key, list(chain))
         self.trust_domain = check_trust_domain(trust_domain)
-        self.signing_key = signing_key
-        self.chain = tuple(chain)
         self.default_ttl = default_ttl
         self.max_ttl = max_ttl
+        self.generation = 0  # grows by one each time the signing key and chain are replaced
+        self._material = self._checked(signing_key, chain, bundle)
+
+    @staticmethod
+    def _checked(signing_key: SigningKey, chain: Sequence[x509.Certificate],
+                 bundle: Sequence[x509.Certificate]) -> _Material:
+        if not chain:
+            raise CAStoreError("the CA needs at least its signing certificate")
+        _check_chain(signing_key, list(chain))
+        for root in bundle:
+            if not _is_ca(root) or not _is_issued_by(root, root):
+                raise CAStoreError(f"{ROOT_CERT}: {root.subject.rfc4514_string()!r} is not a self-signed CA root")
+        return _Material(signing_key, tuple(chain), _bundle_with(chain[-1], bundle))
+
+    def use(self, signing_key: SigningKey, chain: Sequence[x509.Certificate],
+            bundle: Sequence[x509.Certificate] = ()) -> None:
+        """Sign with `signing_key` and `chain` from now on, trusting `bundle` besides the chain's root."""
+        material = self._checked(signing_key, chain, bundle)
+        self._material = material
+        self.generation += 1
+
+    def trust(self, bundle: Sequence[x509.Certificate]) -> None:
+        """The trust bundle is now the chain's root and `bundle` (the signing key is unchanged)."""
+        m = self._material
+        self._material = self._checked(m.signing_key, m.chain, bundle)
 
     # -- construction -----------------------------------------------------------------------------------
 
@@ -150,7 +190,7 @@ class CertificateAuthority:
         try:
             key_bytes = (path / CA_KEY).read_bytes()
             ca_cert = load_pem_certs((path / CA_CERT).read_bytes(), str(path / CA_CERT))[0]
-            root = load_pem_certs((path / ROOT_CERT).read_bytes(), str(path / ROOT_CERT))[0]
+            bundle = load_pem_certs((path / ROOT_CERT).read_bytes(), str(path / ROOT_CERT))
             chain_file = path / CERT_CHAIN
             listed = load_pem_certs(chain_file.read_bytes(), str(chain_file)) if chain_file.is_file() else []
         except OSError as exc:
@@ -162,11 +202,23 @@ class CertificateAuthority:
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
             raise CAStoreError(f"{path / CA_KEY}: only ECDSA and RSA CA keys are supported")
         chain = [ca_cert] + [c for c in listed if c != ca_cert]
-        if chain[-1] != root:
-            chain.append(root)
-        return cls(key, chain, **kwargs)  # type: ignore[arg-type]
+        if not _is_issued_by(chain[-1], chain[-1]):  # the chain stops below its root: the bundle has it
+            top = next((r for r in bundle if _is_issued_by(chain[-1], r)), bundle[0])
+            chain.append(top)
+        elif chain[-1] not in bundle:
+            raise CAStoreError(f"{path}: the CA's chain ends in a root that {ROOT_CERT} does not hold "
+                               f"({chain[-1].subject.rfc4514_string()!r}): check {CERT_CHAIN} and {ROOT_CERT}")
+        return cls(key, chain, bundle=bundle, **kwargs)  # type: ignore[arg-type]
 
     # -- what others read ---------------------------------------------------------------------------------
+
+    @property
+    def signing_key(self) -> SigningKey:
+        return self._material.signing_key
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        return self._material.chain
 
     @property
     def signing_cert(self) -> x509.Certificate:
@@ -174,11 +226,18 @@ class CertificateAuthority:
 
     @property
     def root(self) -> x509.Certificate:
+        """The root the CA's chain ends in: the one that signs, through its chain."""
         return self.chain[-1]
 
     @property
+    def bundle(self) -> tuple[x509.Certificate, ...]:
+        """Every root workloads trust, the signing root first."""
+        return self._material.bundle
+
+    @property
     def root_pem(self) -> str:
-        return to_pem(self.root)
+        """The trust bundle in PEM: what `root-cert.pem` holds and clients trust."""
+        return "".join(to_pem(c) for c in self.bundle)
 
     def resolve_ttl(self, requested_seconds: int) -> datetime.timedelta:
         """The lifetime for a request: 0 means the default; above the maximum is refused."""
@@ -223,13 +282,14 @@ class CertificateAuthority:
             raise SigningError("leaf keys must be ECDSA P-256")
         if not sans:
             raise SigningError("a leaf certificate needs at least one subject alternative name")
+        material = self._material  # one key and chain for the whole signing, whatever a rotation does meanwhile
         now = now or _now()
         backdate = min(MAX_BACKDATE, ttl / 10)
         not_before = now - backdate
-        not_after = min(now + ttl, self.signing_cert.not_valid_after_utc)
+        issuer = material.chain[0]
+        not_after = min(now + ttl, issuer.not_valid_after_utc)
         if not_after <= now:
             raise SigningError("the CA's signing certificate has expired: replace the CA files")
-        issuer = self.signing_cert
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([]))
@@ -246,15 +306,15 @@ class CertificateAuthority:
                 critical=False,
             )
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.signing_key.public_key()),
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(material.signing_key.public_key()),
                 critical=False,
             )
         )
         try:
-            leaf = builder.sign(self.signing_key, hashes.SHA256())
+            leaf = builder.sign(material.signing_key, hashes.SHA256())
         except (ValueError, TypeError) as exc:
             raise SigningError(f"signing failed: {exc}") from exc
-        return IssuedChain(leaf, self.chain)
+        return IssuedChain(leaf, material.chain)
 
 
 def _serial() -> int:
@@ -369,8 +429,10 @@ def _ca_cert(
     return key, builder.sign(issuer_key, hashes.SHA256())
 
 
-def write_ca_dir(path: Path, key: SigningKey, chain: Sequence[x509.Certificate]) -> None:
-    """Write a CA directory: `chain` runs from the signing certificate to the root."""
+def write_ca_dir(path: Path, key: SigningKey, chain: Sequence[x509.Certificate],
+                 bundle: Sequence[x509.Certificate] = ()) -> None:
+    """Write a CA directory: `chain` runs from the signing certificate to the root; `root-cert.pem` gets
+    that root first, then the other roots of `bundle`."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -378,4 +440,9 @@ def write_ca_dir(path: Path, key: SigningKey, chain: Sequence[x509.Certificate])
     write_atomic(path / CA_KEY, key_pem, 0o600)
     write_atomic(path / CA_CERT, to_pem(chain[0]).encode(), 0o644)
     write_atomic(path / CERT_CHAIN, "".join(to_pem(c) for c in chain).encode(), 0o644)
-    write_atomic(path / ROOT_CERT, to_pem(chain[-1]).encode(), 0o644)
+    write_bundle(path, _bundle_with(chain[-1], bundle))
+
+
+def write_bundle(path: Path, bundle: Sequence[x509.Certificate]) -> None:
+    """Replace the CA directory's trust bundle (`root-cert.pem`), atomically."""
+    write_atomic(path / ROOT_CERT, "".join(to_pem(c) for c in bundle).encode(), 0o644)

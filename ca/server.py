@@ -12,9 +12,15 @@ same server alone, on an event loop of its own (`start_ca_server`).
 
 A state directory (the control plane's `DIR/controlplane/`) holds:
 
-    ca/                  the CA's root and signing key, in Istio's `cacerts` layout (`ca.authority`)
+    ca/                  the CA's root and signing key, in Istio's `cacerts` layout (`ca.authority`), and a
+                         root rotation under way (`ca.rotation`: rotation.json, next/)
     node-token-key.pem   the key tokens are signed with (`ca.auth.NodeTokenIssuer`); read here and nowhere
                          else: whoever needs a token asks the control plane for one (its apply API, `/token`)
+    node-token-key.retiring.json   the token keys it replaced, accepted until their overlap ends
+
+The server also answers the operator's CA requests (the apply API's `/ca/...`, `meshctl ca`): the token
+key's status and rotation, the root's status and rotation; `tick()` (the owner calls it every second or
+so) moves a root rotation through its phases and rotates the token key on its schedule.
 """
 
 from __future__ import annotations
@@ -31,11 +37,12 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
-from ca.auth import Authenticator, NodeTokenIssuer
+from ca.auth import DEFAULT_TOKEN_TTL, Authenticator, NodeTokenIssuer
 from ca.authority import ROOT_CERT, CertificateAuthority
 from ca.errors import CAError
 from ca.metrics import CAMetrics
 from ca.pods import InMemoryPodLocator, PodLocator, PodPlacement
+from ca.rotation import RootRotator
 from ca.service import AsyncCertificateServicer, CertificateService, add_to_server
 from ca.serving import RotatingServingCertificate, server_credentials
 from mesh import defaults
@@ -62,10 +69,13 @@ class CAServerError(CAError):
     """The CA's server cannot listen."""
 
 
-def load_state(home: Path, trust_domain: str = defaults.TRUST_DOMAIN) -> tuple[CertificateAuthority, NodeTokenIssuer]:
-    """The CA (`home/ca/`) and the token issuer (`home/node-token-key.pem`), each made on first start."""
+def load_state(home: Path, trust_domain: str = defaults.TRUST_DOMAIN, *,
+               token_ttl: datetime.timedelta = DEFAULT_TOKEN_TTL) -> tuple[CertificateAuthority, NodeTokenIssuer]:
+    """The CA (`home/ca/`, a root rotation a crash interrupted finished first) and the token issuer
+    (`home/node-token-key.pem`, tokens living `token_ttl` at most), each made on first start."""
+    RootRotator.recover(home / defaults.CA_DIR)
     authority = CertificateAuthority.load_or_create(home / defaults.CA_DIR, trust_domain=trust_domain)
-    issuer = NodeTokenIssuer.load_or_create(home / defaults.TOKEN_KEY_FILE)
+    issuer = NodeTokenIssuer.load_or_create(home / defaults.TOKEN_KEY_FILE, ttl=token_ttl)
     return authority, issuer
 
 
@@ -80,12 +90,18 @@ class CAServer:
         pods: PodLocator,
         *,
         issuer: NodeTokenIssuer | None = None,
+        rotator: RootRotator | None = None,
         registry: CollectorRegistry | None = None,
         serving_hosts: Sequence[str] = DEFAULT_SERVING_HOSTS,
         plaintext: bool = False,
+        token_key_rotation: datetime.timedelta | None = None,
     ) -> None:
+        """`rotator`: root rotations (without one, `rotate_root` is refused); `token_key_rotation`: rotate
+        the token key when it is that old (None: only when asked)."""
         self.authority = authority
         self.issuer = issuer
+        self.rotator = rotator
+        self.token_key_rotation = token_key_rotation
         self.registry = registry if registry is not None else CollectorRegistry()
         self.service = CertificateService(authority, authenticator, pods, CAMetrics(self.registry))
         self.grpc = grpc.aio.server(options=SERVER_OPTIONS)
@@ -98,11 +114,14 @@ class CAServer:
 
     @classmethod
     def from_state_dir(cls, home: Path, pods: PodLocator, *, trust_domain: str = defaults.TRUST_DOMAIN,
-                       authenticator: Authenticator | None = None, **kwargs: Any) -> CAServer:
+                       authenticator: Authenticator | None = None,
+                       token_ttl: datetime.timedelta = DEFAULT_TOKEN_TTL, **kwargs: Any) -> CAServer:
         """The CA of `home`; callers are authenticated by `authenticator` (on Kubernetes, TokenReview),
         else by the tokens of `home`'s token issuer (the local cluster)."""
-        authority, issuer = load_state(home, trust_domain)
-        return cls(authority, authenticator or issuer.authenticator(), pods, issuer=issuer, **kwargs)
+        authority, issuer = load_state(home, trust_domain, token_ttl=token_ttl)
+        rotator = RootRotator(authority, home / defaults.CA_DIR)
+        return cls(authority, authenticator or issuer.authenticator(), pods, issuer=issuer, rotator=rotator,
+                   **kwargs)
 
     @property
     def root_pem(self) -> bytes | None:
@@ -123,6 +142,41 @@ class CAServer:
 
     async def stop(self, grace: float | None) -> None:
         await self.grpc.stop(grace)
+
+    # ---- the operator's requests (thread-safe: the apply API calls them from its threads) ---------------
+
+    def _issuer(self) -> NodeTokenIssuer:
+        if self.issuer is None:
+            raise CAServerError("this CA mints no tokens: it has no token key")
+        return self.issuer
+
+    def token_key_status(self) -> dict[str, Any]:
+        return self._issuer().ring.status()
+
+    def rotate_token_key(self, overlap: datetime.timedelta) -> dict[str, Any]:
+        """A new token signing key; the current one is accepted for `overlap` more (0: revoked now)."""
+        return self._issuer().rotate_key(overlap)
+
+    def root_status(self) -> dict[str, Any]:
+        if self.rotator is None:
+            raise CAServerError("this CA was not started from a state directory: it cannot rotate its root")
+        return self.rotator.status()
+
+    def rotate_root(self, propagation: datetime.timedelta, overlap: datetime.timedelta) -> dict[str, Any]:
+        """Start a root rotation (`ca.rotation`); raises `RotationError` if it cannot start."""
+        if self.rotator is None:
+            raise CAServerError("this CA was not started from a state directory: it cannot rotate its root")
+        return self.rotator.start(propagation, overlap)
+
+    def tick(self, now: datetime.datetime | None = None) -> None:
+        """Move a root rotation on, and rotate the token key when it is due (see the constructor)."""
+        now = now or datetime.datetime.now(datetime.UTC)
+        if self.rotator is not None:
+            self.rotator.advance(now)
+        every = self.token_key_rotation
+        if every and self.issuer is not None and now - self.issuer.ring.since >= every:
+            # Tokens signed by the old key stay good until they expire: the overlap is their lifetime.
+            self.issuer.rotate_key(self.issuer.ttl)
 
 
 @dataclass

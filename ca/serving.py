@@ -6,7 +6,8 @@ ID (default `spiffe://<td>/ns/istio-system/sa/istiod`) *and* DNS/IP SANs for the
 because gRPC's TLS client checks the target's host name against DNS/IP SANs and has no SPIFFE check of
 its own.  Clients trust it through the mesh root (`root-cert.pem`), exactly like workload certificates.
 
-The key is made in this process and never written to disk.  The certificate is renewed at half-life:
+The key is made in this process and never written to disk.  The certificate is renewed at half-life, and
+at once when the CA's signing key or trust bundle changes (a root rotation, `ca.rotation`):
 `server_credentials()` uses gRPC's dynamic credentials, which ask for the current certificate on each
 new TLS handshake, so live connections are not dropped when it rotates.  `https_context()` does the same
 for an `ssl` server (the admission webhook on :15017): its SNI callback, which OpenSSL calls on every
@@ -108,17 +109,24 @@ class RotatingServingCertificate:
         self._current = self._issue()
 
     def _issue(self) -> ServingCertificate:
+        self._generation, self._bundle = self._authority.generation, self._authority.bundle
         return issue_serving_certificate(self._authority, self._hosts, identity=self._identity, ttl=self._ttl)
+
+    def _stale(self, now: datetime.datetime) -> bool:
+        """Past half-life, or the CA changed its signing key or trust bundle (a root rotation)."""
+        authority = self._authority
+        return now >= self._current.renew_at() or authority.generation != self._generation \
+            or authority.bundle != self._bundle
 
     @property
     def current(self) -> ServingCertificate:
         return self._current
 
     def refresh(self, now: datetime.datetime | None = None) -> bool:
-        """Re-issue if past half-life; True if the certificate changed."""
+        """Re-issue if past half-life or the CA's root changed; True if the certificate changed."""
         now = now or datetime.datetime.now(datetime.UTC)
         with self._lock:
-            if now < self._current.renew_at():
+            if not self._stale(now):
                 return False
             self._current = self._issue()
             return True

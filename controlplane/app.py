@@ -4,8 +4,10 @@ Top to bottom (`ControlPlane.start`): metrics registry, configuration source (th
 translation; on Kubernetes the store is filled from the cluster's API, listed before anything is served,
 and callers are authenticated by TokenReview), discovery server, the CA's server (`ca.server`: state
 directory → CA → token issuer → service → TLS) with discovery added on the same port, HTTP endpoints
-(metrics on TCP, debug on a Unix socket), the apply API (which also mints tokens with the CA's issuer;
-local source only) or, on Kubernetes, the admission webhook, then `endpoints.json`.
+(metrics on TCP, debug on a Unix socket), the apply API (which also mints tokens with the CA's issuer and
+takes the operator's CA requests, such as rotations; local source only) or, on Kubernetes, the admission
+webhook, then `endpoints.json`; and a task that ticks the CA every `CA_TICK` seconds (root rotation
+phases, the token key's scheduled rotation).
 `stop` undoes it in reverse.  `run` is the process (until SIGTERM or SIGINT); `ControlPlaneThread` runs
 it on an event loop of its own (tests, benchmarks).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import json
 import logging
@@ -46,6 +49,7 @@ from mesh.serve.thread import ServerThread
 
 log = logging.getLogger("controlplane")
 T = TypeVar("T")
+CA_TICK = 0.25  # seconds between two looks at the CA's schedule
 
 
 class ControlPlaneError(MeshError):
@@ -75,6 +79,7 @@ class ControlPlane:
         self.api: ApiServer | None = None
         self.kube: KubernetesSource | None = None
         self.webhook: WebhookServer | None = None
+        self.ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> Running:
         """Everything, in order; if a step fails, what was started is stopped again."""
@@ -100,13 +105,16 @@ class ControlPlane:
         await discovery.start()
 
         # One gRPC server for the CA and discovery.
-        self.ca = ca = CAServer.from_state_dir(home, WorkloadPodLocator(discovery), trust_domain=opts.trust_domain,
-                                               authenticator=authenticator, registry=metrics.registry,
-                                               serving_hosts=opts.tls_hosts(), plaintext=opts.plaintext)
+        self.ca = ca = CAServer.from_state_dir(
+            home, WorkloadPodLocator(discovery), trust_domain=opts.trust_domain, authenticator=authenticator,
+            registry=metrics.registry, serving_hosts=opts.tls_hosts(), plaintext=opts.plaintext,
+            token_ttl=datetime.timedelta(seconds=opts.token_ttl),
+            token_key_rotation=datetime.timedelta(seconds=opts.token_key_rotation) if opts.token_key_rotation else None)
         discovery.authenticator = ca.service.authenticator  # one verifier for the CA and discovery
         add_to_server(ca.grpc, discovery)
         self.extras.update(authority=ca.authority, token_issuer=ca.issuer)
         grpc_port = await ca.start(opts.grpc_listen)
+        self.ticker = asyncio.create_task(self._tick(ca), name="ca-tick")
 
         # HTTP: metrics (TCP) and debug (Unix socket).
         endpoints = http_endpoints(metrics.registry, discovery.connections, asyncio.get_running_loop())
@@ -118,7 +126,7 @@ class ControlPlane:
         # The apply API, and the token minter (local source: on Kubernetes, kubectl writes the configuration).
         if opts.config_source == LOCAL and "store" in self.extras:
             self.api = ApiServer(self.extras["store"], home / defaults.API_SOCKET, on_request=self._record,
-                                 tokens=ca.issuer)
+                                 tokens=ca.issuer, ca=ca)
             self.api.start()
 
         # The admission webhook (Kubernetes), with a serving certificate from the CA.
@@ -143,6 +151,10 @@ class ControlPlane:
         if self.webhook is not None:
             with contextlib.suppress(Exception):
                 self.webhook.stop()
+        if self.ticker is not None:
+            self.ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.ticker
         if self.discovery is not None:
             await self.discovery.stop()
         if self.kube is not None:
@@ -152,6 +164,16 @@ class ControlPlane:
         if self.http is not None:
             self.http.stop()  # removes the debug socket
         (home / ENDPOINTS_FILE).unlink(missing_ok=True)
+
+    @staticmethod
+    async def _tick(ca: CAServer) -> None:
+        """The CA's schedule: root rotation phases, the token key's rotation (file writes: off the loop)."""
+        while True:
+            await asyncio.sleep(CA_TICK)
+            try:
+                await asyncio.to_thread(ca.tick)
+            except Exception:  # keep ticking: the next look may succeed (a full disk, say), and say so each time
+                log.exception("the CA's scheduled work failed")
 
     def _store_source(self) -> ResourceSource:
         """The configuration store (under `controlplane/store/`) and its translation."""

@@ -3,7 +3,7 @@
     python -m controlplane.main --state-dir DIR [--grpc-listen 0.0.0.0:15012]
         [--metrics-listen 0.0.0.0:15014] [--trust-domain cluster.local] [--serving-host NAME ...]
         [--config-source local|kubernetes] [--kubeconfig FILE] [--webhook-listen 0.0.0.0:15017]
-        [--node-agent-account NS/SA ...]
+        [--node-agent-account NS/SA ...] [--token-ttl SECONDS] [--token-key-rotation SECONDS]
 
 What DIR holds is in `controlplane.options`; the assembly is `controlplane.app`.  Runs until SIGTERM or
 SIGINT, then shuts down in the reverse order.  `--plaintext` serves gRPC without TLS (debugging only).
@@ -56,8 +56,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kubernetes: the service account of the node agents, allowed to ask for the "
                         "identities of pods on their node (repeatable; default "
                         f"{', '.join(DEFAULT_NODE_AGENT_ACCOUNTS)})")
+    p.add_argument("--token-ttl", type=_positive, default=Options.token_ttl, metavar="SECONDS",
+                   help="local: the lifetime of the tokens the apply API mints, and the most a request may ask "
+                        "for (default %(default)g, an hour; holders are given new ones before they expire)")
+    p.add_argument("--token-key-rotation", type=_not_negative, default=Options.token_key_rotation, metavar="SECONDS",
+                   help="local: rotate the token signing key when it is this old, keeping the old key for one "
+                        "token lifetime (default 0: only with `meshctl ca rotate-token-key`)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
+
+
+def _positive(text: str) -> float:
+    value = _not_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def _not_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
 
 
 def _account(text: str) -> str:
@@ -75,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    trust_domain=args.trust_domain, serving_hosts=args.serving_host, plaintext=args.plaintext,
                    debounce=args.debounce, config_source=args.config_source, kubeconfig=args.kubeconfig,
                    webhook_listen=args.webhook_listen,
-                   node_agent_accounts=args.node_agent_account or list(DEFAULT_NODE_AGENT_ACCOUNTS))
+                   node_agent_accounts=args.node_agent_account or list(DEFAULT_NODE_AGENT_ACCOUNTS),
+                   token_ttl=args.token_ttl, token_key_rotation=args.token_key_rotation)
     try:
         app.run(opts)
     except (MeshError, OSError) as exc:

@@ -6,7 +6,7 @@ DIR (`--state-dir`) is the cluster's state directory; the control plane keeps ev
     ca/                  the CA's root and signing key (generated on first start; see `ca.server`);
                          clients trust `ca/root-cert.pem`
     node-token-key.pem   the key tokens are signed with (read by `ca.server` only; tokens are asked of the
-                         apply API's `/token`)
+                         apply API's `/token`), and `node-token-key.retiring.json`, the keys it replaced
     store/               the configuration store
     api.sock             the apply API (the config store's server, and the token minter)
     debug.sock           local-only HTTP: /debug/connections (what `meshctl proxy-status` reads), /metrics
@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ca.auth import DEFAULT_TOKEN_TTL
 from ca.server import DEFAULT_SERVING_HOSTS
 from ca.tokenreview import DEFAULT_NODE_AGENT_ACCOUNTS
 from mesh import defaults
@@ -50,6 +51,8 @@ class Options:
     webhook_listen: str = defaults.CONTROLPLANE_WEBHOOK_LISTEN  # kubernetes: the admission webhook (HTTPS)
     node_agent_accounts: list[str] = field(default_factory=lambda: list(DEFAULT_NODE_AGENT_ACCOUNTS))  # NS/SA
     sync_timeout: float = 60.0  # kubernetes: seconds to list every collection before serving
+    token_ttl: float = DEFAULT_TOKEN_TTL.total_seconds()  # seconds: the default and longest life of a token
+    token_key_rotation: float = 0.0  # seconds: rotate the token key when it is this old; 0 only when asked
 
     @property
     def home(self) -> Path:

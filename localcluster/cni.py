@@ -281,7 +281,7 @@ class Runtime:
             done = subprocess.run(argv, input=json.dumps(conf).encode(), capture_output=True, check=False,
                                   env=plugin_env(command, att, self.bin_dirs, self.env), timeout=self.timeout)
         except subprocess.TimeoutExpired as exc:
-            raise CniError(f"plugin {kind} did not finish {command} within {self.timeout:.0f}s",
+            raise CniError(f"plugin {kind} did not finish {command} within {self.timeout:g}s",
                            plugin=kind, command=command) from exc
         except OSError as exc:
             raise CniError(f"plugin {kind} could not be started for {command}: {exc}", plugin=kind,

@@ -137,7 +137,7 @@ def wait_cni_socket(path: str, rec: ProcessRecord, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if not processes.is_running(rec):
-            raise ComponentError(f"the {rec.name} exited while starting; its log ends with:\n{processes.tail(rec.log)}")
+            raise ComponentError(f"{rec.name} exited while starting; its log ends with:\n{processes.tail(rec.log)}")
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
             try:
                 probe.connect(path)
@@ -145,7 +145,7 @@ def wait_cni_socket(path: str, rec: ProcessRecord, timeout: float) -> None:
             except OSError:
                 pass
         if time.monotonic() > deadline:
-            raise ComponentError(f"the {rec.name} did not open its CNI socket {path} in {timeout:.0f}s (it does "
+            raise ComponentError(f"{rec.name} did not open its CNI socket {path} in {timeout:.0f}s (it does "
                                  f"once discovery has synced); its log ends with:\n{processes.tail(rec.log)}")
         time.sleep(0.1)
 

@@ -7,11 +7,12 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, owner: tuple[int, int] | None = None) -> None:
     """Replace `path` with `data`: readers see the old or the new content, never a mix.  The temporary
-    file is created private (0600) and only given `mode` once complete, so a key is never readable by
-    others, even briefly.  Durable when it returns: the file is fsynced before the rename, and the
-    directory after it (the rename lives in the directory; without that a crash may lose it)."""
+    file is created private (0600) and only given `mode` (and `owner`, a uid and gid) once complete, so a
+    key is never readable by others, even briefly, and its reader never finds it not yet its own.  Durable
+    when it returns: the file is fsynced before the rename, and the directory after it (the rename lives
+    in the directory; without that a crash may lose it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -20,6 +21,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
+        if owner is not None:
+            os.chown(tmp, *owner)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -7,14 +7,15 @@ each one's `app.py` shows only what is its own.
                   --trace-sampling
     process       run(opts, body, log, stopping): logging, open-files limit, SIGTERM/SIGINT set `stop`;
                   cancelled_on_stop(serve) for a process with nothing to drain
-    certificates  open_certificates(opts, impersonate=...): token file -> CA client -> secret manager (running)
+    certificates  open_certificates(opts, impersonate=...): token file, trust bundle file -> CA client ->
+                  secret manager (running); both files are read again as they change
     discovery     open_discovery(opts, node, subscriptions, handler): the delta xDS client with the token,
                   its channel of accepted updates kept empty; wait_synced(xds, opts, log, on_wait)
     serving       start_serving(nursery, opts, registry=, ready=, admin=): metrics, readiness and admin
                   endpoints (`mesh.serve`); their bound ports
     tracing       tracer(opts, resource, registry): the process's `Tracer`, with an OTLP exporter when
                   --otlp-endpoint (or $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set; start_tracing(nursery,
-                  tracer) runs the exporter's background task
+                  tracer) runs the exporter's background task, flush_tracing(tracer) sends what is left
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from prometheus_client import CollectorRegistry
 from mesh import defaults
 from mesh.errors import MeshError
 from mesh.process import raise_open_files_limit, serve_until_signalled, split_hostport
+from mesh.secrets.bundle import TrustBundle
 from mesh.secrets.client import CAClient
 from mesh.secrets.manager import SecretManager
 from mesh.serve.endpoints import Readiness, serve_metrics, serve_readiness
@@ -59,7 +61,7 @@ class ProcessOptions:
     """What every data plane process is started with; a process's own `Options` adds to it."""
 
     control_plane: str  # HOST:PORT of discovery and the CA (TLS)
-    root_cert: Path  # the mesh's root certificate (PEM)
+    root_cert: Path  # the mesh's root certificates (PEM; read again when it changes: root rotation)
     token_file: Path  # the token the control plane issued (read again on each use: it may be replaced)
     trust_domain: str = defaults.TRUST_DOMAIN
     cert_ttl: int = 0  # seconds; 0 = the CA's default
@@ -155,10 +157,11 @@ def cancelled_on_stop(serve: Callable[[], Awaitable[None]]) -> Callable[[trio.Ev
 @asynccontextmanager
 async def open_certificates(opts: ProcessOptions, *, impersonate: bool) -> AsyncIterator[SecretManager]:
     """The secret manager, running: it asks the CA with the token in `opts.token_file` (`impersonate`:
-    on behalf of the pods of its node, as a node agent does; else for its own identity)."""
-    root_pem = opts.root_cert.read_bytes()
-    with CAClient(opts.control_plane, root_pem, opts.token) as signer:
-        certs = SecretManager(signer, root_pem, impersonate=impersonate, ttl_seconds=opts.cert_ttl)
+    on behalf of the pods of its node, as a node agent does; else for its own identity), trusting the
+    roots in `opts.root_cert`, followed as the file changes (a root rotation: no restart)."""
+    bundle = TrustBundle.from_file(opts.root_cert)
+    with CAClient(opts.control_plane, bundle.pem, opts.token) as signer:
+        certs = SecretManager(signer, bundle, impersonate=impersonate, ttl_seconds=opts.cert_ttl)
         async with trio.open_nursery() as nursery:
             await nursery.start(certs.run)
             yield certs
@@ -175,9 +178,10 @@ async def open_discovery(opts: ProcessOptions, node: NodeInfo, subscriptions: Ma
     NACKs).  Accepted updates are also offered on a channel: it is kept empty here, or the client would
     stop acknowledging."""
     opts.token()  # readable now, or fail here saying so
+    bundle = TrustBundle.from_file(opts.root_cert)
     config = ClientConfig(target=opts.control_plane, node=node, subscriptions=subscriptions,
-                          root_pem=opts.root_cert.read_bytes(),
-                          metadata_fn=lambda: (("authorization", f"Bearer {opts.token()}"),))  # read per stream
+                          root_pem=bundle.pem(), root_pem_fn=bundle.pem,  # both read per stream
+                          metadata_fn=lambda: (("authorization", f"Bearer {opts.token()}"),))
     async with open_xds_client(config, handler=handler) as xds, trio.open_nursery() as nursery:
         nursery.start_soon(_drain, xds)
         yield xds
@@ -233,3 +237,10 @@ async def start_tracing(nursery: trio.Nursery, tracer: Tracer) -> None:
     """The exporter's background task, started in `nursery` (nothing when the tracer does not export)."""
     if isinstance(tracer.exporter, SpanExporter):
         await nursery.start(tracer.exporter.run)
+
+
+async def flush_tracing(tracer: Tracer, timeout: float = 1.0) -> None:
+    """Send the spans still queued, within `timeout` (a process that drains before it exits)."""
+    if isinstance(tracer.exporter, SpanExporter):
+        with trio.move_on_after(timeout):
+            await tracer.exporter.flush()

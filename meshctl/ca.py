@@ -1,7 +1,15 @@
-"""`meshctl ca root` and `meshctl ca check CERT.pem`: the mesh root, and what a certificate is.
+"""`meshctl ca root` and `meshctl ca check CERT.pem`: the mesh root, and what a certificate is;
+`meshctl ca status`, `rotate-token-key` and `rotate-root`: the control plane's token key and roots.
 
 The mesh root is found, in order: `--root FILE`; `$MESH_CA_DIR/root-cert.pem`; the local cluster's
-control plane state, `<cluster state dir>/controlplane/ca/root-cert.pem`.
+control plane state, `<cluster state dir>/controlplane/ca/root-cert.pem`.  It may hold two roots while
+the root is rotated.
+
+Rotations are asked of the control plane (its apply API), which runs them without a restart:
+`rotate-token-key --overlap D` makes a new token signing key, and tokens of the old one are refused after
+D (at once with 0s: every token it signed is revoked; the local cluster gives its holders new tokens
+within a second); `rotate-root --propagation P --overlap D` trusts a new root at once, signs with it after
+P, and drops the old root D later.
 """
 
 from __future__ import annotations
@@ -14,7 +22,9 @@ from typing import Any
 
 from cryptography import x509
 
-from mesh.errors import MeshError
+from mesh.api.schema import parse_duration
+from mesh.errors import MeshError, UsageError
+from meshctl.config import add_connection_args, client_from
 
 ROOT_CERT = "root-cert.pem"
 CA_DIR_ENV = "MESH_CA_DIR"
@@ -86,6 +96,49 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if explanation.ok else 1
 
 
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 0s, 90s, 10m or 1h") from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = client_from(args)
+    key, roots = client.token_key_status(), client.root_status()
+    print(f"token key: {key['current']} ({key['algorithm']}, current since {key['since']})")
+    for r in key["retiring"]:
+        print(f"  retiring: {r['kid']}, accepted until {r['until']}")
+    phase = roots["phase"]
+    when = {"propagating": f", the new root signs from {roots.get('activateAt')}",
+            "overlap": f", the old root is trusted until {roots.get('retireAt')}"}.get(phase, "")
+    print(f"root rotation: {phase}{when}")
+    for r in roots["roots"]:
+        signing = " (signs)" if r["sha256"] == roots["signingRoot"] else ""
+        print(f"  root {r['sha256'][:16]} {r['subject']}, valid until {r['notAfter']}{signing}")
+    return 0
+
+
+def cmd_rotate_token_key(args: argparse.Namespace) -> int:
+    if args.overlap is None:
+        raise UsageError("rotate-token-key needs --overlap: how long tokens of the current key stay good "
+                         "(0s revokes them now)")
+    status = client_from(args).rotate_token_key(args.overlap)
+    print(f"token key rotated: {status['current']} signs new tokens")
+    for r in status["retiring"]:
+        print(f"the previous key {r['kid']} is accepted until {r['until']}")
+    if not status["retiring"]:
+        print("tokens signed by the previous key are refused from now on")
+    return 0
+
+
+def cmd_rotate_root(args: argparse.Namespace) -> int:
+    status = client_from(args).rotate_root(args.propagation, args.overlap)
+    print(f"root rotation started: the new root is trusted now, signs from {status.get('activateAt')}, "
+          f"and the old root is dropped at {status.get('retireAt')} (meshctl ca status)")
+    return 0
+
+
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser(
         "ca",
@@ -116,3 +169,30 @@ def add_parser(sub: Any) -> None:
     check.add_argument("cert", metavar="CERT.pem")
     common(check)
     check.set_defaults(func=cmd_check)
+
+    status = verbs.add_parser("status", help="the token signing key and the roots, and any rotation under way")
+    add_connection_args(status)
+    status.set_defaults(func=cmd_status)
+
+    token_key = verbs.add_parser(
+        "rotate-token-key", help="make a new token signing key; the old one is refused after the overlap",
+        description="Make a new signing key for the tokens the control plane mints. Tokens signed by the "
+        "current key stay good for --overlap, then are refused: rotating the key revokes them. The local "
+        "cluster gives node agents and waypoints new tokens at once.")
+    token_key.add_argument("--overlap", type=_duration, metavar="DURATION",
+                           help="how long the old key's tokens are still accepted, e.g. 1h; 0s revokes them now")
+    add_connection_args(token_key)
+    token_key.set_defaults(func=cmd_rotate_token_key)
+
+    root = verbs.add_parser(
+        "rotate-root", help="replace the CA root without a restart (trust both, switch, drop the old)",
+        description="Replace the CA's root while everything runs: the new root is added to the trust bundle "
+        "now, signs every new certificate after --propagation (node agents and waypoints renew theirs at "
+        "once), and the old root leaves the bundle --overlap later.")
+    root.add_argument("--propagation", type=_duration, default=60.0, metavar="DURATION",
+                      help="how long every process gets to read the new bundle before the new root signs "
+                           "(default 60s)")
+    root.add_argument("--overlap", type=_duration, default=3600.0, metavar="DURATION",
+                      help="how long the old root is still trusted after the new one signs (default 1h)")
+    add_connection_args(root)
+    root.set_defaults(func=cmd_rotate_root)

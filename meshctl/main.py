@@ -26,6 +26,7 @@ VERB_MODULES = (
     "meshctl.proxystatus",
     "meshctl.agent",
     "meshctl.bench",
+    "meshctl.dashboard.cli",
 )
 
 

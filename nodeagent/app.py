@@ -3,6 +3,8 @@
     state (fed by discovery) ──> enroller ──> PodProxy per enrolled pod (15001, 15006, 15008 in the pod)
                                                  │ outbound ──> HBONE pool (connections from the pod)
                                                  │ inbound  ──> authorization ──> the application
+                                              (the pods' connections run on the data path engine:
+                                               uvloop in a thread of its own; the rest is trio)
     certificates (CA, on behalf of the node's pods)   metrics :15020   readiness :15021   admin :15000
     tunnel spans (`nodeagent.tracing`) ──> OTLP exporter (--otlp-endpoint), in the background
 
@@ -25,8 +27,9 @@ from prometheus_client import CollectorRegistry
 
 from mesh import runtime
 from mesh.errors import MeshError
+from mesh.hbone.aiopool import AioPool
 from mesh.hbone.config import ListenerLimits
-from mesh.hbone.pool import HbonePool
+from mesh.hbone.engine import Engine
 from mesh.secrets.manager import SecretManager
 from mesh.serve.endpoints import Readiness
 from mesh.tracing.span import Resource
@@ -45,6 +48,7 @@ from nodeagent.pods.local import LocalPodSource
 from nodeagent.pods.source import PodRef, PodSource
 from nodeagent.proxy.context import AgentParts, PodContext, pool_connect
 from nodeagent.proxy.pod import PodProxy
+from nodeagent.proxy.sockets import SocketSupply
 from nodeagent.redirect.base import Redirector
 from nodeagent.redirect.ebpf import EbpfRedirector
 from nodeagent.redirect.iptables import IptablesRedirector
@@ -74,7 +78,7 @@ async def serve(opts: Options) -> None:
             runtime.open_discovery(opts, node, SUBSCRIPTIONS, functools.partial(apply_update, state)) as xds, \
             trio.open_nursery() as nursery:
         agent = Agent(opts, state, certs, registry, xds, nursery, redirector)
-        await nursery.start(agent.pool.run)
+        await nursery.start(agent.engine.run)
         await runtime.start_tracing(nursery, agent.tracer)
         admin = AdminView(state, certs.status, node=opts.node, capture_mode=redirector.mode,
                           enrollment=agent.enrollment, capture=agent.capture)
@@ -128,13 +132,16 @@ class Agent:
         self.metrics = NodeAgentMetrics.create(registry)
         self.tracer = runtime.tracer(opts, Resource.of({"service.name": "nodeagent", "service.instance.id": opts.node,
                                                         "k8s.node.name": opts.node}), registry)
-        self.pool = HbonePool(pool_connect(opts.connect_timeout), certs.client_context,
-                              connect_timeout=opts.connect_timeout, certificate=certs.current)
+        self.engine = Engine()
+        sockets = SocketSupply()
+        self.pool = AioPool(pool_connect(sockets, opts.connect_timeout), certs.client_context,
+                            connect_timeout=opts.connect_timeout, certificate=certs.current)
         self.parts = AgentParts(state=state, certs=certs, pool=self.pool, metrics=self.metrics,
                                 log=AccessLog(sys.stdout), trust_domain=opts.trust_domain,
                                 connect_timeout=opts.connect_timeout, redirector=redirector,
                                 hbone_limits=ListenerLimits(opts.hbone_max_connections, opts.hbone_max_handshakes),
-                                tracer=TunnelTracer(self.tracer, opts.node) if self.tracer.exporting else None)
+                                tracer=TunnelTracer(self.tracer, opts.node) if self.tracer.exporting else None,
+                                engine=self.engine, sockets=sockets)
         self.enroller: Enroller | None = None
         self.synced = False
         self._nursery = nursery

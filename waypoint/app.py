@@ -143,6 +143,7 @@ class Waypoint:
             self.inbound.drain()
             with trio.move_on_after(opts.drain_seconds):
                 await inbound_done.wait()
+            await runtime.flush_tracing(self.tracer)  # the last requests' spans
             nursery.cancel_scope.cancel()
         await self.proxy.pool.aclose()
 

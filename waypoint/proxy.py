@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import trio
 
 from mesh.hbone.relay import relay
+from mesh.istiometrics import MUTUAL_TLS
 from mesh.tracing.propagation import extract
 from mesh.tracing.span import SpanKind
 from mesh.tracing.tracer import Started, Tracer
@@ -130,20 +131,19 @@ class WaypointProxy:
         addressed workload), bytes copied both ways with half-close."""
         table = self._table
         hostname = table.by_vip.get(client.destination_ip)
+        svc = table.services[hostname] if hostname is not None else None
         target: Endpoint | None
-        if hostname is not None:
-            svc = table.services[hostname]
+        if svc is not None:
             eps = [e for e in svc.endpoints.get(client.destination_port, ()) if e.healthy]
             target = self.rng.choice(eps) if eps else None
         else:
             w = table.workloads_by_ip.get(client.destination_ip)
             target = dataclasses.replace(w, port=client.destination_port) if w else None
-        svc_info = table.services.get(hostname) if hostname is not None else None
         with self.metrics.tcp.open(TcpLabels(**peer_labels(
                 source=table.workloads_by_ip.get(client.source_ip), source_namespace=client.namespace,
                 source_principal=client.peer_identity, destination=target, service_host=hostname or "",
-                service_name=svc_info.name if svc_info else "",
-                service_namespace=svc_info.namespace if svc_info else ""))) as counted:
+                service_name=svc.name if svc else "", service_namespace=svc.namespace if svc else ""),
+                connection_security_policy=MUTUAL_TLS)) as counted:
             if target is None:
                 counted.close("UH" if hostname else "NR")
                 await stream.aclose()

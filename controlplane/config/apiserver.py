@@ -13,9 +13,17 @@ Endpoints (every response is a JSON object; errors carry `error` (one line) and 
     POST /delete  {"documents": [...]} or {"refs": ["Kind/ns/name"]}, "namespace"?, "ignoreNotFound"?
     GET  /resources?kind=K&namespace=NS&name=N   -> {"version", "items": [body, ...]}
     POST /label   {"ref": "Kind/ns/name", "set": {k: v}, "remove": [k]}
-    POST /token   {"node": NAME} or {"identity": "spiffe://..."}  -> {"token": JWT}
+    POST /token   {"node": NAME} or {"identity": "spiffe://..."}, "expirationSeconds"?
+                                          -> {"token": JWT, "expirationTimestamp"}
                   a node agent's token, or a workload's (a waypoint's) for its own identity, signed with
-                  the CA's token key (the one place that key is read: `ca.server`); 404 without a minter
+                  the CA's token key (the one place that key is read: `ca.server`); it lives the control
+                  plane's `--token-ttl`, or `expirationSeconds` if that is shorter (as a TokenRequest);
+                  404 without a minter
+    GET  /ca/token-key                    -> {"current": kid, "algorithm", "since", "retiring": [{"kid", "until"}]}
+    POST /ca/token-key/rotate  {"overlapSeconds": S}   a new signing key; the old one is accepted S more seconds
+    GET  /ca/root                         -> {"phase", "roots": [...], "signingRoot", "activateAt"?, "retireAt"?}
+    POST /ca/root/rotate  {"propagationSeconds": P, "overlapSeconds": S}   a new root (`ca.rotation`);
+                                          409 while a rotation is under way
 Status codes: 200 done, 400 malformed request, 404 not found, 409 conflict, 422 invalid configuration
 (nothing was changed), 500 the store could not save.  Documents are validated here, authoritatively,
 whatever the client checked before sending.  The client is `mesh.api.client.ApiClient`.
@@ -26,6 +34,7 @@ Every POST is logged as `api <path> status=.. version=.. errors=.. ms=..` and, w
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +42,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Protocol
 
+from ca.errors import CAError
 from controlplane.config.store import Store, StoreError
 from mesh.api.errors import ApiError, BadRequest, Conflict, NotFound, ValidationError
 from mesh.api.kinds import DEFAULT_NAMESPACE, resolve_kind
@@ -53,9 +63,23 @@ RequestHook = Callable[[str, int, "str | int", int, float], None]
 class TokenMinter(Protocol):
     """What `/token` needs: `ca.auth.NodeTokenIssuer` is one."""
 
-    def mint_node_token(self, node: str) -> str: ...
+    def lifetime(self, requested: datetime.timedelta | None) -> datetime.timedelta: ...
 
-    def mint_workload_token(self, identity: SpiffeId) -> str: ...
+    def mint_node_token(self, node: str, *, ttl: datetime.timedelta | None = None) -> str: ...
+
+    def mint_workload_token(self, identity: SpiffeId, *, ttl: datetime.timedelta | None = None) -> str: ...
+
+
+class CAAdmin(Protocol):
+    """What `/ca/...` needs: `ca.server.CAServer` is one."""
+
+    def token_key_status(self) -> dict[str, Any]: ...
+
+    def rotate_token_key(self, overlap: datetime.timedelta) -> dict[str, Any]: ...
+
+    def root_status(self) -> dict[str, Any]: ...
+
+    def rotate_root(self, propagation: datetime.timedelta, overlap: datetime.timedelta) -> dict[str, Any]: ...
 
 
 Endpoint = Callable[[dict[str, str], dict[str, Any]], dict[str, Any]]
@@ -64,17 +88,22 @@ Endpoint = Callable[[dict[str, str], dict[str, Any]], dict[str, Any]]
 class _Api:
     """The endpoints over the store (and the token minter): query and JSON body in, a JSON object out."""
 
-    def __init__(self, store: Store, on_request: RequestHook | None, tokens: TokenMinter | None) -> None:
+    def __init__(self, store: Store, on_request: RequestHook | None, tokens: TokenMinter | None,
+                 ca: CAAdmin | None = None) -> None:
         self.store = store
         self.on_request = on_request
         self.tokens = tokens
+        self.ca = ca
 
     def router(self) -> Router:
         router = Router(error=json_error)
         router.add("/healthz", self._handler(self._healthz))
         router.add("/resources", self._handler(self._resources))
+        router.add("/ca/token-key", self._handler(self._token_key))
+        router.add("/ca/root", self._handler(self._root))
         for path, endpoint in (("/apply", self._apply), ("/delete", self._delete), ("/label", self._label),
-                               ("/token", self._token)):
+                               ("/token", self._token), ("/ca/token-key/rotate", self._rotate_token_key),
+                               ("/ca/root/rotate", self._rotate_root)):
             router.add(path, self._handler(endpoint), methods=("POST",))
         return router
 
@@ -157,14 +186,49 @@ class _Api:
         if tokens is None:
             raise NotFound("this API mints no tokens")
         node, identity = body.get("node"), body.get("identity")
+        requested = body.get("expirationSeconds")
+        if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested < 1):
+            raise BadRequest(f"expirationSeconds must be a positive number of seconds, not {requested!r}")
+        ttl = tokens.lifetime(None if requested is None else datetime.timedelta(seconds=requested))
+        now = datetime.datetime.now(datetime.UTC)
         if isinstance(node, str) and node and identity is None:
-            return {"token": tokens.mint_node_token(node)}
-        if isinstance(identity, str) and node is None:
+            token = tokens.mint_node_token(node, ttl=ttl)
+        elif isinstance(identity, str) and node is None:
             try:
-                return {"token": tokens.mint_workload_token(SpiffeId.parse(identity))}
+                token = tokens.mint_workload_token(SpiffeId.parse(identity), ttl=ttl)
             except IdentityError as exc:
                 raise BadRequest(f"identity: {exc}") from exc
-        raise BadRequest('a token request names either a "node" or an "identity" (a SPIFFE ID)')
+        else:
+            raise BadRequest('a token request names either a "node" or an "identity" (a SPIFFE ID)')
+        return {"token": token, "expirationTimestamp": (now + ttl).isoformat(timespec="seconds")}
+
+    def _admin(self) -> CAAdmin:
+        if self.ca is None:
+            raise NotFound("this API has no CA to administer")
+        return self.ca
+
+    def _token_key(self, query: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
+        return self._admin().token_key_status()
+
+    def _rotate_token_key(self, query: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
+        return self._admin().rotate_token_key(_seconds(body, "overlapSeconds"))
+
+    def _root(self, query: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
+        return self._admin().root_status()
+
+    def _rotate_root(self, query: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
+        propagation, overlap = _seconds(body, "propagationSeconds"), _seconds(body, "overlapSeconds")
+        try:
+            return self._admin().rotate_root(propagation, overlap)
+        except CAError as exc:
+            raise Conflict(str(exc)) from exc
+
+
+def _seconds(body: dict[str, Any], key: str) -> datetime.timedelta:
+    value = body.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 10 * 365 * 86400:
+        raise BadRequest(f"{key} must be a number of seconds from 0 (not {value!r})")
+    return datetime.timedelta(seconds=value)
 
 
 def _namespace(body: dict[str, Any]) -> str:
@@ -189,8 +253,9 @@ class ApiServer(ServerThread):
     """Serves `store` (and `tokens`, when given) on the Unix socket `socket_path` (see the module docstring)."""
 
     def __init__(self, store: Store, socket_path: Path | str, on_request: RequestHook | None = None,
-                 tokens: TokenMinter | None = None) -> None:
+                 tokens: TokenMinter | None = None, ca: CAAdmin | None = None) -> None:
         super().__init__("apiserver")
         self.store = store
         self.socket_path = Path(socket_path)
-        self.unix(_Api(store, on_request, tokens).router(), self.socket_path, name="apply API", max_body=MAX_BODY)
+        self.unix(_Api(store, on_request, tokens, ca).router(), self.socket_path, name="apply API",
+                  max_body=MAX_BODY)

@@ -10,6 +10,9 @@ token, before anything is read; a refusal ends the stream with the authenticator
 (UNAUTHENTICATED, or UNAVAILABLE when the check itself failed).  A server without an authenticator
 refuses every stream.  The token then decides who the client is (`controlplane.discovery.identity`): the
 `node` it sends may not contradict it, and the connection table shows only authenticated identities.
+A stream lives no longer than the token that opened it: when the token expires (if the authenticator
+says when) the stream is ended, cleanly, and the client opens the next one with the fresh token its
+holder has meanwhile been given.  So a revoked or rotated-out token keeps no stream open either.
 
 Bounds (`Limits`): concurrent streams in all (checked before the token is) and per identity, and per
 stream the subscriptions (`StreamState`) and the responses queued for a client that does not read them
@@ -252,6 +255,7 @@ class DiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         # The writer may be stuck in a write to a client that does not read: closing must not wait for it.
         writer = asyncio.create_task(self._write(stream, context))
         closed = asyncio.create_task(stream.outbox.closed())
+        expiry = asyncio.create_task(self._expire(stream, principal.caller.expires))
         try:
             await asyncio.wait((writer, closed), return_when=asyncio.FIRST_COMPLETED)
             writer.cancel()
@@ -263,12 +267,21 @@ class DiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                           code=end.code, error=str(end))
                 await context.abort(grpc.StatusCode[end.code], f"discovery: {end}")
         finally:
-            for task in (reader, writer, closed):
+            for task in (reader, writer, closed, expiry):
                 task.cancel()
             del self._streams[stream.id]
             self.metrics.connected.dec()
             node = stream.state.node
             log_event("disconnect", stream=stream.id, node_id=node.id, peer=stream.peer)
+
+    @staticmethod
+    async def _expire(stream: _Stream, expires: float | None) -> None:
+        """End the stream (cleanly: the client reconnects with its renewed token) when its token expires."""
+        if expires is None:
+            return
+        await asyncio.sleep(max(0.0, expires - time.time()))
+        log_event("token_expired", stream=stream.id, caller=str(stream.principal), peer=stream.peer)
+        stream.outbox.close()
 
     async def _write(self, stream: _Stream, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         while True:

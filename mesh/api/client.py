@@ -6,6 +6,7 @@
     client.get("virtualservice", namespace="default", name="reviews")   # -> list of bodies
     client.label("Namespace//default", set_labels={...}, remove=[...])
     client.node_token("node-1") / client.workload_token(identity)   # tokens the control plane signs
+    client.rotate_token_key(overlap_seconds=3600) / client.rotate_root(...)   # the CA's rotations
 
 `register_cluster_objects(socket_path, bodies)` is what the local cluster calls at start to put its
 namespaces, service accounts, pods and services into the store.
@@ -106,13 +107,37 @@ class ApiClient:
     def label(self, ref: str, set_labels: dict[str, str] | None = None, remove: Iterable[str] = ()) -> dict[str, Any]:
         return self.request("POST", "/label", {"ref": ref, "set": set_labels or {}, "remove": list(remove)})
 
-    def node_token(self, node: str) -> str:
-        """A token for the node agent of `node`, signed by the control plane."""
-        return str(self.request("POST", "/token", {"node": node})["token"])
+    def node_token(self, node: str, expiration_seconds: int | None = None) -> str:
+        """A token for the node agent of `node`, signed by the control plane; it lives the control plane's
+        token lifetime, or `expiration_seconds` if shorter."""
+        return self._token({"node": node}, expiration_seconds)
 
-    def workload_token(self, identity: SpiffeId) -> str:
+    def workload_token(self, identity: SpiffeId, expiration_seconds: int | None = None) -> str:
         """A token for a workload (a waypoint) to ask for its own identity's certificate."""
-        return str(self.request("POST", "/token", {"identity": identity.uri})["token"])
+        return self._token({"identity": identity.uri}, expiration_seconds)
+
+    def _token(self, body: dict[str, Any], expiration_seconds: int | None) -> str:
+        if expiration_seconds is not None:
+            body["expirationSeconds"] = expiration_seconds
+        return str(self.request("POST", "/token", body)["token"])
+
+    def token_key_status(self) -> dict[str, Any]:
+        """The token signing key (its `kid`) and the retiring keys still accepted, with until when."""
+        return self.request("GET", "/ca/token-key")
+
+    def rotate_token_key(self, overlap_seconds: float) -> dict[str, Any]:
+        """A new token signing key; tokens of the old one are accepted `overlap_seconds` more."""
+        return self.request("POST", "/ca/token-key/rotate", {"overlapSeconds": overlap_seconds})
+
+    def root_status(self) -> dict[str, Any]:
+        """The CA's roots and the phase of a root rotation ("idle" when none is under way)."""
+        return self.request("GET", "/ca/root")
+
+    def rotate_root(self, propagation_seconds: float, overlap_seconds: float) -> dict[str, Any]:
+        """Start a root rotation: the new root is trusted now, signs after `propagation_seconds`, and the
+        old one is dropped `overlap_seconds` later."""
+        return self.request("POST", "/ca/root/rotate", {"propagationSeconds": propagation_seconds,
+                                                        "overlapSeconds": overlap_seconds})
 
 
 def register_cluster_objects(socket_path: Path | str, bodies: Iterable[dict[str, Any]],

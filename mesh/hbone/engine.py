@@ -41,6 +41,7 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None  # where trio calls asked for by the engine run
+        self._thread_id = 0
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -50,8 +51,7 @@ class Engine:
 
     def on_engine(self) -> bool:
         """Whether the calling thread is the engine's."""
-        loop = self._loop
-        return loop is not None and threading.get_ident() == self._thread_id
+        return self._loop is not None and threading.get_ident() == self._thread_id
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the loop in its thread until cancelled; then every task on it is cancelled and the loop

@@ -133,6 +133,7 @@ OnWindow = Callable[[int, int], bool]
 OnViolation = Callable[[Violation], None]
 
 _AT_HEADER, _IN_DATA, _IN_OTHER = 0, 1, 2
+_FAST_KINDS = frozenset({DATA, WINDOW_UPDATE})
 _UNPACK_HEADER = _HEADER.unpack_from
 _UNPACK_WORD = struct.Struct(">I").unpack_from
 
@@ -204,7 +205,7 @@ class FrameReader:
                     return
                 self._on_violation(violation)
                 return
-            fast = (kind == DATA or kind == WINDOW_UPDATE) and not guard.in_header_block
+            fast = kind in _FAST_KINDS and not guard.in_header_block
             if not fast:
                 if run < 0:
                     run = i

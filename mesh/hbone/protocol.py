@@ -52,7 +52,6 @@ from mesh.hbone.events import (
     StreamWritable,
 )
 from mesh.hbone.frames import (
-    END_STREAM,
     MAX_WINDOW,
     PREFACE,
     ErrorCode,

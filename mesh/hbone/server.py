@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -230,11 +231,13 @@ async def serve_hbone(
 
 class ListenerGate:
     """The caps of one HBONE listener (`ListenerLimits`), shared by all its connections: how many are
-    open, how many are in their TLS handshake.  `serve_hbone` enters and leaves it."""
+    open, how many are in their TLS handshake.  `serve_hbone` (and the engine's `aio.serve_tls`) enters
+    and leaves it."""
 
     def __init__(self, limits: ListenerLimits | None = None) -> None:
         self.limits = limits or ListenerLimits()
         self.handshakes = trio.CapacityLimiter(self.limits.max_handshakes)
+        self.engine_handshakes: Any = None  # the same cap on the engine (an asyncio.Semaphore made there)
         self.connections = 0  # open now
         self.refused = 0  # closed at once for being over the cap, since start
 

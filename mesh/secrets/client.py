@@ -2,12 +2,15 @@
 
 The channel is TLS to the control plane, trusting the mesh root; the caller's token goes in
 `authorization: Bearer`.  A node agent passes `impersonate=` to ask on behalf of a pod on its node.
+Both may be callables read on every call (the token file a kubelet refreshes, the trust bundle of a
+`mesh.secrets.bundle.TrustBundle`): when the roots change, the next call dials a new channel with them.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
@@ -38,7 +41,7 @@ class CAClient:
     def __init__(
         self,
         target: str,
-        root_pem: str | bytes,
+        root_pem: str | bytes | Callable[[], bytes],
         token: str | Callable[[], str],
         *,
         server_name: str | None = None,
@@ -48,14 +51,33 @@ class CAClient:
         self.target = target
         self.timeout = timeout
         self._token = token if callable(token) else (lambda: token)
-        root = root_pem.encode() if isinstance(root_pem, str) else root_pem
-        options: list[tuple[str, str | int]] = []
+        if callable(root_pem):
+            self._roots = root_pem
+        else:
+            fixed = root_pem.encode() if isinstance(root_pem, str) else root_pem
+            self._roots = lambda: fixed
+        self._options: list[tuple[str, str | int]] = []
         if server_name:
-            options.append(("grpc.ssl_target_name_override", server_name))
-        self._channel = grpc.secure_channel(
-            target, grpc.ssl_channel_credentials(root_certificates=root), options=options
-        )
-        self._stub = ca_pb2_grpc.IstioCertificateServiceStub(self._channel)  # type: ignore[no-untyped-call]
+            self._options.append(("grpc.ssl_target_name_override", server_name))
+        self._lock = threading.Lock()
+        self._dialled: bytes | None = None
+        self._channel: grpc.Channel | None = None
+        self._previous: grpc.Channel | None = None  # kept open for calls still running on it
+        self._stub: Any = None
+
+    def _current_stub(self) -> Any:
+        roots = self._roots()
+        with self._lock:
+            if roots != self._dialled:
+                if self._previous is not None:
+                    self._previous.close()
+                self._previous = self._channel
+                self._channel = grpc.secure_channel(
+                    self.target, grpc.ssl_channel_credentials(root_certificates=roots), options=self._options
+                )
+                self._stub = ca_pb2_grpc.IstioCertificateServiceStub(self._channel)  # type: ignore[no-untyped-call]
+                self._dialled = roots
+            return self._stub
 
     def create_certificate(
         self, csr_pem: str, *, ttl_seconds: int = 0, impersonate: SpiffeId | None = None
@@ -64,8 +86,9 @@ class CAClient:
         if impersonate is not None:
             request.metadata.update({IMPERSONATED_IDENTITY: impersonate.uri})
         metadata = (("authorization", f"Bearer {self._token()}"),)
+        stub = self._current_stub()
         try:
-            response = self._stub.CreateCertificate(request, metadata=metadata, timeout=self.timeout)
+            response = stub.CreateCertificate(request, metadata=metadata, timeout=self.timeout)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
             details = exc.details() if hasattr(exc, "details") else str(exc)
@@ -77,7 +100,12 @@ class CAClient:
         return list(response.cert_chain)
 
     def close(self) -> None:
-        self._channel.close()
+        with self._lock:
+            for channel in (self._previous, self._channel):
+                if channel is not None:
+                    channel.close()
+            self._previous = self._channel = None
+            self._dialled = None
 
     def __enter__(self) -> CAClient:
         return self

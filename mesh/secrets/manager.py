@@ -5,6 +5,11 @@ a worker thread), checks the answer, builds a server and a client `SSLContext`, 
 half-life (`mesh.secrets.renewal` decides when; this module only sleeps and calls).  Callers fetch the
 context per connection, so new connections use the renewed certificate while live ones carry on.
 
+The roots it trusts come from a `TrustBundle` (`mesh.secrets.bundle`), looked at every `bundle_poll`
+seconds: when they change (a root rotation), every identity's contexts are rebuilt with the new roots at
+once, and a certificate that does not chain to the bundle's first root (the CA's signing root) is renewed
+within `policy.bundle_renew_jitter` seconds, so that it is from the new root before the old one is dropped.
+
 It does not hold on to what nobody wants: a node agent (`impersonate`) forgets an identity nobody has
 asked about (`get`, a context, `current`) for `forget_after` seconds (a pod that left the node; one that
 is still there gets a new certificate on its next connection), and at most `max_identities` are held
@@ -19,6 +24,7 @@ is still there gets a new certificate on its next connection), and at most `max_
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import random
@@ -30,16 +36,18 @@ from dataclasses import dataclass, field
 import trio
 
 from mesh.identity import SpiffeId
+from mesh.secrets.bundle import TrustBundle
 from mesh.secrets.client import CertificateSigner
 from mesh.secrets.errors import NoCertificateError, SecretsError
 from mesh.secrets.renewal import RenewalPolicy, RenewalSchedule
-from mesh.secrets.svid import Svid, accept_issued, generate_key, load_trust_bundle, make_csr
+from mesh.secrets.svid import Svid, accept_issued, generate_key, make_csr
 from mesh.secrets.tls import ALPN_H2, client_context, server_context
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FORGET_AFTER = 3600.0  # seconds an identity may go unused before a node agent forgets it
 DEFAULT_MAX_IDENTITIES = 1024
+DEFAULT_BUNDLE_POLL = 2.0  # seconds between two looks at the trust bundle's file
 
 
 @dataclass(frozen=True)
@@ -64,13 +72,14 @@ class _Entry:
     last_error: str | None = None
     cancel: trio.CancelScope | None = None
     last_used: float = 0.0  # the manager's clock
+    wake: trio.Event = field(default_factory=trio.Event)  # set: look at the schedule again now
 
 
 class SecretManager:
     def __init__(
         self,
         signer: CertificateSigner,
-        trust_bundle_pem: str | bytes,
+        trust_bundle: str | bytes | TrustBundle,
         *,
         impersonate: bool = False,
         ttl_seconds: int = 0,
@@ -80,13 +89,17 @@ class SecretManager:
         alpn: Sequence[str] = (ALPN_H2,),
         forget_after: float = DEFAULT_FORGET_AFTER,
         max_identities: int = DEFAULT_MAX_IDENTITIES,
+        bundle_poll: float = DEFAULT_BUNDLE_POLL,
     ) -> None:
         """`impersonate`: ask for each identity via ImpersonatedIdentity (a node agent for its pods);
         otherwise the caller's token must itself be for the identity (a waypoint).
+        `trust_bundle`: the roots (PEM, fixed), or a `TrustBundle` (from a file: followed, see above).
         `ttl_seconds`: requested lifetime, 0 for the CA's default.  `forget_after`, `max_identities`: see
         the module docstring (a manager that does not impersonate forgets nothing for being unused)."""
         self._signer = signer
-        self._trust_bundle = load_trust_bundle(trust_bundle_pem)
+        self._bundle = trust_bundle if isinstance(trust_bundle, TrustBundle) else TrustBundle(trust_bundle)
+        self._bundle_version = self._bundle.version
+        self._bundle_poll = bundle_poll
         self._impersonate = impersonate
         self._ttl_seconds = ttl_seconds
         self._policy = policy or RenewalPolicy()
@@ -102,11 +115,46 @@ class SecretManager:
         """Host the renewal tasks; runs until cancelled.  Start it with `nursery.start(manager.run)`."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self._bundle.path is not None:
+                nursery.start_soon(self._follow_bundle)
             task_status.started()
             try:
                 await trio.sleep_forever()
             finally:
                 self._nursery = None
+
+    # -- the trust bundle -----------------------------------------------------------------------------
+
+    async def _follow_bundle(self) -> None:
+        while True:
+            await trio.sleep(self._bundle_poll)
+            await trio.to_thread.run_sync(self._bundle.refresh)
+            self._bundle_changed()
+
+    def _bundle_changed(self) -> None:
+        """If the roots changed since last seen: every context trusts the new roots from the next
+        connection, and certificates that do not chain to the first root are renewed soon."""
+        if self._bundle.version == self._bundle_version:
+            return
+        self._bundle_version = self._bundle.version
+        roots = self._bundle.certs()
+        now = self._clock()
+        renewing = 0
+        for entry in list(self._entries.values()):
+            if entry.svid is None:
+                continue
+            svid = dataclasses.replace(entry.svid, trust_bundle=roots)
+            try:
+                self._use(entry, svid)
+            except (ssl.SSLError, ValueError) as exc:
+                log.warning("cannot rebuild the TLS contexts of %s with the new roots: %s", entry.identity, exc)
+                continue
+            if svid.root != roots[0]:
+                entry.schedule.renew_by(now + self._rng.uniform(0, self._policy.bundle_renew_jitter))
+                entry.wake.set()
+                renewing += 1
+        log.info("trust bundle changed (%d root(s)): contexts rebuilt, %d certificate(s) to renew", len(roots),
+                 renewing)
 
     # -- asking for certificates ------------------------------------------------------------------------
 
@@ -204,18 +252,23 @@ class SecretManager:
         )
         try:
             chain = await trio.to_thread.run_sync(call, abandon_on_cancel=True)
-            svid = accept_issued(chain, key, entry.identity, self._trust_bundle)
+            # The roots as they are now: a new root reaches the bundle before any leaf it signs.
+            svid = accept_issued(chain, key, entry.identity, self._bundle.certs())
         except SecretsError as exc:
             entry.last_error = str(exc)
             raise
-        entry.server_ctx = server_context(svid, alpn=self._alpn)
-        entry.client_ctx = client_context(svid, alpn=self._alpn)
-        entry.svid = svid
+        self._use(entry, svid)
         entry.generation += 1
+        self._bundle_changed()  # the roots may have changed meanwhile (a CA client looked at the file)
         entry.last_error = None
         entry.schedule.issued(svid.not_before, svid.not_after)
         log.info("certificate for %s valid until %s", entry.identity, svid.leaf.not_valid_after_utc.isoformat())
         return svid
+
+    def _use(self, entry: _Entry, svid: Svid) -> None:
+        entry.server_ctx = server_context(svid, alpn=self._alpn)
+        entry.client_ctx = client_context(svid, alpn=self._alpn)
+        entry.svid = svid
 
     def _start_renewal(self, entry: _Entry) -> None:
         if entry.cancel is not None or self._entries.get(entry.identity) is not entry:
@@ -233,7 +286,9 @@ class SecretManager:
                 wait = entry.schedule.delay(now)
                 if self._impersonate:
                     wait = min(wait, max(0.0, entry.last_used + self._forget_after - now))
-                await trio.sleep(wait)
+                with trio.move_on_after(wait):
+                    await entry.wake.wait()
+                entry.wake = trio.Event()
                 idle = self._clock() - entry.last_used
                 if self._impersonate and idle >= self._forget_after:
                     log.info("nobody asked for %s for %.0fs: forgotten", entry.identity, idle)

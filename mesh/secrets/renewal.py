@@ -20,6 +20,9 @@ class RenewalPolicy:
     multiplier: float = 2.0
     max_backoff: float = 150.0
     jitter: float = 0.2  # each delay is scaled by a factor in [1 - jitter, 1 + jitter], then capped
+    # When the trust bundle's signing root changes, certificates of another root are renewed within this many
+    # seconds (spread at random, so that a node's agents do not all ask the CA at the same instant).
+    bundle_renew_jitter: float = 2.0
 
     def __post_init__(self) -> None:
         if not 0 < self.renew_fraction < 1:
@@ -28,6 +31,8 @@ class RenewalPolicy:
             raise ValueError("backoff must start positive, grow, and be capped above its start")
         if not 0 <= self.jitter < 1:
             raise ValueError("jitter must be in [0, 1)")
+        if self.bundle_renew_jitter < 0:
+            raise ValueError("bundle_renew_jitter cannot be negative")
 
     def renew_at(self, not_before: float, not_after: float) -> float:
         """When a certificate valid from `not_before` to `not_after` should be renewed."""
@@ -77,6 +82,10 @@ class RenewalSchedule:
         self.failures += 1
         self.due = now + self.policy.backoff(self.failures, self.rng)
         return self.due
+
+    def renew_by(self, when: float) -> None:
+        """Renew no later than `when` (a new root signs: the certificate should be from it)."""
+        self.due = min(self.due, when)
 
     def delay(self, now: float) -> float:
         """Seconds from `now` until the next attempt (0 if it is due)."""

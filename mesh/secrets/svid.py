@@ -59,6 +59,7 @@ class Svid:
     leaf: x509.Certificate
     intermediates: tuple[x509.Certificate, ...]
     trust_bundle: tuple[x509.Certificate, ...]
+    root: x509.Certificate | None = None  # the root its chain ends in (one of `trust_bundle`)
 
     @property
     def not_before(self) -> float:
@@ -125,4 +126,4 @@ def accept_issued(
         verifier.verify(leaf, intermediates)
     except verification.VerificationError as exc:
         raise InvalidCertificateError(f"CA returned a chain that does not verify: {exc}") from None
-    return Svid(identity, key, leaf, tuple(intermediates), tuple(trust_bundle))
+    return Svid(identity, key, leaf, tuple(intermediates), tuple(trust_bundle), root)

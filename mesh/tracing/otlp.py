@@ -44,9 +44,9 @@ def _span(s: Span) -> trace.Span:
     return trace.Span(
         trace_id=s.trace_id.to_bytes(16, "big"), span_id=s.span_id.to_bytes(8, "big"),
         parent_span_id=s.parent_span_id.to_bytes(8, "big") if s.parent_span_id else b"",
-        trace_state=s.trace_state, name=s.name, kind=int(s.kind),  # type: ignore[arg-type]
+        trace_state=s.trace_state, name=s.name, kind=trace.Span.SpanKind.ValueType(s.kind),
         start_time_unix_nano=s.start_ns, end_time_unix_nano=s.end_ns, attributes=_attributes(s.attributes),
-        status=trace.Status(code=int(s.status), message=s.status_message),  # type: ignore[arg-type]
+        status=trace.Status(code=trace.Status.StatusCode.ValueType(s.status), message=s.status_message),
         flags=FLAG_SAMPLED if s.sampled else 0)
 
 
@@ -122,7 +122,7 @@ def received(request: collector.ExportTraceServiceRequest) -> list[ReceivedSpan]
             for s in ss.spans:
                 out.append(ReceivedSpan(
                     trace_id=s.trace_id.hex(), span_id=s.span_id.hex(), parent_span_id=s.parent_span_id.hex(),
-                    name=s.name, kind=int(s.kind), start_ns=s.start_time_unix_nano, end_ns=s.end_time_unix_nano,
+                    name=s.name, kind=trace.Span.SpanKind.ValueType(s.kind), start_ns=s.start_time_unix_nano, end_ns=s.end_time_unix_nano,
                     attributes=_plain_attributes(s.attributes), resource=resource,
                     status_code=int(s.status.code), status_message=s.status.message))
     return out

@@ -51,6 +51,9 @@ class ClientConfig:
         default_factory=lambda: {t: None for t in rs.ALL_TYPES}
     )
     root_pem: bytes | None = None  # trust anchor; None means plaintext (tests and debugging only)
+    # Read again for each new stream instead of `root_pem` when set: the trust bundle of a file that is
+    # replaced when the root is rotated (`mesh.secrets.bundle.TrustBundle.pem`).
+    root_pem_fn: Callable[[], bytes] | None = None
     server_name: str | None = None  # TLS name to check when it differs from the target's host
     client_key_pem: bytes | None = None
     client_chain_pem: bytes | None = None
@@ -156,11 +159,12 @@ class XdsClient:
     def _channel(self) -> grpc.Channel:
         cfg = self.config
         options = self.channel_options()
-        if cfg.root_pem is None:
+        root_pem = cfg.root_pem_fn() if cfg.root_pem_fn is not None else cfg.root_pem
+        if root_pem is None:
             return grpc.insecure_channel(cfg.target, options=options)
         if cfg.server_name:
             options.append(("grpc.ssl_target_name_override", cfg.server_name))
-        creds = grpc.ssl_channel_credentials(cfg.root_pem, cfg.client_key_pem, cfg.client_chain_pem)
+        creds = grpc.ssl_channel_credentials(root_pem, cfg.client_key_pem, cfg.client_chain_pem)
         return grpc.secure_channel(cfg.target, creds, options=options)
 
     def _session(self) -> bool:

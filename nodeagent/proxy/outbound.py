@@ -4,35 +4,35 @@ Decide, then do (STYLE.md 2): the original destination goes through `routing.dec
 it returns is carried out by one function per kind: HBONE to the destination's node agent or to a
 waypoint (from inside the pod's namespace, with the pod's certificate, expecting the destination's
 identity), plain TCP to a destination outside the mesh, or a refusal.  Whatever happens is recorded
-once, by the connection's `ConnectionOutcome`.
+once, by the connection's `ConnectionOutcome`.  It all runs on the engine (`mesh.hbone.engine`): the
+client is a `PlainEnd` whose bytes wait (kept, not read further than a first chunk) for the upstream.
 """
 
 from __future__ import annotations
 
-import trio
-
 from mesh.hbone.headers import request_headers
 from mesh.hbone.pool import PoolKey
-from mesh.hbone.relay import relay
+from mesh.hbone.splice import End, PlainEnd, open_end, relay_ends
 from nodeagent.proxy.context import PodContext, local_of, original_destination, peer_of
 from nodeagent.proxy.errors import UPSTREAM_ERRORS, NoHealthyUpstream, SelfCall, upstream_error
 from nodeagent.proxy.outcome import OutcomeRecorder
 from nodeagent.proxy.routing import Route, RouteKind, decide
 
 
-async def handle(ctx: PodContext, client: trio.SocketStream) -> None:
-    src = peer_of(client)
-    local = local_of(client)
-    dst_ip, dst_port = original_destination(ctx, client)
+async def handle(ctx: PodContext, client: PlainEnd) -> None:
+    transport = client.transport
+    assert transport is not None
+    src = peer_of(transport)
+    local = local_of(transport)
+    dst_ip, dst_port = original_destination(ctx, transport)
     source = ctx.workload()
     route = decide(ctx.parts.state, source, dst_ip, dst_port, pod_ip=ctx.pod.ip, arrived_at=local)
     with OutcomeRecorder.of(ctx).outbound(src, (dst_ip, dst_port), source, route) as outcome:
         upstream = await _connect(ctx, route, src, outcome.traceparent)
-        outcome.relayed(await relay(client, upstream, counter=outcome.bytes))
+        outcome.relayed(await relay_ends(client, upstream, outcome.bytes))
 
 
-async def _connect(ctx: PodContext, route: Route, src: tuple[str, int],
-                   traceparent: str | None = None) -> trio.abc.Stream:
+async def _connect(ctx: PodContext, route: Route, src: tuple[str, int], traceparent: str | None = None) -> End:
     """The upstream the route names; a route that goes nowhere, or a connection that fails, is raised as
     the `ProxyError` that says how (and the pod's proxy then closes the client)."""
     if route.kind is RouteKind.SELF_CALL:
@@ -45,9 +45,11 @@ async def _connect(ctx: PodContext, route: Route, src: tuple[str, int],
         raise upstream_error(exc) from exc
 
 
-async def _hbone(ctx: PodContext, route: Route, src: tuple[str, int], traceparent: str | None) -> trio.abc.Stream:
+async def _hbone(ctx: PodContext, route: Route, src: tuple[str, int], traceparent: str | None) -> End:
     assert route.next_hop is not None and route.expected
-    await ctx.parts.certs.get(ctx.pod.identity)  # cached after the first connection
+    engine = ctx.parts.engine
+    assert engine is not None
+    await ctx.certificate(engine)  # held after the first connection: no hop to trio
     key = PoolKey(source=ctx.pod.identity, destination=route.expected[0], address=route.next_hop,
                   origin=ctx.pod.netns)
     headers = request_headers(forwarded_for=f"{src[0]}:{src[1]}",
@@ -56,6 +58,6 @@ async def _hbone(ctx: PodContext, route: Route, src: tuple[str, int], traceparen
     return await ctx.parts.pool.open_tunnel(key, route.authority, headers)
 
 
-async def _plain(ctx: PodContext, route: Route) -> trio.abc.Stream:
+async def _plain(ctx: PodContext, route: Route) -> End:
     assert route.next_hop is not None
-    return await ctx.connect_from_pod(route.next_hop)
+    return await open_end(await ctx.connect_from_pod(route.next_hop))

@@ -16,7 +16,10 @@ any other exception (a cancellation, a client gone mid-answer) is recorded and g
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -50,9 +53,10 @@ class ConnectionOutcome:
 
     def __init__(self, metrics: NodeAgentMetrics, log: AccessLog, direction: str, labels: TcpLabels,
                  source: Peer, destination: Peer, *, service: str = "", decision: Decision | None = None,
-                 span: TunnelSpan | None = None) -> None:
+                 span: TunnelSpan | None = None, on_trio: Callable[[Callable[[], None]], None] | None = None) -> None:
         self._metrics = metrics
         self.span = span  # the tunnel's span (HBONE only)
+        self._on_trio = on_trio  # on the engine: how to run the span's end where the exporter lives
         self._log = log
         self.direction = direction
         self.source = source
@@ -104,8 +108,12 @@ class ConnectionOutcome:
             bytes_sent=self.bytes.sent, bytes_received=self.bytes.received,
             connection_security_policy=self.security, error=self.error, **fields))
         if self.span is not None:
-            self.span.end(flag=str(self.flag), bytes_sent=self.bytes.sent, bytes_received=self.bytes.received,
-                          error=self.error)
+            end = functools.partial(self.span.end, flag=str(self.flag), bytes_sent=self.bytes.sent,
+                                    bytes_received=self.bytes.received, error=self.error)
+            if self._on_trio is not None:
+                self._on_trio(end)
+            else:
+                end()
 
     def __enter__(self) -> ConnectionOutcome:
         return self
@@ -114,7 +122,7 @@ class ConnectionOutcome:
                  tb: TracebackType | None) -> bool:
         if isinstance(exc, ProxyError):
             self.failed(exc)
-        elif isinstance(exc, trio.Cancelled) and self.flag is ResponseFlag.NONE:
+        elif isinstance(exc, trio.Cancelled | asyncio.CancelledError) and self.flag is ResponseFlag.NONE:
             # The client reset its CONNECT before the answer (its handler is cancelled), or the pod's
             # proxies stopped: either way the downstream side ended it.
             self.flag = ResponseFlag.DOWNSTREAM_TERMINATED
@@ -140,10 +148,13 @@ class OutcomeRecorder:
     log: AccessLog
     pod: PodRef
     tracer: TunnelTracer | None = None
+    on_trio: Callable[[Callable[[], None]], None] | None = None  # the engine's hand-over to trio
 
     @classmethod
     def of(cls, ctx: PodContext) -> OutcomeRecorder:
-        return cls(ctx.parts.metrics, ctx.parts.log, ctx.pod, ctx.parts.tracer)
+        engine = ctx.parts.engine
+        return cls(ctx.parts.metrics, ctx.parts.log, ctx.pod, ctx.parts.tracer,
+                   engine.to_trio_soon if engine is not None else None)
 
     def outbound(self, src: tuple[str, int], dst: tuple[str, int], source: pb.Workload | None,
                  route: Route) -> ConnectionOutcome:
@@ -155,6 +166,7 @@ class OutcomeRecorder:
                                  workload_peer(src, source, str(self.pod.identity)),
                                  workload_peer(dst, route.workload, str(expected or "")),
                                  service=route.service.hostname if route.service else "",
+                                 on_trio=self.on_trio,
                                  span=self.tracer.outbound(
                                      route.authority, source=f"{src[0]}:{src[1]}",
                                      source_principal=str(self.pod.identity),
@@ -171,7 +183,7 @@ class OutcomeRecorder:
                                  workload_peer((conn.source_ip, conn.source_port), source, str(conn.peer or "")),
                                  workload_peer((self.pod.ip, conn.destination.port), destination,
                                                str(self.pod.identity)),
-                                 decision=verdict.decision,
+                                 decision=verdict.decision, on_trio=self.on_trio,
                                  span=self.tracer.inbound(
                                      conn.traceparent, str(conn.destination),
                                      source=f"{conn.source_ip}:{conn.source_port}",

@@ -1,86 +1,156 @@
-"""A pod's proxies: its three listeners inside its network namespace and the tasks that serve them.
+"""A pod's proxies: its three listeners inside its network namespace and the connections they take.
 
-`PodProxy.start` opens 15001 (outbound), 15006 (plaintext inbound) and 15008 (HBONE inbound) in the
-pod's namespace and serves them in a task group of its own; `stop` cancels that group, which closes the
-listeners and the pod's connections, and nothing else of the agent.
+`PodProxy.start` (trio) opens 15001 (outbound), 15006 (plaintext inbound) and 15008 (HBONE inbound) in
+the pod's namespace and serves them on the data path's engine (`mesh.hbone.engine`): the engine
+accepts, and each connection is handled by a task there; `stop` closes the listeners and aborts the
+pod's connections and tasks, and nothing else of the agent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import trio
 
+from mesh.hbone.aio import AioServerConnection
+from mesh.hbone.engine import Engine
+from mesh.hbone.splice import PlainEnd
 from nodeagent.proxy import inbound, outbound
-from nodeagent.proxy.context import SOCKET_ERRORS, PodContext
-from nodeagent.proxy.sockets import listener_in
+from nodeagent.proxy.context import PodContext
+from nodeagent.proxy.sockets import LISTEN_BACKLOG, listener_in
 from nodeagent.redirect.rules import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
 
 log = logging.getLogger("nodeagent.pod")
 
-ConnectionHandler = Callable[[PodContext, trio.SocketStream], Awaitable[None]]
-HANDLERS: tuple[tuple[int, ConnectionHandler], ...] = (
-    (OUTBOUND_PORT, outbound.handle),
-    (INBOUND_PLAIN_PORT, inbound.handle_plaintext),
-    (HBONE_PORT, inbound.handle_hbone),
-)
+ConnectionHandler = Callable[[PodContext, PlainEnd], Awaitable[None]]
+PLAIN_HANDLERS: dict[int, ConnectionHandler] = {
+    OUTBOUND_PORT: outbound.handle,
+    INBOUND_PLAIN_PORT: inbound.handle_plaintext,
+}
+PORTS = (OUTBOUND_PORT, INBOUND_PLAIN_PORT, HBONE_PORT)
 
 
 class PodProxy:
     def __init__(self, ctx: PodContext) -> None:
         self.ctx = ctx
-        self._scope = trio.CancelScope()
-        self._done = trio.Event()
         self.listeners: dict[int, socket.socket] = {}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ends: set[PlainEnd] = set()
+        self._hbone: set[AioServerConnection] = set()
+        self._readers: list[int] = []  # listeners the engine accepts from itself (15008)
 
-    async def start(self, nursery: trio.Nursery) -> PodProxy:
-        sockets: list[tuple[socket.socket, ConnectionHandler]] = []
+    @property
+    def engine(self) -> Engine:
+        engine = self.ctx.parts.engine
+        if engine is None:
+            raise RuntimeError("the node agent's parts have no data path engine (AgentParts.engine)")
+        return engine
+
+    async def start(self, nursery: trio.Nursery | None = None) -> PodProxy:
+        sockets: dict[int, socket.socket] = {}
         try:
-            for port, handler in HANDLERS:
-                sockets.append((listener_in(self.ctx.pod.netns, "0.0.0.0", port), handler))
+            for port in PORTS:
+                sockets[port] = listener_in(self.ctx.pod.netns, "0.0.0.0", port)
+            await self.engine.call(self._serve, sockets)
         except BaseException:
-            for s, _ in sockets:
+            for s in sockets.values():
                 s.close()
             raise
-        self.listeners = {port: sock for (port, _), (sock, _) in zip(HANDLERS, sockets, strict=True)}
-        nursery.start_soon(self._serve, sockets)
+        self.listeners = sockets
         return self
 
-    async def _serve(self, sockets: list[tuple[socket.socket, ConnectionHandler]]) -> None:
-        try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    for sock, handler in sockets:
-                        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-                        nursery.start_soon(self._accept, listener, handler)
-        finally:
-            for sock, _ in sockets:
-                sock.close()
-            self._done.set()
+    async def stop(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.engine.call(self._stop)
 
-    async def _accept(self, listener: trio.SocketListener, handler: ConnectionHandler) -> None:
-        async with listener, trio.open_nursery() as nursery:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:  # e.g. EMFILE: back off rather than spin
-                    log.warning("accept failed in pod %s: %s", self.ctx.pod.key, exc)
-                    await trio.sleep(0.1)
-                    continue
-                nursery.start_soon(self._run, handler, stream)
+    # -- on the engine -----------------------------------------------------------------------------------
 
-    async def _run(self, handler: ConnectionHandler, stream: trio.SocketStream) -> None:
+    async def _serve(self, sockets: dict[int, socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+        for port, sock in sockets.items():
+            if port == HBONE_PORT:  # accepted here, so that nothing is read before the TLS handshake
+                loop.add_reader(sock.fileno(), self._accept_hbone, sock)
+                self._readers.append(sock.fileno())
+                continue
+            handler = PLAIN_HANDLERS[port]
+            factory: Callable[[], asyncio.Protocol] = lambda handler=handler: _Accepted(self, handler)  # type: ignore[misc]  # noqa: E731
+            self._servers.append(await loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG))
+
+    def _accept_hbone(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # e.g. EMFILE: the next readiness tries again
+                log.warning("accept failed in pod %s: %s", self.ctx.pod.key, exc)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._spawn(self._run_hbone(sock))
+
+    async def _stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        for fd in self._readers:
+            loop.remove_reader(fd)
+        for server in self._servers:
+            server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for end in list(self._ends):
+            end.abort()
+        for conn in list(self._hbone):
+            conn.close()
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.ctx.parts.sockets.forget(self.ctx.pod.netns)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, handler: ConnectionHandler, end: PlainEnd) -> None:
+        self._ends.add(end)
         try:
-            await handler(self.ctx, stream)
-        except SOCKET_ERRORS as exc:
+            await handler(self.ctx, end)
+        except (OSError, ConnectionError) as exc:
             log.debug("connection in pod %s ended: %s", self.ctx.pod.key, exc)
+        except asyncio.CancelledError:
+            pass
         except Exception:
             log.exception("connection handler failed in pod %s", self.ctx.pod.key)
         finally:
-            await trio.aclose_forcefully(stream)
+            self._ends.discard(end)
+            if end.transport is not None and not end.transport.is_closing():
+                end.abort()  # not relayed (refused, or the upstream failed): the client is closed
 
-    async def stop(self) -> None:
-        self._scope.cancel()
-        await self._done.wait()
+    async def _run_hbone(self, sock: socket.socket) -> None:
+        conn = None
+        try:
+            conn = await inbound.handle_hbone(self.ctx, sock)
+        except asyncio.CancelledError:
+            sock.close()
+        if conn is not None and not conn.finished.done():
+            self._hbone.add(conn)
+            conn.finished.add_done_callback(lambda _: self._hbone.discard(conn))  # type: ignore[arg-type]
+
+
+class _Accepted(PlainEnd):
+    """An accepted plaintext connection (15001, 15006): handled by a task of its own on the engine."""
+
+    def __init__(self, proxy: PodProxy, handler: ConnectionHandler) -> None:
+        super().__init__()
+        self._proxy = proxy
+        self._handler = handler
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._proxy._spawn(self._proxy._run(self._handler, self))

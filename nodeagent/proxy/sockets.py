@@ -4,6 +4,10 @@ A socket belongs to the network namespace its creating thread was in when `socke
 create it inside the pod (via `mesh.netns.entered`), then use it from anywhere.  Every socket the agent
 makes in a pod carries SO_MARK 0x539 so the pod's redirect rules let it through.
 
+`SocketSupply` makes the agent's connecting sockets ahead of use, a batch per namespace at a time, so a
+new connection costs no `setns` pair (it did, twice, per connection); `transparent_socket_in` and
+`connecting_socket_in` make one at once.
+
 `transparent_socket_in` is the one the destination agent connects to the application with: bound to
 the client's address (IP_TRANSPARENT), so that the application sees who connected, and to a source
 port of `TRANSPARENT_PORTS`; the pod's policy routing (`redirect.rules.policy_routing`) brings the
@@ -72,3 +76,56 @@ def transparent_socket_in(netns_path: str, source_ip: str, port: int) -> socket.
 def source_port() -> int:
     low, high = TRANSPARENT_PORTS
     return random.randint(low, high)
+
+
+SUPPLY_BATCH = 16  # sockets made per namespace switch
+
+
+class SocketSupply:
+    """Unconnected, marked, non-blocking TCP sockets made inside pods' network namespaces, a batch at
+    a time (one namespace switch per batch).  Used from one thread (the engine's); `forget` a
+    namespace when its pod leaves (its sockets are closed)."""
+
+    def __init__(self, batch: int = SUPPLY_BATCH) -> None:
+        self._batch = batch
+        self._stock: dict[str, list[socket.socket]] = {}
+        self.made = 0  # sockets made since start (how many switches: made / batch)
+
+    def take(self, netns_path: str) -> socket.socket:
+        stock = self._stock.get(netns_path)
+        if not stock:
+            stock = self._stock[netns_path] = self._make(netns_path)
+        return stock.pop()
+
+    def forget(self, netns_path: str) -> None:
+        for sock in self._stock.pop(netns_path, ()):
+            sock.close()
+
+    def close(self) -> None:
+        for path in list(self._stock):
+            self.forget(path)
+
+    def _make(self, netns_path: str) -> list[socket.socket]:
+        made: list[socket.socket] = []
+        try:
+            with netns.entered(netns_path):
+                for _ in range(self._batch):
+                    made.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            for sock in made:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, AGENT_MARK)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setblocking(False)
+        except BaseException:
+            for sock in made:
+                sock.close()
+            raise
+        self.made += len(made)
+        return made
+
+
+def make_transparent(sock: socket.socket, source_ip: str, port: int) -> None:
+    """Bind a supplied socket to the client's address (see `transparent_socket_in`)."""
+    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # one port, many destinations
+    sock.bind((source_ip, port))

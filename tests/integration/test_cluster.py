@@ -139,7 +139,7 @@ def test_mesh_runs_from_the_daemonset_and_deployment(meshctl: Meshctl, bookinfo:
     assert table[4].split() == ["istio-system", "istiod", "1/1", "1", "1"]
 
     agent = _manifest_container("nodeagent.yaml", "DaemonSet", "nodeagent")
-    overlaid = {"--control-plane", "--pod-source"}  # the local cluster's own values (localcluster/overlay.py)
+    overlaid = {"--control-plane"}  # the local cluster's own values (localcluster/overlay.py)
     processes = {p["name"]: p["pid"] for p in status(meshctl, bookinfo)["processes"]}
     for node in ("node-1", "node-2"):
         argv, environ = _proc(processes[f"nodeagent {node}"], "cmdline"), _proc(processes[f"nodeagent {node}"], "environ")
@@ -149,7 +149,8 @@ def test_mesh_runs_from_the_daemonset_and_deployment(meshctl: Meshctl, bookinfo:
         assert {(f, v) for f, v in _pairs(expanded) if not v.startswith("/") and f not in overlaid} <= _pairs(argv)
         assert ("--state-dir", str(meshctl.state_dir / bookinfo / "nodes" / node / "nodeagent")) in _pairs(argv)
         assert ("--token-file", str(meshctl.state_dir / bookinfo / "nodes" / node / "token")) in _pairs(argv)
-        assert ("--pod-source", "local") in _pairs(argv) and ("--bpf-prefix", f"amb-{bookinfo}") in _pairs(argv)
+        assert ("--pod-source", "cni") in _pairs(argv) and ("--bpf-prefix", f"amb-{bookinfo}") in _pairs(argv)
+        assert ("--cni-socket", str(meshctl.state_dir / bookinfo / "nodes" / node / "cni.sock")) in _pairs(argv)
         assert {f"NODE_NAME={node}", "REDIRECT_MODE=iptables", f"POD_NAME=ambient-nodeagent-{node}",
                 "POD_NAMESPACE=istio-system"} <= set(environ)
     cp = _proc(processes["controlplane"], "cmdline")

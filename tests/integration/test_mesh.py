@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from bpf import layout
-from localcluster.plan import bpf_prefix, pod_cgroup
-from mesh import cgroup, netns
+from localcluster.plan import bpf_prefix
+from mesh import netns
 from tests.integration.conftest import Meshctl, cluster_file
 
 BPFFS = Path("/sys/fs/bpf")
@@ -499,22 +499,13 @@ def test_hbone_requests_the_agent_refuses(mesh: Mesh) -> None:
 # -- the agent and the control plane going away ---------------------------------------------------------
 
 def _restart_agent(mesh: Mesh, node: str) -> None:
-    from localcluster import components, processes, state
-    from localcluster.processes import ProcessRecord
+    """Stop the node's agent (if it runs) and start it again from the cluster's record, as `meshctl agent
+    restart` does (same flags, same mode)."""
+    from localcluster import lifecycle
 
-    rec = ProcessRecord.from_json(mesh.agent(node))
-    processes.stop([rec.pid])
     os.environ["MESH_STATE_DIR"] = str(mesh.meshctl.state_dir)
     try:
-        record = state.read_record(mesh.name)
-        new = components.start_node_agent(mesh.name, mesh.dir, node, f"amb.{mesh.name}.node.{node}",
-                                          record["plan"]["underlay"]["gateway"],
-                                          f"/run/netns/amb.{mesh.name}.pod.{{namespace}}.{{name}}",
-                                          [f"--cert-ttl={CERT_TTL}"], redirect_mode=mesh.mode,
-                                          pod_cgroup_format=str(cgroup.v2_root() / pod_cgroup(
-                                              mesh.name, "{namespace}", "{name}")))
-        record["processes"] = [p for p in record["processes"] if p["name"] != rec.name] + [new.to_json()]
-        state.write_record(mesh.name, record)
+        lifecycle.restart_agent(mesh.name, node)
     finally:
         del os.environ["MESH_STATE_DIR"]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 import urllib.parse
@@ -90,6 +91,8 @@ def mesh(meshctl: Meshctl, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     finally:
         if receiver is not None:
             receiver.stop()
+        if (m.dir / "logs").is_dir():  # kept for a look after a failure; the cluster's directory goes with it
+            shutil.copytree(m.dir / "logs", tmp_path_factory.mktemp("obs-logs"), dirs_exist_ok=True)
         meshctl("cluster", "down", NAME, check=False)
         assert leftovers(NAME) == []
 

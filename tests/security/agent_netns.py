@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from ca.authority import CertificateAuthority
 from mesh import cgroup, netns
 from mesh.hbone.config import ListenerLimits
+from mesh.hbone.engine import Engine
 from mesh.hbone.pool import HbonePool, tcp_connect
 from mesh.identity import SpiffeId
 from mesh.proto import discovery_pb2 as pb
@@ -186,11 +187,12 @@ async def enrolled_pod(mode: str = "iptables", *, certs: Certificates | None = N
         registry = CollectorRegistry()
         log = io.StringIO()
         redirector = _redirector(mode)
+        engine = Engine()  # the data path's, as the agent runs it
         parts = AgentParts(state=state, certs=certs or _NoCertificates(),  # type: ignore[arg-type]
                            pool=HbonePool(tcp_connect, lambda _: None),  # type: ignore[arg-type, return-value]
                            metrics=NodeAgentMetrics.create(registry), log=AccessLog(log),
                            trust_domain="cluster.local", connect_timeout=2.0, redirector=redirector,
-                           hbone_limits=limits or ListenerLimits())
+                           hbone_limits=limits or ListenerLimits(), engine=engine)
         with netns.entered(pod_ns):
             app_sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         app_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -198,6 +200,7 @@ async def enrolled_pod(mode: str = "iptables", *, certs: Certificates | None = N
         app_sock.listen(128)
         seen: list[AppConnection] = []
         async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
             nursery.start_soon(_app, trio.socket.from_stdlib_socket(app_sock), seen)
             ctx = PodContext(ref, parts)
             proxy = await PodProxy(ctx).start(nursery)

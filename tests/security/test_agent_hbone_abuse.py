@@ -29,6 +29,7 @@ import trio
 import trio.testing
 
 from ca.authority import CertificateAuthority
+from mesh.hbone.aio import AioAcceptor, TunnelEnd
 from mesh.hbone.client import open_hbone_connection
 from mesh.hbone.config import HboneConfig, ListenerLimits
 from mesh.hbone.errors import HboneError, TunnelReset, TunnelTimeout
@@ -38,7 +39,6 @@ from mesh.hbone.headers import Authority
 from mesh.hbone.pool import HbonePool, PoolKey, tcp_connect
 from mesh.hbone.server import HboneServerConnection, InboundRequest, ListenerGate, TunnelAcceptor, serve_hbone
 from mesh.hbone.sides import HboneServer
-from mesh.hbone.transport import Tunnel
 from mesh.identity import SpiffeId
 from mesh.secrets.svid import Svid, accept_issued, generate_key, load_trust_bundle
 from mesh.secrets.tls import client_context, server_context
@@ -409,16 +409,17 @@ def test_a_pooled_connection_is_not_reused_after_the_peers_certificate_expired(
 # -- inbound: the application's connection when the CONNECT cannot be accepted -----------------------------
 
 
-class GoneAcceptor(TunnelAcceptor):
-    """A CONNECT whose client reset it while the agent was connecting to the application."""
+class GoneAcceptor(AioAcceptor):
+    """A CONNECT whose client reset it while the agent was connecting to the application (the agent's
+    inbound path runs on the data path engine: its acceptor is the engine's)."""
 
     def __init__(self) -> None:
         self.decided = False
 
-    async def accept(self) -> Tunnel:
+    def accept(self) -> TunnelEnd:
         raise TunnelReset("CONNECT 10.250.0.2:8080 was cancelled by the client")
 
-    async def reject(self, status: int, reason: str = "") -> None:
+    def reject(self, status: int, reason: str = "") -> None:
         self.decided = True
 
 
@@ -428,7 +429,7 @@ def test_the_application_connection_is_closed_when_the_connect_cannot_be_accepte
         async with enrolled_pod() as pod:
             conn = InboundConnection(CLIENT_IP, 40000, SLEEP, Authority(POD_IP, APP_PORT))
             with pytest.raises(TunnelReset):
-                await inbound._serve(pod.ctx, conn, GoneAcceptor())
+                await pod.ctx.parts.engine.call(inbound._serve, pod.ctx, conn, GoneAcceptor())
             assert len(pod.app_connections) == 1
             with trio.move_on_after(2):
                 await pod.app_connections[0].closed.wait()

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from localcluster.sandbox import POD_UID_BASE
+
 from localcluster.spec import ClusterFileError, parse
 from tests.integration.conftest import Meshctl, leftovers
 from tests.integration.test_mesh import Mesh, eventually, has_rules

@@ -14,6 +14,7 @@ certificates from the production control plane, while the root is rotated under 
 
 from __future__ import annotations
 
+import functools
 import socket
 import ssl
 from pathlib import Path
@@ -90,7 +91,7 @@ def test_root_rotation_mid_run_keeps_mutual_tls_working(tmp_path: Path) -> None:
                     finally:
                         await tls.aclose()
 
-                listeners = await nursery.start(trio.serve_tcp, serve, 0, host="127.0.0.1")
+                listeners = await nursery.start(functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
                 port = listeners[0].socket.getsockname()[1]
 
                 async def exchange() -> None:

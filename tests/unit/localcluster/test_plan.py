@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import Path
 
+from controlplane.translate.workloads import workload_uid
 from localcluster import plan, spec
+from nodeagent.cni.spec import read_config
 
 BOOKINFO = Path(__file__).resolve().parents[3] / "examples" / "bookinfo" / "cluster.yaml"
 
@@ -72,3 +75,39 @@ def test_each_pod_has_its_own_cgroup_under_the_clusters() -> None:
     assert all(c.startswith(f"{plan.cluster_cgroup(p.name)}/pod.") for c in cgroups)
     assert p.pod("bookinfo", p.pods[0].name) is not None
     assert {n.redirect_mode for n in p.nodes} == {"iptables"}
+
+
+def test_each_node_has_a_cni_conflist_bridge_host_local_loopback_then_the_mesh_plugin() -> None:
+    p = bookinfo()
+    node = p.node("node-2")
+    conf = plan.cni_conflist(node, agent_socket="/s/nodes/node-2/cni.sock", ipam_dir="/s/cni/node-2/networks",
+                             cgroup_format="/cg/amb.bookinfo/pod.{namespace}.{name}")
+    assert (conf["cniVersion"], conf["name"]) == ("1.0.0", "amb-pods")
+    assert [pl["type"] for pl in conf["plugins"]] == ["bridge", "loopback", "ambient-cni"]
+    bridge, _, mesh = conf["plugins"]
+    # The node's bridge is the pods' gateway; no masquerading (pods are routed between nodes as before).
+    assert bridge["bridge"] == "cni0" and bridge["isGateway"] is True and bridge["ipMasq"] is False
+    assert bridge["hairpinMode"] is True
+    assert bridge["ipam"] == {"type": "host-local", "dataDir": "/s/cni/node-2/networks",
+                              "ranges": [[{"subnet": "10.244.2.0/24", "gateway": "10.244.2.1"}]],
+                              "routes": [{"dst": "0.0.0.0/0"}]}
+    assert mesh == {"type": "ambient-cni", "agentSocket": "/s/nodes/node-2/cni.sock",
+                    "excludeNamespaces": ["kube-system", "istio-system"],
+                    "cgroupFormat": "/cg/amb.bookinfo/pod.{namespace}.{name}"}
+    # What the mesh plugin reads of it is a valid configuration for it.
+    chained = {"cniVersion": conf["cniVersion"], "name": conf["name"], **mesh, "prevResult": {"cniVersion": "1.0.0"}}
+    read = read_config(json.dumps(chained).encode(), "ADD")
+    assert read.agent_socket == "/s/nodes/node-2/cni.sock" and read.cgroup_format == mesh["cgroupFormat"]
+
+
+def test_each_pod_asks_host_local_for_its_planned_address() -> None:
+    p = bookinfo()
+    pod = p.pod("bookinfo", "details-v1")
+    assert pod is not None
+    args = dict(plan.pod_cni_args(pod, "c0ffee"))
+    assert args == {"IgnoreUnknown": "1", "K8S_POD_NAMESPACE": "bookinfo", "K8S_POD_NAME": "details-v1",
+                    "K8S_POD_INFRA_CONTAINER_ID": "c0ffee", "K8S_POD_UID": "bookinfo/details-v1",
+                    "IP": str(pod.ip)}
+    assert pod.ip in p.node(pod.node).pod_cidr
+    # The uid is the one the control plane gives the pod's workload.
+    assert args["K8S_POD_UID"] == workload_uid({"metadata": {"namespace": "bookinfo", "name": "details-v1"}})

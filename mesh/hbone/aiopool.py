@@ -1,0 +1,190 @@
+"""The HBONE pool on the engine: what `mesh.hbone.pool.HbonePool` is for trio, with the same rules.
+
+Connections are keyed by `PoolKey` (source identity, destination identity, next hop, origin); a tunnel
+goes on the busiest connection of its key that takes one more (up to `max_streams_per_connection`),
+else a new connection is dialled (one dial at a time per key); a connection without tunnels for
+`idle_timeout` closes itself; one that fails leaves the pool alone.  A connection is only as good as
+its certificates: once the peer's has expired, or ours expired or was renewed (another serial, from
+`certificate(source)`), it takes no new tunnel and is drained (GOAWAY).
+
+`connect(key)` (a coroutine on the engine) returns a connected, non-blocking socket: the node agent
+makes it inside the source pod's network namespace with SO_MARK.  `tls(source)` is the client
+`ssl.SSLContext` of the source identity, asked per connection so that renewals are picked up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from cryptography import x509
+
+from mesh.hbone.aio import AioClientConnection, TunnelEnd, dial
+from mesh.hbone.config import HboneConfig
+from mesh.hbone.errors import ConnectionNotUsableError, HandshakeError, PoolConnectError
+from mesh.hbone.headers import Header
+from mesh.hbone.pool import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_STREAMS,
+    CertificateProvider,
+    PoolKey,
+    TlsProvider,
+    _Credentials,
+)
+
+log = logging.getLogger(__name__)
+
+AioConnectFn = Callable[[PoolKey], Awaitable[socket.socket]]
+
+
+async def tcp_connect(key: PoolKey) -> socket.socket:
+    """The plain `connect` for callers that need no namespace or socket mark."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in key.address[0] else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        await loop.sock_connect(sock, key.address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class AioPool:
+    def __init__(
+        self,
+        connect: AioConnectFn,
+        tls: TlsProvider,
+        *,
+        config: HboneConfig | None = None,
+        max_streams_per_connection: int = DEFAULT_MAX_STREAMS,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        connect_timeout: float = 10.0,
+        certificate: CertificateProvider | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_streams_per_connection < 1:
+            raise ValueError("max_streams_per_connection must be at least 1")
+        self._connect = connect
+        self._tls = tls
+        self._config = config or HboneConfig()
+        self._max_streams = max_streams_per_connection
+        self._idle_timeout = idle_timeout
+        self._connect_timeout = connect_timeout
+        self._certificate = certificate
+        self._clock = clock
+        self._connections: dict[PoolKey, list[AioClientConnection]] = {}
+        self._credentials: dict[AioClientConnection, _Credentials] = {}
+        self._dial_locks: dict[PoolKey, asyncio.Lock] = {}
+        self.dialled = 0
+
+    def connections(self, key: PoolKey) -> Sequence[AioClientConnection]:
+        return tuple(self._connections.get(key, ()))
+
+    def connection_count(self) -> int:
+        return sum(len(c) for c in self._connections.values())
+
+    async def open_tunnel(self, key: PoolKey, authority: str, headers: Sequence[Header] = ()) -> TunnelEnd:
+        """A tunnel to `authority` over a pooled connection for `key` (dialled if needed).  Raises
+        `PoolConnectError` if no connection could be made, `TunnelRejected` if the server said no."""
+        for _ in range(3):  # a connection may start draining between choosing it and using it
+            conn = self._pick(key)
+            if conn is None:
+                lock = self._dial_locks.get(key)
+                if lock is None:
+                    lock = self._dial_locks[key] = asyncio.Lock()
+                async with lock:
+                    if self._pick(key) is None:
+                        await self._dial(key)
+                continue
+            try:
+                return await conn.open_tunnel(authority, headers)
+            except ConnectionNotUsableError:
+                continue
+        raise PoolConnectError(f"no usable HBONE connection to {key.describe()} after 3 attempts")
+
+    def close(self) -> None:
+        for conns in list(self._connections.values()):
+            for conn in list(conns):
+                conn.close()
+
+    def _pick(self, key: PoolKey) -> AioClientConnection | None:
+        conns = self._connections.get(key)
+        if not conns:
+            return None
+        best: AioClientConnection | None = None
+        serial = self._serial(key.source)
+        now = self._clock()
+        for conn in conns:
+            if not conn.can_open_tunnel() or conn.active_tunnels >= self._max_streams:
+                continue
+            made_with = self._credentials.get(conn)
+            if made_with is not None and (now >= made_with.expires or made_with.serial != serial):
+                log.debug("retiring HBONE connection to %s: %s", key.describe(),
+                          "a certificate expired" if now >= made_with.expires else "our certificate was renewed")
+                conn.goaway()  # its tunnels finish; new ones go on a connection with current certificates
+                continue
+            if best is None or conn.active_tunnels > best.active_tunnels:
+                best = conn  # fill busy connections first, so spare ones can go idle
+        return best
+
+    async def _dial(self, key: PoolKey) -> AioClientConnection:
+        where = key.describe()
+        try:
+            ctx = self._tls(key.source)
+        except Exception as exc:
+            raise PoolConnectError(f"no client certificate for {key.source}: {exc}") from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._connect_timeout
+        try:
+            sock = await asyncio.wait_for(self._connect(key), self._connect_timeout)
+        except TimeoutError:
+            raise PoolConnectError(f"connecting to {where} timed out after {self._connect_timeout:g}s: "
+                                   "is the destination node agent running?") from None
+        except OSError as exc:
+            raise PoolConnectError(f"connecting to {where} failed: {exc.strerror or exc}: "
+                                   "is the destination node agent running?") from None
+        try:
+            conn = await dial(loop, sock, ctx, expected={key.destination}, where=where, config=self._config,
+                              idle_timeout=self._idle_timeout, timeout=max(deadline - loop.time(), 0.001))
+        except HandshakeError as exc:
+            raise PoolConnectError(str(exc)) from None
+        svid = self._certificate(key.source) if self._certificate is not None else None
+        expires = min(_peer_not_after(conn), svid.not_after if svid is not None else math.inf)
+        self._credentials[conn] = _Credentials(svid.leaf.serial_number if svid is not None else None, expires)
+        self._connections.setdefault(key, []).append(conn)
+        conn.finished.add_done_callback(lambda _: self._gone(key, conn))
+        self.dialled += 1
+        return conn
+
+    def _gone(self, key: PoolKey, conn: AioClientConnection) -> None:
+        self._credentials.pop(conn, None)
+        conns = self._connections.get(key, [])
+        if conn in conns:
+            conns.remove(conn)
+        if not conns:
+            self._connections.pop(key, None)
+            lock = self._dial_locks.get(key)
+            if lock is not None and not lock.locked():
+                del self._dial_locks[key]
+        log.debug("HBONE connection to %s gone: %s", key.describe(), conn.close_reason)
+
+    def _serial(self, source: object) -> int | None:
+        if self._certificate is None:
+            return None
+        svid = self._certificate(source)  # type: ignore[arg-type]
+        return svid.leaf.serial_number if svid is not None else None
+
+
+def _peer_not_after(conn: AioClientConnection) -> float:
+    """When the peer's certificate expires (Unix time), read from the finished handshake."""
+    tls = conn.transport.get_extra_info("ssl_object") if conn.transport is not None else None
+    der = tls.getpeercert(binary_form=True) if tls is not None else None
+    if not der:
+        return math.inf
+    return x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
