@@ -145,7 +145,7 @@ def wait_cni_socket(path: str, rec: ProcessRecord, timeout: float) -> None:
             except OSError:
                 pass
         if time.monotonic() > deadline:
-            raise ComponentError(f"{rec.name} did not open its CNI socket {path} in {timeout:.0f}s (it does "
+            raise ComponentError(f"{rec.name} did not open its CNI socket {path} in {timeout:g}s (it does "
                                  f"once discovery has synced); its log ends with:\n{processes.tail(rec.log)}")
         time.sleep(0.1)
 

@@ -4,7 +4,9 @@
 
 It runs in the host's namespace (it creates network namespaces), started by `cluster up` and stopped by
 `cluster down`.  Every interval it reads the Gateways from the control plane and starts or removes
-waypoint pods; a failed step is logged and tried again on the next round.
+waypoint pods, and does the kubelet's part for projected volumes (`localcluster.projected`): the node
+agents' and waypoints' tokens renewed before they expire (or when their key is rotated out), the
+waypoints' copy of the trust bundle refreshed; a failed step is logged and tried again on the next round.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from localcluster import plan, spec, state
+from localcluster import components, plan, spec, state
+from localcluster.projected import TokenFile, TokenRefresher
 from localcluster.spec import Observability
 from localcluster.waypoints import WaypointController
+from mesh import defaults
+from mesh.api.client import ApiClient
 from mesh.errors import MeshError
 
 log = logging.getLogger("localcluster.controller")
@@ -35,15 +40,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     record = state.read_record(args.cluster)
     # The name is the cluster's, not the file's: a cluster may be started under another name.
     cluster_plan = plan.make_plan(dataclasses.replace(spec.load(record["source"]), name=args.cluster))
-    controller = WaypointController(args.cluster, cluster_plan, state.cluster_dir(args.cluster), args.cert_ttl,
-                                    proxy_args=Observability.from_record(record.get("observability")).proxy_args())
+    home = state.cluster_dir(args.cluster)
+    api = ApiClient(home / components.CONTROLPLANE_SUBDIR / defaults.API_SOCKET, timeout=10)
+    # The kubelet's part: the node agents' tokens (and the waypoints', added as they start) kept fresh.
+    tokens = TokenRefresher(api, [TokenFile(components.node_token(home, n.name), node=n.name) for n in cluster_plan.nodes])
+    controller = WaypointController(args.cluster, cluster_plan, home, args.cert_ttl,
+                                    proxy_args=Observability.from_record(record.get("observability")).proxy_args(),
+                                    tokens=tokens)
     for proc in record.get("processes", []):  # adopt the waypoints an earlier run started
         if proc["name"].startswith("waypoint "):
             key = proc["name"].split(" ", 1)[1]
             pod = next((p for p in record["plan"]["pods"] if p.get("waypoint") and
                         f"{p['namespace']}/{p['name']}" == key), None)
             if pod is not None:
-                controller.running[key] = {"pod": {k: v for k, v in pod.items() if k != "waypoint"}, "process": proc}
+                controller.adopt(key, {k: v for k, v in pod.items() if k != "waypoint"}, proc)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -55,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("sync failed: %s (retrying)", exc)
         except Exception:
             log.exception("sync failed (retrying)")
+        try:
+            tokens.refresh()
+            controller.project()
+        except Exception:  # each failure is logged; the next round tries again
+            log.exception("refreshing the projected files failed (retrying)")
         stop.wait(args.interval)
     return 0
 

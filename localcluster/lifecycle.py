@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from localcluster import components, network, overlay, processes, prometheus, state
+from localcluster import components, network, overlay, processes, prometheus, sandbox, state
 from localcluster.components import Workloads
 from localcluster.manifests import Manifest
 from localcluster.plan import (
@@ -108,13 +108,14 @@ def up(spec: ClusterSpec, ready_timeout: float = DEFAULT_READY_TIMEOUT, say: Any
         down(name)
     plan = make_plan(spec)
     agent_args = [*spec.observability.proxy_args(), *(agent_args or [])]  # where agents send spans
-    # A bad manifest is refused before anything is built.
+    # A bad manifest, or a CNI plugin missing here, is refused before anything is built.
     workloads, cni_sockets = _check_workloads(plan, list(agent_args or []))
+    conflists = _node_cni_configs(plan, cni_sockets)
     cluster = Cluster(spec, plan, agent_args=list(agent_args or []))
     cluster.save()
     me = os.getpid()
     try:
-        _build(cluster, say, cni_sockets)
+        _build(cluster, say, conflists)
         _start_prometheus(cluster, say, ready_timeout)
         _start_mesh(cluster, workloads, ready_timeout)
         _start_pods(cluster)
@@ -130,7 +131,7 @@ def up(spec: ClusterSpec, ready_timeout: float = DEFAULT_READY_TIMEOUT, say: Any
     return cluster
 
 
-def _build(cluster: Cluster, say: Any, cni_sockets: dict[str, str]) -> None:
+def _build(cluster: Cluster, say: Any, conflists: dict[str, dict[str, Any]]) -> None:
     plan = cluster.plan
     say(f"building cluster {plan.name!r}: {len(plan.nodes)} nodes, {len(plan.pods)} pods, "
         f"{len(plan.services)} services")
@@ -139,9 +140,7 @@ def _build(cluster: Cluster, say: Any, cni_sockets: dict[str, str]) -> None:
         network.build_node(plan, node)
     for node in plan.nodes:
         network.install_service_rules(plan, node)
-        network.write_cni_config(cluster.dir, node.name, cni_conflist(
-            node, agent_socket=cni_sockets[node.name], ipam_dir=str(network.ipam_dir(cluster.dir, node.name)),
-            cgroup_format=_pod_cgroups(plan.name)))
+        network.write_cni_config(cluster.dir, node.name, conflists[node.name])  # the node's /etc/cni/net.d
 
 
 def _start_prometheus(cluster: Cluster, say: Any, timeout: float) -> None:
@@ -173,6 +172,19 @@ def _check_workloads(plan: ClusterPlan, agent_args: list[str]) -> tuple[Workload
                                             extra_args=agent_args)
         sockets[node.name] = components.cni_socket(run)
     return workloads, sockets
+
+
+def _node_cni_configs(plan: ClusterPlan, cni_sockets: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Each node's CNI configuration list (the mesh's plugin talks to that node's agent), once the plugins
+    it runs are known to be on this machine."""
+    home = state.cluster_dir(plan.name)
+    conflists = {node.name: cni_conflist(node, agent_socket=cni_sockets[node.name],
+                                         ipam_dir=str(network.ipam_dir(home, node.name)),
+                                         cgroup_format=_pod_cgroups(plan.name))
+                 for node in plan.nodes}
+    for conflist in conflists.values():
+        network.require_cni_plugins(plan.name, conflist)
+    return conflists
 
 
 def _start_mesh(cluster: Cluster, workloads: Workloads, timeout: float) -> None:
@@ -246,6 +258,7 @@ def pod_env(plan: ClusterPlan, pod: PodPlan) -> dict[str, str]:
     env = components.component_env({
         "HOSTNAME": pod.name, "POD_NAME": pod.name, "POD_NAMESPACE": pod.namespace, "POD_IP": str(pod.ip),
         "NODE_NAME": pod.node, "SERVICE_ACCOUNT": pod.spec.service_account,
+        "HOME": "/",  # as a runtime sets it for a user without a home; the pod does not run as root
     })
     env.update(dict(pod.spec.env))
     return env
@@ -266,7 +279,8 @@ def _start_pods(cluster: Cluster) -> None:
             raise ClusterError(f"pod {pod.key}: working directory {cwd} does not exist")
         rec = processes.spawn(cluster.plan.name, f"pod {pod.key}", pod.netns, list(pod.spec.command),
                               pod_env(cluster.plan, pod), cluster.dir / "logs" / f"{pod.namespace}.{pod.name}.log",
-                              cwd=str(cwd), cgroup=mcgroup.v2_root() / pod.cgroup)
+                              cwd=str(cwd), cgroup=mcgroup.v2_root() / pod.cgroup,
+                              sandbox=sandbox.for_pod(pod.spec.run_as_user, pod.spec.run_as_group))
         cluster.processes.append(rec)
         cluster.save()
 

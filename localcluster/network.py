@@ -154,6 +154,15 @@ def cni_runtime(home: Path, cluster: str, node: str) -> cni.Runtime:
                        netns=node_netns(cluster, node), env=components.component_env({processes.MARKER: cluster}))
 
 
+def require_cni_plugins(cluster: str, conflist: dict[str, Any]) -> None:
+    """Refuse, before anything is built, a configuration whose plugins this machine does not have."""
+    missing = cni.Runtime((MESH_CNI_PLUGINS, DEBIAN_CNI_PLUGINS), Path()).missing(cni.Conflist.parse(conflist))
+    if missing:
+        raise NetworkError(f"cluster {cluster!r} needs the CNI plugins {', '.join(missing)}, which are not in "
+                           f"{DEBIAN_CNI_PLUGINS} or {MESH_CNI_PLUGINS}: install Debian's containernetworking-plugins "
+                           "(`make setup` does)")
+
+
 def pod_attachment(pod: PodPlan, container_id: str) -> cni.Attachment:
     return cni.Attachment(container_id, str(mnetns.netns_path(pod.netns)), POD_IFNAME, pod_cni_args(pod, container_id))
 

@@ -147,7 +147,8 @@ class ClusterPlan:
             "pods": [{"name": p.name, "namespace": p.namespace, "node": p.node, "netns": p.netns,
                       "cgroup": p.cgroup, "ip": str(p.ip), "serviceAccount": p.spec.service_account, "labels": p.spec.labels,
                       "annotations": dict((p.spec.document.get("metadata") or {}).get("annotations") or {}),
-                      "ports": [cp.container_port for cp in p.spec.ports]}
+                      "ports": [cp.container_port for cp in p.spec.ports],
+                      "runAsUser": p.spec.run_as_user, "runAsGroup": p.spec.run_as_group}
                      for p in self.pods],
             "services": [{"name": s.name, "namespace": s.namespace, "clusterIP": str(s.cluster_ip),
                           "ports": [{"port": sp.port.port, "name": sp.port.name,

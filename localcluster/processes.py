@@ -13,11 +13,12 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from localcluster.sandbox import Sandbox
 from mesh import cgroup as mcgroup
 from mesh import netns as mnetns
 
@@ -60,9 +61,11 @@ def is_running(rec: ProcessRecord) -> bool:
 
 
 def spawn(cluster: str, name: str, netns: str, argv: list[str], env: Mapping[str, str], log: Path,
-          cwd: str | None = None, cgroup: Path | None = None, host_mounts: bool = False) -> ProcessRecord:
+          cwd: str | None = None, cgroup: Path | None = None, host_mounts: bool = False,
+          sandbox: Sandbox | None = None) -> ProcessRecord:
     """Start `argv` inside `netns` (the host's own namespace when empty), detached in its own session,
-    output appended to `log`; inside cgroup v2 directory `cgroup` when given (a pod's own).
+    output appended to `log`; inside cgroup v2 directory `cgroup` when given (a pod's own), and in
+    `sandbox` when given (a pod's: its user, no capabilities, the clusters' state hidden).
 
     A pod's process gets `ip netns exec`'s view: its own /etc/hosts and resolv.conf, and a /sys of its
     namespace.  With `host_mounts` only the network namespace is entered and the host's mounts stay
@@ -73,12 +76,26 @@ def spawn(cluster: str, name: str, netns: str, argv: list[str], env: Mapping[str
     full_env[MARKER] = cluster
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            _entering(netns, host_mounts) + argv, stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True, close_fds=True,
-            preexec_fn=(lambda: mcgroup.join_self(cgroup)) if cgroup is not None else None,
+            _entering(netns, host_mounts) + (sandbox.argv(argv) if sandbox is not None else argv),
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
+            start_new_session=True, close_fds=True, preexec_fn=in_child(cgroup, sandbox),
         )
     st = start_time(proc.pid)
     return ProcessRecord(name=name, pid=proc.pid, start_time=st or 0, netns=netns, log=str(log))
+
+
+def in_child(cgroup: Path | None, sandbox: Sandbox | None) -> Callable[[], None] | None:
+    """What a pod's process does between fork and exec: join its cgroup, then make its private mounts."""
+    if cgroup is None and sandbox is None:
+        return None
+
+    def run() -> None:
+        if cgroup is not None:
+            mcgroup.join_self(cgroup)
+        if sandbox is not None:
+            sandbox.enter()
+
+    return run
 
 
 def _entering(netns: str, host_mounts: bool) -> list[str]:

@@ -98,14 +98,15 @@ class TokenRefresher:
             if not due(held, now, current):
                 continue
             try:
-                self._write(file)
+                self.write(file)
             except (MeshError, OSError) as exc:
                 log.warning("could not refresh the token %s: %s (trying again)", file.path, exc)
                 continue
             written.append(file.path)
         return written
 
-    def _write(self, file: TokenFile) -> None:
+    def write(self, file: TokenFile) -> None:
+        """Mint `file`'s token now and write it (mode 0600, its owner's)."""
         if file.node:
             token = self.api.node_token(file.node, file.expiration_seconds)
         else:

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from localcluster.fields import Doc, kind_of
+from localcluster.sandbox import MAX_ID, NOBODY, POD_UID_BASE
 from mesh import defaults
 from mesh.api.schema import parse_duration
 from mesh.errors import MeshError
@@ -70,6 +71,9 @@ class PodSpec:
     ports: tuple[ContainerPort, ...]
     working_dir: str
     document: dict[str, Any] = field(compare=False, repr=False)
+    # Who its processes run as (`securityContext`, else a uid of its own: `localcluster.sandbox`).
+    run_as_user: int = NOBODY
+    run_as_group: int = NOBODY
 
     @property
     def key(self) -> str:
@@ -258,7 +262,7 @@ class _Parser:
                     d.error("metadata.name", f"duplicate ServiceAccount {meta[1]}/{meta[0]} (first in {accounts[key]})")
                 accounts[key] = d.where
             elif kind == "Pod":
-                pod = self.pod(raw, d, meta)
+                pod = self.pod(raw, d, meta, index=len(pods))
                 if pod is not None:
                     pods.append((pod, d))
             else:
@@ -392,9 +396,11 @@ class _Parser:
             return None
         return name, ns, labels
 
-    def pod(self, raw: dict[str, Any], d: Doc, meta: tuple[str, str, dict[str, str]]) -> PodSpec | None:
+    def pod(self, raw: dict[str, Any], d: Doc, meta: tuple[str, str, dict[str, str]], *,
+            index: int) -> PodSpec | None:
+        """The `index`th pod of the file (its default uid is `POD_UID_BASE + index`)."""
         name, ns, labels = meta
-        spec = d.mapping(raw.get("spec"), "spec", ("nodeName", "serviceAccountName", "containers"),
+        spec = d.mapping(raw.get("spec"), "spec", ("nodeName", "serviceAccountName", "containers", "securityContext"),
                          ("nodeName", "containers"))
         node = d.string(spec.get("nodeName"), "spec.nodeName", DNS1123_LABEL, "node name")
         sa = d.string(spec.get("serviceAccountName", "default"), "spec.serviceAccountName", DNS1123_LABEL,
@@ -406,7 +412,9 @@ class _Parser:
             d.error("spec.containers", "must be a list with exactly one container")
             return None
         p = "spec.containers[0]"
-        c = d.mapping(containers[0], p, ("name", "image", "command", "args", "env", "ports", "workingDir"))
+        c = d.mapping(containers[0], p, ("name", "image", "command", "args", "env", "ports", "workingDir",
+                                         "securityContext"))
+        uid, gid = self.run_as(spec.get("securityContext"), c.get("securityContext"), p, d, POD_UID_BASE + index)
         cname = d.string(c.get("name", name), f"{p}.name", DNS1123_LABEL, "container name")
         command: list[str] = []
         for key in ("command", "args"):
@@ -453,7 +461,54 @@ class _Parser:
             return None
         return PodSpec(name=name, namespace=ns, node=node, labels=labels, service_account=sa or "default",
                        container_name=cname, command=tuple(command), env=tuple(env), ports=tuple(ports),
-                       working_dir=wd, document=raw)
+                       working_dir=wd, document=raw, run_as_user=uid, run_as_group=gid)
+
+    @staticmethod
+    def run_as(pod_level: Any, container_level: Any, container: str, d: Doc, default_uid: int) -> tuple[int, int]:
+        """The uid and gid a pod runs as: the container's `securityContext` over the pod's, else
+        `default_uid`; the group is the user's unless `runAsGroup` says.  Fields that ask for what the
+        local cluster never gives (privileges, capabilities) are refused rather than ignored."""
+        fields: dict[str, tuple[str, Any]] = {}  # field -> (where, value), the container's winning
+        for where, value in (("spec.securityContext", pod_level), (f"{container}.securityContext", container_level)):
+            if value is None:
+                continue
+            sc = d.mapping(value, where, ("runAsUser", "runAsGroup", "runAsNonRoot", "privileged",
+                                          "allowPrivilegeEscalation", "capabilities"))
+            for key, v in sc.items():
+                fields[key] = (f"{where}.{key}", v)
+        ids = {}
+        for key in ("runAsUser", "runAsGroup"):
+            if key in fields:
+                ids[key] = d.integer(fields[key][1], fields[key][0], 0, MAX_ID)
+        uid = ids.get("runAsUser")
+        uid = default_uid if uid is None else uid
+        gid = ids.get("runAsGroup")
+        gid = uid if gid is None else gid
+        for key, why in (("privileged", "pods of the local cluster never run privileged"),
+                         ("allowPrivilegeEscalation", "pods always run with no_new_privs")):
+            if key in fields:
+                where, value = fields[key]
+                if not isinstance(value, bool):
+                    d.error(where, f"must be true or false, not {kind_of(value)}")
+                elif value:
+                    d.error(where, f"{why}: leave it out or set it to false")
+        if "runAsNonRoot" in fields:
+            where, value = fields["runAsNonRoot"]
+            if not isinstance(value, bool):
+                d.error(where, f"must be true or false, not {kind_of(value)}")
+            elif value and uid == 0:
+                d.error(where, "the pod would run as root (runAsUser 0)")
+        if "capabilities" in fields:
+            where, value = fields["capabilities"]
+            caps = d.mapping(value, where, ("add", "drop"))
+            for key in ("add", "drop"):
+                names = caps.get(key) or []
+                if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                    d.error(f"{where}.{key}", "must be a list of capability names")
+                elif key == "add" and names:
+                    d.error(f"{where}.add", "pods of the local cluster run without capabilities "
+                            "(every one is dropped)")
+        return uid, gid
 
     def service(self, raw: dict[str, Any], d: Doc, meta: tuple[str, str, dict[str, str]]) -> ServiceSpec | None:
         name, ns, labels = meta

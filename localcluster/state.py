@@ -3,7 +3,8 @@
 Every cluster has one directory, `<state root>/<cluster name>/`, holding `cluster.json` (the record of
 everything `up` created, so that `down` removes exactly that), the pods' logs under `logs/`, and one
 sub-directory per mesh component (`controlplane/`, `nodes/<node>/`: the node's token and, as the agent's
-`/var/run/ambient`, its state in `nodeagent/`; `pods/<pod>/`: the emptyDir volumes of the mesh's own pods).  The state root is
+`/var/run/ambient`, its CNI socket and its state in `nodeagent/`; `cni/<node>/`: the node's CNI configuration,
+host-local's state and the CNI runtime's cache; `pods/<pod>/`: the emptyDir volumes of the mesh's own pods).  The state root is
 `/run/ambient-mesh` unless the environment variable `MESH_STATE_DIR` says otherwise (tests use that).
 """
 

@@ -10,6 +10,12 @@ namespace wired by the node's CNI plugins (`network.create_pod`: the node agent,
 plugin, finds it in discovery as a waypoint and leaves it uncaptured), and its process is started.  A
 waypoint that goes is stopped, its sandbox deleted with CNI DEL, and it is unregistered.
 
+A waypoint is a mesh component but runs as a pod does (`localcluster.sandbox`): a user of its own
+(`WAYPOINT_UID_BASE` onwards, as Istio's waypoint Deployment runs as a non-root user), no capabilities,
+the clusters' state hidden, except its own directory `waypoints/<ns>/<name>/` (read-only), which holds
+what a Kubernetes pod would find in its projected volumes: its token (kept fresh by the controller,
+`localcluster.projected`) and the mesh's trust bundle (copied when it changes: a root rotation).
+
 `desired` and `place` are pure; `WaypointController.sync` does the I/O, one step per change.  Each change
 is written to the cluster record and then announced with `on_change(cluster)`, by default the cluster's
 Prometheus reloading its scrape configuration (`localcluster.prometheus.refresh`), so that waypoints are
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,14 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localcluster import components, network, processes, prometheus, state
+from localcluster import components, network, processes, prometheus, sandbox, state
 from localcluster.plan import ClusterPlan, PodPlan
 from localcluster.processes import ProcessRecord
+from localcluster.projected import TokenFile, TokenRefresher, copy_bundle
 from localcluster.spec import PodSpec
 from mesh.api.client import ApiClient
 from mesh.api.validate import Document, Ref
 from mesh.errors import MeshError
-from mesh.files import write_atomic
 from mesh.identity import SpiffeId
 
 log = logging.getLogger("localcluster.waypoints")
@@ -42,6 +49,7 @@ log = logging.getLogger("localcluster.waypoints")
 WAYPOINT_CLASS = "istio-waypoint"
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 RESTART_BACKOFF = 5.0  # seconds
+TOKEN, ROOT_CERT = "token", "root-cert.pem"  # in a waypoint's own directory
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,8 @@ def place(plan: ClusterPlan, used: dict[str, list[str]]) -> tuple[str, ipaddress
 class WaypointController:
     def __init__(self, cluster: str, plan: ClusterPlan, home: Path, cert_ttl: int = 0, *,
                  proxy_args: Sequence[str] = (),
-                 on_change: Callable[[str], object] = prometheus.refresh) -> None:
+                 on_change: Callable[[str], object] = prometheus.refresh,
+                 tokens: TokenRefresher | None = None) -> None:
         self.cluster = cluster
         self.plan = plan
         self.home = home
@@ -88,7 +97,26 @@ class WaypointController:
         self.on_change = on_change
         self.cert_ttl = cert_ttl
         self.api = ApiClient(home / components.CONTROLPLANE_SUBDIR / "api.sock", timeout=10)
+        self.tokens = tokens if tokens is not None else TokenRefresher(self.api)  # the waypoints' are added
         self.running: dict[str, dict[str, Any]] = {}  # key -> {"pod": {...}, "process": {...}}
+
+    def adopt(self, key: str, pod: dict[str, Any], process: dict[str, Any]) -> None:
+        """A waypoint an earlier controller started (from the cluster record): kept, its token kept fresh."""
+        self.running[key] = {"pod": pod, "process": process}
+        uid, gid = int(pod.get("runAsUser", sandbox.NOBODY)), int(pod.get("runAsGroup", sandbox.NOBODY))
+        self.tokens.add(self._token_file(WaypointPod(pod["namespace"], pod["name"]), (uid, gid)))
+
+    def project(self) -> None:
+        """The running waypoints' copy of the trust bundle, made again when it changed (a root rotation)."""
+        source = components.root_cert(self.home)
+        for entry in self.running.values():
+            pod = entry["pod"]
+            owner = (int(pod.get("runAsUser", sandbox.NOBODY)), int(pod.get("runAsGroup", sandbox.NOBODY)))
+            try:
+                copy_bundle(source, self._dir(WaypointPod(pod["namespace"], pod["name"])) / ROOT_CERT, owner)
+            except OSError as exc:
+                log.warning("could not copy the trust bundle for waypoint %s/%s: %s", pod["namespace"],
+                            pod["name"], exc)
 
     def sync(self) -> None:
         want = desired(self.api.get("Gateway"))
@@ -112,10 +140,11 @@ class WaypointController:
         node_name, ip = place(self.plan, used)
         node = self.plan.node(node_name)
         netns_name = f"{self.plan.prefix}pod.{wp.namespace}.{wp.name}"
-        token = self._token(wp)
+        uid = self._free_uid()
+        own = self._provide(wp, (uid, uid))
         argv = [sys.executable, "-m", "waypoint.main", "--name", wp.name, "--namespace", wp.namespace,
                 "--node", node_name, "--control-plane", components.controlplane_address(str(self.plan.underlay_gateway)),
-                "--root-cert", str(components.root_cert(self.home)), "--token-file", str(token),
+                "--root-cert", str(own / ROOT_CERT), "--token-file", str(own / TOKEN),
                 "--trust-domain", components.TRUST_DOMAIN]
         if self.cert_ttl:
             argv += ["--cert-ttl", str(self.cert_ttl)]
@@ -123,20 +152,23 @@ class WaypointController:
         spec = PodSpec(name=wp.name, namespace=wp.namespace, node=node_name,
                        labels={GATEWAY_NAME_LABEL: wp.name},
                        service_account=wp.name, container_name="waypoint", command=tuple(argv), env=(),
-                       ports=(), working_dir="", document={})
+                       ports=(), working_dir="", document={}, run_as_user=uid, run_as_group=uid)
         pod = PodPlan(name=wp.name, namespace=wp.namespace, node=node_name, netns=netns_name, ip=ip,
                       gateway=node.gateway, prefixlen=node.pod_cidr.prefixlen, spec=spec)
         self._register(wp, pod)  # first: the plugin's ADD asks the node agent, which looks the pod up
         try:
             network.create_pod(self.home, self.plan, pod)
-            rec = processes.spawn(self.cluster, f"waypoint {wp.key}", netns_name, argv, components.component_env(),
-                                  self.home / "logs" / f"{wp.namespace}.{wp.name}.log")
+            rec = processes.spawn(self.cluster, f"waypoint {wp.key}", netns_name, argv,
+                                  components.component_env({"HOME": "/"}),
+                                  self.home / "logs" / f"{wp.namespace}.{wp.name}.log",
+                                  sandbox=sandbox.for_pod(uid, uid, expose=[own]))
         except BaseException:  # nothing half-made stays: the next round starts afresh
             self._unmake(wp.key, node_name, netns_name)
             raise
         self.running[wp.key] = {"pod": {"name": wp.name, "namespace": wp.namespace, "node": node_name,
                                         "netns": netns_name, "ip": str(ip), "serviceAccount": wp.name,
-                                        "labels": spec.labels},
+                                        "labels": spec.labels, "runAsUser": uid, "runAsGroup": uid,
+                                        "expose": [str(own)]},
                                 "process": rec.to_json(), "started": time.monotonic()}
         self._save()
         log.info('{"event": "waypoint started", "waypoint": "%s", "node": "%s", "ip": "%s"}', wp.key, node_name, ip)
@@ -147,6 +179,7 @@ class WaypointController:
         if processes.start_time(rec.pid) == rec.start_time:
             processes.stop([rec.pid])
         self._unmake(key, entry["pod"]["node"], entry["pod"]["netns"])
+        self.tokens.remove(self._dir(WaypointPod(entry["pod"]["namespace"], entry["pod"]["name"])) / TOKEN)
         self._save()
         log.info('{"event": "waypoint removed", "waypoint": "%s"}', key)
 
@@ -162,12 +195,34 @@ class WaypointController:
         except Exception as exc:  # the control plane may be away; the pod goes anyway
             log.warning("could not unregister waypoint pod %s: %s", key, exc)
 
-    def _token(self, wp: WaypointPod) -> Path:
-        """A workload token for the waypoint's own identity, from the control plane."""
-        path = self.home / "waypoints" / wp.namespace / wp.name / "token"
-        token = self.api.workload_token(SpiffeId(components.TRUST_DOMAIN, wp.namespace, wp.name))
-        write_atomic(path, token.encode(), mode=0o600)
-        return path
+    def _dir(self, wp: WaypointPod) -> Path:
+        return self.home / "waypoints" / wp.namespace / wp.name
+
+    def _token_file(self, wp: WaypointPod, owner: tuple[int, int]) -> TokenFile:
+        identity = SpiffeId(components.TRUST_DOMAIN, wp.namespace, wp.name)
+        return TokenFile(self._dir(wp) / TOKEN, identity=identity.uri, owner=owner)
+
+    def _free_uid(self) -> int:
+        """The first waypoint uid no running waypoint has (each waypoint its own: see the module docstring)."""
+        taken = {int(e["pod"].get("runAsUser", -1)) for e in self.running.values()}
+        uid = sandbox.WAYPOINT_UID_BASE
+        while uid in taken:
+            uid += 1
+        return uid
+
+    def _provide(self, wp: WaypointPod, owner: tuple[int, int]) -> Path:
+        """The waypoint's own directory, its user's alone: a workload token for its identity, from the
+        control plane (kept fresh from now on), and the trust bundle."""
+        own = self._dir(wp)
+        own.mkdir(parents=True, exist_ok=True)
+        os.chown(own, *owner)
+        own.chmod(0o700)
+        token = self._token_file(wp, owner)
+        self.tokens.add(token)
+        self.tokens.write(token)
+        (own / ROOT_CERT).unlink(missing_ok=True)  # a copy another user of an earlier start owned
+        copy_bundle(components.root_cert(self.home), own / ROOT_CERT, owner)
+        return own
 
     def _register(self, wp: WaypointPod, pod: PodPlan) -> None:
         bodies = [

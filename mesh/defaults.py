@@ -32,6 +32,7 @@ CONTROLPLANE_WEBHOOK_LISTEN = f"0.0.0.0:{CONTROLPLANE_WEBHOOK_PORT}"
 AGENT_MARK = 0x539  # SO_MARK on every socket the node agent makes inside a pod (1337)
 CONN_MARK = 0x111  # connmark of connections the agent made
 MARK_MASK = 0xFFF
+LISTENER_UID = 1337  # owner of the agent's listeners in pods: only its own successor may share their ports
 
 # -- preserving the client's address (the destination agent connects to the app from it) -------------
 INBOUND_ROUTE_TABLE = 100  # in each pod: `local 0.0.0.0/0 dev lo`, so the app's replies come back to the agent
@@ -49,6 +50,7 @@ HBONE_MAX_HANDSHAKES = 128  # TLS handshakes in progress at once; more wait thei
 
 # -- timers ------------------------------------------------------------------------------------------
 CONNECT_TIMEOUT = 5.0  # seconds
+DRAIN_SECONDS = 5.0  # a stopping node agent lets its pods' open connections finish for this long
 
 # gRPC keepalive on 15012, so that a silent partition (no FIN, no RST) ends a discovery stream and the
 # client reconnects.  A client pings after this long without reading anything, and gives the connection up

@@ -11,8 +11,8 @@ each one's `app.py` shows only what is its own.
                   secret manager (running); both files are read again as they change
     discovery     open_discovery(opts, node, subscriptions, handler): the delta xDS client with the token,
                   its channel of accepted updates kept empty; wait_synced(xds, opts, log, on_wait)
-    serving       start_serving(nursery, opts, registry=, ready=, admin=): metrics, readiness and admin
-                  endpoints (`mesh.serve`); their bound ports
+    serving       start_serving(nursery, opts, registry=, ready=, admin=, reuse_port=): metrics, readiness
+                  and admin endpoints (`mesh.serve`); their bound ports
     tracing       tracer(opts, resource, registry): the process's `Tracer`, with an OTLP exporter when
                   --otlp-endpoint (or $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set; start_tracing(nursery,
                   tracer) runs the exporter's background task, flush_tracing(tracer) sends what is left
@@ -207,17 +207,21 @@ async def wait_synced(xds: TrioXdsClient, opts: ProcessOptions, log: logging.Log
 
 
 async def start_serving(nursery: trio.Nursery, opts: ProcessOptions, *, registry: CollectorRegistry,
-                        ready: Callable[[], Readiness], admin: Handler) -> dict[str, int]:
-    """The metrics, readiness and admin endpoints, started in `nursery`; their bound ports by name."""
+                        ready: Callable[[], Readiness], admin: Handler, reuse_port: bool = False) -> dict[str, int]:
+    """The metrics, readiness and admin endpoints, started in `nursery`; their bound ports by name.  With
+    `reuse_port` a successor started beside this process takes the endpoints over as soon as it listens
+    (`mesh.reuseport`), so that its readiness is what a probe sees."""
     ports: dict[str, int] = {}
     host, port = split_hostport(opts.metrics_listen)
-    ports["metrics"] = await nursery.start(functools.partial(serve_metrics, registry, host=host, port=port))
+    ports["metrics"] = await nursery.start(functools.partial(serve_metrics, registry, host=host, port=port,
+                                                             reuse_port=reuse_port))
     host, port = split_hostport(opts.ready_listen)
-    ports["ready"] = await nursery.start(functools.partial(serve_readiness, ready, host=host, port=port))
+    ports["ready"] = await nursery.start(functools.partial(serve_readiness, ready, host=host, port=port,
+                                                           reuse_port=reuse_port))
     host, port = split_hostport(opts.admin_listen)
     # The admin's answers may ask the kernel (a pod's capture): they run off the event loop.
     ports["admin"] = await nursery.start(functools.partial(serve_http, admin, host, port, name="admin",
-                                                           in_thread=True))
+                                                           in_thread=True, reuse_port=reuse_port))
     return ports
 
 

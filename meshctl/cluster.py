@@ -9,8 +9,9 @@ from typing import Any
 from localcluster import lifecycle, spec, state
 from mesh import defaults
 
-HELP_UP = """Build a local cluster from a cluster file: a network namespace per node and per pod, pod veths
-on a bridge per node, routes between nodes over an underlay, ClusterIP services, names resolvable
+HELP_UP = """Build a local cluster from a cluster file: a network namespace per node and per pod, pods wired
+by CNI plugins (Debian's bridge, host-local and loopback, then the mesh's ambient-cni, which hands each pod
+to its node's agent), routes between nodes over an underlay, ClusterIP services, names resolvable
 inside pods, and each pod's command started in its namespace. The control plane and one node agent per
 node are started from daemonset/'s Deployment and DaemonSet, as a kubelet would (see them with `meshctl get
 daemonset,deployment -A`). Prometheus (Debian's) scrapes every component from the underlay (`cluster

@@ -6,18 +6,20 @@ import argparse
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from localcluster import lifecycle, state
+from localcluster import lifecycle, processes, sandbox, state
 from mesh import cgroup as mcgroup
 from mesh.errors import UsageError
 
 
 def add_parser(sub: Any) -> None:
-    ex = sub.add_parser("exec", help="run a command in a pod's network namespace",
-                        description="Run a command in a pod's network namespace, with the pod's /etc/hosts "
-                                    "and resolv.conf, e.g. `meshctl exec -n bookinfo sleep -- curl -s "
-                                    "http://productpage:9080/productpage`.")
+    ex = sub.add_parser("exec", help="run a command in a pod's network namespace, as the pod's user",
+                        description="Run a command in a pod as `kubectl exec` would: in its network namespace "
+                                    "and cgroup, with its /etc/hosts and resolv.conf, as its user, without "
+                                    "capabilities and without sight of the cluster's state, e.g. `meshctl exec "
+                                    "-n bookinfo sleep -- curl -s http://productpage:9080/productpage`.")
     ex.add_argument("-n", "--namespace", default="default", help="the pod's namespace (default: default)")
     ex.add_argument("--cluster", help="the cluster (default: the only one up)")
     ex.add_argument("pod", help="the pod's name")
@@ -41,11 +43,15 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise UsageError("exec needs a command: meshctl exec [-n NS] POD -- COMMAND [ARG...]")
     lifecycle.require_root("exec")
     pod = lifecycle.find_pod(state.find_cluster(args.cluster), args.namespace, args.pod)
-    # As `kubectl exec` runs in the container's cgroup: the pod's eBPF capture (on its cgroup) applies.
+    # As `kubectl exec` runs in the container's cgroup (the pod's eBPF capture, on its cgroup, applies) and
+    # as the container's user, in its sandbox (`localcluster.sandbox`).  A record without a user (a pod
+    # of an older cluster) runs as nobody rather than root.
     group = mcgroup.v2_root() / pod["cgroup"] if pod.get("cgroup") else None
+    uid = int(pod.get("runAsUser", sandbox.NOBODY))
+    box = sandbox.for_pod(uid, int(pod.get("runAsGroup", uid)), [Path(p) for p in pod.get("expose", [])])
     try:
-        return subprocess.run(["ip", "netns", "exec", pod["netns"], *command], check=False,
-                              preexec_fn=(lambda: mcgroup.join_self(group)) if group else None).returncode
+        return subprocess.run(["ip", "netns", "exec", pod["netns"], *box.argv(command)], check=False,
+                              preexec_fn=processes.in_child(group, box)).returncode
     except KeyboardInterrupt:
         return 130
 

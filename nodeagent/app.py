@@ -13,6 +13,13 @@ pods with the node's token), discovery feeding the state, the serving endpoints,
 starts a `PodProxy` (the pod's listeners) for every pod of this node in the mesh (`open_pod_source`:
 discovery and a netns path format, or the CNI plugin's handovers on `--cni-socket`).  `run` is the process
 (`mesh.runtime`): it serves until SIGTERM; the pods keep their capture, and the next run adopts it.
+
+A restart refuses no connection (ztunnel's way): the next agent starts beside this one and shares every
+port it listens on, in the pods and on the node (`mesh.reuseport`), taking the new connections as soon as
+it listens; it adopts the pods' capture as it is, and takes the CNI socket over.  On SIGTERM this one
+stops changing capture (enrollment and the CNI socket end first, and nothing is removed), closes its
+listeners (what they had queued migrates to the successor's), tells its HBONE clients to go elsewhere
+(GOAWAY), lets the open connections finish for up to `--drain-seconds` (`Agent.drain`), and exits.
 """
 
 from __future__ import annotations
@@ -61,14 +68,18 @@ KIND_OF_TYPE = {rs.WORKLOAD: WORKLOAD, rs.SERVICE: SERVICE, rs.AUTHORIZATION: AU
 SUBSCRIPTIONS: dict[str, list[str] | None] = {rs.WORKLOAD: None, rs.SERVICE: None, rs.AUTHORIZATION: None}
 
 
+DRAIN_POLL = 0.1  # seconds between looks at what is still open while draining
+
+
 def run(opts: Options) -> int:
-    """The process, until SIGTERM or SIGINT; the exit status."""
-    return runtime.run(opts, runtime.cancelled_on_stop(functools.partial(serve, opts)), log,
-                       f'{{"event": "stopping", "node": "{opts.node}"}}')
+    """The process, until SIGTERM or SIGINT (then it drains); the exit status."""
+    return runtime.run(opts, functools.partial(serve, opts), log,
+                       f'{{"event": "stopping", "node": "{opts.node}", "drain_seconds": {opts.drain_seconds:g}}}')
 
 
-async def serve(opts: Options) -> None:
-    """The node agent, until cancelled."""
+async def serve(opts: Options, stop: trio.Event | None = None) -> None:
+    """The node agent, until `stop` is set (then it drains and returns) or it is cancelled."""
+    stop = trio.Event() if stop is None else stop
     registry = CollectorRegistry()
     state = MeshState()
     node = NodeInfo(id="", role=ROLE_NODEAGENT, node=opts.node)
@@ -82,14 +93,32 @@ async def serve(opts: Options) -> None:
         await runtime.start_tracing(nursery, agent.tracer)
         admin = AdminView(state, certs.status, node=opts.node, capture_mode=redirector.mode,
                           enrollment=agent.enrollment, capture=agent.capture)
-        await runtime.start_serving(nursery, opts, registry=registry, ready=agent.readiness, admin=admin.handle)
-        await runtime.wait_synced(xds, opts, log, on_wait=agent.report)
-        agent.synced = True
-        pods = await open_pod_source(opts, state)
-        agent.enroller = enroller = Enroller(pods, agent.parts.redirector, agent.start_pod)
+        # reuse_port: an agent started beside this one (a restart, a DaemonSet's surge) takes them over.
+        await runtime.start_serving(nursery, opts, registry=registry, ready=agent.readiness, admin=admin.handle,
+                                    reuse_port=True)
+        try:
+            async with trio.open_nursery() as enrollment:  # all that changes capture: stopped before the drain
+                enrollment.start_soon(enroll_pods, opts, agent)
+                await stop.wait()
+                enrollment.cancel_scope.cancel()
+            await agent.drain(opts.drain_seconds)
+        finally:
+            agent.close_pods()
+        nursery.cancel_scope.cancel()
+
+
+async def enroll_pods(opts: Options, agent: Agent) -> None:
+    """Once discovery has synced: the enroller over the node's pods (and the CNI plugin's socket, once
+    handed-over pods can be enrolled); then the gauges, every second."""
+    await runtime.wait_synced(agent.xds, opts, log, on_wait=agent.report)
+    agent.synced = True
+    agent.pods = pods = await open_pod_source(opts, agent.state)
+    agent.enroller = enroller = Enroller(pods, agent.parts.redirector, agent.start_pod)
+    async with trio.open_nursery() as nursery:
         await nursery.start(enroller.run)
-        if isinstance(pods, CniPodSource):  # the CNI plugin's socket, once handed-over pods can be enrolled
+        if isinstance(pods, CniPodSource):
             await nursery.start(HandoverServer(opts.cni_socket, pods, enroller).serve)
+        agent.taking_pods = True
         log.info('{"event": "ready", "node": "%s", "enrolled": %d}', opts.node, len(enroller.enrolled))
         while True:
             agent.report()
@@ -142,8 +171,12 @@ class Agent:
                                 hbone_limits=ListenerLimits(opts.hbone_max_connections, opts.hbone_max_handshakes),
                                 tracer=TunnelTracer(self.tracer, opts.node) if self.tracer.exporting else None,
                                 engine=self.engine, sockets=sockets)
+        self.pods: PodSource | None = None
         self.enroller: Enroller | None = None
         self.synced = False
+        self.taking_pods = False  # the enroller runs, and the CNI plugin's socket is this agent's
+        self.draining = False
+        self._node = opts.node
         self._nursery = nursery
 
     async def start_pod(self, ref: PodRef) -> PodProxy:
@@ -159,11 +192,36 @@ class Agent:
             log.warning("no certificate yet for %s: %s", ref.identity, exc)
 
     def readiness(self) -> Readiness:
+        if self.draining:
+            return Readiness(False, "draining (the agent is stopping)")
         enroller = self.enroller
         return Readiness.from_checks({
             "discovery": self.synced,
             "enrollment": enroller is not None and not enroller.failures,
+            "pod source": self.taking_pods,
         })
+
+    async def drain(self, seconds: float) -> None:
+        """Every pod's listeners closed and its HBONE clients sent elsewhere, then until its open
+        connections have finished, for up to `seconds`; the pods keep their capture.  What is still open
+        then is closed as the agent exits."""
+        self.draining = True
+        enrolled = self.enroller.enrolled.values() if self.enroller is not None else ()
+        proxies = [handle for _, handle in enrolled if isinstance(handle, PodProxy)]
+        started = trio.current_time()
+        for proxy in proxies:
+            await proxy.drain()
+        left = 0
+        with trio.move_on_after(seconds):
+            while left := sum([await proxy.open_connections() for proxy in proxies]):
+                await trio.sleep(DRAIN_POLL)
+        log.info('{"event": "drained", "node": "%s", "pods": %d, "seconds": %.2f, "connections_left": %d}',
+                 self._node, len(proxies), trio.current_time() - started, left)
+
+    def close_pods(self) -> None:
+        """Let go of the pods' namespaces the pod source holds (their capture stays)."""
+        if isinstance(self.pods, CniPodSource):
+            self.pods.close()
 
     def enrollment(self) -> dict[str, Any]:
         enroller = self.enroller

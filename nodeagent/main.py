@@ -48,6 +48,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     p.add_argument("--hbone-max-handshakes", type=int, default=defaults.HBONE_MAX_HANDSHAKES, metavar="N",
                    help="TLS handshakes each pod's 15008 runs at once; more wait their turn within the "
                         "handshake timeout (default %(default)s)")
+    p.add_argument("--drain-seconds", type=float, default=defaults.DRAIN_SECONDS, metavar="SECONDS",
+                   help="on SIGTERM the agent takes no new connection (a successor started beside it takes "
+                        "them) and lets its pods' open connections finish for up to this long, then exits "
+                        "(default %(default)s; keep it below the pod's terminationGracePeriodSeconds)")
     runtime.add_flags(p, token_help="this node's token, as the control plane issued it")
     args = p.parse_args(argv)
     if args.redirect_mode not in defaults.REDIRECT_MODES:
@@ -55,12 +59,15 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                 f"{', '.join(defaults.REDIRECT_MODES)})")
     if args.hbone_max_connections < 1 or args.hbone_max_handshakes < 1:
         p.error("--hbone-max-connections and --hbone-max-handshakes must be at least 1")
+    if args.drain_seconds < 0:
+        p.error("--drain-seconds must not be negative")
     if args.pod_source == "local" and not args.pod_netns:
         p.error("--pod-netns is required with --pod-source local")
     return Options(node=args.node, pod_source=args.pod_source, cni_socket=args.cni_socket,
                    pod_netns=args.pod_netns, pod_cgroup=args.pod_cgroup,
                    redirect_mode=args.redirect_mode, bpf_prefix=args.bpf_prefix, state_dir=args.state_dir,
                    hbone_max_connections=args.hbone_max_connections, hbone_max_handshakes=args.hbone_max_handshakes,
+                   drain_seconds=args.drain_seconds,
                    **runtime.flag_values(p, args))
 
 

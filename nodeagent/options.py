@@ -26,3 +26,4 @@ class Options(ProcessOptions):
     state_dir: Path | None = None  # where the agent keeps what it must find after a restart
     hbone_max_connections: int = defaults.HBONE_MAX_CONNECTIONS  # per pod's 15008: open at once
     hbone_max_handshakes: int = defaults.HBONE_MAX_HANDSHAKES  # per pod's 15008: TLS handshakes at once
+    drain_seconds: float = defaults.DRAIN_SECONDS  # on SIGTERM: how long the pods' open connections may finish

@@ -3,13 +3,14 @@
 # the kernel networking tools, bcc and clang for the eBPF capture, the load generators used by the
 # benchmarks, the Prometheus server (each local cluster runs its own, in its underlay namespace), the
 # reference CNI plugins (/usr/lib/cni: bridge, host-local, loopback) that the mesh's own plugin is chained
-# after, and, when the running kernel ships no headers of its own, Debian's headers linked in as that
-# kernel's build directory so that bcc can compile its programs.
+# after, headless Chromium (the dashboard's browser test drives it over the DevTools protocol), and, when
+# the running kernel ships no headers of its own, Debian's headers linked in as that kernel's build
+# directory so that bcc can compile its programs.
 set -euo pipefail
 
 PACKAGES=(iptables iproute2 procps psmisc curl python3 python3-venv python3-dev
           python3-bpfcc bpfcc-tools bpftool clang nftables tcpdump wrk nghttp2-client openssl iputils-ping
-          containernetworking-plugins prometheus)
+          containernetworking-plugins prometheus chromium fonts-dejavu-core)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup-system: must run as root (it installs Debian packages and links kernel headers)" >&2

@@ -4,7 +4,8 @@ then put the bookinfo namespace in the mesh, live, and show the same calls carri
 It runs the real `meshctl` (as a user would), calls `GET http://productpage:9080/productpage` from the
 `sleep` pod 20 times, prints which productpage, reviews and ratings pods answered and on which node,
 labels the namespace `istio.io/dataplane-mode=ambient`, calls again, prints what the node agents saw
-(identities, mTLS), prints `meshctl cluster status`, and leaves the cluster running.
+(identities, mTLS), prints `meshctl cluster status`, starts `meshctl dashboard` in the background and ends
+with its address, and leaves the cluster running.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CLUSTER_FILE = HERE / "cluster.yaml"
 CALLS = 20
+OTLP_ENDPOINT = "http://172.30.0.1:4318/v1/traces"  # the underlay's gateway (the cluster file's default underlay)
+STATE = Path(os.environ.get("MESH_STATE_DIR") or "/run/ambient-mesh")
 
 
 def meshctl(*args: str, capture: bool = False) -> subprocess.CompletedProcess[str]:
@@ -76,7 +79,7 @@ def enrolled() -> set[str]:
 
 
 def what_the_agents_saw() -> None:
-    state = Path(os.environ.get("MESH_STATE_DIR") or "/run/ambient-mesh") / "bookinfo" / "logs"
+    state = STATE / "bookinfo" / "logs"
     seen: Counter[tuple[str, str, str]] = Counter()
     for node in ("node-1", "node-2"):
         for line in (state / f"nodeagent.{node}.log").read_text().splitlines():
@@ -90,7 +93,8 @@ def what_the_agents_saw() -> None:
 
 def main() -> int:
     meshctl("cluster", "down", "bookinfo", capture=True)
-    if meshctl("cluster", "up", "-f", str(CLUSTER_FILE)).returncode != 0:
+    # Spans go to the underlay's gateway, where `meshctl dashboard` receives them (it is the collector).
+    if meshctl("cluster", "up", "-f", str(CLUSTER_FILE), "--otlp-endpoint", OTLP_ENDPOINT).returncode != 0:
         return 1
     failures = call_many("without the mesh")
     print("\nputting the bookinfo namespace in the mesh: meshctl label namespace bookinfo "
@@ -108,8 +112,16 @@ def main() -> int:
           "  .venv/bin/meshctl exec -n bookinfo sleep -- curl -s http://productpage:9080/productpage\n"
           "  .venv/bin/meshctl agent workloads node-1\n"
           "  .venv/bin/meshctl proxy-status\n"
+          "  .venv/bin/meshctl waypoint apply -n bookinfo --enroll-namespace   # request figures and traces\n"
+          "  .venv/bin/meshctl apply -f examples/bookinfo/tracing.yaml        # sample every request\n"
           "remove it with:\n"
           "  .venv/bin/meshctl cluster down bookinfo")
+    dashboard = meshctl("dashboard", "--cluster", "bookinfo", "--detach", capture=True)
+    if dashboard.returncode != 0:
+        print(f"\nthe dashboard did not start: {(dashboard.stderr or dashboard.stdout).strip()}")
+        return 1
+    url = json.loads((STATE / "bookinfo" / "dashboard.json").read_text())["url"]
+    print(f"\nthe dashboard (service graph, workloads, traces, mesh health; stops with the cluster): {url}")
     return 1 if failures else 0
 
 

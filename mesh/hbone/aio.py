@@ -79,7 +79,7 @@ class TunnelEnd:
         self.writable = True
         self._splice: Splice | None = None
         self._side = 0
-        self._early: list[tuple[bytes, int]] = []
+        self._early: list[tuple[bytes | memoryview, int]] = []
         self._eof = False
         self.error: str | None = None
         self.answer: asyncio.Future[object] | None = None
@@ -93,7 +93,7 @@ class TunnelEnd:
 
     # -- what the connection tells it ------------------------------------------------------------------
 
-    def on_data(self, data: bytes, length: int) -> None:
+    def on_data(self, data: bytes | memoryview, length: int) -> None:
         splice = self._splice
         if splice is None:
             self._early.append((data, length))
@@ -137,7 +137,7 @@ class TunnelEnd:
             splice.failed(side, f"tunnel to {self.authority}: {self.error}")
         self.conn.flush()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         conn = self.conn
         try:
             conn.proto.send_data(self.stream_id, data)

@@ -47,7 +47,7 @@ class DataReceived:
     consumed, so the peer's window reopens."""
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview  # a view of the bytes received, when the frame did not arrive alone
     flow_controlled_length: int
 
 

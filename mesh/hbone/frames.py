@@ -128,7 +128,7 @@ class FrameGuard:
 # piece and 0 after, bytes to acknowledge once consumed, END_STREAM with the last piece); a WINDOW_UPDATE
 # (stream, increment); a violation.  Each returns False to stop reading (the connection is closed).
 ToH2 = Callable[[bytes], bool]
-OnData = Callable[[int, bytes, int, int, bool], bool]
+OnData = Callable[[int, bytes | memoryview, int, int, bool], bool]
 OnWindow = Callable[[int, int], bool]
 OnViolation = Callable[[Violation], None]
 
@@ -142,7 +142,7 @@ class FrameReader:
     """Splits received bytes at frame boundaries: DATA and WINDOW_UPDATE frames are read here, from their
     9-byte headers, with no copy of a payload that arrived whole; everything else goes to h2 as it came.
     DATA payloads are handed on as they arrive (a 1 MiB frame need not be buffered first), except padded
-    frames, which are read whole.  Every frame header passes the `FrameGuard` first.  Inside a header
+    frames, which are read whole, as views of the (immutable) bytes received.  Every frame header passes the `FrameGuard` first.  Inside a header
     block all frames go to h2, which refuses anything but CONTINUATION there."""
 
     def __init__(self, guard: FrameGuard, skip: int, to_h2: ToH2, on_data: OnData, on_window: OnWindow,
@@ -166,13 +166,14 @@ class FrameReader:
         i = 0
         run = -1  # where the bytes for h2 not handed over yet start
         guard = self._guard
+        view = memoryview(data)  # DATA payloads are handed on as views of `data`: no copy
         while i < n:
             mode = self._mode
             if mode == _IN_DATA:
                 take = min(self._left, n - i)
                 self._left -= take
                 last = not self._left
-                piece = data if take == n else data[i : i + take]
+                piece = data if take == n else view[i : i + take]
                 cost = self._length if self._first else 0
                 self._first = False
                 i += take
@@ -240,7 +241,7 @@ class FrameReader:
                     self._on_violation(Violation(ErrorCode.PROTOCOL_ERROR,
                                                  "peer sent a DATA frame with more padding than payload"))
                     return
-                payload = data[i + FRAME_HEADER + 1 : i + FRAME_HEADER + length - pad]
+                payload = view[i + FRAME_HEADER + 1 : i + FRAME_HEADER + length - pad]
                 i += FRAME_HEADER + length
                 if not self._on_data(stream, payload, length, length, end):
                     return

@@ -263,7 +263,7 @@ class HboneConnection:
             return stream_id > (self._h2.highest_outbound_stream_id or 0)
         return stream_id > (self._h2.highest_inbound_stream_id or 0)
 
-    def _rx_data(self, stream_id: int, data: bytes, cost: int, length: int, end: bool) -> bool:
+    def _rx_data(self, stream_id: int, data: bytes | memoryview, cost: int, length: int, end: bool) -> bool:
         if cost:
             if not stream_id or self._is_idle(stream_id):
                 self._rx_violation(Violation(ErrorCode.PROTOCOL_ERROR,
@@ -483,7 +483,7 @@ class HboneConnection:
 
     # -- bytes out ---------------------------------------------------------------------------------------
 
-    def send_data(self, stream_id: int, data: bytes) -> None:
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue tunnel bytes; they go out as the peer's windows allow.  Check `can_send()` first: the
         core takes what it is given, and the writer is the one that must wait."""
         stream = self._sending_stream(stream_id)

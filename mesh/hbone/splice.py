@@ -33,7 +33,7 @@ class End(Protocol):
 
     def attach(self, splice: Splice, side: int) -> None: ...
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | memoryview) -> None: ...
 
     def write_eof(self) -> None: ...
 
@@ -62,7 +62,7 @@ class Splice:
 
     # -- what the ends call -------------------------------------------------------------------------------
 
-    def data(self, side: int, data: bytes) -> None:
+    def data(self, side: int, data: bytes | memoryview) -> None:
         """`side` received `data`: write it to the other end, from this very callback."""
         if self.done.done():
             return
@@ -170,7 +170,7 @@ class PlainEnd(asyncio.Protocol):
         elif self._early_end is not None:
             splice.failed(side, self._early_end)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(data)

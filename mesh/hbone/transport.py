@@ -148,7 +148,7 @@ class Tunnel(trio.abc.HalfCloseableStream):
         return f"<Tunnel {self.authority} stream {self.stream_id}>"
 
     # events from the driver
-    def _on_data(self, data: bytes, flow_controlled_length: int) -> None:
+    def _on_data(self, data: bytes | memoryview, flow_controlled_length: int) -> None:
         self._inbox += data
         padding = flow_controlled_length - len(data)
         if padding > 0:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
+from cryptography.hazmat.primitives import hashes
 
 from mesh.identity import SpiffeId
 from mesh.secrets.bundle import TrustBundle
@@ -58,6 +59,7 @@ class CertificateStatus:
     next_attempt_in: float
     failures: int
     last_error: str | None
+    root: str | None = None  # SHA-256 fingerprint (hex) of the root its chain ends in (root rotations)
 
 
 @dataclass
@@ -235,6 +237,7 @@ class SecretManager:
                 next_attempt_in=round(e.schedule.delay(now), 1),
                 failures=e.schedule.failures,
                 last_error=e.last_error,
+                root=e.svid.root.fingerprint(hashes.SHA256()).hex() if e.svid and e.svid.root else None,
             )
             for e in sorted(self._entries.values(), key=lambda e: e.identity)
         ]

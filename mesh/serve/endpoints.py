@@ -66,9 +66,11 @@ async def serve_metrics(
     *,
     host: str = "0.0.0.0",
     port: int = defaults.METRICS_PORT,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await serve_http(metrics_handler(registry), host, port, name="metrics", task_status=task_status)
+    await serve_http(metrics_handler(registry), host, port, name="metrics", reuse_port=reuse_port,
+                     task_status=task_status)
 
 
 async def serve_readiness(
@@ -76,6 +78,8 @@ async def serve_readiness(
     *,
     host: str = "0.0.0.0",
     port: int = defaults.READINESS_PORT,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await serve_http(readiness_handler(ready), host, port, name="readiness", task_status=task_status)
+    await serve_http(readiness_handler(ready), host, port, name="readiness", reuse_port=reuse_port,
+                     task_status=task_status)

@@ -32,6 +32,7 @@ import h11
 import trio
 
 from mesh import netns as mnetns
+from mesh import reuseport
 from mesh.serve.errors import ListenError
 from mesh.serve.routes import Handler, Request, Response
 
@@ -216,13 +217,18 @@ async def serve_http(
     in_thread: bool = False,
     tls: ssl.SSLContext | None = None,
     netns: str | None = None,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `handler` on TCP host:port (HTTPS with `tls`) until cancelled; reports the bound port (port 0
     picks one).  With `netns` the listening socket is made inside that network namespace (and stays
-    there), while the server runs where it is."""
+    there), while the server runs where it is.  With `reuse_port` the port is shared with the process's
+    successor, which takes the new connections once it listens (`mesh.reuseport`: a node agent's surge)."""
     try:
-        listeners = [_listener_in(netns, host, port)] if netns else await trio.open_tcp_listeners(port, host=host)
+        if netns or reuse_port:
+            listeners = [_listener_in(netns, host, port, reuse_port=reuse_port)]
+        else:
+            listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         raise ListenError(f"cannot listen for the {name} endpoint on {host}:{port}: {exc.strerror or exc}"
                           " (is another instance running here?)") from None
@@ -232,15 +238,19 @@ async def serve_http(
     await _serve(listeners, handler, max_body, in_thread, tls)
 
 
-def _listener_in(name: str, host: str, port: int) -> trio.SocketListener:
-    """A TCP listener made inside network namespace `name` (one numeric address)."""
+def _listener_in(name: str | None, host: str, port: int, *, reuse_port: bool = False) -> trio.SocketListener:
+    """A TCP listener made inside network namespace `name` (here when None) on one numeric address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with mnetns.entered(name):
+    with mnetns.entered(name) if name else contextlib.nullcontext():
         sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            reuseport.share(sock)
         sock.bind((host, port))
         sock.listen(128)
+        if reuse_port:
+            reuseport.prefer_newest(sock)
     except BaseException:
         sock.close()
         raise

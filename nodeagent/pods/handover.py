@@ -63,8 +63,9 @@ class HandoverServer:
         self._nursery: trio.Nursery | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept handovers until cancelled; then close the socket and let go of every namespace held
-        (the pods keep their capture: the next agent finds them in its record)."""
+        """Accept handovers until cancelled; then close the socket (and remove it, unless a newer agent
+        has taken its path over).  The namespaces held stay open until the pod source is closed (a
+        stopping agent still drains connections in them; the next agent finds them in its record)."""
         sock, ino = await self._bind()
         try:
             async with trio.open_nursery() as nursery:
@@ -80,7 +81,6 @@ class HandoverServer:
             with contextlib.suppress(OSError):
                 if os.stat(self.path).st_ino == ino:  # not a newer agent's socket
                     os.unlink(self.path)
-            self.pods.close()
 
     async def _bind(self) -> tuple[trio.socket.SocketType, int]:
         path = Path(self.path)

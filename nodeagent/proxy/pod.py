@@ -4,6 +4,11 @@
 the pod's namespace and serves them on the data path's engine (`mesh.hbone.engine`): the engine
 accepts, and each connection is handled by a task there; `stop` closes the listeners and aborts the
 pod's connections and tasks, and nothing else of the agent.
+
+A stopping agent drains first (`drain`, then `open_connections` until none or the deadline): the
+listeners close, so new connections go to its successor's listeners of the same ports (`listener_in`
+shares them; what was queued migrates), the HBONE clients are told to open new tunnels elsewhere
+(GOAWAY: their next tunnel dials, and reaches the successor), and what is open finishes.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from mesh.hbone.engine import Engine
 from mesh.hbone.splice import PlainEnd
 from nodeagent.proxy import inbound, outbound
 from nodeagent.proxy.context import PodContext
-from nodeagent.proxy.sockets import LISTEN_BACKLOG, listener_in
+from nodeagent.proxy.sockets import LISTEN_BACKLOG, listener_in, migrate_queued_connections
 from nodeagent.redirect.rules import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
 
 log = logging.getLogger("nodeagent.pod")
@@ -43,6 +48,7 @@ class PodProxy:
         self._ends: set[PlainEnd] = set()
         self._hbone: set[AioServerConnection] = set()
         self._readers: list[int] = []  # listeners the engine accepts from itself (15008)
+        self._draining = False
 
     @property
     def engine(self) -> Engine:
@@ -54,6 +60,7 @@ class PodProxy:
     async def start(self, nursery: trio.Nursery | None = None) -> PodProxy:
         sockets: dict[int, socket.socket] = {}
         try:
+            migrate_queued_connections(self.ctx.pod.netns)
             for port in PORTS:
                 sockets[port] = listener_in(self.ctx.pod.netns, "0.0.0.0", port)
             await self.engine.call(self._serve, sockets)
@@ -67,6 +74,16 @@ class PodProxy:
     async def stop(self) -> None:
         with trio.CancelScope(shield=True):
             await self.engine.call(self._stop)
+
+    async def drain(self) -> None:
+        """Take no new connection; those open go on (`stop` ends them)."""
+        with trio.CancelScope(shield=True):
+            await self.engine.call(self._drain)
+
+    async def open_connections(self) -> int:
+        """How many of the pod's connections are still open: plaintext ones and HBONE handshakes (a task
+        each), HBONE connections (with their tunnels)."""
+        return await self.engine.call(self._open_connections)
 
     # -- on the engine -----------------------------------------------------------------------------------
 
@@ -94,12 +111,27 @@ class PodProxy:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._spawn(self._run_hbone(sock))
 
-    async def _stop(self) -> None:
+    async def _drain(self) -> None:
+        self._draining = True
+        self._close_listeners()
+        for conn in list(self._hbone):
+            conn.goaway()  # its tunnels finish; the client opens new ones on a new connection
+
+    async def _open_connections(self) -> int:
+        return len(self._tasks) + len(self._hbone)
+
+    def _close_listeners(self) -> None:
         loop = asyncio.get_running_loop()
         for fd in self._readers:
             loop.remove_reader(fd)
+        self._readers.clear()
+        if HBONE_PORT in self.listeners:
+            self.listeners[HBONE_PORT].close()
         for server in self._servers:
-            server.close()
+            server.close()  # and its listening socket
+
+    async def _stop(self) -> None:
+        self._close_listeners()
         for task in list(self._tasks):
             task.cancel()
         for end in list(self._ends):
@@ -139,6 +171,8 @@ class PodProxy:
         except asyncio.CancelledError:
             sock.close()
         if conn is not None and not conn.finished.done():
+            if self._draining:  # accepted just before the listener closed
+                conn.goaway()
             self._hbone.add(conn)
             conn.finished.add_done_callback(lambda _: self._hbone.discard(conn))  # type: ignore[arg-type]
 

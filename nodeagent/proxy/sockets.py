@@ -12,16 +12,24 @@ new connection costs no `setns` pair (it did, twice, per connection); `transpare
 the client's address (IP_TRANSPARENT), so that the application sees who connected, and to a source
 port of `TRANSPARENT_PORTS`; the pod's policy routing (`redirect.rules.policy_routing`) brings the
 application's replies to that address back to this socket (in eBPF mode, by that port).
+
+`listener_in` makes the pod's listeners so that the agent's successor can share their ports while the
+two overlap (`mesh.reuseport`): a restart or an upgrade refuses no connection.  They belong to
+`LISTENER_UID`, so no other user's socket (the application's, even as root) can join their ports.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import random
 import socket
 
-from mesh import netns
+from mesh import netns, reuseport
+from mesh.defaults import LISTENER_UID
 from nodeagent.redirect.rules import AGENT_MARK, TRANSPARENT_PORTS
+
+log = logging.getLogger("nodeagent.sockets")
 
 IP_FREEBIND = 15
 IP_TRANSPARENT = 19
@@ -31,19 +39,54 @@ LISTEN_BACKLOG = 1024
 
 
 def listener_in(netns_path: str, host: str, port: int) -> socket.socket:
-    """A listening TCP socket inside the pod's namespace, bound to host:port."""
+    """A listening TCP socket inside the pod's namespace, bound to host:port, sharing the port with the
+    listener of an agent that runs alongside (the one before or after this one) and taking the new
+    connections from it (`reuseport.prefer_newest`)."""
     with netns.entered(netns_path):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = _listening_socket()
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        reuseport.share(sock)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, AGENT_MARK)
         sock.bind((host, port))
         sock.listen(LISTEN_BACKLOG)
+        reuseport.prefer_newest(sock)
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def migrate_queued_connections(netns_path: str) -> None:
+    """Connections queued on a listener of the pod that closes (the old agent's, as it drains) go to the
+    successor's listener of that port rather than being reset.  Best effort: where /proc/sys is read-only
+    (a container), the successor taking every new connection first (`prefer_newest`) leaves the old
+    listeners' queues empty anyway, but for connections arriving in the instant they close."""
+    try:
+        reuseport.migrate_requests(netns_path)
+    except OSError as exc:
+        _warn_once("migrate", f"cannot set {reuseport.MIGRATE_SYSCTL}=1 in pods ({exc}): a connection queued on "
+                              "a pod listener at the very moment an old agent closes it is reset")
+
+
+def _listening_socket() -> socket.socket:
+    try:
+        with reuseport.owned_by(LISTENER_UID):
+            return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    except reuseport.ReuseportError as exc:
+        _warn_once("owner", f"{exc}: the pods' listeners belong to the agent's own user, so a pod's application "
+                            "running as that user could share their ports (add CAP_SETUID)")
+        return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(what: str, message: str) -> None:
+    if what not in _warned:
+        _warned.add(what)
+        log.warning("%s", message)
 
 
 def connecting_socket_in(netns_path: str) -> socket.socket:

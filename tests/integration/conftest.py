@@ -7,9 +7,11 @@ touch a cluster a person has running, nor anything outside the `amb.t-` name pre
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +80,25 @@ def leftovers(cluster: str) -> list[str]:
 @pytest.fixture(scope="session")
 def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture(scope="session")
+def pod_files() -> Iterator[Callable[[str], Path]]:
+    """Directories whose files the pods can read: `pod_files("tools")` (a new one on each call).
+
+    A pod runs as its own user (`localcluster.sandbox`), and pytest's temporary directories are private to
+    root from /tmp/pytest-of-root down (the sandbox even covers that directory), so scripts a test writes
+    for its pods go here instead: under /tmp, traversable and readable by all, removed after the session."""
+    root = Path(tempfile.mkdtemp(prefix="amb-pod-files-"))
+    root.chmod(0o755)
+
+    def make(name: str) -> Path:
+        directory = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+        directory.chmod(0o755)
+        return directory
+
+    yield make
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -171,6 +171,7 @@ async def agent(tmp_path: Path, *, state_dir: Path | None, pod: pb.Workload = PO
         nursery.cancel_scope.cancel()
     for _, handle in enroller.enrolled.values():  # what the agent's exit closes (the rules stay)
         await handle.stop()
+    pods.close()
 
 
 def listening_ports(netns: str) -> set[int]:

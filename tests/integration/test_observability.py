@@ -19,7 +19,8 @@ import sys
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,8 +59,9 @@ class ObservedMesh(WaypointMesh):
 
 
 @pytest.fixture(scope="module")
-def mesh(meshctl: Meshctl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObservedMesh]:
-    tools = tmp_path_factory.mktemp("obs-tools")
+def mesh(meshctl: Meshctl, tmp_path_factory: pytest.TempPathFactory,
+         pod_files: Callable[[str], Path]) -> Iterator[ObservedMesh]:
+    tools = pod_files("obs-tools")  # the sleep pod runs client.py as its own user
     (tools / "client.py").write_text(CLIENT)
     path = cluster_file(tmp_path_factory.mktemp("obs"), NAME)
     m = ObservedMesh(NAME, meshctl)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -201,11 +201,11 @@ def named(docs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module", params=["iptables", "ebpf"])
-def mesh(request: pytest.FixtureRequest, meshctl: Meshctl,
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[WaypointMesh]:
+def mesh(request: pytest.FixtureRequest, meshctl: Meshctl, tmp_path_factory: pytest.TempPathFactory,
+         pod_files: Callable[[str], Path]) -> Iterator[WaypointMesh]:
     mode = request.param
     name = "t-waypoint" if mode == "iptables" else f"t-waypoint-{mode}"
-    tools = tmp_path_factory.mktemp("waypoint-tools")
+    tools = pod_files("waypoint-tools")  # pods run flaky.py and client.py as their own users
     (tools / "flaky.py").write_text(FLAKY_SERVER)
     (tools / "client.py").write_text(CLIENT)
     path = cluster_file(tmp_path_factory.mktemp("waypoint"), name)

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from localcluster.sandbox import POD_UID_BASE
 
+from localcluster.sandbox import POD_UID_BASE
 from localcluster.spec import ClusterFileError, parse
 from tests.integration.conftest import Meshctl, leftovers
 from tests.integration.test_mesh import Mesh, eventually, has_rules
@@ -100,6 +100,7 @@ def test_a_bad_security_context_is_refused(security: str, message: str) -> None:
 
 def cluster_yaml(tools: Path) -> str:
     def pod(name: str, node: str, command: str, security: str = "") -> str:
+        ports = f"\n    ports: [{{containerPort: {PORT}}}]" if name == "server" else ""
         return f"""---
 apiVersion: v1
 kind: Pod
@@ -109,8 +110,7 @@ spec:
   serviceAccountName: {name}{security}
   containers:
   - name: main
-    command: {command}
-    ports: [{{containerPort: {PORT}}}]
+    command: {command}{ports}
 """
     server = f"[{sys.executable}, -m, http.server, '{PORT}', --bind, 0.0.0.0, --directory, {tools}]"
     accounts = "".join(f"---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {n}, namespace: {NS}}}\n"

@@ -1,6 +1,6 @@
 """A pod's command that first says which TCP ports already listen in its network namespace (the node agent's,
-if the pod was enrolled before it started), then serves HTTP: `python listening_at_start.py PORT`.
-Standard library only."""
+if the pod was enrolled before it started), then answers every HTTP GET with 200: `python
+listening_at_start.py PORT`.  Standard library only."""
 
 import http.server
 import json
@@ -18,7 +18,15 @@ def listening() -> list[int]:
     return sorted(ports)
 
 
+class Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        body = b"ok\n"
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
 if __name__ == "__main__":
     print(json.dumps({"listening_at_start": listening()}), flush=True)
-    server = http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), http.server.SimpleHTTPRequestHandler)
-    server.serve_forever()
+    http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Ok).serve_forever()

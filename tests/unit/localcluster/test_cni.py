@@ -208,3 +208,8 @@ def test_plugin_config_and_output_are_pure() -> None:
     with pytest.raises(CniError) as caught:
         cni.read_output("x", "ADD", 1, b'{"code": 7, "msg": "bad config"}', b"")
     assert (caught.value.code, caught.value.msg, str(caught.value)) == (7, "bad config", "plugin x failed ADD (error 7): bad config")
+
+
+def test_missing_names_plugins_and_ipam_plugins_not_on_the_path(runtime: Runtime) -> None:
+    net = network({"type": "first", "ipam": {"type": "host-local"}}, {"type": "loopback"}, {"type": "second"})
+    assert runtime.missing(net) == ["loopback", "host-local"]

@@ -5,15 +5,20 @@ accept, and the overlay's flags last."""
 from __future__ import annotations
 
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import controlplane.main
 import nodeagent.main
-from localcluster import components, overlay
+from localcluster import components, overlay, processes
 from localcluster.manifests import DAEMONSET_DIR, ManifestError
 from localcluster.overlay import ArgEdit, apply_args
+from localcluster.processes import ProcessRecord
 
 GATEWAY = "172.30.0.1"
 NODES = {"node-1": ("172.30.0.10", "iptables"), "node-2": ("172.30.0.11", "ebpf")}
@@ -125,3 +130,27 @@ def test_workload_record_keeps_the_manifest_and_its_pods(home: Path) -> None:
 ])
 def test_apply_args(argv: list[str], edits: list[ArgEdit], expected: list[str]) -> None:
     assert apply_args(argv, edits) == expected
+
+
+def test_up_waits_for_the_agents_cni_socket_and_says_why_an_agent_never_opened_it(tmp_path: Path) -> None:
+    log = tmp_path / "agent.log"
+    log.write_text("discovery: waiting for the control plane\n")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        rec = ProcessRecord("nodeagent node-1", sleeper.pid, processes.start_time(sleeper.pid) or 0, "", str(log))
+        path = str(tmp_path / "cni.sock")
+        with pytest.raises(components.ComponentError, match=r"nodeagent node-1 did not open its CNI socket .* "
+                                                            r"in 0.2s(.|\n)*discovery: waiting"):
+            components.wait_cni_socket(path, rec, timeout=0.2)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind(path)
+        listener.listen(1)
+        started = time.monotonic()
+        components.wait_cni_socket(path, rec, timeout=5)
+        assert time.monotonic() - started < 1
+        listener.close()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with pytest.raises(components.ComponentError, match="nodeagent node-1 exited while starting"):
+        components.wait_cni_socket(path, rec, timeout=5)

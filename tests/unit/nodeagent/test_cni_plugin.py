@@ -114,6 +114,7 @@ async def agent(tmp_path: Path, *workloads: pb.Workload, fail: dict[str, Excepti
         await nursery.start(HandoverServer(str(path), pods, enroller, prune_interval=0.05).serve)
         yield Agent(path, pods, enroller, state, events)
         nursery.cancel_scope.cancel()
+    pods.close()  # the agent's exit lets go of the namespaces
 
 
 # ---- the plugin, as the runtime runs it ---------------------------------------------------------------------
