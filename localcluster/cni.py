@@ -174,6 +174,13 @@ def read_output(plugin: str, command: str, returncode: int, stdout: bytes, stder
     return result
 
 
+def missing(net: Conflist, bin_dirs: Sequence[Path]) -> list[str]:
+    """The plugins `net` runs (its IPAM plugins too) that are in none of `bin_dirs`."""
+    kinds = [str(p["type"]) for p in net.plugins]
+    kinds += [str(p["ipam"]["type"]) for p in net.plugins if isinstance(p.get("ipam"), Mapping) and "type" in p["ipam"]]
+    return [k for k in dict.fromkeys(kinds) if not any((d / k).is_file() for d in bin_dirs)]
+
+
 # ---- the runtime ------------------------------------------------------------------------------------------
 
 
@@ -223,12 +230,6 @@ class Runtime:
         cached = self.cached(net.name, att)
         self._run_del(cached.network if cached else net, att, cached.result if cached else None)
         self._forget(net.name, att)
-
-    def missing(self, net: Conflist) -> list[str]:
-        """The plugins `net` runs (its IPAM plugins too) that are not in the bin directories."""
-        kinds = [str(p["type"]) for p in net.plugins]
-        kinds += [str(p["ipam"]["type"]) for p in net.plugins if isinstance(p.get("ipam"), Mapping) and "type" in p["ipam"]]
-        return [k for k in dict.fromkeys(kinds) if not any((d / k).is_file() for d in self.bin_dirs)]
 
     def attachments(self) -> list[Cached]:
         """Everything the cache holds: what was added (or is being added) and not deleted."""

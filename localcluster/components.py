@@ -267,6 +267,62 @@ def run_node_agent(cluster_name: str, home: Path, node: str, netns: str, gateway
                                     home / "logs" / f"nodeagent.{node}.log", host_mounts=True))
 
 
+DEFAULT_TERMINATION_GRACE = 30.0  # seconds: Kubernetes' terminationGracePeriodSeconds when a pod gives none
+
+
+def termination_grace(workload: Manifest) -> float:
+    """How long a stopping pod of `workload` may take between SIGTERM and SIGKILL, as a kubelet allows."""
+    value = workload.pod_spec().get("terminationGracePeriodSeconds", DEFAULT_TERMINATION_GRACE)
+    if not isinstance(value, int | float) or value < 0:
+        raise ComponentError(f"{workload.where}: terminationGracePeriodSeconds must be a number of seconds, "
+                             f"not {value!r}")
+    return float(value)
+
+
+def wait_agent_ready(started: Started, timeout: float) -> bool:
+    """Wait until the node agent just `started` passes its readiness probe; False after `timeout`.  Its
+    predecessor may still run beside it and share its ports: the probe counts only once this process
+    listens on the probe's port, from which moment it takes every new connection to that port
+    (`mesh.reuseport.prefer_newest`), so the answer is its own.  Raises if the agent exits."""
+    rec, probe = started.process, started.run.readiness
+    deadline = time.monotonic() + timeout
+    while True:
+        if not processes.is_running(rec):
+            raise ComponentError(f"{rec.name} exited while starting; its log ends with:\n{processes.tail(rec.log)}")
+        if probe is None or (_listens_on(rec.pid, probe.port) and probe_ready(probe, rec.netns, started.pod.ip)):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def _listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a TCP socket listening on `port` (in its network namespace)."""
+    listening = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()  # sl local_address rem_address st ... uid timeout inode
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                listening.add(f"socket:[{fields[9]}]")
+    if not listening:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in listening:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def start_node_agent(cluster_name: str, home: Path, node: str, netns: str, gateway: str,
                      extra_args: list[str] | None = None, *,
                      redirect_mode: str = defaults.REDIRECT_MODE, pod_cgroup_format: str = "",

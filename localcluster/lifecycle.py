@@ -47,6 +47,7 @@ BPFFS = Path("/sys/fs/bpf")
 log = logging.getLogger(__name__)
 
 DEFAULT_READY_TIMEOUT = 30.0
+AGENT_READY_TIMEOUT = 60.0  # a restarted agent: discovery, eBPF compilation, every pod enrolled
 
 
 class ClusterError(MeshError):
@@ -233,25 +234,40 @@ def _recorded(record: dict[str, Any], ref: overlay.WorkloadRef) -> Manifest | No
     return None
 
 
-def restart_agent(name: str, node: str, redirect_mode: str | None = None) -> ProcessRecord:
-    """Stop the node's agent and start a new one (in `redirect_mode`, else the node's mode).  The pods
-    keep their capture meanwhile (they fail closed) and the new agent adopts it; a new mode replaces it
-    once the old agent's pods are released (label them out of the mesh first to switch cleanly)."""
+def restart_agent(name: str, node: str, redirect_mode: str | None = None,
+                  ready_timeout: float = AGENT_READY_TIMEOUT) -> ProcessRecord:
+    """Replace the node's agent as the DaemonSet's rolling update does (maxSurge 1, maxUnavailable 0),
+    refusing no connection: the new agent (in `redirect_mode`, else the node's mode) starts beside the
+    old one and shares its ports, in the pods and on the node (`mesh.reuseport`), adopts the pods'
+    capture as it is and takes the CNI socket over; once its readiness probe passes, the old one gets
+    SIGTERM and drains (its open connections finish, for up to its `--drain-seconds`) and is killed only
+    if it outlives the DaemonSet's terminationGracePeriodSeconds.  A new agent that exits while starting
+    leaves the old one running (ClusterError); one that is not ready within `ready_timeout` (an old agent
+    that shares no port, from before surges, keeps it from listening in the pods) has the old one
+    stopped anyway, and then gets the same time again.  A new capture mode replaces the old mode's once
+    the pods are released (label them out of the mesh first to switch cleanly)."""
     require_root("agent restart")
     record = state.read_record(name)
     nodes = {n["name"]: n for n in record["plan"]["nodes"]}
     if node not in nodes:
         raise ClusterError(f"cluster {name!r} has no node {node!r} (nodes: {', '.join(sorted(nodes))})")
-    old = [ProcessRecord.from_json(p) for p in record["processes"] if p["name"] == components.nodeagent_process(node)]
-    processes.stop([rec.pid for rec in old if processes.start_time(rec.pid) == rec.start_time])
+    process = components.nodeagent_process(node)
+    old = [ProcessRecord.from_json(p) for p in record["processes"] if p["name"] == process]
+    workload = _recorded(record, overlay.NODE_AGENT) or components.load_workloads().node_agent
     mode = redirect_mode or nodes[node].get("redirectMode") or "iptables"
-    new = _start_agent(name, state.cluster_dir(name), node, nodes[node]["netns"], record["plan"]["underlay"]["gateway"],
-                       mode, list(record.get("agentArgs", [])), nodes[node]["ip"],
-                       _recorded(record, overlay.NODE_AGENT)).process
+    started = _start_agent(name, state.cluster_dir(name), node, nodes[node]["netns"],
+                           record["plan"]["underlay"]["gateway"], mode, list(record.get("agentArgs", [])),
+                           nodes[node]["ip"], workload)
+    ready = components.wait_agent_ready(started, ready_timeout)
     nodes[node]["redirectMode"] = mode
-    record["processes"] = [p for p in record["processes"] if p["name"] != components.nodeagent_process(node)] + [new.to_json()]
+    record["processes"] = [p for p in record["processes"] if p["name"] != process] + [started.process.to_json()]
     state.write_record(name, record)
-    return new
+    processes.stop([rec.pid for rec in old if processes.start_time(rec.pid) == rec.start_time],
+                   grace=components.termination_grace(workload))
+    if not ready and not components.wait_agent_ready(started, ready_timeout):
+        raise ClusterError(f"the new node agent of {node} is not ready after {2 * ready_timeout:.0f}s; its log "
+                           f"ends with:\n{processes.tail(started.process.log)}")
+    return started.process
 
 
 def pod_env(plan: ClusterPlan, pod: PodPlan) -> dict[str, str]:

@@ -49,6 +49,7 @@ ETC_NETNS = Path("/etc/netns")
 UNDERLAY_BRIDGE = "ul0"
 DEBIAN_CNI_PLUGINS = Path("/usr/lib/cni")  # containernetworking-plugins: bridge, host-local, loopback, ...
 MESH_CNI_PLUGINS = Path(nodeagent.cni.__file__).resolve().parent  # the ambient-cni wrapper, run from the tree
+CNI_BIN_DIRS = (MESH_CNI_PLUGINS, DEBIAN_CNI_PLUGINS)  # CNI_PATH
 CNI_SUBDIR = "cni"
 CONFLIST_FILE = f"10-{CNI_NETWORK}.conflist"
 
@@ -150,13 +151,13 @@ def cni_config(home: Path, node: str) -> cni.Conflist:
 
 def cni_runtime(home: Path, cluster: str, node: str) -> cni.Runtime:
     """The runtime of one node: plugins run in the node's namespace and carry the cluster's marker."""
-    return cni.Runtime((MESH_CNI_PLUGINS, DEBIAN_CNI_PLUGINS), cni_dir(home, node) / "results",
+    return cni.Runtime(CNI_BIN_DIRS, cni_dir(home, node) / "results",
                        netns=node_netns(cluster, node), env=components.component_env({processes.MARKER: cluster}))
 
 
 def require_cni_plugins(cluster: str, conflist: dict[str, Any]) -> None:
     """Refuse, before anything is built, a configuration whose plugins this machine does not have."""
-    missing = cni.Runtime((MESH_CNI_PLUGINS, DEBIAN_CNI_PLUGINS), Path()).missing(cni.Conflist.parse(conflist))
+    missing = cni.missing(cni.Conflist.parse(conflist), CNI_BIN_DIRS)
     if missing:
         raise NetworkError(f"cluster {cluster!r} needs the CNI plugins {', '.join(missing)}, which are not in "
                            f"{DEBIAN_CNI_PLUGINS} or {MESH_CNI_PLUGINS}: install Debian's containernetworking-plugins "
@@ -188,6 +189,8 @@ def delete_pod(home: Path, cluster: str, node: str, pod_netns: str) -> None:
         for entry in runtime.attachments():
             if entry.attachment.netns == path:
                 runtime.delete(entry.network, entry.attachment)
+    except cni.CniError as exc:
+        raise NetworkError(f"{pod_netns}: CNI DEL on node {node} failed: {exc}") from exc
     finally:
         remove_netns(pod_netns)
 

@@ -9,7 +9,8 @@ HOST:PORT` reads from another address instead, without entering any namespace.
                 identity, capture mode and enrollment state
     certs       the certificates the agent holds for its pods: state, expiry, next renewal
     policies    the authorization policies the agent knows and the local pods each applies to
-    restart     stop the agent and start a new one (optionally in another capture mode)
+    restart     replace the agent without refusing a connection: the new one starts beside it, and
+                the old one drains once the new one is ready (optionally in another capture mode)
     redirect    how each enrolled pod is captured: the eBPF programs (links, map sizes) or iptables rules
 """
 
@@ -245,8 +246,9 @@ def render_redirect(data: dict[str, Any]) -> str:
 def run_restart(args: argparse.Namespace) -> int:
     name = state.find_cluster(args.cluster)
     rec = lifecycle.restart_agent(name, args.node, args.redirect_mode)
-    print(f"node agent of {args.node} restarted (pid {rec.pid}" +
-          (f", capture mode {args.redirect_mode})" if args.redirect_mode else ")"))
+    print(f"node agent of {args.node} replaced (pid {rec.pid}" +
+          (f", capture mode {args.redirect_mode}" if args.redirect_mode else "") +
+          "): the old one drained its connections and exited")
     return 0
 
 
@@ -290,12 +292,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         if what == "workloads":
             s.add_argument("-A", "--all", action="store_true", help="every workload the agent knows")
         s.set_defaults(func=run, what=what)
-    r = sub.add_parser("restart", help="restart a node's agent (optionally in another capture mode)",
-                       description="Stop the node's agent and start a new one. Its pods keep their capture "
-                                   "meanwhile (new connections fail closed) and the new agent adopts it. "
-                                   "With --redirect-mode the node switches capture mode; take the pods out of "
-                                   "the mesh first (label their namespace istio.io/dataplane-mode-) for a "
-                                   "clean switch. Needs root.")
+    r = sub.add_parser("restart", help="replace a node's agent without refusing connections (optionally in "
+                                       "another capture mode)",
+                       description="Replace the node's agent as the DaemonSet's rolling update does (maxSurge "
+                                   "1): a new agent starts beside the old one, shares its ports in the pods and "
+                                   "on the node, adopts the pods' capture and takes every new connection; once "
+                                   "its readiness probe passes, the old one gets SIGTERM, lets its open "
+                                   "connections finish (its --drain-seconds, 5 by default) and exits. No "
+                                   "connection is refused meanwhile. With --redirect-mode the node switches "
+                                   "capture mode; take the pods out of the mesh first (label their namespace "
+                                   "istio.io/dataplane-mode-) for a clean switch. Needs root.")
     r.add_argument("node", metavar="NODE", help="the node whose agent to restart, e.g. node-1")
     r.add_argument("--cluster", help="cluster name (default: the only cluster up)")
     r.add_argument("--redirect-mode", choices=defaults.REDIRECT_MODES, metavar="MODE",

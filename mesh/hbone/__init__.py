@@ -8,4 +8,8 @@
   (`serve_hbone`, `InboundRequest`, `TunnelAcceptor`).
 - `mesh.hbone.relay`: `relay()`, copying both ways between two streams with half-close, counting bytes.
 - `mesh.hbone.pool`: `HbonePool`, connections pooled by (source, destination identity, next hop).
+- The data path engine (the node agent's): `mesh.hbone.engine` (`Engine`: uvloop in a thread beside
+  trio), `mesh.hbone.aio` (the core driven by asyncio Protocols over TLS, `TunnelEnd`, `serve_tls`,
+  `dial`), `mesh.hbone.aiopool` (`AioPool`), `mesh.hbone.splice` (`Splice`, `PlainEnd`: the relay as
+  callbacks).
 """

@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 DRAIN_ON_CLOSE = 5.0  # seconds a finished tunnel's queued bytes may wait for window before a reset
 _TIMED_OUT = object()
+_REFUSED = object()  # the server reset the CONNECT unprocessed (REFUSED_STREAM): safe to send elsewhere
 
 
 class TunnelEnd:
@@ -291,6 +292,8 @@ class AioHbone(asyncio.Protocol):
             end = self.ends.pop(event.stream_id, None)
             if end is not None:
                 self.blocked.discard(end)
+                if event.error_code == ErrorCode.REFUSED_STREAM and end.answer is not None and not end.answer.done():
+                    end.answer.set_result(_REFUSED)  # a server draining after GOAWAY (RFC 9113, 8.7)
                 end.on_reset(event.reason)
                 self._tunnel_gone()
         elif isinstance(event, StreamWritable):
@@ -422,6 +425,8 @@ class AioClientConnection(AioHbone):
                 "destination (its node agent, or the application behind it) overloaded?")
         if isinstance(result, StreamRejected):
             raise TunnelRejected(authority, result.status, result.reason)
+        if result is _REFUSED:  # the pool opens it on another connection
+            raise ConnectionNotUsableError(f"{self.peer_address} refused CONNECT {authority} unprocessed: {end.error}")
         if result is None:
             self.release(end)
             raise TunnelReset(f"CONNECT {authority} failed before an answer: {end.error}")

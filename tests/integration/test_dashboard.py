@@ -25,7 +25,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +141,9 @@ class DashMesh(ObservedMesh):
 
 
 @pytest.fixture(scope="module")
-def mesh(meshctl: Meshctl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DashMesh]:
-    tools = tmp_path_factory.mktemp("dash-tools")
+def mesh(meshctl: Meshctl, tmp_path_factory: pytest.TempPathFactory,
+         pod_files: Callable[[str], Path]) -> Iterator[DashMesh]:
+    tools = pod_files("dash-tools")  # the sleep pod runs client.py as its own user
     (tools / "client.py").write_text(CLIENT)
     path = cluster_file(tmp_path_factory.mktemp("dash"), NAME)
     m = DashMesh(NAME, meshctl)
@@ -163,6 +164,14 @@ def mesh(meshctl: Meshctl, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         eventually(lambda: m.waypoint_config().get("tracing", {}).get("sampling") == 100.0, timeout=20)
         eventually(lambda: m.load("details", "/details/0")["status"].get("200") == 1 and any(
             e["authority"] == "details:9080" for e in m.waypoint_access_log()), timeout=60, interval=1.0)
+    except BaseException:
+        for log in ("controller", f"{NS}.waypoint", "dashboard"):
+            path = m.dir / "logs" / f"{log}.log"
+            tail = path.read_text(errors="replace").splitlines()[-15:] if path.exists() else ["(none)"]
+            print(f"--- {log}.log\n" + "\n".join(tail))
+        meshctl("cluster", "down", NAME, check=False)
+        raise
+    try:
         yield m
     finally:
         meshctl("cluster", "down", NAME, check=False)

@@ -127,7 +127,7 @@ class RecordingXdsClient(XdsClient):
 
 
 def test_short_lived_tokens_are_renewed_with_no_failed_call(tmp_path: Path) -> None:
-    ttl = 3
+    ttl = 4
     p = Plane(tmp_path / "state", token_ttl=ttl)
     node_token, waypoint_token = tmp_path / "node" / "token", tmp_path / "waypoint" / "token"
     kubelet = TokenRefresher(p.api, [TokenFile(node_token, node="n1"), TokenFile(waypoint_token, identity=WAYPOINT.uri)])
@@ -250,3 +250,24 @@ def test_the_refresher_renews_at_once_after_a_rotation(plane: Plane, tmp_path: P
     assert kubelet.refresh() == [path]
     assert jwt.get_unverified_header(path.read_text())["kid"] == plane.api.token_key_status()["current"]
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_token_key_rotates_on_a_schedule(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = Plane(tmp_path / "state", token_ttl=60, token_key_rotation=1)
+    try:
+        first = p.api.token_key_status()["current"]
+
+        def rotated() -> bool:
+            return bool(p.api.token_key_status()["current"] != first)
+
+        deadline = time.monotonic() + 10
+        while not rotated() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status = p.api.token_key_status()
+        assert status["current"] != first
+        assert first in [k["kid"] for k in status["retiring"]]  # kept for one token lifetime
+        assert meshctl(["ca", "status", "--socket", str(p.socket)]) == 0
+        shown = capsys.readouterr().out
+        assert f"retiring: {first}" in shown and "root rotation: idle" in shown
+    finally:
+        p.stop()

@@ -285,15 +285,16 @@ function drawGraph(g) {
     if (!a || !b) continue;
     const dx = b.x - a.x, dy = b.y - a.y, len = Math.hypot(dx, dy) || 1;
     const x1 = a.x + (dx / len) * 24, y1 = a.y + (dy / len) * 24, x2 = b.x - (dx / len) * 26, y2 = b.y - (dy / len) * 26;
-    // A segment that skips columns bows (downwards) so that it does not run through the nodes between.
-    const bow = Math.abs(dx) > 300 ? Math.min(160, Math.abs(dx) * 0.15) : 0;
-    const cx = (x1 + x2) / 2 + (dx >= 0 ? -dy : dy) / len * -bow, cy = (y1 + y2) / 2 + Math.abs(dx) / len * bow;
+    // A segment that skips columns bows (towards the side its target is on, else downwards) so that it
+    // does not run through the nodes between.
+    const bow = Math.abs(dx) > 300 ? Math.min(160, Math.abs(dx) * 0.15) * (dy < -5 ? -1 : 1) : 0;
+    const cx = (x1 + x2) / 2, cy = (y1 + y2) / 2 + bow;
     const at = (f) => [(1 - f) ** 2 * x1 + 2 * (1 - f) * f * cx + f * f * x2, (1 - f) ** 2 * y1 + 2 * (1 - f) * f * cy + f * f * y2];
     const widthPx = 1.2 + 3.5 * Math.sqrt((l.rate || l.connection_rate || 0) / maxRate);
     const http = l.protocols.includes("http");
     const figures = http ? `${fmt.rate(l.rate)} rps · ${fmt.pct(l.error_rate)}${l.p99 !== null ? " · p99 " + fmt.ms(l.p99) : ""}`
       : `${fmt.bytes(l.bytes_rate)}/s`;
-    const [fx, fy] = seg.via ? at(0.72) : at(0.5);
+    const [fx, fy] = seg.via ? at(0.7) : at(0.5);
     const mtls = seg.via ? (seg.into && seg.into.mtls === false) || l.mtls === false ? false
       : seg.into && seg.into.mtls && l.mtls ? true : null : l.mtls;
     const group = s("g", { class: `link ${linkClass(l)}`, "data-source": seg.source, "data-target": seg.target,
@@ -303,7 +304,7 @@ function drawGraph(g) {
     l.mtls === null ? null : s("g", { class: "hop", "data-hop": "out" }, lock(fx, fy + 5, l.mtls)),
     s("title", {}, `${seg.source} → ${seg.target}${seg.via ? " through " + seg.via : ""}\n${seg.edges.join("\n")}`));
     if (seg.via) {
-      const [wx, wy] = at(0.45), [ix, iy] = at(0.2), wp = byId.get(seg.via) || { name: seg.via, namespace: "" };
+      const [wx, wy] = at(0.42), [ix, iy] = at(0.18), wp = byId.get(seg.via) || { name: seg.via, namespace: "" };
       if (seg.into && seg.into.mtls !== null) group.append(s("g", { class: "hop", "data-hop": "in" }, lock(ix, iy + 5, seg.into.mtls)));
       group.append(s("g", { class: "via waypoint", "data-id": seg.via, onclick: () => {
         location.hash = `#/workload/${encodeURIComponent(wp.namespace)}/${encodeURIComponent(wp.name)}`; } },

@@ -103,7 +103,9 @@ def test_node_agent_has_ztunnels_shape(base: list[Obj]) -> None:
 
     sc = c["securityContext"]
     assert sc["privileged"] is False and sc["runAsUser"] == 0
-    assert sorted(sc["capabilities"]["add"]) == ["BPF", "NET_ADMIN", "NET_RAW", "SYS_ADMIN"]
+    assert sorted(sc["capabilities"]["add"]) == ["BPF", "NET_ADMIN", "NET_RAW", "SETUID", "SYS_ADMIN"]
+    drain = float(c["args"][c["args"].index("--drain-seconds") + 1])  # the old agent exits before it is killed
+    assert 0 < drain < pod["terminationGracePeriodSeconds"]
     assert sc["capabilities"]["drop"] == ["ALL"]
 
     host_paths = {v["hostPath"]["path"]: v["name"] for v in pod["volumes"] if "hostPath" in v}

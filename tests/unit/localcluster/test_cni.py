@@ -210,6 +210,6 @@ def test_plugin_config_and_output_are_pure() -> None:
     assert (caught.value.code, caught.value.msg, str(caught.value)) == (7, "bad config", "plugin x failed ADD (error 7): bad config")
 
 
-def test_missing_names_plugins_and_ipam_plugins_not_on_the_path(runtime: Runtime) -> None:
+def test_missing_names_plugins_and_ipam_plugins_not_on_the_path(bins: Path) -> None:
     net = network({"type": "first", "ipam": {"type": "host-local"}}, {"type": "loopback"}, {"type": "second"})
-    assert runtime.missing(net) == ["loopback", "host-local"]
+    assert cni.missing(net, (bins,)) == ["loopback", "host-local"]

@@ -1,0 +1,216 @@
+"""HBONE on the engine (`mesh.hbone.aio`, `aiopool`, `splice`, `engine`): real TLS on loopback, uvloop.
+
+The engine's client and server against each other, and each against the trio side (which the waypoint
+uses), so both transports keep speaking the same protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+import uvloop
+from hbone_helpers import SLEEP, WEB, Mint, mint_from
+
+from ca.authority import CertificateAuthority
+from mesh.hbone.aio import AioAcceptor, serve_tls
+from mesh.hbone.aiopool import AioPool, tcp_connect
+from mesh.hbone.config import HboneConfig, ListenerLimits
+from mesh.hbone.engine import Engine
+from mesh.hbone.errors import PoolConnectError, TunnelRejected, TunnelTimeout
+from mesh.hbone.pool import PoolKey
+from mesh.hbone.server import InboundRequest, ListenerGate
+from mesh.hbone.splice import open_end, relay_ends
+from mesh.secrets.tls import client_context, server_context
+
+
+@pytest.fixture(scope="module")
+def mint(tmp_path_factory: pytest.TempPathFactory) -> Mint:
+    path: Path = tmp_path_factory.mktemp("aio-ca")
+    return mint_from(CertificateAuthority.load_or_create(path / "ca"))
+
+
+def run(main: Callable[[], Awaitable[None]], timeout: float = 20) -> None:
+    async def bounded() -> None:
+        await asyncio.wait_for(main(), timeout)
+
+    uvloop.run(bounded())
+
+
+Handler = Callable[[InboundRequest, AioAcceptor], Awaitable[None]]
+
+
+async def server(ctx, handler: Handler, *, gate: ListenerGate | None = None,  # type: ignore[no-untyped-def]
+                 config: HboneConfig | None = None) -> tuple[int, socket.socket]:
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+
+    def accept() -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                return
+            sock.setblocking(False)
+
+            async def serve(sock: socket.socket = sock) -> None:
+                with contextlib.suppress(Exception):  # refused: the test looks at the client's side
+                    await serve_tls(sock, ctx, handler, trust_domain="cluster.local", gate=gate, config=config)
+
+            loop.create_task(serve())
+
+    loop.add_reader(listener.fileno(), accept)
+    return listener.getsockname()[1], listener
+
+
+async def echo_app() -> tuple[int, asyncio.AbstractServer]:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+        await writer.drain()
+        writer.close()
+
+    app = await asyncio.start_server(echo, "127.0.0.1", 0)
+    return app.sockets[0].getsockname()[1], app
+
+
+async def relay_to_app(request: InboundRequest, acceptor: AioAcceptor) -> None:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, (request.authority.host, request.authority.port))
+    app = await open_end(sock)
+    await relay_ends(acceptor.accept(), app)
+
+
+def test_a_tunnel_relays_both_ways_with_half_close(mint: Mint) -> None:
+    async def main() -> None:
+        app_port, app = await echo_app()
+        port, listener = await server(server_context(mint(WEB)), relay_to_app)
+        pool = AioPool(tcp_connect, lambda _: client_context(mint(SLEEP)))
+        key = PoolKey(SLEEP, WEB, ("127.0.0.1", port))
+        for _ in range(3):  # pooled: one connection
+            plain_port, plain = await client_front(pool, key, f"127.0.0.1:{app_port}")
+            reader, writer = await asyncio.open_connection("127.0.0.1", plain_port)
+            payload = bytes(range(256)) * 4096  # 1 MiB
+            writer.write(payload)
+            writer.write_eof()
+            got = await reader.read(-1)  # until the tunnel's END_STREAM became the FIN
+            assert got == payload
+            writer.close()
+            plain.close()
+        assert pool.dialled == 1
+        pool.close()
+        listener.close()
+        app.close()
+
+    run(main)
+
+
+async def client_front(pool: AioPool, key: PoolKey, authority: str) -> tuple[int, asyncio.AbstractServer]:
+    """A plain listener whose connections are relayed into tunnels (the agent's outbound, reduced)."""
+    from mesh.hbone.splice import PlainEnd
+
+    loop = asyncio.get_running_loop()
+
+    class Accepted(PlainEnd):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            loop.create_task(self.run())
+
+        async def run(self) -> None:
+            tunnel = await pool.open_tunnel(key, authority)
+            await relay_ends(self, tunnel)
+
+    front = await loop.create_server(Accepted, "127.0.0.1", 0)
+    return front.sockets[0].getsockname()[1], front
+
+
+def test_a_rejection_reaches_the_client_with_its_reason(mint: Mint) -> None:
+    async def main() -> None:
+        async def deny(request: InboundRequest, acceptor: AioAcceptor) -> None:
+            acceptor.reject(401, "denied by policy")
+
+        port, listener = await server(server_context(mint(WEB)), deny)
+        pool = AioPool(tcp_connect, lambda _: client_context(mint(SLEEP)))
+        key = PoolKey(SLEEP, WEB, ("127.0.0.1", port))
+        for _ in range(2):
+            with pytest.raises(TunnelRejected) as caught:
+                await pool.open_tunnel(key, "10.0.0.1:80")
+            assert caught.value.status == 401 and caught.value.reason == "denied by policy"
+        assert pool.dialled == 1  # the connection is fine for the next tunnel
+        pool.close()
+        listener.close()
+
+    run(main)
+
+
+def test_the_wrong_server_identity_is_refused(mint: Mint) -> None:
+    async def main() -> None:
+        port, listener = await server(server_context(mint(SLEEP)), relay_to_app)  # not WEB
+        pool = AioPool(tcp_connect, lambda _: client_context(mint(SLEEP)))
+        with pytest.raises(PoolConnectError, match="expected"):
+            await pool.open_tunnel(PoolKey(SLEEP, WEB, ("127.0.0.1", port)), "10.0.0.1:80")
+        listener.close()
+
+    run(main)
+
+
+def test_a_connect_without_answer_times_out(mint: Mint) -> None:
+    async def main() -> None:
+        async def never(request: InboundRequest, acceptor: AioAcceptor) -> None:
+            await asyncio.sleep(30)
+
+        port, listener = await server(server_context(mint(WEB)), never)
+        pool = AioPool(tcp_connect, lambda _: client_context(mint(SLEEP)), config=HboneConfig(answer_timeout=0.3))
+        key = PoolKey(SLEEP, WEB, ("127.0.0.1", port))
+        with pytest.raises(TunnelTimeout):
+            await pool.open_tunnel(key, "10.0.0.1:80")
+        assert pool.connections(key)[0].active_tunnels == 0  # reset, not left pending
+        pool.close()
+        listener.close()
+
+    run(main)
+
+
+def test_a_listener_over_its_cap_closes_new_connections(mint: Mint) -> None:
+    async def main() -> None:
+        gate = ListenerGate(ListenerLimits(max_connections=1, max_handshakes=4))
+        port, listener = await server(server_context(mint(WEB)), relay_to_app, gate=gate)
+        held = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0.1)
+        reader, _ = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(1), 2) == b""
+        assert gate.refused == 1
+        held[1].close()
+        listener.close()
+
+    run(main)
+
+
+def test_the_engine_bridges_trio_and_its_loop() -> None:
+    async def main() -> None:
+        engine = Engine()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+
+            async def on_engine(x: int) -> int:
+                assert asyncio.get_running_loop() is engine.loop
+                got = await engine.from_trio(trio_side, x)  # and back into trio
+                return got + 1
+
+            async def trio_side(x: int) -> int:
+                await trio.sleep(0)
+                return x * 2
+
+            assert await engine.call(on_engine, 20) == 41
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -1,0 +1,156 @@
+"""The hot path the core reads and writes without h2: DATA and WINDOW_UPDATE frames, and flow control.
+
+Bytes are fed as a hostile or clumsy peer would send them: split anywhere, padded, on streams that do
+not exist, over the windows."""
+
+from __future__ import annotations
+
+from hbone_helpers import Pair, of_type
+
+from mesh.hbone.config import HboneConfig
+from mesh.hbone.events import ConnectionClosed, ConnectRequested, DataReceived, StreamEnded, StreamReset
+from mesh.hbone.frames import (
+    DATA,
+    END_STREAM,
+    PADDED,
+    ErrorCode,
+    FrameGuard,
+    FrameReader,
+    data_header,
+    window_update,
+)
+from mesh.hbone.sides import HboneServer
+from tests.security import h2_frames as h2f
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return h2f.frame(kind, flags, stream_id, payload)
+
+
+def open_server(config: HboneConfig | None = None) -> tuple[HboneServer, h2f.Requests]:
+    server = HboneServer(config)
+    server.data_to_send()
+    server.receive_data(h2f.PREFACE + h2f.settings())
+    server.data_to_send()
+    requests = h2f.Requests()
+    events = server.receive_data(requests.connect(1))
+    assert of_type(events, ConnectRequested)
+    server.accept(1)
+    server.data_to_send()
+    return server, requests
+
+
+def closed_with(events: list, code: int) -> bool:
+    return any(isinstance(e, ConnectionClosed) and e.error_code == code for e in events)
+
+
+def test_encoded_frames_are_what_h2_would_write() -> None:
+    assert data_header(3, 5, end_stream=True) == frame(DATA, END_STREAM, 3, b"hello")[:9]
+    assert window_update(0, 65535) == frame(0x8, 0, 0, (65535).to_bytes(4, "big"))
+
+
+def test_the_reader_splits_at_every_byte_boundary() -> None:
+    got: list[tuple[str, object]] = []
+
+    def to_h2(b: bytes) -> bool:
+        got.append(("h2", bytes(b)))
+        return True
+
+    def on_data(sid: int, data: object, cost: int, length: int, end: bool) -> bool:
+        got.append(("data", (sid, bytes(data), cost, length, end)))  # type: ignore[arg-type]
+        return True
+
+    def on_window(sid: int, inc: int) -> bool:
+        got.append(("window", (sid, inc)))
+        return True
+
+    wire = (frame(0x4, 0, 0) + frame(DATA, 0, 1, b"abcdef") + window_update(1, 7)
+            + frame(DATA, END_STREAM, 1, b"xy") + frame(0x6, 0, 0, bytes(8)))
+    for cut in range(len(wire) + 1):
+        got.clear()
+        reader = FrameReader(FrameGuard(0, 1 << 20), 0, to_h2, on_data, on_window, lambda v: None)
+        reader.feed(wire[:cut])
+        reader.feed(wire[cut:])
+        payload = b"".join(d[1] for k, d in got if k == "data")  # type: ignore[index]
+        assert payload == b"abcdefxy", cut
+        assert sum(d[2] for k, d in got if k == "data") == 8  # type: ignore[index]  # each frame's cost once
+        assert [d for k, d in got if k == "window"] == [(1, 7)]
+        assert b"".join(d for k, d in got if k == "h2") == frame(0x4, 0, 0) + frame(0x6, 0, 0, bytes(8))  # type: ignore[misc]
+        assert [d[4] for k, d in got if k == "data"][-1] is True  # type: ignore[index]
+
+
+def test_data_reaches_the_reader_and_padding_counts_against_the_window() -> None:
+    server, _ = open_server()
+    padded = bytes([3]) + b"hi" + b"\0\0\0"
+    events = server.receive_data(frame(DATA, PADDED, 1, padded))
+    data = of_type(events, DataReceived)
+    assert [bytes(d.data) for d in data] == [b"hi"] and data[0].flow_controlled_length == len(padded)
+
+
+def test_padding_longer_than_the_frame_is_a_protocol_error() -> None:
+    server, _ = open_server()
+    events = server.receive_data(frame(DATA, PADDED, 1, bytes([9]) + b"abc"))
+    assert closed_with(events, ErrorCode.PROTOCOL_ERROR)
+
+
+def test_data_on_a_stream_never_opened_is_a_protocol_error() -> None:
+    server, _ = open_server()
+    events = server.receive_data(frame(DATA, 0, 7, b"x"))
+    assert closed_with(events, ErrorCode.PROTOCOL_ERROR)
+
+
+def test_data_beyond_the_stream_window_resets_that_stream_only() -> None:
+    config = HboneConfig(stream_window=65_535, connection_window=1 << 20)
+    server, requests = open_server(config)
+    server.receive_data(requests.connect(3))
+    server.accept(3)
+    events = server.receive_data(frame(DATA, 0, 1, bytes(16_384)) * 4 + frame(DATA, 0, 1, bytes(10)))
+    assert any(isinstance(e, StreamReset) and e.stream_id == 1 and e.error_code == ErrorCode.FLOW_CONTROL_ERROR
+               for e in events)
+    assert not of_type(events, ConnectionClosed)
+    assert server.stream_state(3) is not None  # the other stream goes on
+
+
+def test_data_beyond_the_connection_window_closes_the_connection() -> None:
+    config = HboneConfig(stream_window=1 << 20, connection_window=65_535)
+    server, requests = open_server(config)
+    server.receive_data(requests.connect(3))
+    server.accept(3)
+    events = server.receive_data(frame(DATA, 0, 1, bytes(40_000)) + frame(DATA, 0, 3, bytes(40_000)))
+    assert closed_with(events, ErrorCode.FLOW_CONTROL_ERROR)
+
+
+def test_window_update_of_zero_and_overflow() -> None:
+    server, _ = open_server()
+    events = server.receive_data(window_update(1, 0))
+    assert any(isinstance(e, StreamReset) and e.error_code == ErrorCode.PROTOCOL_ERROR for e in events)
+    server, _ = open_server()
+    assert closed_with(server.receive_data(window_update(0, 0)), ErrorCode.PROTOCOL_ERROR)
+    server, _ = open_server()
+    assert closed_with(server.receive_data(window_update(0, 2**31 - 1)), ErrorCode.FLOW_CONTROL_ERROR)
+    server, _ = open_server()
+    bad_size = frame(0x8, 0, 0, bytes(5))
+    assert closed_with(server.receive_data(bad_size), ErrorCode.FRAME_SIZE_ERROR)
+
+
+def test_windows_are_given_back_as_data_is_consumed() -> None:
+    pair = Pair.make()
+    sid = pair.client.open_stream("10.244.1.5:8080")
+    pair.pump()
+    pair.server.accept(sid)
+    pair.pump()
+    sent = 0
+    for _ in range(64):  # 16 MiB: four stream windows, one connection window
+        while pair.client.can_send(sid):
+            pair.client.send_data(sid, bytes(256 * 1024))
+            sent += 256 * 1024
+        pair.pump()
+    assert sent >= 16 * 1024 * 1024
+
+
+def test_end_stream_on_a_data_frame_half_closes() -> None:
+    server, _ = open_server()
+    events = server.receive_data(frame(DATA, END_STREAM, 1, b"bye"))
+    assert of_type(events, StreamEnded) == [StreamEnded(1)]
+    server.send_data(1, b"still open this way")
+    assert b"still open this way" in server.data_to_send()
