@@ -275,6 +275,7 @@ def pod_env(plan: ClusterPlan, pod: PodPlan) -> dict[str, str]:
         "HOSTNAME": pod.name, "POD_NAME": pod.name, "POD_NAMESPACE": pod.namespace, "POD_IP": str(pod.ip),
         "NODE_NAME": pod.node, "SERVICE_ACCOUNT": pod.spec.service_account,
         "HOME": "/",  # as a runtime sets it for a user without a home; the pod does not run as root
+        "PATH": components.BASE_PATH,  # an image's PATH, not the host user's (whose tools it may not reach)
     })
     env.update(dict(pod.spec.env))
     return env

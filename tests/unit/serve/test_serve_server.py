@@ -146,3 +146,35 @@ def test_cannot_listen_is_one_clear_error(tmp_path: Path) -> None:
             await serve_unix(app({}), tmp_path / "file" / "api.sock", name="api")
 
     trio.run(main)
+
+
+def test_a_successor_sharing_the_port_answers_once_it_listens() -> None:
+    """`reuse_port`: a node agent started beside the one it replaces takes its endpoints over (the probe
+    sees the new one's readiness), and has them alone once the old one is gone."""
+
+    def says(text: str, status: int = 200) -> Router:
+        return Router({"/healthz/ready": lambda _: Response.text(text, status)})
+
+    async def get(port: int) -> tuple[int, bytes]:
+        status, _, body = split(await exchange(port, b"GET /healthz/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"))
+        return status, body
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            old = trio.CancelScope()
+
+            async def serve_old(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+                with old:
+                    await serve_http(says("ready"), "127.0.0.1", 0, reuse_port=True, task_status=task_status)
+
+            port = await nursery.start(serve_old)
+            assert await get(port) == (200, b"ready\n")
+            await nursery.start(partial(serve_http, says("starting", 503), "127.0.0.1", port, reuse_port=True))
+            for _ in range(10):
+                assert await get(port) == (503, b"starting\n")
+            old.cancel()
+            await trio.sleep(0.05)
+            assert await get(port) == (503, b"starting\n")
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
