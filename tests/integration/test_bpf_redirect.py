@@ -378,8 +378,11 @@ def test_redirection_outlives_the_process_that_attached_it_and_is_adopted(
     # Outbound still goes to 15001 (refused when no agent listens there); inbound is refused, not let through.
     pod.app_connect(PEER_IP, PEER_PORT, "while-away")
     conn, _ = accept(agent.outbound)
-    with pytest.raises(NoOriginalDestination):  # this process has not adopted the pod yet
-        loader.original_destination(conn)
+    # A process that has not adopted the pod yet still finds the record in the pod's pinned map: a new
+    # agent takes connections on its listeners a moment before it adopts (a hitless restart).
+    assert loader.original_destination(conn) == (PEER_IP, PEER_PORT)
+    pod.app_connect(PEER_IP, PEER_PORT, "while-away-2")
+    conn, _ = accept(agent.outbound)
     with pytest.raises(ConnectionRefusedError):
         pod.connect_from(pod.peer_ns, POD_IP, APP_PORT)
     assert nothing_waiting(agent.app)
