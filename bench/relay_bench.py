@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -390,7 +391,7 @@ def _http(name: str, cluster: str) -> dict[str, object]:
                        "typed_config": _any("envoy.extensions.filters.http.router.v3.Router")}])}
 
 
-def envoy_configs(certs: Path, http: bool, ports: dict[str, int]) -> tuple[dict[str, object], dict[str, object]]:
+def envoy_configs(certs: Path, http: bool, ports: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(client, server): plain -> client Envoy -> mTLS -> server Envoy -> origin, for the HTTP port and the sink."""
     up = _tls(certs, "client", SERVER_ID)
     down = _tls(certs, "server", CLIENT_ID)
