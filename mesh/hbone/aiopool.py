@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-
-from cryptography import x509
 
 from mesh.hbone.aio import AioClientConnection, TunnelEnd, dial
 from mesh.hbone.config import HboneConfig
@@ -34,6 +31,7 @@ from mesh.hbone.pool import (
     PoolKey,
     TlsProvider,
     _Credentials,
+    pick,
 )
 
 log = logging.getLogger(__name__)
@@ -114,24 +112,8 @@ class AioPool:
                 conn.close()
 
     def _pick(self, key: PoolKey) -> AioClientConnection | None:
-        conns = self._connections.get(key)
-        if not conns:
-            return None
-        best: AioClientConnection | None = None
-        serial = self._serial(key.source)
-        now = self._clock()
-        for conn in conns:
-            if not conn.can_open_tunnel() or conn.active_tunnels >= self._max_streams:
-                continue
-            made_with = self._credentials.get(conn)
-            if made_with is not None and (now >= made_with.expires or made_with.serial != serial):
-                log.debug("retiring HBONE connection to %s: %s", key.describe(),
-                          "a certificate expired" if now >= made_with.expires else "our certificate was renewed")
-                conn.goaway()  # its tunnels finish; new ones go on a connection with current certificates
-                continue
-            if best is None or conn.active_tunnels > best.active_tunnels:
-                best = conn  # fill busy connections first, so spare ones can go idle
-        return best
+        return pick(key, self._connections.get(key, ()), self._credentials, self._certificate, self._clock(),
+                    self._max_streams)
 
     async def _dial(self, key: PoolKey) -> AioClientConnection:
         where = key.describe()
@@ -154,9 +136,7 @@ class AioPool:
                               idle_timeout=self._idle_timeout, timeout=max(deadline - loop.time(), 0.001))
         except HandshakeError as exc:
             raise PoolConnectError(str(exc)) from None
-        svid = self._certificate(key.source) if self._certificate is not None else None
-        expires = min(_peer_not_after(conn), svid.not_after if svid is not None else math.inf)
-        self._credentials[conn] = _Credentials(svid.leaf.serial_number if svid is not None else None, expires)
+        self._credentials[conn] = _Credentials.made(self._certificate, key.source, _peer_der(conn))
         self._connections.setdefault(key, []).append(conn)
         conn.finished.add_done_callback(lambda _: self._gone(key, conn))
         self.dialled += 1
@@ -174,17 +154,8 @@ class AioPool:
                 del self._dial_locks[key]
         log.debug("HBONE connection to %s gone: %s", key.describe(), conn.close_reason)
 
-    def _serial(self, source: object) -> int | None:
-        if self._certificate is None:
-            return None
-        svid = self._certificate(source)  # type: ignore[arg-type]
-        return svid.leaf.serial_number if svid is not None else None
 
-
-def _peer_not_after(conn: AioClientConnection) -> float:
-    """When the peer's certificate expires (Unix time), read from the finished handshake."""
+def _peer_der(conn: AioClientConnection) -> bytes | None:
+    """The peer's certificate, from the finished handshake."""
     tls = conn.transport.get_extra_info("ssl_object") if conn.transport is not None else None
-    der = tls.getpeercert(binary_form=True) if tls is not None else None
-    if not der:
-        return math.inf
-    return x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
+    return tls.getpeercert(binary_form=True) if tls is not None else None

@@ -27,8 +27,9 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import trio
 from cryptography import x509
@@ -75,6 +76,53 @@ class _Credentials:
 
     serial: int | None
     expires: float
+
+    @classmethod
+    def made(cls, certificate: CertificateProvider | None, source: SpiffeId, peer_der: bytes | None) -> _Credentials:
+        """What a connection just dialled for `source` was made with (peer_der: the peer's certificate)."""
+        svid = certificate(source) if certificate is not None else None
+        peer_expires = x509.load_der_x509_certificate(peer_der).not_valid_after_utc.timestamp() if peer_der \
+            else math.inf
+        return cls(svid.leaf.serial_number if svid is not None else None,
+                   min(peer_expires, svid.not_after if svid is not None else math.inf))
+
+
+class Pooled(Protocol):
+    """What the pooling rule reads of a connection, whichever engine drives it."""
+
+    @property
+    def active_tunnels(self) -> int: ...
+
+    def can_open_tunnel(self) -> bool: ...
+
+    def goaway(self) -> Any: ...
+
+
+C = TypeVar("C", bound=Pooled)
+
+
+def pick(key: PoolKey, conns: Sequence[C], credentials: Mapping[C, _Credentials],
+         certificate: CertificateProvider | None, now: float, max_streams: int) -> C | None:
+    """The pooling rule both engines share: the busiest connection that can take one more tunnel and
+    was made with certificates still current; a connection whose certificates expired or were renewed
+    is sent GOAWAY (its tunnels finish; new ones go on a connection with current certificates)."""
+    if not conns:
+        return None
+    svid = certificate(key.source) if certificate is not None else None
+    serial = svid.leaf.serial_number if svid is not None else None
+    best: C | None = None
+    for conn in conns:
+        if not conn.can_open_tunnel() or conn.active_tunnels >= max_streams:
+            continue
+        made_with = credentials.get(conn)
+        if made_with is not None and (now >= made_with.expires or made_with.serial != serial):
+            log.debug("retiring HBONE connection to %s: %s", key.describe(),
+                      "a certificate expired" if now >= made_with.expires else "our certificate was renewed")
+            conn.goaway()
+            continue
+        if best is None or conn.active_tunnels > best.active_tunnels:
+            best = conn  # fill busy connections first, so spare ones can go idle
+    return best
 
 
 async def tcp_connect(key: PoolKey) -> trio.abc.Stream:
@@ -149,22 +197,8 @@ class HbonePool:
                 await conn.aclose()
 
     def _pick(self, key: PoolKey) -> HboneClientConnection | None:
-        best: HboneClientConnection | None = None
-        conns = self._connections.get(key, ())
-        serial = self._serial(key.source) if conns else None
-        now = self._clock()
-        for conn in conns:
-            if not conn.can_open_tunnel() or conn.active_tunnels >= self._max_streams:
-                continue
-            made_with = self._credentials.get(conn)
-            if made_with is not None and (now >= made_with.expires or made_with.serial != serial):
-                log.debug("retiring HBONE connection to %s: %s", key.describe(),
-                          "a certificate expired" if now >= made_with.expires else "our certificate was renewed")
-                conn.goaway()  # its tunnels finish; new ones go on a connection with current certificates
-                continue
-            if best is None or conn.active_tunnels > best.active_tunnels:
-                best = conn  # fill busy connections first, so spare ones can go idle
-        return best
+        return pick(key, self._connections.get(key, ()), self._credentials, self._certificate, self._clock(),
+                    self._max_streams)
 
     def _lock(self, key: PoolKey) -> trio.Lock:
         lock = self._dial_locks.get(key)
@@ -198,9 +232,7 @@ class HbonePool:
         except HandshakeError as exc:
             raise PoolConnectError(str(exc)) from None
         conn = HboneClientConnection(tls, peer=peer, config=self._config, idle_timeout=self._idle_timeout)
-        svid = self._certificate(key.source) if self._certificate is not None else None
-        expires = min(_peer_not_after(tls), svid.not_after if svid is not None else math.inf)
-        self._credentials[conn] = _Credentials(svid.leaf.serial_number if svid is not None else None, expires)
+        self._credentials[conn] = _Credentials.made(self._certificate, key.source, tls.getpeercert(binary_form=True))
         await self._nursery.start(self._host, key, conn)
         self.dialled += 1
         return conn
@@ -224,17 +256,3 @@ class HbonePool:
                 if lock is not None and not lock.locked():
                     del self._dial_locks[key]
             log.debug("HBONE connection to %s gone: %s", key.describe(), conn.close_reason)
-
-    def _serial(self, source: SpiffeId) -> int | None:
-        if self._certificate is None:
-            return None
-        svid = self._certificate(source)
-        return svid.leaf.serial_number if svid is not None else None
-
-
-def _peer_not_after(tls: trio.SSLStream[trio.abc.Stream]) -> float:
-    """When the peer's certificate expires (Unix time), read from the finished handshake."""
-    der = tls.getpeercert(binary_form=True)
-    if not der:
-        return math.inf
-    return x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
