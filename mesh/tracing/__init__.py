@@ -5,7 +5,7 @@
     sampler.py      parent-based sampling; the percentage from Istio's Telemetry resources, resolved
     span.py         finished spans and the reporting resource, frozen values
     tracer.py       `Tracer.start` / `finish`: what the data path calls
-    otlp.py         OTLP protobuf encoding (opentelemetry-proto) and decoding
+    otlp.py         OTLP protobuf encoding (mesh/proto/otlp.proto) and decoding
     exporter.py     the bounded queue and the background OTLP/HTTP exporter
     receiver.py     an embeddable OTLP/HTTP receiver and a trace store (tests, a dashboard)
 """

@@ -1,4 +1,4 @@
-"""OTLP encoding: spans to an `ExportTraceServiceRequest` (protobuf, from `opentelemetry-proto`) and back.
+"""OTLP encoding: spans to an `ExportTraceServiceRequest` (protobuf, `mesh/proto/otlp.proto`) and back.
 
 `encode(resource, spans)` is what the exporter POSTs to `/v1/traces` (`Content-Type:
 application/x-protobuf`); `decode(body)` and `received(request)` are what a receiver does with it, to
@@ -11,11 +11,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as collector
-from opentelemetry.proto.common.v1 import common_pb2 as common
-from opentelemetry.proto.resource.v1 import resource_pb2
-from opentelemetry.proto.trace.v1 import trace_pb2 as trace
 
+from mesh.proto import otlp_pb2 as otlp
 from mesh.tracing.errors import OtlpError
 from mesh.tracing.span import Attributes, AttributeValue, Resource, Span
 
@@ -26,41 +23,41 @@ SCOPE_VERSION = "0.1.0"
 FLAG_SAMPLED = 0x01  # W3C trace flags, in the span's `flags` (bits 0-7)
 
 
-def _value(v: AttributeValue) -> common.AnyValue:
+def _value(v: AttributeValue) -> otlp.AnyValue:
     if isinstance(v, bool):
-        return common.AnyValue(bool_value=v)
+        return otlp.AnyValue(bool_value=v)
     if isinstance(v, int):
-        return common.AnyValue(int_value=v)
+        return otlp.AnyValue(int_value=v)
     if isinstance(v, float):
-        return common.AnyValue(double_value=v)
-    return common.AnyValue(string_value=str(v))
+        return otlp.AnyValue(double_value=v)
+    return otlp.AnyValue(string_value=str(v))
 
 
-def _attributes(attrs: Attributes) -> list[common.KeyValue]:
-    return [common.KeyValue(key=k, value=_value(v)) for k, v in attrs]
+def _attributes(attrs: Attributes) -> list[otlp.KeyValue]:
+    return [otlp.KeyValue(key=k, value=_value(v)) for k, v in attrs]
 
 
-def _span(s: Span) -> trace.Span:
-    return trace.Span(
+def _span(s: Span) -> otlp.Span:
+    return otlp.Span(
         trace_id=s.trace_id.to_bytes(16, "big"), span_id=s.span_id.to_bytes(8, "big"),
         parent_span_id=s.parent_span_id.to_bytes(8, "big") if s.parent_span_id else b"",
-        trace_state=s.trace_state, name=s.name, kind=trace.Span.SpanKind.ValueType(s.kind),
+        trace_state=s.trace_state, name=s.name, kind=otlp.Span.SpanKind.ValueType(s.kind),
         start_time_unix_nano=s.start_ns, end_time_unix_nano=s.end_ns, attributes=_attributes(s.attributes),
-        status=trace.Status(code=trace.Status.StatusCode.ValueType(s.status), message=s.status_message),
+        status=otlp.Status(code=otlp.Status.StatusCode.ValueType(s.status), message=s.status_message),
         flags=FLAG_SAMPLED if s.sampled else 0)
 
 
 def encode(resource: Resource, spans: Sequence[Span]) -> bytes:
     """One ExportTraceServiceRequest with every span under one resource and one scope."""
-    request = collector.ExportTraceServiceRequest(resource_spans=[trace.ResourceSpans(
+    request = otlp.ExportTraceServiceRequest(resource_spans=[otlp.ResourceSpans(
         resource=_resource_pb(resource),
-        scope_spans=[trace.ScopeSpans(scope=common.InstrumentationScope(name=SCOPE_NAME, version=SCOPE_VERSION),
+        scope_spans=[otlp.ScopeSpans(scope=otlp.InstrumentationScope(name=SCOPE_NAME, version=SCOPE_VERSION),
                                       spans=[_span(s) for s in spans])])])
     return request.SerializeToString()
 
 
-def _resource_pb(resource: Resource) -> resource_pb2.Resource:
-    return resource_pb2.Resource(attributes=_attributes(resource.attributes))
+def _resource_pb(resource: Resource) -> otlp.Resource:
+    return otlp.Resource(attributes=_attributes(resource.attributes))
 
 
 # ---- receiving ----------------------------------------------------------------------------------------------
@@ -91,9 +88,9 @@ class ReceivedSpan:
         return max(0, self.end_ns - self.start_ns) / 1e6
 
 
-def decode(body: bytes) -> collector.ExportTraceServiceRequest:
+def decode(body: bytes) -> otlp.ExportTraceServiceRequest:
     """The request in an OTLP/HTTP protobuf body; `OtlpError` if it is not one."""
-    request = collector.ExportTraceServiceRequest()
+    request = otlp.ExportTraceServiceRequest()
     try:
         request.ParseFromString(body)
     except DecodeError as exc:
@@ -101,7 +98,7 @@ def decode(body: bytes) -> collector.ExportTraceServiceRequest:
     return request
 
 
-def _plain(v: common.AnyValue) -> AttributeValue:
+def _plain(v: otlp.AnyValue) -> AttributeValue:
     which = v.WhichOneof("value")
     if which in ("string_value", "bool_value", "int_value", "double_value"):
         out: AttributeValue = getattr(v, which)
@@ -109,11 +106,11 @@ def _plain(v: common.AnyValue) -> AttributeValue:
     return str(v).strip()
 
 
-def _plain_attributes(kvs: Iterable[common.KeyValue]) -> dict[str, AttributeValue]:
+def _plain_attributes(kvs: Iterable[otlp.KeyValue]) -> dict[str, AttributeValue]:
     return {kv.key: _plain(kv.value) for kv in kvs}
 
 
-def received(request: collector.ExportTraceServiceRequest) -> list[ReceivedSpan]:
+def received(request: otlp.ExportTraceServiceRequest) -> list[ReceivedSpan]:
     """Every span of an export, flattened, each with its resource's attributes."""
     out = []
     for rs in request.resource_spans:
@@ -122,7 +119,7 @@ def received(request: collector.ExportTraceServiceRequest) -> list[ReceivedSpan]
             for s in ss.spans:
                 out.append(ReceivedSpan(
                     trace_id=s.trace_id.hex(), span_id=s.span_id.hex(), parent_span_id=s.parent_span_id.hex(),
-                    name=s.name, kind=trace.Span.SpanKind.ValueType(s.kind), start_ns=s.start_time_unix_nano, end_ns=s.end_time_unix_nano,
+                    name=s.name, kind=otlp.Span.SpanKind.ValueType(s.kind), start_ns=s.start_time_unix_nano, end_ns=s.end_time_unix_nano,
                     attributes=_plain_attributes(s.attributes), resource=resource,
                     status_code=int(s.status.code), status_message=s.status.message))
     return out

@@ -19,8 +19,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as collector
-
+from mesh.proto import otlp_pb2 as otlp
 from mesh.serve.routes import Request, Response, Router
 from mesh.serve.thread import ServerThread
 from mesh.tracing.errors import OtlpError
@@ -46,7 +45,7 @@ def otlp_router(on_spans: OnSpans) -> Router:
         except OtlpError as exc:
             return Response.text(str(exc), 400)
         on_spans(spans)
-        return Response(200, collector.ExportTraceServiceResponse().SerializeToString(), CONTENT_TYPE)
+        return Response(200, otlp.ExportTraceServiceResponse().SerializeToString(), CONTENT_TYPE)
 
     return Router().add(TRACES_PATH, export, methods=("POST",))
 

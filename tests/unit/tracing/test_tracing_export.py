@@ -1,4 +1,4 @@
-"""OTLP encoding (decoded back with opentelemetry-proto), the exporter against real OTLP/HTTP receivers, the
+"""OTLP encoding (decoded back with the OTLP messages), the exporter against real OTLP/HTTP receivers, the
 queue bound and drop counting, a collector that is away or slow, and the embeddable receiver."""
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import trio
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as collector
-from opentelemetry.proto.trace.v1 import trace_pb2
 
+from mesh.proto import otlp_pb2
 from mesh.serve import client
 from mesh.tracing.errors import TracingError
 from mesh.tracing.exporter import OtlpEndpoint, SpanExporter
@@ -36,12 +35,12 @@ def span(i: int = 1, trace_id: int = 0xA1, parent: int = 0, **extra: object) -> 
 # ---- encoding ---------------------------------------------------------------------------------------------
 
 
-def test_encoding_decodes_back_with_opentelemetry_proto() -> None:
+def test_encoding_decodes_back_with_the_otlp_messages() -> None:
     spans = [span(1, attributes=(("http.method", "GET"), ("http.status_code", 503), ("error", True),
                                  ("ratio", 0.5)),
                   status=StatusCode.ERROR, status_message="UF", trace_state="rojo=1"),
              span(2, parent=0x101, kind=SpanKind.CLIENT)]
-    request = collector.ExportTraceServiceRequest()
+    request = otlp_pb2.ExportTraceServiceRequest()
     request.ParseFromString(encode(RESOURCE, spans))
     (rs,) = request.resource_spans
     assert {kv.key: kv.value.string_value for kv in rs.resource.attributes} == \
@@ -51,13 +50,13 @@ def test_encoding_decodes_back_with_opentelemetry_proto() -> None:
     first, second = ss.spans
     assert first.trace_id == (0xA1).to_bytes(16, "big") and first.span_id == (0x101).to_bytes(8, "big")
     assert first.parent_span_id == b"" and second.parent_span_id == (0x101).to_bytes(8, "big")
-    assert first.name == "op-1" and first.kind == trace_pb2.Span.SPAN_KIND_SERVER
-    assert second.kind == trace_pb2.Span.SPAN_KIND_CLIENT
+    assert first.name == "op-1" and first.kind == otlp_pb2.Span.SPAN_KIND_SERVER
+    assert second.kind == otlp_pb2.Span.SPAN_KIND_CLIENT
     assert first.start_time_unix_nano == spans[0].start_ns and first.end_time_unix_nano == spans[0].end_ns
     values = {kv.key: kv.value for kv in first.attributes}
     assert values["http.method"].string_value == "GET" and values["http.status_code"].int_value == 503
     assert values["error"].bool_value is True and values["ratio"].double_value == 0.5
-    assert first.status.code == trace_pb2.Status.STATUS_CODE_ERROR and first.status.message == "UF"
+    assert first.status.code == otlp_pb2.Status.STATUS_CODE_ERROR and first.status.message == "UF"
     assert first.trace_state == "rojo=1" and first.flags & 0x1
     # And our own decoder agrees.
     (a, b) = received(decode(encode(RESOURCE, spans)))
@@ -81,12 +80,12 @@ def test_bad_endpoint_urls_say_what_to_give(url: str) -> None:
         OtlpEndpoint.parse(url)
 
 
-# ---- a receiver written for the test: stdlib HTTP, decoding with opentelemetry-proto -------------------------
+# ---- a receiver written for the test: stdlib HTTP, decoding with the OTLP messages -------------------------
 
 
 class Collector:
     def __init__(self, delay: float = 0.0, status: int = 200) -> None:
-        self.requests: list[collector.ExportTraceServiceRequest] = []
+        self.requests: list[otlp_pb2.ExportTraceServiceRequest] = []
         self.content_types: list[str] = []
         self.paths: list[str] = []
         self.delay, self.status = delay, status
@@ -96,12 +95,12 @@ class Collector:
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers["content-length"]))
                 time.sleep(outer.delay)
-                req = collector.ExportTraceServiceRequest()
+                req = otlp_pb2.ExportTraceServiceRequest()
                 req.ParseFromString(body)
                 outer.requests.append(req)
                 outer.content_types.append(self.headers["content-type"])
                 outer.paths.append(self.path)
-                answer = collector.ExportTraceServiceResponse().SerializeToString()
+                answer = otlp_pb2.ExportTraceServiceResponse().SerializeToString()
                 self.send_response(outer.status)
                 self.send_header("content-type", "application/x-protobuf")
                 self.send_header("content-length", str(len(answer)))
@@ -115,7 +114,7 @@ class Collector:
         self.port = self.server.server_address[1]
 
     @property
-    def spans(self) -> list[trace_pb2.Span]:
+    def spans(self) -> list[otlp_pb2.Span]:
         return [s for r in self.requests for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans]
 
 
