@@ -127,10 +127,13 @@ def container_run(workload: Manifest, container: str, pod: PodFields, mounts: Mo
         raise ManifestError(f"{where}: no command (the local cluster cannot know the image's entrypoint)")
     args = _strings(c.get("args"), f"{where}: args")
     argv = [expand(a, env) for a in command + args]
-    argv[0] = (executables or {}).get(argv[0], argv[0])
     places = mount_places(workload, c, mounts, where)
+    mapped = [map_path(a, places, where) for a in argv]
+    # The image's executable is replaced by this machine's after the mounts are mapped: it is a host path
+    # already (a virtual environment under /tmp must not be taken for the container's /tmp volume).
+    mapped[0] = (executables or {}).get(argv[0], mapped[0])
     return ContainerRun(
-        argv=tuple(map_path(a, places, where) for a in argv),
+        argv=tuple(mapped),
         env=tuple((k, map_path(v, places, where)) for k, v in env.items()),
         readiness=readiness_probe(c, where),
         make_dirs=tuple(p.path for _, p in places if isinstance(p, HostDir) and p.create),

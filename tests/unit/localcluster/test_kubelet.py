@@ -66,6 +66,15 @@ def test_env_values_field_refs_and_args() -> None:
     assert r.readiness is None
 
 
+def test_the_machines_executable_is_not_taken_for_a_path_under_a_volume() -> None:
+    """A virtual environment under /tmp, with an emptyDir at the container's /tmp: the interpreter is the
+    host's path, while the arguments under /tmp are the volume's."""
+    c = {"name": "main", "command": ["python", "-m", "agent"], "args": ["--scratch", "/tmp/x"],
+         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}
+    r = run(c, [{"name": "tmp", "emptyDir": {}}], executables={"python": "/tmp/clone/.venv/bin/python"})
+    assert r.argv == ("/tmp/clone/.venv/bin/python", "-m", "agent", "--scratch", str(HERE / "pods" / POD.name / "tmp" / "x"))
+
+
 @pytest.mark.parametrize("env, message", [
     ([{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "spec.hostname"}}}],
      r"env X: fieldRef 'spec.hostname' is not one the local cluster provides"),
