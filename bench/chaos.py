@@ -6,9 +6,8 @@ It builds its own cluster `t-chaos` (bookinfo, in the mesh, with a waypoint for 
 `--rate` HTTP requests a second from the meshed `sleep` pod on node-1 through the waypoint to reviews
 and ratings (`bench/chaosload.py`, kept-alive connections, open loop), and then, in turn:
 
-1. kill -9 the node agent of node-2.  Nothing in the local cluster restarts a killed agent (there is no
-   DaemonSet controller), so this script plays that part: it notices the death and runs
-   `meshctl agent restart node-2`.
+1. kill -9 the node agent of node-2; the local cluster's controller starts it again (as the DaemonSet's
+   kubelet would, `localcluster.supervision`); back when the new one is ready.
 2. kill -9 the control plane, and start it again from its state, as
    tests/integration/test_mesh.py::test_last_good_config_while_the_control_plane_is_away does; back
    when its readiness probe passes and every discovery client has reconnected.
@@ -176,14 +175,24 @@ def kill9(rec: ProcessRecord) -> float:
 
 
 def kill_node_agent(run: Run, node: str = "node-2") -> tuple[float, float, str]:
-    rec = run.process(components.nodeagent_process(node))
+    name = components.nodeagent_process(node)
+    rec = run.process(name)
     started = kill9(rec)
-    dead = until(lambda: not processes.is_running(rec), "the killed node agent to be gone")
-    run.meshctl("agent", "restart", node)  # what a DaemonSet controller would do: a new agent pod
-    back = time.time()
-    return started, back, (f"no process restarts a killed agent here: restarted by this script {dead - started:.1f}s "
-                           f"after the kill (`meshctl agent restart {node}`); new agent ready "
-                           f"{back - started:.1f}s after the kill")
+
+    def replaced() -> bool:
+        new = run.process(name)
+        return new.pid != rec.pid and processes.is_running(new)
+
+    def ready() -> bool:
+        ip = next(n["ip"] for n in state.read_record(NAME)["plan"]["nodes"] if n["name"] == node)
+        out = subprocess.run(["ip", "netns", "exec", f"amb.{NAME}.node.{node}", "curl", "-sS", "-m", "2",
+                              f"http://{ip}:15021/healthz/ready"], capture_output=True, text=True, check=False)
+        return out.stdout.strip() == "ready"
+
+    restarted = until(replaced, "the controller to start the node agent again", every=0.2)
+    back = until(ready, "the new node agent to be ready", every=0.2)
+    return started, back, (f"restarted by the local cluster's controller {restarted - started:.1f}s after the kill, "
+                           f"ready after {back - started:.1f}s")
 
 
 def kill_control_plane(run: Run) -> tuple[float, float, str]:

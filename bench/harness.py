@@ -39,7 +39,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench.modes import DEFAULT_MODES, MODES, Context, Mode, PathError, Unavailable
+from bench import scale
+from bench.modes import DEFAULT_MODES, MODES, Context, Mode, PathError, Unavailable, last_prewarm
 from bench.netio import Proc, peak_rss_kib, tree_cpu_seconds
 from bench.sidecar import Route, SidecarPair, SidecarPod
 from localcluster import lifecycle, spec, state
@@ -53,8 +54,12 @@ RESULTS_DIR = BENCH_DIR / "results"
 NAMESPACE = "bench"
 HTTP_SERVICE_PORT = 80
 SINK_SERVICE_PORT = 9000
+SCALE_SERVICE_PORTS = (81, 82, 83)  # the server's other HTTP ports: the scale phase's tunnels go to these and 80
 PROBE_REQUESTS = 200
 PHASE_TIMEOUT_SLACK = 60.0
+NEWCONN = "newconn"  # the new-connection phases: "newconn<rate>"
+SCALE_MODES = ("b", "e")  # the modes with a scale phase: the node agents' memory per idle tunnel
+FIRST_CONNECTION_SETTLE = 1.0  # seconds between a mode's capture being in place and its first connection
 
 
 class BenchError(Exception):
@@ -74,6 +79,10 @@ class Settings:
     connections: int = 16
     saturation_connections: int = 64
     stream_bytes: int = 256 << 20
+    newconn_rates: tuple[float, ...] = (200.0, 1000.0)  # new connections per second, a phase each
+    newconn_duration: float = 10.0  # seconds of each new-connection phase (at most `duration`)
+    scale_tunnels: int = 10000  # idle tunnels held in the scale phase (0: no scale phase)
+    scale_rate: float = 1000.0  # tunnels opened per second in the scale phase
     client_cpu: int = -1  # the CPU the client side is pinned to; -1 = the last one
     loadgen_processes: int = 1
     envoy_concurrency: int = 2
@@ -83,7 +92,7 @@ class Settings:
 
     @classmethod
     def quick(cls, **overrides: Any) -> Settings:
-        base = cls(rounds=1, duration=5.0, stream_bytes=16 << 20)
+        base = cls(rounds=1, duration=5.0, stream_bytes=16 << 20, newconn_rates=(200.0,), scale_tunnels=2000)
         return dataclasses.replace(base, **overrides)
 
     def pinned_cpu(self) -> int:
@@ -94,14 +103,30 @@ class Settings:
         out = ["open", "closed"]
         if mode == "a":
             out.append("crosscheck")
-        return out + ["saturation", "stream"]
+        out += ["saturation", "stream", *(newconn_phase(r) for r in self.newconn_rates)]
+        if mode in SCALE_MODES and self.scale_tunnels:
+            out.append("scale")
+        return out
 
     def phase_seconds(self, phase: str) -> float:
         if phase == "crosscheck":
             return min(self.duration, 5.0)
         if phase == "stream":
             return max(1.0, self.stream_bytes / 200e6)
+        if phase.startswith(NEWCONN):
+            return min(self.duration, self.newconn_duration)
+        if phase == "scale":
+            return self.scale_tunnels / self.scale_rate + 2 * scale.SETTLE
         return self.duration
+
+
+def newconn_phase(rate: float) -> str:
+    """The name of the new-connection phase at `rate` connections per second ("newconn200")."""
+    return f"{NEWCONN}{rate:g}"
+
+
+def newconn_rate(phase: str) -> float:
+    return float(phase[len(NEWCONN):])
 
 
 # -- progress -----------------------------------------------------------------------------------------
@@ -165,6 +190,15 @@ def run_client(ctx: Context, settings: Settings, argv: list[str], timeout: float
     return out.stdout + (out.stderr if out.returncode else ""), _children_cpu() - cpu0, out.returncode
 
 
+def client_process(ctx: Context, settings: Settings, argv: list[str]) -> subprocess.Popen[str]:
+    """Start a client command in the client pod as `run_client` runs one, with pipes to talk to it."""
+    cmd = ["ip", "netns", "exec", ctx.client_netns, "taskset", "-c", str(settings.pinned_cpu()), *argv]
+    group = Path(ctx.client_cgroup) if ctx.client_cgroup else None
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, cwd=BENCH_DIR.parent,
+                            preexec_fn=(lambda: mcgroup.join_self(group)) if group else None)
+
+
 def _json_line(text: str) -> dict[str, Any]:
     for line in reversed(text.strip().splitlines()):
         if line.startswith("{"):
@@ -220,6 +254,11 @@ def run_phase(ctx: Context, settings: Settings, phase: str, target_http: str, ta
                 f"http://{target_http}/"]
     elif phase == "stream":
         argv = [*py, "bench.stream", "--target", target_sink, "--bytes", str(settings.stream_bytes)]
+    elif phase.startswith(NEWCONN):
+        argv = [*py, "bench.newconn_bench", "--target", target_http, "--rate", f"{newconn_rate(phase):g}",
+                "--duration", f"{secs:g}"]
+    elif phase == "first":
+        argv = [*py, "bench.newconn_bench", "--target", target_http, "--first", "--timeout", "10"]
     else:
         raise BenchError(f"unknown phase {phase}")
     text, client_cpu, code = run_client(ctx, settings, argv, timeout)
@@ -339,6 +378,7 @@ class Run:
                     self.results["rounds"].append(record)
                     continue
                 progress.observed_switch(time.monotonic() - t_switch)
+                record["first_connection"] = self._first_connection(ctx, mode, target_http)
                 procs = mode.procs(ctx)
                 record["processes"] = {p.role: p.pid for p in procs}
                 for phase_index, phase in enumerate(s.phases(key)):
@@ -380,9 +420,33 @@ class Run:
                     raise
                 time.sleep(1.0)
 
+    def _first_connection(self, ctx: Context, mode: Mode, target_http: str) -> dict[str, Any]:
+        """The latency of the first connection after the mode is switched on and its capture is in place
+        (a moment later, as an application starts after its pod is set up): what a pooled connection
+        opened ahead of time (pre-warm) saves."""
+        deadline = time.monotonic() + 20.0
+        while not mode.captured(ctx) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(FIRST_CONNECTION_SETTLE)
+        result = run_phase(ctx, self.settings, "first", target_http, "")
+        out = {"latency_us": result.get("latency_us", {}).get("p50"), "errors": result.get("errors", {})}
+        if mode.key in SCALE_MODES and ctx.logs_dir:  # what the client's node agent opened ahead of it
+            out["prewarmed"] = last_prewarm(Path(ctx.logs_dir) / f"nodeagent.{ctx.client_node}.log",
+                                            f"{NAMESPACE}/client")
+        return out
+
     def _measured(self, ctx: Context, s: Settings, phase: str, procs: list[Proc], target_http: str,
                   target_sink: str) -> dict[str, Any]:
         server = ctx.server_pid
+        if phase == "scale":
+            srv0 = tree_cpu_seconds(server)
+            t0 = time.monotonic()
+            targets = [f"{ctx.service_ip}:{port}" for port in (HTTP_SERVICE_PORT, *SCALE_SERVICE_PORTS)]
+            result = scale.measure(lambda argv: client_process(ctx, s, argv), procs, targets,
+                                   s.scale_tunnels, s.scale_rate, s.phase_seconds(phase) + PHASE_TIMEOUT_SLACK)
+            result["wall_seconds"] = round(time.monotonic() - t0, 2)
+            result["server_cpu_seconds"] = round(tree_cpu_seconds(server) - srv0, 3)
+            return result
         cpu0 = {p.role: tree_cpu_seconds(p.pid) for p in procs}
         srv0 = tree_cpu_seconds(server)
         t0 = time.monotonic()
@@ -427,7 +491,8 @@ def _context(cluster: lifecycle.Cluster, s: Settings) -> Context:
     server_pid = next(p.pid for p in cluster.processes if p.name == f"pod {server.key}")
     return Context(plan.name, NAMESPACE, client.netns, server.netns, {n.name: n.netns for n in plan.nodes}, pair,
                    env, service_ip=str(svc.cluster_ip), server_pid=server_pid,
-                   client_cgroup=str(mcgroup.v2_root() / client.cgroup))
+                   client_cgroup=str(mcgroup.v2_root() / client.cgroup), logs_dir=str(cluster.dir / "logs"),
+                   client_node=client.spec.node)
 
 
 def _meta(s: Settings, cluster: str, started: datetime) -> dict[str, Any]:

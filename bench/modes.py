@@ -7,6 +7,8 @@
     e  mesh L4, eBPF     as b, with the node agents restarted in eBPF capture mode (cgroup connect and
                          sk_lookup programs instead of in-pod iptables rules); `leave` restarts them in
                          the cluster's own mode
+    f  L4 floor          the Envoy pair of d doing only the node agents' job: tcp_proxy with mTLS between
+                         the pods, plain TCP to the apps (the cost the node agents are measured against)
 
 A mode is switched on with `enter`, proven with `counters` (read before and after a short probe: the
 proxies of the mode must have counted the probe's traffic), and switched off with `leave`.  A mode that
@@ -17,6 +19,7 @@ measuring something else under its name.  Modes b and c only use the mesh's publ
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,6 +61,8 @@ class Context:
     service_ip: str = ""
     server_pid: int = 0
     client_cgroup: str = ""  # the client pod's cgroup v2 directory: clients run in it, as the pod's processes
+    logs_dir: str = ""  # where the cluster's processes log (the node agents' logs say what they pre-warmed)
+    client_node: str = ""  # the node of the client pod
 
     def meshctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ)
@@ -173,6 +178,22 @@ def moved(before: dict[str, float], after: dict[str, float], role_prefix: str, m
     return any(after[k] - before.get(k, 0.0) >= min_cpu for k in cpu)
 
 
+def last_prewarm(log: Path, pod: str) -> dict[str, object] | None:
+    """The node agent's last `prewarmed` event for `pod` ("namespace/name") in its log, if any."""
+    found = None
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if '"event": "prewarmed"' in line and f'"pod": "{pod}"' in line:
+            try:
+                found = json.loads(line[line.index("{"):])
+            except ValueError:
+                continue
+    return found
+
+
 def capture_rules_in(netns: str) -> list[str]:
     """Rules in a pod that take its traffic elsewhere (nat/mangle REDIRECT, TPROXY, DNAT)."""
     out = run_in(netns, ["iptables-save"], check=False).stdout
@@ -198,6 +219,10 @@ class Mode:
 
     def counters(self, ctx: Context) -> dict[str, float]:
         return {}
+
+    def captured(self, ctx: Context) -> bool:
+        """Is the client pod's traffic taken by this mode's path (its capture in place)?"""
+        return True
 
     def check_path(self, ctx: Context, before: dict[str, float], after: dict[str, float], requests: int) -> str:
         """Raise PathError unless the probe's `requests` took this mode's path; else say how it was proven."""
@@ -232,6 +257,9 @@ class MeshL4(Mode):
             raise Unavailable(f"{len(agents)} node agents running for {len(ctx.node_netns)} nodes: "
                               "`cluster up` does not start a node agent per node in this build")
         ctx.meshctl_ok("label", "namespace", ctx.namespace, f"{AMBIENT_LABEL}=ambient")
+
+    def captured(self, ctx: Context) -> bool:
+        return all(capture_rules_in(n) for n in (ctx.client_netns, ctx.server_netns))
 
     def leave(self, ctx: Context) -> None:
         ctx.meshctl("label", "namespace", ctx.namespace, f"{AMBIENT_LABEL}-")
@@ -313,6 +341,44 @@ class Sidecars(Mode):
         return f"client and server Envoys forwarded all {requests} probe requests over mTLS"
 
 
+ADMIN_COUNTER = "http.admin.downstream_cx_total"
+
+
+class L4Floor(Sidecars):
+    """The same pair of Envoys doing only the node agents' job: mutual TLS between the pods, plain TCP to
+    the apps, with `tcp_proxy` for every port (no HTTP parsing, no HTTP/2).  What a relay pair written in C++
+    costs for that job: the floor the node agents are compared with."""
+
+    key = "f"
+    title = "L4 floor (Envoy tcp_proxy)"
+
+    def enter(self, ctx: Context) -> None:
+        try:
+            ctx.sidecars.start(l4=True)
+        except SidecarError as exc:
+            ctx.sidecars.stop()
+            raise PathError(str(exc)) from exc
+
+    def check_path(self, ctx: Context, before: dict[str, float], after: dict[str, float], requests: int) -> str:
+        def delta(key: str) -> float:
+            return after.get(key, 0.0) - before.get(key, 0.0)
+
+        # tcp_proxy's own counters (`tcp.<stat prefix>.*`): the connections went through it, not through
+        # an HTTP connection manager (whose counters are `http.*`; `http.admin.*` is our reading the stats).
+        out = delta("client:tcp.outbound_tcp_80.downstream_cx_total")
+        inb = delta("server:tcp.inbound_8080.downstream_cx_total")
+        tls = after.get("server:listener.0.0.0.0_15006.ssl.handshake", 0.0)
+        if out < 1 or inb < 1:
+            raise PathError(f"the Envoys' tcp_proxy took {out:.0f} (client) and {inb:.0f} (server) of the probe's "
+                            "connections")
+        if any(k.startswith(("client:http.", "server:http.")) and not k.endswith(ADMIN_COUNTER) and delta(k)
+               for k in after):
+            raise PathError("the Envoys parsed HTTP in the L4 floor mode (their HTTP counters moved)")
+        if tls < 1:
+            raise PathError("the server Envoy completed no TLS handshake")
+        return f"client and server Envoys (tcp_proxy) carried the probe's {out:.0f} connections over mTLS"
+
+
 class EbpfCapture(MeshL4):
     key = "e"
     title = "mesh L4, eBPF capture"
@@ -331,6 +397,9 @@ class EbpfCapture(MeshL4):
     def leave(self, ctx: Context) -> None:
         super().leave(ctx)
         self._restart_agents(ctx, "")
+
+    def captured(self, ctx: Context) -> bool:
+        return len(pinned_pods(ctx.cluster)) >= 2
 
     def _restart_agents(self, ctx: Context, mode: str) -> None:
         env = dict(os.environ)
@@ -357,8 +426,8 @@ class EbpfCapture(MeshL4):
         return "node agents counted the probe's connections; the pods have eBPF programs and no iptables rules"
 
 
-MODES: dict[str, Mode] = {m.key: m for m in (NoMesh(), MeshL4(), MeshL7(), Sidecars(), EbpfCapture())}
-DEFAULT_MODES = ("a", "b", "c", "d", "e")
+MODES: dict[str, Mode] = {m.key: m for m in (NoMesh(), MeshL4(), MeshL7(), Sidecars(), EbpfCapture(), L4Floor())}
+DEFAULT_MODES = ("a", "b", "c", "d", "e", "f")
 
 
 def pinned_pods(cluster: str) -> list[Path]:

@@ -91,6 +91,19 @@ def peak_rss_kib(pid: int) -> int:
     return best
 
 
+def rss_kib(pid: int) -> int:
+    """VmRSS now: the resident set of the process tree (its members summed), in KiB."""
+    total = 0
+    for p in descendants(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
 @dataclass(frozen=True)
 class Proc:
     """A mesh process whose cost is measured: a node agent, a waypoint or an Envoy."""

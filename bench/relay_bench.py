@@ -11,6 +11,9 @@ per 1,000 requests (utime + stime of both processes), saturation (wrk, 64 connec
 stream's MB/s (bench/stream.py).  Variants:
 
 - `engine`: the agent's data path: asyncio Protocols on uvloop (`mesh.hbone.aio`, `aiopool`, `splice`);
+- `epoll`: one `select.epoll` loop driving non-blocking `ssl.SSLSocket`s with the same sans-IO core,
+  relaying from the readiness callbacks (the perf-floor study's next lever; written here, for the
+  comparison only);
 - `trio-raw`: trio driving a non-blocking `ssl.SSLSocket` with `wait_readable`/`wait_writable`, the
   same sans-IO core, relaying from the receiving task (written here, for the comparison only);
 - `trio`: `trio.SSLStream` with the reader/writer tasks of `mesh.hbone.transport` (the waypoint's);
@@ -75,6 +78,8 @@ def relay_main(args: argparse.Namespace) -> None:
         import trio
 
         trio.run(_trio_raw_relay, args.side, ctx, ports, upstreams, expected)
+    elif args.variant == "epoll":
+        _EpollRelay(args.side, ctx, ports, upstreams).run()
     else:
         import trio
 
@@ -335,6 +340,196 @@ async def _trio_raw_relay(side: str, ctx: ssl.SSLContext, ports: list[int], upst
             nursery.start_soon(functools.partial(trio.serve_tcp, serve_conn, ports[0], host="127.0.0.1"))
 
 
+class _EpollRelay:
+    """The perf-floor study's next lever, as a relay pair: one `select.epoll` loop, non-blocking
+    `ssl.SSLSocket`s (no memory BIO) and the same sans-IO core, relaying from the readiness callbacks
+    (written here, for the comparison only: one HBONE connection, handshakes done blocking)."""
+
+    def __init__(self, side: str, ctx: ssl.SSLContext, ports: list[int], upstreams: list[str]) -> None:
+        import select
+
+        self.side, self.ctx, self.ports, self.upstreams = side, ctx, ports, upstreams
+        self.ep = select.epoll()
+        self.handlers: dict[int, Any] = {}  # fd -> callable(events)
+        self.conns: dict[int, list[Any]] = {}  # TLS fd -> [tls socket, core, pending output, {sid: app socket}]
+        self.client_conn: list[Any] = []
+
+    def watch(self, sock: socket.socket, handler: Any, events: int) -> None:
+        self.handlers[sock.fileno()] = handler
+        self.ep.register(sock.fileno(), events)
+
+    def forget(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        if self.handlers.pop(fd, None) is not None:
+            self.ep.unregister(fd)
+        sock.close()
+
+    def run(self) -> None:
+        import select
+
+        if self.side == "client":
+            host, port = _split(self.upstreams[0])
+            raw = socket.create_connection((host, port))
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._adopt(self.ctx.wrap_socket(raw, server_side=False), client=True)
+            for listen, authority in zip(self.ports, self.upstreams[1:], strict=True):
+                lst = socket.create_server(("127.0.0.1", listen))
+                lst.setblocking(False)
+                self.watch(lst, lambda _e, lst=lst, a=authority: self._accept_plain(lst, a), select.EPOLLIN)
+        else:
+            lst = socket.create_server(("127.0.0.1", self.ports[0]))
+            lst.setblocking(False)
+            self.watch(lst, lambda _e: self._accept_tls(lst), select.EPOLLIN)
+        while True:
+            for fd, events in self.ep.poll():
+                handler = self.handlers.get(fd)
+                if handler is not None:
+                    handler(events)
+
+    def _adopt(self, tls: ssl.SSLSocket, client: bool) -> None:
+        import select
+
+        from mesh.hbone.sides import HboneClient, HboneServer
+
+        tls.setblocking(False)
+        conn: list[Any] = [tls, HboneClient() if client else HboneServer(), bytearray(), {}]
+        self.conns[tls.fileno()] = conn
+        self.client_conn = conn
+        self.watch(tls, lambda e: self._tls_event(conn, e), select.EPOLLIN)
+        self._flush(conn)
+
+    def _accept_tls(self, lst: socket.socket) -> None:
+        try:
+            raw, _ = lst.accept()
+        except BlockingIOError:
+            return
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            raw.setblocking(True)
+            tls = self.ctx.wrap_socket(raw, server_side=True)
+        except (OSError, ssl.SSLError):
+            raw.close()
+            return
+        self._adopt(tls, client=False)
+
+    def _accept_plain(self, lst: socket.socket, authority: str) -> None:
+        while True:
+            try:
+                app, _ = lst.accept()
+            except BlockingIOError:
+                return
+            app.setblocking(False)
+            app.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = self.client_conn
+            sid = conn[1].open_stream(authority)
+            conn[3][sid] = app  # read once the tunnel is accepted (the kernel keeps what comes before)
+            self._flush(conn)
+
+    def _app_readable(self, conn: list[Any], sid: int, app: socket.socket) -> None:
+        core = conn[1]
+        try:
+            data = app.recv(256 * 1024)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.ep.modify(app.fileno(), 0)
+            with contextlib.suppress(Exception):
+                core.end_stream(sid)
+            self._flush(conn)
+            return
+        core.send_data(sid, data)
+        if not core.can_send(sid):
+            self.ep.modify(app.fileno(), 0)  # until StreamWritable
+        self._flush(conn)
+
+    def _tls_event(self, conn: list[Any], events: int) -> None:
+        import select
+
+        from mesh.hbone.events import (
+            ConnectRequested,
+            DataReceived,
+            StreamAccepted,
+            StreamEnded,
+            StreamReset,
+            StreamWritable,
+        )
+
+        tls, core, _, apps = conn
+        if events & select.EPOLLOUT:
+            self._flush(conn)
+        if not events & select.EPOLLIN:
+            return
+        while True:  # OpenSSL may hold whole records: read until it wants more from the socket
+            try:
+                data = tls.recv(256 * 1024)
+            except (ssl.SSLWantReadError, BlockingIOError):
+                break
+            except (OSError, ssl.SSLError):
+                data = b""
+            if not data:
+                for app in apps.values():
+                    self.forget(app)
+                apps.clear()
+                self.forget(tls)
+                return
+            for event in core.receive_data(data):
+                kind = type(event)
+                if kind is DataReceived:
+                    app = apps.get(event.stream_id)
+                    if app is not None:
+                        app.setblocking(True)  # small answers go whole; a big one may wait here
+                        app.sendall(event.data)
+                        app.setblocking(False)
+                    core.acknowledge(event.stream_id, event.flow_controlled_length)
+                elif kind is StreamAccepted:
+                    app = apps[event.stream_id]
+                    self.watch(app, lambda _e, c=conn, s=event.stream_id, a=app: self._app_readable(c, s, a),
+                               select.EPOLLIN)
+                elif kind is StreamWritable:
+                    app = apps.get(event.stream_id)
+                    if app is not None:
+                        self.ep.modify(app.fileno(), select.EPOLLIN)
+                elif kind is StreamEnded:
+                    app = apps.get(event.stream_id)
+                    if app is not None:
+                        with contextlib.suppress(OSError):
+                            app.shutdown(socket.SHUT_WR)
+                        if core.stream_state(event.stream_id) is None:
+                            self.forget(apps.pop(event.stream_id))
+                elif kind is StreamReset:
+                    app = apps.pop(event.stream_id, None)
+                    if app is not None:
+                        self.forget(app)
+                elif kind is ConnectRequested:
+                    app = socket.create_connection((event.request.authority.host, event.request.authority.port))
+                    app.setblocking(False)
+                    app.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    apps[event.stream_id] = app
+                    core.accept(event.stream_id)
+                    self.watch(app, lambda _e, c=conn, s=event.stream_id, a=app: self._app_readable(c, s, a),
+                               select.EPOLLIN)
+        # streams both sides have ended: their sockets go
+        for sid in [sid for sid in apps if core.stream_state(sid) is None]:
+            self.forget(apps.pop(sid))
+        self._flush(conn)
+
+    def _flush(self, conn: list[Any]) -> None:
+        import select
+
+        tls, core, pending, _ = conn
+        pending += core.data_to_send()
+        while pending:
+            try:
+                n = tls.send(pending)
+            except (ssl.SSLWantWriteError, BlockingIOError):
+                self.ep.modify(tls.fileno(), select.EPOLLIN | select.EPOLLOUT)
+                return
+            del pending[:n]
+        self.ep.modify(tls.fileno(), select.EPOLLIN)
+
+
 # -- Envoy, the reference -----------------------------------------------------------------------------------
 
 
@@ -507,8 +702,8 @@ def measure(variant: str, args: argparse.Namespace, certs: Path, origin: tuple[i
         rps = next((float(line.split()[1]) for line in wrk.splitlines() if line.startswith("Requests/sec")), 0.0)
         stream = run_json([sys.executable, "-m", "bench.stream", "--target", f"127.0.0.1:{sink}",
                            "--bytes", str(args.stream_mib << 20)], 1)
-        newconn = run_json([sys.executable, str(HERE / "newconn_bench.py"), "--target", f"127.0.0.1:{plain}",
-                            "--count", "300"], 1)
+        newconn = run_json([sys.executable, "-m", "bench.newconn_bench", "--target", f"127.0.0.1:{plain}",
+                            "--rate", "200", "--duration", "1.5"], 1)
     finally:
         for p in (client, server):
             p.kill()
@@ -516,7 +711,7 @@ def measure(variant: str, args: argparse.Namespace, certs: Path, origin: tuple[i
     pct = fixed.get("latency_us") or {"p50": 0, "p90": 0, "p99": 0}
     return {"cpu_per_1000": (cpu1 - cpu0) / max(fixed["completed"], 1) * 1000, "p50": pct["p50"], "p90": pct["p90"],
             "p99": pct["p99"], "saturation": rps, "stream": float(stream.get("mb_per_s", 0.0)),
-            "newconn_p50": float(newconn.get("p50_us", 0.0)), "errors": float(fixed.get("error_count", -1))}
+            "newconn_p50": float(newconn.get("latency_us", {}).get("p50", 0.0)), "errors": float(fixed.get("error_count", -1))}
 
 
 def main(argv: list[str] | None = None) -> int:

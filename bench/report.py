@@ -22,6 +22,10 @@ from bench.histogram import Histogram
 
 CHART_PERCENTILES = (50.0, 75.0, 90.0, 95.0, 99.0, 99.9)
 BASELINE = "a"
+SIDECARS = "d"  # the issue's goals are ratios to the sidecar pair ...
+FLOOR = "f"  # ... and to the L4 floor (Envoy tcp_proxy with mTLS)
+NODE_AGENT_MODES = ("b", "e")
+SCALE_BOUND_KIB = 24.0  # the stated bound: both node agents' memory per idle tunnel, KiB (12 each)
 
 
 def merged_latency(results: dict[str, Any], mode: str, phase: str = "open", which: str = "latency") -> Histogram:
@@ -87,6 +91,11 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         row["stream_mb_s"] = _median([r["phases"]["stream"]["mb_per_s"] for r in rounds
                                       if "mb_per_s" in r["phases"].get("stream", {})])
         row["cpu_per_1k"] = cpu_per_1k(results, key)
+        row["newconn"] = newconn_rows(results, key)
+        firsts = [r["first_connection"]["latency_us"] for r in rounds
+                  if (r.get("first_connection") or {}).get("latency_us") is not None]
+        row["first_connection_us"] = _median(firsts)
+        row["scale"] = scale_row(results, key)
         row["peak_rss_kib"] = peak_rss(results, key)
         row["error_count"] = sum(r["error_count"] for r in rounds)
         row["errors"] = sorted({e for r in rounds for e in r.get("errors", [])} |
@@ -94,6 +103,53 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
                                 for k in (v.get("errors") or {})})
         out[key] = row
     return out
+
+
+def newconn_phases(results: dict[str, Any]) -> list[str]:
+    """The new-connection phases of the run, by rate."""
+    found = {ph for r in results["rounds"] for ph in r["phases"] if ph.startswith("newconn")}
+    return sorted(found, key=lambda ph: float(ph[len("newconn"):]))
+
+
+def newconn_rows(results: dict[str, Any], mode: str) -> dict[str, dict[str, float]]:
+    """Per new-connection phase: latency p50 / p99 (rounds merged) and mesh CPU s per 1,000 connections."""
+    out: dict[str, dict[str, float]] = {}
+    for phase in newconn_phases(results):
+        h = merged_latency(results, mode, phase)
+        if not h.total:
+            continue
+        row = {"p50": float(h.percentile(50)), "p99": float(h.percentile(99))}
+        cpu = cpu_per_1k(results, mode, phase)
+        if "total" in cpu:
+            row["cpu_per_1k"] = cpu["total"]
+        out[phase] = row
+    return out
+
+
+def scale_row(results: dict[str, Any], mode: str) -> dict[str, Any]:
+    """The scale phase: tunnels held, memory idle and held (largest over rounds), KiB per tunnel summed over
+    the processes (median over rounds), CPU s per 1,000 connections opened (over all rounds)."""
+    phases = [r["phases"]["scale"] for r in _rounds(results, mode) if r["phases"].get("scale", {}).get("opened")]
+    if not phases:
+        return {}
+    idle: dict[str, int] = {}
+    held: dict[str, int] = {}
+    for ph in phases:
+        for role, kib in ph["rss_idle_kib"].items():
+            idle[role] = max(idle.get(role, 0), kib)
+        for role, kib in ph["rss_held_kib"].items():
+            held[role] = max(held.get(role, 0), kib)
+    cpu = sum(sum(ph["mesh_cpu_seconds"].values()) for ph in phases)
+    opened = sum(ph["opened"] for ph in phases)
+    return {"tunnels": max(ph["opened"] for ph in phases), "rss_idle_kib": idle, "rss_held_kib": held,
+            "kib_per_tunnel": statistics.median(sum(ph["kib_per_tunnel"].values()) for ph in phases),
+            "cpu_per_1k": cpu / opened * 1000, "rate": phases[0]["rate"]}
+
+
+def _ratio(v: float | None, ref: float | None) -> str:
+    if v is None or ref is None or ref <= 0:
+        return "-"
+    return f"{v / ref:.2f}x"
 
 
 def _us(v: float | None) -> str:
@@ -159,6 +215,9 @@ def markdown(results: dict[str, Any]) -> str:
         sat = f"{r['saturation_rps']:,.0f}" if r["saturation_rps"] is not None else "-"
         stream = f"{r['stream_mb_s']:,.0f}" if r["stream_mb_s"] is not None else "-"
         lines.append(f"| {key}: {r['title']} | {total} | {per} | {rss} | {sat} | {stream} |")
+    lines += goal_lines(rows)
+    lines += newconn_lines(results, rows)
+    lines += scale_lines(rows)
     lines += ["", "## The generators' accuracy (no mesh, this run)", ""]
     lines += accuracy_lines(results)
     problems = [(k, r) for k, r in rows.items() if r["errors"] or r["status"].startswith("unavailable")]
@@ -171,6 +230,81 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(f"- {key} ({r['title']}): {e}")
     lines.append("")
     return "\n".join(lines)
+
+
+def goal_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """The node agents against the sidecar pair (d) and the L4 floor (f), as the issue states its goals."""
+    d, f = rows.get(SIDECARS), rows.get(FLOOR)
+    agents = [k for k in NODE_AGENT_MODES if k in rows and rows[k].get("open")]
+    if d is None or not agents:
+        return []
+    base = rows.get(BASELINE, {}).get("open", {})
+
+    def added(r: dict[str, Any], p: str) -> float | None:
+        v, b = r.get("open", {}).get(p), base.get(p)
+        return None if v is None or b is None else v - b
+
+    lines = ["", "## The node agents against the sidecar pair (d) and the L4 floor (f)", "",
+             "Ratios within this run (goals: CPU <= 0.5x d and <= 1.25x f; added p50 and p90 <= 1.0x d; "
+             "saturation and stream >= 1.0x d).", "",
+             "| mode | CPU / 1,000 req vs d | vs f | added p50 vs d | added p90 vs d | saturation vs d | "
+             "stream vs d |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for key in [*agents, FLOOR]:
+        r = rows.get(key)
+        if r is None or not r.get("open"):
+            continue
+        cpu = r["cpu_per_1k"].get("total")
+        lines.append(f"| {key}: {r['title']} | {_ratio(cpu, d['cpu_per_1k'].get('total'))} | "
+                     f"{_ratio(cpu, f['cpu_per_1k'].get('total')) if f else '-'} | "
+                     f"{_ratio(added(r, 'p50'), added(d, 'p50'))} | {_ratio(added(r, 'p90'), added(d, 'p90'))} | "
+                     f"{_ratio(r['saturation_rps'], d['saturation_rps'])} | "
+                     f"{_ratio(r['stream_mb_s'], d['stream_mb_s'])} |")
+    return lines
+
+
+def newconn_lines(results: dict[str, Any], rows: dict[str, dict[str, Any]]) -> list[str]:
+    phases = newconn_phases(results)
+    if not phases:
+        return []
+    d = rows.get(SIDECARS, {}).get("newconn", {})
+    base = rows.get(BASELINE, {}).get("newconn", {})
+    lines = ["", "## New connections (one request per connection, fixed rate, open loop)", "",
+             "*first*: the first connection after the mode was switched on (its capture in place a second "
+             "before); pooled HBONE connections are opened ahead of time (pre-warm), so the node agents' first "
+             "connection should cost what the others do.", "",
+             "| mode | conn/s | p50 | p99 | added p50 | added p99 | p50 vs d | p99 vs d | mesh CPU s / 1,000 conn | "
+             "CPU vs d | first |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for key, r in rows.items():
+        for phase in phases:
+            n = r["newconn"].get(phase)
+            if n is None:
+                continue
+            b, dd = base.get(phase, {}), d.get(phase, {})
+            cpu = n.get("cpu_per_1k")
+            lines.append(f"| {key}: {r['title']} | {phase[len('newconn'):]} | {_us(n['p50'])} | {_us(n['p99'])} | "
+                         f"{'-' if key == BASELINE else _added(n['p50'], b.get('p50'))} | "
+                         f"{'-' if key == BASELINE else _added(n['p99'], b.get('p99'))} | "
+                         f"{_ratio(n['p50'], dd.get('p50'))} | {_ratio(n['p99'], dd.get('p99'))} | "
+                         f"{'-' if cpu is None else f'{cpu:.3f}'} | {_ratio(cpu, dd.get('cpu_per_1k'))} | "
+                         f"{_us(r['first_connection_us'])} |")
+    return lines
+
+
+def scale_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
+    scaled = {k: r["scale"] for k, r in rows.items() if r.get("scale")}
+    if not scaled:
+        return []
+    lines = ["", "## Scale: idle tunnels held at once", "",
+             f"Bound: both node agents together hold an idle tunnel in at most {SCALE_BOUND_KIB:g} KiB.", "",
+             "| mode | tunnels | RSS idle | RSS held | KiB per tunnel (both agents) | within bound | "
+             "mesh CPU s / 1,000 conn opened |", "| --- | ---: | --- | --- | ---: | --- | ---: |"]
+    for key, sc in scaled.items():
+        idle = ", ".join(f"{role} {kib / 1024:.0f} MiB" for role, kib in sc["rss_idle_kib"].items())
+        held = ", ".join(f"{role} {kib / 1024:.0f} MiB" for role, kib in sc["rss_held_kib"].items())
+        ok = "yes" if sc["kib_per_tunnel"] <= SCALE_BOUND_KIB else "**NO**"
+        lines.append(f"| {key}: {rows[key]['title']} | {sc['tunnels']:,} (opened at {sc['rate']:g}/s) | {idle} | "
+                     f"{held} | {sc['kib_per_tunnel']:.1f} | {ok} | {sc['cpu_per_1k']:.3f} |")
+    return lines
 
 
 def _status(r: dict[str, Any]) -> str:

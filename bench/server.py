@@ -5,7 +5,11 @@ stdlib only (it runs in the pod with whatever Python the pod has) and kept fast:
 non-blocking sockets, keep-alive, no per-request allocation beyond the received bytes, a prebuilt
 response.  `--workers N` forks N such loops sharing the port through SO_REUSEPORT.
 
-    python3 server.py [--http-port 8080] [--sink-port 9090] [--body 1024] [--workers 1]
+    python3 server.py [--http-port 8080] [--more-http-ports 8081,8082] [--sink-port 9090] [--body 1024] [--workers 1]
+
+`--more-http-ports` serves the same answers on more ports, in the same loop (the scale phase spreads its
+idle connections over several ports: the node agents connect to the application from the client's address
+and a port of their own, and one client address and application port only leave so many).
 
 Sink protocol (the single-stream throughput phase): the client sends an 8-byte big-endian length, then
 that many bytes; once all have arrived the server answers with the same 8 bytes and closes.
@@ -59,18 +63,20 @@ def complete_requests(buf: bytearray) -> tuple[int, bool, bool]:
         n += 1
 
 
-def serve_http(port: int, body_size: int) -> None:
+def serve_http(ports: list[int], body_size: int) -> None:
     response = response_bytes(body_size)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    listener.bind(("0.0.0.0", port))
-    listener.listen(1024)
-    listener.setblocking(False)
     ep = select.epoll()
-    ep.register(listener.fileno(), select.EPOLLIN)
+    listeners: dict[int, socket.socket] = {}
+    for port in ports:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(("0.0.0.0", port))
+        listener.listen(1024)
+        listener.setblocking(False)
+        ep.register(listener.fileno(), select.EPOLLIN)
+        listeners[listener.fileno()] = listener
     conns: dict[int, tuple[socket.socket, bytearray]] = {}
-    lfd = listener.fileno()
 
     def drop(fd: int) -> None:
         sock, _ = conns.pop(fd)
@@ -79,10 +85,11 @@ def serve_http(port: int, body_size: int) -> None:
 
     while True:
         for fd, _events in ep.poll():
-            if fd == lfd:
+            accepting = listeners.get(fd)
+            if accepting is not None:
                 while True:
                     try:
-                        sock, _ = listener.accept()
+                        sock, _ = accepting.accept()
                     except BlockingIOError:
                         break
                     sock.setblocking(False)
@@ -160,17 +167,22 @@ def _sink_one(sock: socket.socket) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--http-port", type=int, default=8080)
+    p.add_argument("--more-http-ports", default="", metavar="LIST", help="more HTTP ports, comma separated")
     p.add_argument("--sink-port", type=int, default=9090)
     p.add_argument("--body", type=int, default=1024, help="response body size in bytes (default 1024)")
     p.add_argument("--workers", type=int, default=1, help="HTTP worker processes (default 1)")
     args = p.parse_args(argv)
+    try:
+        http_ports = [args.http_port, *(int(x) for x in args.more_http_ports.split(",") if x.strip())]
+    except ValueError:
+        p.error(f"--more-http-ports {args.more_http_ports}: write port numbers, comma separated")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     threading.Thread(target=serve_sink, args=(args.sink_port,), daemon=True).start()
     for _ in range(max(0, args.workers - 1)):
         if os.fork() == 0:
-            serve_http(args.http_port, args.body)
+            serve_http(http_ports, args.body)
             return 0
-    serve_http(args.http_port, args.body)
+    serve_http(http_ports, args.body)
     return 0
 
 

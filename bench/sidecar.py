@@ -21,6 +21,7 @@ The configuration is generated here as a plain dict (written as JSON, which Envo
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -304,7 +305,9 @@ class SidecarPair:
         self.concurrency = concurrency
         self.records: dict[str, ProcessRecord] = {}
 
-    def write_files(self) -> None:
+    def write_files(self, l4: bool = False) -> None:
+        """Certificates and both Envoys' configurations.  `l4`: every route as a TCP proxy (the L4 floor:
+        the node agents' job, mTLS between the pods and plain TCP to the apps, done by Envoy)."""
         if not _traversable_by_others(self.home.parent):
             # The proxies run as uid 1337 and must reach their files: when the cluster's state
             # directory is private (a test's temporary directory), use a directory of their own.
@@ -315,14 +318,15 @@ class SidecarPair:
         os.chmod(self.home, 0o755)
         for pod in (self.client, self.server):
             write_identity(ca, pod.identity, self.home / pod.name)
+        routes = [dataclasses.replace(r, http=False) for r in self.routes] if l4 else self.routes
         (self.home / "client" / "envoy.json").write_text(
-            json.dumps(client_config(self.home / "client", self.client.peer_identity, self.routes), indent=1))
-        app_ports = sorted({(r.endpoint_port, r.http) for r in self.routes})
+            json.dumps(client_config(self.home / "client", self.client.peer_identity, routes), indent=1))
+        app_ports = sorted({(r.endpoint_port, r.http) for r in routes})
         (self.home / "server" / "envoy.json").write_text(
             json.dumps(server_config(self.home / "server", self.server.peer_identity, app_ports), indent=1))
 
-    def start(self, timeout: float = 20.0) -> None:
-        self.write_files()
+    def start(self, timeout: float = 20.0, l4: bool = False) -> None:
+        self.write_files(l4)
         binary = envoy_binary()
         for pod in (self.server, self.client):
             argv = ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups", "--",
@@ -369,7 +373,7 @@ class SidecarPair:
         """Counters that prove the path: requests and TLS handshakes on both proxies."""
         out: dict[str, int] = {}
         for pod in (self.client, self.server):
-            text = http_get(pod.netns, "127.0.0.1", ADMIN_PORT, "/stats?filter=(upstream_rq_total|ssl.handshake|"
+            text = http_get(pod.netns, "127.0.0.1", ADMIN_PORT, "/stats?filter=(upstream_rq_total|upstream_cx_total|ssl.handshake|"
                                                                  "downstream_cx_total)$")
             for line in text.splitlines():
                 name, _, value = line.partition(": ")

@@ -1,5 +1,12 @@
 /* Outbound capture, attached to an enrolled pod's cgroup (v2): the eBPF form of the iptables rule
- * "nat OUTPUT: TCP not to 127.0.0.1 and not marked 0x539 -> REDIRECT to 15001".
+ * "nat OUTPUT: TCP not to 127.0.0.1 and not marked 0x539 -> REDIRECT to 15001", and of the DNS rules
+ * "UDP and TCP to port 53 -> REDIRECT to 15053" (when pod_config.dns_capture is set).
+ *
+ * DNS: connect4 sends a UDP or TCP connect() to port 53 (any address, loopback included: a pod's
+ * nameserver may be 127.0.0.1) to the agent's DNS proxy at 127.0.0.1:DNS_PORT_PROXY, and sendmsg4 does
+ * the same for a datagram sent to port 53 by an unconnected UDP socket.  For UDP both record the
+ * original server by socket cookie, and recvmsg4 shows the proxy's answers as coming from it (a
+ * resolver drops an answer that does not come from the server it asked).
  *
  * connect4 / connect6 rewrite the destination of a TCP connect() made by a process of the pod to the
  * agent's outbound listener (pod IP:15001, or 127.0.0.1:15001 when the loader was given no pod IP),
@@ -65,9 +72,35 @@ static __always_inline int remember(struct bpf_sock_addr *ctx, __u32 dst_ip4)
 	return orig_by_cookie.update(&cookie, &orig) == 0;
 }
 
+static __always_inline int dns_capture(void)
+{
+	__u32 zero = 0;
+	struct pod_config *cfg = pod_config.lookup(&zero);
+	return cfg && cfg->dns_capture;
+}
+
+/* 1: sent to the DNS proxy, 0: not DNS (or not captured), -1: the record could not be written. */
+static __always_inline int redirect_dns(struct bpf_sock_addr *ctx)
+{
+	if (ctx->user_port != bpf_htons(DNS_PORT_QUERY) || !dns_capture())
+		return 0;
+	if (ctx->protocol == IPPROTO_UDP && !remember(ctx, ctx->user_ip4))
+		return -1;
+	ctx->user_ip4 = bpf_htonl(0x7f000001);
+	ctx->user_port = bpf_htons(DNS_PORT_PROXY);
+	return 1;
+}
+
 int connect4(struct bpf_sock_addr *ctx)
 {
-	if (ctx->protocol != IPPROTO_TCP || agent_socket(ctx))
+	if (agent_socket(ctx))
+		return 1;
+	if (ctx->protocol == IPPROTO_UDP || ctx->protocol == IPPROTO_TCP) {
+		int dns = redirect_dns(ctx);
+		if (dns)
+			return dns > 0; /* fail closed when the record could not be written */
+	}
+	if (ctx->protocol != IPPROTO_TCP)
 		return 1;
 	__u32 dst = ctx->user_ip4;
 	__u32 target = redirect_target(dst);
@@ -96,6 +129,26 @@ int connect6(struct bpf_sock_addr *ctx)
 	ctx->user_ip6[3] = target;
 	ctx->user_port = bpf_htons(OUTBOUND_PORT);
 	return 1;
+}
+
+int sendmsg4(struct bpf_sock_addr *ctx)
+{
+	if (agent_socket(ctx))
+		return 1;
+	return redirect_dns(ctx) >= 0;
+}
+
+int recvmsg4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->user_port != bpf_htons(DNS_PORT_PROXY) || ctx->user_ip4 != bpf_htonl(0x7f000001))
+		return 1;
+	__u64 cookie = socket_cookie(ctx);
+	struct orig_dst *orig = orig_by_cookie.lookup(&cookie);
+	if (orig) {
+		ctx->user_ip4 = orig->ip4;
+		ctx->user_port = orig->port;
+	}
+	return 1; /* a recvmsg program must let the datagram through */
 }
 
 int sockops(struct bpf_sock_ops *skops)

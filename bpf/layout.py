@@ -28,6 +28,8 @@ HBONE_PORT = 15008
 ADMIN_PORT = 15000
 METRICS_PORT = 15020
 READINESS_PORT = 15021
+DNS_PORT_QUERY = 53
+DNS_PORT_PROXY = 15053
 AGENT_MARK = 0x539
 TRANSPARENT_PORT_MIN = 20000
 TRANSPARENT_PORT_MAX = 29999
@@ -47,7 +49,7 @@ class ConnKey(ctypes.Structure):
 
 
 class PodConfig(ctypes.Structure):
-    _fields_ = [("pod_ip4", ctypes.c_uint32)]
+    _fields_ = [("pod_ip4", ctypes.c_uint32), ("dns_capture", ctypes.c_uint32)]
 
 
 HEADER_STRUCTS: dict[str, type[ctypes.Structure]] = {
@@ -72,6 +74,8 @@ PROG_TYPE_SK_LOOKUP = 30
 ATTACH_CGROUP_SOCK_OPS = 3
 ATTACH_CGROUP_INET4_CONNECT = 10
 ATTACH_CGROUP_INET6_CONNECT = 11
+ATTACH_CGROUP_UDP4_SENDMSG = 14
+ATTACH_CGROUP_UDP4_RECVMSG = 19
 ATTACH_SK_LOOKUP = 36
 LINK_TYPE_CGROUP = 3
 LINK_TYPE_NETNS = 5
@@ -98,6 +102,8 @@ PROGRAMS = (
     ProgramSpec("connect4", "connect.bpf.c", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_CGROUP_INET4_CONNECT, Target.CGROUP),
     ProgramSpec("connect6", "connect.bpf.c", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_CGROUP_INET6_CONNECT, Target.CGROUP),
     ProgramSpec("sockops", "connect.bpf.c", PROG_TYPE_SOCK_OPS, ATTACH_CGROUP_SOCK_OPS, Target.CGROUP),
+    ProgramSpec("sendmsg4", "connect.bpf.c", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_CGROUP_UDP4_SENDMSG, Target.CGROUP),
+    ProgramSpec("recvmsg4", "connect.bpf.c", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_CGROUP_UDP4_RECVMSG, Target.CGROUP),
     ProgramSpec("steer_inbound", "sklookup.bpf.c", PROG_TYPE_SK_LOOKUP, ATTACH_SK_LOOKUP, Target.NETNS),
 )
 SOURCES = tuple(dict.fromkeys(p.source for p in PROGRAMS))

@@ -233,15 +233,17 @@ class Loader:
 
     # -- attaching
     def attach_pod(self, pod_id: str, netns_path: str, cgroup_path: str, inbound_listener: socket.socket,
-                   *, pod_ip: str | None = None, skip_inbound_ports: Iterable[int] = ()) -> Outcome:
+                   *, pod_ip: str | None = None, skip_inbound_ports: Iterable[int] = (),
+                   dns_capture: bool = False) -> Outcome:
         """Captures the pod's TCP: outbound connect()s of the processes in `cgroup_path` go to 15001
         (to `pod_ip`:15001, or 127.0.0.1:15001 without it), inbound connections to the pod's addresses
         go to `inbound_listener` (the agent's 15006, in the pod's namespace), but for the agent's
         ports and `skip_inbound_ports`.  Give `pod_ip`: the agent then sees the app's pod IP as the
         peer of a captured connection, as with iptables, and the app's connections to its own
-        address stay direct, as with iptables.  Raises PodTargetError for bad input (nothing
+        address stay direct, as with iptables.  With `dns_capture`, its UDP and TCP to port 53 go to the
+        agent's DNS proxy (127.0.0.1:15053 in the pod).  Raises PodTargetError for bad input (nothing
         touched) and AttachError when the kernel refuses (nothing new left attached)."""
-        settings = Settings.of(pod_ip, skip_inbound_ports)
+        settings = Settings.of(pod_ip, skip_inbound_ports, dns_capture)
         self.probe()
         with self._lock:
             target = Target(netns_path, cgroup_path)

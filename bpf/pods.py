@@ -90,14 +90,15 @@ class PodPrograms:
 # --- what attach_pod is given ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Settings:
-    """What the pod's programs read from its maps: its IP (network byte order, 0 if not given) and the
-    inbound ports to leave alone."""
+    """What the pod's programs read from its maps: its IP (network byte order, 0 if not given), the
+    inbound ports to leave alone, and whether its DNS goes to the agent's DNS proxy."""
 
     pod_ip4: int
     skip_ports: tuple[int, ...]
+    dns_capture: bool = False
 
     @staticmethod
-    def of(pod_ip: str | None, skip_inbound_ports: Iterable[int]) -> Settings:
+    def of(pod_ip: str | None, skip_inbound_ports: Iterable[int], dns_capture: bool = False) -> Settings:
         ip4 = 0
         if pod_ip is not None:
             try:
@@ -108,7 +109,7 @@ class Settings:
         if any(not 0 < p < 65536 for p in ports) or len(ports) > layout.INBOUND_SKIP_MAX_ENTRIES:
             raise PodTargetError(f"inbound ports to skip must be at most {layout.INBOUND_SKIP_MAX_ENTRIES} "
                                  f"port numbers (1-65535), not {list(ports)}")
-        return Settings(ip4, ports)
+        return Settings(ip4, ports, dns_capture)
 
 
 class Target:
@@ -183,7 +184,8 @@ def keep(fds: list[int], fd: int) -> int:
 
 
 def write_settings(maps: dict[str, int], listener: socket.socket, settings: Settings) -> None:
-    objects.map_update(maps[layout.MAP_POD_CONFIG], ctypes.c_uint32(0), layout.PodConfig(pod_ip4=settings.pod_ip4),
+    objects.map_update(maps[layout.MAP_POD_CONFIG], ctypes.c_uint32(0), layout.PodConfig(pod_ip4=settings.pod_ip4,
+                                                                                 dns_capture=int(settings.dns_capture)),
                        "the pod's settings")
     skip = maps[layout.MAP_INBOUND_SKIP]
     for raw in objects.map_keys(skip, 2):

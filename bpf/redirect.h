@@ -18,6 +18,11 @@
 #define METRICS_PORT 15020
 #define READINESS_PORT 15021
 
+/* DNS: what the application sends to port 53 (UDP and TCP) goes to the agent's DNS proxy, listening on
+ * 127.0.0.1:DNS_PORT_PROXY in the pod, when the pod's settings ask for it (pod_config.dns_capture). */
+#define DNS_PORT_QUERY 53
+#define DNS_PORT_PROXY 15053
+
 /* SO_MARK of every socket the agent makes inside a pod: connect4/6 leave such sockets alone, as the
  * iptables rules do. */
 #define AGENT_MARK 0x539
@@ -52,6 +57,7 @@ struct conn_key {
 /* The settings of one pod (array map pod_config, key 0), written by the loader. */
 struct pod_config {
 	__u32 pod_ip4; /* 0: not given; then connect4/6 redirect to 127.0.0.1 */
+	__u32 dns_capture; /* 1: DNS to port 53 goes to the agent's DNS proxy */
 };
 
 #endif

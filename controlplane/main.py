@@ -12,7 +12,6 @@ SIGINT, then shuts down in the reverse order.  `--plaintext` serves gRPC without
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 from ca.tokenreview import DEFAULT_NODE_AGENT_ACCOUNTS, parse_account
 from controlplane import app
 from controlplane.options import CONFIG_SOURCES, LOCAL, Options
-from mesh import defaults
+from mesh import defaults, logs
 from mesh.errors import MeshError
 
 
@@ -62,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-key-rotation", type=_not_negative, default=Options.token_key_rotation, metavar="SECONDS",
                    help="local: rotate the token signing key when it is this old, keeping the old key for one "
                         "token lifetime (default 0: only with `meshctl ca rotate-token-key`)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=logs.LEVELS)
     return p
 
 
@@ -93,7 +92,7 @@ def _account(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(message)s", stream=sys.stderr)
+    logs.configure(args.log_level)  # one format for every component (`mesh.logs`), on standard output
     opts = Options(state_dir=args.state_dir, grpc_listen=args.grpc_listen, metrics_listen=args.metrics_listen,
                    trust_domain=args.trust_domain, serving_hosts=args.serving_host, plaintext=args.plaintext,
                    debounce=args.debounce, config_source=args.config_source, kubeconfig=args.kubeconfig,

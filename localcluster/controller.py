@@ -1,12 +1,16 @@
-"""The local cluster's controller process: keeps the waypoint pods in line with the Gateways.
+"""The local cluster's controller process: keeps the waypoint pods in line with the Gateways, and the
+node agents running.
 
     python -m localcluster.controller --cluster NAME [--interval SECONDS] [--cert-ttl SECONDS]
+        [--restart-backoff SECONDS] [--restart-backoff-max SECONDS]
 
 It runs in the host's namespace (it creates network namespaces), started by `cluster up` and stopped by
 `cluster down`.  Every interval it reads the Gateways from the control plane and starts or removes
 waypoint pods, and does the kubelet's part for projected volumes (`localcluster.projected`): the node
 agents' and waypoints' tokens renewed before they expire (or when their key is rotated out), the
-waypoints' copy of the trust bundle refreshed; a failed step is logged and tried again on the next round.
+waypoints' copy of the trust bundle refreshed; and the DaemonSet's part: a node agent that exited (or was
+killed) is started again, with backoff (`localcluster.supervision`).  A failed step is logged and tried
+again on the next round.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from collections.abc import Sequence
 from localcluster import components, plan, spec, state
 from localcluster.projected import TokenFile, TokenRefresher
 from localcluster.spec import Observability
+from localcluster.supervision import AgentSupervisor, Backoff
 from localcluster.waypoints import WaypointController
-from mesh import defaults
+from mesh import defaults, logs
 from mesh.api.client import ApiClient
 from mesh.errors import MeshError
 
@@ -35,8 +40,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cluster", required=True)
     p.add_argument("--interval", type=float, default=0.5)
     p.add_argument("--cert-ttl", type=int, default=0)
+    p.add_argument("--restart-backoff", type=float, default=Backoff.initial, metavar="SECONDS",
+                   help="wait before restarting a node agent that exited, doubled for each restart in a row "
+                        "(default %(default)s)")
+    p.add_argument("--restart-backoff-max", type=float, default=Backoff.maximum, metavar="SECONDS",
+                   help="the longest wait between restarts (default %(default)s)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        backoff = Backoff(args.restart_backoff, args.restart_backoff_max)
+    except ValueError as exc:
+        p.error(str(exc))
+    logs.configure("info")
     record = state.read_record(args.cluster)
     # The name is the cluster's, not the file's: a cluster may be started under another name.
     cluster_plan = plan.make_plan(dataclasses.replace(spec.load(record["source"]), name=args.cluster))
@@ -54,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{p['namespace']}/{p['name']}" == key), None)
             if pod is not None:
                 controller.adopt(key, {k: v for k, v in pod.items() if k != "waypoint"}, proc)
+    supervisor = AgentSupervisor(args.cluster, backoff)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -65,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("sync failed: %s (retrying)", exc)
         except Exception:
             log.exception("sync failed (retrying)")
+        try:
+            supervisor.check()
+        except Exception:
+            log.exception("supervising the node agents failed (retrying)")
         try:
             tokens.refresh()
             controller.project()

@@ -247,27 +247,44 @@ def restart_agent(name: str, node: str, redirect_mode: str | None = None,
     stopped anyway, and then gets the same time again.  A new capture mode replaces the old mode's once
     the pods are released (label them out of the mesh first to switch cleanly)."""
     require_root("agent restart")
-    record = state.read_record(name)
-    nodes = {n["name"]: n for n in record["plan"]["nodes"]}
-    if node not in nodes:
-        raise ClusterError(f"cluster {name!r} has no node {node!r} (nodes: {', '.join(sorted(nodes))})")
     process = components.nodeagent_process(node)
-    old = [ProcessRecord.from_json(p) for p in record["processes"] if p["name"] == process]
-    workload = _recorded(record, overlay.NODE_AGENT) or components.load_workloads().node_agent
-    mode = redirect_mode or nodes[node].get("redirectMode") or "iptables"
-    started = _start_agent(name, state.cluster_dir(name), node, nodes[node]["netns"],
-                           record["plan"]["underlay"]["gateway"], mode, list(record.get("agentArgs", [])),
-                           nodes[node]["ip"], workload)
+    started, workload, mode = _start_agent_of(name, state.read_record(name), node, redirect_mode)
     ready = components.wait_agent_ready(started, ready_timeout)
-    nodes[node]["redirectMode"] = mode
-    record["processes"] = [p for p in record["processes"] if p["name"] != process] + [started.process.to_json()]
-    state.write_record(name, record)
+    with state.record_lock(name):  # read again: the controller may have restarted a dead agent meanwhile
+        record = state.read_record(name)
+        old = [ProcessRecord.from_json(p) for p in record["processes"] if p["name"] == process]
+        next(n for n in record["plan"]["nodes"] if n["name"] == node)["redirectMode"] = mode
+        record["processes"] = [p for p in record["processes"] if p["name"] != process] + [started.process.to_json()]
+        state.write_record(name, record)
     processes.stop([rec.pid for rec in old if processes.start_time(rec.pid) == rec.start_time],
                    grace=components.termination_grace(workload))
     if not ready and not components.wait_agent_ready(started, ready_timeout):
         raise ClusterError(f"the new node agent of {node} is not ready after {2 * ready_timeout:.0f}s; its log "
                            f"ends with:\n{processes.tail(started.process.log)}")
     return started.process
+
+
+def revive_agent(name: str, node: str) -> ProcessRecord:
+    """Start the node's agent again after it exited, as a kubelet restarts a DaemonSet pod's container
+    (`localcluster.supervision` decides when): the same start as `cluster up` and `agent restart` (the
+    recorded manifest, flags and capture mode, a new token), with no old agent to hand over from; the new
+    one adopts the pods' capture, which outlived the old one.  The caller records the new process."""
+    started, _, _ = _start_agent_of(name, state.read_record(name), node, None)
+    return started.process
+
+
+def _start_agent_of(name: str, record: dict[str, Any], node: str,
+                    redirect_mode: str | None) -> tuple[components.Started, Manifest, str]:
+    """Start `node`'s agent as the record says it runs: (what was started, its manifest, its capture mode)."""
+    nodes = {n["name"]: n for n in record["plan"]["nodes"]}
+    if node not in nodes:
+        raise ClusterError(f"cluster {name!r} has no node {node!r} (nodes: {', '.join(sorted(nodes))})")
+    workload = _recorded(record, overlay.NODE_AGENT) or components.load_workloads().node_agent
+    mode = redirect_mode or nodes[node].get("redirectMode") or "iptables"
+    started = _start_agent(name, state.cluster_dir(name), node, nodes[node]["netns"],
+                           record["plan"]["underlay"]["gateway"], mode, list(record.get("agentArgs", [])),
+                           nodes[node]["ip"], workload)
+    return started, workload, mode
 
 
 def pod_env(plan: ClusterPlan, pod: PodPlan) -> dict[str, str]:

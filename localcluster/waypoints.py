@@ -16,6 +16,16 @@ the clusters' state hidden, except its own directory `waypoints/<ns>/<name>/` (r
 what a Kubernetes pod would find in its projected volumes: its token (kept fresh by the controller,
 `localcluster.projected`) and the mesh's trust bundle (copied when it changes: a root rotation).
 
+Readiness, as the kubelet reports it: the pod is registered with its `Ready` condition False, and only when
+the waypoint's own readiness endpoint (15021 in its namespace: listening, certificate in hand, first
+configuration received) answers 200 does the controller set it True.  Translation sends traffic only to
+a Ready waypoint pod, so no node agent dials a waypoint that does not listen yet (that was the
+"connection reset" while a waypoint started), and `meshctl waypoint apply --wait` binds a namespace only
+then.  A waypoint that goes is first set not Ready, then stopped with SIGTERM: it drains (its listener
+closes, GOAWAY, requests in flight finish) for up to its drain time (`spec.infrastructure.annotations`
+`DRAIN_ANNOTATION`, default `DEFAULT_DRAIN_SECONDS`, passed as `--drain-seconds`), and is killed only
+after that and `STOP_GRACE` more.
+
 `desired` and `place` are pure; `WaypointController.sync` does the I/O, one step per change.  Each change
 is written to the cluster record and then announced with `on_change(cluster)`, by default the cluster's
 Prometheus reloading its scrape configuration (`localcluster.prometheus.refresh`), so that waypoints are
@@ -39,10 +49,12 @@ from localcluster.plan import ClusterPlan, PodPlan
 from localcluster.processes import ProcessRecord
 from localcluster.projected import TokenFile, TokenRefresher, copy_bundle
 from localcluster.spec import PodSpec
+from mesh import defaults
 from mesh.api.client import ApiClient
 from mesh.api.validate import Document, Ref
 from mesh.errors import MeshError
 from mesh.identity import SpiffeId
+from mesh.serve import client
 
 log = logging.getLogger("localcluster.waypoints")
 
@@ -50,12 +62,42 @@ WAYPOINT_CLASS = "istio-waypoint"
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 RESTART_BACKOFF = 5.0  # seconds
 TOKEN, ROOT_CERT = "token", "root-cert.pem"  # in a waypoint's own directory
+DRAIN_ANNOTATION = "waypoint.ambient.mesh/drain-seconds"  # in the Gateway's spec.infrastructure.annotations
+DEFAULT_DRAIN_SECONDS = 5.0  # how long a stopping waypoint lets requests in flight finish
+MAX_DRAIN_SECONDS = 300.0
+STOP_GRACE = 2.0  # seconds after the drain time before SIGKILL
+PROBE_TIMEOUT = 1.0  # seconds for one readiness probe
+
+
+def drain_seconds(gateway: dict[str, Any]) -> float:
+    """The drain time a waypoint Gateway asks for (`DRAIN_ANNOTATION`), or the default; a value that is
+    not a number of seconds from 0 to `MAX_DRAIN_SECONDS` is logged and the default used."""
+    annotations = ((gateway.get("spec") or {}).get("infrastructure") or {}).get("annotations") or {}
+    raw = annotations.get(DRAIN_ANNOTATION)
+    if raw is None:
+        return DEFAULT_DRAIN_SECONDS
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not 0 <= value <= MAX_DRAIN_SECONDS:
+        meta = gateway.get("metadata") or {}
+        log.warning("waypoint %s/%s: %s=%r is not a number of seconds from 0 to %g; draining %gs",
+                    meta.get("namespace"), meta.get("name"), DRAIN_ANNOTATION, raw, MAX_DRAIN_SECONDS,
+                    DEFAULT_DRAIN_SECONDS)
+        return DEFAULT_DRAIN_SECONDS
+    return value
+
+
+def ready_condition(ready: bool) -> dict[str, str]:
+    return {"type": "Ready", "status": "True" if ready else "False"}
 
 
 @dataclass(frozen=True)
 class WaypointPod:
     namespace: str
     name: str  # the gateway's name: pod name and service account
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS
 
     @property
     def key(self) -> str:
@@ -68,7 +110,7 @@ def desired(gateways: list[dict[str, Any]]) -> dict[str, WaypointPod]:
         if (gw.get("spec") or {}).get("gatewayClassName") != WAYPOINT_CLASS:
             continue
         meta = gw.get("metadata") or {}
-        pod = WaypointPod(str(meta.get("namespace") or "default"), str(meta["name"]))
+        pod = WaypointPod(str(meta.get("namespace") or "default"), str(meta["name"]), drain_seconds(gw))
         out[pod.key] = pod
     return out
 
@@ -125,6 +167,7 @@ class WaypointController:
         for key, wp in want.items():
             entry = self.running.get(key)
             if entry is not None and processes.is_running(ProcessRecord.from_json(entry["process"])):
+                self._probe(key, entry)
                 continue
             if entry is not None:
                 if time.monotonic() - entry.get("started", 0.0) < RESTART_BACKOFF:
@@ -145,7 +188,7 @@ class WaypointController:
         argv = [sys.executable, "-m", "waypoint.main", "--name", wp.name, "--namespace", wp.namespace,
                 "--node", node_name, "--control-plane", components.controlplane_address(str(self.plan.underlay_gateway)),
                 "--root-cert", str(own / ROOT_CERT), "--token-file", str(own / TOKEN),
-                "--trust-domain", components.TRUST_DOMAIN]
+                "--trust-domain", components.TRUST_DOMAIN, "--drain-seconds", f"{wp.drain_seconds:g}"]
         if self.cert_ttl:
             argv += ["--cert-ttl", str(self.cert_ttl)]
         argv += self.proxy_args
@@ -169,19 +212,49 @@ class WaypointController:
                                         "netns": netns_name, "ip": str(ip), "serviceAccount": wp.name,
                                         "labels": spec.labels, "runAsUser": uid, "runAsGroup": uid,
                                         "expose": [str(own)]},
-                                "process": rec.to_json(), "started": time.monotonic()}
+                                "process": rec.to_json(), "started": time.monotonic(), "ready": False,
+                                "drainSeconds": wp.drain_seconds}
         self._save()
         log.info('{"event": "waypoint started", "waypoint": "%s", "node": "%s", "ip": "%s"}', wp.key, node_name, ip)
 
     def remove(self, key: str) -> None:
+        """Set the pod not Ready (no new traffic is sent to it), let the waypoint drain, then unmake it."""
         entry = self.running.pop(key)
+        if entry.get("ready"):
+            try:
+                self._set_ready(entry, False)
+            except Exception as exc:  # the control plane may be away; the waypoint drains all the same
+                log.warning("could not set waypoint pod %s not ready: %s", key, exc)
         rec = ProcessRecord.from_json(entry["process"])
         if processes.start_time(rec.pid) == rec.start_time:
-            processes.stop([rec.pid])
+            processes.stop([rec.pid], grace=float(entry.get("drainSeconds", DEFAULT_DRAIN_SECONDS)) + STOP_GRACE)
         self._unmake(key, entry["pod"]["node"], entry["pod"]["netns"])
         self.tokens.remove(self._dir(WaypointPod(entry["pod"]["namespace"], entry["pod"]["name"])) / TOKEN)
         self._save()
         log.info('{"event": "waypoint removed", "waypoint": "%s"}', key)
+
+    def _probe(self, key: str, entry: dict[str, Any]) -> None:
+        """The kubelet's readiness probe: GET /healthz/ready on the waypoint's 15021, in its namespace; the
+        pod's `Ready` condition is written when the answer changes it."""
+        pod = entry["pod"]
+        endpoint = client.Endpoint.tcp(pod["ip"], defaults.READINESS_PORT, netns=pod["netns"])
+        try:
+            ready = client.get(endpoint, "/healthz/ready", timeout=PROBE_TIMEOUT).status == 200
+        except (MeshError, OSError):
+            ready = False
+        if ready != bool(entry.get("ready")):
+            self._set_ready(entry, ready)
+            entry["ready"] = ready
+            log.info('{"event": "waypoint %s", "waypoint": "%s"}', "ready" if ready else "not ready", key)
+
+    def _set_ready(self, entry: dict[str, Any], ready: bool) -> None:
+        """Write the registered Pod's `Ready` condition (the rest of it as registered)."""
+        pod = entry["pod"]
+        body = self.api.get("Pod", pod["namespace"], pod["name"])[0]
+        body.setdefault("status", {})["conditions"] = [ready_condition(ready)]
+        for key in ("resourceVersion", "generation"):
+            body["metadata"].pop(key, None)
+        self.api.apply([Document("waypoint controller", 1, body)])
 
     def _unmake(self, key: str, node: str, netns: str) -> None:
         """Delete the pod's sandbox (CNI DEL, then its namespace) and unregister it; each step is tried."""
@@ -232,7 +305,8 @@ class WaypointController:
              "spec": {"nodeName": pod.node, "serviceAccountName": wp.name,
                       "containers": [{"name": "waypoint", "command": list(pod.spec.command)}]},
              "status": {"phase": "Running", "podIP": str(pod.ip),
-                        "hostIP": str(self.plan.node(pod.node).underlay_ip)}},
+                        "hostIP": str(self.plan.node(pod.node).underlay_ip),
+                        "conditions": [ready_condition(False)]}},  # Ready once its probe answers
         ]
         self.api.apply([Document("waypoint controller", i, b) for i, b in enumerate(bodies, start=1)])
 

@@ -15,6 +15,8 @@ HBONE_PORT = 15008  # in each enrolled pod and on waypoints: HBONE inbound
 ADMIN_PORT = 15000  # node agent, waypoint: admin, loopback only
 METRICS_PORT = 15020  # node agent, waypoint: Prometheus /metrics
 READINESS_PORT = 15021  # node agent, waypoint: /healthz/ready
+DNS_PORT = 15053  # in each enrolled pod (127.0.0.1): the node agent's DNS proxy, UDP and TCP
+DNS_CAPTURE = True  # the DNS proxy captures pods' queries unless --dns-capture=false (on since Istio 1.25)
 CONTROLPLANE_GRPC_PORT = 15012  # discovery and CA, TLS
 CONTROLPLANE_METRICS_PORT = 15014
 CONTROLPLANE_WEBHOOK_PORT = 15017  # the admission webhook (Kubernetes), HTTPS

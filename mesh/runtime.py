@@ -4,8 +4,8 @@ each one's `app.py` shows only what is its own.
     flags         add_flags(parser, token_help=...), then flag_values(parser, args) -> ProcessOptions fields:
                   --control-plane --root-cert --token-file --trust-domain --cert-ttl --admin-listen
                   --metrics-listen --ready-listen --connect-timeout --log-level --otlp-endpoint
-                  --trace-sampling
-    process       run(opts, body, log, stopping): logging, open-files limit, SIGTERM/SIGINT set `stop`;
+                  --otlp-ca --otlp-export-interval --trace-sampling
+    process       run(opts, body, log, stopping): logging (`mesh.logs`), open-files limit, SIGTERM/SIGINT set `stop`;
                   cancelled_on_stop(serve) for a process with nothing to drain
     certificates  open_certificates(opts, impersonate=...): token file, trust bundle file -> CA client ->
                   secret manager (running); both files are read again as they change
@@ -14,8 +14,10 @@ each one's `app.py` shows only what is its own.
     serving       start_serving(nursery, opts, registry=, ready=, admin=, reuse_port=): metrics, readiness
                   and admin endpoints (`mesh.serve`); their bound ports
     tracing       tracer(opts, resource, registry): the process's `Tracer`, with an OTLP exporter when
-                  --otlp-endpoint (or $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set; start_tracing(nursery,
-                  tracer) runs the exporter's background task, flush_tracing(tracer) sends what is left
+                  --otlp-endpoint (or $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set (https: --otlp-ca;
+                  headers: $OTEL_EXPORTER_OTLP_[TRACES_]HEADERS, `mesh.tracing.collector`);
+                  start_tracing(nursery, tracer) runs the exporter's background task, flush_tracing(tracer)
+                  sends what is left (on a graceful stop, within a short deadline)
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import argparse
 import functools
 import logging
 import os
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry
 
-from mesh import defaults
+from mesh import defaults, logs
 from mesh.errors import MeshError
 from mesh.process import raise_open_files_limit, serve_until_signalled, split_hostport
 from mesh.secrets.bundle import TrustBundle
@@ -43,8 +44,9 @@ from mesh.secrets.manager import SecretManager
 from mesh.serve.endpoints import Readiness, serve_metrics, serve_readiness
 from mesh.serve.routes import Handler
 from mesh.serve.server import serve_http
+from mesh.tracing.collector import CERTIFICATE_ENV, HEADERS_ENV, Collector, OtlpEndpoint, env_value
 from mesh.tracing.errors import TracingError
-from mesh.tracing.exporter import ENDPOINT_ENV, OtlpEndpoint, SpanExporter
+from mesh.tracing.exporter import ENDPOINT_ENV, INTERVAL, INTERVAL_ENV, SpanExporter
 from mesh.tracing.sampler import DEFAULT_SAMPLING_PERCENT
 from mesh.tracing.span import Resource
 from mesh.tracing.tracer import Tracer
@@ -52,8 +54,9 @@ from mesh.xds.client import ClientConfig
 from mesh.xds.node import NodeInfo
 from mesh.xds.trio_client import TrioHandler, TrioXdsClient, open_xds_client
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+LOG_LEVELS = logs.LEVELS
+EXPORT_INTERVAL = INTERVAL  # seconds between span exports
+FLUSH_TIMEOUT = 1.0  # seconds a stopping process gives its last spans
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +74,8 @@ class ProcessOptions:
     connect_timeout: float = defaults.CONNECT_TIMEOUT
     log_level: str = "info"
     otlp_endpoint: str = ""  # OTLP/HTTP traces URL; "" exports no spans (ids still propagate)
+    otlp_ca: str = ""  # https collector: the CA file its certificate is checked against ("" the system's)
+    otlp_export_interval: float = EXPORT_INTERVAL  # seconds between exports (a full batch goes at once)
     trace_sampling: float = DEFAULT_SAMPLING_PERCENT  # percent of new traces sampled, unless Telemetry says
 
     def token(self) -> str:
@@ -96,6 +101,13 @@ def add_flags(p: argparse.ArgumentParser, *, token_help: str) -> None:
     p.add_argument("--otlp-endpoint", default=os.environ.get(ENDPOINT_ENV, ""), metavar="URL",
                    help="send spans over OTLP/HTTP to this collector URL, e.g. http://collector:4318/v1/traces "
                         f"(default: ${ENDPOINT_ENV}; unset: no spans are exported)")
+    p.add_argument("--otlp-ca", default="", metavar="FILE",
+                   help="for an https collector: the CA certificates (PEM) its certificate must chain to "
+                        f"(default: ${CERTIFICATE_ENV[0]}, else ${CERTIFICATE_ENV[1]}, else the system's trust "
+                        f"store); extra headers come from ${HEADERS_ENV[0]} or ${HEADERS_ENV[1]}")
+    p.add_argument("--otlp-export-interval", type=float, default=None, metavar="SECONDS",
+                   help=f"seconds between span exports (default: ${INTERVAL_ENV}, in milliseconds, else "
+                        f"{d.otlp_export_interval:g})")
     p.add_argument("--trace-sampling", type=float, default=d.trace_sampling, metavar="PERCENT",
                    help="percentage of new traces this process samples when no Telemetry resource sets it "
                         "(default %(default)s, as Istio)")
@@ -113,18 +125,33 @@ def flag_values(p: argparse.ArgumentParser, args: argparse.Namespace, *,
             split_hostport(getattr(args, flag))
         except MeshError as exc:
             p.error(f"--{flag.replace('_', '-')}: {exc}")
+    ca = args.otlp_ca
     if args.otlp_endpoint:
         try:
-            OtlpEndpoint.parse(args.otlp_endpoint)
+            if not ca and OtlpEndpoint.parse(args.otlp_endpoint).tls:
+                ca = env_value(CERTIFICATE_ENV)  # OpenTelemetry's variables: for an https collector only
+            collector(args.otlp_endpoint, ca)
         except TracingError as exc:
             p.error(f"--otlp-endpoint: {exc}")
+    elif ca:
+        p.error(f"--otlp-ca {args.otlp_ca}: there is no --otlp-endpoint to use it for")
+    interval = args.otlp_export_interval
+    if interval is None:
+        raw = os.environ.get(INTERVAL_ENV, "").strip()
+        try:
+            interval = float(raw) / 1000.0 if raw else ProcessOptions.otlp_export_interval
+        except ValueError:
+            p.error(f"${INTERVAL_ENV} {raw!r}: give the milliseconds between span exports, e.g. 1000")
+    if not interval > 0:
+        p.error(f"--otlp-export-interval {interval:g}: give a number of seconds above 0")
     if not 0.0 <= args.trace_sampling <= 100.0:
         p.error(f"--trace-sampling {args.trace_sampling:g}: give a percentage from 0 to 100")
     return {"control_plane": args.control_plane, "root_cert": args.root_cert, "token_file": args.token_file,
             "trust_domain": args.trust_domain, "cert_ttl": args.cert_ttl, "admin_listen": args.admin_listen,
             "metrics_listen": args.metrics_listen, "ready_listen": args.ready_listen,
             "connect_timeout": args.connect_timeout, "log_level": args.log_level,
-            "otlp_endpoint": args.otlp_endpoint, "trace_sampling": args.trace_sampling}
+            "otlp_endpoint": args.otlp_endpoint, "otlp_ca": ca, "otlp_export_interval": interval,
+            "trace_sampling": args.trace_sampling}
 
 
 # ---- the process ------------------------------------------------------------------------------------------
@@ -133,8 +160,9 @@ def flag_values(p: argparse.ArgumentParser, args: argparse.Namespace, *,
 def run(opts: ProcessOptions, body: Callable[[trio.Event], Awaitable[None]], log: logging.Logger,
         stopping: str) -> int:
     """Run `body(stop)` as the process: logging on stdout, the whole open-files limit, and SIGTERM or
-    SIGINT setting `stop` (logged as `stopping`).  The exit status."""
-    logging.basicConfig(level=getattr(logging, opts.log_level.upper()), stream=sys.stdout, format=LOG_FORMAT)
+    SIGINT setting `stop` (logged as `stopping`).  The exit status.  The format is `mesh.logs`'s; the
+    admin endpoint's `/logging` changes the levels while the process runs."""
+    logs.configure(opts.log_level)
     raise_open_files_limit()
     return serve_until_signalled(body, log, stopping)
 
@@ -233,8 +261,17 @@ def tracer(opts: ProcessOptions, resource: Resource, registry: CollectorRegistry
     `registry`), else propagating ids only.  No I/O: `start_tracing` runs the exporter."""
     exporter = None
     if opts.otlp_endpoint:
-        exporter = SpanExporter(OtlpEndpoint.parse(opts.otlp_endpoint), resource, registry)
+        exporter = SpanExporter(collector(opts.otlp_endpoint, opts.otlp_ca), resource, registry,
+                                interval=opts.otlp_export_interval)
     return Tracer(exporter, sampling=opts.trace_sampling)
+
+
+def collector(url: str, ca_file: str = "", environ: Mapping[str, str] = os.environ) -> Collector:
+    """The collector at `url`, with the CA file and the headers OpenTelemetry's variables give;
+    `TracingError` saying what is wrong."""
+    headers_var = next((n for n in HEADERS_ENV if environ.get(n, "").strip()), HEADERS_ENV[0])
+    return Collector.configure(url, ca_file=ca_file, headers=env_value(HEADERS_ENV, environ),
+                               headers_where=f"${headers_var}")
 
 
 async def start_tracing(nursery: trio.Nursery, tracer: Tracer) -> None:
@@ -243,8 +280,8 @@ async def start_tracing(nursery: trio.Nursery, tracer: Tracer) -> None:
         await nursery.start(tracer.exporter.run)
 
 
-async def flush_tracing(tracer: Tracer, timeout: float = 1.0) -> None:
-    """Send the spans still queued, within `timeout` (a process that drains before it exits)."""
+async def flush_tracing(tracer: Tracer, timeout: float = FLUSH_TIMEOUT) -> None:
+    """Send the spans still queued, within `timeout` (a process that stops: what is left then is lost)."""
     if isinstance(tracer.exporter, SpanExporter):
         with trio.move_on_after(timeout):
             await tracer.exporter.flush()

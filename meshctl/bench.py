@@ -12,7 +12,9 @@ from mesh.errors import MeshError, UsageError
 
 HELP = """Build a dedicated two-node cluster, run the same client and server through each mode in
 alternating rounds (a: no mesh, b: mesh L4 through the node agents, c: mesh L7 through a waypoint,
-d: Envoy sidecars with mTLS; e: mesh L4 with eBPF capture), and write the raw figures (JSON), a Markdown
+d: Envoy sidecars with mTLS, e: mesh L4 with eBPF capture, f: the L4 floor, Envoy tcp_proxy with mTLS),
+with phases of kept-alive requests, new connections at fixed rates, and (b, e) 10,000 idle tunnels held
+at once, and write the raw figures (JSON), a Markdown
 table and a PNG chart to bench/results/. A mode that cannot run here is reported as unavailable with
 the reason. The cluster is removed at the end, also when interrupted. Needs root."""
 
@@ -24,11 +26,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="one round, 5 s phases, a 16 MiB stream (under 5 minutes; the CI smoke setting)")
-    p.add_argument("--modes", metavar="LIST", help="modes to run, comma separated, from a,b,c,d,e (default a,b,c,d)")
+    p.add_argument("--modes", metavar="LIST", help="modes to run, comma separated, from a,b,c,d,e,f (default all)")
     p.add_argument("--rounds", type=int, metavar="N", help="rounds of all modes (default 3; --quick 1)")
     p.add_argument("--duration", type=float, metavar="S", help="seconds per load phase (default 30; --quick 5)")
     p.add_argument("--rate", type=float, metavar="RPS", help="fixed-rate phase requests/s (default 1000)")
     p.add_argument("--stream-mib", type=int, metavar="MIB", help="single-stream size (default 256; --quick 16)")
+    p.add_argument("--newconn-rates", metavar="LIST",
+                   help="new connections per second, a phase each, comma separated (default 200,1000; --quick 200)")
+    p.add_argument("--scale-tunnels", type=int, metavar="N",
+                   help="idle tunnels held in the scale phase of b and e (default 10000; --quick 2000; 0: none)")
     p.add_argument("--client-cpu", type=int, metavar="CPU", help="CPU the client side is pinned to (default: the last)")
     p.add_argument("--cluster-name", metavar="NAME", help="name of the bench cluster (default: bench)")
     p.add_argument("--output", metavar="DIR", help="where results go (default bench/results)")
@@ -56,6 +62,18 @@ def settings_from(args: argparse.Namespace) -> object:
         overrides["duration"] = args.duration
     if args.rate is not None:
         overrides["rate"] = args.rate
+    if args.newconn_rates is not None:
+        try:
+            rates = tuple(float(r) for r in args.newconn_rates.split(",") if r.strip())
+        except ValueError:
+            raise UsageError(f"--newconn-rates {args.newconn_rates}: write numbers, comma separated") from None
+        if any(r <= 0 for r in rates):
+            raise UsageError(f"--newconn-rates {args.newconn_rates}: rates must be positive")
+        overrides["newconn_rates"] = rates
+    if args.scale_tunnels is not None:
+        if args.scale_tunnels < 0:
+            raise UsageError("--scale-tunnels must be 0 or more")
+        overrides["scale_tunnels"] = args.scale_tunnels
     if args.stream_mib is not None:
         overrides["stream_bytes"] = args.stream_mib << 20
     if args.client_cpu is not None:

@@ -54,10 +54,13 @@ def find_root(root: str | None, cluster: str | None) -> Path:
 
 
 def read_certs(path: Path, what: str) -> list[x509.Certificate]:
+    """The certificates in `path` (PEM, several; or DER); `-` is standard input."""
     try:
-        data = path.read_bytes()
+        data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
     except OSError as exc:
         raise CACommandError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+    if not data.strip():
+        raise CACommandError(f"{'standard input' if str(path) == '-' else path}: empty: no {what} in it")
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError:
@@ -166,7 +169,9 @@ def add_parser(sub: Any) -> None:
         description="Explain CERT (PEM, possibly with its chain; or DER): its identity, issuer, validity, "
         "and chain to the mesh root. Exits 1 if it is not a valid mesh certificate now.",
     )
-    check.add_argument("cert", metavar="CERT.pem")
+    check.add_argument("cert", metavar="CERT.pem", help="the certificate file, or - for standard input, e.g. "
+                       "`meshctl agent certs node-1 --chain bookinfo/sleep | meshctl ca check -` (a pod's chain "
+                       "as its node agent holds it)")
     common(check)
     check.set_defaults(func=cmd_check)
 

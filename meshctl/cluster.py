@@ -1,13 +1,18 @@
-"""`meshctl cluster up|down|status`: the local multi-node cluster on network namespaces."""
+"""`meshctl cluster up|down|status|list|use`: the local multi-node cluster on network namespaces, and the
+current one (the cluster a command means when it names none)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from typing import Any
 
 from localcluster import lifecycle, spec, state
 from mesh import defaults
+from mesh.errors import UsageError
+from meshctl import access
 
 HELP_UP = """Build a local cluster from a cluster file: a network namespace per node and per pod, pods wired
 by CNI plugins (Debian's bridge, host-local and loopback, then the mesh's ambient-cni, which hands each pod
@@ -45,17 +50,29 @@ def add_parser(sub: Any) -> None:
     down = verbs.add_parser("down", help="remove a cluster and everything it made",
                             description="Stop a cluster's processes and remove its namespaces, links, rules "
                                         "and files. Also cleans what a crashed `up` left behind.")
-    down.add_argument("name", nargs="?", help="the cluster (default: the only one up)")
+    down.add_argument("name", nargs="?", help="the cluster (default: the current one)")
+    down.add_argument("--cluster", metavar="NAME", help="the cluster (the same as NAME)")
     down.set_defaults(func=cmd_down)
 
     st = verbs.add_parser("status", help="show nodes, pods and services of a cluster",
                           description="Show a cluster's nodes, pods (with liveness) and services.")
-    st.add_argument("name", nargs="?", help="the cluster (default: the only one up)")
+    st.add_argument("name", nargs="?", help="the cluster (default: the current one)")
+    st.add_argument("--cluster", metavar="NAME", help="the cluster (the same as NAME)")
     st.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
     st.set_defaults(func=cmd_status)
 
-    ls = verbs.add_parser("list", help="list the clusters that are up")
+    ls = verbs.add_parser("list", help="list the clusters that are up; * marks the current one",
+                          description="List the clusters; * marks the one commands use when none is named (--cluster "
+                                      f"NAME, else ${state.CLUSTER_ENV}, else the one chosen with `meshctl cluster "
+                                      "use`, else the only one up).")
     ls.set_defaults(func=cmd_list)
+
+    use = verbs.add_parser("use", help="make a cluster the current one, used when a command names none",
+                           description="Make NAME the current cluster: every command that takes --cluster uses it "
+                                       f"when none is given (${state.CLUSTER_ENV} still wins). `cluster up` makes "
+                                       "the new cluster current. Needs root (the clusters' state is root's).")
+    use.add_argument("name", metavar="NAME", help="a cluster that is up (`meshctl cluster list`)")
+    use.set_defaults(func=cmd_use)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -73,14 +90,19 @@ def cmd_up(args: argparse.Namespace) -> int:
           f"{len(cluster.plan.services)} services")
     if (prom := lifecycle.status(cluster.plan.name).get("prometheus")) is not None:
         print(f"prometheus: {prom['url']} (in network namespace {prom['netns']})")
+    state.set_current(cluster.plan.name)
+    print(f"current cluster: {cluster.plan.name} (commands use it when they name none)")
     print(f"remove it with: meshctl cluster down {cluster.plan.name}")
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
     lifecycle.require_root("cluster down")
-    name = args.name or state.find_cluster(None)
+    name = _name(args) or state.find_cluster(None)
+    was_current = state.current_cluster() == name
     removed = lifecycle.down(name)
+    if was_current:
+        state.set_current(None)
     if removed:
         print(f"cluster {name!r} removed: {', '.join(removed)}")
     else:
@@ -89,7 +111,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    name = state.find_cluster(args.name)
+    name = state.find_cluster(_name(args))
     record = lifecycle.status(name)
     if args.output == "json":
         print(json.dumps(record, indent=2, sort_keys=True))
@@ -98,9 +120,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _name(args: argparse.Namespace) -> str | None:
+    if args.name and args.cluster and args.name != args.cluster:
+        raise UsageError(f"two clusters named: {args.name!r} and --cluster {args.cluster!r}")
+    return str(args.name or args.cluster or "") or None
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    for name in state.known_clusters():
-        print(f"{name}\t{'up' if lifecycle.is_up(name) else 'incomplete'}")
+    names = state.known_clusters()
+    if not names:
+        print(f"No clusters are up (in {state.state_root()}).", file=sys.stderr)
+        return 0
+    try:
+        chosen: str | None = state.find_cluster(None)
+    except state.ClusterNotFound:
+        chosen = None  # several up and none chosen, or $MESH_CLUSTER names one that is not up
+    print(render_list([(n, "up" if lifecycle.is_up(n) else "incomplete") for n in names], chosen))
+    return 0
+
+
+def render_list(clusters: list[tuple[str, str]], current: str | None) -> str:
+    return table(["CURRENT", "NAME", "STATUS"], [["*" if n == current else "", n, st] for n, st in clusters])
+
+
+def cmd_use(args: argparse.Namespace) -> int:
+    access.require_root("cluster use")
+    state.set_current(state.find_cluster(args.name))
+    print(f"current cluster: {args.name}")
+    if (env := os.environ.get(state.CLUSTER_ENV)) and env != args.name:
+        print(f"note: ${state.CLUSTER_ENV}={env} is set and wins over the current cluster", file=sys.stderr)
     return 0
 
 
@@ -109,6 +157,12 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)
+
+
+def _restarts(process: dict[str, Any]) -> str:
+    """How often the cluster started a component again, and when last (as kubectl shows RESTARTS)."""
+    count = int(process.get("restarts", 0))
+    return f"{count} (last {process['lastRestart']})" if count and process.get("lastRestart") else str(count)
 
 
 def render_status(record: dict[str, Any]) -> str:
@@ -136,7 +190,7 @@ def render_status(record: dict[str, Any]) -> str:
     others = [p for p in record.get("processes", []) if not p["name"].startswith("pod ")]
     if others:
         out.append("")
-        out.append(table(["COMPONENT", "PID", "NETNS", "STATUS"],
-                         [[p["name"], str(p["pid"]), p["netns"], "Running" if p["running"] else "Exited"]
-                          for p in others]))
+        out.append(table(["COMPONENT", "PID", "NETNS", "STATUS", "RESTARTS"],
+                         [[p["name"], str(p["pid"]), p["netns"], "Running" if p["running"] else "Exited",
+                           _restarts(p)] for p in others]))
     return "\n".join(out)

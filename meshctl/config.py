@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 import yaml
@@ -21,6 +22,7 @@ from mesh.api.kinds import DEFAULT_NAMESPACE, KINDS, resolve_kind
 from mesh.api.loader import load_paths
 from mesh.api.validate import check_reference, validate_documents
 from mesh.errors import UsageError
+from meshctl import access, selector
 
 KIND_NAMES = ", ".join(sorted(k.lower() for k in KINDS))
 WORKLOAD_KINDS = ("DaemonSet", "Deployment")  # the local cluster's own (daemonset/), read from its record
@@ -28,12 +30,17 @@ WORKLOAD_KINDS = ("DaemonSet", "Deployment")  # the local cluster's own (daemons
 
 def add_connection_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("control plane")
-    group.add_argument("--cluster", metavar="NAME", help="the local cluster to talk to (default: the only one up)")
+    group.add_argument("--cluster", metavar="NAME",
+                       help="the local cluster to talk to (default: the current one, see `meshctl cluster use`)")
     group.add_argument("--socket", metavar="PATH", help="the control plane's API socket (overrides --cluster)")
 
 
 def client_from(args: argparse.Namespace) -> ApiClient:
-    return ApiClient(args.socket or api_socket(args.cluster))
+    """The control plane's apply API: at --socket, else the cluster's (root's: `meshctl.access`)."""
+    if args.socket:
+        return ApiClient(args.socket)
+    access.require_root(str(getattr(args, "verb", None) or "this command"))
+    return ApiClient(api_socket(args.cluster))
 
 
 def report(exc: ValidationError, action: str) -> ApiError:
@@ -45,15 +52,26 @@ def report(exc: ValidationError, action: str) -> ApiError:
     return ApiError(f"{len(exc.errors)} errors: nothing was {action}")
 
 
+def print_warnings(result: dict[str, Any]) -> None:
+    """The control plane's warnings about what was written (`controlplane.analysis`), as kubectl prints
+    admission warnings: accepted, but not doing what it says."""
+    for line in result.get("warnings") or []:
+        print(f"Warning: {line}", file=sys.stderr)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "apply", help="create or update configuration from YAML files",
         description="Create or update resources from YAML (Istio, Gateway API and core kinds). Every document is "
                     "validated; if any is wrong nothing is applied and each mistake is shown as "
                     "FILE:document N:FIELD: what is wrong.",
-        epilog="examples:\n  meshctl apply -f samples/bookinfo/networking/virtual-service-all-v1.yaml\n"
-               "  meshctl apply -f config/          (every .yaml, .yml and .json file in the directory)\n"
-               "  cat policy.yaml | meshctl apply -f -",
+        epilog="examples:\n  meshctl apply -f examples/bookinfo/samples/networking/destination-rule-all.yaml\n"
+               "  meshctl apply -f examples/bookinfo/samples/networking/virtual-service-reviews-v1-v3.yaml\n"
+               "  meshctl apply --dry-run -f examples/bookinfo/samples/security/   (every .yaml, .yml and .json file "
+               "in the directory)\n"
+               "  cat policy.yaml | meshctl apply -f -\n"
+               "samples of every kind (routes, faults, timeouts, mTLS, authorization, JWT, waypoint, HTTPRoute) "
+               "for the\nbookinfo cluster, and what each does: examples/bookinfo/samples/README.md",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-f", "--filename", action="append", required=True, metavar="FILE|DIR|-",
                    help="a file, a directory or - for standard input (repeatable)")
@@ -66,7 +84,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "delete", help="delete configuration by file or by kind and name",
         description="Delete the resources named in YAML files (only kind and metadata are read), or KIND NAME... . "
                     "Deleting a DestinationRule subset that a VirtualService still routes to is refused.",
-        epilog="examples:\n  meshctl delete -f samples/bookinfo/networking/virtual-service-reviews-v3.yaml\n"
+        epilog="examples:\n  meshctl delete -f examples/bookinfo/samples/networking/virtual-service-reviews-v1-v3.yaml\n"
                "  meshctl delete virtualservice reviews -n bookinfo",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kind", nargs="?", metavar="KIND", help=f"kind of the resources ({KIND_NAMES})")
@@ -85,15 +103,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                     "daemonset/, with their desired and ready counts (read from the cluster's record, the "
                     "processes and their readiness probes; needs root). Several kinds: KIND,KIND.",
         epilog="examples:\n  meshctl get pods -n bookinfo\n  meshctl get vs reviews -n bookinfo -o yaml\n"
-               "  meshctl get authorizationpolicies -A\n  meshctl get daemonset,deployment -A -o json",
+               "  meshctl get authorizationpolicies -A\n  meshctl get daemonset,deployment -A -o json\n"
+               "  meshctl get pods -n bookinfo -l app=reviews -o wide\n  meshctl get vs -n bookinfo -w",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kind", metavar="KIND[,KIND...]")
     p.add_argument("name", nargs="?", metavar="NAME")
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("-n", "--namespace", metavar="NS", help="namespace (default: default)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
-    p.add_argument("-o", "--output", choices=("table", "yaml", "json", "name"), default="table",
-                   help="output format (default: a table)")
+    p.add_argument("-o", "--output", choices=("table", "wide", "yaml", "json", "name"), default="table",
+                   help="output format (default: a table; wide adds labels, and a Service's selector)")
+    p.add_argument("-l", "--selector", metavar="SELECTOR",
+                   help="only resources whose labels match, e.g. app=reviews,version!=v1 or 'version in (v2,v3)'")
+    p.add_argument("-w", "--watch", action="store_true",
+                   help="after the table, print a row for each resource added, changed or deleted, until Ctrl-C")
+    p.add_argument("--watch-interval", type=float, default=1.0, metavar="SECONDS", help=argparse.SUPPRESS)
     add_connection_args(p)
     p.set_defaults(func=cmd_get)
 
@@ -130,6 +154,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise report(exc, "applied") from exc
     for outcome in result["outcomes"]:
         print(outcome["text"])
+    print_warnings(result)
     return 0
 
 
@@ -158,26 +183,19 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+Section = tuple[str, str, list[dict[str, Any]], str | None, bool]  # kind, display, items, namespace, namespaced
+
+
 def cmd_get(args: argparse.Namespace) -> int:
     kinds = [k for k in args.kind.split(",") if k]
     if not kinds:
         raise UsageError("say which kind to get, e.g. `meshctl get pods`")
     if args.name and len(kinds) > 1:
         raise UsageError("a NAME needs one kind: `meshctl get KIND NAME`")
-    sections: list[tuple[str, str, list[dict[str, Any]], str | None, bool]] = []
-    for text in kinds:
-        kind = workloads.resolve_kind(text)
-        if kind is not None:  # the local cluster's own workloads: from its record
-            namespace = None if args.all_namespaces else (args.namespace or DEFAULT_NAMESPACE)
-            items = workloads.get(find_cluster(args.cluster), kind, namespace, args.name)
-            sections.append((kind, f"{kind.lower()}.apps", items, namespace, True))
-            continue
-        if resolve_kind(text) is None:
-            raise UsageError(f"unknown kind {text!r}: use one of {KIND_NAMES}, daemonset, deployment")
-        info = _kind(text)
-        namespace = None if args.all_namespaces or not info.namespaced else (args.namespace or DEFAULT_NAMESPACE)
-        items = client_from(args).get(info.kind, namespace, args.name)
-        sections.append((info.kind, info.display, items, namespace, info.namespaced))
+    if args.watch and args.output not in ("table", "wide"):
+        raise UsageError("-w prints table rows as they change: use it with -o table or -o wide")
+    reqs = selector.parse(args.selector) if args.selector else ()
+    sections = _collect(args, kinds, reqs)
     everything = [body for _, _, items, _, _ in sections for body in items]
     if args.output == "json":
         out: Any = everything[0] if args.name and everything else {"apiVersion": "v1", "kind": "List",
@@ -194,13 +212,73 @@ def cmd_get(args: argparse.Namespace) -> int:
         for kind, _, items, namespace, namespaced in sections:
             if items and printed:
                 print()
-            _print_table(kind, items, show_namespace=namespace is None and namespaced)
+            _print_table(kind, items, show_namespace=namespace is None and namespaced, wide=args.output == "wide")
             printed = printed or bool(items)
         for kind, _, items, namespace, _ in sections:
             if not items:
                 where = f" in namespace {namespace}" if namespace else ""
                 print(f"No {kind} resources found{where}.", file=sys.stderr)
+    if args.watch:
+        _watch(args, kinds, reqs, sections)
     return 0
+
+
+def _collect(args: argparse.Namespace, kinds: list[str], reqs: tuple[selector.Requirement, ...]) -> list[Section]:
+    sections: list[Section] = []
+    for text in kinds:
+        kind = workloads.resolve_kind(text)
+        if kind is not None:  # the local cluster's own workloads: from its record
+            access.require_root("get")
+            namespace = None if args.all_namespaces else (args.namespace or DEFAULT_NAMESPACE)
+            items = workloads.get(find_cluster(args.cluster), kind, namespace, args.name)
+            sections.append((kind, f"{kind.lower()}.apps", _selected(items, reqs), namespace, True))
+            continue
+        if resolve_kind(text) is None:
+            raise UsageError(f"unknown kind {text!r}: use one of {KIND_NAMES}, daemonset, deployment")
+        info = _kind(text)
+        namespace = None if args.all_namespaces or not info.namespaced else (args.namespace or DEFAULT_NAMESPACE)
+        items = client_from(args).get(info.kind, namespace, args.name)
+        sections.append((info.kind, info.display, _selected(items, reqs), namespace, info.namespaced))
+    return sections
+
+
+def _selected(items: list[dict[str, Any]], reqs: tuple[selector.Requirement, ...]) -> list[dict[str, Any]]:
+    return [b for b in items if selector.matches(reqs, (b.get("metadata") or {}).get("labels"))]
+
+
+def _watch(args: argparse.Namespace, kinds: list[str], reqs: tuple[selector.Requirement, ...],
+           first: list[Section]) -> None:
+    """As `kubectl get -w`: after the table, a row for each resource that is added or changed (and marked
+    `(deleted)` when it goes), polled every --watch-interval, until interrupted."""
+    def state(sections: list[Section]) -> dict[tuple[str, str, str], tuple[str, dict[str, Any], bool]]:
+        return {(kind, b["metadata"].get("namespace", ""), b["metadata"]["name"]):
+                (json.dumps(b, sort_keys=True), b, namespace is None and namespaced)
+                for kind, _, items, namespace, namespaced in sections for b in items}
+
+    seen = state(first)
+    wide = args.output == "wide"
+    header = bool(seen)  # the table printed one
+
+    def show(kind: str, body: dict[str, Any], show_ns: bool, suffix: str = "") -> None:
+        nonlocal header
+        if not header:
+            print("   ".join(_row(kind, body, show_ns, wide)), flush=True)
+            header = True
+        print(_line(kind, body, show_ns, wide) + suffix, flush=True)
+
+    try:
+        while True:
+            time.sleep(args.watch_interval)
+            now = state(_collect(args, kinds, reqs))
+            for key, (text, body, show_ns) in now.items():
+                if key not in seen or seen[key][0] != text:
+                    show(key[0], body, show_ns)
+            for key, (_, body, show_ns) in seen.items():
+                if key not in now:
+                    show(key[0], body, show_ns, "   (deleted)")
+            seen = now
+    except KeyboardInterrupt:
+        return
 
 
 def cmd_label(args: argparse.Namespace) -> int:
@@ -222,6 +300,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         raise report(exc, "labeled") from exc
     for outcome in result["outcomes"]:
         print(outcome["text"])
+    print_warnings(result)
     return 0
 
 
@@ -251,8 +330,16 @@ def _columns(kind: str, body: dict[str, Any]) -> dict[str, str]:
         return {"ACTION": spec.get("action", "ALLOW")}
     if kind == "PeerAuthentication":
         return {"MODE": (spec.get("mtls") or {}).get("mode", "UNSET")}
-    if kind == "Gateway":
-        return {"CLASS": spec.get("gatewayClassName", "")}
+    if kind == "Gateway":  # kubectl's columns, and where an ingress Gateway's listeners are published
+        programmed = next((c.get("status", "") for c in status.get("conditions") or [] if c.get("type") == "Programmed"), "")
+        return {"CLASS": spec.get("gatewayClassName", ""),
+                "ADDRESS": ",".join(a.get("value", "") for a in status.get("addresses") or []) or "<none>",
+                "PROGRAMMED": programmed or "Unknown",
+                "LISTENERS": ",".join(f"{li['name']}={li['publishedAddress']}" for li in status.get("listeners") or []
+                                      if li.get("publishedAddress")) or "<none>"}
+    if kind in ("HTTPRoute", "GRPCRoute"):
+        return {"HOSTNAMES": ",".join(spec.get("hostnames") or []) or "<none>",
+                "PARENTS": ",".join(p.get("name", "") for p in spec.get("parentRefs") or [])}
     if kind == "DaemonSet":
         return {"DESIRED": str(status.get("desiredNumberScheduled", 0)),
                 "CURRENT": str(status.get("currentNumberScheduled", 0)), "READY": str(status.get("numberReady", 0)),
@@ -265,17 +352,29 @@ def _columns(kind: str, body: dict[str, Any]) -> dict[str, str]:
     return {}
 
 
-def _print_table(kind: str, items: list[dict[str, Any]], show_namespace: bool) -> None:
+def _row(kind: str, body: dict[str, Any], show_namespace: bool, wide: bool) -> dict[str, str]:
+    meta = body["metadata"]
+    row = ({"NAMESPACE": meta.get("namespace", "")} if show_namespace else {}) | {"NAME": meta["name"]}
+    row |= _columns(kind, body)
+    if kind not in WORKLOAD_KINDS:  # the local cluster's workloads have no store version
+        row["VERSION"] = str(meta.get("resourceVersion", ""))
+    if wide:
+        spec = body.get("spec") or {}
+        if kind == "Service":
+            row["SELECTOR"] = ",".join(f"{k}={v}" for k, v in sorted((spec.get("selector") or {}).items())) or "<none>"
+        row["LABELS"] = ",".join(f"{k}={v}" for k, v in sorted((meta.get("labels") or {}).items())) or "<none>"
+    return row
+
+
+def _line(kind: str, body: dict[str, Any], show_namespace: bool, wide: bool) -> str:
+    """One resource's row on its own (a watch prints rows as they change)."""
+    return "   ".join(_row(kind, body, show_namespace, wide).values())
+
+
+def _print_table(kind: str, items: list[dict[str, Any]], show_namespace: bool, wide: bool = False) -> None:
     if not items:
         return
-    rows = []
-    for body in items:
-        meta = body["metadata"]
-        row = ({"NAMESPACE": meta.get("namespace", "")} if show_namespace else {}) | {"NAME": meta["name"]}
-        row |= _columns(kind, body)
-        if kind not in WORKLOAD_KINDS:  # the local cluster's workloads have no store version
-            row["VERSION"] = str(meta.get("resourceVersion", ""))
-        rows.append(row)
+    rows = [_row(kind, body, show_namespace, wide) for body in items]
     headers = list(rows[0])
     widths = {h: max(len(h), *(len(r.get(h, "")) for r in rows)) for h in headers}
     print("   ".join(h.ljust(widths[h]) for h in headers).rstrip())

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from mesh.errors import MeshError
+from meshctl import access
 
 # Modules that contribute verbs, in the order `meshctl --help` lists them.  A module that is not
 # present yet (a component still being written) is skipped, so the CLI never breaks on import.
@@ -22,9 +23,12 @@ VERB_MODULES = (
     "meshctl.podcmds",
     "meshctl.config",
     "meshctl.waypoint",
+    "meshctl.analyze",
     "meshctl.ca",
     "meshctl.proxystatus",
     "meshctl.agent",
+    "meshctl.loglevel",
+    "meshctl.version",
     "meshctl.bench",
     "meshctl.dashboard.cli",
 )
@@ -64,6 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MeshError as exc:
         print(f"meshctl: {exc}", file=sys.stderr)
         return 1
+    except PermissionError as exc:  # what a verb did not check first (`meshctl.access`), said the same way
+        where = f" ({exc.filename}: permission denied)" if exc.filename else ""
+        print(f"meshctl: {access.needs_root_message(args.verb)}{where}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader went away (`meshctl logs ... | head`)
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("meshctl: interrupted", file=sys.stderr)
         return 130

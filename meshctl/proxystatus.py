@@ -5,7 +5,8 @@ It reads `/debug/connections` from the control plane's local-only debug socket,
 type it shows SYNCED (everything sent to it ACKed), STALE (a push not ACKed yet), NACK (the client
 refused the last change and keeps its previous configuration) or "-" (not subscribed).  ACKED VERSION
 is the control plane version the client last ACKed.  Every client listed was authenticated: NAME, ROLE
-and NODE are those its token gives.  Resources the control plane could not translate (left out, the rest
+and NODE are those its token gives (NAME: `nodeagent/NODE`, or a waypoint's `NAMESPACE/NAME`; `-o json`
+has the discovery node ids).  Resources the control plane could not translate (left out, the rest
 served) are listed at the end.
 """
 
@@ -22,6 +23,8 @@ from mesh import defaults
 from mesh.errors import MeshError
 from mesh.serve import client
 from mesh.serve.errors import HttpClientError
+from mesh.xds.node import parse_id
+from meshctl import access
 
 DEBUG_SOCKET = Path(defaults.CONTROLPLANE_DIR) / defaults.DEBUG_SOCKET
 TYPE_COLUMNS = ("Workload", "Service", "Authorization", "L7Config")
@@ -64,6 +67,18 @@ def type_state(t: dict[str, Any] | None) -> str:
     return "SYNCED" if t.get("acked_version") else "NOT ACKED"
 
 
+def display_name(c: dict[str, Any]) -> str:
+    """A client as the other verbs name it: `nodeagent/node-1` (as `meshctl logs`), `bookinfo/waypoint`;
+    an id that follows no convention as it is."""
+    node_id = str(c.get("node_id", ""))
+    role, node, name, namespace = parse_id(node_id)
+    if name and namespace:
+        return f"{namespace}/{name}"
+    if role and node:
+        return f"{role}/{node}"
+    return node_id or "-"
+
+
 def render(data: dict[str, Any]) -> str:
     current = data.get("version", "")
     header = ["NAME", "ROLE", "NODE", *[c.upper() for c in TYPE_COLUMNS], "ACKED VERSION"]
@@ -73,7 +88,7 @@ def render(data: dict[str, Any]) -> str:
         by_short = {url.rsplit(".", 1)[-1]: t for url, t in c.get("types", {}).items()}
         rows.append(
             [
-                c.get("node_id", ""),
+                display_name(c),
                 c.get("role", "") or "-",
                 c.get("node", "") or "-",
                 *[type_state(by_short.get(col)) for col in TYPE_COLUMNS],
@@ -106,9 +121,11 @@ def render(data: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.url:
         data = fetch_connections(url=args.url)
+    elif args.socket:
+        data = fetch_connections(socket_path=args.socket)
     else:
-        path = args.socket or str(cluster_dir(find_cluster(args.cluster)) / DEBUG_SOCKET)
-        data = fetch_connections(socket_path=path)
+        access.require_root("proxy-status")
+        data = fetch_connections(socket_path=str(cluster_dir(find_cluster(args.cluster)) / DEBUG_SOCKET))
     if args.output == "json":
         print(json.dumps(data, indent=2))
     else:

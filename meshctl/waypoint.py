@@ -1,27 +1,63 @@
-"""`meshctl waypoint apply|delete|list`: waypoints as istioctl manages them.
+"""`meshctl waypoint apply|delete|list|status`: waypoints as istioctl manages them, without dropping traffic.
 
 A waypoint is a Gateway of class `istio-waypoint` with one listener `mesh` on port 15008, protocol HBONE,
 labelled `istio.io/waypoint-for` (which traffic it takes).  `--enroll-namespace` also labels the
 namespace `istio.io/use-waypoint=<name>` so its services' traffic goes through the waypoint.
+
+The order of the steps is what keeps traffic flowing (make before break):
+
+- apply: write the Gateway; wait (`--wait`, the default, up to `--timeout`) until a pod of the waypoint
+  is Ready (it listens, has its certificate and its first configuration); only then bind the namespace.
+  Binding earlier sent the namespace's traffic to a waypoint with no instance (503 "has no ready
+  instance") or one not yet listening (connection reset).
+- delete: unbind the namespace first (remove the label naming the waypoint), wait until every node agent
+  has ACKed the configuration without it (`/debug/connections`, what `proxy-status` reads), then delete
+  the Gateway: the waypoint, no longer sent new connections, drains (requests in flight finish, up to
+  its drain time, `apply --drain-seconds`) and stops.  With `--wait`, until its pod is gone.
+
+READY is the waypoint's pods that are Ready over the pods it has (`status.conditions` of its Pods, labelled
+`gateway.networking.k8s.io/gateway-name`).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+from controlplane.config.store import BUILTIN_NAMESPACES
+from localcluster.state import api_socket
+from localcluster.waypoints import DRAIN_ANNOTATION, MAX_DRAIN_SECONDS
+from mesh import defaults
+from mesh.api.client import ApiClient
 from mesh.api.errors import NotFound, ValidationError
 from mesh.api.kinds_gateway import (
     DEFAULT_WAYPOINT_NAME,
+    GATEWAY_NAME_LABEL,
     USE_WAYPOINT_LABEL,
+    USE_WAYPOINT_NAMESPACE_LABEL,
     WAYPOINT_FOR_LABEL,
     WAYPOINT_FOR_VALUES,
     is_waypoint,
     waypoint_gateway,
 )
 from mesh.api.validate import Document
-from mesh.errors import UsageError
+from mesh.errors import MeshError, UsageError
+from mesh.serve import client as http
+from mesh.serve.errors import HttpClientError
+from mesh.xds import resources as rs
+from mesh.xds.node import ROLE_NODEAGENT
 from meshctl.config import add_connection_args, client_from, report
+
+DEFAULT_TIMEOUT = 60.0  # seconds: --timeout of apply, delete and status
+POLL = 0.2  # seconds between two looks while waiting
+
+
+class WaypointError(MeshError):
+    pass
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -33,7 +69,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
     p = wsub.add_parser(
         "apply", help="create or update a waypoint in a namespace",
-        description="Write the waypoint Gateway (listener mesh, port 15008, protocol HBONE) in NAMESPACE.",
+        description="Write the waypoint Gateway (listener mesh, port 15008, protocol HBONE) in NAMESPACE and, "
+                    "by default, wait until it is ready. With --enroll-namespace the namespace is bound to it "
+                    "only once it is ready, so no request is sent to a waypoint that cannot take it yet.",
         epilog="example:\n  meshctl waypoint apply -n bookinfo --enroll-namespace",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", "--namespace", required=True, metavar="NS", help="namespace of the waypoint")
@@ -41,36 +79,192 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--for", dest="traffic_type", default="service", choices=WAYPOINT_FOR_VALUES,
                    help="which traffic the waypoint takes (default: service)")
     p.add_argument("--enroll-namespace", action="store_true",
-                   help=f"label the namespace {USE_WAYPOINT_LABEL}=NAME so its traffic uses this waypoint")
+                   help=f"label the namespace {USE_WAYPOINT_LABEL}=NAME, once the waypoint is ready")
+    _wait_args(p, "wait until the waypoint is ready (the default; needed before --enroll-namespace)")
+    p.add_argument("--drain-seconds", type=_seconds, metavar="SECONDS",
+                   help="how long the waypoint lets requests in flight finish when it is deleted "
+                        f"(0 to {MAX_DRAIN_SECONDS:g}; written as the Gateway's infrastructure annotation "
+                        f"{DRAIN_ANNOTATION})")
     add_connection_args(p)
     p.set_defaults(func=cmd_apply)
 
-    p = wsub.add_parser("delete", help="delete waypoints",
+    p = wsub.add_parser("delete", help="delete waypoints, unbinding them first",
                         description="Delete waypoints by name (default: waypoint), or all of a namespace with --all. "
-                                    f"A namespace label {USE_WAYPOINT_LABEL} that names a deleted waypoint is removed.")
+                                    f"A namespace label {USE_WAYPOINT_LABEL} that names a deleted waypoint is removed "
+                                    "first, and the waypoint is deleted only once every node agent has that change, "
+                                    "so it drains instead of dropping requests.")
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("-n", "--namespace", required=True, metavar="NS")
     p.add_argument("--all", action="store_true", help="delete every waypoint in the namespace")
+    _wait_args(p, "wait until the node agents have the unbinding (always) and the waypoint pods are gone")
     add_connection_args(p)
     p.set_defaults(func=cmd_delete)
 
-    p = wsub.add_parser("list", help="list waypoints", description="List waypoints with the traffic they take.")
+    p = wsub.add_parser("list", help="list waypoints", description="List waypoints with the traffic they take and "
+                                                                   "how many of their pods are ready.")
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("-n", "--namespace", metavar="NS", help="namespace (default: default)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
     add_connection_args(p)
     p.set_defaults(func=cmd_list)
 
+    p = wsub.add_parser("status", help="show whether waypoints are ready and what uses them",
+                        description="Show the waypoints of NAMESPACE (or the one named): ready pods, their "
+                                    "addresses, and the namespaces and services bound to each. Exits 1 if a "
+                                    "waypoint is not ready (after --timeout with --wait).")
+    p.add_argument("-n", "--namespace", required=True, metavar="NS")
+    p.add_argument("--name", help="only this waypoint")
+    p.add_argument("--wait", action="store_true", help="wait until every waypoint shown is ready")
+    p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help=f"how long --wait waits (default: {DEFAULT_TIMEOUT:g})")
+    add_connection_args(p)
+    p.set_defaults(func=cmd_status)
+
+
+def _wait_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--wait", dest="wait", action="store_true", default=True, help=what)
+    p.add_argument("--no-wait", dest="wait", action="store_false",
+                   help="write the change and return at once (traffic may fail while it takes effect)")
+    p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help=f"how long to wait (default: {DEFAULT_TIMEOUT:g})")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 24 * 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds from 0 to 86400")
+    return value
+
+
+# ---- what the store says about a waypoint -------------------------------------------------------------
+
+def pods_of(client: ApiClient, namespace: str, name: str) -> list[dict[str, Any]]:
+    return [p for p in client.get("Pod", namespace)
+            if ((p.get("metadata") or {}).get("labels") or {}).get(GATEWAY_NAME_LABEL) == name]
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    """Ready as the kubelet reports it: the `Ready` condition True (a pod without conditions counts as
+    ready once it runs and has an address, as translation counts it)."""
+    status = pod.get("status") or {}
+    if status.get("phase", "Running") != "Running" or not status.get("podIP"):
+        return False
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Ready":
+            return str(condition.get("status")) == "True"
+    return True
+
+
+def readiness(client: ApiClient, namespace: str, name: str) -> tuple[int, int]:
+    """(ready pods, pods) of a waypoint."""
+    pods = pods_of(client, namespace, name)
+    return sum(1 for p in pods if pod_ready(p)), len(pods)
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() >= deadline:
+            raise WaypointError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(POLL)
+
+
+def _waypoints(client: ApiClient, namespace: str | None) -> list[dict[str, Any]]:
+    return [g for g in client.get("Gateway", namespace) if is_waypoint(g)]
+
+
+def _namespace_labels(client: ApiClient, namespace: str) -> dict[str, str]:
+    try:
+        found = client.get("Namespace", None, namespace)
+    except NotFound:
+        return {}
+    return dict((found[0].get("metadata") or {}).get("labels") or {})
+
+
+def require_namespace(client: ApiClient, namespace: str) -> None:
+    """NotFound, in kubectl's words, unless `namespace` exists (or is one that always does)."""
+    if namespace in BUILTIN_NAMESPACES:
+        return
+    try:
+        client.get("Namespace", None, namespace)
+    except NotFound:
+        raise NotFound(f'namespaces "{namespace}" not found') from None
+
+
+def bound_to(client: ApiClient, namespace: str, name: str) -> list[str]:
+    """What sends its traffic through waypoint namespace/name: namespaces, services and pods whose
+    `istio.io/use-waypoint` names it (`Kind ns/name`, or `Namespace name`)."""
+    out = []
+    for kind in ("Namespace", "Service", "Pod"):
+        for body in client.get(kind):
+            meta = body.get("metadata") or {}
+            labels = meta.get("labels") or {}
+            own_ns = meta.get("namespace") or meta.get("name")
+            if labels.get(USE_WAYPOINT_LABEL) == name and labels.get(USE_WAYPOINT_NAMESPACE_LABEL, own_ns) == namespace:
+                out.append(f"{kind} {meta['name']}" if kind == "Namespace" else f"{kind} {meta['namespace']}/{meta['name']}")
+    return out
+
+
+# ---- the agents' side ------------------------------------------------------------------------------------
+
+def debug_socket(args: argparse.Namespace) -> Path:
+    """The control plane's debug socket, beside its apply API socket."""
+    api = Path(args.socket) if args.socket else api_socket(args.cluster)
+    return api.parent / defaults.DEBUG_SOCKET
+
+
+def connections(path: Path) -> dict[str, Any]:
+    try:
+        reply = http.get(http.Endpoint.unix(path), "/debug/connections", timeout=5.0)
+    except HttpClientError as exc:
+        raise WaypointError(f"cannot read the node agents' sync state at {path}: {exc}") from None
+    if reply.status != 200:
+        raise WaypointError(f"the control plane answered {reply.status} for its sync state: {reply.text.strip()}")
+    data: dict[str, Any] = reply.json()
+    return data
+
+
+def agents_have_moved_on(data: dict[str, Any], before: str) -> bool:
+    """The control plane has published a version after `before` and every node agent has ACKed its
+    services and workloads (nothing pending, nothing refused)."""
+    if data.get("version", "") == before:
+        return False
+    for c in data.get("clients", []):
+        if c.get("role") != ROLE_NODEAGENT:
+            continue
+        for url, t in (c.get("types") or {}).items():
+            if url in (rs.SERVICE, rs.WORKLOAD) and (t.get("pending") or t.get("nack")):
+                return False
+    return True
+
+
+# ---- verbs -----------------------------------------------------------------------------------------------
 
 def cmd_apply(args: argparse.Namespace) -> int:
     client = client_from(args)
+    require_namespace(client, args.namespace)
     body = waypoint_gateway(args.namespace, args.name, args.traffic_type)
+    if args.drain_seconds is not None:
+        if args.drain_seconds > MAX_DRAIN_SECONDS:
+            raise UsageError(f"--drain-seconds: at most {MAX_DRAIN_SECONDS:g}")
+        body["spec"]["infrastructure"] = {"annotations": {DRAIN_ANNOTATION: f"{args.drain_seconds:g}"}}
     try:
         client.apply([Document("waypoint", 1, body)])
     except ValidationError as exc:
         raise report(exc, "applied") from exc
     print(f"waypoint {args.namespace}/{args.name} applied")
+    if args.wait:
+        _wait_for(f"waypoint {args.namespace}/{args.name} to be ready (see `meshctl waypoint status -n "
+                  f"{args.namespace}` and the waypoint's log)",
+                  lambda: readiness(client, args.namespace, args.name)[0] > 0, args.timeout)
+        print(f"waypoint {args.namespace}/{args.name} is ready")
     if args.enroll_namespace:
+        if not args.wait:
+            print(f"warning: binding namespace {args.namespace} without waiting for the waypoint: its traffic "
+                  "fails until the waypoint is ready", file=sys.stderr)
         client.label(f"Namespace/{args.namespace}", {USE_WAYPOINT_LABEL: args.name})
         print(f'namespace {args.namespace} labeled with "{USE_WAYPOINT_LABEL}: {args.name}"')
     return 0
@@ -78,7 +272,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     client = client_from(args)
-    existing = [g["metadata"]["name"] for g in client.get("Gateway", args.namespace) if is_waypoint(g)]
+    existing = [g["metadata"]["name"] for g in _waypoints(client, args.namespace)]
     if args.all:
         if args.names:
             raise UsageError("give either --all or waypoint names, not both")
@@ -91,37 +285,82 @@ def cmd_delete(args: argparse.Namespace) -> int:
     if not names:
         print(f"no waypoints in namespace {args.namespace}")
         return 0
+    ns_labels = _namespace_labels(client, args.namespace)
+    if ns_labels.get(USE_WAYPOINT_LABEL) in names:
+        # Services (and pods) that follow the namespace's label: unbinding changes what the agents get.
+        followers = [b for kind in ("Service", "Pod") for b in client.get(kind, args.namespace)
+                     if USE_WAYPOINT_LABEL not in ((b.get("metadata") or {}).get("labels") or {})]
+        sock = debug_socket(args)
+        wait_agents = args.wait and bool(followers)
+        before = connections(sock).get("version", "") if wait_agents else ""
+        client.label(f"Namespace/{args.namespace}", remove=[USE_WAYPOINT_LABEL])
+        print(f"namespace {args.namespace} label {USE_WAYPOINT_LABEL} removed")
+        if wait_agents:
+            _wait_for("the node agents to have the namespace's traffic sent without the waypoint "
+                      "(see `meshctl proxy-status`)",
+                      lambda: agents_have_moved_on(connections(sock), before), args.timeout)
+            print("node agents have the change")
     client.delete_refs([f"Gateway/{args.namespace}/{n}" for n in names])
     for n in names:
         print(f"waypoint {args.namespace}/{n} deleted")
-    ns_labels = _namespace_labels(client, args.namespace)
-    if ns_labels.get(USE_WAYPOINT_LABEL) in names:
-        client.label(f"Namespace/{args.namespace}", remove=[USE_WAYPOINT_LABEL])
-        print(f"namespace {args.namespace} label {USE_WAYPOINT_LABEL} removed")
+    if args.wait:
+        _wait_for(f"the pods of waypoint(s) {', '.join(names)} to drain and stop",
+                  lambda: not any(pods_of(client, args.namespace, n) for n in names), args.timeout)
+        print("waypoint pods drained and stopped")
     return 0
-
-
-def _namespace_labels(client: Any, namespace: str) -> dict[str, str]:
-    try:
-        found = client.get("Namespace", None, namespace)
-    except NotFound:
-        return {}
-    return dict((found[0].get("metadata") or {}).get("labels") or {})
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     client = client_from(args)
     namespace = None if args.all_namespaces else (args.namespace or "default")
-    gateways = [g for g in client.get("Gateway", namespace) if is_waypoint(g)]
+    gateways = _waypoints(client, namespace)
     if not gateways:
         print(f"No waypoints found in {'any namespace' if namespace is None else 'namespace ' + namespace}.")
         return 0
-    rows = [("NAMESPACE", "NAME", "TRAFFIC TYPE", "VERSION")]
+    rows = [("NAMESPACE", "NAME", "TRAFFIC TYPE", "READY", "VERSION")]
     for g in gateways:
         meta = g["metadata"]
+        ready, total = readiness(client, meta["namespace"], meta["name"])
         rows.append((meta["namespace"], meta["name"], (meta.get("labels") or {}).get(WAYPOINT_FOR_LABEL, "service"),
-                     str(meta.get("resourceVersion", ""))))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+                     f"{ready}/{total}", str(meta.get("resourceVersion", ""))))
+    _print_table(rows)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = client_from(args)
+    require_namespace(client, args.namespace)
+    gateways = [g for g in _waypoints(client, args.namespace) if args.name in (None, g["metadata"]["name"])]
+    if not gateways:
+        what = f"waypoint {args.name}" if args.name else "waypoints"
+        raise NotFound(f"no {what} in namespace {args.namespace}")
+    names = [g["metadata"]["name"] for g in gateways]
+    if args.wait:
+        try:
+            _wait_for(f"waypoint(s) {', '.join(names)} to be ready",
+                      lambda: all(readiness(client, args.namespace, n)[0] > 0 for n in names), args.timeout)
+        except WaypointError as exc:
+            print(f"meshctl: {exc}")
+    rows = [("NAMESPACE", "NAME", "READY", "STATUS", "POD", "NODE", "ADDRESS", "USED BY")]
+    not_ready = 0
+    for name in names:
+        pods = pods_of(client, args.namespace, name)
+        ready = sum(1 for p in pods if pod_ready(p))
+        status = "Ready" if ready else ("NotReady" if pods else "NoPod")
+        not_ready += 0 if ready else 1
+        users = ", ".join(bound_to(client, args.namespace, name)) or "-"
+        first = pods[0] if pods else {}
+        rows.append((args.namespace, name, f"{ready}/{len(pods)}", status,
+                     (first.get("metadata") or {}).get("name", "-"), (first.get("spec") or {}).get("nodeName", "-"),
+                     (first.get("status") or {}).get("podIP", "-"), users))
+    _print_table(rows)
+    if not_ready:
+        raise WaypointError(f"{not_ready} waypoint(s) not ready")
+    return 0
+
+
+def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    return 0
+

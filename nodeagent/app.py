@@ -3,6 +3,7 @@
     state (fed by discovery) ──> enroller ──> PodProxy per enrolled pod (15001, 15006, 15008 in the pod)
                                                  │ outbound ──> HBONE pool (connections from the pod)
                                                  │ inbound  ──> authorization ──> the application
+                                                 │ DnsProxy (127.0.0.1:15053, trio) ──> upstream resolver
                                               (the pods' connections run on the data path engine:
                                                uvloop in a thread of its own; the rest is trio)
     certificates (CA, on behalf of the node's pods)   metrics :15020   readiness :15021   admin :15000
@@ -19,7 +20,8 @@ port it listens on, in the pods and on the node (`mesh.reuseport`), taking the n
 it listens; it adopts the pods' capture as it is, and takes the CNI socket over.  On SIGTERM this one
 stops changing capture (enrollment and the CNI socket end first, and nothing is removed), closes its
 listeners (what they had queued migrates to the successor's), tells its HBONE clients to go elsewhere
-(GOAWAY), lets the open connections finish for up to `--drain-seconds` (`Agent.drain`), and exits.
+(GOAWAY), lets the open connections finish for up to `--drain-seconds` (`Agent.drain`), sends the spans
+still queued (a second at most), and exits.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ from mesh.xds.node import ROLE_NODEAGENT, NodeInfo
 from mesh.xds.trio_client import TrioXdsClient
 from nodeagent.accesslog import AccessLog
 from nodeagent.admin import AdminView
+from nodeagent.dns.metrics import DnsMetrics
+from nodeagent.dns.server import DnsProxy, PodDns
+from nodeagent.dns.upstream import Resolver, Upstream
 from nodeagent.enroll import Enroller
 from nodeagent.metrics import NodeAgentMetrics
 from nodeagent.options import Options
@@ -53,6 +58,7 @@ from nodeagent.pods.cni import CniPodSource
 from nodeagent.pods.handover import HandoverServer
 from nodeagent.pods.local import LocalPodSource
 from nodeagent.pods.source import PodRef, PodSource
+from nodeagent.proxy import outbound
 from nodeagent.proxy.context import AgentParts, PodContext, pool_connect
 from nodeagent.proxy.pod import PodProxy
 from nodeagent.proxy.sockets import SocketSupply
@@ -60,12 +66,13 @@ from nodeagent.redirect.base import Redirector
 from nodeagent.redirect.ebpf import EbpfRedirector
 from nodeagent.redirect.iptables import IptablesRedirector
 from nodeagent.state import AUTHORIZATION, SERVICE, WORKLOAD, MeshState
-from nodeagent.tracing import TunnelTracer
+from nodeagent.tracing import TelemetryView, TunnelTracer
 
 log = logging.getLogger("nodeagent")
 
 KIND_OF_TYPE = {rs.WORKLOAD: WORKLOAD, rs.SERVICE: SERVICE, rs.AUTHORIZATION: AUTHORIZATION}
-SUBSCRIPTIONS: dict[str, list[str] | None] = {rs.WORKLOAD: None, rs.SERVICE: None, rs.AUTHORIZATION: None}
+SUBSCRIPTIONS: dict[str, list[str] | None] = {rs.WORKLOAD: None, rs.SERVICE: None, rs.AUTHORIZATION: None,
+                                               rs.L7_CONFIG: None}  # L7Config: agents are sent only Telemetry
 
 
 DRAIN_POLL = 0.1  # seconds between looks at what is still open while draining
@@ -82,13 +89,14 @@ async def serve(opts: Options, stop: trio.Event | None = None) -> None:
     stop = trio.Event() if stop is None else stop
     registry = CollectorRegistry()
     state = MeshState()
+    telemetry = TelemetryView()  # tracing's sampling per namespace, also fed by discovery
     node = NodeInfo(id="", role=ROLE_NODEAGENT, node=opts.node)
-    redirector = open_redirector(opts.redirect_mode, opts.bpf_prefix)  # refuses to start when the mode cannot work here
+    redirector = open_redirector(opts.redirect_mode, opts.bpf_prefix, opts.dns_capture)  # refuses to start when the mode cannot work here
     log.info('{"event": "capture", "mode": "%s"}', redirector.mode)
     async with runtime.open_certificates(opts, impersonate=True) as certs, \
-            runtime.open_discovery(opts, node, SUBSCRIPTIONS, functools.partial(apply_update, state)) as xds, \
+            runtime.open_discovery(opts, node, SUBSCRIPTIONS, functools.partial(apply_update, state, telemetry)) as xds, \
             trio.open_nursery() as nursery:
-        agent = Agent(opts, state, certs, registry, xds, nursery, redirector)
+        agent = Agent(opts, state, certs, registry, xds, nursery, redirector, telemetry)
         await nursery.start(agent.engine.run)
         await runtime.start_tracing(nursery, agent.tracer)
         admin = AdminView(state, certs.status, node=opts.node, capture_mode=redirector.mode,
@@ -102,6 +110,7 @@ async def serve(opts: Options, stop: trio.Event | None = None) -> None:
                 await stop.wait()
                 enrollment.cancel_scope.cancel()
             await agent.drain(opts.drain_seconds)
+            await runtime.flush_tracing(agent.tracer)  # the drained tunnels' spans, within a short deadline
         finally:
             agent.close_pods()
         nursery.cancel_scope.cancel()
@@ -135,15 +144,19 @@ async def open_pod_source(opts: Options, state: MeshState) -> PodSource:
     return LocalPodSource(state, opts.node, opts.pod_netns, opts.pod_cgroup)
 
 
-def open_redirector(mode: str, bpf_prefix: str) -> Redirector:
-    """The capture mechanism of this node: iptables rules in each pod, or eBPF programs."""
+def open_redirector(mode: str, bpf_prefix: str, dns_capture: bool = False) -> Redirector:
+    """The capture mechanism of this node: iptables rules in each pod, or eBPF programs (with the pods'
+    DNS queries sent to the agent's DNS proxy when `dns_capture`)."""
     if mode == "ebpf":
-        return EbpfRedirector.open(bpf_prefix)
-    return IptablesRedirector()
+        return EbpfRedirector.open(bpf_prefix, dns_capture=dns_capture)
+    return IptablesRedirector(dns_capture=dns_capture)
 
 
-def apply_update(state: MeshState, update: Update) -> None:
+def apply_update(state: MeshState, telemetry: TelemetryView, update: Update) -> None:
     """The discovery handler: the only writer of the agent's state (raising NACKs the update)."""
+    if update.type_url == rs.L7_CONFIG:
+        telemetry.apply(update.resources)
+        return
     kind = KIND_OF_TYPE.get(update.type_url)
     if kind is None:
         return
@@ -154,7 +167,8 @@ class Agent:
     """The agent's parts that outlive one pod, and what the endpoints read of them."""
 
     def __init__(self, opts: Options, state: MeshState, certs: SecretManager, registry: CollectorRegistry,
-                 xds: TrioXdsClient, nursery: trio.Nursery, redirector: Redirector) -> None:
+                 xds: TrioXdsClient, nursery: trio.Nursery, redirector: Redirector,
+                 telemetry: TelemetryView | None = None) -> None:
         self.state = state
         self.certs = certs
         self.xds = xds
@@ -162,6 +176,8 @@ class Agent:
         self.tracer = runtime.tracer(opts, Resource.of({"service.name": "nodeagent", "service.instance.id": opts.node,
                                                         "k8s.node.name": opts.node}), registry)
         self.engine = Engine()
+        upstream = Upstream(opts.dns_upstream, opts.dns_timeout)
+        self.dns = DnsProxy(state, upstream, DnsMetrics(registry)) if opts.dns_capture else None
         sockets = SocketSupply()
         self.pool = AioPool(pool_connect(sockets, opts.connect_timeout), certs.client_context,
                             connect_timeout=opts.connect_timeout, certificate=certs.current)
@@ -169,8 +185,9 @@ class Agent:
                                 log=AccessLog(sys.stdout), trust_domain=opts.trust_domain,
                                 connect_timeout=opts.connect_timeout, redirector=redirector,
                                 hbone_limits=ListenerLimits(opts.hbone_max_connections, opts.hbone_max_handshakes),
-                                tracer=TunnelTracer(self.tracer, opts.node) if self.tracer.exporting else None,
-                                engine=self.engine, sockets=sockets)
+                                tracer=TunnelTracer(self.tracer, opts.node, telemetry)
+                                if self.tracer.exporting else None,
+                                engine=self.engine, sockets=sockets, resolver=Resolver(upstream))
         self.pods: PodSource | None = None
         self.enroller: Enroller | None = None
         self.synced = False
@@ -181,15 +198,30 @@ class Agent:
 
     async def start_pod(self, ref: PodRef) -> PodProxy:
         proxy = await PodProxy(PodContext(ref, self.parts)).start(self._nursery)
-        self._nursery.start_soon(self._prefetch_certificate, ref)
+        if self.dns is not None:  # the pod's DNS proxy, closed with its listeners
+            try:
+                pod_dns = PodDns.open(ref, self.dns)
+            except BaseException:
+                await proxy.stop()
+                raise
+            await self._nursery.start(pod_dns.serve)
+            proxy.companions.append(pod_dns.close)
+        self._nursery.start_soon(self._prefetch_certificate, proxy.ctx)
         return proxy
 
-    async def _prefetch_certificate(self, ref: PodRef) -> None:
+    async def _prefetch_certificate(self, ctx: PodContext) -> None:
+        """The pod's certificate, then the pooled connections its first connections are likely to need."""
+        ref = ctx.pod
         try:
             svid = await self.certs.get(ref.identity)
             self.metrics.agent.set_certificate_expiry(str(ref.identity), svid.not_after)
         except Exception as exc:  # the first connection will ask again and report it
             log.warning("no certificate yet for %s: %s", ref.identity, exc)
+            return
+        try:
+            await self.engine.call(outbound.prewarm, ctx)
+        except Exception as exc:  # an optimisation: the first connection dials what was not pre-warmed
+            log.warning("pre-warming pooled connections for %s failed: %s", ref.key, exc)
 
     def readiness(self) -> Readiness:
         if self.draining:

@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mesh import defaults, runtime
+from mesh.errors import MeshError
 from nodeagent import app
 from nodeagent.cni.protocol import DEFAULT_SOCKET as CNI_SOCKET
+from nodeagent.dns.upstream import parse_upstreams, system_upstreams
 from nodeagent.options import POD_SOURCES, Options
 
 
@@ -52,8 +54,22 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                    help="on SIGTERM the agent takes no new connection (a successor started beside it takes "
                         "them) and lets its pods' open connections finish for up to this long, then exits "
                         "(default %(default)s; keep it below the pod's terminationGracePeriodSeconds)")
+    p.add_argument("--dns-capture", type=_boolean, default=defaults.DNS_CAPTURE, metavar="true|false",
+                   help="answer the pods' DNS queries (port 53, captured to 127.0.0.1:15053 in each pod) for "
+                        "services and ServiceEntry hosts, forwarding the rest (default %(default)s)")
+    p.add_argument("--dns-upstream", default="", metavar="HOST[:PORT],...",
+                   help="where the DNS proxy forwards names it does not know, and resolves DNS ServiceEntry "
+                        "endpoints (default: the nameservers of the agent's /etc/resolv.conf)")
+    p.add_argument("--dns-timeout", type=float, default=2.0, metavar="SECONDS",
+                   help="how long an upstream resolver has to answer (default %(default)s)")
     runtime.add_flags(p, token_help="this node's token, as the control plane issued it")
     args = p.parse_args(argv)
+    try:
+        dns_upstream = parse_upstreams(args.dns_upstream) if args.dns_upstream else system_upstreams()
+    except MeshError as exc:
+        p.error(f"--dns-upstream: {exc}")
+    if args.dns_timeout <= 0:
+        p.error("--dns-timeout must be positive")
     if args.redirect_mode not in defaults.REDIRECT_MODES:
         p.error(f"REDIRECT_MODE={args.redirect_mode!r} is not a redirect mode (one of: "
                 f"{', '.join(defaults.REDIRECT_MODES)})")
@@ -67,8 +83,18 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                    pod_netns=args.pod_netns, pod_cgroup=args.pod_cgroup,
                    redirect_mode=args.redirect_mode, bpf_prefix=args.bpf_prefix, state_dir=args.state_dir,
                    hbone_max_connections=args.hbone_max_connections, hbone_max_handshakes=args.hbone_max_handshakes,
-                   drain_seconds=args.drain_seconds,
+                   drain_seconds=args.drain_seconds, dns_capture=args.dns_capture, dns_upstream=dns_upstream,
+                   dns_timeout=args.dns_timeout,
                    **runtime.flag_values(p, args))
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

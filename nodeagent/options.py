@@ -27,3 +27,6 @@ class Options(ProcessOptions):
     hbone_max_connections: int = defaults.HBONE_MAX_CONNECTIONS  # per pod's 15008: open at once
     hbone_max_handshakes: int = defaults.HBONE_MAX_HANDSHAKES  # per pod's 15008: TLS handshakes at once
     drain_seconds: float = defaults.DRAIN_SECONDS  # on SIGTERM: how long the pods' open connections may finish
+    dns_capture: bool = defaults.DNS_CAPTURE  # the DNS proxy: pods' queries to port 53 go to 127.0.0.1:15053
+    dns_upstream: tuple[tuple[str, int], ...] = ()  # where unknown names are forwarded (); the agent's resolv.conf
+    dns_timeout: float = 2.0  # seconds an upstream resolver has to answer

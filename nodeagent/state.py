@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from mesh.policy.scope import applies_to
 from mesh.proto import discovery_pb2 as pb
 
 WORKLOAD = "workload"
@@ -108,12 +109,5 @@ class MeshState:
     def policies_for(self, workload: pb.Workload, root_namespace: str = "istio-system") -> list[pb.Authorization]:
         """The policies that apply to a destination workload: global ones, its namespace's, and those
         whose selector matches its labels (in its namespace, or in the root namespace for any)."""
-        out = []
-        for p in self._ix.policies.values():
-            labels_match = all(workload.labels.get(k) == v for k, v in p.selector.items())
-            in_scope = p.namespace == workload.namespace or p.namespace == root_namespace
-            if (p.scope == pb.GLOBAL
-                    or (p.scope == pb.NAMESPACE and p.namespace == workload.namespace)
-                    or (p.scope == pb.WORKLOAD_SELECTOR and in_scope and labels_match)):
-                out.append(p)
-        return out
+        return [p for p in self._ix.policies.values()
+                if applies_to(p, workload.namespace, workload.labels, root_namespace)]

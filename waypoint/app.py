@@ -11,8 +11,12 @@
 
 `serve` reads in order: certificates (the CA, with a workload token for its own identity), the waypoint's
 parts, discovery feeding its configuration, then `Waypoint.run`: the serving endpoints and the HBONE
-listener.  It serves until `stop` is set, then drains: readiness turns 503, the listener closes, every
-HBONE connection gets GOAWAY, and tunnels in flight have `drain_seconds` to finish.  `run` is the process
+listener.  It serves until `stop` is set, then drains within `drain_seconds`: readiness turns 503, it
+serves as before until no tunnel has been open for `QUIET_SECONDS` (the node agents, told the waypoint is
+going, no longer send here), and only then sends GOAWAY on every HBONE connection and closes its
+listener; tunnels still in flight finish by the deadline.  (A GOAWAY sent while agents still open tunnels
+refuses the streams it has not read yet, and a closed listener resets connections in its backlog: both
+failed requests when the waypoint went under load.)  `run` is the process
 (`mesh.runtime`).
 """
 
@@ -43,6 +47,8 @@ from waypoint.proxy import WaypointProxy
 from waypoint.upstream.connect import HboneUpstream
 
 log = logging.getLogger("waypoint")
+
+QUIET_SECONDS = 0.5  # draining: the listener closes once no tunnel has been open this long (or at the deadline)
 
 
 def run(opts: Options) -> int:
@@ -76,7 +82,8 @@ class Waypoint:
         self.proxy = WaypointProxy(upstream, metrics=WaypointMetrics(self.registry), access_log=stdout_line,
                                    identity=str(self.identity), tracer=self.tracer)
         self.config = WaypointConfig(opts.key, self.proxy.update, allow_http_jwks=opts.allow_http_jwks)
-        self.inbound = InboundServer(self.proxy, certs, self.identity, trust_domain=opts.trust_domain)
+        self.inbound = InboundServer(self.proxy, certs, self.identity, trust_domain=opts.trust_domain,
+                                     limits=opts.hbone_limits, config=opts.hbone_config)
         self.proxy.l4_handler = self.inbound.l4
         self.synced = False
         self.draining = False
@@ -140,12 +147,24 @@ class Waypoint:
             await stop.wait()
             self.draining = True
             log.info('{"event": "draining", "waypoint": "%s", "tunnels": %d}', opts.key, self.inbound.tunnels)
-            self.inbound.drain()
-            with trio.move_on_after(opts.drain_seconds):
+            deadline = trio.current_time() + opts.drain_seconds
+            with trio.move_on_at(deadline):  # serving as before while the node agents stop sending here
+                await self._quiet()
+            self.inbound.drain()  # then GOAWAY and the listener closes
+            with trio.move_on_at(deadline):
                 await inbound_done.wait()
+            log.info('{"event": "drained", "waypoint": "%s", "tunnels": %d}', opts.key, self.inbound.tunnels)
             await runtime.flush_tracing(self.tracer)  # the last requests' spans
             nursery.cancel_scope.cancel()
         await self.proxy.pool.aclose()
+
+    async def _quiet(self) -> None:
+        """Until no tunnel has been open for `QUIET_SECONDS`: the node agents no longer send here."""
+        quiet_since = trio.current_time()
+        while trio.current_time() - quiet_since < QUIET_SECONDS:
+            if self.inbound.tunnels:
+                quiet_since = trio.current_time()
+            await trio.sleep(QUIET_SECONDS / 10)
 
     async def _wait_synced(self, xds: TrioXdsClient) -> None:
         await runtime.wait_synced(xds, self.opts, log)

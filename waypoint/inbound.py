@@ -9,6 +9,14 @@ The client's address is the HBONE connection's own peer address: a source node a
 inside the source pod, so it leaves with the pod's address.  `Forwarded` is the client's word: only its
 port is taken, and only when it names that same address (as the node agent's inbound does).
 
+Binding and unbinding a service are heard by the node agents and by the waypoint from the same push, in no
+set order, so admission allows for either side being a moment behind (`ConfigSkew`): a CONNECT for a
+service not (yet) bound to this waypoint waits up to `skew_seconds` for the next configuration before it is
+refused (an agent heard of the binding first), and a service admitted within the last `skew_seconds` is
+still admitted after its unbinding (an agent that has not heard of it yet still sends here; `meshctl
+waypoint delete` waits for the agents before the waypoint goes).  Without this, every binding and
+unbinding under load refused a few tunnels (the client saw a reset).
+
 Tunnels that turn out not to be HTTP reach `l4`: the waypoint's policies at L4 (`waypoint.l7.l4authz`),
 then the proxy's passthrough.  `drain()` stops accepting and sends GOAWAY on every connection, so the
 node agents open new tunnels elsewhere while those in flight finish.
@@ -16,15 +24,18 @@ node agents open new tunnels elsewhere while those in flight finish.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from mesh import defaults
+from mesh.hbone.config import HboneConfig, ListenerLimits
 from mesh.hbone.errors import HboneError
 from mesh.hbone.headers import Authority
 from mesh.hbone.server import HboneServerConnection, InboundRequest, ListenerGate, TunnelAcceptor, serve_hbone
@@ -57,6 +68,27 @@ def admit(table: RouteTable, authority: Authority, peer: SpiffeId | None, forwar
                       original_destination=str(authority))
 
 
+@dataclass
+class ConfigSkew:
+    """What admission remembers to bridge the moment between an agent's and this waypoint's configuration:
+    the destinations it admitted lately (`host:port` -> when), kept `seconds`."""
+
+    seconds: float = 2.0
+    admitted: dict[str, float] = field(default_factory=dict)
+    limit: int = 4096
+
+    def note(self, authority: str, now: float) -> None:
+        self.admitted[authority] = now
+        if len(self.admitted) > self.limit:  # forget the oldest (and anything stale)
+            cutoff = now - self.seconds
+            kept = sorted(((t, a) for a, t in self.admitted.items() if t >= cutoff), reverse=True)[: self.limit // 2]
+            self.admitted = {a: t for t, a in kept}
+
+    def recently_admitted(self, authority: str, now: float) -> bool:
+        when = self.admitted.get(authority)
+        return when is not None and now - when <= self.seconds
+
+
 def _source(peer_address: str, forwarded_for: str | None) -> str:
     """The verified peer `ip:port`, with the port `Forwarded` names when it names the same address."""
     if peer_address == "?":
@@ -76,7 +108,8 @@ def stdout_line(line: str) -> None:
 class InboundServer:
     def __init__(self, proxy: WaypointProxy, certs: SecretManager, identity: SpiffeId, *,
                  trust_domain: str = defaults.TRUST_DOMAIN, handshake_timeout: float = 10.0,
-                 event_log: Callable[[str], None] = stdout_line) -> None:
+                 event_log: Callable[[str], None] = stdout_line, skew_seconds: float = 2.0,
+                 limits: ListenerLimits | None = None, config: HboneConfig | None = None) -> None:
         self.proxy = proxy
         self.certs = certs
         self.identity = identity
@@ -84,9 +117,11 @@ class InboundServer:
         self.handshake_timeout = handshake_timeout
         self.event_log = event_log
         self.connections: set[HboneServerConnection] = set()
-        self.gate = ListenerGate()  # 15008's caps: connections open and TLS handshakes at once
+        self.gate = ListenerGate(limits)  # 15008's caps: connections open and TLS handshakes at once
+        self.config = config  # HBONE settings of each connection (streams at once, windows); None: defaults
         self.tunnels = 0  # open now
         self.refused = 0  # CONNECTs answered 400 since start
+        self.skew = ConfigSkew(skew_seconds)
         self._accepting = trio.CancelScope()
 
     # ---- listening --------------------------------------------------------------------------------
@@ -133,16 +168,36 @@ class InboundServer:
     async def _serve_hbone(self, tls: trio.SSLStream[trio.abc.Stream],
                            task_status: trio.TaskStatus[HboneServerConnection]) -> None:
         try:
-            await serve_hbone(tls, self.tunnel, trust_domain=self.trust_domain,
+            await serve_hbone(tls, self.tunnel, trust_domain=self.trust_domain, config=self.config,
                               handshake_timeout=self.handshake_timeout, gate=self.gate, task_status=task_status)
         finally:
             self.connections = {c for c in self.connections if not c.is_closed}
 
     # ---- one tunnel ---------------------------------------------------------------------------------
 
+    async def _admit(self, request: InboundRequest) -> ClientInfo | Refusal:
+        """`admit`, allowing for the agents' configuration being a moment ahead of or behind this one's."""
+        authority = str(request.authority)
+        started = time.monotonic()
+        while True:
+            table = self.proxy.table
+            decision = admit(table, request.authority, request.peer, request.forwarded_for, request.peer_address)
+            now = time.monotonic()
+            if not isinstance(decision, Refusal):
+                self.skew.note(authority, now)
+                return dataclasses.replace(decision, peer_certificate_hash=request.peer_certificate_hash)
+            if self.skew.recently_admitted(authority, now):  # unbound here, not yet at the sending agent
+                return ClientInfo(peer_identity=str(request.peer) if request.peer else "",
+                                  source=_source(request.peer_address, request.forwarded_for),
+                                  original_destination=authority,
+                                  peer_certificate_hash=request.peer_certificate_hash)
+            if now - started >= self.skew.seconds:
+                return decision
+            while self.proxy.table is table and time.monotonic() - started < self.skew.seconds:
+                await trio.sleep(0.02)  # bound at the agent, maybe not yet here: wait for the next table
+
     async def tunnel(self, request: InboundRequest, acceptor: TunnelAcceptor) -> None:
-        decision = admit(self.proxy.table, request.authority, request.peer, request.forwarded_for,
-                         request.peer_address)
+        decision = await self._admit(request)
         if isinstance(decision, Refusal):
             self.refused += 1
             self.event_log(json.dumps({"event": "tunnel refused", "status": decision.status,

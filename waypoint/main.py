@@ -3,7 +3,8 @@
     python -m waypoint.main --name NAME --namespace NS --node NODE --control-plane HOST:15012 \\
         --root-cert FILE --token-file FILE [--trust-domain cluster.local] [--cert-ttl SECONDS] \\
         [--listen 0.0.0.0:15008] [--metrics-listen 0.0.0.0:15020] [--ready-listen 0.0.0.0:15021] \\
-        [--admin-listen 127.0.0.1:15000] [--allow-http-jwks]
+        [--admin-listen 127.0.0.1:15000] [--allow-http-jwks] [--hbone-max-connections N]
+        [--hbone-max-handshakes N] [--hbone-max-streams N]
 
 The token file holds a workload token for the waypoint's own identity
 (`spiffe://<trust domain>/ns/NS/sa/NAME`); with it the waypoint asks the CA for its certificate and
@@ -39,11 +40,25 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                    default=os.environ.get("WAYPOINT_ALLOW_HTTP_JWKS", "").lower() in ("1", "true", "yes"),
                    help="allow a RequestAuthentication jwksUri over plain http (refused by default: anyone on "
                         "the path could hand in keys); also WAYPOINT_ALLOW_HTTP_JWKS=1")
+    p.add_argument("--hbone-max-connections", type=int, default=Options.hbone_max_connections, metavar="N",
+                   help="HBONE connections the waypoint's listener keeps open at once; more are closed as soon as "
+                        "accepted (default %(default)s)")
+    p.add_argument("--hbone-max-handshakes", type=int, default=Options.hbone_max_handshakes, metavar="N",
+                   help="TLS handshakes the listener runs at once; more wait their turn within the handshake "
+                        "timeout (default %(default)s)")
+    p.add_argument("--hbone-max-streams", type=int, default=Options.hbone_max_streams, metavar="N",
+                   help="tunnels (HTTP/2 streams) one client connection may have open at once, announced to it "
+                        "as SETTINGS_MAX_CONCURRENT_STREAMS (default %(default)s)")
     runtime.add_flags(p, token_help="a workload token for the waypoint's identity, as the control plane issued it")
     args = p.parse_args(argv)
-    return Options(name=args.name, namespace=args.namespace, node=args.node, service_account=args.service_account,
-                   listen=args.listen, drain_seconds=args.drain_seconds, allow_http_jwks=args.allow_http_jwks,
-                   **runtime.flag_values(p, args, listen=("listen",)))
+    shared = runtime.flag_values(p, args, listen=("listen",))
+    try:
+        return Options(name=args.name, namespace=args.namespace, node=args.node, service_account=args.service_account,
+                       listen=args.listen, drain_seconds=args.drain_seconds, allow_http_jwks=args.allow_http_jwks,
+                       hbone_max_connections=args.hbone_max_connections, hbone_max_handshakes=args.hbone_max_handshakes,
+                       hbone_max_streams=args.hbone_max_streams, **shared)
+    except ValueError as exc:
+        p.error(str(exc))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,7 +42,7 @@ from waypoint.accesslog import AccessRecord, Sink, format_line, logger_sink
 from waypoint.config import CompileResult, RouteTable
 from waypoint.errors import UpstreamError
 from waypoint.http.detect import PrefixedStream, Protocol, detect
-from waypoint.http.exchange import ServerExchange, iterate
+from waypoint.http.exchange import ServerExchange, TrailerExchange, iterate
 from waypoint.http.http1 import Http1Server, Http1Settings
 from waypoint.http.http2 import Http2Server
 from waypoint.jwks import JwksCache
@@ -179,7 +179,7 @@ class WaypointProxy:
                 return
             head = self._trace_headers(head.replace(headers=forwarding_headers(
                 head.headers, source_ip=client.source_ip, peer_identity=client.peer_identity,
-                local_identity=self.identity)), span)
+                local_identity=self.identity, peer_certificate_hash=client.peer_certificate_hash)), span)
             hostname = routing.target_hostname(table, head, client)
             # authentication: a present but invalid token is 401, and so is one whose keys are missing
             rules = [r for r in table.jwt_rules if r.applies_to(hostname)]
@@ -200,14 +200,17 @@ class WaypointProxy:
                 rec.flag("DI")
                 await trio.sleep(decision.fault.delay)
             if decision.fault.abort_status is not None:
-                await send_local(ex, routing.LocalReply(decision.fault.abort_status, b"fault filter abort", "FI"), rec)
+                await send_local(ex, routing.LocalReply(decision.fault.abort_status, b"fault filter abort", "FI",
+                                                        grpc_status=decision.fault.abort_grpc_status), rec)
                 return
             if decision.local_reply is not None or decision.cluster is None or decision.request is None:
                 await send_local(ex, decision.local_reply or routing.LocalReply(404, b"", "NR"), rec)
                 return
-            # the body, buffered up to a bound for retries and mirrors
-            body = RequestBody(ex.body(), self.settings.retry_buffer_bytes, rec)
-            await body.prepare()
+            # the body: streamed upstream as it comes, kept up to a bound for retries (mirrors wait for it)
+            body = RequestBody(ex.body(), self.settings.retry_buffer_bytes, rec,
+                               (lambda: ex.request_trailers) if isinstance(ex, TrailerExchange) else (lambda: ()))
+            if decision.mirrors:
+                await body.prepare()
             if body.replayable:
                 for m in decision.mirrors:
                     background.start_soon(self._mirror, m, body.buffered, client.source)

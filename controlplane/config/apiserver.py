@@ -12,6 +12,11 @@ Endpoints (every response is a JSON object; errors carry `error` (one line) and 
                                           -> {"version", "outcomes": [{"ref", "action", "text"}]}
     POST /delete  {"documents": [...]} or {"refs": ["Kind/ns/name"]}, "namespace"?, "ignoreNotFound"?
     GET  /resources?kind=K&namespace=NS&name=N   -> {"version", "items": [body, ...]}
+                  (an object the analysis has messages about shows them in `status.validationMessages`)
+    GET  /analyze?namespace=NS            -> {"version", "messages": [{"code", "level", "origin", "message", ...}]}
+                  (`controlplane.analysis`; /apply and /label answer the messages about what they wrote
+                  as `warnings`: ["[CODE] (Kind name.ns) text", ...])
+                  (an HTTPRoute's or GRPCRoute's `status` is the control plane's, as of this read)
     POST /label   {"ref": "Kind/ns/name", "set": {k: v}, "remove": [k]}
     POST /token   {"node": NAME} or {"identity": "spiffe://..."}, "expirationSeconds"?
                                           -> {"token": JWT, "expirationTimestamp"}
@@ -43,11 +48,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ca.errors import CAError
-from controlplane.config.store import Store, StoreError
+from controlplane import analysis
+from controlplane.config.store import Result, Store, StoreError
+from controlplane.translate.gatewayapi import route_statuses
+from controlplane.translate.ingressstatus import gateway_statuses
 from mesh.api.errors import ApiError, BadRequest, Conflict, NotFound, ValidationError
 from mesh.api.kinds import DEFAULT_NAMESPACE, resolve_kind
+from mesh.api.kinds_gateway import is_ingress
+from mesh.api.kinds_routes import ROUTE_KINDS
 from mesh.api.loader import documents_from_json
-from mesh.api.validate import Ref
+from mesh.api.validate import Document, Ref
 from mesh.identity import IdentityError, SpiffeId
 from mesh.serve.routes import Handler, Request, Response, Router, json_error
 from mesh.serve.thread import ServerThread
@@ -94,11 +104,13 @@ class _Api:
         self.on_request = on_request
         self.tokens = tokens
         self.ca = ca
+        self._analysis: tuple[int, list[analysis.Message]] | None = None  # (store version, its messages)
 
     def router(self) -> Router:
         router = Router(error=json_error)
         router.add("/healthz", self._handler(self._healthz))
         router.add("/resources", self._handler(self._resources))
+        router.add("/analyze", self._handler(self._analyze))
         router.add("/ca/token-key", self._handler(self._token_key))
         router.add("/ca/root", self._handler(self._root))
         for path, endpoint in (("/apply", self._apply), ("/delete", self._delete), ("/label", self._label),
@@ -147,8 +159,9 @@ class _Api:
         return {"version": self.store.version}
 
     def _apply(self, query: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
-        docs = documents_from_json(body.get("documents"))
-        return self.store.apply(docs, _namespace(body)).to_json()
+        docs = [Document(d.source, d.index, analysis.without_messages(d.body))
+                for d in documents_from_json(body.get("documents"))]
+        return self._warned(self.store.apply(docs, _namespace(body)))
 
     def _delete(self, query: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
         ignore = bool(body.get("ignoreNotFound"))
@@ -170,7 +183,14 @@ class _Api:
             kind = info.kind
         snap_version = self.store.version
         items = self.store.select(kind, query.get("namespace") or None, query.get("name") or None)
-        return {"version": snap_version, "items": items}
+        if any(item.get("kind") in ROUTE_KINDS for item in items):  # route status: the control plane's word
+            statuses = route_statuses(self.store.snapshot())
+            items = [{**item, "status": statuses.get(Ref.of(item), {"parents": []})}
+                     if item.get("kind") in ROUTE_KINDS else item for item in items]
+        if any(is_ingress(item) for item in items):  # an ingress Gateway's status: the control plane's word too
+            gateways = gateway_statuses(self.store.snapshot())
+            items = [{**item, "status": gateways.get(Ref.of(item), {})} if is_ingress(item) else item for item in items]
+        return {"version": snap_version, "items": analysis.with_messages(items, self._messages())}
 
     def _label(self, query: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -179,7 +199,33 @@ class _Api:
             remove = [str(k) for k in body.get("remove") or []]
         except (TypeError, ValueError) as exc:
             raise BadRequest(f"bad label request: {exc}") from exc
-        return self.store.label(ref, set_labels, remove).to_json()
+        return self._warned(self.store.label(ref, set_labels, remove))
+
+    # ---- analysis (`controlplane.analysis`) ------------------------------------------------------------
+
+    def _messages(self) -> list[analysis.Message]:
+        """The analysis of the store's current state, made again only when the store has changed."""
+        snapshot = self.store.snapshot()
+        cached = self._analysis
+        if cached is None or cached[0] != snapshot.version:
+            cached = self._analysis = (snapshot.version, analysis.analyze(snapshot))
+        return cached[1]
+
+    def _warned(self, result: Result) -> dict[str, Any]:
+        """The result, with the analysis' messages about what it wrote as `warnings` (as kubectl shows
+        admission warnings)."""
+        out = result.to_json()
+        mine = analysis.about(self._messages(), [o.ref for o in result.outcomes])
+        if mine:
+            out["warnings"] = [m.warning() for m in mine]
+        return out
+
+    def _analyze(self, query: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
+        namespace = query.get("namespace") or None
+        messages = [m for m in self._messages() if namespace is None or m.ref.namespace in ("", namespace)]
+        if namespace is not None:  # a cluster-scoped object counts when it is that namespace
+            messages = [m for m in messages if m.ref.namespace or m.ref.name == namespace]
+        return {"version": self.store.version, "messages": [m.to_json() for m in messages]}
 
     def _token(self, query: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
         tokens = self.tokens

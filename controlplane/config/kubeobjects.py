@@ -9,9 +9,9 @@ translation reads, the same shape `meshctl apply` and the local cluster register
 - Service: labels; the spec fields the mesh's Service schema knows (selector, ports, clusterIP, ...),
   without the "None" of a headless service's `clusterIPs`.
 - Namespace, ServiceAccount: name and labels.
-- The Istio kinds and waypoint Gateways: labels, annotations (but kubectl's last-applied copy) and the
-  spec as written, so that they pass or fail the same strict validator as `meshctl apply`.  A Gateway of
-  another class is not the mesh's: it maps to nothing.
+- The Istio kinds, waypoint Gateways, HTTPRoutes and GRPCRoutes: labels, annotations (but kubectl's
+  last-applied copy) and the spec as written, so that they pass or fail the same strict validator as
+  `meshctl apply`.  A Gateway of another class is not the mesh's: it maps to nothing.
 - Node, EndpointSlice: not documents (`stored=False`); the source keeps them as they are (`objects()`).
 """
 
@@ -24,6 +24,7 @@ from typing import Any
 from mesh.api.errors import FieldError
 from mesh.api.kinds_core import SERVICE_SPEC
 from mesh.api.kinds_gateway import is_waypoint
+from mesh.api.kinds_routes import ROUTE_KINDS
 from mesh.api.validate import Ref
 
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
@@ -51,8 +52,9 @@ class Resource:
 
     @property
     def has_status(self) -> bool:
-        """The mesh may write this kind's status (a condition saying whether it was accepted)."""
-        return self.custom
+        """The mesh may write this kind's status (a condition saying whether it was accepted).  A route's
+        status is its parents' (`controlplane.config.kuberoutes`), not one condition."""
+        return self.custom and self.kind not in ROUTE_KINDS
 
     def __str__(self) -> str:
         return f"{self.plural}.{self.group}" if self.group else self.plural
@@ -73,6 +75,8 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("ServiceEntry", "networking.istio.io", "v1", "serviceentries"),
     Resource("Telemetry", "telemetry.istio.io", "v1", "telemetries"),
     Resource("Gateway", "gateway.networking.k8s.io", "v1", "gateways"),
+    Resource("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes"),
+    Resource("GRPCRoute", "gateway.networking.k8s.io", "v1", "grpcroutes"),
 )
 _SERVICE_FIELDS = tuple(SERVICE_SPEC.fields)
 _POD_STATUS = ("podIP", "podIPs", "hostIP", "phase", "conditions")

@@ -13,7 +13,8 @@ document (`controlplane.config.kubeobjects`) and applied, so it passes the same 
 `meshctl apply`.  An object the validator refuses is reported (`controlplane.config.kubereport`: the
 log, a Warning Event, a status condition) and left out; the mesh keeps that object's previous accepted
 version, if it had one, as if the admission webhook had refused the change.  Nothing else waits for it:
-the other objects of a batch are applied without it.  Deletions always go through.
+the other objects of a batch are applied without it.  Deletions always go through.  HTTPRoutes and
+GRPCRoutes are given their status (`status.parents`) by `controlplane.config.kuberoutes`.
 
 One reflector (client-go's word) per collection (`RESOURCES`), each in a thread of its own:
 
@@ -59,6 +60,7 @@ from controlplane.config.kubeobjects import (
     to_document,
 )
 from controlplane.config.kubereport import Reporter
+from controlplane.config.kuberoutes import RouteStatusWriter
 from controlplane.config.store import Store
 from mesh.api.errors import ApiError, FieldError, ValidationError
 from mesh.api.validate import Document, Ref
@@ -125,6 +127,7 @@ class KubernetesSource:
                  resources: Iterable[Resource] = RESOURCES, timing: Timing = Timing()) -> None:
         self.store = store
         self.reporter = reporter if reporter is not None else Reporter(api)
+        self.route_status = RouteStatusWriter(api, store)
         self._stopping = threading.Event()
         self._objects_lock = threading.Lock()
         self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
@@ -135,6 +138,7 @@ class KubernetesSource:
 
     def start(self) -> None:
         self.reporter.start()
+        self.route_status.start()
         for kind, reflector in self._reflectors.items():
             thread = threading.Thread(target=reflector.run, name=f"kube-{kind}", daemon=True)
             thread.start()
@@ -163,6 +167,7 @@ class KubernetesSource:
             for thread in self._threads:
                 thread.join(0.02)
         self._threads.clear()
+        self.route_status.stop(timeout)
         self.reporter.stop(timeout)
 
     # ---- reading ----------------------------------------------------------------------------------------

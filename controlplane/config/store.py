@@ -9,7 +9,13 @@
 
 Every committed change increments one store-wide `version`; each resource changed by it carries that
 number as `metadata.resourceVersion` (and `metadata.generation` counts its own changes).  An apply that
-changes nothing (same content) commits nothing and notifies nobody.
+changes nothing (same content) commits nothing and notifies nobody.  A resource is given
+`metadata.creationTimestamp` (RFC 3339, UTC, to the microsecond: two objects applied one after the other
+are told apart, as Istio's "oldest wins" needs) and `metadata.uid` (a UUID) when it is created; both are
+kept as they are on every update and label, and saved with it.  What a user writes in these four fields
+is ignored, as the Kubernetes API server ignores it, except in a store that mirrors an API server
+(`check_references=False`, the Kubernetes source): there a created object keeps the API server's own
+`creationTimestamp` and `uid`.  A saved store from before these fields existed is given them once, at load.
 
 Persistence: the whole state is one JSON file, `resources.json`, replaced atomically before the change
 becomes visible in memory.  So a crash leaves either the old or the new state, never a mix, and a
@@ -21,9 +27,12 @@ Thread-safe: one lock serializes writers; readers take a snapshot, which is immu
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +42,7 @@ from typing import Any
 from controlplane.config.source import Callback, ChangeEvent, Snapshot
 from mesh.api.crossref import ADVICE, check_subsets
 from mesh.api.errors import ApiError, Conflict, FieldError, NotFound, ValidationError
-from mesh.api.kinds import DEFAULT_NAMESPACE, kind_info
+from mesh.api.kinds import DEFAULT_NAMESPACE, ROOT_NAMESPACE, kind_info
 from mesh.api.names import label_key_problem, label_value_problem
 from mesh.api.validate import (
     Document,
@@ -49,7 +58,25 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "resources.json"
 FORMAT = 1
-_SERVER_FIELDS = ("resourceVersion", "generation")
+_SERVER_FIELDS = ("resourceVersion", "generation", "creationTimestamp", "uid")
+_ORIGIN_FIELDS = ("creationTimestamp", "uid")  # set once, when the resource is created
+
+
+def timestamp(when: float) -> str:
+    """`when` (seconds since the epoch) as a `creationTimestamp`: RFC 3339, UTC, microseconds."""
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# Namespaces that exist without being applied, as on a new Kubernetes cluster with the mesh installed.
+BUILTIN_NAMESPACES = frozenset({DEFAULT_NAMESPACE, "kube-system", "kube-public", "kube-node-lease", ROOT_NAMESPACE})
+
+
+def missing_namespaces(state: Mapping[Ref, Any], batch: Mapping[Ref, Document]) -> list[FieldError]:
+    """A namespaced resource of `batch` in a namespace that neither exists in `state` (which includes the
+    batch: a Namespace may come with its contents) nor is built in: refused, as the API server refuses it."""
+    return [batch[ref].locate([FieldError("metadata.namespace", f'namespaces "{ref.namespace}" not found')])[0]
+            for ref in sorted(batch) if ref.namespace and ref.namespace not in BUILTIN_NAMESPACES
+            and Ref("Namespace", "", ref.namespace) not in state]
 
 
 class StoreError(ApiError):
@@ -84,9 +111,11 @@ class Store:
     documents (`mesh.api.crossref`): a source that mirrors the Kubernetes API cannot refuse a deletion
     that already happened, nor depend on the order in which it hears of objects."""
 
-    def __init__(self, directory: Path | str | None = None, *, check_references: bool = True) -> None:
+    def __init__(self, directory: Path | str | None = None, *, check_references: bool = True,
+                 clock: Callable[[], float] = time.time) -> None:
         self._dir = Path(directory) if directory is not None else None
         self._check_references = check_references
+        self._clock = clock
         self._lock = threading.RLock()
         self._subscribers: list[Callback] = []
         self._version = 0
@@ -147,10 +176,13 @@ class Store:
                 if before is not None and _content(before) == _content(body):
                     outcomes.append(Outcome(ref, "unchanged"))
                     continue
+                if before is None and not self._check_references:  # a mirror keeps the API server's
+                    origin = doc.body.get("metadata") or {}
+                    body["metadata"].update({k: origin[k] for k in _ORIGIN_FIELDS if isinstance(origin.get(k), str)})
                 new[ref] = body
                 changed.add(ref)
                 outcomes.append(Outcome(ref, "configured" if before is not None else "created"))
-            problems = check_subsets(new, old, batch) if self._check_references else []
+            problems = missing_namespaces(new, batch) + check_subsets(new, old, batch) if self._check_references else []
             if problems:
                 raise ValidationError(problems)
             return self._commit(new, changed, set(), outcomes)
@@ -231,11 +263,15 @@ class Store:
         if not changed and not removed:
             return Result(self._version, tuple(outcomes))
         version = self._version + 1
+        now = self._clock()
         for ref in changed:
             before = self._state.get(ref)
             meta = new[ref]["metadata"]
             meta["resourceVersion"] = str(version)
             meta["generation"] = int((before or {}).get("metadata", {}).get("generation", 0)) + 1
+            if before is not None:
+                meta.update({k: v for k, v in before["metadata"].items() if k in _ORIGIN_FIELDS})
+            _originate(meta, now)
         self._persist(version, new)
         self._version = version
         self._state = MappingProxyType(new)
@@ -282,6 +318,14 @@ class Store:
             if ref in state:
                 raise StoreError(f"{path}: resources[{i}]: {ref} is saved twice; move the file away to start empty")
             state[ref] = body
+        now = self._clock()
+        backfilled = [ref for ref, body in state.items() if _originate(body.setdefault("metadata", {}), now)]
+        if backfilled:  # saved before creation times were kept: given one now, and saved at once
+            try:
+                self._persist(version, state)
+            except StoreError as exc:
+                log.warning("store: %s (the creation times given at this start are not saved)", exc)
+            log.info("store: gave %d saved resources a creationTimestamp and uid", len(backfilled))
         self._version = version
         self._state = MappingProxyType(state)
         log.info("store loaded %d resources at version %d from %s", len(state), self._version, path)
@@ -306,6 +350,18 @@ def _loaded(path: Path, i: int, body: Any) -> tuple[Ref, dict[str, Any]]:
         if key in saved_meta:
             checked["metadata"][key] = saved_meta[key]
     return ref, checked
+
+
+def _originate(meta: dict[str, Any], now: float) -> bool:
+    """Give `meta` the creation fields it lacks; True if it lacked any."""
+    missing = False
+    if not isinstance(meta.get("creationTimestamp"), str):
+        meta["creationTimestamp"] = timestamp(now)
+        missing = True
+    if not isinstance(meta.get("uid"), str):
+        meta["uid"] = str(uuid.uuid4())
+        missing = True
+    return missing
 
 
 def _content(body: Mapping[str, Any]) -> Any:

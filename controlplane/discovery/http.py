@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from mesh.loopthread import call_on_loop
-from mesh.serve.endpoints import Readiness, metrics_handler, readiness_handler
+from mesh.serve.endpoints import Readiness, metrics_handler, readiness_handler, version_handler
 from mesh.serve.routes import Request, Response, Router
 
 
@@ -32,4 +32,5 @@ def http_endpoints(registry: CollectorRegistry, connections: Callable[[], dict[s
         return Response.json(call_on_loop(loop, connections))
 
     router = Router().include(metrics_handler(registry)).include(readiness_handler(lambda: Readiness(True)))
+    router.include(version_handler())  # GET /version: what runs (`meshctl version`)
     return router.add("/debug/connections", debug_connections)

@@ -44,7 +44,7 @@ from envoy.service.discovery.v3 import discovery_pb2 as xds
 from ca.auth import Authenticator
 from ca.errors import CAError
 from ca.service import metadata_dict
-from controlplane.discovery.filter import wants
+from controlplane.discovery.filter import ViewFn, view
 from controlplane.discovery.identity import Principal, WaypointDirectory, identify
 from controlplane.discovery.source import ResourceSource, changed_names
 from controlplane.discovery.state import (
@@ -58,7 +58,6 @@ from controlplane.discovery.state import (
     Resources,
     Snapshot,
     StreamState,
-    WantsFn,
     exhausted,
 )
 from controlplane.metrics import ControlPlaneMetrics, log_event, short_type
@@ -140,7 +139,7 @@ class DiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         source: ResourceSource,
         metrics: ControlPlaneMetrics | None = None,
         *,
-        wants_fn: WantsFn = wants,
+        view_fn: ViewFn = view,
         debounce: float = 0.0,
         authenticator: Authenticator | None = None,
         limits: Limits = DEFAULT_LIMITS,
@@ -151,7 +150,7 @@ class DiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self._opening = 0  # streams being authenticated
         self._waypoints = WaypointDirectory(lambda: (self._snapshot.version, self._snapshot.resources))
         self.metrics = metrics or ControlPlaneMetrics()
-        self._wants = wants_fn
+        self._view = view_fn
         self._debounce = debounce
         self._streams: dict[int, _Stream] = {}
         self._ids = itertools.count(1)
@@ -245,7 +244,7 @@ class DiscoveryServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         principal = await self._authenticate(context)
-        state = StreamState(self._wants, limits=self.limits,
+        state = StreamState(self._view, limits=self.limits,
                             identify=functools.partial(identify, principal, directory=self._waypoints))
         stream = _Stream(id=next(self._ids), peer=context.peer(), state=state, principal=principal,
                          outbox=_Outbox(self.limits.outbox))

@@ -6,8 +6,8 @@ gRPC layer (`controlplane.discovery.server`) only moves these values between the
 
 Per resource type the stream keeps:
 
-- the subscription: wildcard (all resources the client's role needs, see `discovery_filter`) and/or
-  explicit names;
+- the subscription: wildcard (all resources the client may have, see `controlplane.discovery.filter`)
+  and/or explicit names;
 - `sent`: the version of each resource the client has or is about to have (optimistic: set when a
   response goes out, reverted when the client NACKs it);
 - `acked`: versions the client confirmed (or declared with `initial_resource_versions` on resume);
@@ -27,7 +27,10 @@ when a NACK of several changes is split as above.  An ACK, or a NACK of one chan
 
 Who the client is (`node`) comes from its first request, passed through `identify` (the discovery server's
 check against the caller's token, `controlplane.discovery.identity`).  Every resource, subscribed by
-wildcard or by name, goes through `wants` (what that client's role may have).  What a client can make the
+wildcard or by name, is taken from the client's `view` of the snapshot (what it may have, in the form it
+gets it; computed once per snapshot).  Where what a client may have of one type depends on another
+(`depends`), a change of the other compares the first in whole; the types in `leads` send their new and
+changed resources before, and their removals after, the other types' changes.  What a client can make the
 control plane remember is bounded (`Limits`): subscribed types, names per type, the length of a name.
 Going over a limit is a `ProtocolError` with `code` RESOURCE_EXHAUSTED, which ends the stream.
 """
@@ -43,13 +46,13 @@ from dataclasses import dataclass, field
 from envoy.service.discovery.v3 import discovery_pb2 as xds
 from google.protobuf import any_pb2
 
+from controlplane.discovery.filter import DEPENDS, LEADS, ViewFn
 from mesh.xds.node import NodeInfo
 
 # type_url -> resource name -> (version, resource)
 Resources = Mapping[str, Mapping[str, tuple[str, any_pb2.Any]]]
 # type_url -> names whose version changed (added, changed or removed) since the previous snapshot
 Changes = Mapping[str, Iterable[str]]
-WantsFn = Callable[[NodeInfo, str, any_pb2.Any], bool]
 
 WILDCARD = "*"
 MAX_PENDING = 256
@@ -162,9 +165,13 @@ class TypeState:
 class StreamState:
     """The protocol state of one DeltaAggregatedResources stream."""
 
-    def __init__(self, wants: WantsFn, nonce_prefix: str | None = None, *, limits: Limits = DEFAULT_LIMITS,
-                 identify: Callable[[NodeInfo], NodeInfo] | None = None) -> None:
-        self._wants = wants
+    def __init__(self, view: ViewFn, nonce_prefix: str | None = None, *, limits: Limits = DEFAULT_LIMITS,
+                 identify: Callable[[NodeInfo], NodeInfo] | None = None,
+                 depends: Mapping[str, frozenset[str]] = DEPENDS, leads: Iterable[str] = LEADS) -> None:
+        self._view_fn = view
+        self._depends = depends
+        self._leads = frozenset(leads)
+        self._viewed: tuple[Resources, NodeInfo, Resources] | None = None  # (snapshot resources, node, view)
         self._limits = limits
         self._identify = identify
         self.phase = Phase.AWAITING_FIRST_REQUEST
@@ -211,15 +218,38 @@ class StreamState:
 
     def on_snapshot(self, snapshot: Snapshot, changes: Changes | None = None) -> list[Output]:
         """The control plane's resources changed; `changes` (if known) limits what is compared."""
-        out: list[Output] = []
+        if not self.types:
+            return []
+        current = self._view(snapshot)
+        first: list[Output] = []
+        middle: list[Output] = []
+        last: list[Output] = []
         for type_url, ts in self.types.items():
-            names = None if changes is None else changes.get(type_url)
-            if changes is not None and not names:
+            names: Iterable[str] | None = None
+            if changes is not None and not any(changes.get(d) for d in self._depends.get(type_url, ())):
+                names = changes.get(type_url)
+                if not names:
+                    continue
+            if type_url in self._leads:
+                candidates = list(self._candidates(ts, current.get(type_url, {}), names))
+                present = [n for n in candidates if n in current.get(type_url, {})]
+                absent = [n for n in candidates if n not in current.get(type_url, {})]
+                for bucket, group in ((first, present), (last, absent)):
+                    push = self._diff(type_url, ts, snapshot, names=group, always=False) if group else None
+                    if push is not None:
+                        bucket.append(push)
                 continue
             push = self._diff(type_url, ts, snapshot, names=names, always=False)
             if push is not None:
-                out.append(push)
-        return out
+                middle.append(push)
+        return [*first, *middle, *last]
+
+    def _view(self, snapshot: Snapshot) -> Resources:
+        """This client's view of `snapshot` (computed once per snapshot and client)."""
+        viewed = self._viewed
+        if viewed is None or viewed[0] is not snapshot.resources or viewed[1] != self.node:
+            viewed = self._viewed = (snapshot.resources, self.node, self._view_fn(self.node, snapshot.resources))
+        return viewed[2]
 
     # -- steps -------------------------------------------------------------------------------------
 
@@ -314,20 +344,12 @@ class StreamState:
         names: Iterable[str] | None,
         always: bool,
     ) -> Push | None:
-        current = snapshot.resources.get(type_url, {})
-        if names is None:
-            candidates: Iterable[str] = (
-                itertools.chain(current, (n for n in ts.sent if n not in current))
-                if ts.wildcard
-                else set(ts.names) | set(ts.sent)
-            )
-        else:
-            candidates = names
+        current = self._view(snapshot).get(type_url, {})
         updated: list[tuple[str, str, any_pb2.Any]] = []
         removed: list[str] = []
-        for name in candidates:
+        for name in self._candidates(ts, current, names):
             entry = current.get(name)
-            if entry is not None and self._subscribed(ts, type_url, name, entry[1]):
+            if entry is not None and (name in ts.names or ts.wildcard):
                 version, res = entry
                 if ts.sent.get(name) == version or ts.rejected.get(name) == version:
                     continue
@@ -360,10 +382,15 @@ class StreamState:
             removed=tuple(sorted(removed)),
         )
 
-    def _subscribed(self, ts: TypeState, type_url: str, name: str, res: any_pb2.Any) -> bool:
-        """Asked for (by name or wildcard) and allowed to this client: naming a resource never gets
-        around the role's filter."""
-        return (name in ts.names or ts.wildcard) and self._wants(self.node, type_url, res)
+    @staticmethod
+    def _candidates(ts: TypeState, current: Mapping[str, object], names: Iterable[str] | None) -> Iterable[str]:
+        """The names to compare: `names`, or all the client has or may get.  A resource outside the
+        client's view is never sent, whether subscribed by wildcard or by name."""
+        if names is not None:
+            return names
+        if ts.wildcard:
+            return itertools.chain(current, (n for n in ts.sent if n not in current))
+        return set(ts.names) | set(ts.sent)
 
     # -- reporting ---------------------------------------------------------------------------------
 

@@ -4,7 +4,10 @@ Each VirtualService, DestinationRule, waypoint-targeted AuthorizationPolicy and 
 becomes one `L7Config` carrying its validated spec as written (a waypoint reads it with `mesh.api`), the
 fully qualified hostnames it concerns, and the waypoints (`<ns>/<gateway>`) that must apply it:
 - VirtualService and DestinationRule: the waypoints of the services their hosts cover (short hosts are
-  qualified in the resource's namespace);
+  qualified in the resource's namespace).  Two VirtualServices naming the same host: the oldest keeps it
+  (`metadata.creationTimestamp`, then name, then namespace, as Istio orders configuration); the newer one
+  loses that host (it leaves its `hosts` and `hostnames`, and is reported), and with no host left it goes
+  to no waypoint;
 - AuthorizationPolicy and RequestAuthentication with `targetRef(s)`: a `Gateway` target names the
   waypoint itself; a `Service` target means that service's waypoint.  A target in another namespace is
   ignored (and reported) unless the policy is in the root namespace, as in Istio.  Policies with a selector or no
@@ -20,7 +23,8 @@ waypoints added later see it; waypoints filter on the `waypoints` field.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import datetime
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
@@ -51,6 +55,42 @@ def _envelope(body: Mapping[str, Any], waypoints: set[str], hostnames: list[str]
                        api_version=body["apiVersion"], waypoints=sorted(waypoints),
                        hostnames=list(dict.fromkeys(hostnames)), spec=spec, labels=meta.get("labels") or {},
                        revision=str(meta.get("generation", "")))
+
+
+def created(body: Mapping[str, Any]) -> datetime.datetime:
+    """When the store created `body` (`metadata.creationTimestamp`); an object without one (or with one
+    that is not RFC 3339) counts as the newest."""
+    value = (body.get("metadata") or {}).get("creationTimestamp")
+    try:
+        when = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.datetime.max.replace(tzinfo=datetime.UTC)
+    return when if when.tzinfo is not None else when.replace(tzinfo=datetime.UTC)
+
+
+def _claim(body: Mapping[str, Any]) -> tuple[datetime.datetime, str, str, list[str]]:
+    """(creation time, name, namespace, qualified hosts) of a VirtualService: Istio orders configuration
+    by creation time, then name, then namespace."""
+    meta = body["metadata"]
+    ns, name = str(meta["namespace"]), str(meta["name"])
+    return created(body), name, ns, list(dict.fromkeys(fqdn(h, ns) for h in body["spec"]["hosts"]))
+
+
+def lost_hosts(virtual_services: Iterable[Mapping[str, Any]], problems: list[str]) -> dict[tuple[str, str], set[str]]:
+    """(namespace, name) of each VirtualService -> the qualified hosts an older one already has.  A body
+    that cannot be read is skipped here (its own translation step reports it)."""
+    claims = [c for c in (guarded(b, [], _claim, b) for b in virtual_services) if c is not None]
+    owner: dict[str, str] = {}
+    lost: dict[tuple[str, str], set[str]] = {}
+    for _, name, ns, hosts in sorted(claims, key=lambda c: c[:3]):
+        for host in hosts:
+            if host in owner:
+                lost.setdefault((ns, name), set()).add(host)
+                problems.append(f"VirtualService {ns}/{name}: host {host} is already routed by the older "
+                                f"VirtualService {owner[host]}: ignored for that host (the oldest wins)")
+            else:
+                owner[host] = f"{ns}/{name}"
+    return lost
 
 
 def _by_hosts(hosts: list[str], services: Mapping[str, pb.Service]) -> set[str]:
@@ -95,10 +135,18 @@ def build_l7(snapshot: Any, services: Mapping[str, pb.Service], waypoints: set[t
     is left out and reported in `errors` (`controlplane.translate.guard`)."""
     errors = errors if errors is not None else problems
     out: dict[str, pb.L7Config] = {}
+    lost = lost_hosts(snapshot.of_kind("VirtualService"), problems)
 
     def virtual_service(body: Mapping[str, Any]) -> pb.L7Config:
-        ns = body["metadata"]["namespace"]
-        hosts = [fqdn(h, ns) for h in body["spec"]["hosts"]]
+        meta = body["metadata"]
+        ns = meta["namespace"]
+        gone = lost.get((ns, meta["name"]), set())
+        kept = [h for h in body["spec"]["hosts"] if fqdn(h, ns) not in gone]
+        if not kept:  # every host is an older VirtualService's: sent as it is, to no waypoint
+            return _envelope(body, set(), [])
+        if gone:
+            body = {**body, "spec": {**body["spec"], "hosts": kept}}
+        hosts = [fqdn(h, ns) for h in kept]
         return _envelope(body, _by_hosts(hosts, services), hosts)
 
     def destination_rule(body: Mapping[str, Any]) -> pb.L7Config:

@@ -13,8 +13,10 @@
     translate_logged(snapshot)  the Translation, its problems and errors logged (what the source uses)
 
 The keys are the xDS resource names of `mesh.xds.resources.name_of`.  The rules are in the modules that
-apply them: `translate_workloads` (pods, services, enrollment, waypoints), `translate_authz` (L4
-authorization), `translate_l7` (waypoint configuration).  The snapshot is anything with
+apply them: `translate_workloads` (pods, services, enrollment, waypoints), `serviceentries`
+(ServiceEntry hosts as services, their endpoints as workloads), `translate_authz` (L4
+authorization), `translate_l7` (waypoint configuration), `gatewayapi` (HTTPRoute and GRPCRoute: their
+VirtualService-shaped configurations for waypoints, and the VirtualService hosts they take over).  The snapshot is anything with
 `of_kind(kind) -> [body]` (`controlplane.config.source.Snapshot`).
 """
 
@@ -27,7 +29,9 @@ from typing import Any
 from google.protobuf.message import Message
 
 from controlplane.translate.authz import build_authorizations
+from controlplane.translate.gatewayapi import gateway_routes
 from controlplane.translate.l7 import build_l7
+from controlplane.translate.serviceentries import build_service_entries
 from controlplane.translate.workloads import (
     DEFAULT_TRUST_DOMAIN,
     build_index,
@@ -56,10 +60,14 @@ class Translation:
 def translate_snapshot(snapshot: Any, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> Translation:
     index = build_index(snapshot, trust_domain)
     services = build_services(index)
-    workloads = build_workloads(index, services)
+    entries = build_service_entries(snapshot, index)
+    workloads = build_workloads(index, services, entries.memberships)
+    services.update(entries.services)
+    workloads.update(entries.workloads)
     problems, errors = index.problems, index.errors
     authorizations = build_authorizations(snapshot, problems, errors)
     l7 = build_l7(snapshot, services, set(index.waypoints), problems, errors)
+    l7 = gateway_routes(snapshot, services, set(index.waypoints), l7, problems, errors)
     return Translation(int(getattr(snapshot, "version", 0)), workloads, services, authorizations, l7,
                        tuple(dict.fromkeys(problems)), tuple(dict.fromkeys(errors)))
 

@@ -10,7 +10,8 @@ Rules (as in Istio ambient mode):
   service traffic when its `istio.io/waypoint-for` is `service` (the default) or `all`, workload
   traffic when it is `workload` or `all`; otherwise the object gets no waypoint.
 - A waypoint is reached by its Service (`<name>.<ns>.svc.cluster.local`, a Service named like the
-  Gateway or labelled with its name) or, without one, by the address of one of its pods; its identity is
+  Gateway or labelled with its name) or, without one, by the address of one of its ready pods (a pod whose
+  `Ready` condition is False is not sent traffic: it may not listen yet, or be draining); its identity is
   its pods' service account (the Gateway's name when it has no pods yet).
 - A service's endpoints are the running pods of its namespace whose labels include its selector;
   a named targetPort is resolved on each pod's container ports.  Its expected SANs are the identities of
@@ -56,8 +57,10 @@ def hostname(name: str, namespace: str) -> str:
 
 
 def workload_uid(pod: Mapping[str, Any]) -> str:
+    """"<namespace>/<name>": stable across re-creation and restarts (not `metadata.uid`, which the store
+    gives every object it creates)."""
     meta = pod["metadata"]
-    return str(meta.get("uid") or f"{meta['namespace']}/{meta['name']}")
+    return f"{meta['namespace']}/{meta['name']}"
 
 
 def service_account(pod: Mapping[str, Any]) -> str:
@@ -115,11 +118,12 @@ class Index:
                 and labels_of(p).get(GATEWAY_NAME_LABEL) == name]
         service = next((s for s in self.services if s["metadata"]["namespace"] == namespace and
                         (s["metadata"]["name"] == name or labels_of(s).get(GATEWAY_NAME_LABEL) == name)), None)
-        if service is not None or not any(pod_ips(p) for p in pods):
+        ready = [p for p in pods if healthy(p)]  # a waypoint pod not yet Ready is not an instance to send to
+        if service is not None or not ready:
             svc_name = service["metadata"]["name"] if service is not None else name
             out.hostname.CopyFrom(pb.NamespacedHostname(namespace=namespace, hostname=hostname(svc_name, namespace)))
         else:
-            address = next(ip for p in pods for ip in pod_ips(p))
+            address = next(ip for p in ready for ip in pod_ips(p))
             out.address.CopyFrom(pb.NetworkAddress(address=address))
         sa = service_account(pods[0]) if pods else name
         out.identity = identity(namespace, sa, self.trust_domain)
@@ -201,7 +205,15 @@ def endpoints_of(service: Mapping[str, Any], index: Index) -> list[dict[str, Any
 
 
 def healthy(pod: Mapping[str, Any]) -> bool:
-    return bool(pod_ips(pod)) and (pod.get("status") or {}).get("phase", "Running") in ("Running", "Pending")
+    """Has an address, is running (or starting), and is not reported not Ready: a pod whose `Ready`
+    condition is False is no endpoint, as in Kubernetes (a pod without conditions counts as ready)."""
+    status = pod.get("status") or {}
+    if not pod_ips(pod) or status.get("phase", "Running") not in ("Running", "Pending"):
+        return False
+    for condition in status.get("conditions") or []:
+        if isinstance(condition, Mapping) and condition.get("type") == "Ready":
+            return str(condition.get("status")) == "True"
+    return True
 
 
 def build_services(index: Index) -> dict[str, pb.Service]:
@@ -232,9 +244,11 @@ def _service(svc: Mapping[str, Any], index: Index) -> pb.Service:
     return msg
 
 
-def build_workloads(index: Index, services: Mapping[str, pb.Service] | None = None) -> dict[str, pb.Workload]:
+def build_workloads(index: Index, services: Mapping[str, pb.Service] | None = None,
+                    memberships: Mapping[str, Mapping[str, pb.PortList]] | None = None) -> dict[str, pb.Workload]:
     """The pods' Workloads; with `services` (what `build_services` made), only those services are named
-    in them (one left out for an error is not half-served)."""
+    in them (one left out for an error is not half-served); `memberships` adds services by pod uid
+    (ServiceEntries selecting pods, `controlplane.translate.serviceentries`)."""
     out: dict[str, pb.Workload] = {}
     services_of: dict[str, list[dict[str, Any]]] = {}
     for svc in index.services:
@@ -246,6 +260,8 @@ def build_workloads(index: Index, services: Mapping[str, pb.Service] | None = No
     for pod in index.pods:
         msg = guarded(pod, index.errors, _workload, pod, index, services_of)
         if msg is not None:
+            for key, ports in ((memberships or {}).get(msg.uid) or {}).items():
+                msg.services[key].CopyFrom(ports)
             out[msg.uid] = msg
     return out
 

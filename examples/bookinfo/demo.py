@@ -4,8 +4,10 @@ then put the bookinfo namespace in the mesh, live, and show the same calls carri
 It runs the real `meshctl` (as a user would), calls `GET http://productpage:9080/productpage` from the
 `sleep` pod 20 times, prints which productpage, reviews and ratings pods answered and on which node,
 labels the namespace `istio.io/dataplane-mode=ambient`, calls again, prints what the node agents saw
-(identities, mTLS), prints `meshctl cluster status`, starts `meshctl dashboard` in the background and ends
-with its address, and leaves the cluster running.
+(identities, mTLS), then takes one L7 step through a waypoint (the samples' waypoint, subsets and a 70/30
+split of reviews between v1 and v3) and shows the split it measured, prints `meshctl cluster status`,
+starts `meshctl dashboard` in the background and ends with its address, and leaves the cluster running.
+A bookinfo cluster that is already up is replaced, after a warning (and a question, on a terminal).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CLUSTER_FILE = HERE / "cluster.yaml"
+SAMPLES = HERE / "samples"
 CALLS = 20
+SPLIT_CALLS = 60  # the L7 step's calls: enough to see a 70/30 split
 OTLP_ENDPOINT = "http://172.30.0.1:4318/v1/traces"  # the underlay's gateway (the cluster file's default underlay)
 STATE = Path(os.environ.get("MESH_STATE_DIR") or "/run/ambient-mesh")
 
@@ -91,7 +95,74 @@ def what_the_agents_saw() -> None:
         print(f"  {count:>3} x {src} -> {dst} ({security})")
 
 
+def may_replace() -> bool:
+    """Warn when a bookinfo cluster is up (the demo replaces it); on a terminal, ask first."""
+    listed = meshctl("cluster", "list", capture=True).stdout.splitlines()[1:]
+    if not any("bookinfo" in line.split() for line in listed):
+        return True
+    print("warning: a cluster named bookinfo is up; the demo removes it and builds a new one "
+          "(whatever was applied to it is lost)")
+    if not sys.stdin.isatty():
+        print("(not on a terminal: replacing it)")
+        return True
+    answer = input("replace it? [y/N] ").strip().lower()
+    if answer not in ("y", "yes"):
+        print("left as it is; remove it yourself with: .venv/bin/meshctl cluster down bookinfo")
+        return False
+    return True
+
+
+def reviews_split(calls: int, cluster: str = "bookinfo") -> tuple[Counter[str], int]:
+    """Which reviews version answered each of `calls` calls to productpage (made in one shell in the sleep
+    pod), and how many calls failed."""
+    loop = (f"for i in $(seq {calls}); do curl -sS -m 5 -H 'end-user: demo' http://productpage:9080/productpage; "
+            "echo; done")
+    out = meshctl("exec", "--cluster", cluster, "-n", "bookinfo", "sleep", "--", "sh", "-c", loop, capture=True)
+    versions: Counter[str] = Counter()
+    failed = 0
+    for line in out.stdout.splitlines():
+        try:
+            versions[str(json.loads(line)["reviews"]["version"])] += 1
+        except (ValueError, KeyError, TypeError):
+            failed += 1
+    return versions, failed + max(0, calls - sum(versions.values()) - failed)
+
+
+def l7_step(cluster: str = "bookinfo") -> tuple[Counter[str], int]:
+    """Route reviews 70/30 between v1 and v3 at a waypoint, and show the split the calls saw: which version
+    answered how many calls, and how many failed."""
+    print("\nan L7 step: a waypoint for bookinfo, then reviews split 70/30 between v1 and v3 "
+          "(examples/bookinfo/samples/)")
+    steps = [("apply", "-f", str(SAMPLES / "waypoint" / "waypoint.yaml")),
+             ("label", "namespace", "bookinfo", "istio.io/use-waypoint=waypoint"),
+             ("apply", "-f", str(SAMPLES / "networking" / "destination-rule-all.yaml")),
+             ("apply", "-f", str(SAMPLES / "networking" / "virtual-service-reviews-v1-v3.yaml"))]
+    for step in steps:
+        print(f"  meshctl {' '.join(step).replace(str(HERE.parents[1]) + '/', '')}")
+        done = meshctl(*step, "--cluster", cluster, capture=True)
+        if done.returncode != 0:
+            print(f"    failed: {(done.stderr or done.stdout).strip()}")
+            return Counter(), 1
+    # The waypoint starts, the agents learn to send reviews' traffic through it, and it learns the route:
+    # until then v2 answers too.  Wait (up to 30 s) until a few calls see only v1 and v3.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        versions, failed = reviews_split(10, cluster)
+        if not failed and set(versions) <= {"v1", "v3"}:
+            break
+        time.sleep(1)
+    versions, failed = reviews_split(SPLIT_CALLS, cluster)
+    print(f"\n{SPLIT_CALLS} calls through the waypoint; reviews answered by:")
+    for version, count in sorted(versions.items()):
+        print(f"  {version}: {count:>3} ({100 * count / SPLIT_CALLS:.0f}%)")
+    if failed:
+        print(f"  {failed} calls failed")
+    return versions, failed
+
+
 def main() -> int:
+    if not may_replace():
+        return 1
     meshctl("cluster", "down", "bookinfo", capture=True)
     # Spans go to the underlay's gateway, where `meshctl dashboard` receives them (it is the collector).
     if meshctl("cluster", "up", "-f", str(CLUSTER_FILE), "--otlp-endpoint", OTLP_ENDPOINT).returncode != 0:
@@ -106,13 +177,15 @@ def main() -> int:
     print(f"enrolled by the node agents, without restarting them: {', '.join(sorted(enrolled()))}")
     failures += call_many("through the mesh")
     what_the_agents_saw()
+    failures += l7_step()[1]
     print()
     meshctl("cluster", "status", "bookinfo")
     print("\nthe cluster is still running; try:\n"
           "  .venv/bin/meshctl exec -n bookinfo sleep -- curl -s http://productpage:9080/productpage\n"
           "  .venv/bin/meshctl agent workloads node-1\n"
           "  .venv/bin/meshctl proxy-status\n"
-          "  .venv/bin/meshctl waypoint apply -n bookinfo --enroll-namespace   # request figures and traces\n"
+          "  .venv/bin/meshctl logs -n bookinfo waypoint                        # the waypoint's log\n"
+          "  .venv/bin/meshctl apply -f examples/bookinfo/samples/...           # more routes and policies\n"
           "  .venv/bin/meshctl apply -f examples/bookinfo/tracing.yaml        # sample every request\n"
           "remove it with:\n"
           "  .venv/bin/meshctl cluster down bookinfo")

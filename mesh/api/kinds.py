@@ -9,6 +9,7 @@ from typing import Any
 from mesh.api.kinds_core import CORE_KINDS
 from mesh.api.kinds_gateway import GATEWAY_KINDS
 from mesh.api.kinds_networking import NETWORKING_KINDS
+from mesh.api.kinds_routes import ROUTE_KINDS
 from mesh.api.kinds_security import SECURITY_KINDS
 from mesh.api.kinds_telemetry import TELEMETRY_KINDS
 from mesh.api.names import check_dns1123_label, check_dns1123_subdomain
@@ -57,7 +58,8 @@ for _kind, (_spec, _status, _extra) in CORE_KINDS.items():
             _kind, "", ("v1",), namespaced=_kind != "Namespace", spec=_spec, status=_status, extra=_extra,
             spec_required=_kind == "Pod",
             name_check=check_dns1123_label if _kind in ("Namespace", "Service") else check_dns1123_subdomain,
-            aliases={"Namespace": ("ns",), "Service": ("svc",), "ServiceAccount": ("sa",), "Pod": ("po",)}[_kind],
+            aliases={"Namespace": ("ns",), "Service": ("svc",), "ServiceAccount": ("sa",), "Pod": ("po",),
+                     "Secret": ()}[_kind],
         )
     )
 for _kind, _spec in NETWORKING_KINDS.items():
@@ -72,6 +74,9 @@ for _kind, _spec in TELEMETRY_KINDS.items():
 for _kind, _spec in GATEWAY_KINDS.items():
     _add(KindInfo(_kind, "gateway.networking.k8s.io", ("v1", "v1beta1"), True, _spec, AnyValue(),
                   spec_required=True, aliases=("gtw",)))
+for _kind, _spec in ROUTE_KINDS.items():  # status: the control plane's (controlplane.translate.gatewayapi)
+    _add(KindInfo(_kind, "gateway.networking.k8s.io", {"HTTPRoute": ("v1", "v1beta1")}.get(_kind, ("v1", "v1alpha2")),
+                  True, _spec, AnyValue(), spec_required=True))
 
 
 def kind_info(kind: str) -> KindInfo | None:

@@ -1,7 +1,10 @@
-"""Core (`v1`) kinds: Namespace, ServiceAccount, Service and, in the local cluster, Pod."""
+"""Core (`v1`) kinds: Namespace, ServiceAccount, Service, Secret and, in the local cluster, Pod."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from typing import Any
 
 from mesh.api.errors import FieldError
@@ -14,6 +17,7 @@ from mesh.api.schema import (
     Int,
     IntOrStr,
     ListOf,
+    MapOf,
     Obj,
     Str,
     check_ip,
@@ -137,10 +141,37 @@ SERVICE_ACCOUNT_EXTRA = {
     "imagePullSecrets": ListOf(AnyValue()),
 }
 
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+TLS_SECRET_TYPE = "kubernetes.io/tls"
+
+
+def _check_secret_key(value: str, path: str, errors: Errors) -> None:
+    if len(value) > 253 or not _SECRET_KEY.match(value):
+        errors.append(FieldError(path, f"{value!r} is not a Secret key: use letters, digits, '-', '_' and '.' "
+                                       "(like tls.crt)"))
+
+
+def _check_base64(value: str, path: str, errors: Errors) -> None:
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        errors.append(FieldError(path, "is not base64: data values are base64-encoded (put plain text in stringData)"))
+
+
+# A Secret: what an ingress Gateway's `certificateRefs` name (`type: kubernetes.io/tls`, keys tls.crt and
+# tls.key, PEM).  Whether it holds a usable certificate is the Gateway's status (`controlplane.translate.ingress`).
+SECRET_EXTRA = {
+    "type": Str(nonempty=True),
+    "data": MapOf(Str(checks=[_check_base64]), key=_check_secret_key),
+    "stringData": MapOf(Str(), key=_check_secret_key),
+    "immutable": Bool(),
+}
+
 # kind -> (spec schema or None, status schema, extra top-level fields)
 CORE_KINDS: dict[str, tuple[Obj | None, Any, dict[str, Any]]] = {
     "Namespace": (NAMESPACE_SPEC, NAMESPACE_STATUS, {}),
     "ServiceAccount": (None, None, SERVICE_ACCOUNT_EXTRA),
     "Service": (SERVICE_SPEC, AnyValue(), {}),
     "Pod": (POD_SPEC, POD_STATUS, {}),
+    "Secret": (None, None, SECRET_EXTRA),
 }

@@ -7,6 +7,7 @@ with what waypoints support in `mesh.api.waypoint_support`; checks across docume
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from mesh.api.errors import FieldError
@@ -370,6 +371,26 @@ def _check_service_entry(value: dict[str, Any], path: str, errors: Errors) -> No
         errors.append(FieldError(child(path, "endpoints"), "are required when resolution is STATIC (or set a workloadSelector)"))
     if value.get("endpoints") and value.get("workloadSelector"):
         errors.append(FieldError(path, "set only one of endpoints, workloadSelector"))
+    if value.get("resolution") == "STATIC":
+        for i, ep in enumerate(value.get("endpoints") or []):
+            address = ep.get("address") if isinstance(ep, dict) else None
+            if isinstance(address, str) and address and not _is_ip(address):
+                errors.append(FieldError(child(child(child(path, "endpoints"), i), "address"),
+                                         f"{address!r} must be an IP address when resolution is STATIC "
+                                         "(use resolution DNS for a name)"))
+    hosts: list[Any] = value["hosts"] if isinstance(value.get("hosts"), list) else []
+    if value.get("resolution") in ("DNS", "DNS_ROUND_ROBIN") and not value.get("endpoints") and any(
+            isinstance(h, str) and h.startswith("*") for h in hosts):
+        errors.append(FieldError(child(path, "hosts"), "a wildcard host cannot be resolved by DNS: list endpoints, "
+                                                       "or use resolution NONE"))
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 SERVICE_ENTRY_SPEC = Obj(

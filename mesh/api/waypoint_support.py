@@ -9,7 +9,8 @@ one bad resource can never be part of a response the waypoint has to refuse
 
 - JWT rules: `jwks` must hold at least one key the waypoint can use (`parse_jwks`, the one parser of
   inline key sets), and a rule needs `jwks` or `jwksUri` (waypoints do not discover keys from the issuer).
-- HTTP routes: no `delegate`; fault delays are `fixedDelay`, aborts `httpStatus`.
+- HTTP routes: no `delegate`; fault delays are `fixedDelay`, aborts `httpStatus` or `grpcStatus` (a
+  gRPC status name, such as `UNAVAILABLE`, as Istio requires).
 - Load balancing: `simple` only (no `consistentHash`), and not `PASSTHROUGH`.
 """
 
@@ -24,6 +25,14 @@ from mesh.api.errors import FieldError
 from mesh.api.schema import Errors, child
 
 NOT_SUPPORTED = "is not supported by waypoints"
+
+# gRPC status codes by name (grpc/doc/statuscodes.md): the names `fault.abort.grpcStatus` accepts
+GRPC_STATUS_CODES = {
+    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4, "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8, "FAILED_PRECONDITION": 9, "ABORTED": 10,
+    "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12, "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15,
+    "UNAUTHENTICATED": 16,
+}
 
 
 def parse_jwks(text: str) -> jwt.PyJWKSet:
@@ -60,10 +69,13 @@ def check_http_route(value: dict[str, Any], path: str, errors: Errors) -> None:
     if delay.get("exponentialDelay") is not None:
         errors.append(FieldError(child(child(child(path, "fault"), "delay"), "exponentialDelay"),
                                  f"{NOT_SUPPORTED}: use fixedDelay"))
-    for name in ("grpcStatus", "http2Error"):
-        if abort.get(name) is not None:
-            errors.append(FieldError(child(child(child(path, "fault"), "abort"), name),
-                                     f"{NOT_SUPPORTED}: use httpStatus"))
+    if abort.get("http2Error") is not None:
+        errors.append(FieldError(child(child(child(path, "fault"), "abort"), "http2Error"),
+                                 f"{NOT_SUPPORTED}: use httpStatus or grpcStatus"))
+    grpc_status = abort.get("grpcStatus")
+    if grpc_status is not None and grpc_status not in GRPC_STATUS_CODES:
+        errors.append(FieldError(child(child(child(path, "fault"), "abort"), "grpcStatus"),
+                                 f"{grpc_status!r} is not a gRPC status name (one of {', '.join(GRPC_STATUS_CODES)})"))
 
 
 def check_load_balancer(value: dict[str, Any], path: str, errors: Errors) -> None:

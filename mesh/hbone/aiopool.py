@@ -7,6 +7,9 @@ else a new connection is dialled (one dial at a time per key); a connection with
 its certificates: once the peer's has expired, or ours expired or was renewed (another serial, from
 `certificate(source)`), it takes no new tunnel and is drained (GOAWAY).
 
+`warm(key)` dials a connection for a key before its first tunnel needs it (the node agent pre-warms the
+connections a newly enrolled pod is likely to use first).
+
 `connect(key)` (a coroutine on the engine) returns a connected, non-blocking socket: the node agent
 makes it inside the source pod's network namespace with SO_MARK.  `tls(source)` is the client
 `ssl.SSLContext` of the source identity, asked per connection so that renewals are picked up.
@@ -105,6 +108,21 @@ class AioPool:
             except ConnectionNotUsableError:
                 continue
         raise PoolConnectError(f"no usable HBONE connection to {key.describe()} after 3 attempts")
+
+    async def warm(self, key: PoolKey) -> bool:
+        """Open a connection for `key` ahead of its first tunnel (pre-warm), unless one that takes a tunnel
+        is there or being dialled; True if this call dialled.  The connection is pooled as any other (and
+        closes after `idle_timeout` without a tunnel).  Raises `PoolConnectError` as `open_tunnel` does."""
+        if self._pick(key) is not None:
+            return False
+        lock = self._dial_locks.get(key)
+        if lock is None:
+            lock = self._dial_locks[key] = asyncio.Lock()
+        async with lock:
+            if self._pick(key) is not None:
+                return False
+            await self._dial(key)
+            return True
 
     def close(self) -> None:
         for conns in list(self._connections.values()):

@@ -5,7 +5,10 @@
         tunnel = await conn.open_tunnel("10.244.1.5:8080", request_headers(forwarded_for="10.244.0.7:4711"))
         result = await relay(app_stream, tunnel)       # raises TunnelRejected on 401/503 etc.
 
-`mesh.hbone.pool` keeps these per (source, destination, next hop).
+`mesh.hbone.pool` keeps these per (source, destination, next hop).  A CONNECT the server did not process
+(reset REFUSED_STREAM: it crossed the server's GOAWAY, RFC 9113 section 8.7) raises
+`ConnectionNotUsableError`, so the pool opens it once more on another connection, as the engine's
+client (`mesh.hbone.aio`) does.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from mesh.hbone.errors import (
     TunnelTimeout,
 )
 from mesh.hbone.events import (
+    Event,
     StreamRejected,
+    StreamReset,
 )
 from mesh.hbone.frames import ErrorCode
 from mesh.hbone.headers import Header
@@ -55,6 +60,7 @@ class HboneClientConnection(_Driver):
         super().__init__(HboneClient(config, now=trio.current_time()), stream, peer)
         self.idle_timeout = idle_timeout
         self._idle_since: float | None = trio.current_time()
+        self._refused: set[int] = set()  # CONNECTs reset REFUSED_STREAM before an answer: safe to send elsewhere
 
     @property
     def active_tunnels(self) -> int:
@@ -83,6 +89,7 @@ class HboneClientConnection(_Driver):
         except trio.TooSlowError:
             self._dispatch(self.proto.reset(stream_id, ErrorCode.CANCEL))
             self.release(tunnel)
+            self._refused.discard(stream_id)
             raise TunnelTimeout(
                 f"CONNECT {authority} got no answer from {self._name()} within {timeout:g}s: is the "
                 "destination (its node agent, or the application behind it) overloaded?"
@@ -90,14 +97,26 @@ class HboneClientConnection(_Driver):
         except BaseException:
             self._dispatch(self.proto.reset(stream_id, ErrorCode.CANCEL))
             self.release(tunnel)
+            self._refused.discard(stream_id)
             raise
         answer = tunnel._answer
+        refused = stream_id in self._refused
+        self._refused.discard(stream_id)
         if isinstance(answer, StreamRejected):
             raise TunnelRejected(authority, answer.status, answer.reason)
         if answer is None:
             self.release(tunnel)
+            if refused:  # the pool opens it on another connection
+                raise ConnectionNotUsableError(f"{self._name()} refused CONNECT {authority} unprocessed: {tunnel._error}")
             raise TunnelReset(f"CONNECT {authority} failed before an answer: {tunnel._error}")
         return tunnel
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, StreamReset) and event.error_code == ErrorCode.REFUSED_STREAM:
+            tunnel = self._tunnels.get(event.stream_id)
+            if tunnel is not None and tunnel._answer is None:
+                self._refused.add(event.stream_id)
+        super()._handle(event)
 
     def _on_tunnel_gone(self) -> None:
         if not self._tunnels and self.proto.active_streams == 0:

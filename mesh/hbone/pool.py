@@ -112,7 +112,10 @@ def pick(key: PoolKey, conns: Sequence[C], credentials: Mapping[C, _Credentials]
     serial = svid.leaf.serial_number if svid is not None else None
     best: C | None = None
     for conn in conns:
-        if not conn.can_open_tunnel() or conn.active_tunnels >= max_streams:
+        # The count first: it is a length, while `can_open_tunnel` asks h2, which walks every stream of the
+        # connection (with thousands of tunnels over many full connections, that walk was most of the cost
+        # of opening one).
+        if conn.active_tunnels >= max_streams or not conn.can_open_tunnel():
             continue
         made_with = credentials.get(conn)
         if made_with is not None and (now >= made_with.expires or made_with.serial != serial):

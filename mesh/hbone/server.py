@@ -17,6 +17,7 @@ progress); the core closes a connection that keeps doing so (`ResetBudget`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -45,13 +46,26 @@ from mesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 
 log = logging.getLogger(__name__)
 
+def certificate_hash(stream: trio.abc.Stream) -> str:
+    """SHA-256 of the peer's leaf certificate (DER), hex: Envoy's `Hash` in x-forwarded-client-cert.
+    "" when `stream` is not TLS or the peer sent no certificate."""
+    if not isinstance(stream, trio.SSLStream):
+        return ""
+    try:
+        der = stream.getpeercert(binary_form=True)
+    except (ValueError, AttributeError):  # no handshake yet
+        return ""
+    return hashlib.sha256(der).hexdigest() if der else ""
+
+
 # -- server ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class InboundRequest:
     """A CONNECT the handler must answer: where to (`authority`), from whom (`peer`: the client's
-    verified SPIFFE identity, None when the server was started without a trust-domain check)."""
+    verified SPIFFE identity, None when the server was started without a trust-domain check;
+    `peer_certificate_hash`: the SHA-256 of its leaf certificate's DER, hex, "" without one)."""
 
     stream_id: int
     authority: Authority
@@ -60,6 +74,7 @@ class InboundRequest:
     peer_address: str
     forwarded_for: str | None
     forwarded_host: str | None
+    peer_certificate_hash: str = ""
 
     def header(self, name: str) -> str | None:
         for n, v in self.headers:
@@ -128,6 +143,7 @@ class HboneServerConnection(_Driver):
         super().__init__(HboneServer(config, now=trio.current_time()), stream, peer)
         self._handler = handler
         self._peer_address = _peer_name(stream) if isinstance(stream, trio.SSLStream) else "?"
+        self._peer_hash = certificate_hash(stream)
         self._unanswered: dict[int, trio.CancelScope] = {}  # handlers of CONNECTs not answered yet
 
     def _handle(self, event: Event) -> None:
@@ -159,6 +175,7 @@ class HboneServerConnection(_Driver):
             peer_address=self._peer_address,
             forwarded_for=request.forwarded_for,
             forwarded_host=request.forwarded_host,
+            peer_certificate_hash=self._peer_hash,
         )
         scope = self._unanswered[event.stream_id] = trio.CancelScope()
         self._nursery.start_soon(self._run_handler, info, TunnelAcceptor(self, tunnel), tunnel, scope)

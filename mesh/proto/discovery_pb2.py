@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amesh/proto/discovery.proto\x12\x18\x61mbientmesh.discovery.v1\x1a\x1cgoogle/protobuf/struct.proto\"9\n\x12NamespacedHostname\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\"2\n\x0eNetworkAddress\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xea\x01\n\x0eGatewayAddress\x12@\n\x08hostname\x18\x01 \x01(\x0b\x32,.ambientmesh.discovery.v1.NamespacedHostnameH\x00\x12;\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0b\x32(.ambientmesh.discovery.v1.NetworkAddressH\x00\x12\x17\n\x0fhbone_mtls_port\x18\x03 \x01(\r\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x11\n\tnamespace\x18\x06 \x01(\tB\r\n\x0b\x64\x65stination\"8\n\x0bPortMapping\x12\x14\n\x0cservice_port\x18\x01 \x01(\r\x12\x13\n\x0btarget_port\x18\x02 \x01(\r\"@\n\x08PortList\x12\x34\n\x05ports\x18\x01 \x03(\x0b\x32%.ambientmesh.discovery.v1.PortMapping\"\xce\x05\n\x08Workload\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x0f\n\x07network\x18\x05 \x01(\t\x12\x17\n\x0fservice_account\x18\x06 \x01(\t\x12\x0c\n\x04node\x18\x07 \x01(\t\x12\x14\n\x0ctrust_domain\x18\x08 \x01(\t\x12\x41\n\x0ftunnel_protocol\x18\t \x01(\x0e\x32(.ambientmesh.discovery.v1.TunnelProtocol\x12:\n\x08waypoint\x18\n \x01(\x0b\x32(.ambientmesh.discovery.v1.GatewayAddress\x12\x42\n\x08services\x18\x0b \x03(\x0b\x32\x30.ambientmesh.discovery.v1.Workload.ServicesEntry\x12\x16\n\x0e\x63\x61nonical_name\x18\x0c \x01(\t\x12\x1a\n\x12\x63\x61nonical_revision\x18\r \x01(\t\x12>\n\x06labels\x18\x0e \x03(\x0b\x32..ambientmesh.discovery.v1.Workload.LabelsEntry\x12\x38\n\x06status\x18\x0f \x01(\x0e\x32(.ambientmesh.discovery.v1.WorkloadStatus\x12\x15\n\rworkload_type\x18\x10 \x01(\t\x12\x12\n\ncluster_id\x18\x11 \x01(\t\x12\x13\n\x0bis_waypoint\x18\x12 \x01(\x08\x1aS\n\rServicesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x31\n\x05value\x18\x02 \x01(\x0b\x32\".ambientmesh.discovery.v1.PortList:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\\\n\x0bServicePort\x12\x14\n\x0cservice_port\x18\x01 \x01(\r\x12\x13\n\x0btarget_port\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0c\x61pp_protocol\x18\x04 \x01(\t\"K\n\x0fServiceEndpoint\x12\x14\n\x0cworkload_uid\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\"\x89\x03\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x0c\n\x04vips\x18\x04 \x03(\t\x12\x34\n\x05ports\x18\x05 \x03(\x0b\x32%.ambientmesh.discovery.v1.ServicePort\x12:\n\x08waypoint\x18\x06 \x01(\x0b\x32(.ambientmesh.discovery.v1.GatewayAddress\x12\x19\n\x11subject_alt_names\x18\x07 \x03(\t\x12<\n\tendpoints\x18\x08 \x03(\x0b\x32).ambientmesh.discovery.v1.ServiceEndpoint\x12\x41\n\x08selector\x18\t \x03(\x0b\x32/.ambientmesh.discovery.v1.Service.SelectorEntry\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"_\n\x0bStringMatch\x12\x0f\n\x05\x65xact\x18\x01 \x01(\tH\x00\x12\x10\n\x06prefix\x18\x02 \x01(\tH\x00\x12\x10\n\x06suffix\x18\x03 \x01(\tH\x00\x12\x12\n\x08presence\x18\x04 \x01(\x08H\x00\x42\x07\n\x05match\"\x97\x03\n\x05Match\x12\x39\n\nprincipals\x18\x01 \x03(\x0b\x32%.ambientmesh.discovery.v1.StringMatch\x12=\n\x0enot_principals\x18\x02 \x03(\x0b\x32%.ambientmesh.discovery.v1.StringMatch\x12\x39\n\nnamespaces\x18\x03 \x03(\x0b\x32%.ambientmesh.discovery.v1.StringMatch\x12=\n\x0enot_namespaces\x18\x04 \x03(\x0b\x32%.ambientmesh.discovery.v1.StringMatch\x12\x12\n\nsource_ips\x18\x05 \x03(\t\x12\x16\n\x0enot_source_ips\x18\x06 \x03(\t\x12\x17\n\x0f\x64\x65stination_ips\x18\x07 \x03(\t\x12\x1b\n\x13not_destination_ips\x18\x08 \x03(\t\x12\x19\n\x11\x64\x65stination_ports\x18\t \x03(\r\x12\x1d\n\x15not_destination_ports\x18\n \x03(\r\":\n\x06\x43lause\x12\x30\n\x07matches\x18\x01 \x03(\x0b\x32\x1f.ambientmesh.discovery.v1.Match\"9\n\x04Rule\x12\x31\n\x07\x63lauses\x18\x01 \x03(\x0b\x32 .ambientmesh.discovery.v1.Clause\"\xe6\x02\n\rAuthorization\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12;\n\x05scope\x18\x03 \x01(\x0e\x32,.ambientmesh.discovery.v1.AuthorizationScope\x12G\n\x08selector\x18\x04 \x03(\x0b\x32\x35.ambientmesh.discovery.v1.Authorization.SelectorEntry\x12=\n\x06\x61\x63tion\x18\x05 \x01(\x0e\x32-.ambientmesh.discovery.v1.AuthorizationAction\x12-\n\x05rules\x18\x06 \x03(\x0b\x32\x1e.ambientmesh.discovery.v1.Rule\x12\x0f\n\x07\x64ry_run\x18\x07 \x01(\x08\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbe\x02\n\x08L7Config\x12.\n\x04kind\x18\x01 \x01(\x0e\x32 .ambientmesh.discovery.v1.L7Kind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x04 \x01(\t\x12\x11\n\twaypoints\x18\x05 \x03(\t\x12\x11\n\thostnames\x18\x06 \x03(\t\x12%\n\x04spec\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12>\n\x06labels\x18\x08 \x03(\x0b\x32..ambientmesh.discovery.v1.L7Config.LabelsEntry\x12\x10\n\x08revision\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*%\n\x0eTunnelProtocol\x12\x08\n\x04NONE\x10\x00\x12\t\n\x05HBONE\x10\x01*,\n\x0eWorkloadStatus\x12\x0b\n\x07HEALTHY\x10\x00\x12\r\n\tUNHEALTHY\x10\x01*F\n\x12\x41uthorizationScope\x12\n\n\x06GLOBAL\x10\x00\x12\r\n\tNAMESPACE\x10\x01\x12\x15\n\x11WORKLOAD_SELECTOR\x10\x02*5\n\x13\x41uthorizationAction\x12\t\n\x05\x41LLOW\x10\x00\x12\x08\n\x04\x44\x45NY\x10\x01\x12\t\n\x05\x41UDIT\x10\x02*\x91\x01\n\x06L7Kind\x12\x17\n\x13L7_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fVIRTUAL_SERVICE\x10\x01\x12\x14\n\x10\x44\x45STINATION_RULE\x10\x02\x12\x18\n\x14\x41UTHORIZATION_POLICY\x10\x03\x12\x1a\n\x16REQUEST_AUTHENTICATION\x10\x04\x12\r\n\tTELEMETRY\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amesh/proto/discovery.proto\x12\x18\x61mbientmesh.discovery.v1\x1a\x1cgoogle/protobuf/struct.proto\"9\n\x12NamespacedHostname\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\"2\n\x0eNetworkAddress\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xea\x01\n\x0eGatewayAddress\x12@\n\x08hostname\x18\x01 \x01(\x0b\x32,.ambientmesh.discovery.v1.NamespacedHostnameH\x00\x12;\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0b\x32(.ambientmesh.discovery.v1.NetworkAddressH\x00\x12\x17\n\x0fhbone_mtls_port\x18\x03 \x01(\r\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x11\n\tnamespace\x18\x06 \x01(\tB\r\n\x0b\x64\x65stination\"8\n\x0bPortMapping\x12\x14\n\x0cservice_port\x18\x01 \x01(\r\x12\x13\n\x0btarget_port\x18\x02 \x01(\r\"@\n\x08PortList\x12\x34\n\x05ports\x18\x01 \x03(\x0b\x32%.ambientmesh.discovery.v1.PortMapping\"\xe0\x05\n\x08Workload\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x0f\n\x07network\x18\x05 \x01(\t\x12\x17\n\x0fservice_account\x18\x06 \x01(\t\x12\x0c\n\x04node\x18\x07 \x01(\t\x12\x14\n\x0ctrust_domain\x18\x08 \x01(\t\x12\x41\n\x0ftunnel_protocol\x18\t \x01(\x0e\x32(.ambientmesh.discovery.v1.TunnelProtocol\x12:\n\x08waypoint\x18\n \x01(\x0b\x32(.ambientmesh.discovery.v1.GatewayAddress\x12\x42\n\x08services\x18\x0b \x03(\x0b\x32\x30.ambientmesh.discovery.v1.Workload.ServicesEntry\x12\x16\n\x0e\x63\x61nonical_name\x18\x0c \x01(\t\x12\x1a\n\x12\x63\x61nonical_revision\x18\r \x01(\t\x12>\n\x06labels\x18\x0e \x03(\x0b\x32..ambientmesh.discovery.v1.Workload.LabelsEntry\x12\x38\n\x06status\x18\x0f \x01(\x0e\x32(.ambientmesh.discovery.v1.WorkloadStatus\x12\x15\n\rworkload_type\x18\x10 \x01(\t\x12\x12\n\ncluster_id\x18\x11 \x01(\t\x12\x13\n\x0bis_waypoint\x18\x12 \x01(\x08\x12\x10\n\x08hostname\x18\x13 \x01(\t\x1aS\n\rServicesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x31\n\x05value\x18\x02 \x01(\x0b\x32\".ambientmesh.discovery.v1.PortList:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\\\n\x0bServicePort\x12\x14\n\x0cservice_port\x18\x01 \x01(\r\x12\x13\n\x0btarget_port\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0c\x61pp_protocol\x18\x04 \x01(\t\"K\n\x0fServiceEndpoint\x12\x14\n\x0cworkload_uid\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\"\x97\x04\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x0c\n\x04vips\x18\x04 \x03(\t\x12\x34\n\x05ports\x18\x05 \x03(\x0b\x32%.ambientmesh.discovery.v1.ServicePort\x12:\n\x08waypoint\x18\x06 \x01(\x0b\x32(.ambientmesh.discovery.v1.GatewayAddress\x12\x19\n\x11subject_alt_names\x18\x07 \x03(\t\x12<\n\tendpoints\x18\x08 \x03(\x0b\x32).ambientmesh.discovery.v1.ServiceEndpoint\x12\x41\n\x08selector\x18\t \x03(\x0b\x32/.ambientmesh.discovery.v1.Service.SelectorEntry\x12\x38\n\nresolution\x18\n \x01(\x0e\x32$.ambientmesh.discovery.v1.Resolution\x12\x15\n\rmesh_external\x18\x0b \x01(\x08\x12\x11\n\texport_to\x18\x0c \x03(\t\x12\x13\n\x0bsource_kind\x18\r \x01(\t\x12\x13\n\x0bsource_name\x18\x0e \x01(\t\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"_\n\x0bStringMatch\x12\x0f\n\x05\x65xact\x18\x01 \x01(\tH\x00\x12\x10\n\x06prefix\x18\x02 \x01(\tH\x00\x12\x10\n\x06suffix\x18\x03 \x01(\tH\x00\x12\x12\n\x08presence\x18\x04 \x01(\x08H\x00\x42\x07\n\x05match\"\x97\x03\n\x05Match\x12\x39\n\nprincipals\x18\x01 \x03(\x0b\x32%.ambientmesh.discovery.v1.StringMatch\x12=\n\x0enot_principals\x18\x02 \x03(\x0b\x32%.ambientmesh.discovery.v1.StringMatch\x12\x39\n\nnamespaces\x18\x03 \x03(\x0b\x32%.ambientmesh.discovery.v1.StringMatch\x12=\n\x0enot_namespaces\x18\x04 \x03(\x0b\x32%.ambientmesh.discovery.v1.StringMatch\x12\x12\n\nsource_ips\x18\x05 \x03(\t\x12\x16\n\x0enot_source_ips\x18\x06 \x03(\t\x12\x17\n\x0f\x64\x65stination_ips\x18\x07 \x03(\t\x12\x1b\n\x13not_destination_ips\x18\x08 \x03(\t\x12\x19\n\x11\x64\x65stination_ports\x18\t \x03(\r\x12\x1d\n\x15not_destination_ports\x18\n \x03(\r\":\n\x06\x43lause\x12\x30\n\x07matches\x18\x01 \x03(\x0b\x32\x1f.ambientmesh.discovery.v1.Match\"9\n\x04Rule\x12\x31\n\x07\x63lauses\x18\x01 \x03(\x0b\x32 .ambientmesh.discovery.v1.Clause\"\xe6\x02\n\rAuthorization\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12;\n\x05scope\x18\x03 \x01(\x0e\x32,.ambientmesh.discovery.v1.AuthorizationScope\x12G\n\x08selector\x18\x04 \x03(\x0b\x32\x35.ambientmesh.discovery.v1.Authorization.SelectorEntry\x12=\n\x06\x61\x63tion\x18\x05 \x01(\x0e\x32-.ambientmesh.discovery.v1.AuthorizationAction\x12-\n\x05rules\x18\x06 \x03(\x0b\x32\x1e.ambientmesh.discovery.v1.Rule\x12\x0f\n\x07\x64ry_run\x18\x07 \x01(\x08\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbe\x02\n\x08L7Config\x12.\n\x04kind\x18\x01 \x01(\x0e\x32 .ambientmesh.discovery.v1.L7Kind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x04 \x01(\t\x12\x11\n\twaypoints\x18\x05 \x03(\t\x12\x11\n\thostnames\x18\x06 \x03(\t\x12%\n\x04spec\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12>\n\x06labels\x18\x08 \x03(\x0b\x32..ambientmesh.discovery.v1.L7Config.LabelsEntry\x12\x10\n\x08revision\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*%\n\x0eTunnelProtocol\x12\x08\n\x04NONE\x10\x00\x12\t\n\x05HBONE\x10\x01*,\n\x0eWorkloadStatus\x12\x0b\n\x07HEALTHY\x10\x00\x12\r\n\tUNHEALTHY\x10\x01*L\n\nResolution\x12\x15\n\x11RESOLUTION_STATIC\x10\x00\x12\x12\n\x0eRESOLUTION_DNS\x10\x01\x12\x13\n\x0fRESOLUTION_NONE\x10\x02*F\n\x12\x41uthorizationScope\x12\n\n\x06GLOBAL\x10\x00\x12\r\n\tNAMESPACE\x10\x01\x12\x15\n\x11WORKLOAD_SELECTOR\x10\x02*5\n\x13\x41uthorizationAction\x12\t\n\x05\x41LLOW\x10\x00\x12\x08\n\x04\x44\x45NY\x10\x01\x12\t\n\x05\x41UDIT\x10\x02*\x91\x01\n\x06L7Kind\x12\x17\n\x13L7_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fVIRTUAL_SERVICE\x10\x01\x12\x14\n\x10\x44\x45STINATION_RULE\x10\x02\x12\x18\n\x14\x41UTHORIZATION_POLICY\x10\x03\x12\x1a\n\x16REQUEST_AUTHENTICATION\x10\x04\x12\r\n\tTELEMETRY\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,16 +42,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHORIZATION_SELECTORENTRY']._serialized_options = b'8\001'
   _globals['_L7CONFIG_LABELSENTRY']._loaded_options = None
   _globals['_L7CONFIG_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_TUNNELPROTOCOL']._serialized_start=3154
-  _globals['_TUNNELPROTOCOL']._serialized_end=3191
-  _globals['_WORKLOADSTATUS']._serialized_start=3193
-  _globals['_WORKLOADSTATUS']._serialized_end=3237
-  _globals['_AUTHORIZATIONSCOPE']._serialized_start=3239
-  _globals['_AUTHORIZATIONSCOPE']._serialized_end=3309
-  _globals['_AUTHORIZATIONACTION']._serialized_start=3311
-  _globals['_AUTHORIZATIONACTION']._serialized_end=3364
-  _globals['_L7KIND']._serialized_start=3367
-  _globals['_L7KIND']._serialized_end=3512
+  _globals['_TUNNELPROTOCOL']._serialized_start=3314
+  _globals['_TUNNELPROTOCOL']._serialized_end=3351
+  _globals['_WORKLOADSTATUS']._serialized_start=3353
+  _globals['_WORKLOADSTATUS']._serialized_end=3397
+  _globals['_RESOLUTION']._serialized_start=3399
+  _globals['_RESOLUTION']._serialized_end=3475
+  _globals['_AUTHORIZATIONSCOPE']._serialized_start=3477
+  _globals['_AUTHORIZATIONSCOPE']._serialized_end=3547
+  _globals['_AUTHORIZATIONACTION']._serialized_start=3549
+  _globals['_AUTHORIZATIONACTION']._serialized_end=3602
+  _globals['_L7KIND']._serialized_start=3605
+  _globals['_L7KIND']._serialized_end=3750
   _globals['_NAMESPACEDHOSTNAME']._serialized_start=86
   _globals['_NAMESPACEDHOSTNAME']._serialized_end=143
   _globals['_NETWORKADDRESS']._serialized_start=145
@@ -63,33 +65,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PORTLIST']._serialized_start=492
   _globals['_PORTLIST']._serialized_end=556
   _globals['_WORKLOAD']._serialized_start=559
-  _globals['_WORKLOAD']._serialized_end=1277
-  _globals['_WORKLOAD_SERVICESENTRY']._serialized_start=1147
-  _globals['_WORKLOAD_SERVICESENTRY']._serialized_end=1230
-  _globals['_WORKLOAD_LABELSENTRY']._serialized_start=1232
-  _globals['_WORKLOAD_LABELSENTRY']._serialized_end=1277
-  _globals['_SERVICEPORT']._serialized_start=1279
-  _globals['_SERVICEPORT']._serialized_end=1371
-  _globals['_SERVICEENDPOINT']._serialized_start=1373
-  _globals['_SERVICEENDPOINT']._serialized_end=1448
-  _globals['_SERVICE']._serialized_start=1451
-  _globals['_SERVICE']._serialized_end=1844
-  _globals['_SERVICE_SELECTORENTRY']._serialized_start=1797
-  _globals['_SERVICE_SELECTORENTRY']._serialized_end=1844
-  _globals['_STRINGMATCH']._serialized_start=1846
-  _globals['_STRINGMATCH']._serialized_end=1941
-  _globals['_MATCH']._serialized_start=1944
-  _globals['_MATCH']._serialized_end=2351
-  _globals['_CLAUSE']._serialized_start=2353
-  _globals['_CLAUSE']._serialized_end=2411
-  _globals['_RULE']._serialized_start=2413
-  _globals['_RULE']._serialized_end=2470
-  _globals['_AUTHORIZATION']._serialized_start=2473
-  _globals['_AUTHORIZATION']._serialized_end=2831
-  _globals['_AUTHORIZATION_SELECTORENTRY']._serialized_start=1797
-  _globals['_AUTHORIZATION_SELECTORENTRY']._serialized_end=1844
-  _globals['_L7CONFIG']._serialized_start=2834
-  _globals['_L7CONFIG']._serialized_end=3152
-  _globals['_L7CONFIG_LABELSENTRY']._serialized_start=1232
-  _globals['_L7CONFIG_LABELSENTRY']._serialized_end=1277
+  _globals['_WORKLOAD']._serialized_end=1295
+  _globals['_WORKLOAD_SERVICESENTRY']._serialized_start=1165
+  _globals['_WORKLOAD_SERVICESENTRY']._serialized_end=1248
+  _globals['_WORKLOAD_LABELSENTRY']._serialized_start=1250
+  _globals['_WORKLOAD_LABELSENTRY']._serialized_end=1295
+  _globals['_SERVICEPORT']._serialized_start=1297
+  _globals['_SERVICEPORT']._serialized_end=1389
+  _globals['_SERVICEENDPOINT']._serialized_start=1391
+  _globals['_SERVICEENDPOINT']._serialized_end=1466
+  _globals['_SERVICE']._serialized_start=1469
+  _globals['_SERVICE']._serialized_end=2004
+  _globals['_SERVICE_SELECTORENTRY']._serialized_start=1957
+  _globals['_SERVICE_SELECTORENTRY']._serialized_end=2004
+  _globals['_STRINGMATCH']._serialized_start=2006
+  _globals['_STRINGMATCH']._serialized_end=2101
+  _globals['_MATCH']._serialized_start=2104
+  _globals['_MATCH']._serialized_end=2511
+  _globals['_CLAUSE']._serialized_start=2513
+  _globals['_CLAUSE']._serialized_end=2571
+  _globals['_RULE']._serialized_start=2573
+  _globals['_RULE']._serialized_end=2630
+  _globals['_AUTHORIZATION']._serialized_start=2633
+  _globals['_AUTHORIZATION']._serialized_end=2991
+  _globals['_AUTHORIZATION_SELECTORENTRY']._serialized_start=1957
+  _globals['_AUTHORIZATION_SELECTORENTRY']._serialized_end=2004
+  _globals['_L7CONFIG']._serialized_start=2994
+  _globals['_L7CONFIG']._serialized_end=3312
+  _globals['_L7CONFIG_LABELSENTRY']._serialized_start=1250
+  _globals['_L7CONFIG_LABELSENTRY']._serialized_end=1295
 # @@protoc_insertion_point(module_scope)

@@ -18,6 +18,12 @@ class WorkloadStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HEALTHY: _ClassVar[WorkloadStatus]
     UNHEALTHY: _ClassVar[WorkloadStatus]
 
+class Resolution(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESOLUTION_STATIC: _ClassVar[Resolution]
+    RESOLUTION_DNS: _ClassVar[Resolution]
+    RESOLUTION_NONE: _ClassVar[Resolution]
+
 class AuthorizationScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     GLOBAL: _ClassVar[AuthorizationScope]
@@ -42,6 +48,9 @@ NONE: TunnelProtocol
 HBONE: TunnelProtocol
 HEALTHY: WorkloadStatus
 UNHEALTHY: WorkloadStatus
+RESOLUTION_STATIC: Resolution
+RESOLUTION_DNS: Resolution
+RESOLUTION_NONE: Resolution
 GLOBAL: AuthorizationScope
 NAMESPACE: AuthorizationScope
 WORKLOAD_SELECTOR: AuthorizationScope
@@ -102,7 +111,7 @@ class PortList(_message.Message):
     def __init__(self, ports: _Optional[_Iterable[_Union[PortMapping, _Mapping]]] = ...) -> None: ...
 
 class Workload(_message.Message):
-    __slots__ = ("uid", "name", "namespace", "addresses", "network", "service_account", "node", "trust_domain", "tunnel_protocol", "waypoint", "services", "canonical_name", "canonical_revision", "labels", "status", "workload_type", "cluster_id", "is_waypoint")
+    __slots__ = ("uid", "name", "namespace", "addresses", "network", "service_account", "node", "trust_domain", "tunnel_protocol", "waypoint", "services", "canonical_name", "canonical_revision", "labels", "status", "workload_type", "cluster_id", "is_waypoint", "hostname")
     class ServicesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +144,7 @@ class Workload(_message.Message):
     WORKLOAD_TYPE_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     IS_WAYPOINT_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     uid: str
     name: str
     namespace: str
@@ -153,7 +163,8 @@ class Workload(_message.Message):
     workload_type: str
     cluster_id: str
     is_waypoint: bool
-    def __init__(self, uid: _Optional[str] = ..., name: _Optional[str] = ..., namespace: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., network: _Optional[str] = ..., service_account: _Optional[str] = ..., node: _Optional[str] = ..., trust_domain: _Optional[str] = ..., tunnel_protocol: _Optional[_Union[TunnelProtocol, str]] = ..., waypoint: _Optional[_Union[GatewayAddress, _Mapping]] = ..., services: _Optional[_Mapping[str, PortList]] = ..., canonical_name: _Optional[str] = ..., canonical_revision: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., status: _Optional[_Union[WorkloadStatus, str]] = ..., workload_type: _Optional[str] = ..., cluster_id: _Optional[str] = ..., is_waypoint: _Optional[bool] = ...) -> None: ...
+    hostname: str
+    def __init__(self, uid: _Optional[str] = ..., name: _Optional[str] = ..., namespace: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., network: _Optional[str] = ..., service_account: _Optional[str] = ..., node: _Optional[str] = ..., trust_domain: _Optional[str] = ..., tunnel_protocol: _Optional[_Union[TunnelProtocol, str]] = ..., waypoint: _Optional[_Union[GatewayAddress, _Mapping]] = ..., services: _Optional[_Mapping[str, PortList]] = ..., canonical_name: _Optional[str] = ..., canonical_revision: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., status: _Optional[_Union[WorkloadStatus, str]] = ..., workload_type: _Optional[str] = ..., cluster_id: _Optional[str] = ..., is_waypoint: _Optional[bool] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class ServicePort(_message.Message):
     __slots__ = ("service_port", "target_port", "name", "app_protocol")
@@ -178,7 +189,7 @@ class ServiceEndpoint(_message.Message):
     def __init__(self, workload_uid: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ...) -> None: ...
 
 class Service(_message.Message):
-    __slots__ = ("name", "namespace", "hostname", "vips", "ports", "waypoint", "subject_alt_names", "endpoints", "selector")
+    __slots__ = ("name", "namespace", "hostname", "vips", "ports", "waypoint", "subject_alt_names", "endpoints", "selector", "resolution", "mesh_external", "export_to", "source_kind", "source_name")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +206,11 @@ class Service(_message.Message):
     SUBJECT_ALT_NAMES_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    MESH_EXTERNAL_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_TO_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_KIND_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     namespace: str
     hostname: str
@@ -204,7 +220,12 @@ class Service(_message.Message):
     subject_alt_names: _containers.RepeatedScalarFieldContainer[str]
     endpoints: _containers.RepeatedCompositeFieldContainer[ServiceEndpoint]
     selector: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., hostname: _Optional[str] = ..., vips: _Optional[_Iterable[str]] = ..., ports: _Optional[_Iterable[_Union[ServicePort, _Mapping]]] = ..., waypoint: _Optional[_Union[GatewayAddress, _Mapping]] = ..., subject_alt_names: _Optional[_Iterable[str]] = ..., endpoints: _Optional[_Iterable[_Union[ServiceEndpoint, _Mapping]]] = ..., selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    resolution: Resolution
+    mesh_external: bool
+    export_to: _containers.RepeatedScalarFieldContainer[str]
+    source_kind: str
+    source_name: str
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., hostname: _Optional[str] = ..., vips: _Optional[_Iterable[str]] = ..., ports: _Optional[_Iterable[_Union[ServicePort, _Mapping]]] = ..., waypoint: _Optional[_Union[GatewayAddress, _Mapping]] = ..., subject_alt_names: _Optional[_Iterable[str]] = ..., endpoints: _Optional[_Iterable[_Union[ServiceEndpoint, _Mapping]]] = ..., selector: _Optional[_Mapping[str, str]] = ..., resolution: _Optional[_Union[Resolution, str]] = ..., mesh_external: _Optional[bool] = ..., export_to: _Optional[_Iterable[str]] = ..., source_kind: _Optional[str] = ..., source_name: _Optional[str] = ...) -> None: ...
 
 class StringMatch(_message.Message):
     __slots__ = ("exact", "prefix", "suffix", "presence")

@@ -60,6 +60,9 @@ class CertificateStatus:
     failures: int
     last_error: str | None
     root: str | None = None  # SHA-256 fingerprint (hex) of the root its chain ends in (root rotations)
+    serial: str | None = None  # the leaf's serial number (hex)
+    not_before: str | None = None
+    chain: str | None = None  # PEM, leaf first, then intermediates (no root): `meshctl ca check` reads it
 
 
 @dataclass
@@ -238,6 +241,9 @@ class SecretManager:
                 failures=e.schedule.failures,
                 last_error=e.last_error,
                 root=e.svid.root.fingerprint(hashes.SHA256()).hex() if e.svid and e.svid.root else None,
+                serial=format(e.svid.leaf.serial_number, "x") if e.svid else None,
+                not_before=e.svid.leaf.not_valid_before_utc.isoformat() if e.svid else None,
+                chain=e.svid.chain_pem().decode() if e.svid else None,
             )
             for e in sorted(self._entries.values(), key=lambda e: e.identity)
         ]

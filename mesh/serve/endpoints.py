@@ -3,22 +3,37 @@
     metrics    GET /metrics (also /stats/prometheus)   Prometheus text of a `CollectorRegistry`
     readiness  GET /healthz/ready                      200 "ready", or 503 "not ready: <reason>"
     admin      GET /  (the list of endpoints)  GET /healthz (200 "ok")  + the process's own routes
+               GET /logging (the log levels)  POST /logging?level=SPEC | ?reset  (as ztunnel's; `mesh.logs`)
+    version    GET /version: what this process runs (the mesh's version, Python's, its pid and start time);
+               on every admin endpoint and the control plane's debug socket (`meshctl version`)
 """
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from mesh import defaults
+from mesh import defaults, logs
 from mesh.serve.routes import Handler, Request, Response, Router
 from mesh.serve.server import serve_http
 
 METRICS_PATHS = ("/metrics", "/stats/prometheus")
 READINESS_PATH = "/healthz/ready"
+LOGGING_PATH = "/logging"
+VERSION_PATH = "/version"
+DISTRIBUTION = "ambient-mesh"  # the project's package name (pyproject.toml)
+STARTED = time.time()  # when this module was first imported: at the process's start, for every component
+log = logging.getLogger("mesh.logs")
 
 
 @dataclass(frozen=True)
@@ -58,7 +73,46 @@ def admin_handler(title: str, routes: Mapping[str, Handler]) -> Router:
     router.add("/healthz", lambda _: Response.text("ok"))
     for path, handler in routes.items():
         router.add(path, handler)
+    router.add(LOGGING_PATH, log_levels, methods=("GET", "POST"))
+    router.include(version_handler())
     return router
+
+
+def mesh_version() -> str:
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def version_info() -> dict[str, object]:
+    started = datetime.datetime.fromtimestamp(STARTED, datetime.UTC)
+    return {"version": mesh_version(), "python": platform.python_version(), "pid": os.getpid(),
+            "started": started.isoformat(timespec="seconds")}
+
+
+def version_handler() -> Router:
+    return Router({VERSION_PATH: lambda _: Response.json(version_info())})
+
+
+def log_levels(request: Request) -> Response:
+    """GET: the levels; POST `?level=SPEC` (`mesh.logs.parse_levels`) or `?reset`: change them, then the
+    levels.  Only from the process's own host (the admin listens on loopback; this refuses anything else)."""
+    if request.method == "POST":
+        if not request.local:
+            return Response.text("log levels are changed only from the loopback address", 403)
+        if "reset" in request.query:
+            logs.reset_levels()
+        elif "level" in request.query:
+            try:
+                logs.apply_levels(logs.parse_levels(request.query["level"]))
+            except logs.LogLevelError as exc:
+                return Response.text(str(exc), 400)
+        else:
+            return Response.text("say what to change: POST /logging?level=debug (or info,LOGGER=debug), or "
+                                 "/logging?reset", 400)
+        log.info('{"event": "log levels changed", "levels": %s}', json.dumps(logs.current_levels()))
+    return Response.json({"levels": logs.current_levels()})
 
 
 async def serve_metrics(

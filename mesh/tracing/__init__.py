@@ -6,6 +6,7 @@
     span.py         finished spans and the reporting resource, frozen values
     tracer.py       `Tracer.start` / `finish`: what the data path calls
     otlp.py         OTLP protobuf encoding (mesh/proto/otlp.proto) and decoding
+    collector.py    reaching the collector: the OTLP/HTTP URL (http or https), TLS trust, extra headers
     exporter.py     the bounded queue and the background OTLP/HTTP exporter
     receiver.py     an embeddable OTLP/HTTP receiver and a trace store (tests, a dashboard)
 """

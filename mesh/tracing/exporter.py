@@ -13,9 +13,8 @@ connection, no answer within `timeout`, a status other than 2xx) is dropped and 
 (`reason="export_failed"`), and sending pauses with exponential backoff (up to 30 s), so an absent
 collector is not hammered.  The failure is logged as a warning at most once a minute, with the counts.
 
-Endpoint: the OTLP/HTTP traces URL, `http://HOST:PORT/v1/traces` (a URL without a path gets
-`/v1/traces`; the port defaults to 4318).  Plain http only: the collector is expected in-cluster (or a
-local agent), as Istio's OpenTelemetry provider talks to it.
+Where and how spans are sent (http or https, the CA, extra headers): `mesh.tracing.collector`.  A
+process that stops calls `flush` (bounded by its caller) so that the last spans are not lost.
 """
 
 from __future__ import annotations
@@ -23,23 +22,21 @@ from __future__ import annotations
 import collections
 import logging
 import time
-import urllib.parse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
-from mesh.serve import client
-from mesh.serve.errors import ServeError
-from mesh.tracing.errors import ExportError, TracingError
-from mesh.tracing.otlp import CONTENT_TYPE, TRACES_PATH, encode
+from mesh.tracing.collector import ENDPOINT_ENV, OTLP_HTTP_PORT, Collector, OtlpEndpoint
+from mesh.tracing.errors import ExportError
+from mesh.tracing.otlp import encode
 from mesh.tracing.span import Resource, Span
+
+__all__ = ["ENDPOINT_ENV", "OTLP_HTTP_PORT", "INTERVAL_ENV", "Collector", "OtlpEndpoint", "SpanExporter"]
 
 log = logging.getLogger("mesh.tracing")
 
-OTLP_HTTP_PORT = 4318
-ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+INTERVAL_ENV = "OTEL_BSP_SCHEDULE_DELAY"  # OpenTelemetry's delay between two exports, in milliseconds
 MAX_QUEUE = 4096
 MAX_BATCH = 512
 INTERVAL = 1.0  # seconds between exports when no batch is full
@@ -48,48 +45,7 @@ MAX_BACKOFF = 30.0
 WARN_EVERY = 60.0  # seconds between warnings about a collector that does not take spans
 
 
-@dataclass(frozen=True)
-class OtlpEndpoint:
-    host: str
-    port: int = OTLP_HTTP_PORT
-    path: str = TRACES_PATH
-
-    @classmethod
-    def parse(cls, url: str) -> OtlpEndpoint:
-        """`http://host[:port][/path]`; `TracingError` saying what is wrong otherwise."""
-        parts = urllib.parse.urlsplit(url.strip())
-        if parts.scheme == "https":
-            raise TracingError(f"OTLP endpoint {url!r}: https is not supported; give the collector's plain http "
-                               "OTLP/HTTP receiver (port 4318), e.g. http://otel-collector.observability:4318")
-        if parts.scheme != "http" or not parts.hostname:
-            raise TracingError(f"OTLP endpoint {url!r} is not an http URL such as http://collector:4318/v1/traces")
-        try:
-            port = parts.port or OTLP_HTTP_PORT
-        except ValueError:
-            raise TracingError(f"OTLP endpoint {url!r} has an invalid port") from None
-        path = parts.path if parts.path not in ("", "/") else TRACES_PATH
-        return cls(parts.hostname, port, path + (f"?{parts.query}" if parts.query else ""))
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}{self.path}"
-
-    def client_endpoint(self) -> client.Endpoint:
-        return client.Endpoint.tcp(self.host, self.port)
-
-
-Post = Callable[[OtlpEndpoint, bytes, float], None]  # raises ExportError
-
-
-def post_otlp(endpoint: OtlpEndpoint, body: bytes, timeout: float) -> None:
-    """POST one export (blocking: the exporter calls it in a worker thread)."""
-    try:
-        reply = client.request(endpoint.client_endpoint(), "POST", endpoint.path, body,
-                               headers={"content-type": CONTENT_TYPE}, timeout=timeout)
-    except ServeError as exc:
-        raise ExportError(f"OTLP collector {endpoint}: {exc}") from None
-    if not 200 <= reply.status < 300:
-        raise ExportError(f"OTLP collector {endpoint} answered {reply.status}: {reply.text.strip()[:200]}")
+Post = Callable[[bytes, float], None]  # one export's body and timeout; raises ExportError
 
 
 class ExporterMetrics:
@@ -103,18 +59,19 @@ class ExporterMetrics:
 
 
 class SpanExporter:
-    def __init__(self, endpoint: OtlpEndpoint, resource: Resource, registry: CollectorRegistry | None = None, *,
-                 max_queue: int = MAX_QUEUE, max_batch: int = MAX_BATCH, interval: float = INTERVAL,
-                 timeout: float = TIMEOUT, post: Post = post_otlp,
+    def __init__(self, target: OtlpEndpoint | Collector, resource: Resource, registry: CollectorRegistry | None = None,
+                 *, max_queue: int = MAX_QUEUE, max_batch: int = MAX_BATCH, interval: float = INTERVAL,
+                 timeout: float = TIMEOUT, post: Post | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.endpoint = endpoint
+        self.collector = target if isinstance(target, Collector) else Collector(target)
+        self.endpoint = self.collector.endpoint
         self.resource = resource
         self.max_queue = max_queue
         self.max_batch = max(1, min(max_batch, max_queue))
         self.interval = interval
         self.timeout = timeout
         self.metrics = ExporterMetrics(registry)
-        self._post = post
+        self._post = post or self.collector.post
         self._clock = clock
         self._queue: collections.deque[Span] = collections.deque()
         self._wake: trio.Event | None = None
@@ -173,7 +130,7 @@ class SpanExporter:
 
     def _send(self, batch: Sequence[Span]) -> None:
         """In a worker thread: encode and POST."""
-        self._post(self.endpoint, encode(self.resource, batch), self.timeout)
+        self._post(encode(self.resource, batch), self.timeout)
 
     def _failed(self, n: int, why: str) -> None:
         self.metrics.dropped.labels("export_failed").inc(n)

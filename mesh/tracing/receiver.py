@@ -7,14 +7,16 @@
 `otlp_router(on_spans)` is the pure part (`mesh.serve.routes`): `POST /v1/traces` with an
 `application/x-protobuf` ExportTraceServiceRequest, answered with an empty ExportTraceServiceResponse;
 415 for another content type (OTLP/JSON is not read), 400 for a body that does not decode.  `OtlpReceiver`
-serves it in a thread of its own (`mesh.serve.thread`), optionally listening inside a network namespace
-(the local cluster's underlay, which every node and pod reaches).  `TraceStore` keeps what arrived,
+serves it in a thread of its own (`mesh.serve.thread`), optionally over https (`tls`: a server context),
+optionally listening inside a network namespace (the local cluster's underlay, which every node and pod
+reaches).  `TraceStore` keeps what arrived,
 grouped by trace, bounded (the oldest traces go first); a dashboard's `/api/traces` reads it.
 """
 
 from __future__ import annotations
 
 import collections
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,8 +24,8 @@ from dataclasses import dataclass
 from mesh.proto import otlp_pb2 as otlp
 from mesh.serve.routes import Request, Response, Router
 from mesh.serve.thread import ServerThread
+from mesh.tracing.collector import OTLP_HTTP_PORT
 from mesh.tracing.errors import OtlpError
-from mesh.tracing.exporter import OTLP_HTTP_PORT
 from mesh.tracing.otlp import CONTENT_TYPE, TRACES_PATH, ReceivedSpan, decode, received
 
 MAX_BODY = 16 * 1024 * 1024  # an export of a few thousand spans
@@ -101,10 +103,11 @@ class OtlpReceiver:
     """`otlp_router` served in a thread: `start()` returns the bound port; `stop()` ends it."""
 
     def __init__(self, on_spans: OnSpans, host: str = "127.0.0.1", port: int = OTLP_HTTP_PORT, *,
-                 netns: str | None = None) -> None:
+                 netns: str | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.host = host
+        self.scheme = "https" if tls is not None else "http"
         self._thread = ServerThread("otlp-receiver").tcp(otlp_router(on_spans), host, port, name="OTLP receiver",
-                                                         max_body=MAX_BODY, netns=netns)
+                                                         max_body=MAX_BODY, tls=tls, netns=netns)
         self.port = port
 
     def start(self) -> int:
@@ -113,7 +116,7 @@ class OtlpReceiver:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}{TRACES_PATH}"
+        return f"{self.scheme}://{self.host}:{self.port}{TRACES_PATH}"
 
     def stop(self) -> None:
         self._thread.stop()

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mesh import files
+from mesh import files, logs
 from mesh.errors import MeshError
 from nodeagent.cni import protocol
 
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure("info")
     try:
         if args.uninstall:
             changed = unchain(args.cni_conf_dir)

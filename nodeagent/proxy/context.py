@@ -26,6 +26,7 @@ from mesh.proto import discovery_pb2 as pb
 from mesh.secrets.manager import SecretManager
 from mesh.secrets.svid import Svid
 from nodeagent.accesslog import AccessLog
+from nodeagent.dns.upstream import Resolver
 from nodeagent.metrics import NodeAgentMetrics
 from nodeagent.pods.source import PodRef
 from nodeagent.proxy.sockets import BUSY, SocketSupply, make_transparent, source_port
@@ -50,6 +51,7 @@ class AgentParts:
     tracer: TunnelTracer | None = None  # tunnel spans (None: the agent does not trace)
     engine: Engine | None = None  # where the data path runs (None: each pod's proxy starts its own)
     sockets: SocketSupply = field(default_factory=SocketSupply)  # the engine's, sockets made in pods
+    resolver: Resolver | None = None  # names of DNS ServiceEntry endpoints (trio; None: they cannot be reached)
 
 
 @dataclass(frozen=True)

@@ -6,17 +6,37 @@ waypoint (from inside the pod's namespace, with the pod's certificate, expecting
 identity), plain TCP to a destination outside the mesh, or a refusal.  Whatever happens is recorded
 once, by the connection's `ConnectionOutcome`.  It all runs on the engine (`mesh.hbone.engine`): the
 client is a `PlainEnd` whose bytes wait (kept, not read further than a first chunk) for the upstream.
+
+Pre-warm: when a pod is enrolled, `prewarm` opens, ahead of its first connection, the pooled HBONE
+connection that its first connection to each service of its own namespace would need (the routes
+`decide` gives for the service's first address and port, at most `PREWARM_MAX` distinct pool keys, a
+destination not reachable yet tried again `PREWARM_ATTEMPTS` times), so that first connection does not
+wait for a TCP and TLS handshake.  The connections are pooled as any other and close after the pool's
+idle timeout when no tunnel uses them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from mesh.hbone.headers import request_headers
 from mesh.hbone.pool import PoolKey
 from mesh.hbone.splice import End, PlainEnd, open_end, relay_ends
+from mesh.proto import discovery_pb2 as pb
+from nodeagent.dns.upstream import UpstreamError
+from nodeagent.pods.source import PodRef
 from nodeagent.proxy.context import PodContext, local_of, original_destination, peer_of
 from nodeagent.proxy.errors import UPSTREAM_ERRORS, NoHealthyUpstream, SelfCall, upstream_error
 from nodeagent.proxy.outcome import OutcomeRecorder
 from nodeagent.proxy.routing import Route, RouteKind, decide
+from nodeagent.state import MeshState
+
+log = logging.getLogger("nodeagent.proxy")
+
+PREWARM_MAX = 8  # pooled connections a pod's enrollment opens ahead of time, at most
+PREWARM_ATTEMPTS = 5  # tries for a destination that cannot be reached yet ...
+PREWARM_RETRY = 1.0  # ... this many seconds apart
 
 
 async def handle(ctx: PodContext, client: PlainEnd) -> None:
@@ -50,14 +70,81 @@ async def _hbone(ctx: PodContext, route: Route, src: tuple[str, int], traceparen
     engine = ctx.parts.engine
     assert engine is not None
     await ctx.certificate(engine)  # held after the first connection: no hop to trio
-    key = PoolKey(source=ctx.pod.identity, destination=route.expected[0], address=route.next_hop,
-                  origin=ctx.pod.netns)
+    key = pool_key(ctx.pod, route)
     headers = request_headers(forwarded_for=f"{src[0]}:{src[1]}",
                               service_host=route.service.hostname if route.service else None,
                               traceparent=traceparent)
     return await ctx.parts.pool.open_tunnel(key, route.authority, headers)
 
 
+def pool_key(pod: PodRef, route: Route) -> PoolKey:
+    """The pooled connections a tunnelled route of this pod may share."""
+    assert route.next_hop is not None and route.expected
+    return PoolKey(source=pod.identity, destination=route.expected[0], address=route.next_hop, origin=pod.netns)
+
+
+def prewarm_keys(view: MeshState, pod: PodRef, source: pb.Workload | None) -> list[PoolKey]:
+    """The pool keys of the tunnelled routes the pod's first connection to each service of its own
+    namespace would take, but to itself (services in hostname order, at most `PREWARM_MAX` keys)."""
+    keys: list[PoolKey] = []
+    services = sorted((s for s in view.services() if s.namespace == pod.namespace), key=lambda s: s.hostname)
+    for svc in services:
+        if not svc.vips or not svc.ports:
+            continue
+        route = decide(view, source, svc.vips[0], svc.ports[0].service_port, pod_ip=pod.ip)
+        if route.tunnelled and route.next_hop is not None and route.expected and route.next_hop[0] != pod.ip:
+            key = pool_key(pod, route)
+            if key not in keys:
+                keys.append(key)
+        if len(keys) >= PREWARM_MAX:
+            break
+    return keys
+
+
+async def prewarm(ctx: PodContext) -> int:
+    """(On the engine.)  Open the pod's likely first pooled connections (`prewarm_keys`); how many were
+    dialled.  A destination that cannot be reached now is left to the first connection that needs it."""
+    engine = ctx.parts.engine
+    assert engine is not None
+    keys = prewarm_keys(ctx.parts.state, ctx.pod, ctx.workload())
+    dialled = 0
+    try:
+        if keys:
+            await ctx.certificate(engine)
+    except UPSTREAM_ERRORS as exc:
+        log.debug("not pre-warming for pod %s: %s", ctx.pod.key, exc)
+        return 0
+    for attempt in range(PREWARM_ATTEMPTS):
+        if attempt:
+            await asyncio.sleep(PREWARM_RETRY)  # the peer's pod may be being enrolled at the same time
+        failed = []
+        for key in keys:
+            try:
+                dialled += await ctx.parts.pool.warm(key)
+            except UPSTREAM_ERRORS as exc:
+                failed.append(key)
+                log.debug("pre-warming %s for pod %s: %s", key.describe(), ctx.pod.key, exc)
+        keys = failed
+        if not keys:
+            break
+    log.info('{"event": "prewarmed", "pod": "%s", "dialled": %d, "unreachable": %d}', ctx.pod.key, dialled, len(keys))
+    return dialled
+
+
 async def _plain(ctx: PodContext, route: Route) -> End:
-    assert route.next_hop is not None
-    return await open_end(await ctx.connect_from_pod(route.next_hop))
+    hop = await _resolved(ctx, route) if route.resolve else route.next_hop
+    assert hop is not None
+    return await open_end(await ctx.connect_from_pod(hop))
+
+
+async def _resolved(ctx: PodContext, route: Route) -> tuple[str, int]:
+    """Where a route to a name goes (a DNS ServiceEntry's endpoint): its first address, as the agent's
+    resolver (`nodeagent.dns.upstream.Resolver`, in trio) finds it now."""
+    resolver, engine = ctx.parts.resolver, ctx.parts.engine
+    if resolver is None or engine is None:
+        raise NoHealthyUpstream(f"{route.resolve} must be resolved, and the agent has no resolver")
+    try:
+        addresses = await engine.from_trio(resolver.resolve, route.resolve)
+    except UpstreamError as exc:
+        raise NoHealthyUpstream(f"cannot resolve {route.resolve}: {exc}") from None
+    return addresses[0], route.resolve_port

@@ -49,6 +49,7 @@ class PodProxy:
         self._hbone: set[AioServerConnection] = set()
         self._readers: list[int] = []  # listeners the engine accepts from itself (15008)
         self._draining = False
+        self.companions: list[Callable[[], None]] = []  # closed with the listeners (the pod's DNS proxy)
 
     @property
     def engine(self) -> Engine:
@@ -72,11 +73,18 @@ class PodProxy:
         return self
 
     async def stop(self) -> None:
+        self._close_companions()
         with trio.CancelScope(shield=True):
             await self.engine.call(self._stop)
 
+    def _close_companions(self) -> None:
+        for close in self.companions:
+            close()
+        self.companions.clear()
+
     async def drain(self) -> None:
         """Take no new connection; those open go on (`stop` ends them)."""
+        self._close_companions()
         with trio.CancelScope(shield=True):
             await self.engine.call(self._drain)
 

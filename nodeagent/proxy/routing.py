@@ -7,6 +7,11 @@ outbound proxy then carries it out with one I/O function per kind.  Most tests a
   (then that endpoint's waypoint if it has one, HBONE if it is in the mesh, plain TCP if not).
 - A workload address: its waypoint, HBONE to its 15008 if it is in the mesh, or plain TCP.
 - Anything else: plain TCP to where the application was going (passthrough).
+- ServiceEntry hosts are services like the others, with three differences: one the source's namespace
+  may not see (`exportTo`) is unknown to it; one with resolution NONE passes the connection through to
+  where the application sent it; an endpoint known by name only (resolution DNS) is a passthrough to
+  that name, which the outbound proxy resolves when it connects (`Route.resolve`).  Their external
+  endpoints are not in the mesh, so they are reached in plain TCP from the source's agent.
 - Refused first, before any of that: a call to the agent itself (`selfcall`): loopback, the listener the
   connection arrived at, an agent port of this pod; and, once the endpoint is chosen, an agent port of
   the workload an HBONE tunnel would ask its agent to connect to.
@@ -43,6 +48,9 @@ class Route:
     service: pb.Service | None = None
     workload: pb.Workload | None = None  # the destination workload, when known
     reason: str = ""
+    resolve: str = ""  # PASSTHROUGH to a name (a DNS ServiceEntry's endpoint): next_hop is None, the port is
+    # `resolve_port`; the outbound proxy resolves the name when it connects
+    resolve_port: int = 0
 
     @property
     def tunnelled(self) -> bool:
@@ -75,12 +83,17 @@ def endpoints(view: MeshState, svc: pb.Service, port: int) -> list[tuple[pb.Work
     """Healthy workloads behind a service port, with the port each listens on."""
     out = []
     for w in (view.workload(e.workload_uid) for e in svc.endpoints):
-        if w is None or w.status != pb.HEALTHY or not w.addresses:
+        if w is None or w.status != pb.HEALTHY or not (w.addresses or w.hostname):
             continue
         tp = target_port(w, svc, port)
         if tp is not None:
             out.append((w, tp))
     return out
+
+
+def visible(svc: pb.Service, source: pb.Workload | None) -> bool:
+    """Whether the source's namespace may use the service (a ServiceEntry's `exportTo`)."""
+    return not svc.export_to or source is None or source.namespace in svc.export_to
 
 
 def waypoint_of(view: MeshState, gw: pb.GatewayAddress,
@@ -108,6 +121,9 @@ def _to_workload(view: MeshState, w: pb.Workload, port: int, authority: str, svc
                          reason=f"waypoint of {w.namespace}/{w.name} has no ready instance")
         hop, expected = found
         return Route(RouteKind.WAYPOINT, hop, authority, expected, svc, w, "workload uses a waypoint")
+    if not w.addresses:  # known by name only: resolved when connecting
+        return Route(RouteKind.PASSTHROUGH, None, f"{w.hostname}:{port}", (), svc, w,
+                     "destination is resolved by name (DNS ServiceEntry)", resolve=w.hostname, resolve_port=port)
     ip = w.addresses[0]
     if w.tunnel_protocol == pb.HBONE:
         return Route(RouteKind.HBONE, (ip, HBONE_PORT), f"{ip}:{port}", (workload_identity(w),), svc, w,
@@ -137,6 +153,11 @@ def _decide(view: MeshState, source: pb.Workload | None, dst_ip: str, dst_port: 
             rng: random.Random | None) -> Route:
     authority = f"{dst_ip}:{dst_port}"
     svc = view.service_by_vip(dst_ip)
+    if svc is not None and not visible(svc, source):
+        svc = None
+    if svc is not None and svc.resolution == pb.RESOLUTION_NONE:
+        return Route(RouteKind.PASSTHROUGH, (dst_ip, dst_port), authority, service=svc,
+                     reason="service entry with resolution NONE: to the original destination")
     if svc is not None:
         if svc.HasField("waypoint") and not (source is not None and source.is_waypoint):
             found = waypoint_of(view, svc.waypoint)

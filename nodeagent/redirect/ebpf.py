@@ -1,7 +1,8 @@
 """The eBPF redirector: capture with bcc programs on the pod's cgroup and network namespace (`bpf/`).
 
 Outbound, `connect4`/`connect6` on the pod's cgroup rewrite the application's TCP connects to the pod's
-15001 and record where each was going; inbound, an `sk_lookup` program in the pod's namespace hands
+15001 and record where each was going (and, with DNS capture, UDP and TCP to port 53 go to the agent's
+DNS proxy on 127.0.0.1:15053: connect4, sendmsg4, and recvmsg4 for the answers' source); inbound, an `sk_lookup` program in the pod's namespace hands
 TCP arriving for the pod to the agent's 15006 listener (HBONE on 15008 and the agent's own ports pass).
 The agent's own sockets are not in the pod's cgroup, so they are never rewritten.  Links and maps are
 pinned, so capture outlives the agent (pods fail closed) and the next agent adopts it.  No iptables or
@@ -32,11 +33,12 @@ class EbpfUnavailableError(NodeAgentError):
 class EbpfRedirector:
     mode = "ebpf"
 
-    def __init__(self, loader: Loader) -> None:
+    def __init__(self, loader: Loader, *, dns_capture: bool = defaults.DNS_CAPTURE) -> None:
         self.loader = loader
+        self.dns_capture = dns_capture  # the pods' DNS goes to the agent's DNS proxy (sendmsg4, connect4)
 
     @classmethod
-    def open(cls, prefix: str = defaults.BPF_PIN_PREFIX) -> EbpfRedirector:
+    def open(cls, prefix: str = defaults.BPF_PIN_PREFIX, *, dns_capture: bool = defaults.DNS_CAPTURE) -> EbpfRedirector:
         """A redirector whose programs compiled and whose kernel facilities are there, or
         EbpfUnavailableError naming what is missing (and suggesting --redirect-mode iptables)."""
         try:
@@ -47,7 +49,7 @@ class EbpfRedirector:
         except BpfError as exc:
             raise EbpfUnavailableError(f"eBPF redirection is unavailable: {exc}; start the node agent with "
                                        "--redirect-mode iptables to capture traffic with iptables instead") from exc
-        return cls(loader)
+        return cls(loader, dns_capture=dns_capture)
 
     def install(self, pod: PodRef, listeners: Mapping[int, socket.socket]) -> Outcome:
         if not pod.cgroup:
@@ -60,7 +62,7 @@ class EbpfRedirector:
         routing.install(pod.netns, self.mode)  # first: a redirected connection's replies must find their way
         try:
             done = Outcome(self.loader.attach_pod(pod.key, pod.netns, pod.cgroup, inbound,
-                                                  pod_ip=pod.ip or None).value)
+                                                  pod_ip=pod.ip or None, dns_capture=self.dns_capture).value)
         except BpfError as exc:
             raise RedirectError(f"pod {pod.key}: {exc}") from exc
         return Outcome.REDONE if done is Outcome.ADOPTED and not routed else done

@@ -17,7 +17,14 @@ from nodeagent.pods.source import PodRef
 from nodeagent.redirect import routing
 from nodeagent.redirect.base import Capture, Outcome
 from nodeagent.redirect.nsexec import run_in
-from nodeagent.redirect.rules import Installed, install_script, parse_saved, policy_routing, remove_script
+from nodeagent.redirect.rules import (
+    DNS_CAPTURE,
+    Installed,
+    install_script,
+    parse_saved,
+    policy_routing,
+    remove_script,
+)
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 MODE = "iptables"
@@ -28,11 +35,11 @@ def inspect(netns_path: str) -> Installed:
                        run_in(netns_path, ["iptables-save", "-t", "nat"]))
 
 
-def install(netns_path: str) -> Outcome:
+def install(netns_path: str, dns: bool = DNS_CAPTURE) -> Outcome:
     """Make the pod's rules and policy routing exactly ours, whatever an earlier run left."""
     found = inspect(netns_path)
     routes = routing.inspect(netns_path)
-    if not found.empty and found.complete() and routes.exactly(policy_routing(MODE)):
+    if not found.empty and found.complete(dns) and routes.exactly(policy_routing(MODE)):
         return Outcome.ADOPTED
     outcome = Outcome.INSTALLED
     if not found.empty or not routes.empty:
@@ -41,7 +48,7 @@ def install(netns_path: str) -> Outcome:
         routing.remove_found(netns_path, routes)
         outcome = Outcome.REDONE
     routing.install(netns_path, MODE)  # first: a redirected connection's replies must already find their way
-    run_in(netns_path, ["iptables-restore", "-w", "5", "--noflush"], install_script())
+    run_in(netns_path, ["iptables-restore", "-w", "5", "--noflush"], install_script(dns))
     return outcome
 
 
@@ -66,8 +73,11 @@ class IptablesRedirector:
 
     mode = MODE
 
+    def __init__(self, *, dns_capture: bool = DNS_CAPTURE) -> None:
+        self.dns_capture = dns_capture  # the pods' DNS goes to the agent's DNS proxy
+
     def install(self, pod: PodRef, listeners: Mapping[int, socket.socket]) -> Outcome:
-        return install(pod.netns)
+        return install(pod.netns, self.dns_capture)
 
     def adopt(self, pod: PodRef, listeners: Mapping[int, socket.socket]) -> bool:
         return self.verify(pod).exact
@@ -79,7 +89,7 @@ class IptablesRedirector:
         found = inspect(pod.netns)
         routes = routing.inspect(pod.netns)
         rules = tuple(r for table in sorted(found.rules) for r in found.rules[table])
-        exact = not found.empty and found.complete() and routes.exactly(policy_routing(MODE))
+        exact = not found.empty and found.complete(self.dns_capture) and routes.exactly(policy_routing(MODE))
         return Capture(self.mode, present=not found.empty or not routes.empty, exact=exact,
                        detail=rules + routes.detail())
 

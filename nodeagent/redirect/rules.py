@@ -4,7 +4,10 @@ They follow the in-pod mode of Istio's ambient capture.  In the mangle table, pa
 the agent made (its sockets carry SO_MARK 0x539) get connmark 0x111, and replies of such connections get
 the mark restored, so the nat rules let them through.  In the nat table, TCP arriving at the pod that is
 not for 15008 (HBONE) and not agent-made is redirected to 15006 (plaintext inbound), and TCP the pod's
-application sends anywhere but loopback is redirected to 15001 (outbound).  DNS is left alone.
+application sends anywhere but loopback is redirected to 15001 (outbound).  With DNS capture (the
+default, `--dns-capture`), UDP and TCP the application sends to port 53, loopback included (a pod's
+nameserver may be 127.0.0.1), are redirected to the agent's DNS proxy, 127.0.0.1:15053, first; the
+agent's own queries carry its mark and are left alone.
 
 All rules live in chains the agent owns (`AMB_PRERT`, `AMB_OUTPUT`), entered by one jump from each
 built-in chain; `install_script` and `remove_script` are iptables-restore input, so each change is one
@@ -42,6 +45,8 @@ TABLE_CHAINS = {"mangle": (("PREROUTING", CHAIN_PRERT), ("OUTPUT", CHAIN_OUTPUT)
 ROUTE_TABLE = defaults.INBOUND_ROUTE_TABLE
 RULE_PRIORITY = defaults.INBOUND_RULE_PRIORITY
 TRANSPARENT_PORTS = defaults.TRANSPARENT_PORTS
+DNS_PORT = defaults.DNS_PORT
+DNS_CAPTURE = defaults.DNS_CAPTURE
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,13 @@ class RuleSet:
     rules: tuple[str, ...]
 
 
-def rule_sets() -> tuple[RuleSet, ...]:
+def dns_rules(mark: str) -> tuple[str, ...]:
+    """nat OUTPUT: the application's DNS (UDP and TCP to port 53) to the agent's DNS proxy."""
+    return tuple(f"-A {CHAIN_OUTPUT} -p {proto} -m mark ! --mark {mark} -m {proto} --dport 53 "
+                 f"-j REDIRECT --to-ports {DNS_PORT}" for proto in ("udp", "tcp"))
+
+
+def rule_sets(dns: bool = DNS_CAPTURE) -> tuple[RuleSet, ...]:
     mark = f"{AGENT_MARK:#x}/{MARK_MASK:#x}"
     conn = f"{CONN_MARK:#x}/{MARK_MASK:#x}"
     mangle = RuleSet("mangle", (
@@ -60,7 +71,7 @@ def rule_sets() -> tuple[RuleSet, ...]:
         f"-A {CHAIN_OUTPUT} -m connmark --mark {conn} -j CONNMARK --restore-mark "
         "--nfmask 0xffffffff --ctmask 0xffffffff",
     ))
-    nat = RuleSet("nat", (
+    nat = RuleSet("nat", (*(dns_rules(mark) if dns else ()),
         f"-A {CHAIN_PRERT} ! -d 127.0.0.1/32 -p tcp -m tcp ! --dport {HBONE_PORT} -m mark ! --mark {mark} "
         f"-j REDIRECT --to-ports {INBOUND_PLAIN_PORT}",
         f"-A {CHAIN_OUTPUT} -p tcp -m mark --mark {conn} -j ACCEPT",
@@ -75,10 +86,10 @@ def _jumps(table: str) -> list[tuple[str, str]]:
     return list(TABLE_CHAINS[table])
 
 
-def install_script() -> str:
+def install_script(dns: bool = DNS_CAPTURE) -> str:
     """iptables-restore --noflush input that creates the chains, fills them and jumps to them."""
     lines: list[str] = []
-    for rs in rule_sets():
+    for rs in rule_sets(dns):
         lines.append(f"*{rs.table}")
         lines += [f":{chain} - [0:0]" for _, chain in _jumps(rs.table)]
         lines += [f"-A {builtin} -j {chain}" for builtin, chain in _jumps(rs.table)]
@@ -116,9 +127,9 @@ class Installed:
     def empty(self) -> bool:
         return not any(self.jumps.values()) and not any(self.chains.values())
 
-    def complete(self) -> bool:
-        """Exactly our rule set, once: adoptable after an agent restart."""
-        for rs in rule_sets():
+    def complete(self, dns: bool = DNS_CAPTURE) -> bool:
+        """Exactly our rule set (with DNS capture or without), once: adoptable after an agent restart."""
+        for rs in rule_sets(dns):
             if sorted(self.jumps.get(rs.table, [])) != sorted(_jumps(rs.table)):
                 return False
             if _by_chain(self.rules.get(rs.table, ())) != _by_chain(rs.rules):

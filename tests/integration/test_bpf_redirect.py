@@ -253,6 +253,9 @@ def nothing_waiting(listener: socket.socket) -> bool:
     return False
 
 
+CGROUP_PROGRAMS = sorted(p.name for p in layout.PROGRAMS if p.target is layout.Target.CGROUP)
+
+
 def cgroup_programs(cgroup: Path) -> list[str] | None:
     """What bpftool sees attached to the cgroup (None without bpftool)."""
     if shutil.which("bpftool") is None:
@@ -346,7 +349,7 @@ def test_inbound_connections_land_on_15006_but_hbone_and_skipped_ports_go_throug
 def test_detach_restores_the_direct_paths(pod: Pod, agent: Agent, attach: Callable[..., Outcome],
                                           loader: Loader) -> None:
     attach(pod_ip=POD_IP)
-    assert cgroup_programs(pod.cgroup) in (None, ["connect4", "connect6", "sockops"])
+    assert cgroup_programs(pod.cgroup) in (None, CGROUP_PROGRAMS)
     assert loader.detach_pod(pod.id) is True
     assert loader.detach_pod(pod.id) is False
     assert pod.id not in loader.list_pods()
@@ -373,7 +376,7 @@ def test_redirection_outlives_the_process_that_attached_it_and_is_adopted(
     found = loader.inspect_pod(pod.id)
     assert found.exact, found.problems
     assert found.listener_cookie == 0
-    assert cgroup_programs(pod.cgroup) in (None, ["connect4", "connect6", "sockops"])
+    assert cgroup_programs(pod.cgroup) in (None, CGROUP_PROGRAMS)
     assert netns_links(pod.netns_path) in (None, [s.prog_id for s in found.links if s.program == "steer_inbound"])
     # Outbound still goes to 15001 (refused when no agent listens there); inbound is refused, not let through.
     pod.app_connect(PEER_IP, PEER_PORT, "while-away")
@@ -413,7 +416,7 @@ def test_a_pinned_set_that_is_not_exactly_ours_is_redone(
     redone = loader.inspect_pod(pod.id)
     assert redone.exact, redone.problems
     assert {s.link_id for s in redone.links}.isdisjoint(s.link_id for s in first.links)
-    assert cgroup_programs(pod.cgroup) in (None, ["connect4", "connect6", "sockops"])  # the old ones are gone
+    assert cgroup_programs(pod.cgroup) in (None, CGROUP_PROGRAMS)  # the old ones are gone
     pod.app_connect(PEER_IP, PEER_PORT, "redone")
     conn, _ = accept(agent.outbound)
     assert loader.original_destination(conn) == (PEER_IP, PEER_PORT)
@@ -428,7 +431,7 @@ def test_moving_a_pod_to_another_cgroup_redoes_it_and_frees_the_old_one(
         assert outcome is Outcome.REDONE
         assert loader.inspect_pod(pod.id).cgroup_id == os.stat(other).st_ino
         assert cgroup_programs(pod.cgroup) in (None, [])
-        assert cgroup_programs(other) in (None, ["connect4", "connect6", "sockops"])
+        assert cgroup_programs(other) in (None, CGROUP_PROGRAMS)
         pod.app_connect(PEER_IP, PEER_PORT, "old-cgroup")  # the old cgroup is no longer captured
         assert accept(agent.peer)[1] == "old-cgroup"
     finally:
@@ -442,7 +445,7 @@ def test_bpftool_sees_the_attachment(pod: Pod, agent: Agent, attach: Callable[..
         pytest.skip("bpftool is not installed (Debian package bpftool)")
     attach(pod_ip=POD_IP)
     found = loader.inspect_pod(pod.id)
-    assert cgroup_programs(pod.cgroup) == ["connect4", "connect6", "sockops"]
+    assert cgroup_programs(pod.cgroup) == CGROUP_PROGRAMS
     assert netns_links(pod.netns_path) == [s.prog_id for s in found.links if s.program == "steer_inbound"]
     maps = json.loads(run("bpftool", "-j", "map", "show", "pinned",
                           str(found.pin_dir / layout.map_pin_name(layout.MAP_ORIG_BY_CONN))))

@@ -226,10 +226,10 @@ def test_capture_is_the_nodes_mode_and_only_that(mesh: Mesh) -> None:
     assert [line for line in saved.splitlines() if line.startswith("-A")] == []
     assert nft.strip() == ""
     detail = "\n".join(pods["bookinfo/productpage-v1"]["detail"])
-    for program in ("connect4", "connect6", "sockops", "steer_inbound"):
+    for program in ("connect4", "connect6", "sockops", "sendmsg4", "recvmsg4", "steer_inbound"):
         assert f"{program}: link" in detail, detail
     assert {p.name for p in pinned_links(mesh.name, "bookinfo/productpage-v1")} == {
-        "link_connect4", "link_connect6", "link_sockops", "link_steer_inbound"}
+        "link_connect4", "link_connect6", "link_sockops", "link_sendmsg4", "link_recvmsg4", "link_steer_inbound"}
     links = subprocess.run(["bpftool", "link", "show"], capture_output=True, text=True, check=True).stdout
     assert "sk_lookup" in links and "cgroup" in links
 

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 
 from controlplane.app import ControlPlaneThread
 from controlplane.config.store import Store
-from controlplane.discovery.filter import wants
+from controlplane.discovery.filter import view
 from controlplane.discovery.source import MemorySource
 from controlplane.discovery.state import Acked, Nacked, Push, Snapshot, StreamState
 from controlplane.options import Options
@@ -183,7 +183,7 @@ def _workload(name: str, ip: str) -> pb.Workload:
 
 
 def test_a_nacked_response_is_resent_in_halves_until_the_bad_one_is_alone() -> None:
-    s = StreamState(wants, nonce_prefix="t")
+    s = StreamState(view, nonce_prefix="t")
     a, good, bad = _workload("a", "10.0.0.1"), _workload("good", "10.0.0.2"), _workload("bad", "not-an-ip")
     first = [o for o in s.receive(_req(), _snap("1", a)) if isinstance(o, Push)][0]
     s.receive(_req(first.nonce), _snap("1", a))
@@ -206,7 +206,7 @@ def test_a_nacked_response_is_resent_in_halves_until_the_bad_one_is_alone() -> N
 
 
 def test_a_large_nacked_response_is_bisected_without_flooding() -> None:
-    s = StreamState(wants, nonce_prefix="b")
+    s = StreamState(view, nonce_prefix="b")
     good = [_workload(f"w{i:03}", f"10.0.{i // 250}.{i % 250 + 1}") for i in range(300)]
     bad = _workload("w150x", "bad")
     snap = _snap("1", *good, bad)

@@ -247,7 +247,7 @@ def _request(type_url: str, node: str = "n1", **kw: Any) -> xds.DeltaDiscoveryRe
 def test_per_stream_state_is_bounded() -> None:
     limits = Limits(max_types=2, max_names=3, max_name_length=20)
     empty = Snapshot("1", {})
-    s = StreamState(lambda *_: True, limits=limits)
+    s = StreamState(lambda _node, resources: resources, limits=limits)
     s.receive(_request("t1"), empty)
     s.receive(_request("t2"), empty)
     with pytest.raises(ProtocolError) as info:
@@ -257,11 +257,11 @@ def test_per_stream_state_is_bounded() -> None:
         s.receive(_request("t1", resource_names_subscribe=["a", "b", "c", "d"]), empty)
     assert info.value.code == "RESOURCE_EXHAUSTED"
     with pytest.raises(ProtocolError) as info:
-        StreamState(lambda *_: True, limits=limits).receive(
+        StreamState(lambda _node, resources: resources, limits=limits).receive(
             _request("t1", initial_resource_versions={f"n{i}": "v" for i in range(4)}), empty)
     assert info.value.code == "RESOURCE_EXHAUSTED"
     with pytest.raises(ProtocolError) as info:
-        StreamState(lambda *_: True, limits=limits).receive(_request("t1", resource_names_subscribe=["x" * 21]), empty)
+        StreamState(lambda _node, resources: resources, limits=limits).receive(_request("t1", resource_names_subscribe=["x" * 21]), empty)
     assert info.value.code == "RESOURCE_EXHAUSTED"
 
 

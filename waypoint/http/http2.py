@@ -1,5 +1,5 @@
 """HTTP/2 with prior knowledge over trio streams with h2: the server side (concurrent streams, each handed
-to the pipeline) and a simple client side toward endpoints (one request at a time per connection, reused).
+to the pipeline; the client side toward endpoints is `waypoint.http.http2_client`).
 
 Flow control is real in both directions: received data is acknowledged only as the pipeline consumes
 it, and sending waits for the peer's window.  A request head larger than `max_header_bytes` gets 431.
@@ -14,7 +14,7 @@ had to send went out, so a client that floods PINGs without reading the answers 
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import h2.config
@@ -26,9 +26,9 @@ import h2.settings
 import trio
 
 from mesh.hbone.frames import FrameGuard, ResetBudget
-from waypoint.errors import HttpError, RefusedStream, UpstreamReset
+from waypoint.errors import HttpError
 from waypoint.http.exchange import Handler
-from waypoint.l7.model import RequestHead, ResponseHead, forwardable
+from waypoint.l7.model import Headers, RequestHead, ResponseHead, forwardable
 
 READ_SIZE = 65536
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -48,6 +48,7 @@ class _Stream:
     window: trio.Event = field(default_factory=trio.Event)
     reset: bool = False
     ended: bool = False
+    trailers: Headers = ()  # the request's trailers, once its body has ended
     handler: trio.CancelScope = field(default_factory=trio.CancelScope)  # server: the request's handler
 
 
@@ -87,6 +88,8 @@ class _H2Base:
             padding = (event.flow_controlled_length or 0) - len(data)
             if padding > 0:
                 self.conn.acknowledge_received_data(padding, event.stream_id)
+        elif isinstance(event, h2.events.TrailersReceived) and event.stream_id in self.streams:
+            self.streams[event.stream_id].trailers = tuple((_text(k).lower(), _text(v)) for k, v in event.headers or [])
         elif isinstance(event, h2.events.StreamEnded) and event.stream_id in self.streams:
             self.streams[event.stream_id].ended = True
             self.streams[event.stream_id].send.close()
@@ -169,6 +172,17 @@ class _ServerExchange:
         if not self._s.reset and not self._server.closed:
             self._server.conn.end_stream(self._s.stream_id)
             await self._server.flush()
+
+    @property
+    def request_trailers(self) -> Headers:
+        return self._s.trailers
+
+    async def send_trailers(self, trailers: Headers) -> None:
+        """End the response with trailers (gRPC's `grpc-status`)."""
+        if self._s.reset or self._server.closed:
+            raise trio.BrokenResourceError("stream was reset")
+        self._server.conn.send_headers(self._s.stream_id, [(k, v) for k, v in forwardable(trailers)], end_stream=True)
+        await self._server.flush()
 
     async def reset(self) -> None:
         if not self._s.reset and not self._server.closed:
@@ -278,100 +292,3 @@ class Http2Server(_H2Base):
             pass
         finally:
             self.streams.pop(exchange._s.stream_id, None)
-
-
-class Http2Client(_H2Base):
-    """An HTTP/2 connection to one endpoint; requests are sent one at a time and read inline."""
-
-    def __init__(self, stream: trio.abc.Stream, max_header_bytes: int = 60 * 1024) -> None:
-        super().__init__(stream, client_side=True, max_header_bytes=max_header_bytes)
-        self.conn.initiate_connection()
-        self._current: _Stream | None = None
-        self._response: ResponseHead | None = None
-
-    async def _pump(self) -> None:
-        try:
-            data = await self.stream.receive_some(READ_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._terminate()
-            raise UpstreamReset(f"connection to endpoint reset: {exc}") from exc
-        if not data:
-            self._terminate()
-            return
-        try:
-            events = self.conn.receive_data(bytes(data))
-        except h2.exceptions.ProtocolError as exc:
-            self._terminate()
-            raise UpstreamReset(f"endpoint broke the HTTP/2 protocol: {exc}") from exc
-        for event in events:
-            if isinstance(event, h2.events.ResponseReceived) and self._current is not None \
-                    and event.stream_id == self._current.stream_id:
-                pairs = [(_text(k).lower(), _text(v)) for k, v in event.headers or []]
-                status = int(next((v for k, v in pairs if k == ":status"), "502"))
-                self._response = ResponseHead(status, tuple(p for p in pairs if not p[0].startswith(":")))
-                if event.stream_ended is not None:
-                    self._on_event(event.stream_ended)
-            elif isinstance(event, h2.events.StreamReset) and self._current is not None \
-                    and event.stream_id == self._current.stream_id and event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM:
-                self._current.reset = True
-                self._current.send.close()
-                raise RefusedStream("endpoint refused the stream")
-            else:
-                self._on_event(event)
-        await self.flush()
-
-    async def wait_window(self, s: _Stream) -> None:
-        await self._pump()
-
-    async def send_request(self, head: RequestHead, body: AsyncIterable[bytes]) -> None:
-        if self._current is not None:  # one request at a time: forget the previous one's stream
-            self.streams.pop(self._current.stream_id, None)
-        try:
-            sid = self.conn.get_next_available_stream_id()
-            s = self._current = self._new_stream(sid)
-            self._response = None
-            headers = [(":method", head.method), (":scheme", head.scheme), (":authority", head.authority),
-                       (":path", head.path), *forwardable(head.headers)]
-            self.conn.send_headers(sid, headers)
-            await self.flush()
-            async for chunk in body:
-                await self.send_body(s, chunk)
-            self.conn.end_stream(sid)
-            await self.flush()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h2.exceptions.H2Error) as exc:
-            raise UpstreamReset(f"connection to endpoint reset while sending: {exc}") from exc
-
-    async def receive_response(self) -> ResponseHead:
-        while self._response is None:
-            if self.closed or (self._current is not None and self._current.reset):
-                raise UpstreamReset("endpoint reset the stream before answering")
-            await self._pump()
-        return self._response
-
-    async def response_body(self) -> AsyncIterator[bytes]:
-        s = self._current
-        assert s is not None
-        while True:
-            try:
-                chunk = s.receive.receive_nowait()
-            except trio.WouldBlock:
-                if s.reset or self.closed:
-                    raise UpstreamReset("endpoint reset the stream in the middle of the response", "UR") from None
-                await self._pump()
-                continue
-            except trio.EndOfChannel:
-                if s.reset and not s.ended:
-                    raise UpstreamReset("endpoint reset the stream in the middle of the response", "UR") from None
-                return
-            await self.consumed(s.stream_id, len(chunk))
-            yield chunk
-
-    @property
-    def reusable(self) -> bool:
-        s = self._current
-        return not self.closed and s is not None and s.ended and not s.reset
-
-    async def aclose(self) -> None:
-        with trio.move_on_after(1) as cs:
-            cs.shield = True
-            await self.stream.aclose()

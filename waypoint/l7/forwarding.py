@@ -3,10 +3,20 @@
 Envoy as Istio configures it, for a proxy that is the first to see the client's verified identity:
 
 - `x-forwarded-client-cert`: whatever the client wrote is dropped and the header is set to the verified
-  peer (`forward_client_cert_details: SANITIZE_SET`): `By=<this waypoint's SPIFFE ID>;URI=<the peer's>`;
-  no peer identity, no header.
+  peer (`forward_client_cert_details: SANITIZE_SET`, details By, Hash and URI):
+  `By=<this waypoint's SPIFFE ID>;Hash=<SHA-256 of the client's leaf certificate, DER, hex>;URI=<the
+  peer's>`; no peer identity, no header.
 - `x-forwarded-for`: the verified source address is appended (`use_remote_address: true`).
+- `x-forwarded-proto`: set by the waypoint to the scheme of the connection it received the request on
+  (`http`: the request travels in clear inside the mutual-TLS tunnel, which the tunnel's identity, not
+  this header, vouches for); what the client wrote is not believed.
 - `forwarded` (RFC 7239), which nothing here vouches for, is removed.
+- `x-envoy-*`: Envoy's internal headers (`x-envoy-original-path`, `x-envoy-expected-rq-timeout-ms`,
+  `x-envoy-retry-on`, `x-envoy-upstream-rq-timeout-ms`, `x-envoy-max-retries`, ...) are removed from
+  every request the waypoint receives: they steer retries and timeouts in Envoy, and the waypoint takes
+  those from its configuration alone.  Envoy strips them only from "external" clients (addresses outside
+  its `internal_address_config`); the waypoint's clients are applications, none of them a proxy it
+  trusts, so it strips them from all (a choice stricter than Envoy with private addresses internal).
 
 The address `remoteIpBlocks` and `remote.ip` see is Envoy's "trusted client address": the appended
 `x-forwarded-for` read from the right, skipping `trusted_hops` proxies (`xff_num_trusted_hops`, 0 by
@@ -21,19 +31,25 @@ from waypoint.l7.model import Headers, header_values, with_header, without
 
 XFCC = "x-forwarded-client-cert"
 XFF = "x-forwarded-for"
+XFP = "x-forwarded-proto"
 FORWARDED = "forwarded"
+ENVOY_INTERNAL_PREFIX = "x-envoy-"
 
 
-def forwarding_headers(headers: Headers, *, source_ip: str, peer_identity: str, local_identity: str = "") -> Headers:
+def forwarding_headers(headers: Headers, *, source_ip: str, peer_identity: str, local_identity: str = "",
+                       peer_certificate_hash: str = "", scheme: str = "http") -> Headers:
     """`headers` with the forwarding headers sanitized and set."""
-    out = without(headers, [XFCC, FORWARDED, XFF])
+    out = tuple((n, v) for n, v in without(headers, [XFCC, FORWARDED, XFF, XFP])
+                if not n.lower().startswith(ENVOY_INTERNAL_PREFIX))
     chain = [a.strip() for v in header_values(headers, XFF) for a in v.split(",") if a.strip()]
     if source_ip:
         chain.append(source_ip)
     if chain:
         out = (*out, (XFF, ",".join(chain)))
+    out = with_header(out, XFP, scheme)
     if peer_identity:
-        parts = ([f"By={local_identity}"] if local_identity else []) + [f"URI={peer_identity}"]
+        parts = ([f"By={local_identity}"] if local_identity else []) + \
+                ([f"Hash={peer_certificate_hash}"] if peer_certificate_hash else []) + [f"URI={peer_identity}"]
         out = with_header(out, XFCC, ";".join(parts))
     return out
 

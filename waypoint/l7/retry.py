@@ -3,7 +3,9 @@ the backoff before the next attempt.
 
 `retryOn` words as Istio (Envoy) defines them: `5xx` (a 5xx answer, or no answer: connect failure, reset,
 refused stream, per-try timeout), `gateway-error` (502, 503, 504, and no answer), `connect-failure`,
-`reset`, `refused-stream`, `retriable-4xx` (409), and bare status codes such as `503`.
+`reset`, `refused-stream`, `retriable-4xx` (409), and bare status codes such as `503`; for gRPC, `cancelled`,
+`deadline-exceeded`, `internal`, `resource-exhausted` and `unavailable`, read from the `grpc-status` of a
+trailers-only answer (`waypoint.l7.grpc`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import random
 from dataclasses import dataclass
 
 from waypoint.errors import ConnectFailure, RefusedStream, UpstreamError, UpstreamReset
+from waypoint.l7 import grpc
 
 BACKOFF_BASE = 0.025
 BACKOFF_MAX = 0.25
@@ -24,13 +27,17 @@ class Outcome:
 
     status: int = 0
     failure: str = ""
+    grpc_status: int | None = None  # of a trailers-only gRPC answer
 
     @property
     def outlier_status(self) -> int:
-        """The status outlier detection counts (failures count as 503, timeouts as 504)."""
+        """The status outlier detection counts (failures count as 503, timeouts as 504, a gRPC status as
+        the HTTP status gRPC maps it to)."""
         if self.failure == "timeout":
             return 504
-        return self.status if not self.failure else 503
+        if self.failure:
+            return 503
+        return grpc.grpc_to_http(self.grpc_status) if self.grpc_status is not None else self.status
 
 
 def outcome_of(error: UpstreamError) -> Outcome:
@@ -48,6 +55,8 @@ def retriable(outcome: Outcome, retry_on: frozenset[str]) -> bool:
         if retry_on & {"5xx", "gateway-error"}:
             return True
         return outcome.failure in retry_on
+    if outcome.grpc_status is not None and any(grpc.RETRY_ON.get(w) == outcome.grpc_status for w in retry_on):
+        return True
     s = outcome.status
     if str(s) in retry_on:
         return True

@@ -59,12 +59,14 @@ class LocalReply:
     body: bytes = b""
     flag: str = "-"
     headers: Headers = ()
+    grpc_status: int | None = None  # to a gRPC request: this grpc-status, not the one mapped from `status`
 
 
 @dataclass(frozen=True)
 class FaultDecision:
     delay: float | None = None
     abort_status: int | None = None
+    abort_grpc_status: int | None = None  # the grpc-status of the abort's answer to a gRPC request
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,9 @@ class RouteDecision:
     local_reply: LocalReply | None = None
     table_version: int = 0
     notes: tuple[str, ...] = field(default=())
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 # ---- matching --------------------------------------------------------------------------------------
@@ -214,6 +219,10 @@ def _rewrite(head: RequestHead, route: HttpRoute, m: HttpMatch | None) -> Reques
         else:
             path = route.rewrite_uri
         head = head.replace(path=path + (f"?{query}" if query else ""))
+    if route.rewrite_regex is not None:
+        pattern, replacement = route.rewrite_regex
+        path = pattern.sub(replacement, head.uri_path) or "/"  # a path is never empty
+        head = head.replace(path=path + (f"?{head.query}" if head.query else ""))
     if route.rewrite_authority:
         head = head.replace(authority=route.rewrite_authority)
     return head
@@ -241,14 +250,22 @@ def decide(table: RouteTable, head: RequestHead, client: ClientInfo, rng: random
     fault = FaultDecision()
     if route.fault is not None:
         f = route.fault
-        fault = FaultDecision(delay=f.delay if f.delay is not None and roll(f.delay_percent, rng) else None,
-                              abort_status=f.abort_status if f.abort_status is not None and roll(f.abort_percent, rng) else None)
+        delay = f.delay if f.delay is not None and roll(f.delay_percent, rng) else None
+        aborted = f.abort_status is not None and roll(f.abort_percent, rng)
+        fault = FaultDecision(delay=delay, abort_status=f.abort_status if aborted else None,
+                              abort_grpc_status=f.abort_grpc_status if aborted else None)
     if route.direct_status is not None:
         return RouteDecision(svc, route.name, fault=fault, response_ops=(route.response_ops,), table_version=v,
                              local_reply=LocalReply(route.direct_status, route.direct_body.encode(), "DR"))
     if route.redirect is not None:
         code, uri, authority = route.redirect
-        location = f"{head.scheme}://{authority or head.authority}{uri or head.path}"
+        scheme, authority = route.redirect_scheme or head.scheme, authority or head.authority
+        port = route.redirect_port or (_DEFAULT_PORTS.get(scheme, 0) if route.redirect_scheme_port else 0)
+        if port:
+            host = split_host_port(authority)[0]
+            host = f"[{host}]" if ":" in host else host
+            authority = host if _DEFAULT_PORTS.get(scheme) == port else f"{host}:{port}"
+        location = f"{scheme}://{authority}{uri or head.path}"
         return RouteDecision(svc, route.name, fault=fault, table_version=v,
                              local_reply=LocalReply(code, b"", "-", (("location", location),)))
     chosen = choose_weighted(route.destinations, rng)

@@ -15,6 +15,7 @@ from typing import Any
 
 from mesh.api.crossref import fqdn
 from mesh.api.schema import parse_duration
+from mesh.api.waypoint_support import GRPC_STATUS_CODES
 from waypoint.errors import ConfigError
 
 INFINITE = 2**32 - 1
@@ -109,6 +110,7 @@ class FaultPolicy:
     delay_percent: float = 100.0
     abort_status: int | None = None
     abort_percent: float = 100.0
+    abort_grpc_status: int | None = None  # fault.abort.grpcStatus (then abort_status is 200, as from Envoy)
 
 
 @dataclass(frozen=True)
@@ -130,9 +132,14 @@ class HttpRoute:
     response_ops: HeaderOps = HeaderOps()
     rewrite_uri: str | None = None
     rewrite_authority: str | None = None
+    # rewrite.uriRegexRewrite: the path's matches of the pattern replaced (`\\1` names a group)
+    rewrite_regex: tuple[re.Pattern[str], str] | None = None
     direct_status: int | None = None
     direct_body: str = ""
     redirect: tuple[int, str, str] | None = None  # (status, uri, authority)
+    redirect_scheme: str = ""  # "" keeps the request's
+    redirect_port: int = 0  # 0 keeps the request's; the scheme's own port is left out of the Location
+    redirect_scheme_port: bool = False  # derivePort FROM_PROTOCOL_DEFAULT: no `port`, the scheme's own
 
 
 @dataclass(frozen=True)
@@ -255,12 +262,15 @@ def _fault(spec: Mapping[str, Any] | None) -> FaultPolicy | None:
     delay, abort = spec.get("delay") or {}, spec.get("abort") or {}
     if delay.get("exponentialDelay"):
         raise ValueError("fault.delay.exponentialDelay is not supported: use fixedDelay")
-    if abort and abort.get("httpStatus") is None:
-        raise ValueError("fault.abort supports httpStatus only (grpcStatus and http2Error are not supported)")
+    grpc_status = abort.get("grpcStatus")
+    if abort and abort.get("httpStatus") is None and grpc_status not in GRPC_STATUS_CODES:
+        raise ValueError("fault.abort needs httpStatus or a grpcStatus name (http2Error is not supported)")
     return FaultPolicy(delay=_seconds(delay.get("fixedDelay")) if delay else None,
                        delay_percent=_percent(delay) if delay else 0.0,
-                       abort_status=int(abort["httpStatus"]) if abort else None,
-                       abort_percent=_percent(abort) if abort else 0.0)
+                       abort_status=(int(abort["httpStatus"]) if abort.get("httpStatus") is not None else 200)
+                       if abort else None,
+                       abort_percent=_percent(abort) if abort else 0.0,
+                       abort_grpc_status=GRPC_STATUS_CODES[grpc_status] if abort and grpc_status is not None else None)
 
 
 def _mirrors(spec: Mapping[str, Any], ns: str) -> tuple[MirrorPolicy, ...]:
@@ -286,6 +296,7 @@ def _http_route(spec: Mapping[str, Any], ns: str, index: int) -> HttpRoute:
         for d in spec.get("route") or ())
     headers = spec.get("headers") or {}
     rewrite = spec.get("rewrite") or {}
+    regex_rewrite = rewrite.get("uriRegexRewrite")
     redirect = spec.get("redirect")
     direct = spec.get("directResponse")
     body = (direct or {}).get("body") or {}
@@ -296,10 +307,13 @@ def _http_route(spec: Mapping[str, Any], ns: str, index: int) -> HttpRoute:
         fault=_fault(spec.get("fault")), mirrors=_mirrors(spec, ns),
         request_ops=header_ops(headers.get("request")), response_ops=header_ops(headers.get("response")),
         rewrite_uri=rewrite.get("uri"), rewrite_authority=rewrite.get("authority"),
+        rewrite_regex=(re.compile(regex_rewrite["match"]), str(regex_rewrite["rewrite"])) if regex_rewrite else None,
         direct_status=int(direct["status"]) if direct else None,
         direct_body=str(body.get("string", "")) if isinstance(body, dict) else "",
         redirect=(int(redirect.get("redirectCode") or 301), redirect.get("uri") or "", redirect.get("authority") or "")
         if redirect else None,
+        redirect_scheme=str((redirect or {}).get("scheme") or ""), redirect_port=int((redirect or {}).get("port") or 0),
+        redirect_scheme_port=(redirect or {}).get("derivePort") == "FROM_PROTOCOL_DEFAULT",
     )
 
 

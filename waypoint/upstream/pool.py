@@ -7,6 +7,12 @@ them.  The client is part of the key because a connection to an endpoint carries
 address (the HBONE `Forwarded` header, which the destination's L4 policy reads): a connection opened
 for one client is never handed to another.  `discard(client)` closes a client's idle connections once
 its tunnel is gone.
+
+HTTP/1.1 connections carry one request at a time and wait idle in the pool between requests.  HTTP/2
+connections are shared: `acquire` hands out a stream on a connection of the key that has room (the peer's
+SETTINGS_MAX_CONCURRENT_STREAMS, see `waypoint.http.http2_client`), and opens another connection only when
+all are full; `release` gives the stream back.  A connection that is closed, or draining after GOAWAY with
+no streams left, or idle past `idle_timeout`, is closed on the next `acquire` of its key.
 """
 
 from __future__ import annotations
@@ -17,10 +23,10 @@ from typing import Protocol
 
 import trio
 
-from waypoint.errors import ConnectFailure
+from waypoint.errors import ConnectFailure, UpstreamError
 from waypoint.http.exchange import UpstreamConnection
 from waypoint.http.http1 import Http1Client
-from waypoint.http.http2 import Http2Client
+from waypoint.http.http2_client import Http2Connection, Http2Stream
 from waypoint.l7.model import Endpoint
 
 
@@ -54,12 +60,16 @@ class ConnectionPool:
         self.max_idle = max_idle
         self._clock = clock
         self._idle: dict[tuple[str, str, str], list[tuple[float, UpstreamConnection]]] = defaultdict(list)
+        self._shared: dict[tuple[str, str], list[Http2Connection]] = defaultdict(list)
+        self._opening: dict[tuple[str, str], trio.Lock] = defaultdict(trio.Lock)
         self.opened = 0
 
     async def acquire(self, endpoint: Endpoint, protocol: str, connect_timeout: float,
                       service: str = "", client: str = "", traceparent: str = "") -> tuple[UpstreamConnection, bool]:
-        """A connection and whether it was reused from the pool (`traceparent`: of the request that would
-        open a new one)."""
+        """A connection (HTTP/2: a stream) and whether it was reused from the pool (`traceparent`: of the
+        request that would open a new one)."""
+        if protocol == "HTTP/2":
+            return await self._acquire_stream(endpoint, connect_timeout, service, client, traceparent)
         idle = self._idle[(endpoint.key, protocol, client)]
         now = self._clock()
         while idle:
@@ -67,17 +77,56 @@ class ConnectionPool:
             if now - since < self.idle_timeout:
                 return conn, True
             await conn.aclose()
+        stream = await self._connect(endpoint, connect_timeout, service, client, traceparent)
+        return Http1Client(stream), False
+
+    async def _connect(self, endpoint: Endpoint, connect_timeout: float, service: str, client: str,
+                       traceparent: str) -> trio.abc.HalfCloseableStream:
         with trio.move_on_after(connect_timeout) as cs:
             stream = await self.upstream.connect(endpoint, service=service, client=client, traceparent=traceparent)
         if cs.cancelled_caught:
             raise ConnectFailure(f"connection to {endpoint.key} timed out after {connect_timeout:g}s")
         self.opened += 1
-        if protocol == "HTTP/2":
-            return Http2Client(stream), False
-        return Http1Client(stream), False
+        return stream
+
+    async def _acquire_stream(self, endpoint: Endpoint, connect_timeout: float, service: str, client: str,
+                              traceparent: str) -> tuple[Http2Stream, bool]:
+        key = (endpoint.key, client)
+        async with self._opening[key]:  # one connection opened at a time per key: the others then share it
+            conns = self._shared[key]
+            await self._sweep(conns)
+            for conn in conns:
+                if conn.has_capacity:
+                    return conn.open_stream(), True
+            stream = await self._connect(endpoint, connect_timeout, service, client, traceparent)
+            conn = Http2Connection(stream, clock=self._clock)
+            try:
+                with trio.move_on_after(connect_timeout) as cs:
+                    await conn.start()
+            except UpstreamError:
+                await conn.aclose()
+                raise
+            if cs.cancelled_caught:
+                await conn.aclose()
+                raise ConnectFailure(f"{endpoint.key} sent no HTTP/2 SETTINGS within {connect_timeout:g}s: "
+                                     "does the endpoint speak HTTP/2 (prior knowledge) on this port?")
+            conns.append(conn)
+            return conn.open_stream(), False
+
+    async def _sweep(self, conns: list[Http2Connection]) -> None:
+        """Close the connections of one key that are gone, drained, or idle for too long."""
+        now = self._clock()
+        for conn in list(conns):
+            idle = conn.reserved == 0
+            if conn.closed or (idle and (not conn.has_capacity or now - conn.idle_since >= self.idle_timeout)):
+                conns.remove(conn)
+                await conn.aclose()
 
     async def release(self, endpoint: Endpoint, protocol: str, conn: UpstreamConnection, reuse: bool = True,
                       client: str = "") -> None:
+        if isinstance(conn, Http2Stream):
+            await conn.aclose()  # the stream's slot; the connection stays shared
+            return
         idle = self._idle[(endpoint.key, protocol, client)]
         if reuse and conn.reusable and len(idle) < self.max_idle:
             idle.append((self._clock(), conn))
@@ -89,12 +138,24 @@ class ConnectionPool:
         for key in [k for k in self._idle if k[2] == client]:
             for _, conn in self._idle.pop(key):
                 await conn.aclose()
+        for skey in [k for k in self._shared if k[1] == client]:
+            for h2conn in self._shared.pop(skey):
+                await h2conn.aclose()
+            self._opening.pop(skey, None)
 
     def idle_count(self) -> int:
         return sum(len(v) for v in self._idle.values())
+
+    def shared_count(self) -> int:
+        """HTTP/2 connections open (each may carry many requests)."""
+        return sum(1 for v in self._shared.values() for c in v if not c.closed)
 
     async def aclose(self) -> None:
         for idle in self._idle.values():
             for _, conn in idle:
                 await conn.aclose()
         self._idle.clear()
+        for shared in self._shared.values():
+            for h2conn in shared:
+                await h2conn.aclose()
+        self._shared.clear()

@@ -91,3 +91,52 @@ def test_no_baseline_says_so() -> None:
     r = results()
     r["rounds"] = [x for x in r["rounds"] if x["mode"] != "a"]
     assert "accuracy cannot be shown" in report.markdown(r)
+
+
+def _with_new_phases() -> dict[str, Any]:
+    """`results()` plus mode f, new-connection phases, first connections and b's scale phase."""
+    r = results()
+    r["modes"]["f"] = {"title": "L4 floor", "status": "ok"}
+    for n in (1, 2):
+        r["rounds"].append(_round(n, "f", 200, {"envoy client": 0.08, "envoy server": 0.08}, {}))
+    per_conn = {"a": ({}, 300), "b": ({"nodeagent node-1": 1.0, "nodeagent node-2": 1.0}, 2000),
+                "d": ({"envoy client": 0.5, "envoy server": 0.5}, 4000), "f": ({"envoy client": 1.0}, 3000)}
+    for rnd in r["rounds"]:
+        cpu, lat = per_conn[rnd["mode"]]
+        rnd["phases"]["newconn200"] = _open_phase([lat] * 1000, cpu)
+        rnd["first_connection"] = {"latency_us": lat * 2, "errors": {}}
+        if rnd["mode"] == "b":
+            rnd["phases"]["scale"] = {
+                "tunnels": 1000, "rate": 1000.0, "opened": 1000, "completed": 1000, "error_count": 0,
+                "rss_idle_kib": {"nodeagent node-1": 70_000, "nodeagent node-2": 60_000},
+                "rss_held_kib": {"nodeagent node-1": 80_000, "nodeagent node-2": 68_000},
+                "kib_per_tunnel": {"nodeagent node-1": 10.0, "nodeagent node-2": 8.0},
+                "mesh_cpu_seconds": {"nodeagent node-1": 1.5, "nodeagent node-2": 1.0}}
+    return r
+
+
+def test_new_connection_scale_and_goal_figures() -> None:
+    s = report.summarize(_with_new_phases())
+    assert s["b"]["newconn"]["newconn200"]["p50"] == 2000
+    assert abs(s["b"]["newconn"]["newconn200"]["cpu_per_1k"] - 2.0) < 1e-9  # 2 s per 1,000 connections
+    assert s["b"]["first_connection_us"] == 4000
+    sc = s["b"]["scale"]
+    assert sc["tunnels"] == 1000 and sc["kib_per_tunnel"] == 18.0 and abs(sc["cpu_per_1k"] - 2.5) < 1e-9
+    assert sc["rss_held_kib"] == {"nodeagent node-1": 80_000, "nodeagent node-2": 68_000}
+    assert s["d"]["scale"] == {}
+
+
+def test_markdown_shows_the_ratios_new_connections_and_scale() -> None:
+    md = report.markdown(_with_new_phases())
+    # CPU: b 0.4 against d 0.6 and f 0.16; added p50: b +270 against d +370
+    assert "| b: mesh L4 | 0.67x | 2.50x | 0.73x |" in md
+    assert "| b: mesh L4 | 200 | 2000 µs | 2000 µs | +1700 µs | +1700 µs | 0.50x | 0.50x | 2.000 | 2.00x | 4000 µs |" in md
+    assert f"at most {report.SCALE_BOUND_KIB:g} KiB" in md
+    row = next(line for line in md.splitlines() if line.startswith("| b: mesh L4 | 1,000"))
+    assert "| 18.0 |" in row and "| 2.500 |" in row
+    assert ("| yes |" in row) is (18.0 <= report.SCALE_BOUND_KIB)
+
+
+def test_no_new_phases_no_new_sections() -> None:
+    md = report.markdown(results())
+    assert "New connections" not in md and "Scale" not in md and "L4 floor (f)" in md

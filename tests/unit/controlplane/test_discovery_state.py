@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2 as xds
 
-from controlplane.discovery.filter import wants
+from controlplane.discovery.filter import view
 from controlplane.discovery.state import Acked, Nacked, ProtocolError, Push, Snapshot, StreamState
 from mesh.proto import discovery_pb2 as pb
 from mesh.xds import resources as rs
@@ -45,13 +45,13 @@ A, B = workload("a", "10.0.0.1"), workload("b", "10.0.0.2")
 
 
 def test_first_request_needs_node_id() -> None:
-    s = StreamState(wants)
+    s = StreamState(view)
     with pytest.raises(ProtocolError):
         s.receive(xds.DeltaDiscoveryRequest(type_url=W), snap("1"))
 
 
 def test_wildcard_subscribe_sends_everything_then_only_changes() -> None:
-    s = StreamState(wants, nonce_prefix="t")
+    s = StreamState(view, nonce_prefix="t")
     p = only_push(s.receive(req(), snap("1", A, B)))
     assert [u[0] for u in p.updated] == ["default/a", "default/b"] and p.version == "1"
     assert s.receive(req(nonce=p.nonce), snap("1", A, B)) == [Acked(W, p.nonce, "1")]
@@ -65,13 +65,13 @@ def test_wildcard_subscribe_sends_everything_then_only_changes() -> None:
 
 
 def test_empty_first_subscription_still_answers() -> None:
-    s = StreamState(wants)
+    s = StreamState(view)
     p = only_push(s.receive(req(), snap("1")))
     assert p.updated == () and p.removed == ()
 
 
 def test_explicit_subscribe_and_unsubscribe() -> None:
-    s = StreamState(wants)
+    s = StreamState(view)
     p = only_push(s.receive(req(resource_names_subscribe=["default/b"]), snap("1", A, B)))
     assert [u[0] for u in p.updated] == ["default/b"]
     s.receive(req(nonce=p.nonce), snap("1", A, B))
@@ -84,7 +84,7 @@ def test_explicit_subscribe_and_unsubscribe() -> None:
 
 
 def test_nack_is_recorded_and_not_resent_until_content_changes() -> None:
-    s = StreamState(wants)
+    s = StreamState(view)
     p = only_push(s.receive(req(), snap("1", A)))
     s.receive(req(nonce=p.nonce), snap("1", A))
     bad = workload("a", "not-an-ip")
@@ -104,7 +104,7 @@ def test_nack_is_recorded_and_not_resent_until_content_changes() -> None:
 
 
 def test_nack_reverts_to_acked_version_so_old_content_is_resent() -> None:
-    s = StreamState(wants)
+    s = StreamState(view)
     p = only_push(s.receive(req(), snap("1", A)))
     s.receive(req(nonce=p.nonce), snap("1", A))
     bad = workload("a", "bad")
@@ -115,7 +115,7 @@ def test_nack_reverts_to_acked_version_so_old_content_is_resent() -> None:
 
 
 def test_resume_sends_only_what_differs() -> None:
-    s = StreamState(wants)
+    s = StreamState(view)
     a_any = rs.pack(A)
     initial = {"default/a": rs.version_of(a_any), "default/gone": "v0", "default/b": "old"}
     p = only_push(s.receive(req(initial_resource_versions=initial), snap("5", A, B)))
@@ -124,7 +124,7 @@ def test_resume_sends_only_what_differs() -> None:
 
 
 def test_stale_nonce_is_ignored() -> None:
-    s = StreamState(wants)
+    s = StreamState(view)
     s.receive(req(), snap("1", A))
     assert s.receive(req(nonce="nope"), snap("1", A)) == []
 
@@ -132,7 +132,7 @@ def test_stale_nonce_is_ignored() -> None:
 def test_waypoint_gets_only_its_l7_config() -> None:
     mine = pb.L7Config(kind=pb.VIRTUAL_SERVICE, name="r", namespace="ns", waypoints=["ns/wp"])
     other = pb.L7Config(kind=pb.VIRTUAL_SERVICE, name="o", namespace="ns", waypoints=["ns/other"])
-    s = StreamState(wants)
+    s = StreamState(view)
     r = xds.DeltaDiscoveryRequest(type_url=rs.L7_CONFIG)
     r.node.CopyFrom(NodeInfo(id="w", role="waypoint", namespace="ns", name="wp").to_proto())
     p = only_push(s.receive(r, snap("1", mine, other)))
@@ -141,15 +141,25 @@ def test_waypoint_gets_only_its_l7_config() -> None:
 
 def test_nodeagent_gets_no_l7_config() -> None:
     cfg = pb.L7Config(kind=pb.DESTINATION_RULE, name="r", namespace="ns", waypoints=["ns/wp"])
-    s = StreamState(wants)
+    s = StreamState(view)
     p = only_push(s.receive(req(type_url=rs.L7_CONFIG), snap("1", cfg)))
     assert p.updated == ()
 
 
 def test_push_to_response() -> None:
-    s = StreamState(wants, nonce_prefix="x")
+    s = StreamState(view, nonce_prefix="x")
     p = only_push(s.receive(req(), snap("1", A)))
     resp = p.to_response()
     assert resp.nonce == "x-1" and resp.type_url == W and resp.system_version_info == "1"
     got = pb.Workload()
     assert resp.resources[0].resource.Unpack(got) and got.addresses == ["10.0.0.1"]
+
+
+def test_a_snapshot_before_the_first_request_does_not_hide_resources() -> None:
+    """A push may reach a stream before its first request names the client: what the client may have
+    is worked out for the client, once it is known."""
+    s = StreamState(view)
+    current = snap("1", A, B)
+    assert s.on_snapshot(current, {W: ["default/a"]}) == []
+    p = only_push(s.receive(req(), current))
+    assert [u[0] for u in p.updated] == ["default/a", "default/b"]

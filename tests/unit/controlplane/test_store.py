@@ -92,7 +92,7 @@ def test_subscribers_see_each_change(tmp_path: Path) -> None:
 
 def test_deleting_a_subset_in_use_is_refused(tmp_path: Path) -> None:
     store = Store(tmp_path)
-    store.apply(docs(DR + "---\n" + VS))
+    store.apply(docs(NS + "---\n" + DR + "---\n" + VS))
     with pytest.raises(Conflict, match="subset 'v1' of reviews.bookinfo.svc.cluster.local is still used"):
         store.delete_refs([Ref("DestinationRule", "bookinfo", "reviews")])
     with pytest.raises(ValidationError) as info:

@@ -214,3 +214,29 @@ def test_the_engine_bridges_trio_and_its_loop() -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_warm_dials_ahead_once_and_the_first_tunnel_uses_it(mint: Mint) -> None:
+    async def main() -> None:
+        app_port, app = await echo_app()
+        port, listener = await server(server_context(mint(WEB)), relay_to_app)
+        pool = AioPool(tcp_connect, lambda _: client_context(mint(SLEEP)))
+        key = PoolKey(SLEEP, WEB, ("127.0.0.1", port))
+        assert await pool.warm(key) is True
+        assert pool.dialled == 1 and len(pool.connections(key)) == 1
+        assert await pool.warm(key) is False  # one is there: nothing more
+        plain_port, plain = await client_front(pool, key, f"127.0.0.1:{app_port}")
+        reader, writer = await asyncio.open_connection("127.0.0.1", plain_port)
+        writer.write(b"ping")
+        writer.write_eof()
+        assert await reader.read(-1) == b"ping"
+        writer.close()
+        plain.close()
+        assert pool.dialled == 1  # the first tunnel went on the pre-warmed connection
+        with pytest.raises(PoolConnectError):  # nobody listens there: said as a tunnel would say it
+            await pool.warm(PoolKey(SLEEP, WEB, ("127.0.0.1", 1)))
+        pool.close()
+        listener.close()
+        app.close()
+
+    run(main)

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import logging
 import queue
 import socket
 import threading
@@ -97,9 +98,10 @@ def test_workloads_table(admin_port: int, capsys: pytest.CaptureFixture[str]) ->
     assert code == 0
     lines = out.splitlines()
     assert lines[0] == "2 workloads on the agent of node-1"
-    assert lines[1].split() == ["NAMESPACE", "NAME", "ADDRESS", "NODE", "PROTOCOL", "WAYPOINT", "IDENTITY", "STATUS"]
+    assert lines[1].split() == ["NAMESPACE", "NAME", "ADDRESS", "NODE", "PROTOCOL", "WAYPOINT", "IDENTITY", "STATUS",
+                                "CAPTURE"]
     assert lines[2].split() == ["bookinfo", "reviews-1", "10.244.1.3", "node-1", "HBONE", "bookinfo/waypoint",
-                                "spiffe://cluster.local/ns/bookinfo/sa/reviews", "HEALTHY"]
+                                "spiffe://cluster.local/ns/bookinfo/sa/reviews", "HEALTHY", "-"]
     assert lines[3].split()[:6] == ["default", "sleep-1", "10.244.1.2", "node-1", "HBONE", "-"]
     assert "web-1" not in out
 
@@ -188,7 +190,7 @@ def test_unknown_node_and_missing_namespace(tmp_path: Path, monkeypatch: pytest.
     code, _, err = meshctl(capsys, "agent", "certs", "node-9")
     assert code == 1 and err == "meshctl: node 'node-9' is not in cluster 'demo' (nodes: node-1, node-2)\n"
     code, _, err = meshctl(capsys, "agent", "certs", "node-1")  # its namespace does not exist here
-    assert code == 1 and err.startswith("meshctl: cannot enter the network namespace of node-1: ")
+    assert code == 1 and err.startswith("meshctl: cannot enter the network namespace of the node agent on node-1: ")
 
 
 def test_no_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -223,3 +225,36 @@ def test_help_lists_the_three_views(capsys: pytest.CaptureFixture[str]) -> None:
         main(["agent", "--help"])
     out = capsys.readouterr().out
     assert "workloads" in out and "certs" in out and "policies" in out
+
+
+def test_log_level_through_the_admin_endpoint(admin_port: int, capsys: pytest.CaptureFixture[str]) -> None:
+    addr = f"127.0.0.1:{admin_port}"
+    root = logging.getLogger()
+    before = root.level
+    try:
+        code, out, _ = meshctl(capsys, "agent", "log-level", "node-1", "error,nodeagent.cli-test=debug",
+                               "--admin-address", addr)
+        assert (code, out) == (0, "log level of the node agent on node-1: error (nodeagent.cli-test=debug)\n")
+        assert logging.getLogger("nodeagent.cli-test").level == logging.DEBUG and root.level == logging.ERROR
+        code, _, err = meshctl(capsys, "agent", "log-level", "node-1", "error,x=chatty", "--admin-address", addr)
+        assert code == 1 and err == "meshctl: log level 'x=chatty': unknown log level 'chatty': use one of debug, " \
+                                    "info, warning, error\n"
+        code, _, err = meshctl(capsys, "agent", "log-level", "node-1", "debug", "--reset", "--admin-address", addr)
+        assert code == 1 and "not both" in err
+        code, out, _ = meshctl(capsys, "agent", "log-level", "node-1", "--reset", "--admin-address", addr)
+        assert code == 0 and "(nodeagent.cli-test" not in out
+        assert logging.getLogger("nodeagent.cli-test").level == logging.NOTSET
+    finally:
+        root.setLevel(before)
+        logging.getLogger("nodeagent.cli-test").setLevel(logging.NOTSET)
+
+
+def test_certs_show_serial_and_not_before(capsys: pytest.CaptureFixture[str]) -> None:
+    now = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+    out = agent_cli.render_certs({"node": "n", "certificates": [
+        {"identity": "spiffe://cluster.local/ns/a/sa/b", "state": "valid", "serial": "1f2e",
+         "not_before": "2029-12-31T23:00:00+00:00", "not_after": "2030-01-02T00:00:00+00:00",
+         "next_attempt_in": 60.0}]}, now)
+    row = out.splitlines()[2].split()
+    assert row[:4] == ["spiffe://cluster.local/ns/a/sa/b", "VALID", "1f2e", "2029-12-31"]
+    assert "(1h0m ago)" in out and "(in 1d0h)" in out

@@ -93,7 +93,7 @@ def test_label_and_waypoint(sock: str, capsys: pytest.CaptureFixture[str]) -> No
     assert rc == 0
     rc, _, err = run(capsys, "label", "service", "reviews", "istio.io/use-waypoint=Bad_Name", "--socket", sock)
     assert rc == 1 and "istio.io/use-waypoint must name a waypoint Gateway" in err
-    rc, out, _ = run(capsys, "waypoint", "apply", "-n", "default", "--enroll-namespace", "--socket", sock)
+    rc, out, _ = run(capsys, "waypoint", "apply", "-n", "default", "--enroll-namespace", "--no-wait", "--socket", sock)
     assert out.splitlines() == ["waypoint default/waypoint applied",
                                 'namespace default labeled with "istio.io/use-waypoint: waypoint"']
     rc, out, _ = run(capsys, "get", "gateway", "waypoint", "-o", "yaml", "--socket", sock)
@@ -102,12 +102,12 @@ def test_label_and_waypoint(sock: str, capsys: pytest.CaptureFixture[str]) -> No
                             "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}
     assert body["metadata"]["labels"] == {"istio.io/waypoint-for": "service"}
     rc, out, _ = run(capsys, "waypoint", "list", "--socket", sock)
-    assert out.splitlines()[1].split() == ["default", "waypoint", "service", "4"]
+    assert out.splitlines()[1].split() == ["default", "waypoint", "service", "0/0", "4"]
     rc, out, _ = run(capsys, "get", "ns", "--socket", sock)
     assert out.splitlines()[1].split()[:3] == ["default", "none", "waypoint"]
     rc, out, _ = run(capsys, "label", "namespace", "default", "team-", "--socket", sock)
-    rc, out, _ = run(capsys, "waypoint", "delete", "-n", "default", "--socket", sock)
-    assert out.splitlines() == ["waypoint default/waypoint deleted", "namespace default label istio.io/use-waypoint removed"]
+    rc, out, _ = run(capsys, "waypoint", "delete", "-n", "default", "--no-wait", "--socket", sock)
+    assert out.splitlines() == ["namespace default label istio.io/use-waypoint removed", "waypoint default/waypoint deleted"]
     rc, out, _ = run(capsys, "get", "ns", "default", "-o", "json", "--socket", sock)
     assert json.loads(out)["metadata"]["labels"] == {"istio.io/dataplane-mode": "none"}
     rc, _, err = run(capsys, "waypoint", "delete", "-n", "default", "--socket", sock)

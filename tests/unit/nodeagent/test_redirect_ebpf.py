@@ -33,7 +33,7 @@ class StandIn:
         self.calls: list[tuple[object, ...]] = []
 
     def attach_pod(self, pod_id: str, netns: str, cgroup: str, listener: socket.socket, *,
-                   pod_ip: str | None = None) -> BpfOutcome:
+                   pod_ip: str | None = None, dns_capture: bool = False) -> BpfOutcome:
         self.calls.append(("attach", pod_id, netns, cgroup, pod_ip))
         if self.fail:
             raise self.fail

@@ -50,6 +50,9 @@ def test_first_certificate_and_contexts(node_a: CAClient, running_ca: RunningCA)
         assert m.server_context(SLEEP) is not None and m.client_context(SLEEP) is not None
         [status] = m.status()
         assert status.identity == str(SLEEP) and status.state == "valid"
+        assert status.serial == format(svid.leaf.serial_number, "x")  # what `meshctl agent certs` shows
+        assert status.not_before == svid.leaf.not_valid_before_utc.isoformat()
+        assert status.chain == svid.chain_pem().decode()  # `meshctl agent certs --chain`, for `ca check`
         m.forget(SLEEP)
         assert m.current(SLEEP) is None and m.identities() == []
 

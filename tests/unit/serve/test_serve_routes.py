@@ -83,7 +83,7 @@ def test_readiness_flips() -> None:
 
 def test_admin_handler_lists_its_endpoints() -> None:
     admin = admin_handler("demo admin", {"/stats": lambda _: Response.json({"n": 1})})
-    assert admin(Request.parse("GET", "/")).body == b"demo admin\n/\n/healthz\n/stats\n"
+    assert admin(Request.parse("GET", "/")).body == b"demo admin\n/\n/healthz\n/stats\n/logging\n/version\n"
     assert admin(Request.parse("GET", "/healthz")).body == b"ok\n"
     assert json.loads(admin(Request.parse("GET", "/stats")).body) == {"n": 1}
 

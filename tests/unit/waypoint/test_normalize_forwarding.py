@@ -41,7 +41,7 @@ def test_forwarding_headers_and_the_trusted_client_address() -> None:
                ("x-forwarded-client-cert", "URI=spiffe://x/ns/a/sa/b"), ("accept", "*/*"))
     out = dict(forwarding_headers(spoofed, source_ip="10.0.0.7", peer_identity="spiffe://td/ns/n/sa/s",
                                   local_identity="spiffe://td/ns/n/sa/waypoint"))
-    assert out == {"accept": "*/*", "x-forwarded-for": "1.1.1.1,2.2.2.2,3.3.3.3,10.0.0.7",
+    assert out == {"accept": "*/*", "x-forwarded-for": "1.1.1.1,2.2.2.2,3.3.3.3,10.0.0.7", "x-forwarded-proto": "http",
                    "x-forwarded-client-cert": "By=spiffe://td/ns/n/sa/waypoint;URI=spiffe://td/ns/n/sa/s"}
     assert "x-forwarded-client-cert" not in dict(forwarding_headers(spoofed, source_ip="10.0.0.7", peer_identity=""))
     chain = tuple(out.items())

@@ -29,7 +29,7 @@ from waypoint_resources import l7
 from waypoint.config import compile_table
 from waypoint.http.exchange import iterate
 from waypoint.http.http1 import Http1Client
-from waypoint.http.http2 import Http2Client
+from waypoint.http.http2_client import Http2Client
 from waypoint.l7.model import RequestHead
 
 REVIEWS_DR = {"host": "reviews", "subsets": [{"name": n, "labels": {"version": n}} for n in ("v1", "v2", "v3")]}
