@@ -13,7 +13,8 @@ stream's MB/s (bench/stream.py).  Variants:
 - `engine`: the agent's data path: asyncio Protocols on uvloop (`mesh.hbone.aio`, `aiopool`, `splice`);
 - `epoll`: one `select.epoll` loop driving non-blocking `ssl.SSLSocket`s with the same sans-IO core,
   relaying from the readiness callbacks (the perf-floor study's next lever; written here, for the
-  comparison only);
+  comparison only: its TLS handshakes and the server side's connects to the origin block the loop, so
+  its new-connection figure is not comparable);
 - `trio-raw`: trio driving a non-blocking `ssl.SSLSocket` with `wait_readable`/`wait_writable`, the
   same sans-IO core, relaying from the receiving task (written here, for the comparison only);
 - `trio`: `trio.SSLStream` with the reader/writer tasks of `mesh.hbone.transport` (the waypoint's);

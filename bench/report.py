@@ -143,7 +143,8 @@ def scale_row(results: dict[str, Any], mode: str) -> dict[str, Any]:
     opened = sum(ph["opened"] for ph in phases)
     return {"tunnels": max(ph["opened"] for ph in phases), "rss_idle_kib": idle, "rss_held_kib": held,
             "kib_per_tunnel": statistics.median(sum(ph["kib_per_tunnel"].values()) for ph in phases),
-            "cpu_per_1k": cpu / opened * 1000, "rate": phases[0]["rate"]}
+            "cpu_per_1k": cpu / opened * 1000,
+            "opened_per_s": statistics.median(ph.get("opened_per_s", 0.0) for ph in phases)}
 
 
 def _ratio(v: float | None, ref: float | None) -> str:
@@ -302,7 +303,7 @@ def scale_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
         idle = ", ".join(f"{role} {kib / 1024:.0f} MiB" for role, kib in sc["rss_idle_kib"].items())
         held = ", ".join(f"{role} {kib / 1024:.0f} MiB" for role, kib in sc["rss_held_kib"].items())
         ok = "yes" if sc["kib_per_tunnel"] <= SCALE_BOUND_KIB else "**NO**"
-        lines.append(f"| {key}: {rows[key]['title']} | {sc['tunnels']:,} (opened at {sc['rate']:g}/s) | {idle} | "
+        lines.append(f"| {key}: {rows[key]['title']} | {sc['tunnels']:,} (opened at {sc['opened_per_s']:,.0f}/s) | {idle} | "
                      f"{held} | {sc['kib_per_tunnel']:.1f} | {ok} | {sc['cpu_per_1k']:.3f} |")
     return lines
 

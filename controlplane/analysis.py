@@ -27,7 +27,9 @@ Codes (our own numbering, after Istio's IST01xx; docs/ARCHITECTURE.md lists them
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator, Mapping
+import functools
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +43,9 @@ from mesh.api.validate import Ref
 from mesh.policy.projection import _has_l7 as needs_l7  # the projection's own rule of what L4 cannot check
 
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")  # Gateway API routes, read as stored (parentRefs to a Service)
-POLICY_KINDS = ("AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication")
 MAX_NAMED = 3  # workloads named in one message
+
+log = logging.getLogger(__name__)
 
 
 class Level(enum.Enum):
@@ -103,11 +106,18 @@ class Message:
 
 
 def analyze(snapshot: Snapshot) -> list[Message]:
-    """Every message about `snapshot`, sorted by resource then code."""
+    """Every message about `snapshot`, sorted by resource then code.  Each resource is analyzed on its own:
+    one that cannot be read (a saved body that no longer validates) is skipped, as translation leaves it
+    out and reports it."""
     facts = _Facts(snapshot)
     out: list[Message] = []
-    for check in (_use_waypoint, _routes_without_waypoint, _subsets, _policies, _strict, _conflicting):
-        out.extend(check(facts))
+    for kind, checks in CHECKS.items():
+        for body in snapshot.of_kind(kind):
+            for check in checks:
+                try:
+                    out.extend(check(facts, body))
+                except (KeyError, TypeError, AttributeError, ValueError) as exc:
+                    log.debug("analysis of %s skipped: %r", _ref(body), exc)
     return sorted(set(out), key=lambda m: (m.ref, m.code.code, m.text))
 
 
@@ -140,6 +150,31 @@ class _Facts:
         address = self.index.waypoint_of(svc, "service")
         return f"{address.namespace}/{address.name}" if address is not None else None
 
+    @functools.cache  # noqa: B019 - one _Facts per analysis, dropped with it
+    def outside_mesh(self) -> list[dict[str, Any]]:
+        """Application pods that are not in the mesh (callers without a mesh identity)."""
+        return [p for p in self.pods(None) if not self.in_mesh(p)]
+
+    @functools.cache  # noqa: B019
+    def lost_hosts(self) -> dict[tuple[str, str], set[str]]:
+        """(namespace, name) of each VirtualService -> the hosts an older one keeps (translation's rule)."""
+        return lost_hosts(self.snapshot.of_kind("VirtualService"), [])
+
+    @functools.cache  # noqa: B019
+    def host_owners(self) -> dict[str, str]:
+        """Qualified host -> `name.namespace` of the VirtualService that keeps it."""
+        lost = self.lost_hosts()
+        out: dict[str, str] = {}
+        for body in self.snapshot.of_kind("VirtualService"):
+            try:
+                meta, hosts = body["metadata"], (body.get("spec") or {}).get("hosts") or []
+                for host in (fqdn(h, meta["namespace"]) for h in hosts):
+                    if host not in lost.get((meta["namespace"], meta["name"]), set()):
+                        out.setdefault(host, f"{meta['name']}.{meta['namespace']}")
+            except (KeyError, TypeError, AttributeError):
+                continue  # unreadable: translation leaves it out too
+        return out
+
     def in_mesh(self, pod: Mapping[str, Any]) -> bool:
         return enrolled(pod, self.index) or self.index.is_waypoint_pod(pod)
 
@@ -161,94 +196,90 @@ def _names(pods: list[dict[str, Any]]) -> str:
 
 # ---- the analyzers -----------------------------------------------------------------------------------------
 
-def _use_waypoint(facts: _Facts) -> Iterator[Message]:
+def _use_waypoint(facts: _Facts, body: Mapping[str, Any]) -> Iterator[Message]:
     """AMB0101: a namespace, service or pod names a waypoint that does not exist: its traffic skips L7."""
-    for kind in ("Namespace", "Service", "Pod"):
-        for body in facts.snapshot.of_kind(kind):
-            labels = labels_of(body)
-            name = labels.get(USE_WAYPOINT_LABEL)
-            if not name or name == "none":
-                continue
-            meta = body["metadata"]
-            own_ns = meta.get("namespace") or meta["name"]
-            gw_ns = labels.get(USE_WAYPOINT_NAMESPACE_LABEL) or own_ns
-            if (gw_ns, name) not in facts.index.waypoints:
-                yield Message(USE_WAYPOINT_NOT_FOUND, _ref(body),
-                              f"{USE_WAYPOINT_LABEL}={name} names waypoint {gw_ns}/{name}, which does not exist: "
-                              f"its traffic skips L7 processing (create it: meshctl waypoint apply -n {gw_ns} "
-                              f"--name {name})")
+    labels = labels_of(body)
+    name = labels.get(USE_WAYPOINT_LABEL)
+    if not name or name == "none":
+        return
+    meta = body["metadata"]
+    gw_ns = labels.get(USE_WAYPOINT_NAMESPACE_LABEL) or meta.get("namespace") or meta["name"]
+    if (gw_ns, name) not in facts.index.waypoints:
+        yield Message(USE_WAYPOINT_NOT_FOUND, _ref(body),
+                      f"{USE_WAYPOINT_LABEL}={name} names waypoint {gw_ns}/{name}, which does not exist: its "
+                      f"traffic skips L7 processing (create it: meshctl waypoint apply -n {gw_ns} --name {name})")
 
 
-def _routes_without_waypoint(facts: _Facts) -> Iterator[Message]:
+def _virtual_service_without_waypoint(facts: _Facts, body: Mapping[str, Any]) -> Iterator[Message]:
     """AMB0102: L7 routing for a service whose traffic no waypoint takes is not applied."""
-    for body in facts.snapshot.of_kind("VirtualService"):
-        spec = body.get("spec") or {}
-        gateways = spec.get("gateways") or ["mesh"]
-        if "mesh" not in gateways:
-            continue  # for ingress gateways only
-        ns = body["metadata"]["namespace"]
-        for host in dict.fromkeys(fqdn(h, ns) for h in spec.get("hosts") or []):
-            service = facts.hosts.get(host)
-            if service is not None and facts.waypoint_for_service(*service) is None:
-                yield _no_waypoint(body, "VirtualService", host, service)
-    for kind in ROUTE_KINDS:
-        for body in facts.snapshot.of_kind(kind):
-            ns = body["metadata"]["namespace"]
-            for parent in (body.get("spec") or {}).get("parentRefs") or []:
-                if parent.get("kind") != "Service" or parent.get("group") not in (None, "", "core"):
-                    continue
-                service = (str(parent.get("namespace") or ns), str(parent.get("name")))
-                if service in facts.services and facts.waypoint_for_service(*service) is None:
-                    yield _no_waypoint(body, kind, fqdn(service[1], service[0]), service)
+    spec = body.get("spec") or {}
+    if "mesh" not in (spec.get("gateways") or ["mesh"]):
+        return  # for ingress gateways only
+    ns = body["metadata"]["namespace"]
+    for host in dict.fromkeys(fqdn(h, ns) for h in spec.get("hosts") or []):
+        service = facts.hosts.get(host)
+        if service is not None and facts.waypoint_for_service(*service) is None:
+            yield _no_waypoint(body, host, service)
 
 
-def _no_waypoint(body: Mapping[str, Any], kind: str, host: str, service: tuple[str, str]) -> Message:
+def _route_without_waypoint(facts: _Facts, body: Mapping[str, Any]) -> Iterator[Message]:
+    """AMB0102 for Gateway API routes whose parent is a Service (read as stored: `parentRefs`)."""
+    ns = body["metadata"]["namespace"]
+    for parent in (body.get("spec") or {}).get("parentRefs") or []:
+        if parent.get("kind") != "Service" or parent.get("group") not in (None, "", "core"):
+            continue
+        service = (str(parent.get("namespace") or ns), str(parent.get("name")))
+        if service in facts.services and facts.waypoint_for_service(*service) is None:
+            yield _no_waypoint(body, fqdn(service[1], service[0]), service)
+
+
+def _no_waypoint(body: Mapping[str, Any], host: str, service: tuple[str, str]) -> Message:
     return Message(ROUTE_WITHOUT_WAYPOINT, _ref(body),
-                   f"service {host} has no waypoint: this {kind} is not applied to its traffic (bind one: "
+                   f"service {host} has no waypoint: this {body['kind']} is not applied to its traffic (bind one: "
                    f"meshctl waypoint apply -n {service[0]} --enroll-namespace)")
 
 
-def _subsets(facts: _Facts) -> Iterator[Message]:
+def _subsets(facts: _Facts, body: Mapping[str, Any]) -> Iterator[Message]:
     """AMB0103: a route to a subset that no DestinationRule defines (the request would fail)."""
-    state = facts.snapshot.resources
-    for body in facts.snapshot.of_kind("VirtualService"):
-        for path, host, subset in subset_refs(body):
-            defined = subsets_for(state, host)
-            if subset not in defined:
-                known = ", ".join(sorted(defined)) or "none"
-                yield Message(SUBSET_NOT_FOUND, _ref(body),
-                              f"{path}: subset {subset!r} of host {host} is not defined by any DestinationRule "
-                              f"(defined: {known})")
+    for path, host, subset in subset_refs(dict(body)):
+        defined = subsets_for(facts.snapshot.resources, host)
+        if subset not in defined:
+            known = ", ".join(sorted(defined)) or "none"
+            yield Message(SUBSET_NOT_FOUND, _ref(body),
+                          f"{path}: subset {subset!r} of host {host} is not defined by any DestinationRule "
+                          f"(defined: {known})")
 
 
-def _policies(facts: _Facts) -> Iterator[Message]:
-    """AMB0104, AMB0106, AMB0107, AMB0108: policies that select nothing or are not enforced as written."""
-    for kind in POLICY_KINDS:
-        for body in facts.snapshot.of_kind(kind):
-            yield from _selection(facts, kind, body)
-            spec = body.get("spec") or {}
-            targeted = bool(spec.get("targetRef") or spec.get("targetRefs"))
-            if kind == "RequestAuthentication" and spec.get("selector") and not targeted:
-                yield Message(REQUEST_AUTHN_SELECTOR, _ref(body),
-                              "a selector picks workloads' sidecars, and in ambient mode there are none: this "
-                              "RequestAuthentication is not enforced (use targetRefs to the waypoint Gateway "
-                              "or to a Service that has one)")
-            if kind != "AuthorizationPolicy":
-                continue
-            if spec.get("action") == "CUSTOM":
-                yield Message(CUSTOM_FAILS_CLOSED, _ref(body),
-                              "CUSTOM needs an external authorizer, and this mesh has none: the policy is "
-                              "enforced as DENY of the requests its rules match (fails closed)")
-            if not targeted and any(needs_l7(rule) for rule in spec.get("rules") or []):
-                effect = ("those rules are dropped (they allow nothing)" if spec.get("action", "ALLOW") == "ALLOW"
-                          else "their HTTP conditions are dropped (they deny more)")
-                yield Message(L7_RULES_AT_L4, _ref(body),
-                              "rules need HTTP attributes (methods, paths, hosts, request principals or request "
-                              f"conditions), and without targetRefs node agents enforce it at L4: {effect}; "
-                              "target the waypoint with targetRefs")
+def _request_authn_selector(facts: _Facts, body: Mapping[str, Any]) -> Iterator[Message]:
+    """AMB0106: a selector picks sidecars; in ambient mode a RequestAuthentication needs targetRefs."""
+    spec = body.get("spec") or {}
+    if spec.get("selector") and not (spec.get("targetRef") or spec.get("targetRefs")):
+        yield Message(REQUEST_AUTHN_SELECTOR, _ref(body),
+                      "a selector picks workloads' sidecars, and in ambient mode there are none: this "
+                      "RequestAuthentication is not enforced (use targetRefs to the waypoint Gateway "
+                      "or to a Service that has one)")
 
 
-def _selection(facts: _Facts, kind: str, body: Mapping[str, Any]) -> Iterator[Message]:
+def _authorization(facts: _Facts, body: Mapping[str, Any]) -> Iterator[Message]:
+    """AMB0107 and AMB0108: an AuthorizationPolicy that is enforced otherwise than it reads."""
+    spec = body.get("spec") or {}
+    if spec.get("action") == "CUSTOM":
+        yield Message(CUSTOM_FAILS_CLOSED, _ref(body),
+                      "CUSTOM needs an external authorizer, and this mesh has none: the policy is "
+                      "enforced as DENY of the requests its rules match (fails closed)")
+    targeted = spec.get("targetRef") or spec.get("targetRefs")
+    if not targeted and any(needs_l7(rule) for rule in spec.get("rules") or []):
+        effect = ("those rules are dropped (they allow nothing)" if spec.get("action", "ALLOW") == "ALLOW"
+                  else "their HTTP conditions are dropped (they deny more)")
+        yield Message(L7_RULES_AT_L4, _ref(body),
+                      "rules need HTTP attributes (methods, paths, hosts, request principals or request "
+                      f"conditions), and without targetRefs node agents enforce it at L4: {effect}; "
+                      "target the waypoint with targetRefs")
+
+
+def _selection(facts: _Facts, body: Mapping[str, Any]) -> Iterator[Message]:
+    """AMB0104: a policy whose selector matches no pod, or whose targets do not take traffic."""
+    kind = body["kind"]
     spec = body.get("spec") or {}
     ns = body["metadata"]["namespace"]
     selector = (spec.get("selector") or {}).get("matchLabels")
@@ -276,45 +307,44 @@ def _selection(facts: _Facts, kind: str, body: Mapping[str, Any]) -> Iterator[Me
                                                               "not enforced")
 
 
-def _strict(facts: _Facts) -> Iterator[Message]:
+def _strict(facts: _Facts, body: Mapping[str, Any]) -> Iterator[Message]:
     """AMB0105: STRICT mTLS refuses every caller without a mesh identity; say which workloads that is."""
-    outside = [p for p in facts.pods(None) if not facts.in_mesh(p)]
-    if not outside:
+    spec = body.get("spec") or {}
+    modes = [(spec.get("mtls") or {}).get("mode")] + [v.get("mode") for v in (spec.get("portLevelMtls") or {}).values()]
+    outside = facts.outside_mesh()
+    if "STRICT" not in modes or not outside:
         return
-    for body in facts.snapshot.of_kind("PeerAuthentication"):
-        spec = body.get("spec") or {}
-        modes = [(spec.get("mtls") or {}).get("mode")] + [v.get("mode") for v in (spec.get("portLevelMtls") or {}).values()]
-        if "STRICT" not in modes:
-            continue
-        ns = body["metadata"]["namespace"]
-        selector = (spec.get("selector") or {}).get("matchLabels") or {}
-        scope = facts.pods(None if ns == ROOT_NAMESPACE else ns)
-        protected = [p for p in scope if facts.in_mesh(p) and selects(selector, labels_of(p))]
-        if not protected:
-            continue
+    ns = body["metadata"]["namespace"]
+    selector = (spec.get("selector") or {}).get("matchLabels") or {}
+    scope = facts.pods(None if ns == ROOT_NAMESPACE else ns)
+    protected = [p for p in scope if facts.in_mesh(p) and selects(selector, labels_of(p))]
+    if protected:
         yield Message(STRICT_REFUSES_OUTSIDE, _ref(body),
                       f"STRICT mTLS refuses plaintext callers, and {len(outside)} workload(s) are outside the mesh "
                       f"({_names(outside)}): their connections to {_names(protected)} are refused (enroll them with "
                       "istio.io/dataplane-mode=ambient, or use PERMISSIVE)")
 
 
-def _conflicting(facts: _Facts) -> Iterator[Message]:
+def _conflicting(facts: _Facts, body: Mapping[str, Any]) -> Iterator[Message]:
     """AMB0109: two VirtualServices for one host: the older keeps it, the other is ignored for it."""
-    bodies = facts.snapshot.of_kind("VirtualService")
-    problems: list[str] = []
-    lost = lost_hosts(bodies, problems)
-    for body in bodies:
-        meta = body["metadata"]
-        gone = lost.get((meta["namespace"], meta["name"]), set())
-        for host in sorted(gone):
-            owner = next((b for b in bodies if b is not body and host in
-                          {fqdn(h, b["metadata"]["namespace"]) for h in (b.get("spec") or {}).get("hosts") or []}
-                          and host not in lost.get((b["metadata"]["namespace"], b["metadata"]["name"]), set())),
-                         None)
-            winner = f"{owner['metadata']['name']}.{owner['metadata']['namespace']}" if owner else "another"
-            yield Message(CONFLICTING_VIRTUAL_SERVICE, _ref(body),
-                          f"host {host} is also routed by VirtualService {winner}, which is older and is the one "
-                          "used: this one is ignored for that host (merge them into one)")
+    meta = body["metadata"]
+    owners = facts.host_owners()
+    for host in sorted(facts.lost_hosts().get((meta["namespace"], meta["name"]), set())):
+        yield Message(CONFLICTING_VIRTUAL_SERVICE, _ref(body),
+                      f"host {host} is also routed by VirtualService {owners.get(host, 'another')}, which is older "
+                      "and is the one used: this one is ignored for that host (merge them into one)")
+
+
+CHECKS: dict[str, tuple[Callable[[_Facts, Mapping[str, Any]], Iterable[Message]], ...]] = {
+    "Namespace": (_use_waypoint,),
+    "Service": (_use_waypoint,),
+    "Pod": (_use_waypoint,),
+    "VirtualService": (_virtual_service_without_waypoint, _subsets, _conflicting),
+    **{kind: (_route_without_waypoint,) for kind in ROUTE_KINDS},
+    "AuthorizationPolicy": (_selection, _authorization),
+    "PeerAuthentication": (_selection, _strict),
+    "RequestAuthentication": (_selection, _request_authn_selector),
+}
 
 
 

@@ -6,8 +6,8 @@ node agents running.
 
 It runs in the host's namespace (it creates network namespaces), started by `cluster up` and stopped by
 `cluster down`.  Every interval it reads the Gateways from the control plane and starts or removes
-waypoint pods, and does the kubelet's part for projected volumes (`localcluster.projected`): the node
-agents' and waypoints' tokens renewed before they expire (or when their key is rotated out), the
+waypoint pods and ingress gateway pods (with their host ports: `localcluster.ingress`), and does the
+kubelet's part for projected volumes (`localcluster.projected`): the node agents' and waypoints' tokens renewed before they expire (or when their key is rotated out), the
 waypoints' copy of the trust bundle refreshed; and the DaemonSet's part: a node agent that exited (or was
 killed) is started again, with backoff (`localcluster.supervision`).  A failed step is logged and tried
 again on the next round.
@@ -27,7 +27,7 @@ from localcluster import components, plan, spec, state
 from localcluster.projected import TokenFile, TokenRefresher
 from localcluster.spec import Observability
 from localcluster.supervision import AgentSupervisor, Backoff
-from localcluster.waypoints import WaypointController
+from localcluster.ingress import GatewayController
 from mesh import defaults, logs
 from mesh.api.client import ApiClient
 from mesh.errors import MeshError
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     api = ApiClient(home / components.CONTROLPLANE_SUBDIR / defaults.API_SOCKET, timeout=10)
     # The kubelet's part: the node agents' tokens (and the waypoints', added as they start) kept fresh.
     tokens = TokenRefresher(api, [TokenFile(components.node_token(home, n.name), node=n.name) for n in cluster_plan.nodes])
-    controller = WaypointController(args.cluster, cluster_plan, home, args.cert_ttl,
+    controller = GatewayController(args.cluster, cluster_plan, home, args.cert_ttl,
                                     proxy_args=Observability.from_record(record.get("observability")).proxy_args(),
                                     tokens=tokens)
     for proc in record.get("processes", []):  # adopt the waypoints an earlier run started

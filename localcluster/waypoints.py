@@ -53,6 +53,7 @@ from mesh import defaults
 from mesh.api.client import ApiClient
 from mesh.api.validate import Document, Ref
 from mesh.errors import MeshError
+from mesh.files import write_atomic
 from mesh.identity import SpiffeId
 from mesh.serve import client
 
@@ -96,12 +97,23 @@ def ready_condition(ready: bool) -> dict[str, str]:
 @dataclass(frozen=True)
 class WaypointPod:
     namespace: str
-    name: str  # the gateway's name: pod name and service account
+    name: str  # the gateway's name: pod name and (by default) service account
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    # what an ingress gateway's pod has besides (`localcluster.ingress`)
+    service_account: str = ""  # default: the gateway's name
+    args: tuple[str, ...] = ()  # more flags for the proxy
+    labels: tuple[tuple[str, str], ...] = ()  # more pod labels
+    files: tuple[tuple[str, bytes], ...] = ()  # written (0600) into its own directory before it starts
+    ports: tuple[tuple[str, int], ...] = ()  # listener name -> the pod's port, published on the host
+    revision: str = ""  # a pod of another revision is replaced (the Gateway's listeners or certificates changed)
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def account(self) -> str:
+        return self.service_account or self.name
 
 
 def desired(gateways: list[dict[str, Any]]) -> dict[str, WaypointPod]:
@@ -144,9 +156,10 @@ class WaypointController:
 
     def adopt(self, key: str, pod: dict[str, Any], process: dict[str, Any]) -> None:
         """A waypoint an earlier controller started (from the cluster record): kept, its token kept fresh."""
-        self.running[key] = {"pod": pod, "process": process}
+        self.running[key] = {"pod": pod, "process": process, "revision": pod.get("revision", "")}
         uid, gid = int(pod.get("runAsUser", sandbox.NOBODY)), int(pod.get("runAsGroup", sandbox.NOBODY))
-        self.tokens.add(self._token_file(WaypointPod(pod["namespace"], pod["name"]), (uid, gid)))
+        self.tokens.add(self._token_file(WaypointPod(pod["namespace"], pod["name"],
+                                                     service_account=pod.get("serviceAccount", "")), (uid, gid)))
 
     def project(self) -> None:
         """The running waypoints' copy of the trust bundle, made again when it changed (a root rotation)."""
@@ -160,9 +173,13 @@ class WaypointController:
                 log.warning("could not copy the trust bundle for waypoint %s/%s: %s", pod["namespace"],
                             pod["name"], exc)
 
+    def wanted(self) -> dict[str, WaypointPod]:
+        """The pods the Gateways ask for."""
+        return desired(self.api.get("Gateway"))
+
     def sync(self) -> None:
-        want = desired(self.api.get("Gateway"))
-        for key in [k for k in self.running if k not in want]:
+        want = self.wanted()
+        for key in [k for k in self.running if k not in want or self.running[k].get("revision", "") != want[k].revision]:
             self.remove(key)
         for key, wp in want.items():
             entry = self.running.get(key)
@@ -191,16 +208,17 @@ class WaypointController:
                 "--trust-domain", components.TRUST_DOMAIN, "--drain-seconds", f"{wp.drain_seconds:g}"]
         if self.cert_ttl:
             argv += ["--cert-ttl", str(self.cert_ttl)]
-        argv += self.proxy_args
+        argv += [*wp.args, *self.proxy_args]
         spec = PodSpec(name=wp.name, namespace=wp.namespace, node=node_name,
-                       labels={GATEWAY_NAME_LABEL: wp.name},
-                       service_account=wp.name, container_name="waypoint", command=tuple(argv), env=(),
+                       labels={GATEWAY_NAME_LABEL: wp.name, **dict(wp.labels)},
+                       service_account=wp.account, container_name="waypoint", command=tuple(argv), env=(),
                        ports=(), working_dir="", document={}, run_as_user=uid, run_as_group=uid)
         pod = PodPlan(name=wp.name, namespace=wp.namespace, node=node_name, netns=netns_name, ip=ip,
                       gateway=node.gateway, prefixlen=node.pod_cidr.prefixlen, spec=spec)
         self._register(wp, pod)  # first: the plugin's ADD asks the node agent, which looks the pod up
         try:
             network.create_pod(self.home, self.plan, pod)
+            self._prepare(wp, netns_name)
             rec = processes.spawn(self.cluster, f"waypoint {wp.key}", netns_name, argv,
                                   components.component_env({"HOME": "/"}),
                                   self.home / "logs" / f"{wp.namespace}.{wp.name}.log",
@@ -208,14 +226,27 @@ class WaypointController:
         except BaseException:  # nothing half-made stays: the next round starts afresh
             self._unmake(wp.key, node_name, netns_name)
             raise
-        self.running[wp.key] = {"pod": {"name": wp.name, "namespace": wp.namespace, "node": node_name,
-                                        "netns": netns_name, "ip": str(ip), "serviceAccount": wp.name,
-                                        "labels": spec.labels, "runAsUser": uid, "runAsGroup": uid,
-                                        "expose": [str(own)]},
-                                "process": rec.to_json(), "started": time.monotonic(), "ready": False,
-                                "drainSeconds": wp.drain_seconds}
+        entry = {"pod": {"name": wp.name, "namespace": wp.namespace, "node": node_name,
+                         "netns": netns_name, "ip": str(ip), "serviceAccount": wp.account,
+                         "labels": spec.labels, "runAsUser": uid, "runAsGroup": uid,
+                         "expose": [str(own)], "revision": wp.revision},
+                 "process": rec.to_json(), "started": time.monotonic(), "ready": False,
+                 "drainSeconds": wp.drain_seconds, "revision": wp.revision}
+        try:
+            self._started(wp, entry)
+        except BaseException:
+            processes.stop([rec.pid], grace=STOP_GRACE)
+            self._unmake(wp.key, node_name, netns_name)
+            raise
+        self.running[wp.key] = entry
         self._save()
         log.info('{"event": "waypoint started", "waypoint": "%s", "node": "%s", "ip": "%s"}', wp.key, node_name, ip)
+
+    def _prepare(self, wp: WaypointPod, netns: str) -> None:
+        """What the pod's sandbox needs before its process starts (nothing for a waypoint)."""
+
+    def _started(self, wp: WaypointPod, entry: dict[str, Any]) -> None:
+        """What follows its start (nothing for a waypoint); raising unmakes the pod."""
 
     def remove(self, key: str) -> None:
         """Set the pod not Ready (no new traffic is sent to it), let the waypoint drain, then unmake it."""
@@ -252,6 +283,8 @@ class WaypointController:
         pod = entry["pod"]
         body = self.api.get("Pod", pod["namespace"], pod["name"])[0]
         body.setdefault("status", {})["conditions"] = [ready_condition(ready)]
+        if pod.get("annotations"):
+            body["metadata"]["annotations"] = {**(body["metadata"].get("annotations") or {}), **pod["annotations"]}
         for key in ("resourceVersion", "generation"):
             body["metadata"].pop(key, None)
         self.api.apply([Document("waypoint controller", 1, body)])
@@ -272,7 +305,7 @@ class WaypointController:
         return self.home / "waypoints" / wp.namespace / wp.name
 
     def _token_file(self, wp: WaypointPod, owner: tuple[int, int]) -> TokenFile:
-        identity = SpiffeId(components.TRUST_DOMAIN, wp.namespace, wp.name)
+        identity = SpiffeId(components.TRUST_DOMAIN, wp.namespace, wp.account)
         return TokenFile(self._dir(wp) / TOKEN, identity=identity.uri, owner=owner)
 
     def _free_uid(self) -> int:
@@ -295,14 +328,16 @@ class WaypointController:
         self.tokens.write(token)
         (own / ROOT_CERT).unlink(missing_ok=True)  # a copy another user of an earlier start owned
         copy_bundle(components.root_cert(self.home), own / ROOT_CERT, owner)
+        for name, data in wp.files:
+            write_atomic(own / name, data, mode=0o600, owner=owner)
         return own
 
     def _register(self, wp: WaypointPod, pod: PodPlan) -> None:
         bodies = [
-            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": wp.name, "namespace": wp.namespace}},
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": wp.account, "namespace": wp.namespace}},
             {"apiVersion": "v1", "kind": "Pod",
              "metadata": {"name": wp.name, "namespace": wp.namespace, "labels": dict(pod.spec.labels)},
-             "spec": {"nodeName": pod.node, "serviceAccountName": wp.name,
+             "spec": {"nodeName": pod.node, "serviceAccountName": wp.account,
                       "containers": [{"name": "waypoint", "command": list(pod.spec.command)}]},
              "status": {"phase": "Running", "podIP": str(pod.ip),
                         "hostIP": str(self.plan.node(pod.node).underlay_ip),

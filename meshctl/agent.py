@@ -369,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "agent",
-        help="show what a node agent knows: its workloads, certificates and policies",
+        help="show what a node agent knows: its workloads, services, certificates, policies, connections",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

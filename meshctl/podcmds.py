@@ -36,7 +36,7 @@ def add_parser(sub: Any) -> None:
                                     "nodeagent/NODE (the node agent, as `kubectl logs ds/ztunnel`), controlplane, "
                                     "controller (the waypoint controller), prometheus, or ds/NAME, deploy/NAME. "
                                     "The mesh's components write one line per record: DATE TIME LEVEL LOGGER "
-                                    "MESSAGE, events as JSON objects. Needs root.",
+                                    "MESSAGE, events as JSON objects; access logs one JSON object a line. Needs root.",
                         epilog="examples:\n  meshctl logs nodeagent/node-1 -f\n  meshctl logs controlplane --since 5m\n"
                                "  meshctl logs -n bookinfo waypoint --tail 20\n"
                                "  meshctl logs -n bookinfo productpage-v1",

@@ -18,6 +18,10 @@ listener; tunnels still in flight finish by the deadline.  (A GOAWAY sent while 
 refuses the streams it has not read yet, and a closed listener resets connections in its backlog: both
 failed requests when the waypoint went under load.)  `run` is the process
 (`mesh.runtime`).
+
+Gateway mode (`Options.listeners`, an ingress Gateway's pod): the same parts, but the Gateway's listeners
+(`waypoint.gateway.IngressListeners`) in place of the HBONE inbound, a table compiled for the gateway
+(routes by host), and an upstream that goes through a service's waypoint when it has one.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ from mesh.serve.endpoints import Readiness
 from mesh.tracing.span import Resource
 from mesh.xds.trio_client import TrioXdsClient
 from waypoint.admin import AdminView, ProcessMetrics
+from waypoint.config import RouteTable
 from waypoint.discovery import SUBSCRIPTIONS, WaypointConfig
+from waypoint.gateway import IngressListeners, ViaWaypoint, refuse_l4
 from waypoint.inbound import InboundServer, stdout_line
 from waypoint.metrics import WaypointMetrics
 from waypoint.options import Options
@@ -79,12 +85,16 @@ class Waypoint:
             "service.name": f"{opts.name}.{opts.namespace}", "service.instance.id": opts.key,
             "k8s.namespace.name": opts.namespace, "k8s.node.name": opts.node, "istio.proxy": "waypoint"}),
             self.registry)
-        self.proxy = WaypointProxy(upstream, metrics=WaypointMetrics(self.registry), access_log=stdout_line,
+        # gateway mode: requests for a service with a waypoint go through that waypoint
+        self.via = ViaWaypoint(upstream) if opts.ingress else None
+        self.proxy = WaypointProxy(self.via or upstream, metrics=WaypointMetrics(self.registry), access_log=stdout_line,
                                    identity=str(self.identity), tracer=self.tracer)
-        self.config = WaypointConfig(opts.key, self.proxy.update, allow_http_jwks=opts.allow_http_jwks)
+        self.config = WaypointConfig(opts.key, self._use_table, allow_http_jwks=opts.allow_http_jwks,
+                                     ingress=opts.ingress)
         self.inbound = InboundServer(self.proxy, certs, self.identity, trust_domain=opts.trust_domain,
                                      limits=opts.hbone_limits, config=opts.hbone_config)
-        self.proxy.l4_handler = self.inbound.l4
+        self.proxy.l4_handler = refuse_l4 if opts.ingress else self.inbound.l4
+        self.listeners = IngressListeners(self.proxy, list(opts.listeners)) if opts.ingress else None
         self.synced = False
         self.draining = False
         self.xds: TrioXdsClient | None = None
@@ -94,6 +104,11 @@ class Waypoint:
                        tunnels=lambda: self.inbound.tunnels,
                        inbound_connections=lambda: len(self.inbound.connections),
                        upstream_connections=self.pool.connection_count)
+
+    def _use_table(self, table: RouteTable) -> None:
+        if self.via is not None:
+            self.via.use(table)
+        self.proxy.update(table)
 
     # ---- what the endpoints read --------------------------------------------------------------------
 
@@ -130,33 +145,61 @@ class Waypoint:
             admin = AdminView(self.config_dump, self.certs.status, self.stats, name=opts.key)
             self.ports.update(await runtime.start_serving(nursery, opts, registry=self.registry,
                                                           ready=self.readiness, admin=admin.handle))
-            host, port = split_hostport(opts.listen)
-            inbound_done = trio.Event()
-
-            async def serve_inbound(task_status: trio.TaskStatus[int]) -> None:
-                try:
-                    await self.inbound.serve(host, port, task_status=task_status)
-                finally:
-                    inbound_done.set()
-
-            self.ports["hbone"] = await nursery.start(serve_inbound)
-            log.info('{"event": "listening", "waypoint": "%s", "identity": "%s", "hbone": %d}',
-                     opts.key, self.identity, self.ports["hbone"])
-            task_status.started(dict(self.ports))
-            nursery.start_soon(self._wait_synced, xds)
-            await stop.wait()
-            self.draining = True
-            log.info('{"event": "draining", "waypoint": "%s", "tunnels": %d}', opts.key, self.inbound.tunnels)
-            deadline = trio.current_time() + opts.drain_seconds
-            with trio.move_on_at(deadline):  # serving as before while the node agents stop sending here
-                await self._quiet()
-            self.inbound.drain()  # then GOAWAY and the listener closes
-            with trio.move_on_at(deadline):
-                await inbound_done.wait()
-            log.info('{"event": "drained", "waypoint": "%s", "tunnels": %d}', opts.key, self.inbound.tunnels)
-            await runtime.flush_tracing(self.tracer)  # the last requests' spans
-            nursery.cancel_scope.cancel()
+            if self.listeners is not None:  # gateway mode: the Gateway's listeners, no HBONE inbound
+                await self._run_gateway(nursery, self.listeners, xds, stop, task_status)
+            else:
+                await self._run_waypoint(nursery, xds, stop, task_status)
         await self.proxy.pool.aclose()
+
+    async def _run_waypoint(self, nursery: trio.Nursery, xds: TrioXdsClient, stop: trio.Event,
+                            task_status: trio.TaskStatus[dict[str, int]]) -> None:
+        """The HBONE inbound until `stop`, then the drain (see the module docstring)."""
+        opts = self.opts
+        host, port = split_hostport(opts.listen)
+        inbound_done = trio.Event()
+
+        async def serve_inbound(task_status: trio.TaskStatus[int]) -> None:
+            try:
+                await self.inbound.serve(host, port, task_status=task_status)
+            finally:
+                inbound_done.set()
+
+        self.ports["hbone"] = await nursery.start(serve_inbound)
+        log.info('{"event": "listening", "waypoint": "%s", "identity": "%s", "hbone": %d}',
+                 opts.key, self.identity, self.ports["hbone"])
+        task_status.started(dict(self.ports))
+        nursery.start_soon(self._wait_synced, xds)
+        await stop.wait()
+        self.draining = True
+        log.info('{"event": "draining", "waypoint": "%s", "tunnels": %d}', opts.key, self.inbound.tunnels)
+        deadline = trio.current_time() + opts.drain_seconds
+        with trio.move_on_at(deadline):  # serving as before while the node agents stop sending here
+            await self._quiet()
+        self.inbound.drain()  # then GOAWAY and the listener closes
+        with trio.move_on_at(deadline):
+            await inbound_done.wait()
+        log.info('{"event": "drained", "waypoint": "%s", "tunnels": %d}', opts.key, self.inbound.tunnels)
+        await runtime.flush_tracing(self.tracer)  # the last requests' spans
+        nursery.cancel_scope.cancel()
+
+    async def _run_gateway(self, nursery: trio.Nursery, listeners: IngressListeners, xds: TrioXdsClient,
+                           stop: trio.Event, task_status: trio.TaskStatus[dict[str, int]]) -> None:
+        """Gateway mode: serve the listeners until `stop`, then readiness 503 and the connections in flight
+        given `drain_seconds` to finish."""
+        opts = self.opts
+        ports = await nursery.start(listeners.serve)
+        self.ports.update(ports)
+        log.info('{"event": "listening", "gateway": "%s", "identity": "%s", "listeners": "%s"}', opts.key,
+                 self.identity, ",".join(f"{name}:{port}" for name, port in sorted(ports.items())))
+        task_status.started(dict(self.ports))
+        nursery.start_soon(self._wait_synced, xds)
+        await stop.wait()
+        self.draining = True
+        with trio.move_on_after(opts.drain_seconds):
+            while listeners.connections:
+                await trio.sleep(QUIET_SECONDS / 10)
+        await runtime.flush_tracing(self.tracer)
+        nursery.cancel_scope.cancel()
 
     async def _quiet(self) -> None:
         """Until no tunnel has been open for `QUIET_SECONDS`: the node agents no longer send here."""

@@ -98,6 +98,10 @@ class RouteTable:
     jwt_rules: tuple[JwtRule, ...] = ()
     tracing: TracingPolicy = TracingPolicy()  # from the Telemetry resources that apply to this waypoint
     version: int = 0
+    # Gateway mode (an ingress Gateway's pods): requests are routed by Host header and listener port through
+    # the VirtualServices bound to this gateway (`gateways`), most specific host first.
+    ingress: bool = False
+    ingress_routes: tuple[VirtualServiceRules, ...] = ()
 
     def refusal(self, host: str, port: int) -> str:
         """Why a tunnel to host:port is refused, "" when it is admitted: the VIP and a port of a service
@@ -299,10 +303,11 @@ def _destination_rules(drs: list[DestinationRuleRules], svcs: Mapping[str, Servi
 
 def compile_table(waypoint: str, workloads: Iterable[pb.Workload], services: Iterable[pb.Service],
                   l7_configs: Iterable[pb.L7Config], version: int = 0, *,
-                  allow_http_jwks: bool = False) -> CompileResult:
+                  allow_http_jwks: bool = False, ingress: bool = False) -> CompileResult:
     """Compile what this waypoint (`ns/name`; "" takes every L7 config) needs into a RouteTable.
     `allow_http_jwks` lets a `jwksUri` be plain http (refused otherwise: anyone on the path could hand in
-    keys)."""
+    keys).  `ingress`: the table of an ingress gateway, whose VirtualServices are those naming it in
+    `gateways`, routed by host (`RouteTable.ingress_routes`) rather than by service."""
     workloads = list(workloads)
     svcs = _services(workloads, services)
     own_namespace = waypoint.split("/")[0] if waypoint else ""
@@ -310,6 +315,7 @@ def compile_table(waypoint: str, workloads: Iterable[pb.Workload], services: Ite
     failed: dict[str, str] = {}
     warnings: list[str] = []
     vss: list[VirtualServiceRules] = []
+    ingress_vss: list[VirtualServiceRules] = []
     drs: list[DestinationRuleRules] = []
     policies: list[CompiledPolicy] = []
     l4_policies: list[L4Policy] = []
@@ -332,7 +338,10 @@ def compile_table(waypoint: str, workloads: Iterable[pb.Workload], services: Ite
                     continue
                 hostnames = reached
             _validate(kind, spec, where)
-            if kind == "VirtualService":
+            if kind == "VirtualService" and ingress:
+                if waypoint in (spec.get("gateways") or ()):
+                    ingress_vss.append(compile_virtual_service(where, msg.name, msg.namespace, spec))
+            elif kind == "VirtualService":
                 vss.append(compile_virtual_service(where, msg.name, msg.namespace, spec))
             elif kind == "DestinationRule":
                 drs.append(compile_destination_rule(where, msg.name, msg.namespace, spec))
@@ -366,5 +375,6 @@ def compile_table(waypoint: str, workloads: Iterable[pb.Workload], services: Ite
         virtual_services=_virtual_services(vss, svcs, warnings),
         destination_rules=_destination_rules(drs, svcs, own_namespace),
         policies=tuple(policies), l4_policies=tuple(l4_policies), jwt_rules=tuple(jwt_rules),
-        tracing=resolve(telemetries, namespace=own_namespace, gateway=waypoint.partition("/")[2]), version=version)
+        tracing=resolve(telemetries, namespace=own_namespace, gateway=waypoint.partition("/")[2]), version=version,
+        ingress=ingress, ingress_routes=tuple(sorted(ingress_vss, key=lambda vs: (vs.namespace, vs.name))))
     return CompileResult(table, tuple(errors), tuple(warnings), failed)

@@ -34,8 +34,10 @@ SUBSCRIPTIONS: dict[str, None] = {rs.WORKLOAD: None, rs.SERVICE: None, rs.L7_CON
 class WaypointConfig:
     """The views the table is compiled from, and the last good compile."""
 
-    def __init__(self, waypoint: str, on_table: Callable[[RouteTable], None], *, allow_http_jwks: bool = False) -> None:
+    def __init__(self, waypoint: str, on_table: Callable[[RouteTable], None], *, allow_http_jwks: bool = False,
+                 ingress: bool = False) -> None:
         self.waypoint = waypoint  # "ns/name", as L7Config.waypoints names it
+        self.ingress = ingress  # an ingress gateway's configuration (`compile_table`)
         self.on_table = on_table
         self.allow_http_jwks = allow_http_jwks  # a jwksUri over plain http is refused unless set
         self.views: dict[str, Mapping[str, Message]] = {t: {} for t in SUBSCRIPTIONS}
@@ -88,11 +90,12 @@ class WaypointConfig:
 
     def _compile(self, views: Mapping[str, Mapping[str, Message]], configs: Mapping[str, pb.L7Config]) -> CompileResult:
         return compile_table(self.waypoint, _of(views, rs.WORKLOAD, pb.Workload), _of(views, rs.SERVICE, pb.Service),
-                             list(configs.values()), self.version + 1, allow_http_jwks=self.allow_http_jwks)
+                             list(configs.values()), self.version + 1, allow_http_jwks=self.allow_http_jwks,
+                             ingress=self.ingress)
 
     def summary(self) -> dict[str, object]:
         """What the admin endpoint shows about the configuration."""
-        table = self.last.table if self.last else RouteTable(waypoint=self.waypoint)
+        table = self.last.table if self.last else RouteTable(waypoint=self.waypoint, ingress=self.ingress)
         return {
             "waypoint": self.waypoint,
             "version": self.version,
@@ -101,6 +104,8 @@ class WaypointConfig:
             "resources": {t.rsplit(".", 1)[-1]: sorted(v) for t, v in self.views.items()},
             "services": sorted(table.services),
             "virtual_services": {h: f"{vs.namespace}/{vs.name}" for h, vs in sorted(table.virtual_services.items())},
+            **({"ingress_routes": {f"{vs.namespace}/{vs.name}": list(vs.hosts) for vs in table.ingress_routes}}
+               if table.ingress else {}),
             "destination_rules": sorted(table.destination_rules),
             "authorization_policies": [p.ref for p in table.policies],
             "jwt_rules": len(table.jwt_rules),

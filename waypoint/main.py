@@ -4,11 +4,12 @@
         --root-cert FILE --token-file FILE [--trust-domain cluster.local] [--cert-ttl SECONDS] \\
         [--listen 0.0.0.0:15008] [--metrics-listen 0.0.0.0:15020] [--ready-listen 0.0.0.0:15021] \\
         [--admin-listen 127.0.0.1:15000] [--allow-http-jwks] [--hbone-max-connections N]
-        [--hbone-max-handshakes N] [--hbone-max-streams N]
+        [--hbone-max-handshakes N] [--hbone-max-streams N] [--listener NAME=HTTP:PORT ...]
 
 The token file holds a workload token for the waypoint's own identity
 (`spiffe://<trust domain>/ns/NS/sa/NAME`); with it the waypoint asks the CA for its certificate and
-subscribes to discovery.  Access log: one JSON line per request on stdout.  SIGTERM or SIGINT drains
+subscribes to discovery.  With `--listener` it runs in gateway mode (`waypoint.gateway`): an ingress
+Gateway's pod, serving the Gateway's listeners and routing by host instead of taking HBONE.  Access log: one JSON line per request on stdout.  SIGTERM or SIGINT drains
 (GOAWAY to clients, tunnels in flight finish within --drain-seconds) and exits 0.
 
 This module only reads the command line; the waypoint is assembled in `waypoint.app`.
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from mesh import runtime
-from waypoint import app
+from waypoint import app, gateway
 from waypoint.options import Options
 
 
@@ -49,14 +50,21 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     p.add_argument("--hbone-max-streams", type=int, default=Options.hbone_max_streams, metavar="N",
                    help="tunnels (HTTP/2 streams) one client connection may have open at once, announced to it "
                         "as SETTINGS_MAX_CONCURRENT_STREAMS (default %(default)s)")
+    p.add_argument("--listener", action="append", default=[], metavar="NAME=HTTP:PORT|NAME=HTTPS:PORT:CERT:KEY",
+                   help="gateway mode (an ingress Gateway's pod): serve this listener of the Gateway (repeat for each) "
+                        "instead of HBONE inbound; an HTTPS listener terminates TLS with the PEM chain and key given")
     runtime.add_flags(p, token_help="a workload token for the waypoint's identity, as the control plane issued it")
     args = p.parse_args(argv)
+    try:
+        listeners = tuple(gateway.parse_listener(text) for text in args.listener)
+    except ValueError as exc:
+        p.error(str(exc))
     shared = runtime.flag_values(p, args, listen=("listen",))
     try:
         return Options(name=args.name, namespace=args.namespace, node=args.node, service_account=args.service_account,
                        listen=args.listen, drain_seconds=args.drain_seconds, allow_http_jwks=args.allow_http_jwks,
                        hbone_max_connections=args.hbone_max_connections, hbone_max_handshakes=args.hbone_max_handshakes,
-                       hbone_max_streams=args.hbone_max_streams, **shared)
+                       hbone_max_streams=args.hbone_max_streams, listeners=listeners, **shared)
     except ValueError as exc:
         p.error(str(exc))
 

@@ -10,6 +10,7 @@ from mesh.hbone.config import HboneConfig, ListenerLimits
 from mesh.identity import SpiffeId
 from mesh.runtime import ProcessOptions
 from mesh.xds.node import ROLE_WAYPOINT, NodeInfo
+from waypoint.gateway import ListenerSpec
 
 MAX_STREAMS = 65_536  # the most --hbone-max-streams may be
 
@@ -27,6 +28,8 @@ class Options(ProcessOptions):
     hbone_max_connections: int = defaults.HBONE_MAX_CONNECTIONS  # open at once; more are closed when accepted
     hbone_max_handshakes: int = defaults.HBONE_MAX_HANDSHAKES  # TLS handshakes at once; more wait their turn
     hbone_max_streams: int = HboneConfig.max_concurrent_streams  # tunnels one client connection may have open
+    # gateway mode (an ingress Gateway's pod): its listeners (`waypoint.gateway.parse_listener`); no HBONE inbound
+    listeners: tuple[ListenerSpec, ...] = ()
 
     def __post_init__(self) -> None:
         for flag, value in (("--hbone-max-connections", self.hbone_max_connections),
@@ -37,6 +40,10 @@ class Options(ProcessOptions):
         if self.hbone_max_streams > MAX_STREAMS:
             raise ValueError(f"--hbone-max-streams must be at most {MAX_STREAMS} (HTTP/2 allows 2^31-1; more than "
                              f"this is no cap), not {self.hbone_max_streams}")
+
+    @property
+    def ingress(self) -> bool:
+        return bool(self.listeners)
 
     @property
     def hbone_limits(self) -> ListenerLimits:

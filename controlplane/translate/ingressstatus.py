@@ -124,7 +124,7 @@ def gateway_statuses(snapshot: Any, trust_domain: str = DEFAULT_TRUST_DOMAIN) ->
     index = build_index(snapshot, trust_domain)
     attached = _attached(gatewayapi.analyse(snapshot, build_services(index), set(index.waypoints)))
     out = {}
-    for key, gw in gateways.items():
+    for gw in gateways.values():
         body = snapshot.get("Gateway", gw.namespace, gw.name) or {}
         generation = int((body.get("metadata") or {}).get("generation") or 0)
         out[Ref("Gateway", gw.namespace, gw.name)] = gateway_status(gw, snapshot, attached, generation)

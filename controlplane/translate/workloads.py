@@ -34,6 +34,7 @@ from mesh.api.kinds_gateway import (
     USE_WAYPOINT_NAMESPACE_LABEL,
     WAYPOINT_FOR_LABEL,
     WAYPOINT_PORT,
+    is_ingress,
     is_waypoint,
 )
 from mesh.proto import discovery_pb2 as pb
@@ -88,6 +89,7 @@ class Index:
     pods: list[dict[str, Any]] = field(default_factory=list)
     services: list[dict[str, Any]] = field(default_factory=list)
     waypoints: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (ns, name) -> Gateway
+    ingresses: set[tuple[str, str]] = field(default_factory=set)  # (ns, name) of ingress Gateways
     problems: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # resources left out (`controlplane.translate.guard`)
     trust_domain: str = DEFAULT_TRUST_DOMAIN
@@ -130,8 +132,15 @@ class Index:
         return out
 
     def is_waypoint_pod(self, pod: Mapping[str, Any]) -> bool:
+        """A waypoint's pod, or an ingress gateway's: a mesh proxy of its own, never captured by a node agent
+        (and the identity it holds may open a discovery stream for its Gateway)."""
         name = labels_of(pod).get(GATEWAY_NAME_LABEL)
-        return bool(name) and (pod["metadata"]["namespace"], name) in self.waypoints
+        key = (pod["metadata"]["namespace"], name)
+        return bool(name) and (key in self.waypoints or key in self.ingresses)
+
+    def is_ingress_pod(self, pod: Mapping[str, Any]) -> bool:
+        name = labels_of(pod).get(GATEWAY_NAME_LABEL)
+        return bool(name) and (pod["metadata"]["namespace"], name) in self.ingresses
 
 
 def _named(body: Any, namespaced: bool = True) -> bool:
@@ -157,6 +166,8 @@ def build_index(snapshot: Any, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> Inde
     for gw in snapshot.of_kind("Gateway"):
         if guarded(gw, errors, _named, gw) and is_waypoint(gw):
             index.waypoints[(gw["metadata"]["namespace"], gw["metadata"]["name"])] = gw
+        elif guarded(gw, errors, _named, gw) and is_ingress(gw):
+            index.ingresses.add((gw["metadata"]["namespace"], gw["metadata"]["name"]))
     return index
 
 
@@ -275,7 +286,8 @@ def _workload(pod: Mapping[str, Any], index: Index, services_of: Mapping[str, li
     msg = pb.Workload(
         uid=uid, name=meta["name"], namespace=meta["namespace"], addresses=pod_ips(pod),
         service_account=service_account(pod), node=str((pod.get("spec") or {}).get("nodeName") or ""),
-        tunnel_protocol=pb.HBONE if is_wp or enrolled(pod, index) else pb.NONE,
+        # an ingress gateway's pod takes plain traffic from outside the mesh (no HBONE inbound)
+        tunnel_protocol=pb.NONE if index.is_ingress_pod(pod) else pb.HBONE if is_wp or enrolled(pod, index) else pb.NONE,
         canonical_name=name, canonical_revision=rev, labels=labels,
         status=pb.HEALTHY if healthy(pod) else pb.UNHEALTHY, workload_type="pod", cluster_id=CLUSTER_ID,
         is_waypoint=is_wp,

@@ -41,6 +41,7 @@ DNS_PORT = 53
 DEFAULT_TIMEOUT = 2.0
 MAX_UDP = 65535
 MAX_TTL = 30.0
+MAX_CACHED = 1024  # names the resolver keeps answers for; expired ones go first, then the oldest
 
 
 class UpstreamError(NodeAgentError):
@@ -153,5 +154,9 @@ class Resolver:
         if answer.rcode != Rcode.NOERROR or not answer.addresses:
             raise UpstreamError(f"{name} does not resolve (upstream {self.upstream.describe()} answered "
                                 f"{rcode_name(answer.rcode)}{'' if answer.addresses else ' with no address'})")
+        if len(self._cache) >= MAX_CACHED:
+            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+            while len(self._cache) >= MAX_CACHED:
+                del self._cache[next(iter(self._cache))]
         self._cache[name] = (now + min(float(answer.ttl), MAX_TTL), answer.addresses)
         return answer.addresses

@@ -176,6 +176,13 @@ def test_pods_answer_without_the_apps_own_delay(meshctl: Meshctl, cluster: str) 
                                capture_output=True, env=meshctl.env(), cwd=ROOT, check=False)
         assert check.returncode == 0, check.stdout + check.stderr
         assert f"spiffe://cluster.local/ns/{NS}/sa/sleep" in check.stdout
+        # ztunnel-config's other views: the services the agent knows, the connections it carried.
+        services = meshctl("agent", "services", node).stdout.splitlines()
+        assert any(line.split()[:2] == [NS, "productpage"] for line in services)
+        rows = json.loads(meshctl("agent", "connections", node, "-o", "json").stdout)
+        out = [r for r in rows if r["reporter"] == "source" and r["source"] == f"{NS}/sleep"
+               and r["destination"].startswith(f"{NS}/productpage")]
+        assert out and out[0]["opened"] >= 1 and out[0]["sent_bytes"] > 0
     finally:
         meshctl("label", "namespace", NS, "istio.io/dataplane-mode-", check=False)
     print(f"\nproductpage keep-alive median, 50 requests: {plain:.2f} ms without the mesh, {meshed:.2f} ms in it")

@@ -206,10 +206,17 @@ def mesh(meshctl: Meshctl, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         meshctl("cluster", "down", NAME, check=False)
 
 
+def steps(mesh: Mesh, pod: str, *steps: tuple[str, ...]) -> list[dict]:
+    """Run the steps of `podtools/dns_client.py` in one process of the pod; their results."""
+    argv = [a for i, one in enumerate(steps) for a in ((("+",) if i else ()) + one)]
+    out = mesh.exec("apps", pod, sys.executable, str(PODTOOLS / "dns_client.py"), *argv, check=False)
+    assert out.returncode == 0, f"dns_client {' '.join(argv)} in {pod}: {out.stdout}{out.stderr}"
+    results: list[dict] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
+
+
 def client(mesh: Mesh, pod: str, *args: str) -> dict:
-    out = mesh.exec("apps", pod, sys.executable, str(PODTOOLS / "dns_client.py"), *args, check=False)
-    assert out.returncode == 0, f"dns_client {' '.join(args)} in {pod}: {out.stdout}{out.stderr}"
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return steps(mesh, pod, args)[0]
 
 
 def service_ip(mesh: Mesh, ns: str, name: str) -> str:
@@ -224,31 +231,33 @@ def vip(host: str) -> str:
 def test_service_names_resolve_through_the_proxy(mesh: Mesh, node: str) -> None:
     pod = CLIENTS[node]
     ip = service_ip(mesh, "apps", "hello")
-    for protocol, name in (("udp", "hello"), ("udp", "hello.apps"), ("tcp", "hello.apps.svc"),
-                           ("udp", "hello.apps.svc.cluster.local")):
-        got = client(mesh, pod, "query", protocol, name)
-        assert got["rcode"] == 0 and got["answers"] == [ip] and got["id_matches"], (protocol, name, got)
-        assert got["from"] == "127.0.0.1:53"  # the answer shows the server the pod asked
-    aaaa = client(mesh, pod, "query", "udp", "hello.apps.svc.cluster.local", "28")
+    names = (("udp", "hello"), ("udp", "hello.apps"), ("tcp", "hello.apps.svc"), ("udp", "hello.apps.svc.cluster.local"))
+    got = steps(mesh, pod, *(("query", protocol, name) for protocol, name in names),
+                ("query", "udp", "hello.apps.svc.cluster.local", "28"),
+                ("garbage", "udp"), ("garbage", "tcp"), ("query", "udp", "hello"))
+    for (protocol, name), answer in zip(names, got, strict=False):
+        assert answer["rcode"] == 0 and answer["answers"] == [ip] and answer["id_matches"], (protocol, name, answer)
+        assert answer["from"] == "127.0.0.1:53"  # the answer shows the server the pod asked
+    aaaa, bad_udp, bad_tcp, after = got[len(names):]
     assert aaaa["rcode"] == 0 and aaaa["answers"] == []
-    for protocol in ("udp", "tcp"):  # bytes that are no query: FORMERR, and the proxy goes on answering
-        reply = bytes.fromhex(client(mesh, pod, "garbage", protocol)["reply"])
+    for bad in (bad_udp, bad_tcp):  # bytes that are no query: FORMERR, and the proxy goes on answering
+        reply = bytes.fromhex(bad["reply"])
         assert reply[:2] == b"\x42\x42" and reply[2] & 0x80 and reply[3] & 0xF == 1, reply
-    assert client(mesh, pod, "query", "udp", "hello")["answers"] == [ip]
+    assert after["answers"] == [ip]
     node_log = mesh.agent_log(node)
     assert '"event": "dns_bad_query"' in node_log and "exactly one question" in node_log
 
 
 @pytest.mark.parametrize("node", sorted(CLIENTS))
 def test_entry_hosts_resolve_and_the_rest_is_forwarded(mesh: Mesh, node: str) -> None:
-    pod = CLIENTS[node]
-    assert client(mesh, pod, "getaddrinfo", "static.example.test")["addresses"] == [vip("static.example.test")]
-    assert client(mesh, pod, "getaddrinfo", "ext.example.test")["addresses"] == [vip("ext.example.test")]
-    assert client(mesh, pod, "getaddrinfo", "a.b.wild.test")["addresses"] == [WILDCARD_VIP]
-    # Not the mesh's: the upstream answers (and says NXDOMAIN for what it does not know).
-    assert client(mesh, pod, "getaddrinfo", "upstream-only.test")["addresses"] == ["192.0.2.55"]
-    assert client(mesh, pod, "query", "tcp", "upstream-only.test")["answers"] == ["192.0.2.55"]
-    assert client(mesh, pod, "query", "udp", "nowhere.test")["rcode"] == 3
+    got = steps(mesh, CLIENTS[node], ("getaddrinfo", "static.example.test"), ("getaddrinfo", "ext.example.test"),
+                ("getaddrinfo", "a.b.wild.test"), ("getaddrinfo", "upstream-only.test"),
+                ("query", "tcp", "upstream-only.test"), ("query", "udp", "nowhere.test"))
+    assert [g.get("addresses") for g in got[:4]] == [
+        [vip("static.example.test")], [vip("ext.example.test")], [WILDCARD_VIP],
+        ["192.0.2.55"]]  # the last one is not the mesh's: the upstream answers
+    assert got[4]["answers"] == ["192.0.2.55"]
+    assert got[5]["rcode"] == 3  # NXDOMAIN from the upstream, passed on
     metrics = mesh.metrics(node)
     assert 'istio_dns_requests_total{request_protocol="udp",request_query_type="a"' in metrics
     assert "istio_dns_upstream_requests_total" in metrics
@@ -267,12 +276,15 @@ def test_meshctl_shows_the_entries(mesh: Mesh) -> None:
 
 @pytest.mark.parametrize("node", sorted(CLIENTS))
 def test_external_host_is_reached_through_static_and_dns_entries(mesh: Mesh, node: str) -> None:
-    pod = CLIENTS[node]
-    for host in ("static.example.test", "ext.example.test", "x.wild.test"):
-        assert client(mesh, pod, "connect", host, "8080") == {"echo": "hello\n"}, host
+    hosts = ("static.example.test", "ext.example.test", "x.wild.test")
+    got = steps(mesh, CLIENTS[node], *(("connect", host, "8080") for host in hosts))
+    assert got == [{"echo": "hello\n"}] * len(hosts), got
     log = [e for e in mesh.access_log(node) if e.get("direction") == "outbound"
            and e.get("destination_service", "").endswith("example.test")]
     assert {e["destination_service"] for e in log} >= {"static.example.test", "ext.example.test"}
+    # plain TCP from the source's agent, straight to the external host
+    assert {e["connection_security_policy"] for e in log if e["destination_service"] != "egress.example.test"} == {
+        "none"}
 
 
 def test_policy_at_the_waypoint_denies_the_external_host(mesh: Mesh) -> None:

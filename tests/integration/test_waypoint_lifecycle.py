@@ -4,14 +4,13 @@ One bookinfo cluster (`t-wpops`) in the mesh.  A client in the sleep pod sends s
 (one new connection per request, as a curl loop does) while `meshctl waypoint apply --enroll-namespace`
 starts the waypoint and binds the namespace once it is ready, and `meshctl waypoint delete` unbinds it,
 waits for the node agents, and lets the waypoint drain.  The client counts every request; none may fail.
-Also: a waypoint is refused in a namespace that does not exist, and nothing of it is started.
+Also: a waypoint is refused in a namespace that does not exist (no Gateway is written, so nothing starts).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -78,6 +77,12 @@ class Lifecycle(Mesh):
         lines = path.read_text().splitlines() if path.exists() else []
         return [e for line in lines if line.startswith("{") and "response_code" in (e := json.loads(line))]
 
+    def direct_to_reviews(self) -> int:
+        """Connections from sleep that reviews' node agents took in without a waypoint between."""
+        return sum(1 for node in ("node-1", "node-2") for e in self.access_log(node)
+                   if e.get("direction") == "inbound" and e.get("source_workload") == "sleep"
+                   and str(e.get("destination_workload", "")).startswith("reviews"))
+
     def waypoint_running(self) -> bool:
         return any(p["name"] == f"waypoint {NS}/waypoint" for p in self.status()["processes"])
 
@@ -106,8 +111,7 @@ def mesh(meshctl: Meshctl, tmp_path_factory: pytest.TempPathFactory,
 def test_waypoint_in_a_missing_namespace_is_refused(mesh: Lifecycle) -> None:
     out = mesh.ctl("waypoint", "apply", "-n", "nosuchns", check=False)
     assert out.returncode == 1 and out.stderr == 'meshctl: namespaces "nosuchns" not found\n', out
-    assert mesh.ctl("get", "gateway", "-A").stdout.strip() == ""
-    assert not any(p["name"].startswith("waypoint nosuchns") for p in mesh.status()["processes"])
+    assert mesh.ctl("get", "gateway", "-A").stdout.strip() == ""  # so the controller starts nothing
 
 
 def test_apply_and_delete_under_load_fail_no_request(mesh: Lifecycle) -> None:
@@ -122,8 +126,6 @@ def test_apply_and_delete_under_load_fail_no_request(mesh: Lifecycle) -> None:
         applied = mesh.ctl("waypoint", "apply", "-n", NS, "--enroll-namespace", "--drain-seconds", "3")
         assert applied.stdout.splitlines() == [f"waypoint {NS}/waypoint applied", f"waypoint {NS}/waypoint is ready",
                                                f'namespace {NS} labeled with "istio.io/use-waypoint: waypoint"']
-        row = mesh.ctl("waypoint", "list", "-n", NS).stdout.splitlines()[1].split()
-        assert row[:4] == [NS, "waypoint", "service", "1/1"]
         status = mesh.ctl("waypoint", "status", "-n", NS).stdout.splitlines()
         assert status[1].split()[:4] == [NS, "waypoint", "1/1", "Ready"] and status[1].endswith("Namespace bookinfo")
 
@@ -137,14 +139,17 @@ def test_apply_and_delete_under_load_fail_no_request(mesh: Lifecycle) -> None:
         assert deleted.stdout.splitlines() == [f"namespace {NS} label istio.io/use-waypoint removed",
                                                "node agents have the change", f"waypoint {NS}/waypoint deleted",
                                                "waypoint pods drained and stopped"]
-        eventually(lambda: not mesh.waypoint_running(), timeout=30)
-        served = len(mesh.waypoint_log())
-        time.sleep(2)  # load goes on, now without the waypoint
-        assert len(mesh.waypoint_log()) == served  # nothing more reached it
+        assert not mesh.waypoint_running()
+        direct = mesh.direct_to_reviews()
+
+        def direct_again() -> bool:
+            """the load goes on, straight from sleep to reviews"""
+            return mesh.direct_to_reviews() >= direct + 20
+
+        eventually(direct_again, timeout=30, interval=0.5)
     finally:
         stop.touch()
         out, _ = load.communicate(timeout=60)
     result = json.loads(out.strip().splitlines()[-1])
     assert result["failed"] == 0 and result["status"] == {"200": result["ok"]}, result
     assert result["ok"] == result["sent"] and result["sent"] >= 200, result
-    assert mesh.ctl("waypoint", "list", "-n", NS).stdout.startswith("No waypoints found")

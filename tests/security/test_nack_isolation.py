@@ -92,7 +92,7 @@ def test_the_control_plane_refuses_jwt_rules_a_waypoint_would_refuse(rule: dict[
 
 def test_a_null_is_not_set_on_both_sides() -> None:
     store = Store()
-    store.apply(parse_text(DR_NULL_EJECTION, "dr.yaml"))
+    store.apply(parse_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: bookinfo}\n---\n" + DR_NULL_EJECTION, "dr.yaml"))  # the namespace must exist
     translation = translate_snapshot(store.snapshot())
     config = translation.l7["DestinationRule/bookinfo/reviews"]
     workloads, services = bookinfo()

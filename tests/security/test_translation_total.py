@@ -64,7 +64,7 @@ def eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 def test_a_nested_null_is_absent() -> None:
     store = Store()
-    store.apply(parse_text(POLICY_WITH_NULL_ACTION, "p.yaml"))
+    store.apply(parse_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: bookinfo}\n---\n" + POLICY_WITH_NULL_ACTION, "p.yaml"))  # the namespace must exist
     body = store.select("AuthorizationPolicy", "bookinfo", "deny-none")[0]
     assert "action" not in body["spec"]  # what the store keeps has no nulls
     translation = translate_snapshot(store.snapshot())
@@ -105,7 +105,7 @@ def test_a_saved_document_translation_cannot_handle_does_not_stop_the_control_pl
         authorizations = "type.googleapis.com/ambientmesh.discovery.v1.Authorization"
         served = cp.call(running.discovery.resources)[authorizations]
         assert "bookinfo/deny-none" in served and "bookinfo/reject" not in served
-        running.extras["store"].apply(parse_text(DENY, "deny.yaml"))
+        running.extras["store"].apply(parse_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: bookinfo}\n---\n" + DENY, "deny.yaml"))
         # Discovery follows the change: the DENY is served although the bad document is still there.
         assert eventually(lambda: "bookinfo/deny-all" in cp.call(running.discovery.resources)[authorizations])
         table = cp.call(running.discovery.connections)

@@ -3,6 +3,8 @@ to the pipeline; the client side toward endpoints is `waypoint.http.http2_client
 
 Flow control is real in both directions: received data is acknowledged only as the pipeline consumes
 it, and sending waits for the peer's window.  A request head larger than `max_header_bytes` gets 431.
+A handler's writes are shielded from its own cancellation (see `flush`); trailers pass both ways
+(`request_trailers`, `send_trailers`).
 
 The server bounds what a client can make it spend (the HBONE core's guards, `mesh.hbone.frames`): a
 request the client resets has its handler cancelled, and a client that keeps resetting requests gets
@@ -32,6 +34,7 @@ from waypoint.l7.model import Headers, RequestHead, ResponseHead, forwardable
 
 READ_SIZE = 65536
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+WRITE_TIMEOUT = 10.0  # a client that takes none of a handler's bytes for this long loses the connection
 MAX_RESET_STREAMS = 100  # requests a client may abandon beyond those it let us answer (ResetBudget)
 HEADER_BLOCK_SLACK = 1024  # what HPACK and framing may add to a header list on the wire
 
@@ -65,14 +68,45 @@ class _H2Base:
         })
         self.max_header_bytes = max_header_bytes
         self._send_lock = trio.Lock()
+        self._writes: set[trio.CancelScope] = set()  # handlers' writes in progress
+        self._writes_end = math.inf
         self.streams: dict[int, _Stream] = {}
         self.closed = False
 
     async def flush(self) -> None:
+        """A request handler's write.  Shielded from the handler's own cancellation (its stream reset, a
+        route timeout): bytes h2 has handed over and that never go out would corrupt the connection for
+        every other stream.  It ends only with the connection (`_end_writes`) or after `WRITE_TIMEOUT`
+        without the client taking the bytes, and then the connection is closed."""
+        async with self._send_lock:
+            data = self.conn.data_to_send()
+            if not data:
+                return
+            with trio.CancelScope(shield=True, deadline=min(trio.current_time() + WRITE_TIMEOUT,
+                                                           self._writes_end)) as scope:
+                self._writes.add(scope)
+                try:
+                    await self.stream.send_all(data)
+                finally:
+                    self._writes.discard(scope)
+        if scope.cancelled_caught:
+            self._terminate()
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.stream.aclose()  # part of a frame may have gone out: nothing more can follow
+            raise trio.BrokenResourceError("the client stopped taking data: connection closed")
+
+    async def _flush_serving(self) -> None:
+        """The serving loop's write (it is cancelled only when the whole connection goes)."""
         async with self._send_lock:
             data = self.conn.data_to_send()
             if data:
                 await self.stream.send_all(data)
+
+    def _end_writes(self, at: float) -> None:
+        """Handlers' writes end by `at`: the connection is going."""
+        self._writes_end = min(self._writes_end, at)
+        for scope in self._writes:
+            scope.deadline = min(scope.deadline, at)
 
     def _new_stream(self, stream_id: int) -> _Stream:
         send, receive = trio.open_memory_channel[bytes](math.inf)
@@ -202,45 +236,54 @@ class Http2Server(_H2Base):
     async def serve(self, handler: Handler) -> None:
         self.conn.initiate_connection()
         try:
-            await self.flush()
+            await self._flush_serving()
             async with trio.open_nursery() as nursery:
-                data = self._initial
-                while not self.closed:
-                    if not data:
-                        data = bytes(await self.stream.receive_some(READ_SIZE))
-                        if not data:
-                            break
-                    refused = self._guard.check(data)
-                    if refused is not None:
-                        self._abort(refused.error_code, refused.reason)
-                        await self.flush()
-                        break
-                    try:
-                        events = self.conn.receive_data(bytes(data))
-                    except h2.exceptions.ProtocolError:
-                        await self.flush()
-                        break
-                    data = b""
-                    for event in events:
-                        if isinstance(event, h2.events.RequestReceived):
-                            self._start(nursery, handler, event)
-                        elif isinstance(event, h2.events.StreamReset):
-                            self._on_reset(event)
-                        else:
-                            self._on_event(event)
-                    if self._resets.exhausted:
-                        self._abort(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, self._resets.reason())
-                        await self.flush()
-                        break
-                    await self.flush()
+                try:
+                    await self._serve_loop(nursery, handler)
+                except BaseException:
+                    self._end_writes(-math.inf)
+                    raise
                 self._terminate()
-                nursery.cancel_scope.deadline = trio.current_time() + 1.0
+                grace = trio.current_time() + 1.0
+                nursery.cancel_scope.deadline = grace
+                self._end_writes(grace)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._terminate()
         finally:
             with trio.move_on_after(1) as cs:
                 cs.shield = True
                 await self.stream.aclose()
+
+    async def _serve_loop(self, nursery: trio.Nursery, handler: Handler) -> None:
+        data = self._initial
+        while not self.closed:
+            if not data:
+                data = bytes(await self.stream.receive_some(READ_SIZE))
+                if not data:
+                    break
+            refused = self._guard.check(data)
+            if refused is not None:
+                self._abort(refused.error_code, refused.reason)
+                await self._flush_serving()
+                break
+            try:
+                events = self.conn.receive_data(bytes(data))
+            except h2.exceptions.ProtocolError:
+                await self._flush_serving()
+                break
+            data = b""
+            for event in events:
+                if isinstance(event, h2.events.RequestReceived):
+                    self._start(nursery, handler, event)
+                elif isinstance(event, h2.events.StreamReset):
+                    self._on_reset(event)
+                else:
+                    self._on_event(event)
+            if self._resets.exhausted:
+                self._abort(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, self._resets.reason())
+                await self._flush_serving()
+                break
+            await self._flush_serving()
 
     def _abort(self, code: int, reason: str) -> None:
         """GOAWAY with `code` (h2 then refuses anything more); the loop stops reading."""

@@ -326,7 +326,12 @@ class Http2Connection:
             await self._until(lambda: s.phase is not StreamPhase.OPEN or self._window(s) > 0)
             self._raise_if_failed(s)
             n = min(self._window(s), len(view))
-            self.conn.send_data(s.stream_id, bytes(view[:n]))
+            if s.phase is not StreamPhase.OPEN or n <= 0:  # answered and closed: the rest is not wanted
+                raise UpstreamReset("the endpoint closed the stream before the request's end")
+            try:
+                self.conn.send_data(s.stream_id, bytes(view[:n]))
+            except h2.exceptions.StreamClosedError:
+                raise UpstreamReset("the endpoint closed the stream before the request's end") from None
             view = view[n:]
             await self.flush()
 

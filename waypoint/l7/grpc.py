@@ -10,7 +10,8 @@ timeout header, and how a local reply is written for it.
   (checked against Envoy 1.40: Envoy does not answer DEADLINE_EXCEEDED there).
 - Istio sets `max_grpc_timeout` to the route's timeout (0 = none), so a gRPC request's timeout is its
   `grpc-timeout` header capped by the route's timeout, and the route's timeout when the header is absent
-  or invalid.
+  or invalid.  (Envoy also rewrites the `grpc-timeout` the endpoint sees to the time left; not done here:
+  the endpoint gets the client's.)
 - Retry and outlier detection read `grpc-status` from a trailers-only answer; outlier detection counts
   it as the HTTP status gRPC maps it to (`grpc_to_http`: UNAVAILABLE is 503, DEADLINE_EXCEEDED 504).
 """

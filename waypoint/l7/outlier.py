@@ -2,8 +2,9 @@
 
 Per cluster, as Istio's `outlierDetection` describes it:
 - an endpoint is ejected after `consecutive5xxErrors` 5xx answers in a row (connection failures and
-  resets count as 5xx, as they do in Envoy unless local-origin errors are split out), or after
-  `consecutiveGatewayErrors` 502/503/504 in a row when that is set;
+  resets count as 503, a timed-out attempt as 504, whether its per-try or the route's timeout ended it,
+  and a gRPC status as the HTTP status gRPC maps it to, as in Envoy unless local-origin errors are split
+  out), or after `consecutiveGatewayErrors` 502/503/504 in a row when that is set;
 - it stays out for `baseEjectionTime` x the number of times it has been ejected; each `interval` that
   passes with the endpoint in and healthy lowers that multiplier by one;
 - at most `maxEjectionPercent` of the endpoints are out at once, but at least one may always be ejected

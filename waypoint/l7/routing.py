@@ -9,6 +9,11 @@ Istio's rules: the target service is the one the client addressed (the tunnel's 
 service VIP:port), else the one the Host header names; routes are tried in order and the first whose
 `match` list has an entry that holds wins (no `match`: always); without a VirtualService the request goes
 to the service itself; a route's destinations are chosen by weight.
+
+An ingress gateway's table (`RouteTable.ingress`) routes by what the client asked for instead: of the
+VirtualServices bound to the gateway, the one whose host covers the Host header most narrowly (an exact
+name over a wildcard, a longer wildcard over a shorter) among those with a route for the listener's port;
+no such host is 404 (`NR`).  The service of the decision is the one the chosen route sends to.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from waypoint.l7.rules import (
     HttpRoute,
     RetryPolicy,
     TrafficPolicy,
+    VirtualServiceRules,
     WeightedDestination,
 )
 
@@ -188,9 +194,39 @@ def _target(table: RouteTable, head: RequestHead, client: ClientInfo) -> tuple[S
     return svc, hport or port or svc.default_port(), None
 
 
+def _host_rank(pattern: str) -> tuple[int, int]:
+    """How narrowly a VirtualService host matches (larger: narrower)."""
+    if pattern == "*":
+        return (0, 0)
+    return (0, len(pattern)) if pattern.startswith("*.") else (1, len(pattern))
+
+
+def _covers(pattern: str, host: str) -> bool:
+    if pattern == "*":
+        return True
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:])
+    return pattern == host
+
+
+def ingress_virtual_service(table: RouteTable, head: RequestHead, port: int) -> VirtualServiceRules | None:
+    """The VirtualService an ingress gateway routes `head` (arriving on listener `port`) with, or None."""
+    host = split_host_port(head.authority)[0].lower().rstrip(".")
+    best: tuple[tuple[int, int], VirtualServiceRules] | None = None
+    for vs in table.ingress_routes:
+        if not any(not r.matches or any(not m.port or m.port == port for m in r.matches) for r in vs.routes):
+            continue  # nothing for this listener
+        for pattern in vs.hosts:
+            if _covers(pattern, host) and (best is None or _host_rank(pattern) > best[0]):
+                best = (_host_rank(pattern), vs)
+    return best[1] if best else None
+
+
 def target_hostname(table: RouteTable, head: RequestHead, client: ClientInfo) -> str:
     """The hostname of the service `head` is for ("" for a workload, or when none is known): what picks
     the JWT rules and policies before the route is decided."""
+    if table.ingress:
+        return ""
     svc, _, _ = _target(table, head, client)
     return svc.hostname if svc is not None else ""
 
@@ -228,7 +264,18 @@ def _rewrite(head: RequestHead, route: HttpRoute, m: HttpMatch | None) -> Reques
     return head
 
 
+def _decide_ingress(table: RouteTable, head: RequestHead, client: ClientInfo, rng: random.Random) -> RouteDecision:
+    port = client.destination_port
+    vs = ingress_virtual_service(table, head, port)
+    if vs is None:
+        return RouteDecision(None, local_reply=LocalReply(404, b"", "NR"), table_version=table.version)
+    d = _decide_routes(table, None, vs, head, port, client, rng)
+    return replace(d, service=table.services.get(d.cluster.hostname)) if d.cluster is not None else d
+
+
 def decide(table: RouteTable, head: RequestHead, client: ClientInfo, rng: random.Random) -> RouteDecision:
+    if table.ingress:
+        return _decide_ingress(table, head, client, rng)
     svc, port, workload = _target(table, head, client)
     v = table.version
     if workload is not None:
@@ -242,6 +289,13 @@ def decide(table: RouteTable, head: RequestHead, client: ClientInfo, rng: random
         if isinstance(res, LocalReply):
             return RouteDecision(svc, "default", local_reply=res, table_version=v)
         return RouteDecision(svc, "default", res, head, table_version=v)
+    return _decide_routes(table, svc, vs, head, port, client, rng)
+
+
+def _decide_routes(table: RouteTable, svc: ServiceInfo | None, vs: VirtualServiceRules, head: RequestHead, port: int,
+                   client: ClientInfo, rng: random.Random) -> RouteDecision:
+    """The decision of `vs`'s first route that holds for `head` (404 when none does)."""
+    v = table.version
     source = table.workloads_by_ip.get(client.source_ip)
     found = select_route(vs.routes, head, port, source, client.namespace)
     if found is None:

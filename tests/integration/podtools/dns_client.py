@@ -1,4 +1,5 @@
 """What a pod's application does with names, for tests.  Standard library only; prints one JSON line.
+Several steps in one run: their arguments separated by `+`, a JSON list of their results printed.
 
     python dns_client.py getaddrinfo NAME          the addresses the system resolver gives (IPv4)
     python dns_client.py query udp|tcp NAME [TYPE] a raw query to the resolv.conf nameserver, port 53:
@@ -63,23 +64,34 @@ def garbage(protocol: str) -> str:
         return conn.recv(struct.unpack("!H", head)[0]).hex() if len(head) == 2 else ""
 
 
-def main() -> None:
-    verb = sys.argv[1]
+def step(argv: list[str]) -> dict:
+    verb = argv[0]
     if verb == "getaddrinfo":
-        found = socket.getaddrinfo(sys.argv[2], None, socket.AF_INET, socket.SOCK_STREAM)
-        out: dict = {"addresses": sorted({a[4][0] for a in found})}
-    elif verb == "garbage":
-        out = {"reply": garbage(sys.argv[2])}
-    elif verb == "query":
-        out = query(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 1)
-    else:
         try:
-            with socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=5) as sock:
-                sock.sendall(b"hello\n")
-                out = {"echo": sock.recv(100).decode()}
-        except OSError as exc:  # refused or reset: what a denied connection looks like
-            out = {"error": str(exc)}
-    print(json.dumps(out))
+            found = socket.getaddrinfo(argv[1], None, socket.AF_INET, socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            return {"error": str(exc)}
+        return {"addresses": sorted({a[4][0] for a in found})}
+    if verb == "garbage":
+        return {"reply": garbage(argv[1])}
+    if verb == "query":
+        return query(argv[1], argv[2], int(argv[3]) if len(argv) > 3 else 1)
+    try:
+        with socket.create_connection((argv[1], int(argv[2])), timeout=5) as sock:
+            sock.sendall(b"hello\n")
+            return {"echo": sock.recv(100).decode()}
+    except OSError as exc:  # refused or reset: what a denied connection looks like
+        return {"error": str(exc)}
+
+
+def main() -> None:
+    steps: list[list[str]] = [[]]
+    for arg in sys.argv[1:]:
+        if arg == "+":
+            steps.append([])
+        else:
+            steps[-1].append(arg)
+    print(json.dumps([step(s) for s in steps]))
 
 
 main()

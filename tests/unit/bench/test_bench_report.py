@@ -107,7 +107,8 @@ def _with_new_phases() -> dict[str, Any]:
         rnd["first_connection"] = {"latency_us": lat * 2, "errors": {}}
         if rnd["mode"] == "b":
             rnd["phases"]["scale"] = {
-                "tunnels": 1000, "rate": 1000.0, "opened": 1000, "completed": 1000, "error_count": 0,
+                "tunnels": 1000, "rate": 1000.0, "opened": 1000, "opened_per_s": 400.0, "completed": 1000,
+                "error_count": 0,
                 "rss_idle_kib": {"nodeagent node-1": 70_000, "nodeagent node-2": 60_000},
                 "rss_held_kib": {"nodeagent node-1": 80_000, "nodeagent node-2": 68_000},
                 "kib_per_tunnel": {"nodeagent node-1": 10.0, "nodeagent node-2": 8.0},
@@ -133,8 +134,8 @@ def test_markdown_shows_the_ratios_new_connections_and_scale() -> None:
     assert "| b: mesh L4 | 200 | 2000 µs | 2000 µs | +1700 µs | +1700 µs | 0.50x | 0.50x | 2.000 | 2.00x | 4000 µs |" in md
     assert f"at most {report.SCALE_BOUND_KIB:g} KiB" in md
     row = next(line for line in md.splitlines() if line.startswith("| b: mesh L4 | 1,000"))
-    assert "| 18.0 |" in row and "| 2.500 |" in row
-    assert ("| yes |" in row) is (18.0 <= report.SCALE_BOUND_KIB)
+    assert "| 18.0 |" in row and "| 2.500 |" in row and "(opened at 400/s)" in row
+    assert ("| yes |" in row) is (report.SCALE_BOUND_KIB >= 18.0)
 
 
 def test_no_new_phases_no_new_sections() -> None:

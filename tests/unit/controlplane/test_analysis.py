@@ -284,3 +284,16 @@ def test_messages_show_in_status_and_are_never_taken_from_a_writer() -> None:
 @pytest.mark.parametrize("bad", [None, "text", {"status": "x"}])
 def test_without_messages_leaves_other_shapes_alone(bad: Any) -> None:
     assert without_messages(bad) == bad
+
+
+def test_a_body_that_cannot_be_read_is_skipped_not_fatal() -> None:
+    """A saved resource that no longer validates is kept as saved (`store._loaded`): the analysis of the
+    others goes on (as translation's does), and reads of the store keep working."""
+    base = snapshot(BASE, VS.replace("NAME", "reviews"))
+    state = dict(base.resources)
+    for i, bad in enumerate(({"spec": "not a mapping"}, {"spec": {"hosts": 7}}, {"spec": {"selector": []}})):
+        for kind in ("VirtualService", "AuthorizationPolicy"):
+            body = {"apiVersion": "v1", "kind": kind, "metadata": {"name": f"bad{i}", "namespace": "bookinfo"}, **bad}
+            state[Ref.of(body)] = body
+    found = analyze(Snapshot(base.version, state))
+    assert [(m.code.code, m.ref.name) for m in found] == [("AMB0102", "reviews")]

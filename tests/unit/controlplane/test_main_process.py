@@ -26,13 +26,13 @@ def test_process_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "controlplane.main", "--state-dir", str(tmp_path),
          "--grpc-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     home = tmp_path / "controlplane"
     try:
         deadline = time.monotonic() + 20
         while not (home / "endpoints.json").exists():
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             assert time.monotonic() < deadline, "control plane did not start"
             time.sleep(0.05)
         endpoints = json.loads((home / "endpoints.json").read_text())
@@ -49,8 +49,10 @@ def test_process_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
         assert not (home / "debug.sock").exists() and not (home / "endpoints.json").exists()
-        err = proc.stderr.read() if proc.stderr else ""
-        lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+        out = proc.stdout.read() if proc.stdout else ""
+        # The components' one log format (`mesh.logs`): DATE TIME LEVEL LOGGER MESSAGE, events as JSON.
+        messages = [line.split(" ", 4)[4] for line in out.splitlines() if line.count(" ") >= 4]
+        lines = [json.loads(m) for m in messages if m.startswith("{")]
         assert {"started", "connect", "stopping"} <= {entry["event"] for entry in lines}
     finally:
         if proc.poll() is None:

@@ -15,6 +15,7 @@ from controlplane.config.store import Store
 from localcluster.waypoints import DRAIN_ANNOTATION, ready_condition
 from mesh.api.client import ApiClient
 from mesh.api.validate import Document
+from mesh.xds import resources as rs
 from meshctl.main import main
 from meshctl.waypoint import agents_have_moved_on, pod_ready
 
@@ -127,13 +128,13 @@ def test_delete_that_cannot_see_the_agents_changes_nothing(sock: str, capsys: py
 
 
 def test_agents_have_moved_on() -> None:
-    agent = {"role": "nodeagent", "types": {"type.googleapis.com/mesh.discovery.v1.Service": {"acked_version": "b"}}}
-    waypoint = {"role": "waypoint", "types": {"type.googleapis.com/mesh.discovery.v1.Service": {"pending": True}}}
+    agent = {"role": "nodeagent", "types": {rs.SERVICE: {"acked_version": "b"}}}
+    waypoint = {"role": "waypoint", "types": {rs.SERVICE: {"pending": True}}}
     assert not agents_have_moved_on({"version": "a", "clients": [agent]}, before="a")  # not yet published
     assert agents_have_moved_on({"version": "b", "clients": [agent, waypoint]}, before="a")
-    pending = {**agent, "types": {"type.googleapis.com/mesh.discovery.v1.Service": {"pending": True}}}
+    pending = {**agent, "types": {rs.SERVICE: {"pending": True}}}
     assert not agents_have_moved_on({"version": "b", "clients": [agent, pending]}, before="a")
-    nacked = {**agent, "types": {"type.googleapis.com/mesh.discovery.v1.Service": {"nack": {"error": "x"}}}}
+    nacked = {**agent, "types": {rs.SERVICE: {"nack": {"error": "x"}}}}
     assert not agents_have_moved_on({"version": "b", "clients": [nacked]}, before="a")
 
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from mesh.identity import SpiffeId
@@ -247,3 +249,20 @@ def test_upstream_settings(tmp_path: Any) -> None:
             await Upstream(()).forward(build_query(1, "x"))
 
     trio.run(no_upstream)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(st.binary(max_size=120),
+                      st.builds(lambda qid, name, qtype, tail: build_query(qid, name, qtype) + tail,
+                                st.integers(0, 65535), st.sampled_from(["details", "api.example.com", "a.b.example.org",
+                                                                        "x.test", "reviews.bookinfo"]),
+                                st.integers(0, 300), st.binary(max_size=8))))
+def test_any_bytes_get_an_answer_or_none_never_an_exception(state: MeshState, data: bytes) -> None:
+    proxy = DnsProxy(state, Upstream(()), DnsMetrics(CollectorRegistry()))  # no upstream: SERVFAIL at once
+
+    async def main() -> bytes | None:
+        return await proxy.handle(data, "udp", POD)
+
+    reply = trio.run(main)
+    if reply is not None:
+        assert reply[:2] == data[:2] and reply[2] & (FLAG_QR >> 8)

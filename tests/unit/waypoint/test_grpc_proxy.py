@@ -32,11 +32,13 @@ class EchoServer:
         self.calls: dict[str, int] = {}
         self.peers: set[str] = set()
         self.stop = threading.Event()
+        self.cancelled = threading.Event()  # a Wait call ended because its client gave up
         self._lock = threading.Lock()
         u, s = grpc.unary_unary_rpc_method_handler, grpc.unary_stream_rpc_method_handler
         handler = grpc.method_handlers_generic_handler("t.Echo", {
             "Say": u(self.say), "Flaky": u(self.flaky), "Fail": u(self.fail), "Slow": u(self.slow),
-            "Stream": s(self.stream), "Chat": grpc.stream_stream_rpc_method_handler(self.chat)})
+            "Stream": s(self.stream), "Chat": grpc.stream_stream_rpc_method_handler(self.chat),
+            "Wait": u(self.wait)})
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         self.server.add_generic_rpc_handlers((handler,))
         self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -73,6 +75,15 @@ class EchoServer:
         self._count("Stream", context)
         for i in range(int(request)):
             yield f"part {i}".encode()
+
+    def wait(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """Waits until the client gives up on the call (recorded in `cancelled`)."""
+        self._count("Wait", context)
+        gone = threading.Event()
+        context.add_callback(gone.set)
+        gone.wait(10)
+        self.cancelled.set()
+        return b"too late"
 
     def chat(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         self._count("Chat", context)
@@ -258,3 +269,29 @@ def test_route_timeouts_count_for_outlier_detection() -> None:
         for s in (stalled, healthy):
             s.stop.set()
             s.server.stop(0)
+
+
+def test_a_call_the_client_cancels_ends_alone_on_the_shared_connection() -> None:
+    server = EchoServer()
+    server.server.start()
+
+    def calls(port: int) -> dict[str, Any]:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            waiting = ch.unary_unary("/t.Echo/Wait").future(b"x", timeout=10)
+            while server.calls.get("Wait") != 1:
+                threading.Event().wait(0.01)
+            during = ch.unary_unary("/t.Echo/Say")(b"during", timeout=5)
+            waiting.cancel()  # RST_STREAM from the client: the waypoint resets that stream upstream
+            ended = server.cancelled.wait(5)
+            after = ch.unary_unary("/t.Echo/Say")(b"after", timeout=5)
+            return {"during": during, "after": after, "ended": ended, "cancelled": waiting.cancelled()}
+
+    async def main() -> None:
+        async with _proxied(server) as (proxy, front, _log, _n):
+            out = await trio.to_thread.run_sync(calls, front.port)
+            assert out == {"during": b"hi during", "after": b"hi after", "ended": True, "cancelled": True}
+            assert len(server.peers) == 1 and proxy.pool.opened == 1  # one upstream connection throughout
+    try:
+        run(main)
+    finally:
+        server.server.stop(0)
