@@ -1,10 +1,11 @@
 """The run: build the bench cluster, alternate the modes in rounds, measure each phase, always clean up.
 
-One run = `rounds` rounds; each round takes every mode once in the same order (a, b, c, d), so slow drift
+One run = `rounds` rounds; each round takes every mode once in the same order (a, b, ... f), so slow drift
 of the machine (thermal, other tenants, page cache) touches every mode alike.  For each mode and round:
 
 1. `enter` reconfigures the same cluster (labels, waypoint, sidecars and their iptables);
-2. a probe of 200 requests proves the path: the mode's proxies must have counted them;
+2. the first connection once the mode's capture is in place (what pre-warm saves), then a probe of 200
+   requests proves the path: the mode's proxies must have counted them;
 3. the load phases, each with the CPU seconds of the mesh's processes (and of the server and the
    client) measured around it from /proc:
    - open:       the fixed rate (1,000 req/s over 16 connections, open loop, our generator);
@@ -12,6 +13,9 @@ of the machine (thermal, other tenants, page cache) touches every mode alike.  F
    - crosscheck: (no mesh only) the same with wrk, to show our generator agrees with a known one;
    - saturation: wrk with 64 connections, closed loop: requests per second;
    - stream:     one TCP stream of `stream_bytes` to the server's sink: MB/s;
+   - newconn<R>: a new TCP connection for every request, R a second (open loop, `bench/newconn_bench.py`);
+   - scale:      (b, e) `scale_tunnels` idle tunnels held at once: the agents' memory and CPU around them
+                 (`bench/scale.py`);
 4. the peak RSS of each mesh process, and `leave`.
 
 The client side runs inside the client pod's network namespace, pinned to one CPU (`client_cpu`).

@@ -24,10 +24,10 @@ import threading
 from collections.abc import Sequence
 
 from localcluster import components, plan, spec, state
+from localcluster.ingress import GatewayController
 from localcluster.projected import TokenFile, TokenRefresher
 from localcluster.spec import Observability
 from localcluster.supervision import AgentSupervisor, Backoff
-from localcluster.ingress import GatewayController
 from mesh import defaults, logs
 from mesh.api.client import ApiClient
 from mesh.errors import MeshError

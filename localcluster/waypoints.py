@@ -68,6 +68,7 @@ DEFAULT_DRAIN_SECONDS = 5.0  # how long a stopping waypoint lets requests in fli
 MAX_DRAIN_SECONDS = 300.0
 STOP_GRACE = 2.0  # seconds after the drain time before SIGKILL
 PROBE_TIMEOUT = 1.0  # seconds for one readiness probe
+PROBE_FAILURES = 3  # failed probes in a row that make a ready waypoint not ready (the kubelet's failureThreshold)
 
 
 def drain_seconds(gateway: dict[str, Any]) -> float:
@@ -88,6 +89,13 @@ def drain_seconds(gateway: dict[str, Any]) -> float:
                     DEFAULT_DRAIN_SECONDS)
         return DEFAULT_DRAIN_SECONDS
     return value
+
+
+def probed(was_ready: bool, answered: bool, failures: int) -> tuple[bool, int]:
+    """(ready, failures in a row) after one readiness probe: Ready at the first success, not Ready after
+    `PROBE_FAILURES` failures in a row."""
+    failures = 0 if answered else failures + 1
+    return answered or (was_ready and failures < PROBE_FAILURES), failures
 
 
 def ready_condition(ready: bool) -> dict[str, str]:
@@ -266,13 +274,16 @@ class WaypointController:
 
     def _probe(self, key: str, entry: dict[str, Any]) -> None:
         """The kubelet's readiness probe: GET /healthz/ready on the waypoint's 15021, in its namespace; the
-        pod's `Ready` condition is written when the answer changes it."""
+        pod's `Ready` condition is written when the answer changes it: Ready at the first success, not
+        Ready after `PROBE_FAILURES` failures in a row (a busy waypoint that answers one probe late keeps
+        its traffic)."""
         pod = entry["pod"]
         endpoint = client.Endpoint.tcp(pod["ip"], defaults.READINESS_PORT, netns=pod["netns"])
         try:
-            ready = client.get(endpoint, "/healthz/ready", timeout=PROBE_TIMEOUT).status == 200
+            answered = client.get(endpoint, "/healthz/ready", timeout=PROBE_TIMEOUT).status == 200
         except (MeshError, OSError):
-            ready = False
+            answered = False
+        ready, entry["failures"] = probed(bool(entry.get("ready")), answered, int(entry.get("failures", 0)))
         if ready != bool(entry.get("ready")):
             self._set_ready(entry, ready)
             entry["ready"] = ready

@@ -14,8 +14,7 @@ HELP = """Build a dedicated two-node cluster, run the same client and server thr
 alternating rounds (a: no mesh, b: mesh L4 through the node agents, c: mesh L7 through a waypoint,
 d: Envoy sidecars with mTLS, e: mesh L4 with eBPF capture, f: the L4 floor, Envoy tcp_proxy with mTLS),
 with phases of kept-alive requests, new connections at fixed rates, and (b, e) 10,000 idle tunnels held
-at once, and write the raw figures (JSON), a Markdown
-table and a PNG chart to bench/results/. A mode that cannot run here is reported as unavailable with
+at once, and write the raw figures (JSON), a Markdown table and a PNG chart to bench/results/. A mode that cannot run here is reported as unavailable with
 the reason. The cluster is removed at the end, also when interrupted. Needs root."""
 
 

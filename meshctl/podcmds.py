@@ -58,7 +58,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise UsageError("exec needs a command: meshctl exec [-n NS] POD -- COMMAND [ARG...]")
-    lifecycle.require_root("exec")
+    access.require_root("exec")
     pod = lifecycle.find_pod(state.find_cluster(args.cluster), args.namespace, args.pod)
     # As `kubectl exec` runs in the container's cgroup (the pod's eBPF capture, on its cgroup, applies) and
     # as the container's user, in its sandbox (`localcluster.sandbox`).  A record without a user (a pod

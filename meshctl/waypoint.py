@@ -22,6 +22,7 @@ READY is the waypoint's pods that are Ready over the pods it has (`status.condit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -335,12 +336,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         what = f"waypoint {args.name}" if args.name else "waypoints"
         raise NotFound(f"no {what} in namespace {args.namespace}")
     names = [g["metadata"]["name"] for g in gateways]
-    if args.wait:
-        try:
+    if args.wait:  # until ready or the timeout; then the table says which is not
+        with contextlib.suppress(WaypointError):
             _wait_for(f"waypoint(s) {', '.join(names)} to be ready",
                       lambda: all(readiness(client, args.namespace, n)[0] > 0 for n in names), args.timeout)
-        except WaypointError as exc:
-            print(f"meshctl: {exc}")
     rows = [("NAMESPACE", "NAME", "READY", "STATUS", "POD", "NODE", "ADDRESS", "USED BY")]
     not_ready = 0
     for name in names:

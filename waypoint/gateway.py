@@ -50,6 +50,22 @@ class ListenerSpec:
         return f"{self.name}={self.protocol}:{self.port}{tail}"
 
 
+def check_listeners(listeners: list[ListenerSpec]) -> None:
+    """`ValueError` unless the listeners can be served together: names used once, and a port shared only by
+    HTTP listeners (one socket; the routes' hostnames tell them apart)."""
+    names: set[str] = set()
+    for spec in listeners:
+        if spec.name in names:
+            raise ValueError(f"--listener {spec.name}: the name is used twice")
+        names.add(spec.name)
+        sharing = [other for other in listeners if other.port == spec.port]
+        if len({other.protocol for other in sharing}) > 1:
+            raise ValueError(f"--listener {spec.name}: port {spec.port} is used by HTTP and HTTPS listeners")
+        if spec.protocol == "HTTPS" and len(sharing) > 1:
+            raise ValueError(f"--listener {spec.name}: port {spec.port} has another listener: an HTTPS listener "
+                             "needs a port of its own (one certificate per port)")
+
+
 def parse_listener(text: str) -> ListenerSpec:
     """`NAME=HTTP:PORT` or `NAME=HTTPS:PORT:CERT_FILE:KEY_FILE`; `ValueError` saying what is wrong."""
     name, sep, rest = text.partition("=")
@@ -148,7 +164,7 @@ def waypoint_hop(table: RouteTable, endpoint: Endpoint, service: str) -> tuple[E
     """(the waypoint's pod, the tunnel's `:authority` VIP:port) to send a request for `service` through,
     or None to go to `endpoint` itself (no waypoint, or none of its pods is healthy)."""
     svc = table.services.get(service)
-    if True or svc is None or not svc.waypoint or not svc.vips:
+    if svc is None or not svc.waypoint or not svc.vips:
         return None
     ns, name = svc.waypoint.split("/", 1)
     pods = sorted((w for w in table.workloads_by_ip.values()
@@ -173,10 +189,14 @@ class IngressListeners:
     async def serve(self, *, task_status: trio.TaskStatus[dict[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on every listener's port until cancelled; reports listener name -> bound port."""
         async with trio.open_nursery() as nursery:
-            ports = {}
+            ports: dict[str, int] = {}
+            bound: dict[int, int] = {}  # listeners that share a port (HTTP, by hostname) share its socket
             for spec in self.specs:
+                if spec.port in bound and spec.port:
+                    ports[spec.name] = bound[spec.port]
+                    continue
                 sockets = await trio.open_tcp_listeners(spec.port, host=self.host)
-                ports[spec.name] = sockets[0].socket.getsockname()[1]
+                ports[spec.name] = bound[spec.port] = sockets[0].socket.getsockname()[1]
                 nursery.start_soon(partial(trio.serve_listeners, partial(self._connection, spec), sockets,
                                            handler_nursery=nursery))
             task_status.started(ports)

@@ -57,6 +57,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     args = p.parse_args(argv)
     try:
         listeners = tuple(gateway.parse_listener(text) for text in args.listener)
+        gateway.check_listeners(list(listeners))
+        for spec in listeners:  # certificate files that cannot be used are a usage error, not a traceback
+            if spec.protocol == "HTTPS":
+                gateway.server_context(spec)
     except ValueError as exc:
         p.error(str(exc))
     shared = runtime.flag_values(p, args, listen=("listen",))

@@ -36,6 +36,7 @@ from controlplane.translate.workloads import (
     CLUSTER_ID,
     Index,
     _named,
+    healthy,
     hostname,
     identity,
     labels_of,
@@ -117,10 +118,7 @@ def build_service_entries(snapshot: Any, index: Index) -> EntryTranslation:
     `index.errors`, a questionable part of one in `index.problems`."""
     out = EntryTranslation()
     entries = [e for e in snapshot.of_kind(KIND) if guarded(e, index.errors, _named, e)]
-    wanted = [f"{e['metadata']['namespace']}/{h}" for e in entries for h in (e.get("spec") or {}).get("hosts") or []
-              if isinstance(h, str) and not h.startswith("*") and not (e.get("spec") or {}).get("addresses")
-              and (e.get("spec") or {}).get("resolution", "NONE") != "NONE"]
-    allocated = allocate(wanted)
+    allocated = allocate([key for e in entries for key in guarded(e, [], _wanted, e) or []])  # errors: by _entry
     taken = {f"{s['metadata']['namespace']}/{hostname(s['metadata']['name'], s['metadata']['namespace'])}"
              for s in index.services}
     for entry in sorted(entries, key=lambda e: (e["metadata"]["namespace"], e["metadata"]["name"])):
@@ -132,6 +130,15 @@ def build_service_entries(snapshot: Any, index: Index) -> EntryTranslation:
         for uid, keys in part.memberships.items():
             out.memberships.setdefault(uid, {}).update(keys)
     return out
+
+
+def _wanted(body: Mapping[str, Any]) -> list[str]:
+    """The `<ns>/<host>` keys of an entry that get an allocated address: hosts that are not wildcards, of
+    an entry without `addresses` whose resolution is STATIC or DNS."""
+    spec = body.get("spec") or {}
+    if spec.get("addresses") or (spec.get("resolution") or "NONE") == "NONE":
+        return []
+    return [f"{body['metadata']['namespace']}/{h}" for h in spec["hosts"] if not h.startswith("*")]
 
 
 def _entry(body: Mapping[str, Any], index: Index, allocated: Mapping[str, str], taken: set[str]) -> EntryTranslation:
@@ -184,7 +191,7 @@ def _entry(body: Mapping[str, Any], index: Index, allocated: Mapping[str, str], 
             uid = workload_uid(pod)
             out.memberships.setdefault(uid, {})[key] = pb.PortList(
                 ports=[pb.PortMapping(service_port=p.service_port, target_port=p.target_port) for p in ports])
-            svc.endpoints.append(pb.ServiceEndpoint(workload_uid=uid, addresses=pod_ips(pod), healthy=True))
+            svc.endpoints.append(pb.ServiceEndpoint(workload_uid=uid, addresses=pod_ips(pod), healthy=healthy(pod)))
         out.services[key] = svc
     return out
 

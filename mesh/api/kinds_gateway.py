@@ -157,6 +157,10 @@ def _check_gateway(value: dict[str, Any], path: str, errors: Errors) -> None:
             if other != entry.get("protocol"):
                 errors.append(FieldError(f"{child(path, 'listeners')}[{i}].protocol", f"port {entry.get('port')} "
                                          f"is already an {other} listener's: one port, one protocol"))
+            elif entry.get("protocol") == "HTTPS" and sum(e.get("port") == entry.get("port") for e in listeners) > 1:
+                errors.append(FieldError(f"{child(path, 'listeners')}[{i}].port", f"port {entry.get('port')} has "
+                                         "another HTTPS listener: choosing a certificate by SNI is not supported, "
+                                         "give each HTTPS listener a port of its own"))
     if value.get("gatewayClassName") == WAYPOINT_CLASS and not any(
         entry.get("protocol") == "HBONE" and entry.get("port") == WAYPOINT_PORT for entry in listeners
     ):

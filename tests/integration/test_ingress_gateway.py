@@ -253,3 +253,24 @@ def test_a_service_with_a_waypoint_is_reached_through_it(ingress: Ingress) -> No
             e["path"] == "/api/via" and e["downstream_principal"] == f"spiffe://{GATEWAY_PRINCIPAL}" for e in seen)
 
     eventually(through_waypoint, timeout=60, interval=0.5)
+
+
+def forwarders() -> list[str]:
+    """The host port forwarders of this cluster still running."""
+    out = subprocess.run(["ps", "-e", "-ww", "-o", "args="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "localcluster.hostports" in line and f"amb.{CLUSTER}." in line]
+
+
+def test_deleting_the_gateway_unpublishes_it(ingress: Ingress) -> None:
+    address = ingress.published()["http"]
+    assert forwarders()
+    gateway = next(d for d in gateway_docs(ingress.cert or server_cert("x")) if d["kind"] == "Gateway")
+    ingress.delete(yaml.safe_dump(gateway), ingress.files)
+
+    def gone() -> bool:
+        """the gateway's pod, its host ports and its forwarder are gone"""
+        pods = ingress.ctl("get", "pods", "-n", NS).stdout
+        return not forwarders() and ingress.curl(f"http://{address}/").returncode != 0 and \
+            not any(line.startswith("ingress ") for line in pods.splitlines())
+
+    eventually(gone, timeout=30, interval=0.5)

@@ -1,24 +1,35 @@
-"""HTTP/1.1 over trio streams with h11: the server side (one request at a time, keep-alive) and the
-client side toward endpoints.
+"""HTTP/1.1 over trio streams, parsed by llhttp (`httptools`): the server side (one request at a time,
+keep-alive) and the client side toward endpoints.
+
+The parser is C; this module keeps only the framing decisions in Python: which body a message has
+(Content-Length, chunked, none, or until close), keep-alive, and the limits.  Parsing is strict (llhttp
+without leniencies): a request with both Content-Length and Transfer-Encoding, conflicting lengths, a
+bad chunk size, a bare LF, obsolete line folding or a space before a header's colon is refused with 400,
+as are upgrade requests that carry a body (their body would otherwise be read as the next request).
 
 Server limits: the request head (line and headers) must arrive within `header_timeout` (else 408 and
 close, or a quiet close on an idle keep-alive connection) and fit in `max_header_bytes` (else 431);
-anything h11 cannot parse gets 400 and a close.  Bodies are streamed in both directions.
+anything llhttp cannot parse gets 400 and a close.  Bodies are streamed in both directions.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
+from http import HTTPStatus
 
-import h11
+import httptools
 import trio
 
 from waypoint.errors import HttpError, UpstreamReset
 from waypoint.http.exchange import Handler
-from waypoint.l7.model import RequestHead, ResponseHead, forwardable
+from waypoint.l7.model import Headers, RequestHead, ResponseHead, forwardable
 
 READ_SIZE = 65536
+
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_NO_BODY_METHODS = frozenset({"HEAD"})
 
 
 @dataclass(frozen=True)
@@ -28,55 +39,290 @@ class Http1Settings:
     idle_timeout: float = 300.0
 
 
-def _decode(headers: Iterable[tuple[bytes, bytes]]) -> tuple[tuple[str, str], ...]:
-    return tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers)
+class _Head:
+    """A parsed message head: request line or status, headers (lower-case names), framing facts."""
+
+    __slots__ = ("method", "target", "status", "version", "headers", "keep_alive", "upgrade", "size",
+                 "until_close")
+
+    def __init__(self, method: str, target: str, status: int, version: str, headers: Headers,
+                 keep_alive: bool, upgrade: bool, size: int, until_close: bool) -> None:
+        self.method = method
+        self.target = target
+        self.status = status
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.size = size
+        self.until_close = until_close
 
 
-def _encode(headers: tuple[tuple[str, str], ...]) -> list[tuple[bytes, bytes]]:
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+class _Data:
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
 
-def error_response(status: int, message: str) -> tuple[h11.Response, bytes]:
+class _End:
+    __slots__ = ()
+
+
+class _Closed:
+    __slots__ = ()
+
+
+class _Bad:
+    __slots__ = ("status", "message")
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.message = message
+
+
+_END = _End()
+_CLOSED = _Closed()
+Event = _Head | _Data | _End | _Closed | _Bad
+
+
+class _SkipBody(Exception):
+    """Raised from the parser's callback to end a message at its head (the answer to a HEAD request)."""
+
+
+class _Reader:
+    """The messages of one direction of a connection, as events in order: a head, its body's chunks, its
+    end (`_Bad` once the bytes stop being HTTP; nothing is parsed after it)."""
+
+    def __init__(self, request: bool, max_header_bytes: int) -> None:
+        self._request = request
+        self._max = max_header_bytes
+        self.events: deque[Event] = deque()
+        self.parser: httptools.HttpRequestParser | httptools.HttpResponseParser = self._new_parser()
+        self.broken = False
+        self.in_head = False
+        self.in_body = False
+        self.until_close = False  # the current message's body ends when the connection does
+        self.skip_body = False  # (client) the next response answers a HEAD request
+        self._head_bytes = 0
+        self._url = b""
+        self._fields: list[tuple[bytes, bytes]] = []
+
+    def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
+        return httptools.HttpRequestParser(self) if self._request else httptools.HttpResponseParser(self)
+
+    # ---- the parser's callbacks ----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self._head_bytes = 0
+        self._url = b""
+        self._fields = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        parser = self.parser
+        headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in self._fields)
+        size = len(self._url) + sum(len(k) + len(v) + 4 for k, v in self._fields)
+        framed = any(k in ("content-length", "transfer-encoding") for k, _ in headers)
+        if isinstance(parser, httptools.HttpRequestParser):
+            method, status, until_close = parser.get_method().decode("latin-1"), 0, False
+        else:
+            method, status = "", parser.get_status_code()
+            until_close = not framed and status >= 200 and status not in (204, 304) and not self.skip_body
+        upgrade = parser.should_upgrade()
+        if upgrade and self._request and framed and method != "CONNECT":
+            raise HttpError(400, "a request asking for a protocol upgrade cannot carry a body")
+        self.events.append(_Head(method, self._url.decode("latin-1"), status, parser.get_http_version(), headers,
+                                 parser.should_keep_alive() and not until_close, upgrade, size, until_close))
+        self.until_close = until_close
+        self.in_body = True
+        if self.skip_body and status >= 200:
+            self.skip_body = False
+            self.in_body = False
+            self.events.append(_END)
+            raise _SkipBody
+
+    def on_body(self, body: bytes) -> None:
+        self.events.append(_Data(body))
+
+    def on_message_complete(self) -> None:
+        self.in_body = False
+        self.events.append(_END)
+
+    # ---- input ---------------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        if self.broken:
+            return
+        began_in_head = self.in_head
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # the message has ended (an upgrade request has no body here): nothing more is read after it
+            self.broken = True
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _SkipBody):  # a fresh parser for the next message, the rest dropped
+                self.parser = self._new_parser()
+                return
+            self.broken = True
+            if isinstance(cause, HttpError):
+                self.events.append(_Bad(cause.status, str(cause)))
+            else:
+                self.events.append(_Bad(400, f"malformed HTTP/1.1: {_reason(exc)}"))
+            return
+        if self.in_head and began_in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > self._max:
+                self.broken = True
+                self.events.append(_Bad(431, f"request headers are more than {self._max} bytes"))
+
+    def closed(self) -> None:
+        """The peer closed its side: a body that runs until the close has ended."""
+        if self.in_body and self.until_close and not self.broken:
+            self.in_body = False
+            self.events.append(_END)
+        self.broken = True
+        self.events.append(_CLOSED)
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.removeprefix("HPE_").replace("_", " ").lower() if text.startswith("HPE_") else text
+
+
+def _head_bytes(start: str, headers: Headers) -> bytes:
+    """The head's bytes; a name or value that would break the framing (CR, LF) is refused."""
+    block = start + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+    if block.count("\n") != len(headers) + 2 or block.count("\r") != len(headers) + 2:
+        raise _LocalError("a header name or value contains CR or LF")
+    return block.encode("latin-1")
+
+
+class _LocalError(Exception):
+    """The waypoint itself was about to send something that is not valid HTTP/1.1."""
+
+
+def error_response(status: int, message: str) -> bytes:
+    """A whole response with a plain-text body, for refusing a request before closing."""
     body = message.encode()
-    return h11.Response(status_code=status, headers=[("content-type", "text/plain"), ("connection", "close"),
-                                                     ("content-length", str(len(body)))]), body
+    return _head_bytes(f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n",
+                       (("content-type", "text/plain"), ("connection", "close"),
+                        ("content-length", str(len(body))))) + body
+
+
+# body framing of an outgoing message
+_NONE, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
+
+
+class _Writer:
+    """The body of one outgoing message, framed as its head said."""
+
+    __slots__ = ("mode", "remaining")
+
+    def __init__(self, mode: int, remaining: int = 0) -> None:
+        self.mode = mode
+        self.remaining = remaining
+
+    def data(self, data: bytes) -> bytes:
+        if self.mode == _CHUNKED:
+            return b"%x\r\n%b\r\n" % (len(data), data)
+        if self.mode == _LENGTH:
+            if len(data) > self.remaining:
+                raise _LocalError(f"{len(data)} bytes of body where {self.remaining} remain of its content-length")
+            self.remaining -= len(data)
+            return data
+        return data if self.mode == _UNTIL_CLOSE else b""
+
+    def end(self) -> tuple[bytes, bool]:
+        """The bytes that end the body, and whether the connection can carry another message."""
+        if self.mode == _CHUNKED:
+            return b"0\r\n\r\n", True
+        if self.mode == _LENGTH:
+            return b"", self.remaining == 0
+        return b"", self.mode == _NONE
+
+
+def _content_length(headers: Headers) -> int | None:
+    for k, v in headers:
+        if k == "content-length":
+            return int(v) if v.isdigit() else None
+    return None
 
 
 class _ServerExchange:
-    def __init__(self, server: Http1Server, head: RequestHead) -> None:
+    def __init__(self, server: Http1Server, head: RequestHead, method: str) -> None:
         self._server = server
         self.head = head
+        self._method = method
         self._started = False
+        self._writer = _Writer(_NONE)
 
     @property
     def response_started(self) -> bool:
         return self._started
 
     async def body(self) -> AsyncIterator[bytes]:
-        while True:
-            event = await self._server._next_event()
-            if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
+        server = self._server
+        while not server.request_done:
+            event = await server.next_event()
+            if isinstance(event, _Data):
+                yield event.data
+            elif event is _END:
+                server.request_done = True
                 return
+            elif isinstance(event, _Bad):
+                raise HttpError(event.status, event.message)
             else:
                 raise HttpError(400, "request body ended early")
 
     async def send_head(self, head: ResponseHead, end: bool = False) -> None:
         self._started = True
-        headers = list(forwardable(head.headers))
-        if self._server.closing:
-            headers.append(("connection", "close"))
-        await self._server._send(h11.Response(status_code=head.status, headers=_encode(tuple(headers))))
+        server = self._server
+        headers = forwardable(head.headers)
+        status = head.status
+        length = _content_length(headers)
+        extra: Headers = ()
+        if self._method in _NO_BODY_METHODS or status < 200 or status in (204, 304):
+            self._writer = _Writer(_NONE)
+        elif length is not None:
+            self._writer = _Writer(_LENGTH, length)
+        elif server.version == "1.1":
+            self._writer = _Writer(_CHUNKED)
+            extra = (("transfer-encoding", "chunked"),)
+        else:  # an HTTP/1.0 client: the body ends with the connection
+            self._writer = _Writer(_UNTIL_CLOSE)
+            server.keep_alive = False
+        if server.closing or not server.keep_alive:
+            extra += (("connection", "close"),)
+        data = _head_bytes(f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n", headers + extra if extra else headers)
         if end:
-            await self.end()
+            tail, reusable = self._writer.end()
+            server.response_done = True
+            server.keep_alive = server.keep_alive and reusable
+            data += tail
+        await server.stream.send_all(data)
 
     async def send_data(self, data: bytes) -> None:
         if data:
-            await self._server._send(h11.Data(data=data))
+            out = self._writer.data(data)
+            if out:
+                await self._server.stream.send_all(out)
 
     async def end(self) -> None:
-        await self._server._send(h11.EndOfMessage())
+        server = self._server
+        tail, reusable = self._writer.end()
+        server.response_done = True
+        server.keep_alive = server.keep_alive and reusable
+        if tail:
+            await server.stream.send_all(tail)
 
     async def reset(self) -> None:
         self._server.closing = True
@@ -90,48 +336,51 @@ class Http1Server:
                  initial: bytes = b"") -> None:
         self.stream = stream
         self.settings = settings
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_header_bytes)
+        self.reader = _Reader(True, settings.max_header_bytes)
         if initial:
-            self.conn.receive_data(initial)
+            self.reader.feed(initial)
         self.closing = False
+        self.version = "1.1"  # of the current request
+        self.keep_alive = True  # the current exchange leaves the connection usable
+        self.request_done = True
+        self.response_done = True
+        self._upgrade = False
 
-    async def _send(self, event: h11.Event) -> None:
-        data = self.conn.send(event)
-        if data:
-            await self.stream.send_all(data)
-
-    async def _next_event(self) -> h11.Event:
-        while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
+    async def next_event(self) -> Event:
+        events = self.reader.events
+        while not events:
             data = await self.stream.receive_some(READ_SIZE)
-            self.conn.receive_data(bytes(data))
+            if data:
+                self.reader.feed(bytes(data))
+            else:
+                self.reader.closed()
+        return events.popleft()
 
-    async def _read_head(self) -> h11.Request | None:
+    async def _read_head(self) -> _Head | None:
         """The next request's head: its first byte may take `idle_timeout` (keep-alive), the rest of the
         head must follow within `header_timeout`.  None when the client went away quietly."""
-        event: object = self.conn.next_event()
-        if event is h11.NEED_DATA:
+        if not self.reader.events:
+            got = False
             with trio.move_on_after(self.settings.idle_timeout):
                 data = await self.stream.receive_some(READ_SIZE)
                 if not data:
                     return None
-                self.conn.receive_data(bytes(data))
-                event = None
-            if event is not None:
+                self.reader.feed(bytes(data))
+                got = True
+            if not got:
                 return None
         with trio.move_on_after(self.settings.header_timeout):
-            if event is None:
-                event = await self._next_event()
-            if isinstance(event, h11.Request):
-                size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
-                if size > self.settings.max_header_bytes:
-                    raise HttpError(431, f"request headers are {size} bytes, more than {self.settings.max_header_bytes}")
+            event = await self.next_event()
+            if isinstance(event, _Head):
+                if event.size > self.settings.max_header_bytes:
+                    raise HttpError(431, f"request headers are {event.size} bytes, "
+                                         f"more than {self.settings.max_header_bytes}")
                 return event
-            if isinstance(event, h11.ConnectionClosed):
+            if event is _CLOSED:
                 return None
-            raise HttpError(400, f"unexpected {type(event).__name__} before a request")
+            if isinstance(event, _Bad):
+                raise HttpError(event.status, event.message)
+            raise HttpError(400, f"unexpected {type(event).__name__.strip('_').lower()} before a request")
         raise HttpError(408, "request headers did not arrive in time")
 
     async def serve(self, handler: Handler) -> None:
@@ -139,29 +388,25 @@ class Http1Server:
             while not self.closing:
                 try:
                     request = await self._read_head()
-                except h11.RemoteProtocolError as exc:
-                    await self._refuse(exc.error_status_hint, str(exc) or "malformed request")
-                    return
                 except HttpError as exc:
                     await self._refuse(exc.status, str(exc))
                     return
                 if request is None:
                     return
-                head = _request_head(request)
-                exchange = _ServerExchange(self, head)
+                self.version = request.version
+                self.keep_alive = request.keep_alive
+                self._upgrade = request.upgrade
+                self.request_done = self.response_done = False
+                exchange = _ServerExchange(self, _request_head(request), request.method)
                 try:
                     await handler(exchange)
                 except HttpError as exc:
                     if not exchange.response_started:
                         await self._refuse(exc.status, str(exc))
                     return
-                except h11.RemoteProtocolError as exc:
-                    if not exchange.response_started:
-                        await self._refuse(exc.error_status_hint, str(exc))
-                    return
                 if not await self._next_cycle():
                     return
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _LocalError):
             return
         finally:
             with trio.move_on_after(1) as cs:
@@ -169,36 +414,35 @@ class Http1Server:
                 await self.stream.aclose()
 
     async def _next_cycle(self) -> bool:
-        if self.conn.our_state is not h11.DONE:
+        if not self.response_done or not self.keep_alive or self.closing or self._upgrade:
             return False
         with trio.move_on_after(self.settings.header_timeout):
-            while self.conn.their_state is h11.SEND_BODY:  # the handler left the body unread: drain it
-                event = await self._next_event()
-                if isinstance(event, h11.ConnectionClosed):
+            while not self.request_done:  # the handler left the body unread: drain it
+                event = await self.next_event()
+                if event is _END:
+                    self.request_done = True
+                elif not isinstance(event, _Data):
                     return False
-        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-            self.conn.start_next_cycle()
-            return True
-        return False
+        return self.request_done
 
     async def _refuse(self, status: int, message: str) -> None:
-        response, body = error_response(status, message)
-        try:
-            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # h11 allows this after a parse error
-                await self._send(response)
-                await self._send(h11.Data(data=body))
-                await self._send(h11.EndOfMessage())
-        except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
         self.closing = True
+        try:
+            await self.stream.send_all(error_response(status, message))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
-def _request_head(request: h11.Request) -> RequestHead:
-    headers = _decode(request.headers)
-    authority = next((v for k, v in headers if k == "host"), "")
-    version = request.http_version.decode()
-    return RequestHead(method=request.method.decode(), path=request.target.decode("latin-1"), authority=authority,
-                       headers=tuple((k, v) for k, v in headers if k != "host"), protocol=f"HTTP/{version}")
+def _request_head(request: _Head) -> RequestHead:
+    authority = ""
+    headers = request.headers
+    for k, v in headers:
+        if k == "host":
+            authority = v
+            headers = tuple(h for h in headers if h[0] != "host")
+            break
+    return RequestHead(method=request.method, path=request.target, authority=authority, headers=headers,
+                       protocol=f"HTTP/{request.version}")
 
 
 class Http1Client:
@@ -206,65 +450,100 @@ class Http1Client:
 
     def __init__(self, stream: trio.abc.Stream, max_header_bytes: int = 60 * 1024) -> None:
         self.stream = stream
-        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
-        self._response: h11.Response | None = None
+        self.reader = _Reader(False, max_header_bytes)
+        self._idle = True  # no request sent yet, or the last exchange ended cleanly
+        self._sent = False  # the current request has gone out whole
+        self._received = False  # the current response has been read to its end
+        self._keep_alive = True
 
-    async def _send(self, event: h11.Event) -> None:
-        data = self.conn.send(event)
-        if data:
-            await self.stream.send_all(data)
-
-    async def _next_event(self) -> h11.Event:
-        while True:
-            try:
-                event = self.conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise UpstreamReset(f"endpoint sent malformed HTTP: {exc}") from exc
-            if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
+    async def _next_event(self) -> Event:
+        events = self.reader.events
+        while not events:
             try:
                 data = await self.stream.receive_some(READ_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise UpstreamReset(f"connection to endpoint reset: {exc}") from exc
-            self.conn.receive_data(bytes(data))
+            if data:
+                self.reader.feed(bytes(data))
+            else:
+                self.reader.closed()
+        event = events.popleft()
+        if isinstance(event, _Bad):
+            raise UpstreamReset(f"endpoint sent malformed HTTP: {event.message}")
+        return event
 
     async def send_request(self, head: RequestHead, body: AsyncIterable[bytes]) -> None:
+        self._idle = self._sent = self._received = False
         headers = (("host", head.authority), *forwardable(head.headers))
-        try:
-            await self._send(h11.Request(method=head.method, target=head.path, headers=_encode(headers)))
-            async for chunk in body:
+        length = _content_length(headers)
+        self.reader.skip_body = head.method in _NO_BODY_METHODS
+        chunks = aiter(body)
+        first = b""
+        if length is None:  # no declared length: chunked when a body turns out to exist
+            async for chunk in chunks:
                 if chunk:
-                    await self._send(h11.Data(data=chunk))
-            await self._send(h11.EndOfMessage())
+                    first = chunk
+                    break
+            writer = _Writer(_CHUNKED) if first else _Writer(_NONE)
+            if first:
+                headers = (*headers, ("transfer-encoding", "chunked"))
+        else:
+            writer = _Writer(_LENGTH, length)
+        try:
+            data = _head_bytes(f"{head.method} {head.path} HTTP/1.1\r\n", headers)
+        except _LocalError as exc:
+            raise HttpError(400, f"request cannot be sent as HTTP/1.1: {exc}") from exc
+        try:
+            if first:
+                data += writer.data(first)
+            await self.stream.send_all(data)
+            async for chunk in chunks:
+                if chunk:
+                    await self.stream.send_all(writer.data(chunk))
+            tail, reusable = writer.end()
+            if tail:
+                await self.stream.send_all(tail)
+        except _LocalError as exc:
+            self._keep_alive = False
+            raise HttpError(400, f"request body does not match its content-length: {exc}") from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._keep_alive = False
             raise UpstreamReset(f"connection to endpoint reset while sending: {exc}") from exc
+        self._sent = True
+        self._keep_alive = self._keep_alive and reusable
 
     async def receive_response(self) -> ResponseHead:
         while True:
             event = await self._next_event()
-            if isinstance(event, h11.InformationalResponse):
-                continue
-            if isinstance(event, h11.Response):
-                self._response = event
-                return ResponseHead(event.status_code, _decode(event.headers))
+            if isinstance(event, _Head):
+                if 100 <= event.status < 200 and event.status != 101:
+                    while await self._next_event() is not _END:  # an informational answer: skip it
+                        pass
+                    continue
+                self._keep_alive = self._keep_alive and event.keep_alive and not event.upgrade
+                return ResponseHead(event.status, event.headers)
             raise UpstreamReset("endpoint closed the connection before answering")
 
     async def response_body(self) -> AsyncIterator[bytes]:
         while True:
             event = await self._next_event()
-            if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
+            if isinstance(event, _Data):
+                yield event.data
+            elif event is _END:
+                self._received = True
                 return
             else:
                 raise UpstreamReset("endpoint closed the connection in the middle of the response")
 
     @property
     def reusable(self) -> bool:
-        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-            self.conn.start_next_cycle()
+        if self._idle:
             return True
-        return self.conn.our_state is h11.IDLE and self.conn.their_state is h11.IDLE
+        if self._sent and self._received and self._keep_alive and not self.reader.broken \
+                and not self.reader.events:
+            self._idle = True
+            return True
+        return False
 
     async def aclose(self) -> None:
         with trio.move_on_after(1) as cs:

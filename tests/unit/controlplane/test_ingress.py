@@ -239,6 +239,9 @@ def test_missing_and_foreign_secrets(store: Store) -> None:
      "spec.listeners[0].allowedRoutes.namespaces.from", "Same"),
     ({"name": "h", "port": 80, "protocol": "HTTP", "allowedRoutes": {"kinds": [{"kind": "TCPRoute"}]}},
      "spec.listeners[0].allowedRoutes.kinds[0]", "HTTPRoute or GRPCRoute"),
+    ({"name": "h", "port": 80, "protocol": "HTTP", "allowedRoutes": {"namespaces": {
+        "from": "Selector", "selector": {"matchExpressions": [{"key": "a", "operator": "Exists"}]}}}},
+     "spec.listeners[0].allowedRoutes.namespaces.selector.matchExpressions", "matchLabels"),
 ])
 def test_bad_gateways_are_refused_whole(listener: dict[str, Any], path: str, message: str) -> None:
     s = Store()
@@ -258,6 +261,12 @@ def test_conflicting_listeners_and_bad_secrets_are_refused() -> None:
     text = "\n".join(caught.value.lines())
     assert "spec.listeners[1]: listener 'b' has the port and hostname of listener 'a'" in text
     assert "spec.listeners[2].protocol: port 80 is already an HTTP listener's" in text
+    with pytest.raises(ValidationError) as caught:
+        apply(s, gateway([{"name": "a", "port": 443, "protocol": "HTTPS", "hostname": "a.example.com",
+                           "tls": {"certificateRefs": [{"name": "a"}]}},
+                          {"name": "b", "port": 443, "protocol": "HTTPS", "hostname": "b.example.com",
+                           "tls": {"certificateRefs": [{"name": "b"}]}}]))
+    assert "spec.listeners[1].port: port 443 has another HTTPS listener" in "\n".join(caught.value.lines())
     with pytest.raises(ValidationError) as caught:
         apply(s, secret(data={"tls.crt": "%%%", "bad/key": "QQ=="}))
     text = "\n".join(caught.value.lines())

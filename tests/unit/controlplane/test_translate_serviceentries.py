@@ -203,13 +203,18 @@ def test_an_entry_that_cannot_be_translated_is_left_out_and_the_others_served() 
                   "spec": {"hosts": ["bad.example"], "resolution": "STATIC", "endpoints": [{"address": "db.example"}]}}
     no_hosts = {"kind": "ServiceEntry", "metadata": {"name": "nohosts", "namespace": "apps"}, "spec": {}}
     no_name = {"kind": "ServiceEntry", "metadata": {"namespace": "apps"}, "spec": {"hosts": ["x.example"]}}
-    snapshot = _Snapshot([good, bad_static, no_hosts, no_name])
+    listed_spec = {"kind": "ServiceEntry", "metadata": {"name": "listed", "namespace": "apps"}, "spec": ["hosts"]}
+    host_number = {"kind": "ServiceEntry", "metadata": {"name": "number", "namespace": "apps"},
+                   "spec": {"hosts": [7], "resolution": "DNS"}}
+    snapshot = _Snapshot([good, bad_static, no_hosts, no_name, listed_spec, host_number])
     index = build_index(snapshot)
     out = build_service_entries(snapshot, index)
     assert list(out.services) == ["apps/good.example"]
     assert any("ServiceEntry apps/bad: cannot be translated" in e and "not an IP address" in e for e in index.errors)
     assert any("ServiceEntry apps/nohosts: cannot be translated" in e for e in index.errors)
     assert any("metadata.name" in e for e in index.errors)
+    assert any("ServiceEntry apps/listed: cannot be translated" in e for e in index.errors)
+    assert any("ServiceEntry apps/number: cannot be translated" in e for e in index.errors)
 
 
 def test_allocation_is_unique_stable_and_inside_the_range() -> None:

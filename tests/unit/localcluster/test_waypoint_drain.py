@@ -12,6 +12,7 @@ from localcluster.waypoints import (
     DRAIN_ANNOTATION,
     desired,
     drain_seconds,
+    probed,
     ready_condition,
 )
 from mesh.api.kinds_gateway import waypoint_gateway
@@ -40,3 +41,14 @@ def test_a_bad_drain_time_is_logged_and_the_default_used(bad: str, caplog: pytes
 def test_ready_condition() -> None:
     assert ready_condition(True) == {"type": "Ready", "status": "True"}
     assert ready_condition(False) == {"type": "Ready", "status": "False"}
+
+
+def test_readiness_needs_one_success_and_is_lost_after_three_failures() -> None:
+    assert probed(False, True, 0) == (True, 0)
+    assert probed(False, False, 0) == (False, 1)
+    state = (True, 0)
+    for _ in range(2):  # a busy waypoint that answers late once or twice keeps its traffic
+        state = probed(state[0], False, state[1])
+        assert state[0]
+    assert probed(state[0], False, state[1]) == (False, 3)
+    assert probed(True, True, 2) == (True, 0)

@@ -71,6 +71,8 @@ def test_apply_binds_only_a_ready_waypoint(sock: str, capsys: pytest.CaptureFixt
     rc, out, err = run(capsys, "waypoint", "status", "-n", NS, "--socket", sock)
     assert rc == 1 and out.splitlines()[1].split()[:5] == [NS, "waypoint", "0/1", "NotReady", "waypoint"]
     assert err == "meshctl: 1 waypoint(s) not ready\n"
+    rc, out, err = run(capsys, "waypoint", "status", "-n", NS, "--wait", "--timeout", "0.2", "--socket", sock)
+    assert (rc, err) == (1, "meshctl: 1 waypoint(s) not ready\n") and "NotReady" in out
     rc, out, _ = run(capsys, "waypoint", "list", "-n", NS, "--socket", sock)
     assert out.splitlines()[0].split() == ["NAMESPACE", "NAME", "TRAFFIC", "TYPE", "READY", "VERSION"]
     assert out.splitlines()[1].split()[:4] == [NS, "waypoint", "service", "0/1"]

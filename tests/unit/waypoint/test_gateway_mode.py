@@ -20,6 +20,7 @@ from waypoint.config import compile_table
 from waypoint.gateway import (
     IngressListeners,
     ListenerSpec,
+    check_listeners,
     parse_listener,
     refuse_l4,
     server_context,
@@ -50,6 +51,18 @@ def test_listener_flags() -> None:
 def test_bad_listener_flags(text: str, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         parse_listener(text)
+
+
+def test_listeners_that_cannot_be_served_together() -> None:
+    http, other_http = parse_listener("a=HTTP:80"), parse_listener("b=HTTP:80")
+    check_listeners([http, other_http])  # one socket, told apart by the routes' hostnames
+    https = parse_listener("s=HTTPS:80:/c:/k")
+    with pytest.raises(ValueError, match="used by HTTP and HTTPS listeners"):
+        check_listeners([http, https])
+    with pytest.raises(ValueError, match="needs a port of its own"):
+        check_listeners([https, parse_listener("t=HTTPS:80:/c:/k")])
+    with pytest.raises(ValueError, match="used twice"):
+        check_listeners([http, parse_listener("a=HTTP:81")])
 
 
 def test_bad_certificate_files(tmp_path: Path) -> None:
