@@ -205,7 +205,8 @@ class IngressListeners:
         self.connections += 1
         try:
             peer = conn.socket.getpeername()
-            client = ClientInfo(source=f"{peer[0]}:{peer[1]}", original_destination=f"{self.host}:{spec.port}")
+            client = ClientInfo(source=f"{peer[0]}:{peer[1]}", original_destination=f"{self.host}:{spec.port}",
+                                scheme=spec.protocol.lower())
             stream: trio.abc.HalfCloseableStream = conn
             if spec.protocol == "HTTPS":
                 tls = trio.SSLStream(conn, self.contexts[spec.name], server_side=True)

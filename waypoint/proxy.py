@@ -177,9 +177,10 @@ class WaypointProxy:
                 rec.details = str(exc)
                 await send_local(ex, routing.LocalReply(400, f"bad request: {exc}".encode()), rec)
                 return
-            head = self._trace_headers(head.replace(headers=forwarding_headers(
+            head = self._trace_headers(head.replace(scheme=client.scheme or head.scheme, headers=forwarding_headers(
                 head.headers, source_ip=client.source_ip, peer_identity=client.peer_identity,
-                local_identity=self.identity, peer_certificate_hash=client.peer_certificate_hash)), span)
+                local_identity=self.identity, peer_certificate_hash=client.peer_certificate_hash,
+                scheme=client.scheme or "http")), span)
             hostname = routing.target_hostname(table, head, client)
             # authentication: a present but invalid token is 401, and so is one whose keys are missing
             rules = [r for r in table.jwt_rules if r.applies_to(hostname)]

@@ -80,13 +80,16 @@ class ClientInfo:
     `peer_identity` is the SPIFFE URI of the client certificate (or "" when unknown), `source` the client's
     `ip:port` as the connection shows it (never what the client wrote in a header), `original_destination`
     the tunnel's `:authority` (service VIP:port or workload IP:port), `peer_certificate_hash` the SHA-256
-    of the client's leaf certificate (DER, hex; "" when unknown).
+    of the client's leaf certificate (DER, hex; "" when unknown), `scheme` what the client's requests
+    arrived over when the proxy knows it ("https" on an ingress gateway's HTTPS listener, which terminated
+    TLS, "http" on its HTTP listener; "" for a tunnel: the request's own).
     """
 
     peer_identity: str = ""
     source: str = ""
     original_destination: str = ""
     peer_certificate_hash: str = ""
+    scheme: str = ""
 
     @property
     def source_ip(self) -> str:

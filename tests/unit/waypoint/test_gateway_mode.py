@@ -121,8 +121,10 @@ async def serve_and_ask(tmp_path: Path, ca: bytes) -> None:
         status, seen = await request(ports["http"], "shop.example.com", "/reviews/1")
         assert (status, seen["backend"], seen["path"]) == (200, "reviews-v1", "/reviews/1")
         assert seen["headers"]["x-forwarded-for"] == "127.0.0.1"  # type: ignore[index]
+        assert seen["headers"]["x-forwarded-proto"] == "http"  # type: ignore[index]
         status, seen = await request(ports["https"], "shop.example.com", "/reviews/2", ca=ca)
         assert (status, seen["path"]) == (200, "/reviews/2")
+        assert seen["headers"]["x-forwarded-proto"] == "https"  # type: ignore[index]
         assert (await request(ports["http"], "nothing.example.org", "/reviews/1"))[0] == 404
         assert (await request(ports["http"], "shop.example.com", "/other"))[0] == 404
         nursery.cancel_scope.cancel()
