@@ -14,27 +14,28 @@ For every such Gateway the cluster runs one pod named after it in its namespace,
   `ingress.ambient.mesh/published` when it is set Ready, from which the control plane writes the
   Gateway's `status.addresses` and listener status (`controlplane.translate.ingressstatus`).
 A change of the Gateway's listeners or of a certificate it uses replaces the pod (a new revision).  An
-HTTPS listener whose Secret is missing or unusable is left out of the pod (its status says why).
+HTTPS listener whose Secret is missing or unusable is left out of the pod (its status says why), and a
+Gateway with no listener left gets no pod.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from controlplane.translate import ingress as translate_ingress
 from controlplane.translate.ingressstatus import PUBLISHED_ANNOTATION, format_published
 from localcluster import components, processes
 from localcluster.plan import node_netns
 from localcluster.processes import ProcessRecord
 from localcluster.waypoints import STOP_GRACE, WaypointController, WaypointPod, desired
 from mesh import netns as mnetns
-from mesh.api.kinds_core import TLS_SECRET_TYPE
 from mesh.api.kinds_gateway import DATAPLANE_MODE_LABEL, INGRESS_CLASS, ingress_service_account
 from mesh.errors import MeshError
 
@@ -49,41 +50,40 @@ class IngressError(MeshError):
     pass
 
 
-def _secret_bytes(secret: dict[str, Any], key: str) -> bytes | None:
-    if key in (secret.get("stringData") or {}):
-        return str(secret["stringData"][key]).encode()
-    try:
-        value = (secret.get("data") or {}).get(key)
-        return base64.b64decode(value, validate=True) if value is not None else None
-    except (binascii.Error, ValueError):
-        return None
+@dataclass(frozen=True)
+class _Secrets:
+    """The Secrets read from the control plane, as `controlplane.translate.ingress.certificate` looks them up."""
+
+    by_name: Mapping[tuple[str, str], dict[str, Any]]
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.by_name.get((namespace, name)) if kind == "Secret" else None
 
 
-def ingress_pod(gateway: dict[str, Any], secrets: dict[tuple[str, str], dict[str, Any]], own: str) -> WaypointPod:
-    """The pod of one ingress Gateway: its flags and files (`own`: its directory, as the pod sees it)."""
-    meta, spec = gateway["metadata"], gateway["spec"]
-    ns, name = str(meta.get("namespace") or "default"), str(meta["name"])
+def ingress_pod(gateway: dict[str, Any], secrets: Mapping[tuple[str, str], dict[str, Any]],
+                own: str) -> WaypointPod | None:
+    """The pod of one ingress Gateway: its flags and files (`own`: its directory, as the pod sees it); None
+    when none of its listeners can be served (its status says why)."""
+    gw = translate_ingress.ingress_gateway(gateway)
     args: list[str] = []
     files: list[tuple[str, bytes]] = []
     ports: list[tuple[str, int]] = []
-    for li in spec.get("listeners") or []:
-        if li["protocol"] == "HTTP":
-            args += ["--listener", f"{li['name']}=HTTP:{li['port']}"]
-            ports.append((str(li["name"]), int(li["port"])))
-            continue
-        refs = (li.get("tls") or {}).get("certificateRefs") or []
-        secret = secrets.get((refs[0].get("namespace") or ns, refs[0]["name"])) if refs else None
-        chain = _secret_bytes(secret, "tls.crt") if secret and secret.get("type") == TLS_SECRET_TYPE else None
-        key = _secret_bytes(secret, "tls.key") if secret and secret.get("type") == TLS_SECRET_TYPE else None
-        if not chain or not key or (refs[0].get("namespace") or ns) != ns:
-            log.warning("ingress %s/%s: listener %s has no usable certificate; it is not served", ns, name, li["name"])
-            continue
-        files += [(f"{li['name']}.crt", chain), (f"{li['name']}.key", key)]
-        args += ["--listener", f"{li['name']}=HTTPS:{li['port']}:{own}/{li['name']}.crt:{own}/{li['name']}.key"]
-        ports.append((str(li["name"]), int(li["port"])))
+    for li in gw.listeners:
+        if li.protocol == "HTTPS":
+            cert = translate_ingress.certificate(gw, li, _Secrets(secrets))
+            if cert.reason:
+                log.warning("ingress %s: %s: the listener is not served", gw.key, cert.problem)
+                continue
+            files += [(f"{li.name}.crt", cert.chain), (f"{li.name}.key", cert.key)]
+            args += ["--listener", f"{li.name}=HTTPS:{li.port}:{own}/{li.name}.crt:{own}/{li.name}.key"]
+        else:
+            args += ["--listener", f"{li.name}=HTTP:{li.port}"]
+        ports.append((li.name, li.port))
+    if not ports:
+        return None
     digest = hashlib.sha256(json.dumps([args, [(n, d.hex()) for n, d in files]]).encode()).hexdigest()[:16]
-    return WaypointPod(ns, name, service_account=ingress_service_account(name),
-                       args=("--service-account", ingress_service_account(name), *args),
+    account = ingress_service_account(gw.name)
+    return WaypointPod(gw.namespace, gw.name, service_account=account, args=("--service-account", account, *args),
                        labels=((DATAPLANE_MODE_LABEL, "none"),), files=tuple(files), ports=tuple(ports),
                        revision=digest)
 
@@ -101,7 +101,8 @@ class GatewayController(WaypointController):
                 meta = gw["metadata"]
                 own = self._dir(WaypointPod(str(meta.get("namespace") or "default"), str(meta["name"])))
                 pod = ingress_pod(gw, secrets, str(own))
-                want[pod.key] = pod
+                if pod is not None:
+                    want[pod.key] = pod
         return want
 
     def _prepare(self, wp: WaypointPod, netns: str) -> None:

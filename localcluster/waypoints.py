@@ -26,6 +26,10 @@ closes, GOAWAY, requests in flight finish) for up to its drain time (`spec.infra
 `DRAIN_ANNOTATION`, default `DEFAULT_DRAIN_SECONDS`, passed as `--drain-seconds`), and is killed only
 after that and `STOP_GRACE` more.
 
+An ingress Gateway's pod is run the same way, by `localcluster.ingress.GatewayController`, which adds to
+this controller what makes it an ingress (`WaypointPod`'s service account, flags, files and published
+ports; `_prepare` and `_started`).
+
 `desired` and `place` are pure; `WaypointController.sync` does the I/O, one step per change.  Each change
 is written to the cluster record and then announced with `on_change(cluster)`, by default the cluster's
 Prometheus reloading its scrape configuration (`localcluster.prometheus.refresh`), so that waypoints are

@@ -14,7 +14,9 @@ anything llhttp cannot parse gets 400 and a close.  Bodies are streamed in both 
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
+from contextvars import ContextVar
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -30,6 +32,12 @@ READ_SIZE = 65536
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _NO_BODY_METHODS = frozenset({"HEAD"})
+
+# Set by `Http1Client.receive_response` in the task that relays the response: whether its body (or its
+# end) arrived together with its head.  The server exchange then holds the response head back and sends
+# it with the first body bytes, in one write, as nothing has to be waited for in between (otherwise the
+# head goes out at once).  Task-local: each request's relay runs in its own task.
+_BODY_READY: ContextVar[bool] = ContextVar("http1_body_ready", default=False)
 
 
 @dataclass(frozen=True)
@@ -264,6 +272,7 @@ class _ServerExchange:
         self._method = method
         self._started = False
         self._writer = _Writer(_NONE)
+        self._held = b""  # the response head, held back to go out with the first body bytes
 
     @property
     def response_started(self) -> bool:
@@ -308,11 +317,17 @@ class _ServerExchange:
             server.response_done = True
             server.keep_alive = server.keep_alive and reusable
             data += tail
+        elif _BODY_READY.get():
+            _BODY_READY.set(False)
+            self._held = data
+            return
         await server.stream.send_all(data)
 
     async def send_data(self, data: bytes) -> None:
         if data:
             out = self._writer.data(data)
+            if self._held:
+                out, self._held = self._held + out, b""
             if out:
                 await self._server.stream.send_all(out)
 
@@ -321,11 +336,17 @@ class _ServerExchange:
         tail, reusable = self._writer.end()
         server.response_done = True
         server.keep_alive = server.keep_alive and reusable
+        if self._held:
+            tail, self._held = self._held + tail, b""
         if tail:
             await server.stream.send_all(tail)
 
     async def reset(self) -> None:
         self._server.closing = True
+        if self._held:  # the head was as good as sent: the client sees the response cut short
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._server.stream.send_all(self._held)
+            self._held = b""
         await self._server.stream.aclose()
 
 
@@ -358,30 +379,36 @@ class Http1Server:
 
     async def _read_head(self) -> _Head | None:
         """The next request's head: its first byte may take `idle_timeout` (keep-alive), the rest of the
-        head must follow within `header_timeout`.  None when the client went away quietly."""
-        if not self.reader.events:
-            got = False
-            with trio.move_on_after(self.settings.idle_timeout):
-                data = await self.stream.receive_some(READ_SIZE)
-                if not data:
+        head must follow within `header_timeout`.  None when the client went away quietly.  One timer,
+        and none at all when the head has already arrived (pipelined, or with the tunnel's first bytes)."""
+        reader = self.reader
+        if not reader.events:
+            begun = reader.in_head
+            timeout = self.settings.header_timeout if begun else self.settings.idle_timeout
+            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+                while not reader.events:
+                    data = await self.stream.receive_some(READ_SIZE)
+                    if not data:
+                        return None
+                    reader.feed(bytes(data))
+                    if not begun:  # the head has begun: the rest of it within `header_timeout`
+                        begun = True
+                        scope.deadline = trio.current_time() + self.settings.header_timeout
+            if scope.cancelled_caught:
+                if not begun:
                     return None
-                self.reader.feed(bytes(data))
-                got = True
-            if not got:
-                return None
-        with trio.move_on_after(self.settings.header_timeout):
-            event = await self.next_event()
-            if isinstance(event, _Head):
-                if event.size > self.settings.max_header_bytes:
-                    raise HttpError(431, f"request headers are {event.size} bytes, "
-                                         f"more than {self.settings.max_header_bytes}")
-                return event
-            if event is _CLOSED:
-                return None
-            if isinstance(event, _Bad):
-                raise HttpError(event.status, event.message)
-            raise HttpError(400, f"unexpected {type(event).__name__.strip('_').lower()} before a request")
-        raise HttpError(408, "request headers did not arrive in time")
+                raise HttpError(408, "request headers did not arrive in time")
+        event = reader.events.popleft()
+        if isinstance(event, _Head):
+            if event.size > self.settings.max_header_bytes:
+                raise HttpError(431, f"request headers are {event.size} bytes, "
+                                     f"more than {self.settings.max_header_bytes}")
+            return event
+        if event is _CLOSED:
+            return None
+        if isinstance(event, _Bad):
+            raise HttpError(event.status, event.message)
+        raise HttpError(400, f"unexpected {type(event).__name__.strip('_').lower()} before a request")
 
     async def serve(self, handler: Handler) -> None:
         try:
@@ -416,8 +443,17 @@ class Http1Server:
     async def _next_cycle(self) -> bool:
         if not self.response_done or not self.keep_alive or self.closing or self._upgrade:
             return False
-        with trio.move_on_after(self.settings.header_timeout):
-            while not self.request_done:  # the handler left the body unread: drain it
+        events = self.reader.events
+        while events and not self.request_done:  # the handler left the body unread: drain it
+            event = events.popleft()
+            if event is _END:
+                self.request_done = True
+            elif not isinstance(event, _Data):
+                return False
+        if self.request_done:
+            return True
+        with trio.move_on_after(self.settings.header_timeout):  # (the rest of it is still coming)
+            while not self.request_done:
                 event = await self.next_event()
                 if event is _END:
                     self.request_done = True
@@ -521,6 +557,7 @@ class Http1Client:
                         pass
                     continue
                 self._keep_alive = self._keep_alive and event.keep_alive and not event.upgrade
+                _BODY_READY.set(bool(self.reader.events))
                 return ResponseHead(event.status, event.headers)
             raise UpstreamReset("endpoint closed the connection before answering")
 

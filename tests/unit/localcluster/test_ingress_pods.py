@@ -43,6 +43,7 @@ def secret(chain: bytes, key: bytes, kind: str = "kubernetes.io/tls") -> dict[tu
 def test_an_ingress_pod_runs_the_proxy_in_gateway_mode_with_its_own_identity() -> None:
     cert = server_cert("shop.example.com")
     pod = ingress_pod(gateway([HTTP, HTTPS]), secret(cert.chain, cert.key), OWN)
+    assert pod is not None
     assert (pod.key, pod.account) == ("shop/ingress", "ingress-istio")
     assert pod.args == ("--service-account", "ingress-istio", "--listener", "http=HTTP:80", "--listener",
                         f"https=HTTPS:443:{OWN}/https.crt:{OWN}/https.key")
@@ -53,16 +54,22 @@ def test_an_ingress_pod_runs_the_proxy_in_gateway_mode_with_its_own_identity() -
 
 def test_a_new_certificate_or_listener_is_a_new_revision() -> None:
     one, two = server_cert("shop.example.com"), server_cert("shop.example.com")
-    first = ingress_pod(gateway([HTTP, HTTPS]), secret(one.chain, one.key), OWN)
-    assert ingress_pod(gateway([HTTP, HTTPS]), secret(one.chain, one.key), OWN).revision == first.revision
-    assert ingress_pod(gateway([HTTP, HTTPS]), secret(two.chain, two.key), OWN).revision != first.revision
-    assert ingress_pod(gateway([HTTP]), secret(one.chain, one.key), OWN).revision != first.revision
+    def revision(listeners: list[dict[str, Any]], cert: Any) -> str:
+        pod = ingress_pod(gateway(listeners), secret(cert.chain, cert.key), OWN)
+        assert pod is not None
+        return pod.revision
+
+    first = revision([HTTP, HTTPS], one)
+    assert revision([HTTP, HTTPS], one) == first
+    assert revision([HTTP, HTTPS], two) != first
+    assert revision([HTTP], one) != first
 
 
 @pytest.mark.parametrize("secrets", [{}, secret(b"x", b"y", kind="Opaque")])
 def test_an_https_listener_without_a_usable_secret_is_left_out(secrets: dict[tuple[str, str], dict[str, Any]]) -> None:
     pod = ingress_pod(gateway([HTTP, HTTPS]), secrets, OWN)
-    assert pod.ports == (("http", 80),) and pod.files == ()
+    assert pod is not None and pod.ports == (("http", 80),) and pod.files == ()
+    assert ingress_pod(gateway([HTTPS]), secrets, OWN) is None  # nothing to serve: no pod
 
 
 def test_forward_flags() -> None:
