@@ -76,8 +76,11 @@ def serve_proxy(front_port: int, backend_port: int, access_log: str, profile: st
     result = compile_table(f"{NS}/waypoint", [wl], [svc], [], 1)
     if result.errors:
         raise SystemExit(f"route table: {result.errors}")
+    def discard(line: str) -> None:
+        pass
+
     if access_log == "none":
-        sink = (lambda line: None)
+        sink = discard
     else:  # as the process does: a logger that writes the line (to /dev/null here)
         handler = logging.FileHandler(os.devnull)
         log = logging.getLogger("waypoint.access")
@@ -104,7 +107,12 @@ def serve_proxy(front_port: int, backend_port: int, access_log: str, profile: st
     import signal
 
     profiler = cProfile.Profile(time.process_time)  # CPU time, not time spent waiting for the CPU
-    signal.signal(signal.SIGINT, lambda *_: (profiler.disable(), profiler.dump_stats(profile), os._exit(0)))
+    def write_stats(*_: object) -> None:
+        profiler.disable()
+        profiler.dump_stats(profile)
+        os._exit(0)
+
+    signal.signal(signal.SIGINT, write_stats)
     profiler.enable()
     trio.run(main)
 

@@ -27,7 +27,11 @@ A plugin runs with the spec's environment (`CNI_COMMAND`, `CNI_CONTAINERID`, `CN
 runtime on that node; `CNI_NETNS` is the container's).  Its error result (a non-zero exit with
 `{"code", "msg", "details"}` on stdout) becomes a `CniError` carrying the plugin's code and message.
 
-Not done: `runtimeConfig`/capabilities (port mappings, bandwidth), GC and STATUS (CNI 1.1), converting
+Capabilities: a plugin that declares one the attachment carries (`Attachment.capabilities`, as containerd
+passes a pod's annotations as `io.kubernetes.cri.pod-annotations`) gets it in its `runtimeConfig`, as libcni
+injects it; the others get none.
+
+Not done: other capabilities (port mappings, bandwidth), GC and STATUS (CNI 1.1), converting
 results between CNI versions (every plugin here speaks the list's version).
 
 The decisions are pure (`plugin_config`, `plugin_env`, `read_output`, `Conflist.parse`); `Runtime._exec`
@@ -40,7 +44,7 @@ import json
 import re
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +108,8 @@ class Attachment:
     netns: str  # the path of the container's network namespace (CNI_NETNS)
     ifname: str = "eth0"
     args: tuple[tuple[str, str], ...] = ()  # CNI_ARGS, in order
+    # capability -> value, given as runtimeConfig to the plugins that declare the capability
+    capabilities: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def cni_args(self) -> str:
@@ -126,11 +132,18 @@ class Cached:
 # ---- what each plugin is given and what it answers (pure) -----------------------------------------------
 
 
-def plugin_config(net: Conflist, plugin: Mapping[str, Any], prev: Mapping[str, Any] | None) -> dict[str, Any]:
-    """One plugin's network configuration: the list's version and name, its own keys, `prevResult`."""
-    conf = {k: v for k, v in plugin.items() if k != "prevResult"}
+def plugin_config(net: Conflist, plugin: Mapping[str, Any], prev: Mapping[str, Any] | None,
+                  capabilities: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One plugin's network configuration: the list's version and name, its own keys, `runtimeConfig` with
+    those of `capabilities` it declares (none: no `runtimeConfig`), `prevResult`."""
+    conf = {k: v for k, v in plugin.items() if k not in ("prevResult", "runtimeConfig")}
     conf["cniVersion"] = net.cni_version
     conf["name"] = net.name
+    declared = plugin.get("capabilities")
+    declared = declared if isinstance(declared, dict) else {}
+    runtime = {k: v for k, v in (capabilities or {}).items() if declared.get(k) is True}
+    if runtime:
+        conf["runtimeConfig"] = runtime
     if prev is not None:
         conf["prevResult"] = dict(prev)
     return conf
@@ -203,7 +216,7 @@ class Runtime:
         result: dict[str, Any] | None = None
         try:
             for plugin in net.plugins:
-                answer = self._exec(ADD, plugin, plugin_config(net, plugin, result), att)
+                answer = self._exec(ADD, plugin, plugin_config(net, plugin, result, att.capabilities), att)
                 assert answer is not None  # read_output insists on a result for ADD
                 result = answer
         except CniError:
@@ -224,7 +237,7 @@ class Runtime:
             raise CniError(f"CHECK of container {att.container_id}: it was never added to network {net.name}",
                            command=CHECK)
         for plugin in cached.network.plugins:
-            self._exec(CHECK, plugin, plugin_config(cached.network, plugin, cached.result), att)
+            self._exec(CHECK, plugin, plugin_config(cached.network, plugin, cached.result, att.capabilities), att)
 
     def delete(self, net: Conflist, att: Attachment) -> None:
         cached = self.cached(net.name, att)
@@ -253,7 +266,7 @@ class Runtime:
         first: CniError | None = None
         for plugin in reversed(net.plugins):
             try:
-                self._exec(DEL, plugin, plugin_config(net, plugin, result), att)
+                self._exec(DEL, plugin, plugin_config(net, plugin, result, att.capabilities), att)
             except CniError as exc:
                 first = first or exc
         if first is not None:
@@ -262,6 +275,7 @@ class Runtime:
     def _save(self, net: Conflist, att: Attachment, result: Mapping[str, Any] | None) -> None:
         entry = {"kind": CACHE_KIND, "containerId": att.container_id, "ifName": att.ifname, "networkName": net.name,
                  "netns": att.netns, "cniArgs": [list(kv) for kv in att.args], "config": net.to_json(),
+                 "capabilityArgs": dict(att.capabilities),
                  "result": dict(result) if result is not None else None}
         write_atomic(self.cache_dir / att.cache_name(net.name), json.dumps(entry, indent=1).encode(), mode=0o600)
 
@@ -301,7 +315,8 @@ def _load(path: Path) -> Cached | None:
         entry = json.loads(path.read_text())
         net = Conflist.parse(entry["config"], str(path))
         att = Attachment(str(entry["containerId"]), str(entry["netns"]), str(entry["ifName"]),
-                         tuple((str(k), str(v)) for k, v in entry.get("cniArgs") or []))
+                         tuple((str(k), str(v)) for k, v in entry.get("cniArgs") or []),
+                         dict(entry.get("capabilityArgs") or {}))
         result = entry.get("result")
     except (OSError, ValueError, KeyError, TypeError, CniError):
         return None

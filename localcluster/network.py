@@ -42,6 +42,7 @@ from localcluster.plan import (
 from mesh import netns as mnetns
 from mesh.errors import MeshError
 from mesh.files import write_atomic
+from nodeagent.cni.protocol import RUNTIME_ANNOTATIONS
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,10 @@ def require_cni_plugins(cluster: str, conflist: dict[str, Any]) -> None:
 
 
 def pod_attachment(pod: PodPlan, container_id: str) -> cni.Attachment:
-    return cni.Attachment(container_id, str(mnetns.netns_path(pod.netns)), POD_IFNAME, pod_cni_args(pod, container_id))
+    """The pod's attachment, with its annotations offered to the plugins that ask for them, as containerd does."""
+    annotations = {str(k): str(v) for k, v in ((pod.spec.document.get("metadata") or {}).get("annotations") or {}).items()}
+    return cni.Attachment(container_id, str(mnetns.netns_path(pod.netns)), POD_IFNAME, pod_cni_args(pod, container_id),
+                          {RUNTIME_ANNOTATIONS: annotations})
 
 
 def create_pod(home: Path, plan: ClusterPlan, pod: PodPlan) -> dict[str, Any]:

@@ -230,7 +230,8 @@ def cni_conflist(node: NodePlan, *, agent_socket: str, ipam_dir: str, cgroup_for
                       "routes": [{"dst": "0.0.0.0/0"}]}},
             {"type": "loopback"},
             {"type": cni_protocol.PLUGIN_TYPE, "agentSocket": agent_socket,
-             "excludeNamespaces": list(cni_protocol.EXCLUDED_NAMESPACES), "cgroupFormat": cgroup_format},
+             "excludeNamespaces": list(cni_protocol.EXCLUDED_NAMESPACES), "cgroupFormat": cgroup_format,
+             "capabilities": {cni_protocol.RUNTIME_ANNOTATIONS: True}},  # the pod's annotations, as from containerd
         ],
     }
 

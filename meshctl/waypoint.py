@@ -1,4 +1,4 @@
-"""`meshctl waypoint apply|delete|list|status`: waypoints as istioctl manages them, without dropping traffic.
+"""`meshctl waypoint apply|delete|list|status|config`: waypoints as istioctl manages them, without dropping traffic.
 
 A waypoint is a Gateway of class `istio-waypoint` with one listener `mesh` on port 15008, protocol HBONE,
 labelled `istio.io/waypoint-for` (which traffic it takes).  `--enroll-namespace` also labels the
@@ -17,19 +17,27 @@ The order of the steps is what keeps traffic flowing (make before break):
 
 READY is the waypoint's pods that are Ready over the pods it has (`status.conditions` of its Pods, labelled
 `gateway.networking.k8s.io/gateway-name`).
+
+config reads what a running waypoint holds (its admin `/config_dump`, on 127.0.0.1:15000 of the waypoint
+pod's network namespace, entered as `meshctl agent` enters a node's): services, routes, destination rules,
+authorization policies, and the resources it refused, as text, JSON or YAML.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from controlplane.config.store import BUILTIN_NAMESPACES
+from localcluster import state
 from localcluster.state import api_socket
 from localcluster.waypoints import DRAIN_ANNOTATION, MAX_DRAIN_SECONDS
 from mesh import defaults
@@ -51,10 +59,14 @@ from mesh.serve import client as http
 from mesh.serve.errors import HttpClientError
 from mesh.xds import resources as rs
 from mesh.xds.node import ROLE_NODEAGENT
+from meshctl import access
+from meshctl.agent import ADMIN_HOST, ADMIN_PORT, call_admin, parse_address
 from meshctl.config import add_connection_args, client_from, report
+from meshctl.loglevel import waypoint_netns
 
 DEFAULT_TIMEOUT = 60.0  # seconds: --timeout of apply, delete and status
 POLL = 0.2  # seconds between two looks while waiting
+CONFIG_DUMP_PATH = "/config_dump"  # the waypoint's admin endpoint (`waypoint.admin`)
 
 
 class WaypointError(MeshError):
@@ -120,6 +132,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help=f"how long --wait waits (default: {DEFAULT_TIMEOUT:g})")
     add_connection_args(p)
     p.set_defaults(func=cmd_status)
+
+    p = wsub.add_parser("config", help="show a waypoint's configuration as the waypoint holds it",
+                        description="Read the configuration a running waypoint holds (its admin /config_dump, "
+                                    "127.0.0.1:15000 in the waypoint pod's network namespace): the services it "
+                                    "routes to, its routes (VirtualServices and HTTPRoutes by host), destination "
+                                    "rules, authorization policies, and what it refused. Needs root, unless "
+                                    "--admin-address is given.",
+                        epilog="examples:\n  meshctl waypoint config -n bookinfo\n"
+                               "  meshctl waypoint config -n bookinfo reviews-waypoint -o yaml",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", nargs="?", default=DEFAULT_WAYPOINT_NAME, metavar="NAME",
+                   help=f"the waypoint (default: {DEFAULT_WAYPOINT_NAME})")
+    p.add_argument("-n", "--namespace", required=True, metavar="NS", help="namespace of the waypoint")
+    p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text",
+                   help="output format (default: text)")
+    p.add_argument("--admin-address", metavar="HOST:PORT",
+                   help="read the waypoint's admin endpoint at this address (no namespace is entered)")
+    p.add_argument("--cluster", help="the cluster (default: the current one, see `meshctl cluster use`)")
+    p.set_defaults(func=cmd_config)
 
 
 def _wait_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -356,6 +387,68 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not_ready:
         raise WaypointError(f"{not_ready} waypoint(s) not ready")
     return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.admin_address:
+        host, port = parse_address(args.admin_address)
+        ns, where = None, f"waypoint at {host}:{port}"
+    else:
+        access.require_root("waypoint config")
+        cluster = state.find_cluster(args.cluster)
+        host, port = ADMIN_HOST, ADMIN_PORT
+        ns, where = waypoint_netns(state.read_record(cluster), args.namespace, args.name), \
+            f"waypoint {args.namespace}/{args.name}"
+    dump = call_admin("GET", CONFIG_DUMP_PATH, host=host, port=port, ns=ns, where=where)
+    if args.output == "json":
+        print(json.dumps(dump, indent=2, sort_keys=True))
+    elif args.output == "yaml":
+        print(yaml.safe_dump(dump, sort_keys=True, default_flow_style=False), end="")
+    else:
+        print(render_config(dump))
+    return 0
+
+
+def render_config(dump: dict[str, Any]) -> str:
+    """A waypoint's `/config_dump`, readable: a header, then one section per kind of configuration."""
+    lines = [f"waypoint {dump.get('waypoint', '?')}   identity {dump.get('identity', '?')}",
+             f"configuration version {dump.get('version', 0)}, "
+             f"{'synced' if dump.get('synced') else 'NOT synced with the control plane yet'}, "
+             f"{dump.get('rejected_updates', 0)} update(s) refused"]
+
+    def section(title: str, rows: list[tuple[str, ...]], empty: str = "none") -> None:
+        lines.append("")
+        lines.append(title)
+        if not rows:
+            lines.append(f"  ({empty})")
+            return
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines.extend("  " + "   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+    section("SERVICES (clusters)", [(str(s),) for s in dump.get("services") or []])
+    routes = dict(dump.get("virtual_services") or {})
+    section("ROUTES", [("HOST", "ROUTE"), *sorted((str(h), str(r)) for h, r in routes.items())] if routes else [])
+    if "ingress_routes" in dump:
+        ingress = dict(dump.get("ingress_routes") or {})
+        section("INGRESS ROUTES", [("ROUTE", "HOSTS"), *sorted((str(r), ", ".join(map(str, h)))
+                                                                  for r, h in ingress.items())] if ingress else [])
+    section("DESTINATION RULES", [(str(d),) for d in dump.get("destination_rules") or []])
+    section("AUTHORIZATION POLICIES", [(str(p),) for p in dump.get("authorization_policies") or []])
+    tracing = dict(dump.get("tracing") or {})
+    lines.append("")
+    sampling = tracing.get("sampling")
+    lines.append(f"JWT rules: {dump.get('jwt_rules', 0)}   tracing: sampling "
+                 f"{'the default' if sampling is None else format(sampling, 'g') + '%'}"
+                 f"{'' if tracing.get('reporting', True) else ' (reporting off)'}"
+                 f"{' from ' + ', '.join(tracing['telemetry']) if tracing.get('telemetry') else ''}")
+    section("WORKLOADS USING THIS WAYPOINT", [(str(w),) for w in dump.get("workloads_using_waypoint") or []])
+    rejected = dict(dump.get("rejected_resources") or {})
+    if rejected:
+        section("REFUSED RESOURCES (left out of the configuration)",
+                [("RESOURCE", "WHY"), *sorted((str(r), str(why)) for r, why in rejected.items())])
+    if dump.get("warnings"):
+        section("WARNINGS", [(str(w),) for w in dump["warnings"]])
+    return "\n".join(lines)
 
 
 def _print_table(rows: Sequence[tuple[str, ...]]) -> None:

@@ -14,7 +14,10 @@ parts, discovery feeding its configuration, then `Waypoint.run`: the serving end
 listener.  It serves until `stop` is set, then drains within `drain_seconds`: readiness turns 503, it
 serves as before until no tunnel has been open for `QUIET_SECONDS` (the node agents, told the waypoint is
 going, no longer send here), and only then sends GOAWAY on every HBONE connection and closes its
-listener; tunnels still in flight finish by the deadline.  (A GOAWAY sent while agents still open tunnels
+listener; tunnels still in flight finish by the deadline.  From the start of the drain, the clients
+inside the tunnels are asked to move as Envoy's drain asks them (`WaypointProxy.drain`): HTTP/1.1
+responses say `Connection: close` and end their connection, HTTP/2 connections get GOAWAY, so keep-alive
+clients open their next connection (and the node agent its next tunnel) before the deadline cuts them.  (A GOAWAY sent while agents still open tunnels
 refuses the streams it has not read yet, and a closed listener resets connections in its backlog: both
 failed requests when the waypoint went under load.)  `run` is the process
 (`mesh.runtime`).
@@ -171,6 +174,7 @@ class Waypoint:
         nursery.start_soon(self._wait_synced, xds)
         await stop.wait()
         self.draining = True
+        self.proxy.drain()  # keep-alive clients: `Connection: close` (HTTP/1.1), GOAWAY (HTTP/2)
         log.info('{"event": "draining", "waypoint": "%s", "tunnels": %d}', opts.key, self.inbound.tunnels)
         deadline = trio.current_time() + opts.drain_seconds
         with trio.move_on_at(deadline):  # serving as before while the node agents stop sending here
@@ -184,8 +188,8 @@ class Waypoint:
 
     async def _run_gateway(self, nursery: trio.Nursery, listeners: IngressListeners, xds: TrioXdsClient,
                            stop: trio.Event, task_status: trio.TaskStatus[dict[str, int]]) -> None:
-        """Gateway mode: serve the listeners until `stop`, then readiness 503 and the connections in flight
-        given `drain_seconds` to finish."""
+        """Gateway mode: serve the listeners until `stop`, then readiness 503, the clients asked to move
+        (`WaypointProxy.drain`) and the connections in flight given `drain_seconds` to finish."""
         opts = self.opts
         ports = await nursery.start(listeners.serve)
         self.ports.update(ports)
@@ -195,6 +199,7 @@ class Waypoint:
         nursery.start_soon(self._wait_synced, xds)
         await stop.wait()
         self.draining = True
+        self.proxy.drain()  # keep-alive clients move to a new connection (`Connection: close`, GOAWAY)
         with trio.move_on_after(opts.drain_seconds):
             while listeners.connections:
                 await trio.sleep(QUIET_SECONDS / 10)

@@ -29,6 +29,7 @@ import random
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import trio
 
@@ -55,6 +56,26 @@ from waypoint.upstream.forward import Forwarder, Record, RequestBody, send_local
 from waypoint.upstream.pool import ConnectionPool, Upstream
 
 L4Handler = Callable[[trio.abc.HalfCloseableStream, ClientInfo], Awaitable[None]]
+
+LABEL_CACHE_SIZE = 4096  # label sets kept per route table (cleared when full)
+_TRAILERS: dict[type, bool] = {}
+
+
+def _bodiless(head: RequestHead) -> bool:
+    """An HTTP/1.x request whose framing says it has no body: no Transfer-Encoding, no Content-Length or
+    a zero one (its end is already parsed with its head)."""
+    if not head.protocol.startswith("HTTP/1") or head.header("transfer-encoding") is not None:
+        return False
+    length = head.header("content-length")
+    return length is None or length == "0"
+
+
+def _carries_trailers(ex: ServerExchange) -> TypeGuard[TrailerExchange]:
+    """`isinstance(ex, TrailerExchange)`, decided once per class (a Protocol check is slow per request)."""
+    known = _TRAILERS.get(type(ex))
+    if known is None:
+        known = _TRAILERS[type(ex)] = isinstance(ex, TrailerExchange)
+    return known
 
 
 @dataclass(frozen=True)
@@ -86,6 +107,9 @@ class WaypointProxy:
         self.forwarder = Forwarder(self.pool, clock, self.rng)
         self.l4_handler = l4_handler or self.passthrough
         self._table = RouteTable()
+        self._labels: dict[tuple[object, ...], RequestLabels] = {}  # metric labels seen, for this table
+        self._sessions: set[Http1Server | Http2Server] = set()  # the HTTP connections served now
+        self.draining = False
         self.update(table or RouteTable())
 
     # ---- configuration -------------------------------------------------------------------------------
@@ -97,6 +121,7 @@ class WaypointProxy:
     def update(self, table: RouteTable) -> None:
         """Serve new requests with `table`; requests in flight finish with the table they started with."""
         self._table = table
+        self._labels = {}
         self.jwks.want(table.jwks_sources())
 
     def apply(self, result: CompileResult) -> None:
@@ -116,15 +141,29 @@ class WaypointProxy:
                 async def handler(ex: ServerExchange) -> None:
                     await self._handle(ex, client, background)
 
-                if protocol is Protocol.HTTP2:
-                    await Http2Server(stream, self.settings.max_header_bytes, initial=prefix).serve(handler)
-                elif protocol is Protocol.HTTP1:
-                    await Http1Server(stream, self.settings.http1, initial=prefix).serve(handler)
+                if protocol is Protocol.HTTP2 or protocol is Protocol.HTTP1:
+                    session = Http2Server(stream, self.settings.max_header_bytes, initial=prefix) \
+                        if protocol is Protocol.HTTP2 else Http1Server(stream, self.settings.http1, initial=prefix)
+                    self._sessions.add(session)
+                    if self.draining:
+                        session.drain()
+                    try:
+                        await session.serve(handler)
+                    finally:
+                        self._sessions.discard(session)
                 else:
                     await self.l4_handler(PrefixedStream(stream, prefix), client)
         finally:
             with trio.CancelScope(shield=True):  # upstream connections kept for this client go with it
                 await self.pool.discard(client.source)
+
+    def drain(self) -> None:
+        """The waypoint is going (as Envoy's drain): every HTTP client is asked to move to a new connection,
+        HTTP/1.1 with `Connection: close` on its next response, HTTP/2 with GOAWAY; connections that start
+        from now on are asked from their first request."""
+        self.draining = True
+        for session in list(self._sessions):
+            session.drain()
 
     async def passthrough(self, stream: trio.abc.HalfCloseableStream, client: ClientInfo) -> None:
         """L4 fallback for traffic that is not HTTP: to an endpoint of the addressed service (or the
@@ -209,8 +248,8 @@ class WaypointProxy:
                 return
             # the body: streamed upstream as it comes, kept up to a bound for retries (mirrors wait for it)
             body = RequestBody(ex.body(), self.settings.retry_buffer_bytes, rec,
-                               (lambda: ex.request_trailers) if isinstance(ex, TrailerExchange) else (lambda: ()))
-            if decision.mirrors:
+                               (lambda: ex.request_trailers) if _carries_trailers(ex) else (lambda: ()))
+            if decision.mirrors or _bodiless(ex.head):  # (no body: known ended now, no reader task waits on it)
                 await body.prepare()
             if body.replayable:
                 for m in decision.mirrors:
@@ -275,13 +314,23 @@ class WaypointProxy:
         src = table.workloads_by_ip.get(client.source_ip)
         ep = rec.upstream
         svc = d.service
-        labels = RequestLabels(
-            **peer_labels(source=src, source_namespace=src.namespace if src else client.namespace,
-                          source_principal=client.peer_identity, destination=ep,
-                          service_host=svc.hostname if svc else head.authority, service_name=svc.name if svc else "",
-                          service_namespace=svc.namespace if svc else ""),
-            request_protocol="grpc" if (head.header("content-type") or "").startswith("application/grpc") else "http",
-            response_code=str(rec.status), response_flags=rec.flag_text)
+        grpc = (head.header("content-type") or "").startswith("application/grpc")
+        # the same few label sets come back request after request: built once per table
+        key = (src, client.namespace, client.peer_identity, ep, svc.hostname if svc else head.authority,
+               svc.name if svc else "", svc.namespace if svc else "", grpc, rec.status, rec.flag_text)
+        labels = self._labels.get(key) if table is self._table else None
+        if labels is None:
+            labels = RequestLabels(
+                **peer_labels(source=src, source_namespace=src.namespace if src else client.namespace,
+                              source_principal=client.peer_identity, destination=ep,
+                              service_host=svc.hostname if svc else head.authority,
+                              service_name=svc.name if svc else "", service_namespace=svc.namespace if svc else ""),
+                request_protocol="grpc" if grpc else "http", response_code=str(rec.status),
+                response_flags=rec.flag_text)
+            if table is self._table:
+                if len(self._labels) >= LABEL_CACHE_SIZE:
+                    self._labels.clear()
+                self._labels[key] = labels
         header_bytes = sum(len(k) + len(v) for k, v in head.headers) + len(head.path)
         self.metrics.record(labels, duration_ms, header_bytes + rec.bytes_received, rec.bytes_sent)
         if span.recording:

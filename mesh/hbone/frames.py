@@ -23,7 +23,7 @@ def error_name(code: int) -> str:
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 FRAME_HEADER = 9
-DATA, HEADERS, PUSH_PROMISE, WINDOW_UPDATE, CONTINUATION = 0x0, 0x1, 0x5, 0x8, 0x9
+DATA, HEADERS, PUSH_PROMISE, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0x0, 0x1, 0x5, 0x7, 0x8, 0x9
 END_STREAM, END_HEADERS, PADDED = 0x1, 0x4, 0x8
 MAX_WINDOW = 2**31 - 1
 
@@ -123,7 +123,8 @@ class FrameGuard:
         return None
 
 
-# What a `FrameReader` hands its owner: bytes for h2 (every frame but DATA and WINDOW_UPDATE, in order);
+# What a `FrameReader` hands its owner: bytes for h2 (every frame but DATA and WINDOW_UPDATE, in order,
+# a GOAWAY always last of the bytes it is handed with);
 # a piece of a DATA frame's payload (stream, payload, window cost: the whole frame's length with its first
 # piece and 0 after, bytes to acknowledge once consumed, END_STREAM with the last piece); a WINDOW_UPDATE
 # (stream, increment); a violation.  Each returns False to stop reading (the connection is closed).
@@ -143,7 +144,12 @@ class FrameReader:
     9-byte headers, with no copy of a payload that arrived whole; everything else goes to h2 as it came.
     DATA payloads are handed on as they arrive (a 1 MiB frame need not be buffered first), except padded
     frames, which are read whole, as views of the (immutable) bytes received.  Every frame header passes the `FrameGuard` first.  Inside a header
-    block all frames go to h2, which refuses anything but CONTINUATION there."""
+    block all frames go to h2, which refuses anything but CONTINUATION there.
+
+    A GOAWAY ends the bytes handed to h2 at once: h2 closes its state machine on any GOAWAY and refuses
+    every frame after it in the same `receive_data` call (a HEADERS answering a stream the peer took
+    before its GOAWAY, a RST_STREAM) as a protocol error, so the owner must see the GOAWAY alone, and
+    reopen h2 for a graceful one (`HboneConnection._on_goaway`), before the frames that follow it."""
 
     def __init__(self, guard: FrameGuard, skip: int, to_h2: ToH2, on_data: OnData, on_window: OnWindow,
                  on_violation: OnViolation) -> None:
@@ -157,6 +163,7 @@ class FrameReader:
         self._end = False
         self._first = False  # the next DATA piece is the frame's first: it carries the window cost
         self._length = 0
+        self._kind = DATA  # the type of the frame whose body is being read (in _IN_OTHER)
 
     def feed(self, data: bytes) -> None:
         if self._rest:
@@ -193,6 +200,10 @@ class FrameReader:
                     self._left -= take
                     if not self._left:
                         self._mode = _AT_HEADER
+                        if self._kind == GOAWAY:  # alone to h2, before whatever follows it
+                            if not self._to_h2(data[run : i + take]):
+                                return
+                            run = -1
                 i += take
                 continue
             if n - i < FRAME_HEADER:
@@ -212,7 +223,11 @@ class FrameReader:
                     run = i
                 i += FRAME_HEADER
                 if length:
-                    self._mode, self._left = _IN_OTHER, length
+                    self._mode, self._left, self._kind = _IN_OTHER, length, kind
+                elif kind == GOAWAY:  # malformed (h2 says so), yet still last of its bytes
+                    if not self._to_h2(data[run:i]):
+                        return
+                    run = -1
                 continue
             if run >= 0:
                 if not self._to_h2(data[run:i]):

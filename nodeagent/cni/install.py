@@ -47,7 +47,8 @@ class InstallError(MeshError):
 def plugin_entry(agent_socket: str = protocol.DEFAULT_SOCKET, agent_timeout: float = protocol.DEFAULT_TIMEOUT,
                  exclude_namespaces: Sequence[str] = protocol.EXCLUDED_NAMESPACES) -> dict[str, Any]:
     return {"type": protocol.PLUGIN_TYPE, "agentSocket": agent_socket, "agentTimeout": agent_timeout,
-            "excludeNamespaces": list(exclude_namespaces), "failOpen": False}
+            "excludeNamespaces": list(exclude_namespaces), "failOpen": False,
+            "capabilities": {protocol.RUNTIME_ANNOTATIONS: True}}  # the runtime passes the pod's annotations
 
 
 # ---- configurations (pure) ---------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ node agent, as Istio's istio-cni does for ztunnel.
     CNI_COMMAND=ADD ... python -m nodeagent.cni.plugin < network-config.json     (the `ambient-cni` wrapper)
 
 ADD opens the pod's network namespace and passes it (SCM_RIGHTS), with who the pod is, its addresses
-from `prevResult` and its cgroup, to the agent's Unix socket, then waits for the answer: `enrolled` (its
+from `prevResult`, its cgroup and the annotations the agent acts on (given by the runtime as `runtimeConfig`
+of the capability the plugin's entry declares), to the agent's Unix socket, then waits for the answer: `enrolled` (its
 listeners and capture are in place) or `not-in-mesh`, and prints `prevResult` unchanged.  The agent decides
 whether the pod is in the mesh, from discovery.  When the agent cannot be reached or does not answer in
 time, ADD fails (CNI error 11, try again later) so that no pod runs uncaptured, unless the config says
@@ -130,7 +131,8 @@ def pod_info(inv: Invocation, conf: PluginConfig, ips: tuple[str, ...]) -> proto
     if inv.command == "ADD":
         cgroup = podcgroup.find(inv.pod_uid, fmt=conf.cgroup_format, namespace=inv.pod_namespace, name=inv.pod_name)
     return protocol.PodInfo(namespace=inv.pod_namespace, name=inv.pod_name, uid=inv.pod_uid,
-                            container_id=inv.container_id, ips=ips, netns=inv.netns, cgroup=cgroup)
+                            container_id=inv.container_id, ips=ips, netns=inv.netns, cgroup=cgroup,
+                            annotations=protocol.forwarded(conf.annotations))
 
 
 def ask(conf: PluginConfig, request: protocol.Request, fds: tuple[int, ...], timeout: float) -> protocol.Answer:

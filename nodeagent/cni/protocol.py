@@ -6,8 +6,11 @@ request carries the pod's network namespace as a file descriptor (SCM_RIGHTS), s
 namespace itself, whatever the runtime named it:
 
     plugin -> agent   {"v": 1, "op": "add", "timeout": 30, "pod": {uid, namespace, name, containerId,
-                       ips, netns, cgroup}}                                       + the netns fd
+                       ips, netns, cgroup, annotations}}                          + the netns fd
     agent -> plugin   {"v": 1, "result": "enrolled" | "not-in-mesh" | "failed" | "unknown", "msg": ...}
+
+`annotations` are the pod's annotations the agent acts on (`FORWARDED_ANNOTATIONS`), as the runtime gave them
+to the plugin (containerd's `io.kubernetes.cri.pod-annotations` capability, `RUNTIME_ANNOTATIONS`).
 
 `del` (the pod's sandbox is gone) is answered `gone`; `check` is answered like `add`, or `unknown` for a
 pod never handed over.  The agent answers before `timeout` (seconds) runs out.
@@ -31,6 +34,12 @@ PLUGIN_TYPE = "ambient-cni"  # the plugin's binary name, and `type` in the confl
 EXCLUDED_NAMESPACES = ("kube-system", "istio-system")
 DEFAULT_TIMEOUT = 30.0  # seconds the plugin waits for the agent's answer to an `add`
 MAX_MESSAGE = 64 * 1024
+# The pod's annotations reach the plugin as runtimeConfig of this capability (containerd's CRI passes them to
+# plugins that declare it); of those, the plugin forwards only the ones the agent acts on.
+RUNTIME_ANNOTATIONS = "io.kubernetes.cri.pod-annotations"
+# Istio's per-pod switch of ambient DNS capture: "false" opts the pod out, "true" in (unset: the agent's default).
+DNS_CAPTURE_ANNOTATION = "ambient.istio.io/dns-capture"
+FORWARDED_ANNOTATIONS = (DNS_CAPTURE_ANNOTATION,)
 MAX_FDS = 1
 
 ADD, DEL, CHECK = "add", "del", "check"
@@ -60,6 +69,7 @@ class PodInfo:
     ips: tuple[str, ...] = ()  # from prevResult, without prefix lengths
     netns: str = ""  # CNI_NETNS as the runtime named it (for the agent's record)
     cgroup: str = ""  # the pod's cgroup v2 directory, where the plugin found it
+    annotations: tuple[tuple[str, str], ...] = ()  # of FORWARDED_ANNOTATIONS, sorted
 
     @property
     def key(self) -> str:
@@ -68,7 +78,10 @@ class PodInfo:
     def to_json(self) -> dict[str, Any]:
         return {"namespace": self.namespace, "name": self.name, "uid": self.uid,
                 "containerId": self.container_id, "ips": list(self.ips), "netns": self.netns,
-                "cgroup": self.cgroup}
+                "cgroup": self.cgroup, "annotations": dict(self.annotations)}
+
+    def annotation(self, key: str) -> str | None:
+        return dict(self.annotations).get(key)
 
     @classmethod
     def from_json(cls, data: Any) -> PodInfo:
@@ -77,9 +90,18 @@ class PodInfo:
         ips = data.get("ips", [])
         if not isinstance(ips, list) or not all(isinstance(ip, str) for ip in ips):
             raise ProtocolError("pod.ips: expected a list of strings")
+        annotations = data.get("annotations", {})
+        if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
+            raise ProtocolError("pod.annotations: expected an object of strings")
         return cls(namespace=_text(data, "namespace", required=True), name=_text(data, "name", required=True),
                    uid=_text(data, "uid"), container_id=_text(data, "containerId"), ips=tuple(ips),
-                   netns=_text(data, "netns"), cgroup=_text(data, "cgroup"))
+                   netns=_text(data, "netns"), cgroup=_text(data, "cgroup"),
+                   annotations=forwarded(annotations))
+
+
+def forwarded(annotations: Any) -> tuple[tuple[str, str], ...]:
+    """Of a pod's annotations, the ones the agent acts on, in a stable order."""
+    return tuple(sorted((k, v) for k, v in annotations.items() if k in FORWARDED_ANNOTATIONS))
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,7 @@ class PluginConfig:
     fail_open: bool = False
     cgroup_format: str = ""
     prev_result: Mapping[str, Any] | None = None
+    annotations: Mapping[str, str] = field(default_factory=dict)  # runtimeConfig: the pod's, from the runtime
 
 
 def version_of(data: bytes) -> str:
@@ -175,7 +176,20 @@ def read_config(data: bytes, command: str) -> PluginConfig:
         fail_open=_flag(conf, "failOpen"),
         cgroup_format=_string(conf, "cgroupFormat", ""),
         prev_result=prev,
+        annotations=_annotations(conf),
     )
+
+
+def _annotations(conf: Mapping[str, Any]) -> dict[str, str]:
+    """The pod's annotations, where the runtime passed them (the capability the plugin's entry declares)."""
+    runtime = conf.get("runtimeConfig", {})
+    if not isinstance(runtime, dict):
+        raise CniError(INVALID_CONFIG, f"runtimeConfig must be an object, not {runtime!r}")
+    value = runtime.get(protocol.RUNTIME_ANNOTATIONS, {})
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise CniError(INVALID_CONFIG, f"runtimeConfig.{protocol.RUNTIME_ANNOTATIONS} must be an object of strings "
+                       f"(the pod's annotations), not {value!r}")
+    return dict(value)
 
 
 def _string(conf: Mapping[str, Any], key: str, default: str) -> str:

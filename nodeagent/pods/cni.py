@@ -40,7 +40,7 @@ from mesh import defaults, files, netns
 from mesh.identity import SpiffeId
 from mesh.proto import discovery_pb2 as pb
 from nodeagent.cni import podcgroup
-from nodeagent.cni.protocol import PodInfo
+from nodeagent.cni.protocol import DNS_CAPTURE_ANNOTATION, PodInfo
 from nodeagent.errors import NodeAgentError
 from nodeagent.pods import scan
 from nodeagent.pods.source import PodRef
@@ -77,6 +77,18 @@ class Handover:
     @property
     def ip(self) -> str:
         return next((ip for ip in self.pod.ips if ":" not in ip), self.pod.ips[0] if self.pod.ips else "")
+
+
+def dns_capture_of(pod: PodInfo) -> tuple[bool | None, str]:
+    """The pod's `ambient.istio.io/dns-capture` annotation: True, False or None (unset, or a value that is
+    neither true nor false), and what is wrong with the value, if anything."""
+    value = pod.annotation(DNS_CAPTURE_ANNOTATION)
+    if value is None:
+        return None, ""
+    if value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true", ""
+    return None, (f"pod {pod.key}: annotation {DNS_CAPTURE_ANNOTATION}={value!r} is neither \"true\" nor "
+                  "\"false\"; the agent's default DNS capture applies")
 
 
 def handover_key(pod: PodInfo) -> str:
@@ -203,6 +215,9 @@ class CniPodSource:
             self._pods[h.key] = h
         log.info('{"event": "handed over", "pod": "%s", "ips": "%s", "netns": "%s", "cgroup": "%s"}',
                  pod.key, ",".join(pod.ips), pod.netns, pod.cgroup)
+        problem = dns_capture_of(pod)[1]
+        if problem:
+            log.warning("%s", problem)
         self._notify()
         return h, current
 
@@ -327,9 +342,10 @@ class CniPodSource:
     def _ref(self, h: Handover, w: pb.Workload | None) -> PodRef:
         if w is None:  # not in discovery: enough to find and clean the pod, never to enroll it
             identity = SpiffeId(self.trust_domain, h.pod.namespace, "default")
-            return PodRef(h.key, h.pod.namespace, h.pod.name, h.ip, identity, h.link, h.pod.cgroup)
+            return PodRef(h.key, h.pod.namespace, h.pod.name, h.ip, identity, h.link, h.pod.cgroup,
+                          dns_capture_of(h.pod)[0])
         return PodRef(w.uid, w.namespace, w.name, h.ip or (w.addresses[0] if w.addresses else ""),
-                      workload_identity(w), h.link, h.pod.cgroup)
+                      workload_identity(w), h.link, h.pod.cgroup, dns_capture_of(h.pod)[0])
 
     def _notify(self) -> None:
         for callback in list(self._callbacks):

@@ -24,10 +24,17 @@ class PodRef:
     identity: SpiffeId
     netns: str  # path of the pod's network namespace
     cgroup: str = ""  # path of the pod's cgroup v2 directory, where the pod source knows it
+    # the pod's own word on DNS capture (its `ambient.istio.io/dns-capture` annotation); None: the agent's default
+    dns_capture: bool | None = None
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def captures_dns(self, agent_default: bool) -> bool:
+        """Whether the pod's DNS goes to the agent's DNS proxy.  The pod can opt out; it cannot opt in on an
+        agent that runs no DNS proxy (`--dns-capture=false`): there would be nothing to answer its queries."""
+        return agent_default and self.dns_capture is not False
 
 
 class PodSource(Protocol):

@@ -18,6 +18,7 @@ idle timeout when no tunnel uses them.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 from mesh.hbone.headers import request_headers
@@ -114,6 +115,7 @@ async def prewarm(ctx: PodContext) -> int:
     except UPSTREAM_ERRORS as exc:
         log.debug("not pre-warming for pod %s: %s", ctx.pod.key, exc)
         return 0
+    last_error = ""
     for attempt in range(PREWARM_ATTEMPTS):
         if attempt:
             await asyncio.sleep(PREWARM_RETRY)  # the peer's pod may be being enrolled at the same time
@@ -123,11 +125,12 @@ async def prewarm(ctx: PodContext) -> int:
                 dialled += await ctx.parts.pool.warm(key)
             except UPSTREAM_ERRORS as exc:
                 failed.append(key)
-                log.debug("pre-warming %s for pod %s: %s", key.describe(), ctx.pod.key, exc)
+                last_error = f"{key.describe()}: {exc}"
         keys = failed
         if not keys:
             break
-    log.info('{"event": "prewarmed", "pod": "%s", "dialled": %d, "unreachable": %d}', ctx.pod.key, dialled, len(keys))
+    log.info('{"event": "prewarmed", "pod": %s, "dialled": %d, "unreachable": %d, "attempts": %d, "last_error": %s}',
+             json.dumps(ctx.pod.key), dialled, len(keys), attempt + 1, json.dumps(last_error))
     return dialled
 
 

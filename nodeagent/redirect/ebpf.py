@@ -62,7 +62,8 @@ class EbpfRedirector:
         routing.install(pod.netns, self.mode)  # first: a redirected connection's replies must find their way
         try:
             done = Outcome(self.loader.attach_pod(pod.key, pod.netns, pod.cgroup, inbound,
-                                                  pod_ip=pod.ip or None, dns_capture=self.dns_capture).value)
+                                                  pod_ip=pod.ip or None,
+                                                  dns_capture=pod.captures_dns(self.dns_capture)).value)
         except BpfError as exc:
             raise RedirectError(f"pod {pod.key}: {exc}") from exc
         return Outcome.REDONE if done is Outcome.ADOPTED and not routed else done

@@ -77,7 +77,7 @@ class IptablesRedirector:
         self.dns_capture = dns_capture  # the pods' DNS goes to the agent's DNS proxy
 
     def install(self, pod: PodRef, listeners: Mapping[int, socket.socket]) -> Outcome:
-        return install(pod.netns, self.dns_capture)
+        return install(pod.netns, pod.captures_dns(self.dns_capture))
 
     def adopt(self, pod: PodRef, listeners: Mapping[int, socket.socket]) -> bool:
         return self.verify(pod).exact
@@ -89,7 +89,8 @@ class IptablesRedirector:
         found = inspect(pod.netns)
         routes = routing.inspect(pod.netns)
         rules = tuple(r for table in sorted(found.rules) for r in found.rules[table])
-        exact = not found.empty and found.complete(self.dns_capture) and routes.exactly(policy_routing(MODE))
+        exact = not found.empty and found.complete(pod.captures_dns(self.dns_capture)) \
+            and routes.exactly(policy_routing(MODE))
         return Capture(self.mode, present=not found.empty or not routes.empty, exact=exact,
                        detail=rules + routes.detail())
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from contextvars import ContextVar
 from collections.abc import AsyncIterable, AsyncIterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -29,6 +29,7 @@ from waypoint.http.exchange import Handler
 from waypoint.l7.model import Headers, RequestHead, ResponseHead, forwardable
 
 READ_SIZE = 65536
+LINGER_BYTES = 256 * 1024  # read (and dropped) from a refused client before closing
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _NO_BODY_METHODS = frozenset({"HEAD"})
@@ -309,7 +310,7 @@ class _ServerExchange:
         else:  # an HTTP/1.0 client: the body ends with the connection
             self._writer = _Writer(_UNTIL_CLOSE)
             server.keep_alive = False
-        if server.closing or not server.keep_alive:
+        if server.closing or server.draining or not server.keep_alive:
             extra += (("connection", "close"),)
         data = _head_bytes(f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n", headers + extra if extra else headers)
         if end:
@@ -361,11 +362,18 @@ class Http1Server:
         if initial:
             self.reader.feed(initial)
         self.closing = False
+        self.draining = False  # `drain`: the next response is the connection's last
         self.version = "1.1"  # of the current request
         self.keep_alive = True  # the current exchange leaves the connection usable
         self.request_done = True
         self.response_done = True
         self._upgrade = False
+
+    def drain(self) -> None:
+        """The waypoint is going: the next response head says `Connection: close` and the connection closes
+        after that response (after the one in progress, if its head has gone out), so a keep-alive client
+        opens its next connection elsewhere."""
+        self.draining = True
 
     async def next_event(self) -> Event:
         events = self.reader.events
@@ -427,9 +435,12 @@ class Http1Server:
                 exchange = _ServerExchange(self, _request_head(request), request.method)
                 try:
                     await handler(exchange)
-                except HttpError as exc:
+                except (HttpError, ExceptionGroup) as exc:  # (the body's error, through the pipeline's nurseries)
+                    error = _http_error(exc)
+                    if error is None:
+                        raise
                     if not exchange.response_started:
-                        await self._refuse(exc.status, str(exc))
+                        await self._refuse(error.status, str(error))
                     return
                 if not await self._next_cycle():
                     return
@@ -441,7 +452,7 @@ class Http1Server:
                 await self.stream.aclose()
 
     async def _next_cycle(self) -> bool:
-        if not self.response_done or not self.keep_alive or self.closing or self._upgrade:
+        if not self.response_done or not self.keep_alive or self.closing or self.draining or self._upgrade:
             return False
         events = self.reader.events
         while events and not self.request_done:  # the handler left the body unread: drain it
@@ -462,11 +473,31 @@ class Http1Server:
         return self.request_done
 
     async def _refuse(self, status: int, message: str) -> None:
+        """Answer `status` and close.  What the client already sent is read (for at most a second or
+        `LINGER_BYTES`) before the close: closing with unread bytes resets the connection, and a reset can
+        discard the answer before the client reads it."""
         self.closing = True
         try:
             await self.stream.send_all(error_response(status, message))
+            if isinstance(self.stream, trio.abc.HalfCloseableStream):
+                await self.stream.send_eof()
+            with trio.move_on_after(min(1.0, self.settings.header_timeout)):
+                left = LINGER_BYTES
+                while left > 0 and (data := await self.stream.receive_some(READ_SIZE)):
+                    left -= len(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+
+
+def _http_error(exc: BaseException) -> HttpError | None:
+    """The `HttpError` that `exc` is, or that is all a group of them holds (None for anything else)."""
+    if isinstance(exc, HttpError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        errors = [_http_error(e) for e in exc.exceptions]
+        if errors and all(errors):
+            return errors[0]
+    return None
 
 
 def _request_head(request: _Head) -> RequestHead:

@@ -232,12 +232,34 @@ class Http2Server(_H2Base):
         self._guard = FrameGuard(len(PREFACE), self.conn.max_inbound_frame_size,
                                  max_header_bytes + HEADER_BLOCK_SLACK)
         self._resets = ResetBudget(MAX_RESET_STREAMS)
+        self._nursery: trio.Nursery | None = None
+        self._last_stream: int | None = None  # set by `drain`: the last request served (GOAWAY's last stream id)
+        self._reading = trio.CancelScope()
+
+    def drain(self) -> None:
+        """The waypoint is going: GOAWAY (NO_ERROR) naming the last request received; the requests up to it
+        finish, later ones are refused (REFUSED_STREAM, safe for the client to retry elsewhere), and the
+        connection closes once none is left."""
+        if self._last_stream is not None or self.closed:
+            return
+        self._last_stream = self.conn.highest_inbound_stream_id
+        self.conn.close_connection(h2.errors.ErrorCodes.NO_ERROR, last_stream_id=self._last_stream)
+        # h2 takes a GOAWAY it sends for the end of the connection; this one lets the streams below it finish
+        self.conn.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
+        if self._nursery is not None:
+            self._nursery.start_soon(self._flush_serving)
+        self._stop_reading_when_done()
+
+    def _stop_reading_when_done(self) -> None:
+        if self._last_stream is not None and not self.streams:
+            self._reading.cancel()
 
     async def serve(self, handler: Handler) -> None:
         self.conn.initiate_connection()
         try:
             await self._flush_serving()
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 try:
                     await self._serve_loop(nursery, handler)
                 except BaseException:
@@ -258,7 +280,11 @@ class Http2Server(_H2Base):
         data = self._initial
         while not self.closed:
             if not data:
-                data = bytes(await self.stream.receive_some(READ_SIZE))
+                with self._reading:
+                    data = bytes(await self.stream.receive_some(READ_SIZE))
+                if self._reading.cancelled_caught:
+                    break  # drained: no request left to answer
+                self._reading = trio.CancelScope()
                 if not data:
                     break
             refused = self._guard.check(data)
@@ -297,6 +323,9 @@ class Http2Server(_H2Base):
         self._on_event(event)
 
     def _start(self, nursery: trio.Nursery, handler: Handler, event: h2.events.RequestReceived) -> None:
+        if self._last_stream is not None and event.stream_id > self._last_stream:
+            self.conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)  # after our GOAWAY
+            return
         s = self._new_stream(event.stream_id)
         pairs = [(_text(k), _text(v)) for k, v in event.headers or []]
         pseudo = {k: v for k, v in pairs if k.startswith(":")}
@@ -335,3 +364,4 @@ class Http2Server(_H2Base):
             pass
         finally:
             self.streams.pop(exchange._s.stream_id, None)
+            self._stop_reading_when_done()

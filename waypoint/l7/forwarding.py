@@ -27,31 +27,37 @@ from __future__ import annotations
 
 import ipaddress
 
-from waypoint.l7.model import Headers, header_values, with_header, without
+from waypoint.l7.model import Headers, header_values
 
 XFCC = "x-forwarded-client-cert"
 XFF = "x-forwarded-for"
 XFP = "x-forwarded-proto"
 FORWARDED = "forwarded"
 ENVOY_INTERNAL_PREFIX = "x-envoy-"
+_SET_HERE = frozenset({XFCC, FORWARDED, XFF, XFP})  # what the client wrote of these is dropped
 
 
 def forwarding_headers(headers: Headers, *, source_ip: str, peer_identity: str, local_identity: str = "",
                        peer_certificate_hash: str = "", scheme: str = "http") -> Headers:
-    """`headers` with the forwarding headers sanitized and set."""
-    out = tuple((n, v) for n, v in without(headers, [XFCC, FORWARDED, XFF, XFP])
-                if not n.lower().startswith(ENVOY_INTERNAL_PREFIX))
-    chain = [a.strip() for v in header_values(headers, XFF) for a in v.split(",") if a.strip()]
+    """`headers` with the forwarding headers sanitized and set (one pass: this runs for every request)."""
+    out: list[tuple[str, str]] = []
+    chain: list[str] = []
+    for n, v in headers:
+        if n in _SET_HERE:
+            if n == XFF:
+                chain.extend(a for a in (a.strip() for a in v.split(",")) if a)
+        elif not n.lower().startswith(ENVOY_INTERNAL_PREFIX):
+            out.append((n, v))
     if source_ip:
         chain.append(source_ip)
     if chain:
-        out = (*out, (XFF, ",".join(chain)))
-    out = with_header(out, XFP, scheme)
+        out.append((XFF, ",".join(chain)))
+    out.append((XFP, scheme))
     if peer_identity:
         parts = ([f"By={local_identity}"] if local_identity else []) + \
                 ([f"Hash={peer_certificate_hash}"] if peer_certificate_hash else []) + [f"URI={peer_identity}"]
-        out = with_header(out, XFCC, ";".join(parts))
-    return out
+        out.append((XFCC, ";".join(parts)))
+    return tuple(out)
 
 
 def remote_ip(headers: Headers, source_ip: str, trusted_hops: int = 0) -> str:

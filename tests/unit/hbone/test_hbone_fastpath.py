@@ -11,7 +11,10 @@ from mesh.hbone.config import HboneConfig
 from mesh.hbone.events import ConnectionClosed, ConnectRequested, DataReceived, StreamEnded, StreamReset
 from mesh.hbone.frames import (
     DATA,
+    END_HEADERS,
     END_STREAM,
+    GOAWAY,
+    HEADERS,
     PADDED,
     ErrorCode,
     FrameGuard,
@@ -77,6 +80,31 @@ def test_the_reader_splits_at_every_byte_boundary() -> None:
         assert [d for k, d in got if k == "window"] == [(1, 7)]
         assert b"".join(d for k, d in got if k == "h2") == frame(0x4, 0, 0) + frame(0x6, 0, 0, bytes(8))  # type: ignore[misc]
         assert [d[4] for k, d in got if k == "data"][-1] is True  # type: ignore[index]
+
+
+def test_a_goaway_is_the_last_frame_of_the_bytes_it_reaches_h2_with() -> None:
+    """h2 refuses any frame after a GOAWAY in the same `receive_data` (its state machine is closed until
+    the core reopens it for a graceful GOAWAY), so the reader hands a GOAWAY over before what follows it,
+    wherever the received bytes are cut."""
+    chunks: list[bytes] = []
+
+    def to_h2(b: bytes) -> bool:
+        chunks.append(bytes(b))
+        return True
+
+    goaway = frame(GOAWAY, 0, 0, (1).to_bytes(4, "big") + bytes(4))
+    before, after = frame(0x4, 0x1, 0), frame(HEADERS, END_HEADERS, 1, b"\x88") + frame(0x3, 0, 3, bytes(4))
+    wire = before + goaway + frame(DATA, 0, 1, b"ab") + after + frame(GOAWAY, 0, 0, bytes(8)) + frame(0x6, 0, 0, bytes(8))
+    h2_bytes = before + goaway + after + frame(GOAWAY, 0, 0, bytes(8)) + frame(0x6, 0, 0, bytes(8))
+    ends = {len(before + goaway), len(before + goaway + after + frame(GOAWAY, 0, 0, bytes(8)))}
+    for cut in range(len(wire) + 1):
+        chunks.clear()
+        reader = FrameReader(FrameGuard(0, 1 << 20), 0, to_h2, lambda *a: True, lambda *a: True, lambda v: None)
+        reader.feed(wire[:cut])
+        reader.feed(wire[cut:])
+        assert b"".join(chunks) == h2_bytes, cut
+        boundaries = {sum(len(c) for c in chunks[: k + 1]) for k in range(len(chunks))}
+        assert ends <= boundaries, cut
 
 
 def test_data_reaches_the_reader_and_padding_counts_against_the_window() -> None:

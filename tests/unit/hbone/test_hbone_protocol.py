@@ -378,6 +378,35 @@ def test_goaway_refuses_streams_the_server_never_took() -> None:
     assert pair.client.state is ConnectionState.CLOSED
 
 
+def test_answers_read_in_one_go_with_a_graceful_goaway_still_arrive() -> None:
+    """A draining server answers the CONNECTs it took before its GOAWAY, and goes on relaying the open
+    tunnels; a busy client reads all of it at once.  h2 alone refuses every frame after a GOAWAY in the
+    same read, which used to close the connection (PROTOCOL_ERROR) with every tunnel on it, during each
+    node agent restart under load."""
+    pair = Pair.make()
+    long_lived = open_accepted(pair)
+    pending = pair.client.open_stream("10.244.1.5:8080", request_headers(forwarded_for="10.244.0.7:41236"))
+    _, server_events = pair.pump()
+    assert [e.stream_id for e in of_type(server_events, ConnectRequested)] == [pending]
+    pair.server.goaway()
+    pair.server.accept(pending)  # its upstream connected after the GOAWAY went out
+    pair.server.send_data(long_lived, b"still here")
+    client_events = pair.client.receive_data(pair.server.data_to_send())  # one read: GOAWAY, HEADERS, DATA
+    assert not of_type(client_events, ConnectionClosed) and not of_type(client_events, StreamReset)
+    assert of_type(client_events, ConnectionDraining) == [ConnectionDraining(0, pending, by_peer=True)]
+    assert StreamAccepted(pending) in client_events
+    assert received(client_events, long_lived) == b"still here"
+    # Both tunnels work on until they end; then the connection closes cleanly.
+    for sid in (pending, long_lived):
+        pair.client.send_data(sid, b"bye")
+        pair.client.end_stream(sid)
+        pair.server.end_stream(sid)
+    client_events, server_events = pair.pump()
+    assert received(server_events, pending) == received(server_events, long_lived) == b"bye"
+    (closed,) = of_type(client_events, ConnectionClosed)
+    assert closed.error_code == ErrorCode.NO_ERROR and pair.client.state is ConnectionState.CLOSED
+
+
 def test_fatal_goaway_resets_everything() -> None:
     pair = Pair.make()
     sid = open_accepted(pair)

@@ -93,7 +93,8 @@ def test_each_node_has_a_cni_conflist_bridge_host_local_loopback_then_the_mesh_p
                               "routes": [{"dst": "0.0.0.0/0"}]}
     assert mesh == {"type": "ambient-cni", "agentSocket": "/s/nodes/node-2/cni.sock",
                     "excludeNamespaces": ["kube-system", "istio-system"],
-                    "cgroupFormat": "/cg/amb.bookinfo/pod.{namespace}.{name}"}
+                    "cgroupFormat": "/cg/amb.bookinfo/pod.{namespace}.{name}",
+                    "capabilities": {"io.kubernetes.cri.pod-annotations": True}}
     # What the mesh plugin reads of it is a valid configuration for it.
     chained = {"cniVersion": conf["cniVersion"], "name": conf["name"], **mesh, "prevResult": {"cniVersion": "1.0.0"}}
     read = read_config(json.dumps(chained).encode(), "ADD")

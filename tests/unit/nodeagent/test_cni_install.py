@@ -41,7 +41,7 @@ def test_the_plugin_is_chained_last_into_the_first_configuration_once(tmp_path: 
     assert types(first) == ["flannel", "portmap", protocol.PLUGIN_TYPE]
     assert conf["plugins"][-1] == {"type": protocol.PLUGIN_TYPE, "agentSocket": "/run/ambient/cni.sock",
                                    "agentTimeout": 20, "excludeNamespaces": ["kube-system", "istio-system"],
-                                   "failOpen": False}
+                                   "failOpen": False, "capabilities": {protocol.RUNTIME_ANNOTATIONS: True}}
     assert (conf["name"], conf["cniVersion"]) == ("cbr0", "0.3.1")
     assert types(later) == ["flannel", "portmap"]  # the runtime reads the first file only
 
