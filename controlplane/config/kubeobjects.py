@@ -9,9 +9,12 @@ translation reads, the same shape `meshctl apply` and the local cluster register
 - Service: labels; the spec fields the mesh's Service schema knows (selector, ports, clusterIP, ...),
   without the "None" of a headless service's `clusterIPs`.
 - Namespace, ServiceAccount: name and labels.
-- The Istio kinds, waypoint Gateways, HTTPRoutes and GRPCRoutes: labels, annotations (but kubectl's
-  last-applied copy) and the spec as written, so that they pass or fail the same strict validator as
-  `meshctl apply`.  A Gateway of another class is not the mesh's: it maps to nothing.
+- The Istio kinds, waypoint and ingress Gateways (classes istio-waypoint and istio), HTTPRoutes and
+  GRPCRoutes: labels, annotations (but kubectl's last-applied copy) and the spec as written, so that they
+  pass or fail the same strict validator as `meshctl apply`.  A Gateway of another class is not the mesh's:
+  it maps to nothing.
+- Secret: only those an ingress Gateway names (`referenced_secrets`), watched one by one
+  (`controlplane.config.kubesecrets`): type and data.
 - Node, EndpointSlice: not documents (`stored=False`); the source keeps them as they are (`objects()`).
 """
 
@@ -23,7 +26,7 @@ from typing import Any
 
 from mesh.api.errors import FieldError
 from mesh.api.kinds_core import SERVICE_SPEC
-from mesh.api.kinds_gateway import is_waypoint
+from mesh.api.kinds_gateway import is_ingress, is_waypoint
 from mesh.api.kinds_routes import ROUTE_KINDS
 from mesh.api.validate import Ref
 
@@ -78,6 +81,8 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes"),
     Resource("GRPCRoute", "gateway.networking.k8s.io", "v1", "grpcroutes"),
 )
+# Not in RESOURCES: a Secret is watched only while an ingress Gateway names it (`kubesecrets`), by name.
+SECRET = Resource("Secret", "", "v1", "secrets")
 _SERVICE_FIELDS = tuple(SERVICE_SPEC.fields)
 _POD_STATUS = ("podIP", "podIPs", "hostIP", "phase", "conditions")
 _PORT_FIELDS = ("containerPort", "name", "protocol")
@@ -115,8 +120,14 @@ def to_document(resource: Resource, obj: Mapping[str, Any]) -> dict[str, Any] | 
     """The mesh's document for `obj`, or None when it is not the mesh's (see the module docstring)."""
     if not resource.stored:
         return None
-    if resource.kind == "Gateway" and not is_waypoint({"kind": "Gateway", **obj}):
+    if resource.kind == "Gateway" and not (is_waypoint({"kind": "Gateway", **obj}) or is_ingress({"kind": "Gateway", **obj})):
         return None
+    if resource.kind == "Secret":
+        secret: dict[str, Any] = {"apiVersion": "v1", "kind": "Secret", "metadata": _metadata(obj, annotations=False),
+                                  "type": obj.get("type") or "Opaque"}
+        if obj.get("data"):
+            secret["data"] = dict(obj["data"])
+        return secret
     doc: dict[str, Any] = {"apiVersion": resource.api_version, "kind": resource.kind,
                            "metadata": _metadata(obj, annotations=resource.custom)}
     spec = obj.get("spec")
@@ -130,6 +141,22 @@ def to_document(resource: Resource, obj: Mapping[str, Any]) -> dict[str, Any] | 
     elif resource.custom and spec is not None:
         doc["spec"] = spec
     return doc
+
+
+def referenced_secrets(gateways: Iterable[Mapping[str, Any]]) -> set[tuple[str, str]]:
+    """(namespace, name) of every Secret an ingress Gateway's listeners name for their certificate.  Only a
+    Secret of the Gateway's own namespace can be used (no ReferenceGrant), so only those are named here."""
+    out = set()
+    for gw in gateways:
+        if not is_ingress({"kind": "Gateway", **gw}):
+            continue
+        namespace = (gw.get("metadata") or {}).get("namespace") or ""
+        for listener in (gw.get("spec") or {}).get("listeners") or []:
+            for ref in ((listener.get("tls") or {}).get("certificateRefs") or []):
+                if ref.get("group", "") in ("", "core") and ref.get("kind", "Secret") == "Secret" \
+                        and ref.get("namespace", namespace) == namespace and ref.get("name"):
+                    out.add((namespace, str(ref["name"])))
+    return out
 
 
 def _metadata(obj: Mapping[str, Any], *, annotations: bool) -> dict[str, Any]:

@@ -14,7 +14,9 @@ document (`controlplane.config.kubeobjects`) and applied, so it passes the same 
 log, a Warning Event, a status condition) and left out; the mesh keeps that object's previous accepted
 version, if it had one, as if the admission webhook had refused the change.  Nothing else waits for it:
 the other objects of a batch are applied without it.  Deletions always go through.  HTTPRoutes and
-GRPCRoutes are given their status (`status.parents`) by `controlplane.config.kuberoutes`.
+GRPCRoutes are given their status (`status.parents`) by `controlplane.config.kuberoutes`, ingress
+Gateways theirs by `controlplane.config.kubegateways`; the Secrets ingress Gateways name, and only
+those, are watched one by one (`controlplane.config.kubesecrets`).
 
 One reflector (client-go's word) per collection (`RESOURCES`), each in a thread of its own:
 
@@ -43,15 +45,17 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kubernetes import config as kube_config
 from kubernetes import watch as kube_watch
 from kubernetes.client import ApiClient, Configuration, CoreV1Api, CustomObjectsApi, DiscoveryV1Api
 from kubernetes.client.exceptions import ApiException
 
+from controlplane.config.kubegateways import GatewayStatusWriter
 from controlplane.config.kubeobjects import (
     RESOURCES,
+    SECRET,
     Resource,
     describe,
     name_of,
@@ -61,6 +65,7 @@ from controlplane.config.kubeobjects import (
 )
 from controlplane.config.kubereport import Reporter
 from controlplane.config.kuberoutes import RouteStatusWriter
+from controlplane.config.kubesecrets import GatewaySecrets
 from controlplane.config.store import Store
 from mesh.api.errors import ApiError, FieldError, ValidationError
 from mesh.api.validate import Document, Ref
@@ -84,6 +89,7 @@ class Timing:
     watch_timeout: int = 300  # timeoutSeconds of a watch: the API server ends it then, and we watch again
     request_timeout: float = 30.0  # connecting, and reading a list; a watch may be silent for its timeout
     page_size: int = 500  # objects per list page
+    status_resync: float = 10.0  # seconds between looks at the ingress Gateways' Services (their address)
 
 
 def api_client(kubeconfig: Path | str | None = None) -> ApiClient:
@@ -128,6 +134,10 @@ class KubernetesSource:
         self.store = store
         self.reporter = reporter if reporter is not None else Reporter(api)
         self.route_status = RouteStatusWriter(api, store)
+        self.gateway_status = GatewayStatusWriter(api, store, resync=timing.status_resync)
+        self.gateway_secrets = GatewaySecrets(
+            store, lambda sink, stopping, call: _Reflector(SECRET, api, sink, timing, stopping, call),
+            CoreV1Api(api).list_namespaced_secret)
         self._stopping = threading.Event()
         self._objects_lock = threading.Lock()
         self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
@@ -139,6 +149,8 @@ class KubernetesSource:
     def start(self) -> None:
         self.reporter.start()
         self.route_status.start()
+        self.gateway_status.start()
+        self.gateway_secrets.start()
         for kind, reflector in self._reflectors.items():
             thread = threading.Thread(target=reflector.run, name=f"kube-{kind}", daemon=True)
             thread.start()
@@ -167,6 +179,8 @@ class KubernetesSource:
             for thread in self._threads:
                 thread.join(0.02)
         self._threads.clear()
+        self.gateway_secrets.stop(timeout)
+        self.gateway_status.stop(timeout)
         self.route_status.stop(timeout)
         self.reporter.stop(timeout)
 
@@ -275,16 +289,28 @@ class _Gone(Exception):
     """The resourceVersion watched from is compacted away: list again."""
 
 
-class _Reflector:
-    """Lists and watches one collection into its sink, until `stopping` is set (see the module docstring)."""
+class Sink(Protocol):
+    """What a reflector tells what it lists and watches (`KubernetesSource`, or one watched Secret's keeper)."""
 
-    def __init__(self, resource: Resource, api: ApiClient, sink: KubernetesSource, timing: Timing,
-                 stopping: threading.Event) -> None:
+    def replace(self, resource: Resource, items: list[dict[str, Any]]) -> None: ...
+
+    def upsert(self, resource: Resource, obj: dict[str, Any]) -> None: ...
+
+    def delete(self, resource: Resource, obj: dict[str, Any]) -> None: ...
+
+
+class _Reflector:
+    """Lists and watches one collection into its sink, until `stopping` is set (see the module docstring).
+    `call`: the client's list function and its arguments, when not the whole collection (`lister`)."""
+
+    def __init__(self, resource: Resource, api: ApiClient, sink: Sink, timing: Timing,
+                 stopping: threading.Event, call: tuple[Callable[..., Any], tuple[Any, ...]] | None = None) -> None:
         self.resource = resource
         self.sink = sink
         self.timing = timing
         self._stopping = stopping
-        self._list, self._args = lister(api, resource)
+        listing: tuple[Callable[..., Any], tuple[Any, ...]] = call or lister(api, resource)
+        self._list, self._args = listing
         self._watch: kube_watch.Watch | None = None
         self.resource_version: str | None = None
         self.synced = threading.Event()

@@ -8,8 +8,10 @@ bad chunk size, a bare LF, obsolete line folding or a space before a header's co
 as are upgrade requests that carry a body (their body would otherwise be read as the next request).
 
 Server limits: the request head (line and headers) must arrive within `header_timeout` (else 408 and
-close, or a quiet close on an idle keep-alive connection) and fit in `max_header_bytes` (else 431);
-anything llhttp cannot parse gets 400 and a close.  Bodies are streamed in both directions.
+close, or a quiet close on an idle keep-alive connection) and fit in `max_header_bytes` (else 431, and so
+are chunk framing and trailers that carry no data past that size); anything llhttp cannot parse gets 400
+and a close.  Bodies are streamed in both directions; a response head whose body came with it from the
+endpoint goes out in the same write as the body's first bytes.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class _Reader:
         self.until_close = False  # the current message's body ends when the connection does
         self.skip_body = False  # (client) the next response answers a HEAD request
         self._head_bytes = 0
+        self._quiet_bytes = 0
         self._url = b""
         self._fields: list[tuple[bytes, bytes]] = []
 
@@ -132,7 +135,8 @@ class _Reader:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._fields.append((name, value))
+        if self.in_head:  # (a chunked body's trailers are not kept)
+            self._fields.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -170,7 +174,7 @@ class _Reader:
     def feed(self, data: bytes) -> None:
         if self.broken:
             return
-        began_in_head = self.in_head
+        began_in_head, began_in_body, events = self.in_head, self.in_body, len(self.events)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -191,7 +195,16 @@ class _Reader:
             self._head_bytes += len(data)
             if self._head_bytes > self._max:
                 self.broken = True
-                self.events.append(_Bad(431, f"request headers are more than {self._max} bytes"))
+                what = "request" if self._request else "response"
+                self.events.append(_Bad(431, f"{what} headers are more than {self._max} bytes"))
+        elif self.in_body and began_in_body and len(self.events) == events:
+            # bytes of a body that carried no data: chunk framing and trailers, bounded like a head
+            self._quiet_bytes += len(data)
+            if self._quiet_bytes > self._max:
+                self.broken = True
+                self.events.append(_Bad(431, f"chunk framing and trailers are more than {self._max} bytes"))
+        else:
+            self._quiet_bytes = 0
 
     def closed(self) -> None:
         """The peer closed its side: a body that runs until the close has ended."""
@@ -262,7 +275,9 @@ class _Writer:
 def _content_length(headers: Headers) -> int | None:
     for k, v in headers:
         if k == "content-length":
-            return int(v) if v.isdigit() else None
+            if not v.isdigit():
+                raise _LocalError(f"content-length {v!r} is not a number")
+            return int(v)
     return None
 
 
@@ -542,7 +557,10 @@ class Http1Client:
     async def send_request(self, head: RequestHead, body: AsyncIterable[bytes]) -> None:
         self._idle = self._sent = self._received = False
         headers = (("host", head.authority), *forwardable(head.headers))
-        length = _content_length(headers)
+        try:
+            length = _content_length(headers)
+        except _LocalError as exc:
+            raise HttpError(400, f"request cannot be sent as HTTP/1.1: {exc}") from exc
         self.reader.skip_body = head.method in _NO_BODY_METHODS
         chunks = aiter(body)
         first = b""

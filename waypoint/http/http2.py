@@ -37,6 +37,9 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 WRITE_TIMEOUT = 10.0  # a client that takes none of a handler's bytes for this long loses the connection
 MAX_RESET_STREAMS = 100  # requests a client may abandon beyond those it let us answer (ResetBudget)
 HEADER_BLOCK_SLACK = 1024  # what HPACK and framing may add to a header list on the wire
+MAX_STREAM_ID = 2**31 - 1
+GOAWAY_GRACE = 1.0  # draining: seconds between the first GOAWAY (any stream id) and the final one
+LINGER = 1.0  # draining, nothing left to answer: how long the client is given to close the connection itself
 
 
 def _text(v: str | bytes) -> str:
@@ -233,26 +236,50 @@ class Http2Server(_H2Base):
                                  max_header_bytes + HEADER_BLOCK_SLACK)
         self._resets = ResetBudget(MAX_RESET_STREAMS)
         self._nursery: trio.Nursery | None = None
-        self._last_stream: int | None = None  # set by `drain`: the last request served (GOAWAY's last stream id)
+        self._draining = False
+        self._drain_scope = trio.CancelScope()
+        self._last_stream: int | None = None  # the final GOAWAY's last stream id: later requests are refused
         self._reading = trio.CancelScope()
+        self._linger_until = math.inf  # reading stops then (draining, nothing left to answer)
 
     def drain(self) -> None:
-        """The waypoint is going: GOAWAY (NO_ERROR) naming the last request received; the requests up to it
-        finish, later ones are refused (REFUSED_STREAM, safe for the client to retry elsewhere), and the
-        connection closes once none is left."""
-        if self._last_stream is not None or self.closed:
+        """The waypoint is going: the two GOAWAYs of Envoy's drain sequence (`_drain_sequence`)."""
+        if self._draining or self.closed:
             return
-        self._last_stream = self.conn.highest_inbound_stream_id
-        self.conn.close_connection(h2.errors.ErrorCodes.NO_ERROR, last_stream_id=self._last_stream)
-        # h2 takes a GOAWAY it sends for the end of the connection; this one lets the streams below it finish
+        self._draining = True
+        if self._nursery is not None:  # serving; else `serve` starts it once the connection preface is out
+            self._nursery.start_soon(self._drain_sequence)
+
+    async def _drain_sequence(self) -> None:
+        """GOAWAY (NO_ERROR) with the highest stream id: the client opens no new request here, and what it
+        sent before reading that is still served.  After `GOAWAY_GRACE`, the final GOAWAY names the last
+        request received: later ones are refused (REFUSED_STREAM, safe to retry elsewhere), and once the
+        requests up to it have been answered the connection closes (when the client closes it, or after
+        `LINGER`: closing at once would reset what the client may still be sending)."""
+        with self._drain_scope:
+            try:
+                self._goaway(MAX_STREAM_ID)
+                await self._flush_serving()
+                await trio.sleep(GOAWAY_GRACE)
+                self._last_stream = self.conn.highest_inbound_stream_id
+                self._goaway(self._last_stream)
+                await self._flush_serving()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            self._stop_reading_when_done()
+
+    def _goaway(self, last_stream_id: int) -> None:
+        try:
+            self.conn.close_connection(h2.errors.ErrorCodes.NO_ERROR, last_stream_id=last_stream_id)
+        except h2.exceptions.ProtocolError:  # the connection is already closing
+            return
+        # h2 takes a GOAWAY it sends for the end of the connection; these let the streams below them finish
         self.conn.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
-        if self._nursery is not None:
-            self._nursery.start_soon(self._flush_serving)
-        self._stop_reading_when_done()
 
     def _stop_reading_when_done(self) -> None:
-        if self._last_stream is not None and not self.streams:
-            self._reading.cancel()
+        if self._last_stream is not None and not self.streams and self._linger_until == math.inf:
+            self._linger_until = trio.current_time() + LINGER
+            self._reading.deadline = self._linger_until
 
     async def serve(self, handler: Handler) -> None:
         self.conn.initiate_connection()
@@ -260,11 +287,14 @@ class Http2Server(_H2Base):
             await self._flush_serving()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self._draining:  # asked before it started
+                    nursery.start_soon(self._drain_sequence)
                 try:
                     await self._serve_loop(nursery, handler)
                 except BaseException:
                     self._end_writes(-math.inf)
                     raise
+                self._drain_scope.cancel()  # the connection is over: no GOAWAY to come
                 self._terminate()
                 grace = trio.current_time() + 1.0
                 nursery.cancel_scope.deadline = grace
@@ -283,8 +313,8 @@ class Http2Server(_H2Base):
                 with self._reading:
                     data = bytes(await self.stream.receive_some(READ_SIZE))
                 if self._reading.cancelled_caught:
-                    break  # drained: no request left to answer
-                self._reading = trio.CancelScope()
+                    break  # drained: no request left to answer, and the client has not closed
+                self._reading = trio.CancelScope(deadline=self._linger_until)
                 if not data:
                     break
             refused = self._guard.check(data)

@@ -13,6 +13,8 @@ Event and status-subresource references).  What it serves:
   what happened after N, then what happens until T.  A resourceVersion older than the compacted
   history gets one ERROR event carrying a Status with `code: 410`, reason `Expired`, as the real one;
 - one object: `GET /api/v1/namespaces/<ns>/pods/<name>` (404 Status when absent);
+- lists and watches of one namespace (`/api/v1/namespaces/<ns>/secrets`) and with a `fieldSelector` of
+  `metadata.name=` / `metadata.namespace=` terms (comma-separated, all must hold) see only what matches;
 - `POST /apis/authentication.k8s.io/v1/tokenreviews`: `status.authenticated`, `status.user.username`,
   `status.user.extra["authentication.kubernetes.io/pod-name" | "pod-uid"]`, `status.audiences` (the
   requested audiences the token is for; none in common means not authenticated, with `status.error`);
@@ -57,6 +59,25 @@ COLLECTIONS: dict[tuple[str, str, str], tuple[str, bool]] = {
 SA_PREFIX = "system:serviceaccount:"
 POD_NAME = "authentication.kubernetes.io/pod-name"
 POD_UID = "authentication.kubernetes.io/pod-uid"
+
+
+def _selected(namespace: str, field_selector: str) -> Any:
+    """Whether an object is in `namespace` ("": any) and matches `fieldSelector` (metadata.name and
+    metadata.namespace equality terms, as the API server supports them for every kind)."""
+    terms: list[tuple[str, str]] = []
+    for term in filter(None, field_selector.split(",")):
+        field, sep, value = term.replace("==", "=").partition("=")
+        if not sep or field not in ("metadata.name", "metadata.namespace"):
+            raise ValueError(f"unsupported field selector {field_selector!r}")
+        terms.append((field.split(".", 1)[1], value))
+
+    def wanted(obj: dict[str, Any]) -> bool:
+        meta = obj.get("metadata") or {}
+        if namespace and meta.get("namespace") != namespace:
+            return False
+        return all(str(meta.get(key, "")) == value for key, value in terms)
+
+    return wanted
 
 
 def status(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -360,10 +381,11 @@ class FakeApiServer:
                 self._send(h, 200, obj)
             return
         if query.get("watch") in ("1", "true"):
-            self._watch(h, key, coll, query)
+            self._watch(h, key, coll, query, namespace)
             return
+        wanted = _selected(namespace, query.get("fieldSelector", ""))
         with self._cond:
-            items = [copy.deepcopy(o) for k, o in sorted(coll.objects.items()) if not namespace or k[0] == namespace]
+            items = [copy.deepcopy(o) for _, o in sorted(coll.objects.items()) if wanted(o)]
             revision = str(self._revision)
         start = int(query.get("continue") or 0)
         limit = int(query.get("limit") or 0) or len(items) or 1
@@ -376,9 +398,10 @@ class FakeApiServer:
                             "metadata": meta, "items": page})
 
     def _watch(self, h: BaseHTTPRequestHandler, key: tuple[str, str, str], coll: _Collection,
-               query: dict[str, str]) -> None:
+               query: dict[str, str], namespace: str = "") -> None:
         since = int(query.get("resourceVersion") or 0)
         bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
+        wanted = _selected(namespace, query.get("fieldSelector", ""))
         deadline = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
         h.send_response(200)
         h.send_header("Content-Type", "application/json")
@@ -415,6 +438,8 @@ class FakeApiServer:
                         return  # cut off: no terminating chunk
                     for rv, typ, obj in pending:
                         sent = rv
+                        if typ != "BOOKMARK" and not wanted(obj):
+                            continue
                         if typ != "BOOKMARK" or bookmarks:
                             chunk({"type": typ, "object": obj})
                     if not pending and time.monotonic() >= deadline:

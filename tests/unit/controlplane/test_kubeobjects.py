@@ -58,9 +58,10 @@ def test_istio_kinds_are_passed_as_written_without_kubectls_copy() -> None:
                       "spec": obj["spec"]}
 
 
-def test_only_waypoint_gateways_and_documents_are_the_meshs() -> None:
+def test_only_the_meshs_gateway_classes_and_documents_are_the_meshs() -> None:
     assert doc(waypoint())["spec"]["gatewayClassName"] == "istio-waypoint"  # type: ignore[index]
-    assert doc(waypoint("ingress", gateway_class="istio")) is None
+    assert doc(waypoint("ingress", gateway_class="istio"))["spec"]["gatewayClassName"] == "istio"  # type: ignore[index]
+    assert doc(waypoint("other", gateway_class="example-lb")) is None
     assert doc(node("node-1")) is None
     assert {r.kind for r in RESOURCES if r.stored} <= set(_known_kinds())
 

@@ -234,6 +234,9 @@ def test_control_plane_may_read_what_it_needs(base: list[Obj]) -> None:
     assert _allows(role, "gateway.networking.k8s.io", "gateways", "watch")
     assert _allows(role, "authentication.k8s.io", "tokenreviews", "create")
     assert _allows(role, "", "events", "create")
+    # Secrets (ingress Gateways' certificates): read, never written.
+    assert all(_allows(role, "", "secrets", verb) for verb in ("get", "list", "watch"))
+    assert not any(_allows(role, "", "secrets", verb) for verb in ("create", "update", "patch", "delete"))
     for k in gen_crds().istio_kinds():
         plural = gen_crds().plural(k.kind)
         for verb in ("get", "list", "watch"):

@@ -92,6 +92,38 @@ def test_oversized_heads_get_431_whole_or_trickling() -> None:
     run(main)
 
 
+def test_endless_trailers_get_431_and_small_ones_pass() -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            backend = await start_backend(n, "v1")
+            tbl = table([service("reviews", "10.96.0.11")], [workload("reviews-v1", "reviews", "v1", backend.port)], [])
+            async with running_proxy(tbl) as (_, front, _log, _n):
+                out = await raw(front.port, b"POST /t HTTP/1.1\r\nHost: reviews\r\nTransfer-Encoding: chunked\r\n"
+                                            b"Connection: close\r\n\r\n2\r\nok\r\n0\r\nX-Sum: 1\r\n\r\n")
+                assert out.startswith(b"HTTP/1.1 200 ") and backend.seen[-1]["body"] == "ok"
+                # trailers that never end: refused once past the head limit (8192), not kept
+                stream = await trio.open_tcp_stream("127.0.0.1", front.port)
+                async with stream:
+                    await stream.send_all(b"POST /t HTTP/1.1\r\nHost: reviews\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                          b"2\r\nok\r\n0\r\nX-Long: ")
+                    answer = b""
+                    for _ in range(40):
+                        try:
+                            await stream.send_all(b"t" * 1024)
+                        except trio.BrokenResourceError:
+                            break
+                        with trio.move_on_after(0.05):
+                            answer += await stream.receive_some(65536)
+                        if answer:
+                            break
+                    with trio.move_on_after(2):
+                        while chunk := await stream.receive_some(65536):
+                            answer += chunk
+                assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+            n.cancel_scope.cancel()
+    run(main)
+
+
 def test_pipelined_chunked_head_and_http10_requests_pass_whole() -> None:
     async def main() -> None:
         async with trio.open_nursery() as n:

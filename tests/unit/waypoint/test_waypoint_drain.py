@@ -1,6 +1,7 @@
 """A draining waypoint moves its keep-alive clients to new connections, as Envoy's drain does: HTTP/1.1
-responses say `Connection: close` and the connection ends after them, HTTP/2 connections get GOAWAY
-(NO_ERROR) with the requests already started finishing and later ones refused.  The production proxy
+responses say `Connection: close` and the connection ends after them; HTTP/2 connections get a GOAWAY
+(NO_ERROR) that lets everything the client sent so far be served, then the final one naming the last
+request, the requests up to it finishing and later ones refused.  The production proxy
 (`WaypointProxy`, as `waypoint.app` drains it on SIGTERM) on real sockets, with real clients: the standard
 library's keep-alive HTTP/1.1 client and an HTTP/2 client made with h2."""
 
@@ -18,6 +19,7 @@ import h2.events
 import trio
 from waypoint_harness import Backend, logged, running_proxy, service, start_backend, table, workload
 
+from waypoint.http.http2 import MAX_STREAM_ID
 from waypoint.proxy import WaypointProxy
 
 
@@ -54,7 +56,7 @@ def test_http1_keep_alive_clients_are_told_to_close_and_reconnect() -> None:
                 slow = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)
                 try:
                     # Before the drain: keep-alive, two requests on one connection.
-                    for i in (1, 2):
+                    for _ in range(2):
                         status, connection, _ = await trio.to_thread.run_sync(get, client, "/")
                         assert (status, connection) == (200, None)
                     # A request in flight when the drain begins: its response says close.
@@ -161,10 +163,11 @@ def test_http2_clients_get_goaway_the_started_requests_finish_and_later_ones_are
                 slow = await client.get("/slow/0.3")
                 await seen(backend, 2)
                 drain(proxy)
-                await client.until(lambda: bool(client.of(h2.events.ConnectionTerminated)))
-                goaway = client.of(h2.events.ConnectionTerminated)[0]
-                assert (goaway.error_code, goaway.last_stream_id) == (h2.errors.ErrorCodes.NO_ERROR, slow)
-                late = await client.get("/")  # crossed the GOAWAY: refused, safe to send elsewhere
+                await client.until(lambda: len(client.of(h2.events.ConnectionTerminated)) == 2)
+                first, final = client.of(h2.events.ConnectionTerminated)
+                assert (first.error_code, first.last_stream_id) == (h2.errors.ErrorCodes.NO_ERROR, MAX_STREAM_ID)
+                assert (final.error_code, final.last_stream_id) == (h2.errors.ErrorCodes.NO_ERROR, slow)
+                late = await client.get("/")  # after the final GOAWAY: refused, safe to send elsewhere
                 await client.until(lambda: bool(client.of(h2.events.StreamEnded, stream_id=slow))
                                    and bool(client.of(h2.events.StreamReset, stream_id=late)))
                 response = client.of(h2.events.ResponseReceived, stream_id=slow)[0]
@@ -194,7 +197,7 @@ def test_an_idle_http2_connection_gets_goaway_and_is_closed() -> None:
                 await client.until(lambda: bool(client.of(h2.events.StreamEnded, stream_id=sid)))
                 drain(proxy)
                 await client.until(lambda: False)
-                assert client.eof and client.of(h2.events.ConnectionTerminated)[0].last_stream_id == sid
+                assert client.eof and client.of(h2.events.ConnectionTerminated)[-1].last_stream_id == sid
                 await client.stream.aclose()
             n.cancel_scope.cancel()
 
