@@ -123,8 +123,8 @@ class FrameGuard:
         return None
 
 
-# What a `FrameReader` hands its owner: bytes for h2 (every frame but DATA and WINDOW_UPDATE, in order,
-# a GOAWAY always last of the bytes it is handed with);
+# What a `FrameReader` hands its owner: bytes for h2 (every frame but DATA and WINDOW_UPDATE, in order; a
+# GOAWAY always the last frame of a handing);
 # a piece of a DATA frame's payload (stream, payload, window cost: the whole frame's length with its first
 # piece and 0 after, bytes to acknowledge once consumed, END_STREAM with the last piece); a WINDOW_UPDATE
 # (stream, increment); a violation.  Each returns False to stop reading (the connection is closed).
