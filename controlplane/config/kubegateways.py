@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
+from controlplane.config.follower import StoreFollower
 from controlplane.config.kuberoutes import NOT_FOUND, REQUEST_TIMEOUT, _now
 from controlplane.config.store import Store
 from controlplane.translate.ingressstatus import gateway_statuses
@@ -99,48 +99,20 @@ def with_times(status: Mapping[str, Any], before: Mapping[str, Any] | None, now:
                           for li in status["listeners"]]}
 
 
-class GatewayStatusWriter:
+class GatewayStatusWriter(StoreFollower):
     """Writes ingress Gateway status (see the module docstring); `start()` subscribes, `stop()` ends it."""
 
     def __init__(self, api: ApiClient, store: Store, *, resync: float = RESYNC,
                  clock: Callable[[], str] = _now) -> None:
+        super().__init__(store, "kube-gateway-status", what="work out the Gateways' status", every=resync)
         self._custom = CustomObjectsApi(api)
         self._core = CoreV1Api(api)
-        self._store = store
-        self._resync = resync
         self._clock = clock
-        self._dirty = threading.Event()
-        self._stopping = threading.Event()
         self._written: dict[Ref, dict[str, Any]] = {}  # what this process wrote last (without times)
         self._timed: dict[Ref, dict[str, Any]] = {}  # the same, with times
-        self._thread: threading.Thread | None = None
-        self._unsubscribe: Callable[[], None] | None = None
 
-    def start(self) -> None:
-        self._unsubscribe = self._store.subscribe(lambda _event: self._dirty.set())  # under the store's lock
-        self._thread = threading.Thread(target=self._run, name="kube-gateway-status", daemon=True)
-        self._thread.start()
-        self._dirty.set()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-        self._stopping.set()
-        self._dirty.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            self._dirty.wait(self._resync)
-            if self._stopping.is_set():
-                return
-            self._dirty.clear()
-            try:
-                self.write_changed()
-            except Exception:  # keep serving: the next change (or look) tries again
-                log.exception("kubernetes gateway status: cannot work out the Gateways' status")
+    def work(self) -> bool:
+        return self.write_changed()  # a failed write is tried again at the next look
 
     def write_changed(self) -> bool:
         """Write every ingress Gateway status that changed; True if a read or write failed."""

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import datetime
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
+from controlplane.config.follower import StoreFollower
 from controlplane.config.kubeobjects import resource_for
 from controlplane.config.store import Store
 from controlplane.translate.gatewayapi import CONTROLLER, route_statuses
@@ -55,50 +55,19 @@ def with_times(status: Mapping[str, Any], before: Mapping[str, Any] | None, now:
     return {"parents": parents}
 
 
-class RouteStatusWriter:
+class RouteStatusWriter(StoreFollower):
     """Writes route status (see the module docstring); `start()` subscribes to `store`, `stop()` ends it."""
 
     def __init__(self, api: ApiClient, store: Store, *, retry: float = RETRY,
                  clock: Callable[[], str] = _now) -> None:
+        super().__init__(store, "kube-route-status", what="work out the routes' status", retry=retry)
         self._custom = CustomObjectsApi(api)
-        self._store = store
-        self._retry = retry
         self._clock = clock
-        self._dirty = threading.Event()
-        self._stopping = threading.Event()
         self._written: dict[Ref, dict[str, Any]] = {}  # what this process wrote last (without times)
         self._timed: dict[Ref, dict[str, Any]] = {}  # the same, with times
-        self._thread: threading.Thread | None = None
-        self._unsubscribe: Callable[[], None] | None = None
 
-    def start(self) -> None:
-        self._unsubscribe = self._store.subscribe(lambda _event: self._dirty.set())  # under the store's lock
-        self._thread = threading.Thread(target=self._run, name="kube-route-status", daemon=True)
-        self._thread.start()
-        self._dirty.set()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-        self._stopping.set()
-        self._dirty.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            self._dirty.wait()
-            if self._stopping.is_set():
-                return
-            self._dirty.clear()
-            try:
-                failed = self.write_changed()
-            except Exception:  # keep serving: the next change (or the retry) tries again
-                log.exception("kubernetes route status: cannot work out the routes' status")
-                failed = True
-            if failed and self._stopping.wait(self._retry) is False:
-                self._dirty.set()
+    def work(self) -> bool:
+        return self.write_changed()
 
     def write_changed(self) -> bool:
         """Write every route status that changed; True if a write failed (to be tried again)."""

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from controlplane.config.follower import StoreFollower
 from controlplane.config.kubeobjects import SECRET, Resource, name_of, referenced_secrets, to_document
-from controlplane.config.source import ChangeEvent
 from controlplane.config.store import Store
 from mesh.api.errors import ApiError
 from mesh.api.validate import Document, Ref
@@ -87,34 +87,19 @@ class _Watch:
     thread: threading.Thread
 
 
-class GatewaySecrets:
+class GatewaySecrets(StoreFollower):
     """Keeps one reflector per Secret the store's ingress Gateways name (see the module docstring)."""
 
     def __init__(self, store: Store, make_reflector: ReflectorFactory,
                  list_namespaced: Callable[..., Any]) -> None:
-        self._store = store
+        super().__init__(store, "kube-gateway-secrets", what="follow the Secrets of the ingress Gateways",
+                         wants=lambda event: "Gateway" in event.kinds)
         self._make_reflector = make_reflector
         self._list_namespaced = list_namespaced  # the client's list_namespaced_secret
         self._watches: dict[tuple[str, str], _Watch] = {}
-        self._dirty = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._unsubscribe: Callable[[], None] | None = None
-
-    def start(self) -> None:
-        self._unsubscribe = self._store.subscribe(self._changed)  # called under the store's lock: only a flag
-        self._thread = threading.Thread(target=self._run, name="kube-gateway-secrets", daemon=True)
-        self._thread.start()
-        self._dirty.set()
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-        self._stopping.set()
-        self._dirty.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        super().stop(timeout)
         for key in list(self._watches):
             self._end(key, remove=False)
 
@@ -122,20 +107,9 @@ class GatewaySecrets:
         """(namespace, name) of the Secrets watched now."""
         return set(self._watches)
 
-    def _changed(self, event: ChangeEvent) -> None:
-        if "Gateway" in event.kinds:
-            self._dirty.set()
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            self._dirty.wait()
-            if self._stopping.is_set():
-                return
-            self._dirty.clear()
-            try:
-                self.sync()
-            except Exception:  # keep going: the next change of the Gateways tries again
-                log.exception("kubernetes: cannot follow the Secrets of the ingress Gateways")
+    def work(self) -> bool:
+        self.sync()
+        return False
 
     def sync(self) -> None:
         """Watch exactly the Secrets the store's Gateways name now."""
