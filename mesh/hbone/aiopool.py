@@ -82,6 +82,7 @@ class AioPool:
         self._connections: dict[PoolKey, list[AioClientConnection]] = {}
         self._credentials: dict[AioClientConnection, _Credentials] = {}
         self._dial_locks: dict[PoolKey, asyncio.Lock] = {}
+        self._warming: set[PoolKey] = set()  # keys a pre-warm is dialling
         self.dialled = 0
 
     def connections(self, key: PoolKey) -> Sequence[AioClientConnection]:
@@ -111,18 +112,22 @@ class AioPool:
 
     async def warm(self, key: PoolKey) -> bool:
         """Open a connection for `key` ahead of its first tunnel (pre-warm), unless one that takes a tunnel
-        is there or being dialled; True if this call dialled.  The connection is pooled as any other (and
-        closes after `idle_timeout` without a tunnel).  Raises `PoolConnectError` as `open_tunnel` does."""
-        if self._pick(key) is not None:
+        is there or being pre-warmed; True if this call dialled.  The connection is pooled as any other (and
+        closes after `idle_timeout` without a tunnel).  Raises `PoolConnectError` as `open_tunnel` does.
+
+        A tunnel never waits for a pre-warm: it takes the dial lock, which a pre-warm does not hold, and
+        dials its own connection if none is ready.  A pre-warm runs as the pod is enrolled, often while its
+        peer is being enrolled too, and such a dial can hang on SYN retransmissions for seconds; a first
+        request that waited for it would take as long (a pre-warmed connection that lands later is pooled
+        beside the tunnel's, and idles out if it is not needed)."""
+        if key in self._warming or self._pick(key) is not None:
             return False
-        lock = self._dial_locks.get(key)
-        if lock is None:
-            lock = self._dial_locks[key] = asyncio.Lock()
-        async with lock:
-            if self._pick(key) is not None:
-                return False
+        self._warming.add(key)
+        try:
             await self._dial(key)
-            return True
+        finally:
+            self._warming.discard(key)
+        return True
 
     def close(self) -> None:
         for conns in list(self._connections.values()):

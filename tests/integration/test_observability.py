@@ -164,7 +164,8 @@ def test_exactly_n_requests_are_counted_with_istios_labels_and_buckets(mesh: Obs
             "workload_edge:istio_requests_errors:ratio1m", "workload_edge:istio_request_duration_milliseconds:p99_1m"))
 
     eventually(recorded, timeout=30, interval=1.0)
-    assert mesh.value(f"workload_edge:istio_requests:rate1m{{{edge}}}") > 0
+    # A rate needs two scrapes after the increase and a rule evaluation after them: it may be 0 at first.
+    eventually(lambda: mesh.value(f"workload_edge:istio_requests:rate1m{{{edge}}}") > 0, timeout=30, interval=1.0)
     assert mesh.value(f"workload_edge:istio_requests_errors:ratio1m{{{edge}}}") == 0
     # TCP: the node agents report the tunnels (source and destination) and the recording rules sum them.
     eventually(lambda: mesh.value('workload_edge:istio_tcp_sent_bytes:rate1m{reporter="destination",'

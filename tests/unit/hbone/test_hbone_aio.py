@@ -216,6 +216,46 @@ def test_the_engine_bridges_trio_and_its_loop() -> None:
     trio.run(main)
 
 
+def test_a_tunnel_never_waits_for_a_slow_pre_warm(mint: Mint) -> None:
+    """A pre-warm whose dial hangs (the peer's pod still being enrolled: SYNs retransmitted for seconds)
+    does not hold up the first tunnel, which dials a connection of its own."""
+    async def main() -> None:
+        app_port, app = await echo_app()
+        port, listener = await server(server_context(mint(WEB)), relay_to_app)
+        stalled = asyncio.Event()
+        dials = 0
+
+        async def connect(key: PoolKey) -> socket.socket:
+            nonlocal dials
+            dials += 1
+            if dials == 1:  # the pre-warm's dial: stuck until the test lets it go
+                stalled.set()
+                await asyncio.Event().wait()
+            return await tcp_connect(key)
+
+        pool = AioPool(connect, lambda _: client_context(mint(SLEEP)))
+        key = PoolKey(SLEEP, WEB, ("127.0.0.1", port))
+        warming = asyncio.ensure_future(pool.warm(key))
+        await stalled.wait()
+        assert await pool.warm(key) is False  # one pre-warm of a key at a time
+        plain_port, plain = await client_front(pool, key, f"127.0.0.1:{app_port}")
+        reader, writer = await asyncio.open_connection("127.0.0.1", plain_port)
+        writer.write(b"ping")
+        writer.write_eof()
+        assert await reader.read(-1) == b"ping"  # answered while the pre-warm still hangs
+        assert not warming.done() and dials == 2
+        warming.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await warming
+        writer.close()
+        plain.close()
+        pool.close()
+        listener.close()
+        app.close()
+
+    run(main)
+
+
 def test_warm_dials_ahead_once_and_the_first_tunnel_uses_it(mint: Mint) -> None:
     async def main() -> None:
         app_port, app = await echo_app()
