@@ -15,8 +15,8 @@ status stays the same.  The store's changes trigger a write; so does a look ever
 a load balancer's address arrives on the Service's status, which the store does not hold.  A write that
 fails is tried again at the next look; a Gateway that is gone is forgotten.
 
-Not done here: deploying the gateway (a Deployment and that Service per Gateway, as Istio's gateway
-deployment controller does).  On Kubernetes they are created with the Gateway's manifests.
+The gateway itself (its Deployment, ServiceAccount and that Service) is deployed by
+`controlplane.config.kubedeploy`, as Istio's gateway deployment controller does.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ version, if it had one, as if the admission webhook had refused the change.  Not
 the other objects of a batch are applied without it.  Deletions always go through.  HTTPRoutes and
 GRPCRoutes are given their status (`status.parents`) by `controlplane.config.kuberoutes`, ingress
 Gateways theirs by `controlplane.config.kubegateways`; the Secrets ingress Gateways name, and only
-those, are watched one by one (`controlplane.config.kubesecrets`).
+those, are watched one by one (`controlplane.config.kubesecrets`); each ingress Gateway's Deployment,
+Service and ServiceAccount are applied by `controlplane.config.kubedeploy`.
 
 One reflector (client-go's word) per collection (`RESOURCES`), each in a thread of its own:
 
@@ -52,6 +53,7 @@ from kubernetes import watch as kube_watch
 from kubernetes.client import ApiClient, Configuration, CoreV1Api, CustomObjectsApi, DiscoveryV1Api
 from kubernetes.client.exceptions import ApiException
 
+from controlplane.config.kubedeploy import DeployOptions, GatewayDeployer
 from controlplane.config.kubegateways import GatewayStatusWriter
 from controlplane.config.kubeobjects import (
     RESOURCES,
@@ -90,6 +92,7 @@ class Timing:
     request_timeout: float = 30.0  # connecting, and reading a list; a watch may be silent for its timeout
     page_size: int = 500  # objects per list page
     status_resync: float = 10.0  # seconds between looks at the ingress Gateways' Services (their address)
+    deploy_resync: float = 60.0  # seconds between applies of the ingress Gateways' Deployments and Services
 
 
 def api_client(kubeconfig: Path | str | None = None) -> ApiClient:
@@ -130,11 +133,14 @@ class KubernetesSource:
     """Keeps `store` equal to the cluster's objects (see the module docstring)."""
 
     def __init__(self, api: ApiClient, store: Store, *, reporter: Reporter | None = None,
-                 resources: Iterable[Resource] = RESOURCES, timing: Timing = Timing()) -> None:
+                 resources: Iterable[Resource] = RESOURCES, timing: Timing = Timing(),
+                 deploy: DeployOptions | None = None) -> None:
         self.store = store
         self.reporter = reporter if reporter is not None else Reporter(api)
         self.route_status = RouteStatusWriter(api, store)
         self.gateway_status = GatewayStatusWriter(api, store, resync=timing.status_resync)
+        self.gateway_deploy = GatewayDeployer(api, store, options=deploy or DeployOptions(),
+                                              resync=timing.deploy_resync)
         self.gateway_secrets = GatewaySecrets(
             store, lambda sink, stopping, call: _Reflector(SECRET, api, sink, timing, stopping, call),
             CoreV1Api(api).list_namespaced_secret)
@@ -150,6 +156,7 @@ class KubernetesSource:
         self.reporter.start()
         self.route_status.start()
         self.gateway_status.start()
+        self.gateway_deploy.start()
         self.gateway_secrets.start()
         for kind, reflector in self._reflectors.items():
             thread = threading.Thread(target=reflector.run, name=f"kube-{kind}", daemon=True)
@@ -180,6 +187,7 @@ class KubernetesSource:
                 thread.join(0.02)
         self._threads.clear()
         self.gateway_secrets.stop(timeout)
+        self.gateway_deploy.stop(timeout)
         self.gateway_status.stop(timeout)
         self.route_status.stop(timeout)
         self.reporter.stop(timeout)

@@ -19,7 +19,11 @@ Event and status-subresource references).  What it serves:
   `status.user.extra["authentication.kubernetes.io/pod-name" | "pod-uid"]`, `status.audiences` (the
   requested audiences the token is for; none in common means not authenticated, with `status.error`);
 - `POST /api/v1/namespaces/<ns>/events` (recorded; `generateName` honoured);
-- `PATCH .../<plural>/<name>/status` with a JSON merge patch (the object changes and watchers see it).
+- `PATCH .../<plural>/<name>/status` with a JSON merge patch (the object changes and watchers see it);
+- server-side apply: `PATCH .../<plural>/<name>?fieldManager=M&force=true` with
+  `application/apply-patch+yaml` creates the object (201) or, with one field manager as here, makes its
+  labels, annotations, ownerReferences and spec the applied ones (200); the body's apiVersion, kind, name
+  and namespace must be the path's (400), and `fieldManager` is required (400).
 
 Resource versions are one counter for the whole server, as etcd's revision is.  Tests change the state
 with `put` / `delete` / `bookmark` / `compact` and break things with `fail`, `drop_watches` and
@@ -47,6 +51,7 @@ COLLECTIONS: dict[tuple[str, str, str], tuple[str, bool]] = {
     ("", "v1", "pods"): ("Pod", True),
     ("", "v1", "services"): ("Service", True),
     ("", "v1", "serviceaccounts"): ("ServiceAccount", True),
+    ("apps", "v1", "deployments"): ("Deployment", True),
     ("discovery.k8s.io", "v1", "endpointslices"): ("EndpointSlice", True),
     ("security.istio.io", "v1", "authorizationpolicies"): ("AuthorizationPolicy", True),
     ("security.istio.io", "v1", "peerauthentications"): ("PeerAuthentication", True),
@@ -332,6 +337,8 @@ class FakeApiServer:
                 self._post_event(h, segments[3], body)
             elif method == "PATCH" and segments[-1] == "status":
                 self._patch_status(h, segments, body, h.headers.get("content-type", ""))
+            elif method == "PATCH":
+                self._apply(h, segments, query, body, h.headers.get("content-type", ""))
             elif method == "GET":
                 self._get(h, segments, query)
             else:
@@ -515,6 +522,46 @@ class FakeApiServer:
             updated = copy.deepcopy(current)
             updated["status"] = _merge(updated.get("status") or {}, (body or {}).get("status") or {})
         self._send(h, 200, self.put(updated))
+
+    def _apply(self, h: BaseHTTPRequestHandler, segments: list[str], query: dict[str, str], body: Any,
+               content_type: str) -> None:
+        route = self._route(segments)
+        if content_type.split(";")[0] != "application/apply-patch+yaml":
+            self._send(h, 415, status(415, "UnsupportedMediaType",
+                                      f"this stand-in takes server-side apply only, not {content_type}"))
+            return
+        if route is None or not route[2]:
+            self._send(h, 404, status(404, "NotFound", "no such object"))
+            return
+        key, namespace, name = route
+        group, version, _ = key
+        coll = self._collections[key]
+        meta = (body or {}).get("metadata") or {}
+        expected = (f"{group}/{version}" if group else version, coll.kind, name, namespace)
+        got = ((body or {}).get("apiVersion"), (body or {}).get("kind"), meta.get("name"), meta.get("namespace", namespace))
+        if not query.get("fieldManager"):
+            self._send(h, 400, status(400, "BadRequest", "fieldManager is required for apply requests"))
+            return
+        if got != expected:
+            self._send(h, 400, status(400, "BadRequest", f"the applied object {got} is not the path's {expected}"))
+            return
+        with self._cond:
+            current = coll.objects.get((namespace, name))
+            if current is None:
+                created = copy.deepcopy(body)
+                created["metadata"]["namespace"] = namespace
+                self._send(h, 201, self.put(created))
+                return
+            updated = copy.deepcopy(current)
+            for field_name in ("labels", "annotations", "ownerReferences"):
+                if field_name in meta:
+                    updated["metadata"][field_name] = copy.deepcopy(meta[field_name])
+            if "spec" in body:
+                updated["spec"] = copy.deepcopy(body["spec"])
+            if updated == current:  # an apply that changes nothing writes nothing
+                self._send(h, 200, copy.deepcopy(current))
+                return
+            self._send(h, 200, self.put(updated))
 
 
 def _merge(target: Any, patch: Any) -> Any:
