@@ -1,6 +1,7 @@
 """Waypoint pods of the local cluster: what Istio's deployment controller does on Kubernetes.
 
-For every `Gateway` of class `istio-waypoint` in the control plane's store, the cluster runs one pod
+For every `Gateway` of class `istio-waypoint` in the control plane's store (except one with `spec.addresses`,
+which its user deploys: `manually_deployed`), the cluster runs one pod
 named after the gateway in its namespace, with the gateway's name as its service account (so its
 identity is `spiffe://<td>/ns/<ns>/sa/<gateway>`) and the label
 `gateway.networking.k8s.io/gateway-name=<gateway>`, running `python -m waypoint.main`.  The pod gets an
@@ -128,10 +129,16 @@ class WaypointPod:
         return self.service_account or self.name
 
 
+def manually_deployed(gateway: dict[str, Any]) -> bool:
+    """A Gateway with `spec.addresses` is deployed by its user (Istio's manual deployment): the user runs
+    its pods (labelled with the gateway's name, as any waypoint pod), and no pod is made for it here."""
+    return bool((gateway.get("spec") or {}).get("addresses"))
+
+
 def desired(gateways: list[dict[str, Any]]) -> dict[str, WaypointPod]:
     out = {}
     for gw in gateways:
-        if (gw.get("spec") or {}).get("gatewayClassName") != WAYPOINT_CLASS:
+        if (gw.get("spec") or {}).get("gatewayClassName") != WAYPOINT_CLASS or manually_deployed(gw):
             continue
         meta = gw.get("metadata") or {}
         pod = WaypointPod(str(meta.get("namespace") or "default"), str(meta["name"]), drain_seconds(gw))

@@ -52,3 +52,13 @@ def test_readiness_needs_one_success_and_is_lost_after_three_failures() -> None:
         assert state[0]
     assert probed(state[0], False, state[1]) == (False, 3)
     assert probed(True, True, 2) == (True, 0)
+
+
+def test_a_gateway_with_addresses_is_deployed_by_its_user() -> None:
+    """Istio's manual deployment: `spec.addresses` set, no waypoint pod is made for the Gateway."""
+    manual = gateway()
+    manual["spec"]["addresses"] = [{"type": "Hostname", "value": "waypoint.bookinfo.svc.cluster.local"}]
+    other = waypoint_gateway("shop")
+    assert sorted(desired([manual, other])) == ["shop/waypoint"]
+    manual["spec"]["addresses"] = []  # an empty list asks for nothing: deployed as usual
+    assert sorted(desired([manual, other])) == ["bookinfo/waypoint", "shop/waypoint"]
