@@ -413,7 +413,10 @@ SERVICE_ENTRY_SPEC = Obj(
                     "locality": Str(),
                     "weight": Int(0),
                     "serviceAccount": Str(),
-                }
+                },
+                # Istio lets an endpoint without an address stand for a remote network's gateway (with
+                # `network`); this mesh has one network, so an endpoint needs its address.
+                required=["address"],
             )
         ),
         "workloadSelector": Obj({"labels": labels()}),

@@ -236,6 +236,9 @@ BAD = [
     ("dns-wildcard-no-endpoints", "resolution: DNS\n  hosts: ['*.example.com']",
      "spec.hosts", "wildcard"),
     ("static-no-endpoints", "resolution: STATIC", "spec.endpoints", "required when resolution is STATIC"),
+    # found by the translation fuzzer: an endpoint with only ports made translation raise
+    ("endpoint-without-address", "resolution: STATIC\n  endpoints: [{ports: {http: 8080}}]",
+     "spec.endpoints[0].address", "is required"),
 ]
 
 
