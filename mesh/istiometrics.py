@@ -16,16 +16,23 @@ waypoint reports requests and the TCP it passes through (`reporter="waypoint"`).
 `TcpMetrics.open(labels)` once per connection and gets a `ConnectionMetrics`; counting bytes on it costs
 one addition and one increment of a counter that was looked up once at open, so it can be called for
 every chunk relayed.
+
+prometheus_client's `labels()` is slow next to the rest of a request (it validates, converts and locks on
+every call), so each metric's children are cached per label tuple (`_Children`, bounded).  The children
+are never removed from these metrics, so a cached child is always the one `labels()` would return.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from types import TracebackType
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from mesh import defaults
 from mesh.identity import SpiffeId
@@ -41,6 +48,7 @@ DEFAULT_CLUSTER = "Kubernetes"  # Istio's cluster id when none is configured
 DURATION_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000,
                     600000, 1800000, 3600000)
 SIZE_BUCKETS = tuple(float(10**i) for i in range(9))  # 1, 10, ... 100 MB
+CHILD_CACHE_SIZE = 4096  # label sets whose metric children are kept per metric family; cleared when full
 
 
 class Reporter(enum.StrEnum):
@@ -52,14 +60,17 @@ class Reporter(enum.StrEnum):
 # --- labels (pure) -------------------------------------------------------------------------------------
 
 
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_GETTERS: dict[type, Callable[[object], tuple[Any, ...]]] = {}
+_STR_ONLY = {str}
 
 
-def _field_names(kind: type) -> tuple[str, ...]:
-    names = _FIELD_NAMES.get(kind)
-    if names is None:
-        names = _FIELD_NAMES[kind] = tuple(f.name for f in fields(kind))
-    return names
+def _raw_values(labels: PeerLabels) -> tuple[Any, ...]:
+    """The field values in field order, read at once (`astuple` deep-copies, and this runs for every
+    connection and request)."""
+    getter = _GETTERS.get(type(labels))
+    if getter is None:
+        getter = _GETTERS[type(labels)] = operator.attrgetter(*(f.name for f in fields(labels)))
+    return getter(labels)
 
 
 @dataclass(frozen=True)
@@ -88,9 +99,11 @@ class PeerLabels:
     destination_cluster: str = UNKNOWN
 
     def values(self) -> tuple[str, ...]:
-        """The values in field order; an empty one is "unknown".  (Read field by field: `astuple` deep-
-        copies, and this runs for every connection and request.)"""
-        return tuple(str(getattr(self, name)) or UNKNOWN for name in _field_names(type(self)))
+        """The values in field order; an empty one is "unknown"."""
+        raw = _raw_values(self)
+        if "" not in raw and set(map(type, raw)) <= _STR_ONLY:  # the usual case: nothing to convert
+            return raw
+        return tuple([str(v) or UNKNOWN for v in raw])
 
 
 @dataclass(frozen=True)
@@ -113,13 +126,19 @@ class RequestLabels(PeerLabels):
     connection_security_policy: str = MUTUAL_TLS
 
     def values(self) -> tuple[str, ...]:
-        out = list(super().values())
-        out[REQUEST_LABEL_NAMES.index("grpc_response_status")] = self.grpc_response_status
+        raw = _raw_values(self)
+        grpc = self.grpc_response_status
+        # the usual case: all strings, and none empty but (perhaps) the gRPC status, which stays as it is
+        if raw.count("") == (grpc == "") and set(map(type, raw)) <= _STR_ONLY:
+            return raw
+        out = [str(v) or UNKNOWN for v in raw]
+        out[_GRPC_STATUS] = grpc
         return tuple(out)
 
 
 TCP_LABEL_NAMES: tuple[str, ...] = tuple(f.name for f in fields(TcpLabels))
 REQUEST_LABEL_NAMES: tuple[str, ...] = tuple(f.name for f in fields(RequestLabels))
+_GRPC_STATUS = REQUEST_LABEL_NAMES.index("grpc_response_status")
 
 
 def canonical_app(workload: pb.Workload) -> str:
@@ -197,6 +216,30 @@ def tcp_labels(
     return out
 
 
+# --- metric children, cached -----------------------------------------------------------------------------
+
+
+class _Children:
+    """`metric.labels(*values)` for a few metrics at once, cached per values tuple (at most `size` tuples;
+    the cache is emptied when full, and the children themselves stay in the metrics)."""
+
+    __slots__ = ("_metrics", "_cache", "_size")
+
+    def __init__(self, *metrics: MetricWrapperBase, size: int = CHILD_CACHE_SIZE) -> None:
+        self._metrics = metrics
+        self._cache: dict[tuple[str, ...], tuple[Any, ...]] = {}
+        self._size = size
+
+    def get(self, values: tuple[str, ...]) -> tuple[Any, ...]:
+        children = self._cache.get(values)
+        if children is None:
+            children = tuple(metric.labels(*values) for metric in self._metrics)
+            if len(self._cache) >= self._size:
+                self._cache.clear()
+            self._cache[values] = children
+        return children
+
+
 # --- requests ----------------------------------------------------------------------------------------------
 
 
@@ -212,13 +255,14 @@ class RequestMetrics:
                                        names, buckets=SIZE_BUCKETS, registry=r)
         self.response_bytes = Histogram("istio_response_bytes", "Response sizes in bytes (headers and body)",
                                         names, buckets=SIZE_BUCKETS, registry=r)
+        self._children = _Children(self.requests, self.duration, self.request_bytes, self.response_bytes)
 
     def record(self, labels: RequestLabels, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
-        values = labels.values()
-        self.requests.labels(*values).inc()
-        self.duration.labels(*values).observe(duration_ms)
-        self.request_bytes.labels(*values).observe(request_bytes)
-        self.response_bytes.labels(*values).observe(response_bytes)
+        requests, duration, request_size, response_size = self._children.get(labels.values())
+        requests.inc()
+        duration.observe(duration_ms)
+        request_size.observe(request_bytes)
+        response_size.observe(response_bytes)
 
 
 # --- per-connection counting ----------------------------------------------------------------------------
@@ -235,15 +279,13 @@ class ConnectionMetrics:
     __slots__ = ("_metrics", "labels", "_sent", "_received", "sent", "received", "_state")
 
     def __init__(self, metrics: TcpMetrics, labels: TcpLabels) -> None:
-        values = labels.values()
+        opened, self._sent, self._received = metrics._open_children.get(labels.values())
         self._metrics = metrics
         self.labels = labels
-        self._sent = metrics.sent_bytes.labels(*values)
-        self._received = metrics.received_bytes.labels(*values)
         self.sent = 0  # bytes written to the client so far (for the access log)
         self.received = 0  # bytes read from the client so far
         self._state = _State.OPEN
-        metrics.opened.labels(*values).inc()
+        opened.inc()
 
     def add_received(self, n: int) -> None:
         """Count `n` bytes read from the client (towards the server: the request direction)."""
@@ -270,7 +312,7 @@ class ConnectionMetrics:
         labels = self.labels
         if response_flags is not None and response_flags != labels.response_flags:
             labels = replace(labels, response_flags=str(response_flags))
-        self._metrics.closed.labels(*labels.values()).inc()
+        self._metrics._closed_children.get(labels.values())[0].inc()
 
     def __enter__(self) -> ConnectionMetrics:
         return self
@@ -291,6 +333,8 @@ class TcpMetrics:
                                   names, registry=registry)
         self.received_bytes = Counter("istio_tcp_received_bytes",
                                       "Bytes received from the client (request direction).", names, registry=registry)
+        self._open_children = _Children(self.opened, self.sent_bytes, self.received_bytes)
+        self._closed_children = _Children(self.closed)
 
     def open(self, labels: TcpLabels) -> ConnectionMetrics:
         """Count a connection as opened; count its bytes and its close on the returned object."""

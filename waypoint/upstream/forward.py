@@ -10,7 +10,6 @@ the proxy turns into metrics and an access-log line.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -219,13 +218,16 @@ class Forwarder:
         timeout = grpc.request_timeout(d.timeout, d.request)
         in_flight = _InFlight()
         try:
-            with trio.CancelScope() as deadline:
+            with trio.CancelScope() if timeout else _NO_DEADLINE as deadline:  # (none: nothing cancels it)
                 if timeout:
                     body.when_complete(lambda: setattr(deadline, "deadline", trio.current_time() + timeout))
-                async with trio.open_nursery() as reading:
-                    reading.start_soon(body.pump)
+                # a body already read to its end (none, or read ahead) needs no reader task
+                async with _NO_NURSERY if body.complete else trio.open_nursery() as reading:
+                    if reading is not None:
+                        reading.start_soon(body.pump)
                     await self._attempts(ex, d, body, rec, state, protocol, client, in_flight)
-                    reading.cancel_scope.cancel()
+                    if reading is not None:
+                        reading.cancel_scope.cancel()
             if deadline.cancelled_caught:
                 rec.flag("UT")
                 if in_flight.endpoint is not None and state.outlier is not None:
@@ -253,9 +255,10 @@ class Forwarder:
                 return
             tried.add(ep.key)
             rec.upstream = ep
-            # the attempt's request body goes out beside its response (gRPC streams both ways at once)
+            # to HTTP/2, the attempt's request body goes out beside its response (gRPC streams both ways at
+            # once); to HTTP/1.1 it goes out before the response is read, and no task is needed
             result: _Response | Outcome | None = None
-            async with trio.open_nursery() as sending:
+            async with trio.open_nursery() if protocol == "HTTP/2" else _NO_NURSERY as sending:
                 try:
                     state.balancer.started(ep)
                     in_flight.endpoint = ep
@@ -277,7 +280,8 @@ class Forwarder:
                         await self._fail(ex, judged.outcome, rec)
                         return
                 finally:
-                    sending.cancel_scope.cancel()  # the body of an attempt that is over goes nowhere
+                    if sending is not None:
+                        sending.cancel_scope.cancel()  # the body of an attempt that is over goes nowhere
             try:  # a retry, once this attempt's sending has stopped
                 if isinstance(result, _Response):
                     await result.conn.aclose()
@@ -295,7 +299,7 @@ class Forwarder:
         return _Judged(Outcome(status=result.head.status, grpc_status=status), deferred)
 
     async def _attempt(self, ep: Endpoint, d: RouteDecision, body: RequestBody, protocol: str, client: str,
-                       sending: trio.Nursery) -> _Response | Outcome:
+                       sending: trio.Nursery | None) -> _Response | Outcome:
         """One try: connect (or reuse), send, wait for the response head within the per-try timeout.
         A reused keep-alive connection that turns out dead, and a stream the endpoint's GOAWAY left
         unprocessed, are sent again without counting a try (when the body can be sent again)."""
@@ -306,10 +310,12 @@ class Forwarder:
             conn: UpstreamConnection | None = None
             reused = False
             try:
-                with trio.move_on_after(d.retries.per_try_timeout or math.inf):
+                per_try = d.retries.per_try_timeout
+                with trio.move_on_after(per_try) if per_try else _NO_DEADLINE:  # (past it only when it fired)
                     conn, reused = await self.pool.acquire(ep, protocol, limits.connect_timeout, service, client,
                                                            d.request.header("traceparent") or "")
                     if isinstance(conn, Http2Stream):
+                        assert sending is not None  # (an HTTP/2 attempt always has one)
                         await conn.send_head(d.request)
                         sending.start_soon(self._send_body, conn, body)
                     else:
@@ -398,6 +404,35 @@ class Forwarder:
                 await self.pool.release(ep, r.protocol, r.conn, client=client)
             else:
                 await r.conn.aclose()
+
+
+class _NoNursery:
+    """`async with` giving no nursery: where a request needs no task beside it (the common path), the
+    nursery's cost is saved."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
+_NO_NURSERY = _NoNursery()
+
+
+class _NoDeadline:
+    """`with` in place of a cancel scope when there is no timeout to set: never cancelled."""
+
+    cancelled_caught = False
+
+    def __enter__(self) -> _NoDeadline:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+_NO_DEADLINE = _NoDeadline()
 
 
 @dataclass(frozen=True)
