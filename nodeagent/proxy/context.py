@@ -70,7 +70,7 @@ class PodContext:
         """(On the engine.)  A TCP connection made from inside the pod's namespace with the agent's mark;
         from `source` (the client's address, so the application sees it) when given and the node allows it."""
         return await connect_in(self.parts.sockets, self.pod.netns, address, self.parts.connect_timeout,
-                                source=source)
+                                source=source, reserved_ports=self.parts.redirector.mode == "ebpf")
 
     async def certificate(self, engine: Engine) -> Svid:
         """(On the engine.)  The pod's certificate: the one held, or asked of the secret manager (in trio)
@@ -81,24 +81,25 @@ class PodContext:
         return svid
 
 
-TRANSPARENT_ATTEMPTS = 8  # source ports tried when the chosen one is taken for that client and app port
+TRANSPARENT_ATTEMPTS = 8  # reserved source ports tried when the chosen one is taken for that client and app port
 _transparent_refused: set[str] = set()  # errors already logged: a node that cannot, says so once
 
 
 async def connect_in(supply: SocketSupply, netns: str, address: tuple[str, int], timeout: float, *,
-                     source: str | None = None) -> socket.socket:
+                     source: str | None = None, reserved_ports: bool = False) -> socket.socket:
     """(On the engine.)  A marked TCP connection from inside `netns` to `address` (a socket from
     `supply`); from `source` (a transparent socket, see `sockets.transparent_socket_in`) when given and
-    the node allows it."""
+    the node allows it: from a port the kernel picks at connect(), or with `reserved_ports` (eBPF mode,
+    which routes the application's replies by the port) one of `TRANSPARENT_PORTS`, retried when taken."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    attempts = TRANSPARENT_ATTEMPTS if source is not None else 1
+    attempts = TRANSPARENT_ATTEMPTS if source is not None and reserved_ports else 1
     for attempt in range(attempts):
         last = attempt + 1 == attempts
         sock = supply.take(netns)
         try:
             if source is not None:
-                _bind_transparent(sock, source)
+                _bind_transparent(sock, source, source_port() if reserved_ports else 0)
         except OSError as exc:
             sock.close()
             if exc.errno in BUSY and not last:
@@ -122,9 +123,9 @@ async def connect_in(supply: SocketSupply, netns: str, address: tuple[str, int],
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def _bind_transparent(sock: socket.socket, source: str) -> None:
+def _bind_transparent(sock: socket.socket, source: str, port: int) -> None:
     try:
-        make_transparent(sock, source, source_port())
+        make_transparent(sock, source, port)
     except PermissionError as exc:  # no CAP_NET_ADMIN: best effort, as ztunnel's default
         if str(exc) not in _transparent_refused:
             _transparent_refused.add(str(exc))

@@ -9,9 +9,13 @@ new connection costs no `setns` pair (it did, twice, per connection); `transpare
 `connecting_socket_in` make one at once.
 
 `transparent_socket_in` is the one the destination agent connects to the application with: bound to
-the client's address (IP_TRANSPARENT), so that the application sees who connected, and to a source
-port of `TRANSPARENT_PORTS`; the pod's policy routing (`redirect.rules.policy_routing`) brings the
-application's replies to that address back to this socket (in eBPF mode, by that port).
+the client's address (IP_TRANSPARENT), so that the application sees who connected; the pod's policy
+routing (`redirect.rules.policy_routing`) brings the application's replies to that address back to this
+socket.  In iptables mode those replies are found by their connmark, so the port is the kernel's choice,
+made at connect() with the whole 4-tuple known (port 0 and IP_BIND_ADDRESS_NO_PORT, as ztunnel does):
+one client address can then hold as many connections to one application port as the pod's ephemeral
+range has ports, and no choice is ever retried.  eBPF mode routes the replies by the port, so there it
+is one of `TRANSPARENT_PORTS`, chosen here (`source_port()`).
 
 `listener_in` makes the pod's listeners so that the agent's successor can share their ports while the
 two overlap (`mesh.reuseport`): a restart or an upgrade refuses no connection.  They belong to
@@ -33,6 +37,7 @@ log = logging.getLogger("nodeagent.sockets")
 
 IP_FREEBIND = 15
 IP_TRANSPARENT = 19
+IP_BIND_ADDRESS_NO_PORT = 24  # bind(ip, 0) leaves the port to connect(), which knows the 4-tuple
 BUSY = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)  # a source port taken for that address (or 4-tuple)
 
 LISTEN_BACKLOG = 1024
@@ -100,16 +105,14 @@ def connecting_socket_in(netns_path: str) -> socket.socket:
 
 
 def transparent_socket_in(netns_path: str, source_ip: str, port: int) -> socket.socket:
-    """An unconnected, marked TCP socket inside the pod's namespace, bound to `source_ip:port`: an
-    address that is not the pod's (the client's), and a port of `TRANSPARENT_PORTS` (`source_port()`).
-    The kernel cannot pick these ports itself (a socket's own port range is clamped to the ephemeral
-    range), so the caller does, and tries another if connect() finds that 4-tuple taken (`BUSY`)."""
+    """An unconnected, marked TCP socket inside the pod's namespace, bound to `source_ip`: an address
+    that is not the pod's (the client's).  `port` 0: the kernel picks the port at connect() (iptables
+    mode).  Otherwise a port of `TRANSPARENT_PORTS` (`source_port()`, eBPF mode): the kernel cannot pick
+    these itself (a socket's own port range is clamped to the ephemeral range), so the caller does, and
+    tries another if connect() finds that 4-tuple taken (`BUSY`)."""
     sock = connecting_socket_in(netns_path)
     try:
-        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # one port, many destinations
-        sock.bind((source_ip, port))
+        make_transparent(sock, source_ip, port)
     except BaseException:
         sock.close()
         raise
@@ -167,8 +170,12 @@ class SocketSupply:
 
 
 def make_transparent(sock: socket.socket, source_ip: str, port: int) -> None:
-    """Bind a supplied socket to the client's address (see `transparent_socket_in`)."""
+    """Bind a supplied socket to the client's address, and to `port` or (0) to the port connect() picks
+    (see `transparent_socket_in`)."""
     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # one port, many destinations
+    if port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # one port, many destinations
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
     sock.bind((source_ip, port))

@@ -32,6 +32,7 @@ from tests.security.agent_netns import (
     CLIENT_IP,
     POD_IP,
     Certificates,
+    EnrolledPod,
     enrolled_pod,
     forget_pins,
     ip,
@@ -231,3 +232,49 @@ def test_a_client_using_a_transparent_source_port_cannot_bypass_the_capture(mode
                 assert not pod.app_connections
 
     trio.run(main)
+
+
+@needs_root
+@pytest.mark.parametrize("mode", MODES)
+def test_many_connections_from_one_client_to_one_port(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The agent's connections to the application leave from the client's address.  In iptables mode the
+    # kernel picks their port at connect() (the 4-tuple known), so one client can hold more of them to
+    # one port than any fixed range of the agent's own would allow: the reserved range is narrowed here
+    # to 64 ports and 300 connections are held at once.  eBPF mode routes the replies by that range, so
+    # there it holds fewer connections than the range has ports, from ports of the range.
+    narrow = (defaults.TRANSPARENT_PORTS[0], defaults.TRANSPARENT_PORTS[0] + 63)
+    monkeypatch.setattr("nodeagent.proxy.sockets.TRANSPARENT_PORTS", narrow)
+    count = 300 if mode == "iptables" else 24
+    seen: list[str] = []
+
+    async def one(pod: EnrolledPod, opened: list[trio.SocketStream]) -> None:
+        sock = pod.client_socket()
+        await sock.connect((POD_IP, APP_PORT))  # captured to 15006
+        stream = trio.SocketStream(sock)
+        opened.append(stream)
+        seen.append(await read_line(stream))
+
+    async def main() -> None:
+        async with enrolled_pod(mode) as pod:
+            opened: list[trio.SocketStream] = []
+            try:
+                with trio.fail_after(30):
+                    async with trio.open_nursery() as nursery:
+                        for _ in range(count):
+                            nursery.start_soon(one, pod, opened)
+                assert len(pod.app_connections) == count
+            finally:
+                for stream in opened:
+                    await stream.aclose()
+
+    trio.run(main)
+    assert len(seen) == count
+    hosts = {s.rpartition(":")[0] for s in seen}
+    ports = [int(s.rpartition(":")[2]) for s in seen]
+    assert hosts == {CLIENT_IP}
+    assert len(set(ports)) == count  # one application port, one client address: every source port differs
+    in_range = [narrow[0] <= p <= narrow[1] for p in ports]
+    if mode == "iptables":
+        assert not any(in_range), "iptables mode still chooses the agent's source ports itself"
+    else:
+        assert all(in_range), "eBPF mode must use its reserved ports: the replies are routed by them"
