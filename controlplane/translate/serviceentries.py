@@ -45,6 +45,7 @@ from controlplane.translate.workloads import (
     service_account,
     workload_uid,
 )
+from mesh.api.kinds_networking import is_ip
 from mesh.proto import discovery_pb2 as pb
 
 AUTO_ALLOCATE_NETWORK = ipaddress.IPv4Network("240.240.0.0/16")
@@ -84,14 +85,6 @@ def allocate(keys: list[str]) -> dict[str, str]:
         taken.add(slot)
         out[key] = str(AUTO_ALLOCATE_NETWORK.network_address + slot)
     return out
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _vips(spec: Mapping[str, Any], where: str, problems: list[str]) -> list[str]:
@@ -207,7 +200,7 @@ def _endpoint_workloads(body: Mapping[str, Any], index: Index,
     for ep in spec.get("endpoints") or []:
         address = str(ep["address"])
         port_names = {str(k): int(v) for k, v in (ep.get("ports") or {}).items()}
-        if _is_ip(address):
+        if is_ip(address):
             pod = by_ip.get(address)
             if pod is not None:
                 out.append((pb.Workload(uid=workload_uid(pod)), port_names))

@@ -374,7 +374,7 @@ def _check_service_entry(value: dict[str, Any], path: str, errors: Errors) -> No
     if value.get("resolution") == "STATIC":
         for i, ep in enumerate(value.get("endpoints") or []):
             address = ep.get("address") if isinstance(ep, dict) else None
-            if isinstance(address, str) and address and not _is_ip(address):
+            if isinstance(address, str) and address and not is_ip(address):
                 errors.append(FieldError(child(child(child(path, "endpoints"), i), "address"),
                                          f"{address!r} must be an IP address when resolution is STATIC "
                                          "(use resolution DNS for a name)"))
@@ -385,7 +385,8 @@ def _check_service_entry(value: dict[str, Any], path: str, errors: Errors) -> No
                                                        "or use resolution NONE"))
 
 
-def _is_ip(text: str) -> bool:
+def is_ip(text: str) -> bool:
+    """`text` is an IPv4 or IPv6 address (not a name, not a range)."""
     try:
         ipaddress.ip_address(text)
     except ValueError:
