@@ -155,6 +155,9 @@ def test_exactly_n_requests_are_counted_with_istios_labels_and_buckets(mesh: Obs
     for name in ("istio_request_bytes_count", "istio_response_bytes_count"):
         assert mesh.value(series.replace("istio_requests_total", name)) == before + n
 
+    # A rate needs an increase between two scrapes of a series. When the N requests all fit between two
+    # scrapes, the series' first sample already holds N and shows none; a second load makes one.
+    assert mesh.load("details", "/details/0", n=5)["status"] == {"200": 5}
     edge = f'source_workload="sleep",destination_service="{DETAILS}",reporter="waypoint"'
 
     def recorded() -> bool:
@@ -164,7 +167,7 @@ def test_exactly_n_requests_are_counted_with_istios_labels_and_buckets(mesh: Obs
             "workload_edge:istio_requests_errors:ratio1m", "workload_edge:istio_request_duration_milliseconds:p99_1m"))
 
     eventually(recorded, timeout=30, interval=1.0)
-    # A rate needs two scrapes after the increase and a rule evaluation after them: it may be 0 at first.
+    # The rule is evaluated after the scrapes that saw the second load: the rate may be 0 at first.
     eventually(lambda: mesh.value(f"workload_edge:istio_requests:rate1m{{{edge}}}") > 0, timeout=30, interval=1.0)
     assert mesh.value(f"workload_edge:istio_requests_errors:ratio1m{{{edge}}}") == 0
     # TCP: the node agents report the tunnels (source and destination) and the recording rules sum them.
