@@ -509,12 +509,21 @@ def _meta(s: Settings, cluster: str, started: datetime) -> dict[str, Any]:
                                check=False).stdout.strip().split("version:")[-1].strip()
     except Exception:  # noqa: BLE001 - the version is informative only
         envoy = "unknown"
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(s).items()}
+    settings = {k: (_shown(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(s).items()}
     return {
         "started": started.isoformat(timespec="seconds"), "host": uname.nodename, "kernel": uname.release,
         "cpus": os.cpu_count(), "python": sys.version.split()[0], "envoy": envoy, "cluster": cluster,
         "client_pinned_cpu": s.pinned_cpu(), "wrk": shutil.which("wrk") or "missing", "settings": settings,
     }
+
+
+def _shown(path: Path) -> str:
+    """A path as the results record it: relative to the checkout when inside it (results are committed and
+    compared across machines), else as given."""
+    try:
+        return str(path.resolve().relative_to(BENCH_DIR.resolve().parent))
+    except ValueError:
+        return str(path)
 
 
 def _ignore_signals() -> None:
