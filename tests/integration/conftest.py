@@ -106,6 +106,14 @@ def meshctl(state_dir: Path) -> Meshctl:
     return Meshctl(state_dir)
 
 
+def two_node_cluster(name: str) -> str:
+    """The Cluster document most test clusters start with: `node-1` and `node-2` with their pod CIDRs and
+    the default service CIDR, ending with the `---` before the next document."""
+    return (f"apiVersion: mesh.local/v1alpha1\nkind: Cluster\nmetadata:\n  name: {name}\nspec:\n"
+            "  serviceCIDR: 10.96.0.0/16\n  nodes:\n  - name: node-1\n    podCIDR: 10.244.1.0/24\n"
+            "  - name: node-2\n    podCIDR: 10.244.2.0/24\n---")
+
+
 def cluster_file(tmp: Path, name: str, source: Path = BOOKINFO) -> Path:
     """A copy of a cluster file under another cluster name; the pods still run the example's app."""
     text = source.read_text().replace("name: bookinfo\nspec:", f"name: {name}\nspec:", 1)

@@ -35,7 +35,7 @@ import yaml
 from ca.authority import CertificateAuthority
 from mesh.api.kinds_gateway import waypoint_gateway
 from mesh.identity import SpiffeId
-from tests.integration.conftest import Meshctl
+from tests.integration.conftest import Meshctl, two_node_cluster
 from tests.integration.test_mesh import Mesh, _client_context, _connect_from, eventually
 from tests.interop.envoy_helpers import find_envoy, mint_from, tls_common, write_svid
 
@@ -55,18 +55,7 @@ def cluster_yaml(envoy: str, files: Path) -> str:
     wait_then_envoy = (f"while [ ! -e {files}/READY ]; do sleep 0.2; done; "
                        f"exec {envoy} -c {files}/envoy.yaml --concurrency 1 --disable-hot-restart --log-level info")
     return f"""
-apiVersion: mesh.local/v1alpha1
-kind: Cluster
-metadata:
-  name: {NAME}
-spec:
-  serviceCIDR: 10.96.0.0/16
-  nodes:
-  - name: node-1
-    podCIDR: 10.244.1.0/24
-  - name: node-2
-    podCIDR: 10.244.2.0/24
----
+{two_node_cluster(NAME)}
 apiVersion: v1
 kind: Namespace
 metadata:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.conftest import Meshctl
+from tests.integration.conftest import Meshctl, two_node_cluster
 from tests.integration.test_mesh import Mesh, eventually
 
 NAME = "t-grpc"
@@ -168,18 +168,7 @@ print(json.dumps(out))
 
 def cluster(tools: Path) -> str:
     return f"""
-apiVersion: mesh.local/v1alpha1
-kind: Cluster
-metadata:
-  name: {NAME}
-spec:
-  serviceCIDR: 10.96.0.0/16
-  nodes:
-  - name: node-1
-    podCIDR: 10.244.1.0/24
-  - name: node-2
-    podCIDR: 10.244.2.0/24
----
+{two_node_cluster(NAME)}
 apiVersion: v1
 kind: Namespace
 metadata:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.conftest import Meshctl
+from tests.integration.conftest import Meshctl, two_node_cluster
 from tests.integration.test_mesh import Mesh, eventually
 from tests.tlsfiles import ServerCert, server_cert
 
@@ -78,18 +78,7 @@ spec:
   selector: {{app: {name}}}
   ports: [{{name: http, port: 8080}}]
 """ for name, node in (("web", "node-1"), ("api", "node-2")))
-    return f"""apiVersion: mesh.local/v1alpha1
-kind: Cluster
-metadata:
-  name: {CLUSTER}
-spec:
-  serviceCIDR: 10.96.0.0/16
-  nodes:
-  - name: node-1
-    podCIDR: 10.244.1.0/24
-  - name: node-2
-    podCIDR: 10.244.2.0/24
----
+    return f"""{two_node_cluster(CLUSTER)}
 apiVersion: v1
 kind: Namespace
 metadata:

@@ -19,7 +19,7 @@ import pytest
 
 from mesh.tracing.otlp import ReceivedSpan
 from mesh.tracing.receiver import OtlpReceiver, TraceStore
-from tests.integration.conftest import Meshctl, leftovers
+from tests.integration.conftest import Meshctl, leftovers, two_node_cluster
 from tests.integration.test_mesh import PODTOOLS, Mesh, eventually
 
 NAME = "t-trace"
@@ -29,18 +29,7 @@ K = 5  # connections from each client
 TRACED, QUIET = "traced", "quiet"
 
 CLUSTER = f"""\
-apiVersion: mesh.local/v1alpha1
-kind: Cluster
-metadata:
-  name: {NAME}
-spec:
-  serviceCIDR: 10.96.0.0/16
-  nodes:
-  - name: node-1
-    podCIDR: 10.244.1.0/24
-  - name: node-2
-    podCIDR: 10.244.2.0/24
----
+{two_node_cluster(NAME)}
 apiVersion: v1
 kind: Namespace
 metadata:
