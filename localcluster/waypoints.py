@@ -25,7 +25,8 @@ a Ready waypoint pod, so no node agent dials a waypoint that does not listen yet
 then.  A waypoint that goes is first set not Ready, then stopped with SIGTERM: it drains (its listener
 closes, GOAWAY, requests in flight finish) for up to its drain time (`spec.infrastructure.annotations`
 `DRAIN_ANNOTATION`, default `DEFAULT_DRAIN_SECONDS`, passed as `--drain-seconds`), and is killed only
-after that and `STOP_GRACE` more.
+after that and `STOP_GRACE` more.  Its worker processes (`waypoint.workers`) are `WORKERS_ANNOTATION`,
+default 1: the local cluster shares a few cores among all its pods, so one process per waypoint unless asked.
 
 An ingress Gateway's pod is run the same way, by `localcluster.ingress.GatewayController`, which adds to
 this controller what makes it an ingress (`WaypointPod`'s service account, flags, files and published
@@ -71,6 +72,8 @@ TOKEN, ROOT_CERT = "token", "root-cert.pem"  # in a waypoint's own directory
 DRAIN_ANNOTATION = "waypoint.ambient.mesh/drain-seconds"  # in the Gateway's spec.infrastructure.annotations
 DEFAULT_DRAIN_SECONDS = 5.0  # how long a stopping waypoint lets requests in flight finish
 MAX_DRAIN_SECONDS = 300.0
+WORKERS_ANNOTATION = "waypoint.ambient.mesh/workers"  # the waypoint's --workers, in the same annotations
+MAX_WORKERS = 8  # as the waypoint allows (`waypoint.options.MAX_WORKERS`)
 STOP_GRACE = 2.0  # seconds after the drain time before SIGKILL
 PROBE_TIMEOUT = 1.0  # seconds for one readiness probe
 PROBE_FAILURES = 3  # failed probes in a row that make a ready waypoint not ready (the kubelet's failureThreshold)
@@ -96,6 +99,22 @@ def drain_seconds(gateway: dict[str, Any]) -> float:
     return value
 
 
+def workers(gateway: dict[str, Any]) -> int:
+    """The worker processes a waypoint Gateway asks for (`WORKERS_ANNOTATION`), or 1; a value that is not a
+    whole number from 1 to `MAX_WORKERS` is logged and 1 used."""
+    annotations = ((gateway.get("spec") or {}).get("infrastructure") or {}).get("annotations") or {}
+    raw = annotations.get(WORKERS_ANNOTATION)
+    if raw is None:
+        return 1
+    value = int(raw) if str(raw).strip().isdigit() else 0
+    if not 1 <= value <= MAX_WORKERS:
+        meta = gateway.get("metadata") or {}
+        log.warning("waypoint %s/%s: %s %r is not a whole number from 1 to %d; running 1 worker",
+                    meta.get("namespace"), meta.get("name"), WORKERS_ANNOTATION, raw, MAX_WORKERS)
+        return 1
+    return value
+
+
 def probed(was_ready: bool, answered: bool, failures: int) -> tuple[bool, int]:
     """(ready, failures in a row) after one readiness probe: Ready at the first success, not Ready after
     `PROBE_FAILURES` failures in a row."""
@@ -112,6 +131,7 @@ class WaypointPod:
     namespace: str
     name: str  # the gateway's name: pod name and (by default) service account
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    workers: int = 1  # the waypoint's --workers (`WORKERS_ANNOTATION`)
     # what an ingress gateway's pod has besides (`localcluster.ingress`)
     service_account: str = ""  # default: the gateway's name
     args: tuple[str, ...] = ()  # more flags for the proxy
@@ -141,7 +161,8 @@ def desired(gateways: list[dict[str, Any]]) -> dict[str, WaypointPod]:
         if (gw.get("spec") or {}).get("gatewayClassName") != WAYPOINT_CLASS or manually_deployed(gw):
             continue
         meta = gw.get("metadata") or {}
-        pod = WaypointPod(str(meta.get("namespace") or "default"), str(meta["name"]), drain_seconds(gw))
+        pod = WaypointPod(str(meta.get("namespace") or "default"), str(meta["name"]), drain_seconds(gw),
+                          workers=workers(gw))
         out[pod.key] = pod
     return out
 
@@ -224,7 +245,8 @@ class WaypointController:
         argv = [sys.executable, "-m", "waypoint.main", "--name", wp.name, "--namespace", wp.namespace,
                 "--node", node_name, "--control-plane", components.controlplane_address(str(self.plan.underlay_gateway)),
                 "--root-cert", str(own / ROOT_CERT), "--token-file", str(own / TOKEN),
-                "--trust-domain", components.TRUST_DOMAIN, "--drain-seconds", f"{wp.drain_seconds:g}"]
+                "--trust-domain", components.TRUST_DOMAIN, "--drain-seconds", f"{wp.drain_seconds:g}",
+                "--workers", str(wp.workers)]
         if self.cert_ttl:
             argv += ["--cert-ttl", str(self.cert_ttl)]
         argv += [*wp.args, *self.proxy_args]

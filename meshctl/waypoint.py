@@ -39,7 +39,7 @@ import yaml
 from controlplane.config.store import BUILTIN_NAMESPACES
 from localcluster import state
 from localcluster.state import api_socket
-from localcluster.waypoints import DRAIN_ANNOTATION, MAX_DRAIN_SECONDS
+from localcluster.waypoints import DRAIN_ANNOTATION, MAX_DRAIN_SECONDS, MAX_WORKERS, WORKERS_ANNOTATION
 from mesh import defaults
 from mesh.api.client import ApiClient
 from mesh.api.errors import NotFound, ValidationError
@@ -98,6 +98,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="how long the waypoint lets requests in flight finish when it is deleted "
                         f"(0 to {MAX_DRAIN_SECONDS:g}; written as the Gateway's infrastructure annotation "
                         f"{DRAIN_ANNOTATION})")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help=f"worker processes of the waypoint, sharing its port (1 to {MAX_WORKERS}; written as the "
+                        f"Gateway's infrastructure annotation {WORKERS_ANNOTATION}; the local cluster's default is 1)")
     add_connection_args(p)
     p.set_defaults(func=cmd_apply)
 
@@ -282,7 +285,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if args.drain_seconds is not None:
         if args.drain_seconds > MAX_DRAIN_SECONDS:
             raise UsageError(f"--drain-seconds: at most {MAX_DRAIN_SECONDS:g}")
-        body["spec"]["infrastructure"] = {"annotations": {DRAIN_ANNOTATION: f"{args.drain_seconds:g}"}}
+        body["spec"].setdefault("infrastructure", {}).setdefault("annotations", {})[DRAIN_ANNOTATION] = \
+            f"{args.drain_seconds:g}"
+    if args.workers is not None:
+        if not 1 <= args.workers <= MAX_WORKERS:
+            raise UsageError(f"--workers {args.workers}: give a number of processes from 1 to {MAX_WORKERS}")
+        body["spec"].setdefault("infrastructure", {}).setdefault("annotations", {})[WORKERS_ANNOTATION] = \
+            str(args.workers)
     try:
         client.apply([Document("waypoint", 1, body)])
     except ValidationError as exc:

@@ -95,9 +95,11 @@ class Waypoint:
         self.config = WaypointConfig(opts.key, self._use_table, allow_http_jwks=opts.allow_http_jwks,
                                      ingress=opts.ingress)
         self.inbound = InboundServer(self.proxy, certs, self.identity, trust_domain=opts.trust_domain,
-                                     limits=opts.hbone_limits, config=opts.hbone_config)
+                                     limits=opts.hbone_limits, config=opts.hbone_config,
+                                     reuse_port=opts.workers > 1)  # 15008 shared by the workers
         self.proxy.l4_handler = refuse_l4 if opts.ingress else self.inbound.l4
-        self.listeners = IngressListeners(self.proxy, list(opts.listeners)) if opts.ingress else None
+        self.listeners = (IngressListeners(self.proxy, list(opts.listeners), reuse_port=opts.workers > 1)
+                          if opts.ingress else None)
         self.synced = False
         self.draining = False
         self.xds: TrioXdsClient | None = None

@@ -28,6 +28,7 @@ from mesh.hbone.pool import PoolKey
 from waypoint.config import RouteTable
 from waypoint.errors import ConnectFailure
 from waypoint.l7.model import ClientInfo, Endpoint
+from waypoint.listen import open_listeners
 from waypoint.proxy import WaypointProxy
 from waypoint.upstream.connect import HboneUpstream, endpoint_identity
 
@@ -179,8 +180,10 @@ def waypoint_hop(table: RouteTable, endpoint: Endpoint, service: str) -> tuple[E
 class IngressListeners:
     """The gateway's listeners, handing each connection to the proxy."""
 
-    def __init__(self, proxy: WaypointProxy, listeners: list[ListenerSpec], host: str = "0.0.0.0") -> None:
+    def __init__(self, proxy: WaypointProxy, listeners: list[ListenerSpec], host: str = "0.0.0.0", *,
+                 reuse_port: bool = False) -> None:
         self.proxy = proxy
+        self.reuse_port = reuse_port  # each port shared with the gateway's other workers (`waypoint.listen`)
         self.specs = listeners
         self.host = host
         self.contexts = {s.name: server_context(s) for s in listeners if s.protocol == "HTTPS"}
@@ -195,7 +198,7 @@ class IngressListeners:
                 if spec.port in bound and spec.port:
                     ports[spec.name] = bound[spec.port]
                     continue
-                sockets = await trio.open_tcp_listeners(spec.port, host=self.host)
+                sockets = await open_listeners(spec.port, self.host, shared=self.reuse_port)
                 ports[spec.name] = bound[spec.port] = sockets[0].socket.getsockname()[1]
                 nursery.start_soon(partial(trio.serve_listeners, partial(self._connection, spec), sockets,
                                            handler_nursery=nursery))

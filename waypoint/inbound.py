@@ -45,6 +45,7 @@ from mesh.secrets.manager import SecretManager
 from waypoint.config import RouteTable
 from waypoint.l7 import l4authz
 from waypoint.l7.model import ClientInfo, split_host_port
+from waypoint.listen import open_listeners
 from waypoint.proxy import WaypointProxy
 
 log = logging.getLogger("waypoint.inbound")
@@ -109,8 +110,10 @@ class InboundServer:
     def __init__(self, proxy: WaypointProxy, certs: SecretManager, identity: SpiffeId, *,
                  trust_domain: str = defaults.TRUST_DOMAIN, handshake_timeout: float = 10.0,
                  event_log: Callable[[str], None] = stdout_line, skew_seconds: float = 2.0,
-                 limits: ListenerLimits | None = None, config: HboneConfig | None = None) -> None:
+                 limits: ListenerLimits | None = None, config: HboneConfig | None = None,
+                 reuse_port: bool = False) -> None:
         self.proxy = proxy
+        self.reuse_port = reuse_port  # the listener is shared with the waypoint's other workers (`waypoint.listen`)
         self.certs = certs
         self.identity = identity
         self.trust_domain = trust_domain
@@ -129,7 +132,7 @@ class InboundServer:
     async def serve(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on host:port and serve until cancelled; reports the bound port.  After `drain()` the
         listener is closed and this returns once the last connection has ended."""
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        listeners = await open_listeners(port, host, shared=self.reuse_port)
         bound = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             with self._accepting:

@@ -4,12 +4,13 @@
         --root-cert FILE --token-file FILE [--trust-domain cluster.local] [--cert-ttl SECONDS] \\
         [--listen 0.0.0.0:15008] [--metrics-listen 0.0.0.0:15020] [--ready-listen 0.0.0.0:15021] \\
         [--admin-listen 127.0.0.1:15000] [--allow-http-jwks] [--hbone-max-connections N]
-        [--hbone-max-handshakes N] [--hbone-max-streams N] [--listener NAME=HTTP:PORT ...]
+        [--hbone-max-handshakes N] [--hbone-max-streams N] [--listener NAME=HTTP:PORT ...] [--workers N]
 
 The token file holds a workload token for the waypoint's own identity
 (`spiffe://<trust domain>/ns/NS/sa/NAME`); with it the waypoint asks the CA for its certificate and
 subscribes to discovery.  With `--listener` it runs in gateway mode (`waypoint.gateway`): an ingress
-Gateway's pod, serving the Gateway's listeners and routing by host instead of taking HBONE.  Access log: one JSON line per request on stdout.  SIGTERM or SIGINT drains
+Gateway's pod, serving the Gateway's listeners and routing by host instead of taking HBONE.  With
+`--workers N` (default: the usable CPUs, at most 2) N processes share its ports (`waypoint.workers`).  Access log: one JSON line per request on stdout.  SIGTERM or SIGINT drains
 (GOAWAY to clients, tunnels in flight finish within --drain-seconds) and exits 0.
 
 This module only reads the command line; the waypoint is assembled in `waypoint.app`.
@@ -23,8 +24,8 @@ import sys
 from collections.abc import Sequence
 
 from mesh import runtime
-from waypoint import app, gateway
-from waypoint.options import Options
+from waypoint import app, gateway, workers
+from waypoint.options import MAX_WORKERS, Options, default_workers
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -53,8 +54,18 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     p.add_argument("--listener", action="append", default=[], metavar="NAME=HTTP:PORT|NAME=HTTPS:PORT:CERT:KEY",
                    help="gateway mode (an ingress Gateway's pod): serve this listener of the Gateway (repeat for each) "
                         "instead of HBONE inbound; an HTTPS listener terminates TLS with the PEM chain and key given")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes serving the data path, sharing its ports with SO_REUSEPORT (default: the CPUs "
+                        f"this process may use, at most 2; 1 to {MAX_WORKERS})")
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)  # set by the primary
+    p.add_argument("--worker-channel", type=int, default=-1, help=argparse.SUPPRESS)
     runtime.add_flags(p, token_help="a workload token for the waypoint's identity, as the control plane issued it")
     args = p.parse_args(argv)
+    workers = default_workers() if args.workers is None else args.workers
+    if not 1 <= workers <= MAX_WORKERS:
+        p.error(f"--workers {workers}: give a number of processes from 1 to {MAX_WORKERS}")
+    if args.worker_index and args.worker_channel < 0:
+        p.error("--worker-index is set by the waypoint on the workers it starts, with their channel")
     try:
         listeners = tuple(gateway.parse_listener(text) for text in args.listener)
         gateway.check_listeners(list(listeners))
@@ -68,13 +79,18 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         return Options(name=args.name, namespace=args.namespace, node=args.node, service_account=args.service_account,
                        listen=args.listen, drain_seconds=args.drain_seconds, allow_http_jwks=args.allow_http_jwks,
                        hbone_max_connections=args.hbone_max_connections, hbone_max_handshakes=args.hbone_max_handshakes,
-                       hbone_max_streams=args.hbone_max_streams, listeners=listeners, **shared)
+                       hbone_max_streams=args.hbone_max_streams, listeners=listeners, workers=workers,
+                       worker_index=args.worker_index, worker_channel=args.worker_channel, **shared)
     except ValueError as exc:
         p.error(str(exc))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return app.run(parse_args(argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    opts = parse_args(args)
+    if opts.workers > 1:
+        return workers.run(opts, args)  # the primary, or one of the workers it starts
+    return app.run(opts)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,16 @@
 """What a waypoint is started with: the flags every data plane process shares (`mesh.runtime`) and its
-own, and what follows from them (its key, identity and discovery node)."""
+own, and what follows from them (its key, identity and discovery node).
+
+`--workers N` is how many processes serve its data path (`waypoint.workers`); the default is the CPUs the
+process may use (its affinity, and the cgroup's `cpu.max` quota: a container's CPU limit), at most
+`MAX_DEFAULT_WORKERS`, as ztunnel's and Istio's waypoint Envoy's two worker threads."""
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from mesh import defaults
 from mesh.hbone.config import HboneConfig, ListenerLimits
@@ -13,6 +20,38 @@ from mesh.xds.node import ROLE_WAYPOINT, NodeInfo
 from waypoint.gateway import ListenerSpec
 
 MAX_STREAMS = 65_536  # the most --hbone-max-streams may be
+MAX_DEFAULT_WORKERS = 2  # the default --workers is the usable CPUs, at most this many
+MAX_WORKERS = 8  # the most --workers may be: the control plane serves 8 discovery streams per identity
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cpu_quota(cpu_max: str) -> int | None:
+    """The CPUs a cgroup v2 `cpu.max` ("QUOTA PERIOD", or "max PERIOD": no limit) allows, rounded up;
+    None for no limit or text that is not a quota."""
+    parts = cpu_max.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return max(1, math.ceil(quota / period)) if quota > 0 and period > 0 else None
+
+
+def usable_cpus(root: Path = CGROUP_ROOT) -> int:
+    """The CPUs this process may run on (affinity), fewer if its cgroup's CPU limit says so."""
+    cpus = len(os.sched_getaffinity(0)) or 1
+    try:
+        own = Path("/proc/self/cgroup").read_text().splitlines()
+        path = next((line.split(":", 2)[2] for line in own if line.startswith("0::")), "/")
+        quota = cpu_quota((root / path.lstrip("/") / "cpu.max").read_text())
+    except (OSError, IndexError):
+        quota = None
+    return min(cpus, quota) if quota else cpus
+
+
+def default_workers() -> int:
+    return max(1, min(usable_cpus(), MAX_DEFAULT_WORKERS))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,8 +69,14 @@ class Options(ProcessOptions):
     hbone_max_streams: int = HboneConfig.max_concurrent_streams  # tunnels one client connection may have open
     # gateway mode (an ingress Gateway's pod): its listeners (`waypoint.gateway.parse_listener`); no HBONE inbound
     listeners: tuple[ListenerSpec, ...] = ()
+    # processes serving the data path, sharing its ports (`waypoint.workers`); 1: one process, as always
+    workers: int = 1
+    worker_index: int = 0  # 0: the primary (or the only process); set by the primary on the workers it starts
+    worker_channel: int = -1  # a worker's end of its channel to the primary (a file descriptor)
 
     def __post_init__(self) -> None:
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"--workers must be a whole number from 1 to {MAX_WORKERS}, not {self.workers!r}")
         for flag, value in (("--hbone-max-connections", self.hbone_max_connections),
                             ("--hbone-max-handshakes", self.hbone_max_handshakes),
                             ("--hbone-max-streams", self.hbone_max_streams)):
