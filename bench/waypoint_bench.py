@@ -4,10 +4,13 @@ One waypoint proxy (`waypoint.proxy.WaypointProxy`, the same code the waypoint p
 TCP connections on 127.0.0.1 as if each were an inbound tunnel to a service VIP, and routes them to the
 benchmark's server (`bench/server.py`, a 1 KiB answer).  No HBONE or TLS: what is measured is the L7 work
 (parsing, routing, policies, forwarding, metrics, access log).  The load is `bench/loadgen.py`: a fixed rate
-over 16 keep-alive connections, then one connection closed loop.  The proxy's CPU time is read from
-`/proc/<pid>/stat` before and after each phase.
+over 16 keep-alive connections, then one connection closed loop; with `--newconn RATE`, then a phase where
+every request opens a connection (a tunnel) of its own (`bench/newconn_bench.py`), its CPU per 1,000
+connections reported as `newconn.cpu_s_per_1000`.  The proxy's CPU time is read from `/proc/<pid>/stat`
+before and after each phase.
 
-    python -m bench.waypoint_bench [--rate 1000] [--duration 5] [--closed-duration 3] [--profile FILE]
+    python -m bench.waypoint_bench [--rate 1000] [--duration 5] [--closed-duration 3] [--newconn RATE]
+        [--profile FILE]
 
 `--profile FILE` runs the proxy under cProfile (counting CPU time) and writes its stats to FILE (slower;
 for finding costs, not for figures).  Prints one JSON object with the figures.
@@ -118,12 +121,15 @@ def serve_proxy(front_port: int, backend_port: int, access_log: str, profile: st
 
 
 def _loadgen(port: int, *extra: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "bench.loadgen", "--target", f"127.0.0.1:{port}", *extra],
-                         cwd=ROOT, capture_output=True, text=True, check=False)
+    return _run_json([sys.executable, "-m", "bench.loadgen", "--target", f"127.0.0.1:{port}", *extra])
+
+
+def _run_json(argv: list[str]) -> dict:
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
     try:
-        return json.loads(out.stdout)
+        return dict(json.loads(out.stdout))
     except json.JSONDecodeError:
-        raise SystemExit(f"loadgen failed: {out.stdout}{out.stderr}") from None
+        raise SystemExit(f"{argv[2]} failed: {out.stdout}{out.stderr}") from None
 
 
 def _summary(result: dict) -> dict:
@@ -137,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=1000.0)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--closed-duration", type=float, default=3.0)
+    p.add_argument("--newconn", type=float, default=0.0, metavar="RATE",
+                   help="new connections per second in a last phase (default 0: none)")
+    p.add_argument("--newconn-duration", type=float, default=5.0)
     p.add_argument("--access-log", choices=("logger", "none"), default="logger")
     p.add_argument("--profile", metavar="FILE", default="")
     p.add_argument("--serve", nargs=2, type=int, metavar=("FRONT", "BACKEND"), help=argparse.SUPPRESS)
@@ -168,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         report["cpu_s_per_1000"] = round(cpu * 1000 / done, 4)
         closed = _loadgen(front_port, "--closed", "--connections", "1", "--duration", str(args.closed_duration))
         report["closed"] = _summary(closed)
+        if args.newconn > 0:
+            cpu0 = _cpu_seconds(proxy.pid)
+            fresh = _run_json([sys.executable, "-m", "bench.newconn_bench", "--target", f"127.0.0.1:{front_port}",
+                               "--rate", str(args.newconn), "--duration", str(args.newconn_duration)])
+            cpu = _cpu_seconds(proxy.pid) - cpu0
+            report["newconn"] = {**_summary(fresh), "proxy_cpu_seconds": round(cpu, 3),
+                                 "cpu_s_per_1000": round(cpu * 1000 / max(1, int(fresh.get("completed", 0))), 4)}
         print(json.dumps(report))
     finally:
         for proc in reversed(procs):

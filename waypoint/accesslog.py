@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 log = logging.getLogger("waypoint.access")
 
@@ -47,6 +48,12 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)  # sorting so
 def format_line(record: AccessRecord) -> str:
     values = record.__dict__
     return _ENCODER.encode({key: values[key] for key in _KEYS})
+
+
+def format_values(values: dict[str, Any]) -> str:
+    """The line of the record whose fields are `values` (every field of `AccessRecord` by name, in any
+    order): `format_line(AccessRecord(**values))` without building the record (the proxy's hot path)."""
+    return _ENCODER.encode(values)
 
 
 def logger_sink(line: str) -> None:

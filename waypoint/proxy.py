@@ -25,8 +25,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import os
 import random
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeGuard
@@ -39,7 +39,7 @@ from mesh.tracing.propagation import extract
 from mesh.tracing.span import SpanKind
 from mesh.tracing.tracer import Started, Tracer
 from waypoint import tracing
-from waypoint.accesslog import AccessRecord, Sink, format_line, logger_sink
+from waypoint.accesslog import Sink, format_values, logger_sink
 from waypoint.config import CompileResult, RouteTable
 from waypoint.errors import UpstreamError
 from waypoint.http.detect import PrefixedStream, Protocol, detect
@@ -49,7 +49,7 @@ from waypoint.http.http2 import Http2Server
 from waypoint.jwks import JwksCache
 from waypoint.l7 import authz, jwt, routing
 from waypoint.l7.forwarding import forwarding_headers, remote_ip
-from waypoint.l7.model import ClientInfo, Endpoint, RequestHead, with_header
+from waypoint.l7.model import ClientInfo, Endpoint, RequestHead, header, with_header
 from waypoint.l7.normalize import NormalizationError, normalize_request
 from waypoint.metrics import RequestLabels, TcpLabels, WaypointMetrics, peer_labels
 from waypoint.upstream.forward import Forwarder, Record, RequestBody, send_local
@@ -57,8 +57,27 @@ from waypoint.upstream.pool import ConnectionPool, Upstream
 
 L4Handler = Callable[[trio.abc.HalfCloseableStream, ClientInfo], Awaitable[None]]
 
-LABEL_CACHE_SIZE = 4096  # label sets kept per route table (cleared when full)
+LABEL_CACHE_SIZE = 4096  # label sets (and upstream protocols) kept per route table (cleared when full)
 _TRAILERS: dict[type, bool] = {}
+_UNAUTHENTICATED = jwt.AuthnResult(True)  # no JWT rule applies
+_NO_POLICY = authz.AuthzDecision(True, "", "no ALLOW policy applies")  # what `authz.decide` says without policies
+
+
+_ids: list[bytes] = []  # random bytes for request ids, read from the OS in blocks of `REQUEST_ID_BLOCK`
+REQUEST_ID_BLOCK = 256
+
+
+def new_request_id() -> str:
+    """A random (version 4) UUID, as `str(uuid.uuid4())` writes it, from the OS's random source read
+    `REQUEST_ID_BLOCK` ids at a time (one system call and no `UUID` object per request)."""
+    if not _ids:
+        block = os.urandom(16 * REQUEST_ID_BLOCK)
+        _ids.extend(block[i:i + 16] for i in range(0, len(block), 16))
+    raw = bytearray(_ids.pop())
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _bodiless(head: RequestHead) -> bool:
@@ -108,6 +127,8 @@ class WaypointProxy:
         self.l4_handler = l4_handler or self.passthrough
         self._table = RouteTable()
         self._labels: dict[tuple[object, ...], RequestLabels] = {}  # metric labels seen, for this table
+        self._clusters: routing.ClusterCache = {}  # destinations resolved against this table
+        self._protocols: dict[tuple[str, int], str] = {}  # (hostname, port) -> the upstream HTTP version
         self._sessions: set[Http1Server | Http2Server] = set()  # the HTTP connections served now
         self.draining = False
         self.update(table or RouteTable())
@@ -122,6 +143,8 @@ class WaypointProxy:
         """Serve new requests with `table`; requests in flight finish with the table they started with."""
         self._table = table
         self._labels = {}
+        self._clusters = {}
+        self._protocols = {}
         self.jwks.want(table.jwks_sources())
 
     def apply(self, result: CompileResult) -> None:
@@ -154,8 +177,9 @@ class WaypointProxy:
                 else:
                     await self.l4_handler(PrefixedStream(stream, prefix), client)
         finally:
-            with trio.CancelScope(shield=True):  # upstream connections kept for this client go with it
-                await self.pool.discard(client.source)
+            if self.pool.holds(client.source):
+                with trio.CancelScope(shield=True):  # upstream connections kept for this client go with it
+                    await self.pool.discard(client.source)
 
     def drain(self) -> None:
         """The waypoint is going (as Envoy's drain): every HTTP client is asked to move to a new connection,
@@ -204,34 +228,36 @@ class WaypointProxy:
         rec = Record()
         head = ex.head
         span = self.tracer.start(extract(head.header), table.tracing)
-        decision = routing.RouteDecision(table.services.get(routing.target_hostname(table, head, client)),
+        hostname = routing.target_hostname(table, head, client)
+        decision = routing.RouteDecision(table.services.get(hostname),
                                          table_version=table.version)  # until the route is decided
-        authn = jwt.AuthnResult(True)
-        verdict = authz.AuthzDecision(True)
+        authn = _UNAUTHENTICATED
+        verdict = _NO_POLICY
         try:
             # the request as policies, routes and the service will see it
             try:
-                head = normalize_request(head)
+                normalized = normalize_request(head)
             except NormalizationError as exc:
                 rec.details = str(exc)
                 await send_local(ex, routing.LocalReply(400, f"bad request: {exc}".encode()), rec)
                 return
-            head = self._trace_headers(head.replace(scheme=client.scheme or head.scheme, headers=forwarding_headers(
-                head.headers, source_ip=client.source_ip, peer_identity=client.peer_identity,
-                local_identity=self.identity, peer_certificate_hash=client.peer_certificate_hash,
-                scheme=client.scheme or "http")), span)
-            hostname = routing.target_hostname(table, head, client)
+            if normalized.authority != head.authority:  # (an absolute-form target named the host)
+                hostname = routing.target_hostname(table, normalized, client)
+            head = self._sent_head(normalized, client, span)
             # authentication: a present but invalid token is 401, and so is one whose keys are missing
-            rules = [r for r in table.jwt_rules if r.applies_to(hostname)]
-            authn = jwt.authenticate(rules, head, self.jwks.get, self.jwks.unavailable)
-            if not authn.ok:
-                rec.details = authn.reason
-                await send_local(ex, routing.LocalReply(401, authn.reason.encode()), rec)
-                return
-            head = head.replace(headers=authn.apply(head.headers))
-            decision = routing.decide(table, head, client, self.rng)
-            # authorization
-            verdict = authz.decide(table.policies, hostname, self._authz_request(head, client, authn))
+            if table.jwt_rules:
+                rules = [r for r in table.jwt_rules if r.applies_to(hostname)]
+                authn = jwt.authenticate(rules, head, self.jwks.get, self.jwks.unavailable)
+                if not authn.ok:
+                    rec.details = authn.reason
+                    await send_local(ex, routing.LocalReply(401, authn.reason.encode()), rec)
+                    return
+                if authn.changes_headers:
+                    head = head.replace(headers=authn.apply(head.headers))
+            decision = routing.decide(table, head, client, self.rng, self._clusters if table is self._table else None)
+            # authorization (no policy at all: allowed, as `authz.decide` says for none that applies)
+            if table.policies:
+                verdict = authz.decide(table.policies, hostname, self._authz_request(head, client, authn))
             if not verdict.allowed:
                 await send_local(ex, routing.LocalReply(403, authz.DENIED_BODY), rec)
                 return
@@ -261,13 +287,17 @@ class WaypointProxy:
         finally:
             self._report(table, head, client, decision, rec, authn, verdict, start, wall, span)
 
-    @staticmethod
-    def _trace_headers(head: RequestHead, span: Started) -> RequestHead:
-        """x-request-id (kept, or made) and the trace context of the waypoint's span."""
-        headers = head.headers
-        if not head.header("x-request-id"):
-            headers = with_header(headers, "x-request-id", str(uuid.uuid4()))
-        return head.replace(headers=tracing.request_headers(headers, span))
+    def _sent_head(self, head: RequestHead, client: ClientInfo, span: Started) -> RequestHead:
+        """The head as it goes on, built once: the forwarding headers (XFCC, XFF, Forwarded), x-request-id
+        (kept, or made) and the trace context of the waypoint's span."""
+        scheme = client.scheme
+        headers = forwarding_headers(head.headers, source_ip=client.source_ip, peer_identity=client.peer_identity,
+                                     local_identity=self.identity, peer_certificate_hash=client.peer_certificate_hash,
+                                     scheme=scheme or "http")
+        if not header(headers, "x-request-id"):
+            headers = with_header(headers, "x-request-id", new_request_id())
+        return RequestHead(head.method, head.path, head.authority, tracing.request_headers(headers, span),
+                           scheme or head.scheme, head.protocol)
 
     def _authz_request(self, head: RequestHead, client: ClientInfo, authn: jwt.AuthnResult) -> authz.AuthzRequest:
         return authz.AuthzRequest(method=head.method, path=head.uri_path, host=head.authority,
@@ -278,11 +308,21 @@ class WaypointProxy:
                                   request_principal=authn.principal, claims=authn.claims,
                                   audiences=authn.audiences, presenter=authn.presenter)
 
-    @staticmethod
-    def _upstream_protocol(table: RouteTable, d: routing.RouteDecision) -> str:
+    def _upstream_protocol(self, table: RouteTable, d: routing.RouteDecision) -> str:
         assert d.cluster is not None
-        svc = table.services.get(d.cluster.hostname)
-        port = svc.port_info(d.cluster.port) if svc else None
+        cache = self._protocols if table is self._table else {}
+        key = (d.cluster.hostname, d.cluster.port)
+        found = cache.get(key)
+        if found is None:
+            if len(cache) >= LABEL_CACHE_SIZE:  # (workload-addressed clusters: any port)
+                cache.clear()
+            found = cache[key] = self._port_protocol(table, d.cluster)
+        return found
+
+    @staticmethod
+    def _port_protocol(table: RouteTable, cluster: routing.Cluster) -> str:
+        svc = table.services.get(cluster.hostname)
+        port = svc.port_info(cluster.port) if svc else None
         app = (port.app_protocol or port.name.split("-")[0]) if port else ""
         return "HTTP/2" if app in ("http2", "grpc", "h2c") else "HTTP/1.1"
 
@@ -315,9 +355,10 @@ class WaypointProxy:
         ep = rec.upstream
         svc = d.service
         grpc = (head.header("content-type") or "").startswith("application/grpc")
+        flags = rec.flag_text
         # the same few label sets come back request after request: built once per table
         key = (src, client.namespace, client.peer_identity, ep, svc.hostname if svc else head.authority,
-               svc.name if svc else "", svc.namespace if svc else "", grpc, rec.status, rec.flag_text)
+               svc.name if svc else "", svc.namespace if svc else "", grpc, rec.status, flags)
         labels = self._labels.get(key) if table is self._table else None
         if labels is None:
             labels = RequestLabels(
@@ -326,7 +367,7 @@ class WaypointProxy:
                               service_host=svc.hostname if svc else head.authority,
                               service_name=svc.name if svc else "", service_namespace=svc.namespace if svc else ""),
                 request_protocol="grpc" if grpc else "http", response_code=str(rec.status),
-                response_flags=rec.flag_text)
+                response_flags=flags)
             if table is self._table:
                 if len(self._labels) >= LABEL_CACHE_SIZE:
                     self._labels.clear()
@@ -337,22 +378,22 @@ class WaypointProxy:
             namespace, _, name = table.waypoint.partition("/")
             self.tracer.finish(span, tracing.span_name(head, svc.hostname if svc else "", client.destination_port),
                                SpanKind.SERVER, tracing.attributes(
-                                   head, status=rec.status, flags=rec.flag_text,
+                                   head, status=rec.status, flags=flags,
                                    upstream_cluster=tracing.cluster_name(d.cluster),
                                    upstream_host=ep.key if ep else "", peer=client.source,
                                    request_bytes=header_bytes + rec.bytes_received, response_bytes=rec.bytes_sent,
                                    canonical_service=name or "waypoint", namespace=namespace,
                                    tags=table.tracing.custom_tags),
-                               error=tracing.failed(rec.status), message=rec.details or rec.flag_text)
-        line = format_line(AccessRecord(
-            start_time=wall.isoformat(timespec="milliseconds"), method=head.method, path=head.path,
-            protocol=head.protocol, response_code=rec.status, response_flags=rec.flag_text,
-            bytes_received=rec.bytes_received, bytes_sent=rec.bytes_sent, duration_ms=round(duration_ms, 3),
-            upstream_host=ep.key if ep else "", upstream_cluster=tracing.cluster_name(d.cluster),
-            route_name=d.route_name, authority=head.authority, x_request_id=head.header("x-request-id") or "",
-            traceparent=head.header("traceparent") or "", downstream_peer=client.source,
-            downstream_principal=client.peer_identity, request_principal=authn.principal,
-            user_agent=head.header("user-agent") or "", authz_policy=verdict.policy, attempts=rec.attempts,
-            details=rec.details))
+                               error=tracing.failed(rec.status), message=rec.details or flags)
+        line = format_values({  # (the fields of `AccessRecord`, without building one)
+            "start_time": wall.isoformat(timespec="milliseconds"), "method": head.method, "path": head.path,
+            "protocol": head.protocol, "response_code": rec.status, "response_flags": flags,
+            "bytes_received": rec.bytes_received, "bytes_sent": rec.bytes_sent, "duration_ms": round(duration_ms, 3),
+            "upstream_host": ep.key if ep else "", "upstream_cluster": tracing.cluster_name(d.cluster),
+            "route_name": d.route_name, "authority": head.authority, "x_request_id": head.header("x-request-id") or "",
+            "traceparent": head.header("traceparent") or "", "downstream_peer": client.source,
+            "downstream_principal": client.peer_identity, "request_principal": authn.principal,
+            "user_agent": head.header("user-agent") or "", "authz_policy": verdict.policy, "attempts": rec.attempts,
+            "details": rec.details})
         with contextlib.suppress(Exception):  # a broken log sink must not break requests
             self.access_log(line)

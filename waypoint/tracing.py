@@ -25,10 +25,12 @@ from mesh.tracing.tracer import Started
 from waypoint.l7.model import Headers, RequestHead, header, without
 from waypoint.l7.routing import Cluster
 
+_PROPAGATION = frozenset(PROPAGATION_HEADERS)
+
 
 def request_headers(headers: Headers, span: Started) -> Headers:
     """`headers` with every propagation header replaced by those of the waypoint's span."""
-    return (*without(headers, PROPAGATION_HEADERS), *span.headers())
+    return (*without(headers, _PROPAGATION), *span.headers())
 
 
 def cluster_name(cluster: Cluster | None) -> str:

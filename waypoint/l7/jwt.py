@@ -79,6 +79,11 @@ class AuthnResult:
     remove: tuple[str, ...] = ()  # headers only the waypoint may write (claims, payload)
     add: Headers = ()  # what it writes in them
 
+    @property
+    def changes_headers(self) -> bool:
+        """Whether `apply` changes anything (most requests: no rule writes or strips a header)."""
+        return bool(self.remove or self.strip_header or self.add)
+
     def apply(self, headers: Headers) -> Headers:
         """The request's headers as they go on: the token and client-written output headers removed,
         the verified ones set."""

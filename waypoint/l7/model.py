@@ -8,7 +8,8 @@ a round trip between HTTP/1.1 and HTTP/2.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -30,8 +31,9 @@ def header_values(headers: Headers, name: str) -> list[str]:
 
 
 def without(headers: Headers, names: Iterable[str]) -> Headers:
-    drop = {n.lower() for n in names}
-    return tuple((k, v) for k, v in headers if k not in drop)
+    """`headers` minus every `names` (a frozenset of lower-case names is used as it is: build it once)."""
+    drop = names if isinstance(names, frozenset) else {n.lower() for n in names}
+    return tuple([(k, v) for k, v in headers if k not in drop])
 
 
 def with_header(headers: Headers, name: str, value: str) -> Headers:
@@ -42,7 +44,9 @@ def with_header(headers: Headers, name: str, value: str) -> Headers:
 def forwardable(headers: Headers) -> Headers:
     """`headers` minus the hop-by-hop ones (and those the `Connection` header names)."""
     named = {t.strip().lower() for v in header_values(headers, "connection") for t in v.split(",")}
-    return tuple((k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named)
+    if not named:  # (the common case: one set to check)
+        return tuple([h for h in headers if h[0] not in HOP_BY_HOP])
+    return tuple([(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named])
 
 
 @dataclass(frozen=True)
@@ -64,9 +68,16 @@ class Endpoint:
     canonical_revision: str = ""
     cluster: str = ""  # the workload's cluster id
 
-    @property
+    @cached_property
     def key(self) -> str:
         return f"{self.address}:{self.port}"
+
+    def __hash__(self) -> int:
+        """The dataclass's hash (of every field), computed once: endpoints key per-request caches."""
+        h: int | None = self.__dict__.get("_hash")
+        if h is None:
+            h = self.__dict__["_hash"] = hash(tuple(getattr(self, f.name) for f in fields(self)))
+        return h
 
     def has_labels(self, wanted: tuple[tuple[str, str], ...]) -> bool:
         mine = dict(self.labels)
@@ -91,24 +102,29 @@ class ClientInfo:
     peer_certificate_hash: str = ""
     scheme: str = ""
 
-    @property
+    # Derived once per tunnel (every request of the tunnel reads them several times; the fields never change).
+    @cached_property
     def source_ip(self) -> str:
         return _split_host_port(self.source)[0]
 
+    @cached_property
+    def _destination(self) -> tuple[str, int]:
+        return _split_host_port(self.original_destination)
+
     @property
     def destination_ip(self) -> str:
-        return _split_host_port(self.original_destination)[0]
+        return self._destination[0]
 
     @property
     def destination_port(self) -> int:
-        return _split_host_port(self.original_destination)[1]
+        return self._destination[1]
 
-    @property
+    @cached_property
     def principal(self) -> str:
         """The identity as authorization policies write it: `td/ns/NS/sa/SA` (no scheme)."""
         return self.peer_identity.removeprefix("spiffe://")
 
-    @property
+    @cached_property
     def namespace(self) -> str:
         parts = self.principal.split("/")
         return parts[2] if len(parts) >= 5 and parts[1] == "ns" else ""
@@ -141,16 +157,26 @@ class RequestHead:
     scheme: str = "http"
     protocol: str = "HTTP/1.1"
 
-    @property
+    @cached_property
     def uri_path(self) -> str:
         return self.path.split("?", 1)[0]
 
-    @property
+    @cached_property
     def query(self) -> str:
         return self.path.split("?", 1)[1] if "?" in self.path else ""
 
+    @cached_property
+    def _first(self) -> dict[str, str]:
+        """Header name -> its first value, built on the first lookup (a request's head is looked up many
+        times along the pipeline: tracing, framing, gRPC, routing, the access log)."""
+        index: dict[str, str] = {}
+        for k, v in self.headers:
+            if k not in index:
+                index[k] = v
+        return index
+
     def header(self, name: str) -> str | None:
-        return header(self.headers, name)
+        return self._first.get(name)
 
     def replace(self, **changes: object) -> RequestHead:
         return replace(self, **changes)  # type: ignore[arg-type]

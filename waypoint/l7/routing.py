@@ -99,6 +99,11 @@ class RouteDecision:
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
+# What `resolve_cluster` gave for (destination, incoming port) against one route table: the caller keeps one
+# per table and drops it with the table, so that no request resolves a destination again.
+ClusterCache = dict[tuple[Destination, int], "Cluster | LocalReply"]
+CLUSTER_CACHE_SIZE = 1024
+
 
 # ---- matching --------------------------------------------------------------------------------------
 
@@ -231,6 +236,18 @@ def target_hostname(table: RouteTable, head: RequestHead, client: ClientInfo) ->
     return svc.hostname if svc is not None else ""
 
 
+def _resolve(table: RouteTable, dest: Destination, incoming_port: int, cache: ClusterCache | None) -> Cluster | LocalReply:
+    if cache is None:
+        return resolve_cluster(table, dest, incoming_port)
+    key = (dest, incoming_port)
+    found = cache.get(key)
+    if found is None:
+        if len(cache) >= CLUSTER_CACHE_SIZE:  # (the port can come from a Host header: bounded)
+            cache.clear()
+        found = cache[key] = resolve_cluster(table, dest, incoming_port)
+    return found
+
+
 def resolve_cluster(table: RouteTable, dest: Destination, incoming_port: int) -> Cluster | LocalReply:
     svc = table.services.get(dest.host) or table.service_for_host(dest.host)
     if svc is None:
@@ -264,18 +281,22 @@ def _rewrite(head: RequestHead, route: HttpRoute, m: HttpMatch | None) -> Reques
     return head
 
 
-def _decide_ingress(table: RouteTable, head: RequestHead, client: ClientInfo, rng: random.Random) -> RouteDecision:
+def _decide_ingress(table: RouteTable, head: RequestHead, client: ClientInfo, rng: random.Random,
+                    cache: ClusterCache | None) -> RouteDecision:
     port = client.destination_port
     vs = ingress_virtual_service(table, head, port)
     if vs is None:
         return RouteDecision(None, local_reply=LocalReply(404, b"", "NR"), table_version=table.version)
-    d = _decide_routes(table, None, vs, head, port, client, rng)
+    d = _decide_routes(table, None, vs, head, port, client, rng, cache)
     return replace(d, service=table.services.get(d.cluster.hostname)) if d.cluster is not None else d
 
 
-def decide(table: RouteTable, head: RequestHead, client: ClientInfo, rng: random.Random) -> RouteDecision:
+def decide(table: RouteTable, head: RequestHead, client: ClientInfo, rng: random.Random,
+           cache: ClusterCache | None = None) -> RouteDecision:
+    """The decision for `head`; `cache`, kept by the caller for `table` alone, saves resolving each
+    destination again."""
     if table.ingress:
-        return _decide_ingress(table, head, client, rng)
+        return _decide_ingress(table, head, client, rng, cache)
     svc, port, workload = _target(table, head, client)
     v = table.version
     if workload is not None:
@@ -285,15 +306,15 @@ def decide(table: RouteTable, head: RequestHead, client: ClientInfo, rng: random
         return RouteDecision(None, local_reply=LocalReply(404, b"", "NR"), table_version=v)
     vs = table.virtual_service(svc.hostname)
     if vs is None:
-        res = resolve_cluster(table, Destination(svc.hostname, "", port), port)
+        res = _resolve(table, Destination(svc.hostname, "", port), port, cache)
         if isinstance(res, LocalReply):
             return RouteDecision(svc, "default", local_reply=res, table_version=v)
         return RouteDecision(svc, "default", res, head, table_version=v)
-    return _decide_routes(table, svc, vs, head, port, client, rng)
+    return _decide_routes(table, svc, vs, head, port, client, rng, cache)
 
 
 def _decide_routes(table: RouteTable, svc: ServiceInfo | None, vs: VirtualServiceRules, head: RequestHead, port: int,
-                   client: ClientInfo, rng: random.Random) -> RouteDecision:
+                   client: ClientInfo, rng: random.Random, cache: ClusterCache | None = None) -> RouteDecision:
     """The decision of `vs`'s first route that holds for `head` (404 when none does)."""
     v = table.version
     source = table.workloads_by_ip.get(client.source_ip)
@@ -326,7 +347,7 @@ def _decide_routes(table: RouteTable, svc: ServiceInfo | None, vs: VirtualServic
     if chosen is None:
         return RouteDecision(svc, route.name, local_reply=LocalReply(503, b"no destination has weight", "NC"),
                              table_version=v)
-    res = resolve_cluster(table, chosen.destination, port)
+    res = _resolve(table, chosen.destination, port, cache)
     if isinstance(res, LocalReply):
         return RouteDecision(svc, route.name, local_reply=res, table_version=v)
     out = _rewrite(head, route, m)
@@ -334,7 +355,7 @@ def _decide_routes(table: RouteTable, svc: ServiceInfo | None, vs: VirtualServic
     mirrors = []
     for mp in route.mirrors:
         if roll(mp.percent, rng):
-            mc = resolve_cluster(table, mp.destination, port)
+            mc = _resolve(table, mp.destination, port, cache)
             if isinstance(mc, Cluster):
                 mirrors.append(MirrorDecision(mc, out.replace(authority=shadow_authority(out.authority))))
     return RouteDecision(svc, route.name, res, out, timeout=route.timeout, retries=route.retries, fault=fault,

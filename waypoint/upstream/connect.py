@@ -10,6 +10,8 @@ protocol NONE) gets a plain TCP connection.  Every failure is a `ConnectFailure`
 
 from __future__ import annotations
 
+import functools
+
 import trio
 
 from mesh import defaults
@@ -22,11 +24,16 @@ from waypoint.errors import ConnectFailure
 from waypoint.l7.model import Endpoint
 
 
+@functools.lru_cache(maxsize=4096)
+def _identity(text: str) -> SpiffeId:
+    return SpiffeId.parse(text)  # (once per identity: every new upstream tunnel needs it)
+
+
 def endpoint_identity(endpoint: Endpoint, trust_domain: str) -> SpiffeId:
     """The identity the endpoint's HBONE server must present (its service account's)."""
     if endpoint.identity:
         try:
-            return SpiffeId.parse(endpoint.identity)
+            return _identity(endpoint.identity)
         except IdentityError as exc:
             raise ConnectFailure(f"endpoint {endpoint.key} has an invalid identity: {exc}") from None
     return SpiffeId(trust_domain, endpoint.namespace or "default", "default")

@@ -59,9 +59,13 @@ class ConnectionPool:
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
         self._clock = clock
-        self._idle: dict[tuple[str, str, str], list[tuple[float, UpstreamConnection]]] = defaultdict(list)
+        self._idle: dict[tuple[str, str, str], list[tuple[float, UpstreamConnection]]] = {}
         self._shared: dict[tuple[str, str], list[Http2Connection]] = defaultdict(list)
         self._opening: dict[tuple[str, str], trio.Lock] = defaultdict(trio.Lock)
+        # the keys of `_idle` and `_shared` by client: `discard` is one lookup, however many clients are
+        # connected (a burst of new connections has thousands, each discarded when its tunnel ends)
+        self._idle_keys: dict[str, set[tuple[str, str, str]]] = {}
+        self._shared_keys: dict[str, set[tuple[str, str]]] = {}
         self.opened = 0
 
     async def acquire(self, endpoint: Endpoint, protocol: str, connect_timeout: float,
@@ -70,13 +74,14 @@ class ConnectionPool:
         request that would open a new one)."""
         if protocol == "HTTP/2":
             return await self._acquire_stream(endpoint, connect_timeout, service, client, traceparent)
-        idle = self._idle[(endpoint.key, protocol, client)]
-        now = self._clock()
-        while idle:
-            since, conn = idle.pop()
-            if now - since < self.idle_timeout:
-                return conn, True
-            await conn.aclose()
+        idle = self._idle.get((endpoint.key, protocol, client))
+        if idle:
+            now = self._clock()
+            while idle:
+                since, conn = idle.pop()
+                if now - since < self.idle_timeout:
+                    return conn, True
+                await conn.aclose()
         stream = await self._connect(endpoint, connect_timeout, service, client, traceparent)
         return Http1Client(stream), False
 
@@ -92,6 +97,7 @@ class ConnectionPool:
     async def _acquire_stream(self, endpoint: Endpoint, connect_timeout: float, service: str, client: str,
                               traceparent: str) -> tuple[Http2Stream, bool]:
         key = (endpoint.key, client)
+        self._shared_keys.setdefault(client, set()).add(key)
         async with self._opening[key]:  # one connection opened at a time per key: the others then share it
             conns = self._shared[key]
             await self._sweep(conns)
@@ -127,19 +133,27 @@ class ConnectionPool:
         if isinstance(conn, Http2Stream):
             await conn.aclose()  # the stream's slot; the connection stays shared
             return
-        idle = self._idle[(endpoint.key, protocol, client)]
+        key = (endpoint.key, protocol, client)
+        idle = self._idle.get(key)
+        if idle is None:
+            idle = self._idle[key] = []
+            self._idle_keys.setdefault(client, set()).add(key)
         if reuse and conn.reusable and len(idle) < self.max_idle:
             idle.append((self._clock(), conn))
         else:
             await conn.aclose()
 
+    def holds(self, client: str) -> bool:
+        """Whether anything is kept for `client` (most tunnels end with nothing to `discard`)."""
+        return client in self._idle_keys or client in self._shared_keys
+
     async def discard(self, client: str) -> None:
         """Close the idle connections kept for `client` (its tunnel is gone: nobody will reuse them)."""
-        for key in [k for k in self._idle if k[2] == client]:
-            for _, conn in self._idle.pop(key):
+        for key in self._idle_keys.pop(client, ()):
+            for _, conn in self._idle.pop(key, ()):
                 await conn.aclose()
-        for skey in [k for k in self._shared if k[1] == client]:
-            for h2conn in self._shared.pop(skey):
+        for skey in self._shared_keys.pop(client, ()):
+            for h2conn in self._shared.pop(skey, ()):
                 await h2conn.aclose()
             self._opening.pop(skey, None)
 
@@ -155,7 +169,9 @@ class ConnectionPool:
             for _, conn in idle:
                 await conn.aclose()
         self._idle.clear()
+        self._idle_keys.clear()
         for shared in self._shared.values():
             for h2conn in shared:
                 await h2conn.aclose()
         self._shared.clear()
+        self._shared_keys.clear()
