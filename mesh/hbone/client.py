@@ -34,6 +34,7 @@ from mesh.hbone.events import (
 from mesh.hbone.frames import ErrorCode
 from mesh.hbone.headers import Header
 from mesh.hbone.sides import HboneClient
+from mesh.hbone.tlssocket import TlsSocket, tls_over
 from mesh.hbone.transport import Tunnel, _Driver, client_handshake
 from mesh.identity import SpiffeId
 
@@ -51,7 +52,7 @@ class HboneClientConnection(_Driver):
 
     def __init__(
         self,
-        stream: trio.abc.Stream,
+        stream: trio.abc.Stream | TlsSocket,
         *,
         peer: SpiffeId | None,
         config: HboneConfig | None = None,
@@ -147,9 +148,9 @@ async def open_hbone_connection(
     idle_timeout: float | None = None,
     handshake_timeout: float = 10.0,
 ) -> HboneClientConnection:
-    """TLS over `transport` (a connected TCP stream), check the server is one of `expected`, and start
-    the HBONE connection in `nursery`."""
-    tls = trio.SSLStream(transport, ssl_context, server_hostname=None)
+    """TLS over `transport` (a connected TCP stream, whose socket the connection takes over), check the
+    server is one of `expected`, and start the HBONE connection in `nursery`."""
+    tls = tls_over(transport, ssl_context, server_side=False)
     peer = await client_handshake(tls, expected, timeout=handshake_timeout)
     conn = HboneClientConnection(tls, peer=peer, config=config, idle_timeout=idle_timeout)
     await nursery.start(conn.run)

@@ -38,6 +38,7 @@ from mesh.hbone.client import HboneClientConnection
 from mesh.hbone.config import HboneConfig
 from mesh.hbone.errors import ConnectionNotUsableError, HandshakeError, PoolConnectError
 from mesh.hbone.headers import Header
+from mesh.hbone.tlssocket import tls_over
 from mesh.hbone.transport import Tunnel, client_handshake
 from mesh.identity import SpiffeId
 from mesh.secrets.svid import Svid
@@ -229,7 +230,7 @@ class HbonePool:
             raise PoolConnectError(
                 f"connecting to {where} failed: {exc.strerror or exc}: is the destination node agent running?"
             ) from None
-        tls = trio.SSLStream(transport, ctx, server_hostname=None)
+        tls = tls_over(transport, ctx, server_side=False)
         try:
             peer = await client_handshake(tls, {key.destination}, timeout=self._connect_timeout)
         except HandshakeError as exc:

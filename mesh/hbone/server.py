@@ -41,15 +41,16 @@ from mesh.hbone.events import (
 from mesh.hbone.frames import ErrorCode
 from mesh.hbone.headers import Authority, ConnectRequest, Header
 from mesh.hbone.sides import HboneServer
+from mesh.hbone.tlssocket import TlsSocket, take_over
 from mesh.hbone.transport import Tunnel, _Driver, _peer_name, server_handshake
 from mesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 
 log = logging.getLogger(__name__)
 
-def certificate_hash(stream: trio.abc.Stream) -> str:
+def certificate_hash(stream: trio.abc.Stream | TlsSocket) -> str:
     """SHA-256 of the peer's leaf certificate (DER), hex: Envoy's `Hash` in x-forwarded-client-cert.
     "" when `stream` is not TLS or the peer sent no certificate."""
-    if not isinstance(stream, trio.SSLStream):
+    if not isinstance(stream, trio.SSLStream | TlsSocket):
         return ""
     try:
         der = stream.getpeercert(binary_form=True)
@@ -134,7 +135,7 @@ class HboneServerConnection(_Driver):
 
     def __init__(
         self,
-        stream: trio.abc.Stream,
+        stream: trio.abc.Stream | TlsSocket,
         handler: Handler,
         *,
         peer: SpiffeId | None,
@@ -142,7 +143,7 @@ class HboneServerConnection(_Driver):
     ) -> None:
         super().__init__(HboneServer(config, now=trio.current_time()), stream, peer)
         self._handler = handler
-        self._peer_address = _peer_name(stream) if isinstance(stream, trio.SSLStream) else "?"
+        self._peer_address = _peer_name(stream) if isinstance(stream, trio.SSLStream | TlsSocket) else "?"
         self._peer_hash = certificate_hash(stream)
         self._unanswered: dict[int, trio.CancelScope] = {}  # handlers of CONNECTs not answered yet
 
@@ -224,7 +225,9 @@ async def serve_hbone(
     gate: ListenerGate | None = None,
     task_status: trio.TaskStatus[HboneServerConnection] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve one accepted TLS connection (handshake not yet done) until it closes.
+    """Serve one accepted TLS connection (handshake not yet done) until it closes.  Over a plain TCP
+    `trio.SocketStream` the connection takes the socket over and runs TLS on it (`TlsSocket`); closing
+    `stream` afterwards is harmless.
 
     The client must present an SVID of `trust_domain` (else `HandshakeError`, the stream closed);
     its identity is `InboundRequest.peer`.  `handler(request, acceptor)` runs once per CONNECT in its
@@ -236,9 +239,10 @@ async def serve_hbone(
         raise ListenerFull(f"refused a connection from {_peer_name(stream)}: {gate.limits.max_connections} "
                            "connections are open on this HBONE listener, its cap")
     try:
-        peer = await server_handshake(stream, trust_domain, timeout=handshake_timeout,
+        tls = take_over(stream)  # over TCP: TLS on the socket itself, driven by trio's readiness waits
+        peer = await server_handshake(tls, trust_domain, timeout=handshake_timeout,
                                       slots=gate.handshakes if gate is not None else None)
-        conn = HboneServerConnection(stream, handler, peer=peer, config=config)
+        conn = HboneServerConnection(tls, handler, peer=peer, config=config)
         task_status.started(conn)
         await conn.run()
     finally:

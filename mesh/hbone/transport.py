@@ -1,18 +1,25 @@
-"""HBONE over trio: drive the sans-IO core over a TLS stream, and hand out tunnels as trio streams.
+"""HBONE over trio: drive the sans-IO core over a TLS connection, and hand out tunnels as trio streams.
 
 This module holds what both sides share: the TLS handshakes with their identity checks, `Tunnel` (a
-CONNECT stream as a `trio.abc.HalfCloseableStream`) and the connection driver (reader, writer and timer
-tasks around the core).  `mesh.hbone.client` opens connections and tunnels, `mesh.hbone.server`
-answers them.  Only these modules and the pool touch trio; all protocol decisions are in
+CONNECT stream as a `trio.abc.HalfCloseableStream`) and the connection driver.  Over a TCP socket the
+driver runs TLS on the socket itself (`mesh.hbone.tlssocket.TlsSocket`): a reader task that feeds the
+core and writes its answers, writes made by whichever task produced them (a tunnel's `send_all`), a
+writer task for bursts and for what the socket did not take at once, and a timer task.  Over any other
+stream (`trio.SSLStream` around a wrapper) it keeps a reader and a writer task around the stream.
+`mesh.hbone.client` opens connections and tunnels, `mesh.hbone.server` answers them.  Only these modules and the pool touch trio; all protocol decisions are in
 `mesh.hbone.protocol`.
 """
 
 from __future__ import annotations
 
+import enum
+import itertools
 import logging
 import math
 import ssl
+import time
 from collections.abc import Callable, Collection, Sequence
+from typing import Any, TypeAlias
 
 import trio
 
@@ -36,6 +43,7 @@ from mesh.hbone.events import (
 from mesh.hbone.frames import ErrorCode
 from mesh.hbone.protocol import HboneConnection
 from mesh.hbone.state import SENDING_STATES, TERMINAL_STREAM_STATES, ConnectionState
+from mesh.hbone.tlssocket import TlsSocket
 from mesh.identity import SpiffeId
 from mesh.secrets.errors import PeerIdentityError
 from mesh.secrets.tls import ALPN_H2, check_peer
@@ -46,13 +54,20 @@ RECEIVE_SIZE = 256 * 1024  # bytes read from TLS at a time
 SEND_CHUNK = 256 * 1024  # a tunnel's send_all hands the core this much, then waits for window if needed
 CLOSE_GRACE = 2.0  # seconds to flush a final GOAWAY before the socket is closed anyway
 DRAIN_ON_CLOSE = 5.0  # seconds a tunnel's aclose() waits for its queued bytes to go out
+WRITE_BURST = 100e-6  # output within this long of the last write goes out with the writer task's next write
+YIELD_EVERY = 16  # a tunnel call that did not wait yields to other tasks once in this many calls
 
 
 # -- handshakes ------------------------------------------------------------------------------------------
 
 
-def _peer_name(stream: trio.SSLStream[trio.abc.Stream]) -> str:
-    sock = getattr(stream.transport_stream, "socket", None)
+TlsStream: TypeAlias = TlsSocket | trio.SSLStream[Any]
+
+
+def _peer_name(stream: object) -> str:
+    if isinstance(stream, TlsSocket):
+        return stream.name
+    sock = getattr(getattr(stream, "transport_stream", None), "socket", None)
     try:
         host, port = sock.getpeername()[:2] if sock is not None else ("?", 0)
     except OSError:
@@ -60,7 +75,14 @@ def _peer_name(stream: trio.SSLStream[trio.abc.Stream]) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-async def _handshake(stream: trio.SSLStream[trio.abc.Stream], timeout: float,
+async def _close_now(stream: TlsStream) -> None:
+    if isinstance(stream, TlsSocket):
+        stream.close()
+    else:
+        await trio.aclose_forcefully(stream)
+
+
+async def _handshake(stream: TlsStream, timeout: float,
                      slots: trio.CapacityLimiter | None = None) -> None:
     try:
         with trio.fail_after(timeout):  # waiting for a slot counts: a full listener answers late or never
@@ -71,7 +93,7 @@ async def _handshake(stream: trio.SSLStream[trio.abc.Stream], timeout: float,
                     await stream.do_handshake()
     except trio.TooSlowError:
         raise HandshakeError(f"TLS handshake with {_peer_name(stream)} took over {timeout:g}s") from None
-    except (trio.BrokenResourceError, ssl.SSLError) as exc:
+    except (trio.BrokenResourceError, OSError) as exc:  # ssl.SSLError is an OSError
         cause = exc.__cause__ or exc
         raise HandshakeError(
             f"TLS handshake with {_peer_name(stream)} failed ({cause}): do both sides hold certificates "
@@ -82,7 +104,7 @@ async def _handshake(stream: trio.SSLStream[trio.abc.Stream], timeout: float,
 
 
 async def client_handshake(
-    stream: trio.SSLStream[trio.abc.Stream], expected: Collection[SpiffeId], *, timeout: float = 10.0
+    stream: TlsStream, expected: Collection[SpiffeId], *, timeout: float = 10.0
 ) -> SpiffeId:
     """TLS handshake as the client; the server must present one of `expected`.  Closes `stream` on failure."""
     try:
@@ -94,12 +116,12 @@ async def client_handshake(
                 f"HBONE server {_peer_name(stream)}: {exc}; refusing to send traffic to it"
             ) from None
     except BaseException:
-        await trio.aclose_forcefully(stream)
+        await _close_now(stream)
         raise
 
 
 async def server_handshake(
-    stream: trio.SSLStream[trio.abc.Stream], trust_domain: str | None, *, timeout: float = 10.0,
+    stream: TlsStream, trust_domain: str | None, *, timeout: float = 10.0,
     slots: trio.CapacityLimiter | None = None,
 ) -> SpiffeId | None:
     """TLS handshake as the server; the client must be in `trust_domain` (None: do not check).
@@ -114,11 +136,25 @@ async def server_handshake(
         except PeerIdentityError as exc:
             raise HandshakeError(f"HBONE client {_peer_name(stream)}: {exc}") from None
     except BaseException:
-        await trio.aclose_forcefully(stream)
+        await _close_now(stream)
         raise
 
 
 # -- tunnels ---------------------------------------------------------------------------------------------
+
+
+_calls = itertools.count()
+
+
+async def _checkpoint() -> None:
+    """A tunnel call that did not have to wait: a cancellation point every time, but a yield to other
+    tasks only every YIELD_EVERY-th time.  A yield is a trip through trio's run queue (and often its I/O
+    poll), while such a call is a buffer update.  A loop of them still cannot hold the thread: the inbox
+    empties, the send window runs out, and every YIELD_EVERY-th call yields anyway."""
+    if next(_calls) % YIELD_EVERY:
+        await trio.lowlevel.checkpoint_if_cancelled()
+    else:
+        await trio.lowlevel.checkpoint()
 
 
 class Tunnel(trio.abc.HalfCloseableStream):
@@ -188,20 +224,26 @@ class Tunnel(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is sending on this tunnel")
         self._send_busy = True
         try:
-            view = memoryview(data)
-            if not view:
+            size = len(data)
+            if not size:
                 self._check_can_send()
-            for start in range(0, len(view), SEND_CHUNK):
+            parked = False
+            for start in range(0, size, SEND_CHUNK):
                 while True:
                     self._check_can_send()
                     if self._proto.can_send(self.stream_id):
                         break
                     await self._lot.park()
-                chunk = bytes(view[start : start + SEND_CHUNK])
+                    parked = True
+                if isinstance(data, bytes) and size <= SEND_CHUNK:
+                    chunk = data  # immutable: the core may keep it as it is
+                else:
+                    chunk = bytes(memoryview(data)[start : start + SEND_CHUNK])  # one copy
                 self._proto.send_data(self.stream_id, chunk)
                 self.bytes_sent += len(chunk)
                 self._driver.kick()
-            await trio.lowlevel.checkpoint()
+            if not parked:
+                await _checkpoint()
         finally:
             self._send_busy = False
 
@@ -235,13 +277,18 @@ class Tunnel(trio.abc.HalfCloseableStream):
                 await self._lot.park()
                 parked = True
             if not parked:
-                await trio.lowlevel.checkpoint()
+                await _checkpoint()
             if self._closed:
                 raise trio.ClosedResourceError("this tunnel was closed")
-            if self._inbox:
-                n = len(self._inbox) if max_bytes is None else min(max_bytes, len(self._inbox))
-                data = bytes(self._inbox[:n])
-                del self._inbox[:n]
+            inbox = self._inbox
+            if inbox:
+                n = len(inbox) if max_bytes is None else min(max_bytes, len(inbox))
+                if n == len(inbox):
+                    data = bytes(inbox)
+                    inbox.clear()
+                else:
+                    data = bytes(memoryview(inbox)[:n])
+                    del inbox[:n]
                 self.bytes_received += n
                 self._proto.acknowledge(self.stream_id, n)
                 self._driver.kick()
@@ -279,17 +326,48 @@ class Tunnel(trio.abc.HalfCloseableStream):
 # -- the connection driver ------------------------------------------------------------------------------
 
 
-class _Driver:
-    """Moves bytes between a transport stream and a sans-IO connection: a reader task feeds received
-    bytes in, a writer task sends whatever the core produced, a timer task runs keepalives."""
+class _Output(enum.Enum):
+    """Who writes the core's output to a TlsSocket.
 
-    def __init__(self, proto: HboneConnection, stream: trio.abc.Stream, peer: SpiffeId | None) -> None:
+    DIRECT -> BURST (output within WRITE_BURST of the last write) -> DIRECT (the writer task wrote it);
+    DIRECT or BURST -> BLOCKED (the socket did not take all of a write) -> DIRECT (the writer task finished
+    it once the socket was writable); any -> BROKEN (a write failed, or the connection ended)."""
+
+    DIRECT = "written by the task that produced it"
+    BURST = "left to the writer task, to go out in one write with what the next tasks produce"
+    BLOCKED = "the socket did not take a write: the writer task finishes it when the socket is writable"
+    BROKEN = "nothing more is written"
+
+
+class _Driver:
+    """Moves bytes between a TLS connection and a sans-IO connection; a timer task runs keepalives.
+
+    On a `TlsSocket` (a TCP connection): the reader task reads all that arrived into the core, and
+    whatever the core produced is written at once by the task that caused it (`kick`).  The writer task
+    writes only what the socket did not take (waiting for it to be writable), and the output of a burst:
+    output within WRITE_BURST of the last write (many tunnels' tasks woken together, each with a little
+    to send) is left to it, so that it goes out in one write after they all ran.  On another stream: a
+    reader task feeds received bytes in, a writer task sends whatever the core produced."""
+
+    def __init__(self, proto: HboneConnection, stream: trio.abc.Stream | TlsSocket, peer: SpiffeId | None) -> None:
         self.proto = proto
         self.peer = peer
         self._stream = stream
+        self._tls = stream if isinstance(stream, TlsSocket) else None
+        self._peer_name = _peer_name(stream) if isinstance(stream, TlsSocket | trio.SSLStream) else "peer"
         self._tunnels: dict[int, Tunnel] = {}
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._writer_done = trio.Event()
+        # on a TlsSocket: who writes, the bytes the socket did not take yet (BLOCKED: the same buffer is
+        # offered again, as OpenSSL wants), and the two tasks' waits on each other in the rare case that
+        # TLS must read before it can write on, or write before it can read on
+        self._output = _Output.DIRECT
+        self._pending: bytes | memoryview = b""
+        self._last_write = -math.inf  # when bytes were last written (time.monotonic)
+        self._send_wants_read = False
+        self._reader_wants_write = False
+        self._readable_lot = trio.lowlevel.ParkingLot()
+        self._writable_lot = trio.lowlevel.ParkingLot()
         self._closing = False
         self._finished = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -299,9 +377,19 @@ class _Driver:
     # -- what others call
 
     def kick(self) -> None:
-        """The core may have bytes to send, or a new deadline.  The writer is woken only when there
-        are bytes: most received chunks produce none, and a needless wake-up is a task switch."""
-        if self.proto.has_output():
+        """The core may have bytes to send, or a new deadline.  On a TlsSocket the bytes are written
+        now, from the calling task (in a burst, by the writer task).  Otherwise the writer is woken only
+        when there are bytes: most received chunks produce none, and a needless wake-up is a task switch."""
+        if self._tls is not None:
+            if self._output is _Output.DIRECT and self.proto.has_output():
+                now = time.monotonic()
+                if now - self._last_write >= WRITE_BURST:
+                    self._last_write = now
+                    self._write_out()
+                else:  # a burst: the writer task writes what this and the next tasks produce, at once
+                    self._output = _Output.BURST
+                    self._writer_lot.unpark_all()
+        elif self.proto.has_output():
             self._writer_lot.unpark_all()
         scope = self._timer_scope
         if scope is not None:
@@ -340,25 +428,35 @@ class _Driver:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._writer)
+                nursery.start_soon(self._writer if self._tls is None else self._socket_writer)
                 nursery.start_soon(self._timer)
                 self.kick()
                 task_status.started()
-                await self._reader()
+                if self._tls is None:
+                    await self._reader()
+                else:
+                    await self._socket_reader(self._tls)
                 await trio.sleep_forever()  # _shutdown cancels this once the last bytes are out
         finally:
             self._nursery = None
             for tunnel in list(self._tunnels.values()):
                 tunnel._on_reset(self.close_reason or "connection closed")
             self._finished.set()
-            await trio.aclose_forcefully(self._stream)
+            if self._tls is not None:
+                self._output = _Output.BROKEN
+                self._tls.close()
+            else:
+                assert isinstance(self._stream, trio.abc.Stream)
+                await trio.aclose_forcefully(self._stream)
 
-    # -- tasks
+    # -- tasks on another stream
 
     async def _reader(self) -> None:
+        stream = self._stream
+        assert isinstance(stream, trio.abc.Stream)
         while self.proto.state is not ConnectionState.CLOSED:
             try:
-                data = await self._stream.receive_some(RECEIVE_SIZE)
+                data = await stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 cause = exc.__cause__ or exc
                 events = self.proto.connection_lost(f"connection to {self._name()} broke: {cause}")
@@ -371,11 +469,13 @@ class _Driver:
             self.kick()
 
     async def _writer(self) -> None:
+        stream = self._stream
+        assert isinstance(stream, trio.abc.Stream)
         try:
             while True:
                 data = self.proto.data_to_send()
                 if data:
-                    await self._stream.send_all(data)
+                    await stream.send_all(data)
                 elif self._closing:
                     return
                 else:
@@ -384,6 +484,125 @@ class _Driver:
             self._dispatch(self.proto.connection_lost(f"sending to {self._name()} failed: {exc}"))
         finally:
             self._writer_done.set()
+
+    # -- tasks on a TlsSocket
+
+    async def _socket_reader(self, tls: TlsSocket) -> None:
+        """Read all that arrived (up to RECEIVE_SIZE: a read returns one TLS record, and the core takes
+        them in one batch), feed it to the core, write its answers (`kick`), then wait for the socket
+        to be readable again."""
+        sock, proto = tls.sock, self.proto
+        while proto.state is not ConnectionState.CLOSED:
+            chunks: list[bytes] = []
+            size = 0
+            lost: str | None = None
+            wants_write = False
+            while size < RECEIVE_SIZE:
+                try:
+                    data = sock.recv(RECEIVE_SIZE - size)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLWantWriteError:
+                    wants_write = True
+                    break
+                except OSError as exc:  # ssl.SSLError included
+                    lost = f"connection to {self._name()} broke: {exc}"
+                    break
+                if not data:
+                    lost = f"{self._name()} closed the connection"
+                    break
+                chunks.append(data)
+                size += len(data)
+            if chunks:
+                self._dispatch(proto.receive_data(chunks[0] if len(chunks) == 1 else b"".join(chunks)))
+                self.kick()
+            if lost is not None and proto.state is not ConnectionState.CLOSED:
+                self._dispatch(proto.connection_lost(lost))
+                self.kick()
+            if proto.state is ConnectionState.CLOSED:
+                return
+            try:
+                if wants_write:  # TLS must write before it reads on: the writer task waits for that
+                    self._reader_wants_write = True
+                    self._writer_lot.unpark_all()
+                    await self._writable_lot.park()
+                elif sock.pending():
+                    await trio.lowlevel.checkpoint()
+                else:
+                    await trio.lowlevel.wait_readable(sock)
+                    self._readable_lot.unpark_all()
+            except trio.ClosedResourceError:
+                self._dispatch(proto.connection_lost(f"connection to {self._name()} was closed"))
+                return
+
+    def _write_out(self) -> None:
+        """Write what the core produced, now (the output is DIRECT or BURST)."""
+        while data := self.proto.data_to_send():
+            if not self._send(data):
+                return
+
+    def _send(self, data: bytes | memoryview) -> bool:
+        """One write; False when the socket did not take all of it (BLOCKED) or failed (BROKEN)."""
+        assert self._tls is not None
+        try:
+            sent = self._tls.sock.send(data)
+        except ssl.SSLWantWriteError:
+            sent = 0
+        except ssl.SSLWantReadError:
+            sent = 0
+            self._send_wants_read = True
+        except OSError as exc:  # ssl.SSLError included
+            self._output = _Output.BROKEN
+            self._writer_lot.unpark_all()
+            self._dispatch(self.proto.connection_lost(f"sending to {self._name()} failed: {exc}"))
+            return False
+        if sent == len(data):
+            return True
+        self._output = _Output.BLOCKED
+        self._pending = data if sent == 0 else memoryview(data)[sent:]
+        self._writer_lot.unpark_all()
+        return False
+
+    async def _socket_writer(self) -> None:
+        """Write what a burst produced, finish the writes the socket did not take at once; the only task
+        that waits for the socket to be writable."""
+        assert self._tls is not None
+        sock = self._tls.sock
+        try:
+            while True:
+                output = self._output
+                if output is _Output.BLOCKED or self._reader_wants_write:
+                    if output is _Output.BLOCKED and self._send_wants_read:
+                        self._send_wants_read = False
+                        await self._readable_lot.park()  # the reader wakes it once the socket was readable
+                    else:
+                        await trio.lowlevel.wait_writable(sock)
+                    if self._reader_wants_write:
+                        self._reader_wants_write = False
+                        self._writable_lot.unpark_all()
+                    if self._output is _Output.BLOCKED:
+                        data, self._pending = self._pending, b""
+                        self._output = _Output.DIRECT
+                        if self._send(data):
+                            self._write_out()
+                elif output is _Output.BURST:
+                    self._output = _Output.DIRECT
+                    self._last_write = time.monotonic()
+                    self._write_out()
+                elif output is _Output.BROKEN:
+                    return
+                elif self._closing:
+                    self._write_out()
+                    if self._output is not _Output.BLOCKED:
+                        return
+                else:
+                    await self._writer_lot.park()
+        except trio.ClosedResourceError:
+            self._output = _Output.BROKEN
+        finally:
+            self._writer_done.set()
+
+    # -- the timer
 
     async def _timer(self) -> None:
         while True:
@@ -414,9 +633,7 @@ class _Driver:
             self._nursery.cancel_scope.cancel()
 
     def _name(self) -> str:
-        if isinstance(self._stream, trio.SSLStream):
-            return _peer_name(self._stream)
-        return "peer"
+        return self._peer_name
 
     # -- events
 
