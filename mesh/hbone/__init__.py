@@ -3,8 +3,9 @@
 - `mesh.hbone.protocol` and `sides`: the sans-IO core (`HboneClient`, `HboneServer`): bytes in, events out.
 - `mesh.hbone.headers`: building and checking CONNECT requests (`request_headers`, `parse_connect`).
 - `mesh.hbone.state`: the connection and stream state machines.
-- `mesh.hbone.transport`: the trio layer both sides share (`Tunnel`, handshakes, the connection driver),
-  over TLS on the TCP socket itself (`mesh.hbone.tlssocket`);
+- The trio layer both sides share: `mesh.hbone.handshake` (the TLS handshakes and identity checks),
+  `mesh.hbone.tunnel` (`Tunnel`) and `mesh.hbone.transport` (the connection driver), over TLS on the TCP
+  socket itself (`mesh.hbone.tlssocket`);
   `mesh.hbone.client` (`HboneClientConnection`, `open_hbone_connection`) and `mesh.hbone.server`
   (`serve_hbone`, `InboundRequest`, `TunnelAcceptor`).
 - `mesh.hbone.relay`: `relay()`, copying both ways between two streams with half-close, counting bytes.

@@ -32,10 +32,12 @@ from mesh.hbone.events import (
     StreamReset,
 )
 from mesh.hbone.frames import ErrorCode
+from mesh.hbone.handshake import client_handshake
 from mesh.hbone.headers import Header
 from mesh.hbone.sides import HboneClient
 from mesh.hbone.tlssocket import TlsSocket, tls_over
-from mesh.hbone.transport import Tunnel, _Driver, client_handshake
+from mesh.hbone.transport import _Driver
+from mesh.hbone.tunnel import Tunnel
 from mesh.identity import SpiffeId
 
 log = logging.getLogger(__name__)

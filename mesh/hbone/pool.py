@@ -37,9 +37,10 @@ from cryptography import x509
 from mesh.hbone.client import HboneClientConnection
 from mesh.hbone.config import HboneConfig
 from mesh.hbone.errors import ConnectionNotUsableError, HandshakeError, PoolConnectError
+from mesh.hbone.handshake import client_handshake
 from mesh.hbone.headers import Header
 from mesh.hbone.tlssocket import tls_over
-from mesh.hbone.transport import Tunnel, client_handshake
+from mesh.hbone.tunnel import Tunnel
 from mesh.identity import SpiffeId
 from mesh.secrets.svid import Svid
 

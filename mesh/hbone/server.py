@@ -39,10 +39,12 @@ from mesh.hbone.events import (
     StreamReset,
 )
 from mesh.hbone.frames import ErrorCode
+from mesh.hbone.handshake import _peer_name, server_handshake
 from mesh.hbone.headers import Authority, ConnectRequest, Header
 from mesh.hbone.sides import HboneServer
 from mesh.hbone.tlssocket import TlsSocket, take_over
-from mesh.hbone.transport import Tunnel, _Driver, _peer_name, server_handshake
+from mesh.hbone.transport import _Driver
+from mesh.hbone.tunnel import Tunnel
 from mesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ from mesh.hbone.events import ConnectRequested
 from mesh.hbone.sides import HboneServer
 from mesh.hbone.tlssocket import TlsSocket, take_over, tls_over
 from mesh.hbone.transport import _Output
+from mesh.hbone.tunnel import YIELD_EVERY
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ def test_tunnel_calls_that_do_not_wait_stay_cancellable_and_let_other_tasks_run(
             nursery.start_soon(other)
             await trio.sleep(0.01)
             seen = turns[0]
-            for _ in range(2 * transport.YIELD_EVERY):  # none of these waits: the window is open
+            for _ in range(2 * YIELD_EVERY):  # none of these waits: the window is open
                 await tunnel.send_all(b"y")
             assert turns[0] > seen, "a loop of tunnel calls that never wait held the thread"
             reached = False
@@ -138,8 +139,8 @@ def test_tunnel_calls_that_do_not_wait_stay_cancellable_and_let_other_tasks_run(
                 await tunnel.send_all(b"z")
                 reached = True
             assert scope.cancelled_caught and not reached
-            echoed = await read_exactly(tunnel, 2 * transport.YIELD_EVERY)  # (the "z" may follow: it was queued)
-            assert echoed.startswith(b"y" * 2 * transport.YIELD_EVERY)
+            echoed = await read_exactly(tunnel, 2 * YIELD_EVERY)  # (the "z" may follow: it was queued)
+            assert echoed.startswith(b"y" * 2 * YIELD_EVERY)
             nursery.cancel_scope.cancel()
 
     run(main)
