@@ -4,8 +4,9 @@ One run = `rounds` rounds; each round takes every mode once in the same order (a
 of the machine (thermal, other tenants, page cache) touches every mode alike.  For each mode and round:
 
 1. `enter` reconfigures the same cluster (labels, waypoint, sidecars and their iptables);
-2. the first connection once the mode's capture is in place (what pre-warm saves), then a probe of 200
-   requests proves the path: the mode's proxies must have counted them;
+2. the mode's processes' memory once its capture is in place, before any load (`fresh_rss`); the first
+   connection (what pre-warm saves), then a probe of 200 requests proves the path: the mode's proxies must
+   have counted them;
 3. the load phases, each with the CPU seconds of the mesh's processes (and of the server and the
    client) measured around it from /proc:
    - open:       the fixed rate (1,000 req/s over 16 connections, open loop, our generator);
@@ -45,7 +46,7 @@ from typing import Any
 
 from bench import scale
 from bench.modes import DEFAULT_MODES, MODES, Context, Mode, PathError, Unavailable, last_prewarm
-from bench.netio import Proc, peak_rss_kib, tree_cpu_seconds
+from bench.netio import Proc, peak_rss_kib, rss_kib, tree_cpu_seconds
 from bench.sidecar import Route, SidecarPair, SidecarPod
 from localcluster import lifecycle, spec, state
 from mesh import cgroup as mcgroup
@@ -64,6 +65,8 @@ PHASE_TIMEOUT_SLACK = 60.0
 NEWCONN = "newconn"  # the new-connection phases: "newconn<rate>"
 SCALE_MODES = ("b", "e")  # the modes with a scale phase: the node agents' memory per idle tunnel
 FIRST_CONNECTION_SETTLE = 1.0  # seconds between a mode's capture being in place and its first connection
+FRESH_RSS_SETTLE = 0.5  # seconds between readings of the mode's processes' memory before any load
+FRESH_RSS_STEADY_KIB = 256  # ... until none moved by more than this between two readings
 
 
 class BenchError(Exception):
@@ -90,6 +93,7 @@ class Settings:
     client_cpu: int = -1  # the CPU the client side is pinned to; -1 = the last one
     loadgen_processes: int = 1
     envoy_concurrency: int = 2
+    waypoint_workers: int = 0  # mode c's waypoint --workers (0: the local cluster's default, 1)
     cluster_file: Path = CLUSTER_FILE
     cluster_name: str | None = None  # default: the name in the cluster file
     output_dir: Path = RESULTS_DIR
@@ -358,6 +362,7 @@ class Run:
                                           "error_count": 0}
                 try:
                     mode.enter(ctx)
+                    record["rss_fresh_kib"] = fresh_rss(mode, ctx)
                     record["path"] = self._prove(ctx, mode, target_http)
                 except Unavailable as exc:
                     if any(r["mode"] == key for r in self.results["rounds"]):
@@ -467,6 +472,26 @@ class Run:
         (s.output_dir / ".partial.json").write_text(json.dumps(self.results, indent=1))
 
 
+def fresh_rss(mode: Mode, ctx: Context, settle: float = FRESH_RSS_SETTLE, timeout: float = 20.0) -> dict[str, int]:
+    """The mode's processes' VmRSS once its capture is in place and before any load (not even the probe):
+    what an agent holds with its pods enrolled and nothing to carry, and a fresh waypoint.  Read again every
+    `settle` seconds until no process has moved by more than FRESH_RSS_STEADY_KIB (one still starting up
+    grows), for up to `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not mode.captured(ctx) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    procs = mode.procs(ctx)
+    last = {p.role: rss_kib(p.pid) for p in procs}
+    while time.monotonic() < deadline:
+        time.sleep(settle)
+        now = {p.role: rss_kib(p.pid) for p in procs}
+        steady = all(abs(now[role] - last[role]) <= FRESH_RSS_STEADY_KIB for role in now)
+        last = now
+        if steady:
+            break
+    return last
+
+
 def _safe_leave(mode: Mode, ctx: Context, say: Callable[[str], None]) -> None:
     try:
         mode.leave(ctx)
@@ -496,7 +521,7 @@ def _context(cluster: lifecycle.Cluster, s: Settings) -> Context:
     return Context(plan.name, NAMESPACE, client.netns, server.netns, {n.name: n.netns for n in plan.nodes}, pair,
                    env, service_ip=str(svc.cluster_ip), server_pid=server_pid,
                    client_cgroup=str(mcgroup.v2_root() / client.cgroup), logs_dir=str(cluster.dir / "logs"),
-                   client_node=client.spec.node)
+                   client_node=client.spec.node, waypoint_workers=s.waypoint_workers)
 
 
 def _meta(s: Settings, cluster: str, started: datetime) -> dict[str, Any]:

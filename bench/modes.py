@@ -63,6 +63,7 @@ class Context:
     client_cgroup: str = ""  # the client pod's cgroup v2 directory: clients run in it, as the pod's processes
     logs_dir: str = ""  # where the cluster's processes log (the node agents' logs say what they pre-warmed)
     client_node: str = ""  # the node of the client pod
+    waypoint_workers: int = 0  # the waypoint's worker processes in mode c (0: the cluster's default)
 
     def meshctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ)
@@ -284,7 +285,8 @@ class MeshL7(MeshL4):
 
     def enter(self, ctx: Context) -> None:
         super().enter(ctx)
-        ctx.meshctl_ok("waypoint", "apply", "-n", ctx.namespace, "--enroll-namespace")
+        workers = ["--workers", str(ctx.waypoint_workers)] if ctx.waypoint_workers else []
+        ctx.meshctl_ok("waypoint", "apply", "-n", ctx.namespace, "--enroll-namespace", *workers)
         deadline = time.monotonic() + SWITCH_TIMEOUT
         while not mesh_processes(ctx.cluster, "waypoint"):
             if time.monotonic() > deadline:

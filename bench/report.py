@@ -5,7 +5,8 @@ Aggregation over rounds (all pure, tested without a cluster):
 - added latency: the mode's percentile minus no mesh's, from the same run;
 - CPU per 1,000 requests: the mesh processes' CPU seconds during the fixed-rate phase, summed over
   rounds, divided by the requests completed in those phases, times 1,000;
-- peak RSS: the largest VmHWM any round saw, per process;
+- peak RSS: the largest VmHWM any round saw, per process; fresh RSS: the largest VmRSS any round saw with
+  the mode's capture in place and before any load (the harness's `fresh_rss`), per process;
 - saturation requests/s and stream MB/s: the median over rounds.
 A mode whose rounds had errors is marked in the table; an unavailable mode shows its reason.
 """
@@ -63,10 +64,11 @@ def cpu_per_1k(results: dict[str, Any], mode: str, phase: str = "open") -> dict[
     return out
 
 
-def peak_rss(results: dict[str, Any], mode: str) -> dict[str, int]:
+def peak_rss(results: dict[str, Any], mode: str, figure: str = "peak_rss_kib") -> dict[str, int]:
+    """Per process, the largest of a round's memory `figure` ("peak_rss_kib", "rss_fresh_kib") over the rounds."""
     out: dict[str, int] = {}
     for r in _rounds(results, mode):
-        for role, kib in r.get("peak_rss_kib", {}).items():
+        for role, kib in (r.get(figure) or {}).items():
             out[role] = max(out.get(role, 0), kib)
     return out
 
@@ -97,6 +99,7 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         row["first_connection_us"] = _median(firsts)
         row["scale"] = scale_row(results, key)
         row["peak_rss_kib"] = peak_rss(results, key)
+        row["rss_fresh_kib"] = peak_rss(results, key, "rss_fresh_kib")
         row["error_count"] = sum(r["error_count"] for r in rounds)
         row["errors"] = sorted({e for r in rounds for e in r.get("errors", [])} |
                                {f"{ph}: {k}" for r in rounds for ph, v in r["phases"].items()
@@ -204,18 +207,19 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## Cost and capacity",
         "",
-        "| mode | mesh CPU s / 1,000 req | per process | peak RSS per process | saturation req/s (64 conn) | "
-        "stream MB/s (1 conn) |",
-        "| --- | ---: | --- | --- | ---: | ---: |",
+        "| mode | mesh CPU s / 1,000 req | per process | RSS fresh per process (before any load) | "
+        "peak RSS per process | saturation req/s (64 conn) | stream MB/s (1 conn) |",
+        "| --- | ---: | --- | --- | --- | ---: | ---: |",
     ]
     for key, r in rows.items():
         cpu = r["cpu_per_1k"]
         per = ", ".join(f"{role} {v:.3f}" for role, v in cpu.items() if role != "total") or "-"
-        rss = ", ".join(f"{role} {kib / 1024:.0f} MiB" for role, kib in r["peak_rss_kib"].items()) or "-"
+        rss = _mib(r["peak_rss_kib"])
+        fresh = _mib(r["rss_fresh_kib"])
         total = f"{cpu['total']:.3f}" if "total" in cpu else ("0" if key == BASELINE and r.get("open") else "-")
         sat = f"{r['saturation_rps']:,.0f}" if r["saturation_rps"] is not None else "-"
         stream = f"{r['stream_mb_s']:,.0f}" if r["stream_mb_s"] is not None else "-"
-        lines.append(f"| {key}: {r['title']} | {total} | {per} | {rss} | {sat} | {stream} |")
+        lines.append(f"| {key}: {r['title']} | {total} | {per} | {fresh} | {rss} | {sat} | {stream} |")
     lines += goal_lines(rows)
     lines += newconn_lines(results, rows)
     lines += scale_lines(rows)
@@ -297,15 +301,20 @@ def scale_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
         return []
     lines = ["", "## Scale: idle tunnels held at once", "",
              f"Bound: both node agents together hold an idle tunnel in at most {SCALE_BOUND_KIB:g} KiB.", "",
-             "| mode | tunnels | RSS idle | RSS held | KiB per tunnel (both agents) | within bound | "
-             "mesh CPU s / 1,000 conn opened |", "| --- | ---: | --- | --- | ---: | --- | ---: |"]
+             "*RSS fresh*: capture in place, before any load; *RSS idle*: idle again after the load phases.", "",
+             "| mode | tunnels | RSS fresh | RSS idle | RSS held | KiB per tunnel (both agents) | within bound | "
+             "mesh CPU s / 1,000 conn opened |", "| --- | ---: | --- | --- | --- | ---: | --- | ---: |"]
     for key, sc in scaled.items():
-        idle = ", ".join(f"{role} {kib / 1024:.0f} MiB" for role, kib in sc["rss_idle_kib"].items())
-        held = ", ".join(f"{role} {kib / 1024:.0f} MiB" for role, kib in sc["rss_held_kib"].items())
+        fresh = _mib({role: kib for role, kib in rows[key].get("rss_fresh_kib", {}).items() if role in sc["rss_idle_kib"]})
+        idle, held = _mib(sc["rss_idle_kib"]), _mib(sc["rss_held_kib"])
         ok = "yes" if sc["kib_per_tunnel"] <= SCALE_BOUND_KIB else "**NO**"
-        lines.append(f"| {key}: {rows[key]['title']} | {sc['tunnels']:,} (opened at {sc['opened_per_s']:,.0f}/s) | {idle} | "
-                     f"{held} | {sc['kib_per_tunnel']:.1f} | {ok} | {sc['cpu_per_1k']:.3f} |")
+        lines.append(f"| {key}: {rows[key]['title']} | {sc['tunnels']:,} (opened at {sc['opened_per_s']:,.0f}/s) | {fresh} | "
+                     f"{idle} | {held} | {sc['kib_per_tunnel']:.1f} | {ok} | {sc['cpu_per_1k']:.3f} |")
     return lines
+
+
+def _mib(kib_by_role: dict[str, int]) -> str:
+    return ", ".join(f"{role} {kib / 1024:.0f} MiB" for role, kib in kib_by_role.items()) or "-"
 
 
 def _status(r: dict[str, Any]) -> str:

@@ -1,9 +1,10 @@
-"""Loads the redirect programs into pods, pins them, adopts them after a restart: the only bcc importer.
+"""Loads the redirect programs into pods, pins them, adopts them after a restart.
 
-bcc compiles `connect.bpf.c` and `sklookup.bpf.c` once per process.  Every pod then gets its own
-maps and its own copies of the programs: the compiled instructions with the map references pointed at
-that pod's maps (bcc writes a map's fd into each instruction that loads it; the copy gets the pod's
-map fd instead), loaded through bcc.  (Per-pod maps, because each pod's sockmap holds that pod's
+bcc compiles `connect.bpf.c` and `sklookup.bpf.c` once per process, in a short-lived child process
+(`bpf.compiler`, the only bcc importer), so that LLVM and the compiler's heap never stay in the agent.
+Every pod then gets its own maps and its own copies of the programs: the compiled instructions with the
+map references pointed at that pod's maps (bcc writes a map's fd into each instruction that loads it; the
+copy gets the pod's map fd instead), loaded with libbpf.  (Per-pod maps, because each pod's sockmap holds that pod's
 listener, and because connection 4-tuples seen through loopback repeat from pod to pod.)  The programs are attached with BPF links (connect4, connect6
 and sockops to the pod's cgroup, steer_inbound to its network namespace) and links and maps are
 pinned under `<bpffs>/<prefix>/<pod key>/` (see layout.py), so redirection outlives the process that
@@ -25,11 +26,11 @@ everything new is closed and unpinned, so nothing half-attached is left.
 
 from __future__ import annotations
 
-import ctypes
-import errno
+import json
 import logging
 import os
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Iterable
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bpf import layout, objects
+from bpf.compiler import shape
 from bpf.errors import AttachError, BpfCallError, BpfError, EbpfUnavailable, NoOriginalDestination
 from bpf.pods import (
     LinkState,
@@ -66,18 +68,18 @@ BPF_DIR = Path(__file__).resolve().parent
 DEFAULT_BPFFS = Path("/sys/fs/bpf")
 DEFAULT_PREFIX = "ambient"
 STAGING = "~"  # staging directories are ~new~<pod key> and ~old~<pod key>; no pod key has a "~"
-_PSEUDO_MAP_FD = 1  # src_reg of a 64-bit immediate load that names a map by fd
-_LD_IMM64 = 0x18
+COMPILE_TIMEOUT = 120.0  # seconds the compiler process may take (bcc compiles in a few)
 
 
 # --- compiling, once per process ------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Program:
     spec: layout.ProgramSpec
-    module: Any  # the bcc.BPF the code came from (kept alive: bcc loads copies through it)
     insns: bytes
     map_slots: tuple[tuple[int, str], ...]  # (instruction index, map name)
     tag: str  # the kernel's tag for this code, whatever maps it uses
+    license: str
+    kern_version: int
 
     def uses(self) -> frozenset[str]:
         return frozenset(name for _, name in self.map_slots)
@@ -91,13 +93,11 @@ class _Compiled:
 
 _compile_lock = threading.Lock()
 _compiled: _Compiled | None = None
-_LOAD_HINTS = {layout.PROG_TYPE_SK_LOOKUP: "sk_lookup programs need Linux 5.9 or later",
-               layout.PROG_TYPE_CGROUP_SOCK_ADDR: "cgroup connect programs need Linux 4.17 or later",
-               layout.PROG_TYPE_SOCK_OPS: "sock_ops programs need Linux 4.13 or later"}
 
 
 def compiled() -> _Compiled:
-    """The programs, compiled by bcc and loaded once as a check (which also gives their tags)."""
+    """The programs, compiled by bcc in a child process (`bpf.compiler`) and loaded there once as a check
+    (which also gives their tags)."""
     global _compiled
     with _compile_lock:
         if _compiled is None:
@@ -105,86 +105,38 @@ def compiled() -> _Compiled:
         return _compiled
 
 
-def _bcc() -> tuple[Any, Any]:
-    try:
-        from bcc import BPF
-        from bcc.libbcc import lib
-    except ImportError as exc:
-        raise EbpfUnavailable(f"bcc cannot be imported ({exc}); install the Debian package python3-bpfcc "
-                              "and let the virtual environment see /usr/lib/python3/dist-packages") from exc
-    return BPF, lib
-
-
 def _compile() -> _Compiled:
-    bpf_class, lib = _bcc()
-    maps: dict[str, objects.MapInfo] = {}
-    programs: dict[str, _Program] = {}
-    for source in layout.SOURCES:
-        try:
-            module = bpf_class(src_file=str(BPF_DIR / source).encode(), cflags=[f"-I{BPF_DIR}"])
-        except Exception as exc:  # bcc raises bare Exception; its compiler output went to stderr
-            raise EbpfUnavailable(f"bcc could not compile bpf/{source} ({exc}); compiling needs root and the "
-                                  f"kernel headers under /lib/modules/{os.uname().release}/build") from exc
-        by_fd: dict[int, str] = {}
-        for name in layout.MAPS:
-            fd = lib.bpf_table_fd(module.module, name.encode())
-            if fd < 0:
-                continue
-            by_fd[fd] = name
-            info = objects.map_info(fd)
-            if _shape(maps.setdefault(name, info)) != _shape(info):
-                raise BpfError(f"map {name} is declared differently in the programs' sources")
-        for spec in (p for p in layout.PROGRAMS if p.source == source):
-            start, size = lib.bpf_function_start(module.module, spec.name.encode()), \
-                lib.bpf_function_size(module.module, spec.name.encode())
-            insns = ctypes.string_at(start, size)
-            try:
-                fd = module.load_func(spec.name.encode(), spec.prog_type, attach_type=spec.attach_type).fd
-            except Exception as exc:
-                raise EbpfUnavailable(f"the kernel refused the program {spec.name} ({exc}); "
-                                      f"{_LOAD_HINTS[spec.prog_type]}, and loading needs root") from exc
-            programs[spec.name] = _Program(spec, module, insns, _map_slots(insns, by_fd), objects.prog_info(fd).tag)
+    """Runs `bpf.compiler` on `BPF_DIR` and reads what it printed: LLVM lives only in that child."""
+    argv = [sys.executable, "-m", "bpf.compiler", "--source-dir", str(BPF_DIR)]
+    root = str(Path(__file__).resolve().parents[1])  # where this `bpf` package is, whatever the child's cwd
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, text=True, timeout=COMPILE_TIMEOUT, check=False, env=env)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise EbpfUnavailable(f"the eBPF compiler process could not run ({exc})") from exc
+    try:
+        out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError) as exc:
+        raise EbpfUnavailable(f"the eBPF compiler process exited {done.returncode} without a result") from exc
+    if "error" in out:
+        raise EbpfUnavailable(out["error"]) if out.get("unavailable") else BpfError(out["error"])
+    specs = {spec.name: spec for spec in layout.PROGRAMS}
+    programs = {name: _Program(specs[name], bytes.fromhex(p["insns"]),
+                               tuple((int(i), str(m)) for i, m in p["map_slots"]), p["tag"], p["license"],
+                               int(p["kern_version"]))
+                for name, p in out["programs"].items()}
+    maps = {name: objects.MapInfo(**info) for name, info in out["maps"].items()}
     return _Compiled(programs, maps)
-
-
-def _shape(info: objects.MapInfo) -> tuple[int, ...]:
-    return (info.type, info.key_size, info.value_size, info.max_entries, info.flags)
-
-
-def _map_slots(insns: bytes, by_fd: dict[int, str]) -> tuple[tuple[int, str], ...]:
-    """Where the compiled code loads a map by fd, and which map it is."""
-    slots: list[tuple[int, str]] = []
-    i, count = 0, len(insns) // 8
-    while i < count:
-        code, regs = insns[8 * i], insns[8 * i + 1]
-        src = regs >> 4 if sys.byteorder == "little" else regs & 0xF
-        if code == _LD_IMM64:
-            if src == _PSEUDO_MAP_FD:
-                fd = int.from_bytes(insns[8 * i + 4: 8 * i + 8], sys.byteorder, signed=True)
-                if fd not in by_fd:
-                    raise BpfError(f"compiled code refers to map fd {fd}, which is none of the known maps")
-                slots.append((i, by_fd[fd]))
-            elif src != 0:
-                raise BpfError(f"compiled code uses a 64-bit load of kind {src}, which the loader cannot relocate")
-            i += 2
-        else:
-            i += 1
-    return tuple(slots)
 
 
 def _load_copy(program: _Program, map_fds: dict[str, int]) -> int:
     """Loads the program with its map references pointed at `map_fds`; returns the program fd."""
-    _, lib = _bcc()
     code = bytearray(program.insns)
     for index, name in program.map_slots:
         code[8 * index + 4: 8 * index + 8] = map_fds[name].to_bytes(4, sys.byteorder, signed=True)
-    buf = (ctypes.c_char * len(code)).from_buffer(code)
-    mod, spec = program.module.module, program.spec
-    fd = lib.bcc_func_load(mod, spec.prog_type, spec.name.encode(), buf, len(code), lib.bpf_module_license(mod),
-                           lib.bpf_module_kern_version(mod), 0, None, 0, None, spec.attach_type)
-    if fd < 0:
-        raise BpfCallError(f"loading program {spec.name}", ctypes.get_errno() or errno.EINVAL)
-    return int(fd)
+    spec = program.spec
+    return objects.prog_load(spec.prog_type, spec.name, code, program.license, kern_version=program.kern_version,
+                             expected_attach_type=spec.attach_type)
 
 
 # --- the loader -------------------------------------------------------------------------------------
@@ -362,7 +314,7 @@ class Loader:
                 continue
             try:
                 info = objects.map_info(fd)
-                if _shape(info) != _shape(program_set.maps[name]):
+                if shape(info) != shape(program_set.maps[name]):
                     problems.append(f"map {name} has another type or size than this build's")
                 entries = count_entries(fd, info)
                 if name == layout.MAP_INBOUND_SOCK and entries:

@@ -38,6 +38,7 @@ _SIGNATURES: dict[str, list[type]] = {
     "bpf_map_lookup_elem": [_c_int, _c_ptr, _c_ptr], "bpf_map_delete_elem": [_c_int, _c_ptr],
     "bpf_map_lookup_and_delete_elem": [_c_int, _c_ptr, _c_ptr],
     "bpf_map_get_next_key": [_c_int, _c_ptr, _c_ptr],
+    "bpf_prog_load": [_c_int, _c_str, _c_str, _c_ptr, ctypes.c_size_t, _c_ptr],
 }
 
 
@@ -180,6 +181,46 @@ def link_info(fd: int) -> LinkInfo:
     return LinkInfo(id=info.id, type=info.type, prog_id=info.prog_id, attach_type=attach,
                     cgroup_id=cgroup.cgroup_id if is_cgroup else 0,
                     netns_ino=netns.netns_ino if info.type == LINK_TYPE_NETNS else 0)
+
+
+# --- programs ---------------------------------------------------------------------------------------
+class _ProgLoadOpts(ctypes.Structure):  # libbpf's struct bpf_prog_load_opts (1.1; `sz` tells later versions)
+    _fields_ = [("sz", ctypes.c_size_t), ("attempts", ctypes.c_int), ("expected_attach_type", ctypes.c_uint32),
+                ("prog_btf_fd", ctypes.c_uint32), ("prog_flags", ctypes.c_uint32), ("prog_ifindex", ctypes.c_uint32),
+                ("kern_version", ctypes.c_uint32), ("attach_btf_id", ctypes.c_uint32),
+                ("attach_prog_fd", ctypes.c_uint32), ("attach_btf_obj_fd", ctypes.c_uint32),
+                ("fd_array", ctypes.c_void_p), ("func_info", ctypes.c_void_p), ("func_info_cnt", ctypes.c_uint32),
+                ("func_info_rec_size", ctypes.c_uint32), ("line_info", ctypes.c_void_p),
+                ("line_info_cnt", ctypes.c_uint32), ("line_info_rec_size", ctypes.c_uint32),
+                ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32), ("log_buf", ctypes.c_char_p)]
+
+
+VERIFIER_LOG_SIZE = 1 << 16
+
+
+def prog_load(prog_type: int, name: str, insns: bytes | bytearray, license: str, *, kern_version: int = 0,
+              expected_attach_type: int = 0) -> int:
+    """Loads compiled instructions (8 bytes each) as a program; the program fd.  When the kernel refuses
+    them, the load is tried once more with the verifier's log, whose end goes into the error."""
+    code = (ctypes.c_char * len(insns)).from_buffer_copy(bytes(insns))
+
+    def load(log: ctypes.Array[ctypes.c_char] | None) -> int:
+        opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), expected_attach_type=expected_attach_type,
+                             kern_version=kern_version, log_level=1 if log is not None else 0,
+                             log_size=len(log) if log is not None else 0,
+                             log_buf=ctypes.cast(log, ctypes.c_char_p) if log is not None else None)
+        return int(_lib().bpf_prog_load(prog_type, name[:15].encode(), license.encode(), code, len(insns) // 8,
+                                        ctypes.byref(opts)))
+
+    fd = load(None)
+    if fd >= 0:
+        return fd
+    log = ctypes.create_string_buffer(VERIFIER_LOG_SIZE)
+    retry = load(log)
+    if retry >= 0:
+        return retry
+    tail = log.value.decode(errors="replace").strip().splitlines()[-3:]
+    return _check(fd, f"loading program {name}" + (f" (verifier: {' / '.join(tail)})" if tail else ""))
 
 
 # --- maps -------------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="idle tunnels held in the scale phase of b and e (default 10000; --quick 2000; 0: none)")
     p.add_argument("--client-cpu", type=int, metavar="CPU", help="CPU the client side is pinned to (default: the last)")
     p.add_argument("--cluster-name", metavar="NAME", help="name of the bench cluster (default: bench)")
+    p.add_argument("--waypoint-workers", type=int, metavar="N",
+                   help="worker processes of mode c's waypoint (default: the local cluster's, 1)")
     p.add_argument("--output", metavar="DIR", help="where results go (default bench/results)")
     p.set_defaults(func=cmd_bench)
 
@@ -79,6 +81,11 @@ def settings_from(args: argparse.Namespace) -> object:
         overrides["client_cpu"] = args.client_cpu
     if args.cluster_name:
         overrides["cluster_name"] = args.cluster_name
+    workers = getattr(args, "waypoint_workers", None)
+    if workers is not None:
+        if not 1 <= workers <= 8:
+            raise UsageError(f"--waypoint-workers {workers}: give a number from 1 to 8")
+        overrides["waypoint_workers"] = workers
     if args.output:
         overrides["output_dir"] = Path(args.output)
     return Settings.quick(**overrides) if args.quick else dataclasses.replace(Settings(), **overrides)

@@ -8,6 +8,7 @@
                                                uvloop in a thread of its own; the rest is trio)
     certificates (CA, on behalf of the node's pods)   metrics :15020   readiness :15021   admin :15000
     tunnel spans (`nodeagent.tracing`) ──> OTLP exporter (--otlp-endpoint), in the background
+    memory: the freed heap returned to the system after a load drops (`memory.Trimmer`)
 
 `serve` reads in order: metrics registry, mesh state, certificates (the CA, asked on behalf of the node's
 pods with the node's token), discovery feeding the state, the serving endpoints, then the enroller, which
@@ -52,6 +53,7 @@ from nodeagent.dns.metrics import DnsMetrics
 from nodeagent.dns.server import DnsProxy, PodDns
 from nodeagent.dns.upstream import Resolver, Upstream
 from nodeagent.enroll import Enroller
+from nodeagent.memory import Trimmer
 from nodeagent.metrics import NodeAgentMetrics
 from nodeagent.options import Options
 from nodeagent.pods.cni import CniPodSource
@@ -127,6 +129,7 @@ async def enroll_pods(opts: Options, agent: Agent) -> None:
         await nursery.start(enroller.run)
         if isinstance(pods, CniPodSource):
             await nursery.start(HandoverServer(opts.cni_socket, pods, enroller).serve)
+        nursery.start_soon(Trimmer(agent.open_connections, opts.memory_trim_interval).run)
         agent.taking_pods = True
         log.info('{"event": "ready", "node": "%s", "enrolled": %d}', opts.node, len(enroller.enrolled))
         while True:
@@ -249,6 +252,16 @@ class Agent:
                 await trio.sleep(DRAIN_POLL)
         log.info('{"event": "drained", "node": "%s", "pods": %d, "seconds": %.2f, "connections_left": %d}',
                  self._node, len(proxies), trio.current_time() - started, left)
+
+    async def open_connections(self) -> int:
+        """The connections the enrolled pods have open and the pooled HBONE connections (what the memory
+        trimmer watches)."""
+        enrolled = list(self.enroller.enrolled.values()) if self.enroller is not None else []
+        pods = sum([await handle.open_connections() for _, handle in enrolled if isinstance(handle, PodProxy)])
+        return pods + await self.engine.call(self._pooled)
+
+    async def _pooled(self) -> int:  # on the engine, which changes the pool
+        return self.pool.connection_count()
 
     def close_pods(self) -> None:
         """Let go of the pods' namespaces the pod source holds (their capture stays)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mesh import defaults, runtime
 from mesh.errors import MeshError
-from nodeagent import app
+from nodeagent import app, memory
 from nodeagent.cni.protocol import DEFAULT_SOCKET as CNI_SOCKET
 from nodeagent.dns.upstream import parse_upstreams, system_upstreams
 from nodeagent.options import POD_SOURCES, Options
@@ -62,6 +62,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                         "endpoints (default: the nameservers of the agent's /etc/resolv.conf)")
     p.add_argument("--dns-timeout", type=float, default=2.0, metavar="SECONDS",
                    help="how long an upstream resolver has to answer (default %(default)s)")
+    p.add_argument("--memory-trim-interval", type=float, default=memory.TRIM_INTERVAL, metavar="SECONDS",
+                   help="how often the agent looks whether its open connections have fallen a lot, and then "
+                        "returns the freed heap to the system (0: never; default %(default)s)")
     runtime.add_flags(p, token_help="this node's token, as the control plane issued it")
     args = p.parse_args(argv)
     try:
@@ -77,6 +80,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         p.error("--hbone-max-connections and --hbone-max-handshakes must be at least 1")
     if args.drain_seconds < 0:
         p.error("--drain-seconds must not be negative")
+    if args.memory_trim_interval < 0:
+        p.error("--memory-trim-interval must not be negative")
     if args.pod_source == "local" and not args.pod_netns:
         p.error("--pod-netns is required with --pod-source local")
     return Options(node=args.node, pod_source=args.pod_source, cni_socket=args.cni_socket,
@@ -84,7 +89,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                    redirect_mode=args.redirect_mode, bpf_prefix=args.bpf_prefix, state_dir=args.state_dir,
                    hbone_max_connections=args.hbone_max_connections, hbone_max_handshakes=args.hbone_max_handshakes,
                    drain_seconds=args.drain_seconds, dns_capture=args.dns_capture, dns_upstream=dns_upstream,
-                   dns_timeout=args.dns_timeout,
+                   dns_timeout=args.dns_timeout, memory_trim_interval=args.memory_trim_interval,
                    **runtime.flag_values(p, args))
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mesh import defaults
 from mesh.runtime import ProcessOptions
+from nodeagent import memory
 from nodeagent.cni.protocol import DEFAULT_SOCKET as CNI_SOCKET
 
 POD_SOURCES = ("local", "cni")
@@ -30,3 +31,4 @@ class Options(ProcessOptions):
     dns_capture: bool = defaults.DNS_CAPTURE  # the DNS proxy: pods' queries to port 53 go to 127.0.0.1:15053
     dns_upstream: tuple[tuple[str, int], ...] = ()  # where unknown names are forwarded (); the agent's resolv.conf
     dns_timeout: float = 2.0  # seconds an upstream resolver has to answer
+    memory_trim_interval: float = memory.TRIM_INTERVAL  # seconds between looks for a dropped load (0: never trim)

@@ -53,6 +53,9 @@ def test_bench_quick_writes_results_and_cleans_up(meshctl: Meshctl, tmp_path: Pa
             assert sc["opened"] == 300 and sc["error_count"] == 0, sc
             assert set(sc["rss_held_kib"]) == {"nodeagent node-1", "nodeagent node-2"}
             assert all(v > 0 for v in sc["rss_idle_kib"].values())
+            # and before any load, once the mode's capture was in place
+            assert set(ran[0]["rss_fresh_kib"]) == {"nodeagent node-1", "nodeagent node-2"}
+            assert all(v > 0 for v in ran[0]["rss_fresh_kib"].values())
             assert results["summary"][key]["scale"]["tunnels"] == 300
             # on enrollment, the client's node agent opened the HBONE connection to the server ahead of time
             assert (ran[0]["first_connection"]["prewarmed"] or {}).get("dialled") == 1, ran[0]["first_connection"]

@@ -537,3 +537,30 @@ def test_a_kernel_refusal_midway_leaves_nothing_attached(
         assert accept(agent.peer)[1] == "unattached"
     finally:
         loader.detach_pod(pod.id)
+
+
+def test_the_compiler_lives_in_a_child_process_and_never_in_the_loaders(loader: Loader) -> None:
+    loader.probe()  # compiled (once per process), by `bpf.compiler` in a child
+    mapped = Path("/proc/self/maps").read_text()
+    assert "libLLVM" not in mapped and "libclang" not in mapped and "libbcc" not in mapped
+    assert "bcc" not in sys.modules
+    # What the child printed is what this process loads copies of: the kernel's tags agree.
+    program_set = loader_module.compiled()
+    maps = [objects.map_create(spec) for spec in program_set.maps.values()]
+    try:
+        fds = dict(zip(program_set.maps, maps, strict=True))
+        for name, program in program_set.programs.items():
+            fd = loader_module._load_copy(program, fds)
+            try:
+                assert objects.prog_info(fd).tag == program.tag, name
+            finally:
+                os.close(fd)
+    finally:
+        for fd in maps:
+            os.close(fd)
+
+
+def test_a_program_the_verifier_refuses_says_what_the_verifier_said() -> None:
+    exit_only = bytes([0x95, 0, 0, 0, 0, 0, 0, 0])  # "exit" with r0 never set
+    with pytest.raises(BpfCallError, match=r"loading program refused .*verifier: .*R0 !read_ok"):
+        objects.prog_load(layout.PROG_TYPE_SOCK_OPS, "refused", exit_only, "GPL")

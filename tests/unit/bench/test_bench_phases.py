@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bench import newconn_bench, scale
-from bench.harness import Settings, newconn_phase, newconn_rate
+from bench.harness import Settings, fresh_rss, newconn_phase, newconn_rate
 from bench.modes import MODES, L4Floor, PathError
 from bench.netio import Proc
 from bench.sidecar import Route, SidecarPair, SidecarPod
@@ -120,6 +120,24 @@ def test_scale_measure_reads_memory_and_cpu_around_the_client(server: tuple[int,
     assert out["rss_idle_kib"]["server"] > 0 and "server" in out["kib_per_tunnel"]
     assert out["cpu_per_1k_connections"] >= 0 and "server" in out["mesh_cpu_seconds"]
     assert 0 <= out["quiet_after_s"] <= scale.QUIET_TIMEOUT + 1
+
+
+def test_fresh_memory_is_read_once_the_capture_is_in_place_and_steady(server: tuple[int, int]) -> None:
+    _, pid = server
+
+    class Capturing(L4Floor):  # its capture appears at the third look; its one process is the server
+        looks = 0
+
+        def captured(self, ctx: object) -> bool:
+            self.looks += 1
+            return self.looks >= 3
+
+        def procs(self, ctx: object) -> list[Proc]:
+            return [Proc("server", pid)]
+
+    mode = Capturing()
+    fresh = fresh_rss(mode, None, settle=0.01, timeout=10.0)  # type: ignore[arg-type]
+    assert mode.looks == 3 and set(fresh) == {"server"} and fresh["server"] > 0
 
 
 def test_scale_client_refuses_more_tunnels_than_it_may_open() -> None:

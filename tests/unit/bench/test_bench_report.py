@@ -106,6 +106,7 @@ def _with_new_phases() -> dict[str, Any]:
         rnd["phases"]["newconn200"] = _open_phase([lat] * 1000, cpu)
         rnd["first_connection"] = {"latency_us": lat * 2, "errors": {}}
         if rnd["mode"] == "b":
+            rnd["rss_fresh_kib"] = {"nodeagent node-1": 40_000 + 1024 * rnd["round"], "nodeagent node-2": 45_000}
             rnd["phases"]["scale"] = {
                 "tunnels": 1000, "rate": 1000.0, "opened": 1000, "opened_per_s": 400.0, "completed": 1000,
                 "error_count": 0,
@@ -136,6 +137,11 @@ def test_markdown_shows_the_ratios_new_connections_and_scale() -> None:
     row = next(line for line in md.splitlines() if line.startswith("| b: mesh L4 | 1,000"))
     assert "| 18.0 |" in row and "| 2.500 |" in row and "(opened at 400/s)" in row
     assert ("| yes |" in row) is (report.SCALE_BOUND_KIB >= 18.0)
+    # fresh (before any load: the largest over rounds) beside idle after the load phases and held
+    assert "| nodeagent node-1 41 MiB, nodeagent node-2 44 MiB | nodeagent node-1 68 MiB, nodeagent node-2 59 MiB |" in row
+    cost = next(line for line in md.splitlines() if line.startswith("| b: mesh L4 | 0.400 |"))
+    assert "| nodeagent node-1 41 MiB, nodeagent node-2 44 MiB | nodeagent node-1 49 MiB" in cost
+    assert "| d: sidecars | 0.600 | envoy client 0.300, envoy server 0.300 | - |" in md
 
 
 def test_no_new_phases_no_new_sections() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bpf import layout
-from bpf.loader import _map_slots
+from bpf.compiler import map_slots
 
 HEADER = Path(layout.__file__).with_name(layout.HEADER)
 _C_SIZES = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8}
@@ -98,10 +98,10 @@ def test_map_slots_finds_the_map_loads_and_skips_their_second_half() -> None:
             + _insn(0x18, dst=2, imm=5) + _insn(0, imm=1)  # r2 = plain 64-bit constant
             + _insn(0x18, dst=1, src=1, imm=43) + _insn(0)
             + _insn(0x95))  # exit
-    assert _map_slots(code, {42: "pod_config", 43: "orig_by_conn"}) == ((1, "pod_config"), (5, "orig_by_conn"))
+    assert map_slots(code, {42: "pod_config", 43: "orig_by_conn"}) == ((1, "pod_config"), (5, "orig_by_conn"))
 
 
 def test_map_slots_refuses_an_unknown_map() -> None:
     from bpf.errors import BpfError
     with pytest.raises(BpfError, match="map fd 9"):
-        _map_slots(_insn(0x18, src=1, imm=9) + _insn(0), {42: "pod_config"})
+        map_slots(_insn(0x18, src=1, imm=9) + _insn(0), {42: "pod_config"})

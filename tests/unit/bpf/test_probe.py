@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bpf import compiler
 from bpf import loader as loader_module
 from bpf.errors import IPTABLES_HINT, EbpfUnavailable, PodTargetError
 from bpf.loader import Loader
@@ -41,7 +42,7 @@ def test_no_cgroup_v2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_no_bcc(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "bcc", None)
     with pytest.raises(EbpfUnavailable, match="python3-bpfcc"):
-        loader_module._bcc()
+        compiler._bcc()
 
 
 @pytest.mark.parametrize("prefix", ["", "a/b", "with.dot"])
