@@ -8,7 +8,8 @@ TLS 1.3, HTTP/2 CONNECT, pooled) -> server relay (HBONE in, plain TCP out) -> be
 answers).  Server and relays share CPU 0, the generators run on CPU 1.  Per variant and round: the
 fixed-rate phase (open loop, 16 connections; latency from the scheduled time), the relays' CPU seconds
 per 1,000 requests (utime + stime of both processes), saturation (wrk, 64 connections, 5 s) and one
-stream's MB/s (bench/stream.py).  Variants:
+stream's MB/s (bench/stream.py); then new connections (one request each, 200 a second, `--newconn-seconds`):
+their p50 and the relays' CPU seconds per 1,000 of them.  Variants:
 
 - `engine`: the agent's data path: asyncio Protocols on uvloop (`mesh.hbone.aio`, `aiopool`, `splice`);
 - `epoll`: one `select.epoll` loop driving non-blocking `ssl.SSLSocket`s with the same sans-IO core,
@@ -17,8 +18,10 @@ stream's MB/s (bench/stream.py).  Variants:
   its new-connection figure is not comparable);
 - `trio-raw`: trio driving a non-blocking `ssl.SSLSocket` with `wait_readable`/`wait_writable`, the
   same sans-IO core, relaying from the receiving task (written here, for the comparison only);
-- `trio`: `trio.SSLStream` with the reader/writer tasks of `mesh.hbone.transport` (the waypoint's);
-- `trio-base`: `trio` run from `--base DIR` (a checkout of an earlier tree: the agent as it was);
+- `trio`: `mesh.hbone.transport` (the waypoint's): TLS on the socket driven by trio's readiness waits,
+  writes from the task that produced them (a burst's by the writer task), `mesh.hbone.relay`;
+- `trio-base`, `engine-base`: `trio` or `engine` run from `--base DIR` (a checkout of an earlier tree:
+  the agent as it was), for a before/after in one run;
 - `envoy-tcp`: an Envoy pair with `tcp_proxy` and mutual TLS (1 worker each): the L4 floor;
 - `envoy-http`: the sidecar pair's job (HTTP/1.1 in, HTTP/2 over mutual TLS, HTTP/1.1 out; 2 workers
   each, Istio's default), the stream over `tcp_proxy` as the sidecars carry a TCP port.
@@ -32,6 +35,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import inspect
 import json
 import os
 import shutil
@@ -107,6 +111,7 @@ async def _engine_relay(side: str, ctx: ssl.SSLContext, ports: list[int], upstre
     loop = asyncio.get_running_loop()
     if side == "client":
         pool = AioPool(tcp_connect, lambda _: ctx)
+        early = "ahead" in inspect.signature(pool.open_tunnel).parameters  # not in an earlier tree (--base)
         hbone = _split(upstreams[0])
         for port, authority in zip(ports, upstreams[1:], strict=True):
             key = PoolKey(SpiffeId.parse(CLIENT_ID), expected, hbone)  # type: ignore[arg-type]
@@ -118,8 +123,9 @@ async def _engine_relay(side: str, ctx: ssl.SSLContext, ports: list[int], upstre
                     loop.create_task(self.run(key, authority))
 
                 async def run(self, key: PoolKey, authority: str) -> None:
-                    try:
-                        tunnel = await pool.open_tunnel(key, authority)
+                    try:  # the client's first bytes as early data, as the node agent sends them
+                        opening = pool.open_tunnel(key, authority, ahead=self) if early else pool.open_tunnel(key, authority)
+                        tunnel = await opening
                     except Exception:
                         self.abort()
                         return
@@ -680,11 +686,11 @@ def measure(variant: str, args: argparse.Namespace, certs: Path, origin: tuple[i
         hbone, plain, sink = free_port(), free_port(), free_port()
         env = dict(os.environ)
         cwd = str(ROOT)
-        if variant == "trio-base":
+        if variant.endswith("-base"):
             cwd = args.base
             env["PYTHONPATH"] = args.base
             shutil.copy(__file__, Path(args.base) / "bench" / "relay_bench.py")
-        kind = "trio" if variant == "trio-base" else variant
+        kind = variant.removesuffix("-base")
         py = [sys.executable, "-m", "bench.relay_bench", "relay", "--variant", kind, "--certs", str(certs)]
         server = on_cpu(0, [*py, "--side", "server", "--listen", str(hbone), "--upstream", "unused"], cwd=cwd, env=env)
         wait_port(hbone)
@@ -703,8 +709,10 @@ def measure(variant: str, args: argparse.Namespace, certs: Path, origin: tuple[i
         rps = next((float(line.split()[1]) for line in wrk.splitlines() if line.startswith("Requests/sec")), 0.0)
         stream = run_json([sys.executable, "-m", "bench.stream", "--target", f"127.0.0.1:{sink}",
                            "--bytes", str(args.stream_mib << 20)], 1)
+        cpu2 = cpu_seconds(server.pid) + cpu_seconds(client.pid)
         newconn = run_json([sys.executable, "-m", "bench.newconn_bench", "--target", f"127.0.0.1:{plain}",
-                            "--rate", "200", "--duration", "1.5"], 1)
+                            "--rate", "200", "--duration", str(args.newconn_seconds)], 1)
+        cpu3 = cpu_seconds(server.pid) + cpu_seconds(client.pid)
     finally:
         for p in (client, server):
             p.kill()
@@ -712,7 +720,10 @@ def measure(variant: str, args: argparse.Namespace, certs: Path, origin: tuple[i
     pct = fixed.get("latency_us") or {"p50": 0, "p90": 0, "p99": 0}
     return {"cpu_per_1000": (cpu1 - cpu0) / max(fixed["completed"], 1) * 1000, "p50": pct["p50"], "p90": pct["p90"],
             "p99": pct["p99"], "saturation": rps, "stream": float(stream.get("mb_per_s", 0.0)),
-            "newconn_p50": float(newconn.get("latency_us", {}).get("p50", 0.0)), "errors": float(fixed.get("error_count", -1))}
+            "newconn_p50": float(newconn.get("latency_us", {}).get("p50", 0.0)),
+            "newconn_p99": float(newconn.get("latency_us", {}).get("p99", 0.0)),
+            "newconn_cpu_per_1000": (cpu3 - cpu2) / max(newconn.get("completed", 0), 1) * 1000,
+            "errors": float(fixed.get("error_count", -1))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -729,7 +740,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--stream-mib", type=int, default=128)
-    p.add_argument("--base", default="", help="a checkout of an earlier tree, for the variant trio-base")
+    p.add_argument("--newconn-seconds", type=float, default=1.5, help="seconds of the new-connection phase")
+    p.add_argument("--base", default="", help="a checkout of an earlier tree, for the variants trio-base and engine-base")
     args = p.parse_args(argv)
     if args.cmd == "relay":
         relay_main(args)
@@ -754,13 +766,14 @@ def main(argv: list[str] | None = None) -> int:
             origin.wait()
     print(f"direct p50 {base_p50:.0f} us; {args.rounds} round(s), {args.rate:.0f} req/s x {args.duration:g} s; medians")
     print(f"{'variant':10} {'CPU s/1000':>10} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8} {'sat req/s':>10} {'MB/s':>7} "
-          f"{'new conn p50':>12} {'x first CPU':>12}")
+          f"{'new conn p50':>12} {'p99':>7} {'CPU/1000 conn':>13} {'x first CPU':>12}")
     med = {v: {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in rs[0]} for v, rs in results.items()}
     ref = med[variants[0]]["cpu_per_1000"] or 1.0
     for v in variants:
         m = med[v]
         print(f"{v:10} {m['cpu_per_1000']:10.3f} {m['p50']:8.0f} {m['p90']:8.0f} {m['p99']:8.0f} "
-              f"{m['saturation']:10.0f} {m['stream']:7.0f} {m['newconn_p50']:12.0f} {m['cpu_per_1000'] / ref:12.2f}")
+              f"{m['saturation']:10.0f} {m['stream']:7.0f} {m['newconn_p50']:12.0f} {m['newconn_p99']:7.0f} "
+              f"{m['newconn_cpu_per_1000']:13.3f} {m['cpu_per_1000'] / ref:12.2f}")
     print(json.dumps(results))
     return 0
 

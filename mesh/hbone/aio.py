@@ -24,6 +24,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Protocol
 
 from mesh.hbone.config import HboneConfig
 from mesh.hbone.errors import (
@@ -64,6 +65,12 @@ log = logging.getLogger(__name__)
 DRAIN_ON_CLOSE = 5.0  # seconds a finished tunnel's queued bytes may wait for window before a reset
 _TIMED_OUT = object()
 _REFUSED = object()  # the server reset the CONNECT unprocessed (REFUSED_STREAM): safe to send elsewhere
+
+
+class SendsAhead(Protocol):
+    """A client end that writes its bytes to a tunnel before the tunnel is answered (`PlainEnd`)."""
+
+    def send_ahead(self, end: TunnelEnd | None) -> None: ...
 
 
 class TunnelEnd:
@@ -176,6 +183,14 @@ class TunnelEnd:
         else:
             conn.dispatch(conn.proto.reset(self.stream_id, ErrorCode.CANCEL))  # a no-op once both ended
         conn.release(self)
+
+    def drop_early(self) -> None:
+        """The stream is gone before it was joined: what it kept (early data, which nothing will read)
+        is given back to the connection's window."""
+        if self._early:
+            held = sum(length for _, length in self._early)
+            self._early = []
+            self.conn.proto.acknowledge(self.stream_id, held)
 
     def _give_up(self) -> None:
         self.conn.dispatch(self.conn.proto.reset(self.stream_id, ErrorCode.CANCEL))
@@ -292,6 +307,7 @@ class AioHbone(asyncio.Protocol):
             end = self.ends.pop(event.stream_id, None)
             if end is not None:
                 self.blocked.discard(end)
+                end.drop_early()
                 if event.error_code == ErrorCode.REFUSED_STREAM and end.answer is not None and not end.answer.done():
                     end.answer.set_result(_REFUSED)  # a server draining after GOAWAY (RFC 9113, 8.7)
                 end.on_reset(event.reason)
@@ -324,6 +340,7 @@ class AioHbone(asyncio.Protocol):
                 self.transport.close()
 
     def release(self, end: TunnelEnd) -> None:
+        end.drop_early()
         if self.ends.get(end.stream_id) is end:
             del self.ends[end.stream_id]
             self.blocked.discard(end)
@@ -398,9 +415,14 @@ class AioClientConnection(AioHbone):
     def can_open_tunnel(self) -> bool:
         return self.started and not self.is_closed and self.proto.can_open_stream()
 
-    async def open_tunnel(self, authority: str, headers: Sequence[Header] = ()) -> TunnelEnd:
+    async def open_tunnel(self, authority: str, headers: Sequence[Header] = (),
+                          ahead: SendsAhead | None = None) -> TunnelEnd:
         """CONNECT to `authority`; the tunnel once the server answered 2xx.  Raises as the trio client
-        does: `TunnelRejected`, `TunnelReset`, `TunnelTimeout`, `ConnectionNotUsableError`."""
+        does: `TunnelRejected`, `TunnelReset`, `TunnelTimeout`, `ConnectionNotUsableError`.
+
+        `ahead`: the client end whose bytes go out as early data, with the HEADERS and as they come
+        until the answer (`PlainEnd.send_ahead`), saving the first request a round trip; it keeps them
+        until it is joined, so a CONNECT refused unprocessed can be opened elsewhere with them again."""
         if not self.started or self.is_closed:
             raise ConnectionNotUsableError("the HBONE connection is not running (or already closed)")
         stream_id = self.proto.open_stream(authority, headers)
@@ -408,6 +430,8 @@ class AioClientConnection(AioHbone):
         answer = end.answer = self.loop.create_future()
         self.ends[stream_id] = end
         self._idle_since = None
+        if ahead is not None:
+            ahead.send_ahead(end)
         self.flush()
         timeout = self.proto.config.answer_timeout
         timer = self.loop.call_later(timeout, _expire, answer)
@@ -418,6 +442,8 @@ class AioClientConnection(AioHbone):
             raise
         finally:
             timer.cancel()
+            if ahead is not None:
+                ahead.send_ahead(None)
         if result is _TIMED_OUT:
             end.abort()
             raise TunnelTimeout(

@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from mesh.hbone.aio import AioClientConnection, TunnelEnd, dial
+from mesh.hbone.aio import AioClientConnection, SendsAhead, TunnelEnd, dial
 from mesh.hbone.config import HboneConfig
 from mesh.hbone.errors import ConnectionNotUsableError, HandshakeError, PoolConnectError
 from mesh.hbone.headers import Header
@@ -91,9 +91,11 @@ class AioPool:
     def connection_count(self) -> int:
         return sum(len(c) for c in self._connections.values())
 
-    async def open_tunnel(self, key: PoolKey, authority: str, headers: Sequence[Header] = ()) -> TunnelEnd:
-        """A tunnel to `authority` over a pooled connection for `key` (dialled if needed).  Raises
-        `PoolConnectError` if no connection could be made, `TunnelRejected` if the server said no."""
+    async def open_tunnel(self, key: PoolKey, authority: str, headers: Sequence[Header] = (),
+                          ahead: SendsAhead | None = None) -> TunnelEnd:
+        """A tunnel to `authority` over a pooled connection for `key` (dialled if needed), `ahead`'s
+        bytes sent as early data (`AioClientConnection.open_tunnel`).  Raises `PoolConnectError` if no
+        connection could be made, `TunnelRejected` if the server said no."""
         for _ in range(3):  # a connection may start draining between choosing it and using it
             conn = self._pick(key)
             if conn is None:
@@ -105,7 +107,7 @@ class AioPool:
                         await self._dial(key)
                 continue
             try:
-                return await conn.open_tunnel(authority, headers)
+                return await conn.open_tunnel(authority, headers, ahead)
             except ConnectionNotUsableError:
                 continue
         raise PoolConnectError(f"no usable HBONE connection to {key.describe()} after 3 attempts")

@@ -205,9 +205,16 @@ class HboneConnection:
     def can_send(self, stream_id: int) -> bool:
         """Whether a writer may hand over more bytes now (else wait for `StreamWritable`)."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.state not in SENDING_STATES:
+        if stream is None or not self._may_send(stream):
             return False
         return len(stream.outbound) < self.config.send_buffer_low_water
+
+    def _may_send(self, stream: TunnelStream) -> bool:
+        """Open for sending; or, on the client, a CONNECT not answered yet: early data, which the server
+        holds until it is connected upstream and drops if it refuses the stream (RFC 9113 allows DATA
+        on an open stream before the response).  END_STREAM still waits for the answer."""
+        state = stream.state
+        return state in SENDING_STATES or (state is StreamState.PENDING and self._client_side)
 
     # -- bytes in ----------------------------------------------------------------------------------------
 
@@ -507,6 +514,8 @@ class HboneConnection:
         """Half-close: END_STREAM after the queued bytes (the tunnel's FIN).  The events are empty
         unless that finished the last stream of a draining connection (`ConnectionClosed`)."""
         stream = self._sending_stream(stream_id)
+        if stream.state is StreamState.PENDING:
+            raise ProtocolUsageError(f"stream {stream_id} cannot end before the CONNECT is answered")
         stream.advance(StreamInput.LOCAL_END)
         stream.fin_queued = True
         self._flush(stream)
@@ -546,7 +555,7 @@ class HboneConnection:
         stream = self._streams.get(stream_id)
         if stream is None:
             raise ProtocolUsageError(f"stream {stream_id} is not an open HBONE tunnel")
-        if stream.state not in SENDING_STATES or stream.fin_queued:
+        if not self._may_send(stream) or stream.fin_queued:
             raise ProtocolUsageError(f"stream {stream_id} cannot send while {stream.state.value}")
         if self._state is ConnectionState.CLOSED:
             raise ConnectionNotUsableError("the HBONE connection is closed")

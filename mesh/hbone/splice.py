@@ -75,6 +75,13 @@ class Splice:
         if not dst.writable:
             src.pause_reading()
 
+    def sent_ahead(self, side: int, n: int) -> None:
+        """`side` received `n` bytes that were written to the other end before the join (early data):
+        counted, not written again."""
+        self.counts[side] += n
+        if self._tell is not None:
+            self._tell[side](n)
+
     def drained(self, side: int) -> None:
         """`side` takes writes again: the other end may read on."""
         if not self.done.done():
@@ -103,7 +110,8 @@ class Splice:
 
 class PlainEnd(asyncio.Protocol):
     """A TCP connection as an end.  Bytes that arrive before it is joined are kept (up to
-    `EARLY_LIMIT`, then it stops reading) and handed over when it is."""
+    `EARLY_LIMIT`, then it stops reading) and handed over when it is; `send_ahead` also writes them,
+    as they come, to an end not joined yet (a tunnel whose CONNECT awaits its answer)."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -113,6 +121,24 @@ class PlainEnd(asyncio.Protocol):
         self._early: list[bytes] = []
         self._early_size = 0
         self._early_end: str | None = None  # "eof", or the error, that came before the join
+        self._ahead: End | None = None  # where early bytes are written before the join
+        self._ahead_sent = 0  # how many of `_early` were written there
+
+    def send_ahead(self, end: End | None) -> None:
+        """Write the bytes kept so far, and those that come until the join, to `end` too, while it
+        takes them (`writable`); None stops (what was written stays counted for the join).  They stay
+        kept: the join counts those written ahead without writing them again, and another
+        `send_ahead` (the CONNECT opened elsewhere) writes them all again."""
+        self._ahead = end
+        if end is not None:
+            self._ahead_sent = 0
+            self._write_ahead(end)
+
+    def _write_ahead(self, end: End) -> None:
+        early = self._early
+        while self._ahead_sent < len(early) and end.writable:
+            end.write(early[self._ahead_sent])
+            self._ahead_sent += 1
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -125,6 +151,8 @@ class PlainEnd(asyncio.Protocol):
             return
         self._early.append(data)
         self._early_size += len(data)
+        if self._ahead is not None:
+            self._write_ahead(self._ahead)
         if self._early_size >= EARLY_LIMIT:
             self.pause_reading()
 
@@ -160,8 +188,12 @@ class PlainEnd(asyncio.Protocol):
     def attach(self, splice: Splice, side: int) -> None:
         self._splice, self._side = splice, side
         early, self._early = self._early, []
-        for data in early:
-            splice.data(side, data)
+        ahead, self._ahead_sent, self._ahead = self._ahead_sent, 0, None
+        for i, data in enumerate(early):
+            if i < ahead:
+                splice.sent_ahead(side, len(data))
+            else:
+                splice.data(side, data)
         if self._early_size >= EARLY_LIMIT:
             self.resume_reading()
         self._early_size = 0

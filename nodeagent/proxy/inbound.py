@@ -4,7 +4,8 @@ HBONE: TLS 1.3 with the pod's certificate, a client certificate of the trust dom
 CONNECT is decided as a value (`admission.decide`: this pod's address? this pod known? L4 authorization
 with the client's verified identity) before any answer: refused with 400, 503 or 401, or admitted, when
 the agent connects to the application from the client's address (503 when it refuses), answers 200 and
-relays.  A CONNECT the client resets before its answer cancels this (`mesh.hbone.aio`); each pod's
+relays.  Bytes the client sent after its CONNECT (early data) wait in the tunnel until then: a refused
+CONNECT drops them, and nothing reaches the application.  A CONNECT the client resets before its answer cancels this (`mesh.hbone.aio`); each pod's
 15008 caps its connections and TLS handshakes (`PodContext.hbone_gate`).  Plaintext (from
 clients outside the mesh): the same decision with no identity, so a STRICT PeerAuthentication (a DENY of
 connections without a principal) refuses it.  Each connection's outcome is recorded once.  It all runs

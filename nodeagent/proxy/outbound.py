@@ -5,7 +5,8 @@ it returns is carried out by one function per kind: HBONE to the destination's n
 waypoint (from inside the pod's namespace, with the pod's certificate, expecting the destination's
 identity), plain TCP to a destination outside the mesh, or a refusal.  Whatever happens is recorded
 once, by the connection's `ConnectionOutcome`.  It all runs on the engine (`mesh.hbone.engine`): the
-client is a `PlainEnd` whose bytes wait (kept, not read further than a first chunk) for the upstream.
+client is a `PlainEnd` whose bytes wait (kept, not read further than a first chunk) for the upstream;
+to another node agent they also go ahead, right after the CONNECT (early data, see `_connect`).
 
 Pre-warm: when a pod is enrolled, `prewarm` opens, ahead of its first connection, the pooled HBONE
 connection that its first connection to each service of its own namespace would need (the routes
@@ -49,24 +50,30 @@ async def handle(ctx: PodContext, client: PlainEnd) -> None:
     source = ctx.workload()
     route = decide(ctx.parts.state, source, dst_ip, dst_port, pod_ip=ctx.pod.ip, arrived_at=local)
     with OutcomeRecorder.of(ctx).outbound(src, (dst_ip, dst_port), source, route) as outcome:
-        upstream = await _connect(ctx, route, src, outcome.traceparent)
+        upstream = await _connect(ctx, route, src, outcome.traceparent, client)
         outcome.relayed(await relay_ends(client, upstream, outcome.bytes))
 
 
-async def _connect(ctx: PodContext, route: Route, src: tuple[str, int], traceparent: str | None = None) -> End:
+async def _connect(ctx: PodContext, route: Route, src: tuple[str, int], traceparent: str | None = None,
+                   client: PlainEnd | None = None) -> End:
     """The upstream the route names; a route that goes nowhere, or a connection that fails, is raised as
-    the `ProxyError` that says how (and the pod's proxy then closes the client)."""
+    the `ProxyError` that says how (and the pod's proxy then closes the client).  The `client`'s first
+    bytes go with the CONNECT to a node agent (early data: its 15008 holds them until it is connected to
+    the application, and drops them if it refuses); a waypoint gets them after its answer."""
     if route.kind is RouteKind.SELF_CALL:
         raise SelfCall(route.reason)
     if route.kind is RouteKind.REFUSE:
         raise NoHealthyUpstream(route.reason)
     try:
-        return await (_hbone(ctx, route, src, traceparent) if route.tunnelled else _plain(ctx, route))
+        if route.tunnelled:
+            return await _hbone(ctx, route, src, traceparent, client if route.kind is RouteKind.HBONE else None)
+        return await _plain(ctx, route)
     except UPSTREAM_ERRORS as exc:
         raise upstream_error(exc) from exc
 
 
-async def _hbone(ctx: PodContext, route: Route, src: tuple[str, int], traceparent: str | None) -> End:
+async def _hbone(ctx: PodContext, route: Route, src: tuple[str, int], traceparent: str | None,
+                 ahead: PlainEnd | None = None) -> End:
     assert route.next_hop is not None and route.expected
     engine = ctx.parts.engine
     assert engine is not None
@@ -75,7 +82,7 @@ async def _hbone(ctx: PodContext, route: Route, src: tuple[str, int], traceparen
     headers = request_headers(forwarded_for=f"{src[0]}:{src[1]}",
                               service_host=route.service.hostname if route.service else None,
                               traceparent=traceparent)
-    return await ctx.parts.pool.open_tunnel(key, route.authority, headers)
+    return await ctx.parts.pool.open_tunnel(key, route.authority, headers, ahead)
 
 
 def pool_key(pod: PodRef, route: Route) -> PoolKey:

@@ -27,6 +27,7 @@ from typing import Any
 import trio
 
 from mesh.hbone.relay import RelayResult
+from mesh.identity import SpiffeId
 from mesh.policy.evaluator import Decision
 from mesh.proto import discovery_pb2 as pb
 from nodeagent.accesslog import (
@@ -133,6 +134,35 @@ class ConnectionOutcome:
         return isinstance(exc, ProxyError)
 
 
+class _LabelCache:
+    """`tcp_labels` per connection's ends, cached: a connection's labels are those of the last one
+    between the same workloads.  The workload and service records are the read model's, replaced whole
+    when they change, so an entry holds them and is used only for those very objects (a changed record
+    is a new entry); at most `size` entries (emptied when full)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._entries: dict[tuple[Any, ...], tuple[Any, Any, Any, TcpLabels]] = {}
+
+    def get(self, reporter: Reporter, source: pb.Workload | None, source_principal: SpiffeId | None,
+            destination: pb.Workload | None, destination_principal: SpiffeId | None,
+            service: pb.Service | None, mutual_tls: bool) -> TcpLabels:
+        key = (reporter, id(source), source_principal, id(destination), destination_principal, id(service),
+               mutual_tls)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is source and entry[1] is destination and entry[2] is service:
+            return entry[3]
+        labels = tcp_labels(reporter, source=source, source_principal=source_principal, destination=destination,
+                            destination_principal=destination_principal, service=service, mutual_tls=mutual_tls)
+        if len(self._entries) >= self._size:
+            self._entries.clear()
+        self._entries[key] = (source, destination, service, labels)
+        return labels
+
+
+_LABELS = _LabelCache()
+
+
 def workload_peer(address: tuple[str, int], w: pb.Workload | None, principal: str = "") -> Peer:
     if w is None:
         return Peer(ip=address[0], port=address[1], principal=principal)
@@ -159,9 +189,8 @@ class OutcomeRecorder:
     def outbound(self, src: tuple[str, int], dst: tuple[str, int], source: pb.Workload | None,
                  route: Route) -> ConnectionOutcome:
         expected = route.expected[0] if route.expected else None
-        labels = tcp_labels(Reporter.SOURCE, source=source, source_principal=self.pod.identity,
-                            destination=route.workload, destination_principal=expected, service=route.service,
-                            mutual_tls=route.tunnelled)
+        labels = _LABELS.get(Reporter.SOURCE, source, self.pod.identity, route.workload, expected, route.service,
+                             route.tunnelled)
         return ConnectionOutcome(self.metrics, self.log, OUTBOUND, labels,
                                  workload_peer(src, source, str(self.pod.identity)),
                                  workload_peer(dst, route.workload, str(expected or "")),
@@ -176,9 +205,8 @@ class OutcomeRecorder:
 
     def inbound(self, conn: InboundConnection, verdict: Admit | Refusal, source: pb.Workload | None,
                 destination: pb.Workload | None) -> ConnectionOutcome:
-        labels = tcp_labels(Reporter.DESTINATION, source=source, source_principal=conn.peer,
-                            destination=destination, destination_principal=self.pod.identity,
-                            mutual_tls=conn.peer is not None)
+        labels = _LABELS.get(Reporter.DESTINATION, source, conn.peer, destination, self.pod.identity, None,
+                             conn.peer is not None)
         return ConnectionOutcome(self.metrics, self.log, INBOUND, labels,
                                  workload_peer((conn.source_ip, conn.source_port), source, str(conn.peer or "")),
                                  workload_peer((self.pod.ip, conn.destination.port), destination,

@@ -14,6 +14,7 @@ Pure: the routing and admission decisions call it before any I/O.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Collection
 
@@ -22,7 +23,9 @@ from mesh import defaults
 AGENT_PORTS = frozenset(defaults.AGENT_PORTS)
 
 
+@functools.lru_cache(maxsize=4096)
 def is_loopback(ip: str) -> bool:
+    """(Cached: every connection asks, about a few addresses.)"""
     try:
         address = ipaddress.ip_address(ip.strip("[]"))
     except ValueError:

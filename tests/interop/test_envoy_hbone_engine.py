@@ -102,7 +102,11 @@ def test_envoy_originates_hbone_into_the_engine(envoy_bin: str, mint: Mint, tmp_
     assert seen[0].baggage == "k8s.namespace.name=default"
 
 
-def test_engine_tunnels_through_envoy_terminating_connect(envoy_bin: str, mint: Mint, tmp_path: Path) -> None:
+@pytest.mark.parametrize("early", [False, True], ids=["after-answer", "early-data"])
+def test_engine_tunnels_through_envoy_terminating_connect(envoy_bin: str, mint: Mint, tmp_path: Path,
+                                                         early: bool) -> None:
+    """Also with the client's first bytes sent before Envoy's 200 (early data, as the node agent sends
+    them to another node agent): Envoy holds them until its upstream is connected."""
     listen, echo_port, dead_port = free_port(), free_port(), free_port()
     certs = write_svid(mint(WEB), tmp_path / "envoy-certs")
     client_ctx = client_context(mint(SLEEP))
@@ -120,7 +124,8 @@ def test_engine_tunnels_through_envoy_terminating_connect(envoy_bin: str, mint: 
                 loop.create_task(self.run())
 
             async def run(self) -> None:
-                await relay_ends(self, await pool.open_tunnel(key, f"127.0.0.1:{echo_port}", headers))
+                ahead = self if early else None
+                await relay_ends(self, await pool.open_tunnel(key, f"127.0.0.1:{echo_port}", headers, ahead))
 
         front = await loop.create_server(Front, "127.0.0.1", 0)
         front_port = front.sockets[0].getsockname()[1]

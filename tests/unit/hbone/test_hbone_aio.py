@@ -133,6 +133,77 @@ async def client_front(pool: AioPool, key: PoolKey, authority: str) -> tuple[int
     return front.sockets[0].getsockname()[1], front
 
 
+def test_early_data_reaches_the_app_once_and_a_refused_connect_drops_it(mint: Mint) -> None:
+    """The client's bytes go with the CONNECT (`ahead`); the server holds them until it answers: after a
+    200 the application gets them once (counted once), after a refusal nothing reaches it and the
+    connection's window is given back (a window of 64 KiB, filled by each refused CONNECT)."""
+    from mesh.hbone.relay import RelayResult
+    from mesh.hbone.splice import PlainEnd
+
+    async def main() -> None:
+        app_port, app = await echo_app()
+        app_connections = 0
+
+        async def handler(request: InboundRequest, acceptor: AioAcceptor) -> None:
+            nonlocal app_connections
+            if request.authority.port != app_port:
+                acceptor.reject(401, "denied by policy")
+                return
+            app_connections += 1
+            await relay_to_app(request, acceptor)
+
+        small = HboneConfig(stream_window=65_535, connection_window=65_535)
+        port, listener = await server(server_context(mint(WEB)), handler, config=small)
+        pool = AioPool(tcp_connect, lambda _: client_context(mint(SLEEP)))
+        key = PoolKey(SLEEP, WEB, ("127.0.0.1", port))
+        loop = asyncio.get_running_loop()
+        results: list[RelayResult] = []
+        authority = {"to": ""}
+
+        class Ahead(PlainEnd):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                loop.create_task(self.run())
+
+            async def run(self) -> None:
+                try:
+                    tunnel = await pool.open_tunnel(key, authority["to"], ahead=self)
+                except TunnelRejected:
+                    self.abort()
+                    return
+                results.append(await relay_ends(self, tunnel))
+
+        front = await loop.create_server(Ahead, "127.0.0.1", 0)
+        front_port = front.sockets[0].getsockname()[1]
+        authority["to"] = "127.0.0.1:1"  # refused by the handler
+        for _ in range(4):
+            reader, writer = await asyncio.open_connection("127.0.0.1", front_port)
+            writer.write(b"r" * 60_000)
+            with contextlib.suppress(ConnectionError):
+                assert await reader.read(-1) == b""
+            writer.close()
+        authority["to"] = f"127.0.0.1:{app_port}"
+        payload = bytes(range(256)) * 800
+        reader, writer = await asyncio.open_connection("127.0.0.1", front_port)
+        writer.write(payload)
+        writer.write_eof()
+        assert await reader.read(-1) == payload  # a leaked window would stall this
+        writer.close()
+        for _ in range(50):
+            if results:
+                break
+            await asyncio.sleep(0.01)
+        assert app_connections == 1
+        assert [(r.a_to_b, r.b_to_a) for r in results] == [(len(payload), len(payload))]
+        assert pool.dialled == 1
+        front.close()
+        pool.close()
+        listener.close()
+        app.close()
+
+    run(main)
+
+
 def test_a_rejection_reaches_the_client_with_its_reason(mint: Mint) -> None:
     async def main() -> None:
         async def deny(request: InboundRequest, acceptor: AioAcceptor) -> None:
@@ -280,3 +351,4 @@ def test_warm_dials_ahead_once_and_the_first_tunnel_uses_it(mint: Mint) -> None:
         app.close()
 
     run(main)
+

@@ -461,11 +461,36 @@ def test_garbage_from_the_peer_closes_the_connection() -> None:
     assert closed.error_code == ErrorCode.PROTOCOL_ERROR
 
 
-def test_data_before_accept_waits_for_the_application() -> None:
+def test_early_data_goes_before_the_answer_and_only_from_the_client() -> None:
     pair = Pair.make()
     sid = pair.client.open_stream("10.0.0.1:80")
-    pair.pump()
+    pair.client.send_data(sid, b"early")  # early data: with the HEADERS, before the 200
+    _, server_events = pair.pump()
+    assert of_type(server_events, ConnectRequested) and received(server_events, sid) == b"early"
+    assert pair.client.stream_state(sid) is StreamState.PENDING
     with pytest.raises(ProtocolUsageError):
-        pair.client.send_data(sid, b"early")  # the client waits for 200
+        pair.client.end_stream(sid)  # END_STREAM waits for the answer
     with pytest.raises(ProtocolUsageError):
-        pair.server.send_data(sid, b"early")  # and so does the server
+        pair.server.send_data(sid, b"early")  # the server answers first
+    pair.server.accept(sid)
+    client_events, _ = pair.pump()
+    assert client_events == [StreamAccepted(sid)]
+    pair.client.send_data(sid, b" then more")
+    pair.client.end_stream(sid)
+    _, server_events = pair.pump()
+    assert received(server_events, sid) == b" then more" and of_type(server_events, StreamEnded)
+
+
+def test_early_data_on_a_refused_connect_is_dropped_and_its_window_given_back() -> None:
+    pair = Pair.make()
+    sid = pair.client.open_stream("10.0.0.1:80")
+    pair.client.send_data(sid, b"x" * 1000)
+    _, server_events = pair.pump()
+    (data,) = of_type(server_events, DataReceived)
+    events = pair.server.reject(sid, 401, "denied")
+    assert not of_type(events, DataReceived)
+    pair.server.acknowledge(sid, data.flow_controlled_length)  # what the engine does with what it held
+    client_events, _ = pair.pump()
+    (rejected,) = of_type(client_events, StreamRejected)
+    assert rejected.status == 401
+    assert pair.server._recv_window + pair.server._consumed == pair.server.config.connection_window

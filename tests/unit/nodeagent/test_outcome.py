@@ -14,6 +14,7 @@ from agent_resources import SLEEP, WEB, identity, pod_of, view
 
 from mesh.hbone.errors import TunnelRejected
 from mesh.hbone.relay import relay
+from mesh.proto import discovery_pb2 as pb
 from mesh.secrets.errors import NoCertificateError
 from nodeagent.accesslog import AccessLog
 from nodeagent.metrics import TCP_LABEL_NAMES, FailureReason, NodeAgentMetrics, ResponseFlag
@@ -226,3 +227,20 @@ def test_a_side_that_breaks_mid_relay_is_flagged_and_stops_the_other_direction(c
     [line] = r.lines()
     assert "connection reset by peer" in line["error"]
     assert r.tcp("istio_tcp_connections_closed_total", response_flags=flag) == 1
+
+
+def test_labels_are_resolved_again_when_a_workload_record_changes() -> None:
+    """The connection labels are cached per the records of its two ends: the same records give the
+    same labels, a record replaced by discovery (a new version of the workload) gives the new ones."""
+    r = Recorded(pod_of(SLEEP))
+    first, again = r.outbound(), r.outbound()
+    assert first.bytes.labels is again.bytes.labels
+    assert first.bytes.labels.source_version == "latest"
+    relabelled = pb.Workload()
+    relabelled.CopyFrom(SLEEP)
+    relabelled.canonical_revision = "v2"
+    changed = r.recorder.outbound(SRC, DST, relabelled, decide(MESH, relabelled, *DST))
+    assert changed.bytes.labels.source_version == "v2"
+    assert r.outbound().bytes.labels is first.bytes.labels  # the record held before is still its own entry
+    for outcome in (first, again, changed):
+        outcome.record()
