@@ -45,7 +45,7 @@ from types import FrameType
 from typing import Any
 
 from bench import scale
-from bench.modes import DEFAULT_MODES, MODES, Context, Mode, PathError, Unavailable, last_prewarm
+from bench.modes import DEFAULT_MODES, MODES, Context, Mode, PathError, Unavailable, prewarms
 from bench.netio import Proc, peak_rss_kib, rss_kib, tree_cpu_seconds
 from bench.sidecar import Route, SidecarPair, SidecarPod
 from localcluster import lifecycle, spec, state
@@ -65,6 +65,8 @@ PHASE_TIMEOUT_SLACK = 60.0
 NEWCONN = "newconn"  # the new-connection phases: "newconn<rate>"
 SCALE_MODES = ("b", "e")  # the modes with a scale phase: the node agents' memory per idle tunnel
 FIRST_CONNECTION_SETTLE = 1.0  # seconds between a mode's capture being in place and its first connection
+CLIENT_POD = f"{NAMESPACE}/client"  # the pod whose pre-warm the first connection waits for
+PREWARM_WAIT = 15.0  # at most this long for the client's node agent to report its pre-warm (modes b, e)
 FRESH_RSS_SETTLE = 0.5  # seconds between readings of the mode's processes' memory before any load
 FRESH_RSS_STEADY_KIB = 256  # ... until none moved by more than this between two readings
 
@@ -360,6 +362,7 @@ class Run:
                 t_switch = time.monotonic()
                 record: dict[str, Any] = {"round": round_no, "mode": key, "phases": {}, "errors": [],
                                           "error_count": 0}
+                warmed_before = len(prewarms(self._prewarm_log(ctx), CLIENT_POD)) if ctx.logs_dir else 0
                 try:
                     mode.enter(ctx)
                     record["rss_fresh_kib"] = fresh_rss(mode, ctx)
@@ -387,7 +390,7 @@ class Run:
                     self.results["rounds"].append(record)
                     continue
                 progress.observed_switch(time.monotonic() - t_switch)
-                record["first_connection"] = self._first_connection(ctx, mode, target_http)
+                record["first_connection"] = self._first_connection(ctx, mode, target_http, warmed_before)
                 procs = mode.procs(ctx)
                 record["processes"] = {p.role: p.pid for p in procs}
                 for phase_index, phase in enumerate(s.phases(key)):
@@ -429,20 +432,34 @@ class Run:
                     raise
                 time.sleep(1.0)
 
-    def _first_connection(self, ctx: Context, mode: Mode, target_http: str) -> dict[str, Any]:
+    def _first_connection(self, ctx: Context, mode: Mode, target_http: str, warmed_before: int) -> dict[str, Any]:
         """The latency of the first connection after the mode is switched on and its capture is in place
         (a moment later, as an application starts after its pod is set up): what a pooled connection
-        opened ahead of time (pre-warm) saves."""
+        opened ahead of time (pre-warm) saves.  In modes b and e the client's node agent pre-warms after it
+        enrolls the pod; on a loaded machine that can take longer than the settle time, so the first
+        connection waits (at most `PREWARM_WAIT`) for the agent to report it, and the wait is recorded."""
         deadline = time.monotonic() + 20.0
         while not mode.captured(ctx) and time.monotonic() < deadline:
             time.sleep(0.1)
+        watch = mode.key in SCALE_MODES and bool(ctx.logs_dir)
+        started = time.monotonic()
+        while watch and len(prewarms(self._prewarm_log(ctx), CLIENT_POD)) <= warmed_before \
+                and time.monotonic() - started < PREWARM_WAIT:
+            time.sleep(0.1)
+        waited = time.monotonic() - started
         time.sleep(FIRST_CONNECTION_SETTLE)
         result = run_phase(ctx, self.settings, "first", target_http, "")
         out = {"latency_us": result.get("latency_us", {}).get("p50"), "errors": result.get("errors", {})}
-        if mode.key in SCALE_MODES and ctx.logs_dir:  # what the client's node agent opened ahead of it
-            out["prewarmed"] = last_prewarm(Path(ctx.logs_dir) / f"nodeagent.{ctx.client_node}.log",
-                                            f"{NAMESPACE}/client")
+        if watch:  # what the client's node agent opened ahead of it, and how long the bench waited for it
+            events = prewarms(self._prewarm_log(ctx), CLIENT_POD)[warmed_before:]
+            out["prewarmed"] = events[-1] if events else None
+            out["prewarm_wait_s"] = round(waited, 2)
         return out
+
+    @staticmethod
+    def _prewarm_log(ctx: Context) -> Path:
+        """The client's node agent's log, where it reports each pre-warm."""
+        return Path(ctx.logs_dir) / f"nodeagent.{ctx.client_node}.log"
 
     def _measured(self, ctx: Context, s: Settings, phase: str, procs: list[Proc], target_http: str,
                   target_sink: str) -> dict[str, Any]:

@@ -179,20 +179,26 @@ def moved(before: dict[str, float], after: dict[str, float], role_prefix: str, m
     return any(after[k] - before.get(k, 0.0) >= min_cpu for k in cpu)
 
 
-def last_prewarm(log: Path, pod: str) -> dict[str, object] | None:
-    """The node agent's last `prewarmed` event for `pod` ("namespace/name") in its log, if any."""
-    found = None
+def prewarms(log: Path, pod: str) -> list[dict[str, object]]:
+    """The node agent's `prewarmed` events for `pod` ("namespace/name") in its log, oldest first."""
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
-        return None
+        return []
+    found = []
     for line in lines:
         if '"event": "prewarmed"' in line and f'"pod": "{pod}"' in line:
             try:
-                found = json.loads(line[line.index("{"):])
+                found.append(json.loads(line[line.index("{"):]))
             except ValueError:
                 continue
     return found
+
+
+def last_prewarm(log: Path, pod: str) -> dict[str, object] | None:
+    """The node agent's last `prewarmed` event for `pod` in its log, if any."""
+    events = prewarms(log, pod)
+    return events[-1] if events else None
 
 
 def capture_rules_in(netns: str) -> list[str]:

@@ -259,3 +259,16 @@ def test_last_prewarm_event_of_a_pod(tmp_path: Path) -> None:
     assert last_prewarm(log, "bench/client") == {"event": "prewarmed", "pod": "bench/client", "dialled": 1,
                                                  "unreachable": 0}
     assert last_prewarm(log, "other/pod") is None
+
+
+def test_prewarm_events_of_a_pod_in_order(tmp_path: Path) -> None:
+    """What the first connection waits for: a pre-warm reported after the mode was entered (the count of
+    the pod's events grows), not one left in the log by an earlier round."""
+    from bench.modes import prewarms
+
+    log = tmp_path / "nodeagent.node-1.log"
+    assert prewarms(log, "bench/client") == []
+    log.write_text('{"event": "prewarmed", "pod": "bench/client", "dialled": 0}\n'
+                   'INFO nodeagent.proxy {"event": "prewarmed", "pod": "bench/client", broken\n'
+                   'INFO nodeagent.proxy {"event": "prewarmed", "pod": "bench/client", "dialled": 1}\n')
+    assert [e["dialled"] for e in prewarms(log, "bench/client")] == [0, 1]  # the broken line is skipped
