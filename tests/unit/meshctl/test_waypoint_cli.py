@@ -12,7 +12,7 @@ import pytest
 
 from controlplane.config.apiserver import ApiServer
 from controlplane.config.store import Store
-from localcluster.waypoints import DRAIN_ANNOTATION, ready_condition
+from localcluster.waypoints import DRAIN_ANNOTATION, WORKERS_ANNOTATION, ready_condition
 from mesh.api.client import ApiClient
 from mesh.api.validate import Document
 from mesh.xds import resources as rs
@@ -146,3 +146,18 @@ def test_pod_readiness_is_the_kubelets() -> None:
     del no_conditions["status"]["conditions"]
     assert pod_ready(no_conditions)
     assert not pod_ready({**no_conditions, "status": {"phase": "Pending", "podIP": "10.0.0.1"}})
+
+
+def test_workers_are_written_on_the_gateway(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--workers N` goes on the Gateway's annotations beside the drain time; out of range is refused and
+    writes nothing."""
+    assert main(["waypoint", "apply", "-n", NS, "--no-wait", "--workers", "2", "--drain-seconds", "3",
+                 "--socket", sock]) == 0
+    gateway = ApiClient(sock).get("Gateway", NS, "waypoint")[0]
+    assert gateway["spec"]["infrastructure"]["annotations"] == {WORKERS_ANNOTATION: "2", DRAIN_ANNOTATION: "3"}
+    capsys.readouterr()
+    for bad in ("0", "9", "-1"):
+        assert main(["waypoint", "apply", "-n", NS, "--name", "other", "--no-wait", "--workers", bad,
+                     "--socket", sock]) == 1
+        assert capsys.readouterr().err == f"meshctl: --workers {bad}: give a number of processes from 1 to 8\n"
+    assert [g["metadata"]["name"] for g in ApiClient(sock).get("Gateway", NS)] == ["waypoint"]

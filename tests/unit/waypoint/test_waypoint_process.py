@@ -149,11 +149,12 @@ def _get(url: str) -> tuple[int, str]:
         return 0, str(exc)
 
 
-async def _request(pool: HbonePool, key: PoolKey, authority: str, headers: tuple = ()) -> tuple[int, bytes]:
+async def _request(pool: HbonePool, key: PoolKey, authority: str, headers: tuple = (),
+                   path: str = "/reviews/0") -> tuple[int, bytes]:
     tunnel = await pool.open_tunnel(key, authority, request_headers(forwarded_for="10.244.1.7:33000"))
     c = Http1Client(tunnel)  # type: ignore[arg-type]
     try:
-        await c.send_request(RequestHead("GET", "/reviews/0", "reviews:9080", headers), iterate(b""))
+        await c.send_request(RequestHead("GET", path, "reviews:9080", headers), iterate(b""))
         head = await c.receive_response()
         return head.status, b"".join([chunk async for chunk in c.response_body()])
     finally:

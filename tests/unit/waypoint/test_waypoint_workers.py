@@ -20,7 +20,7 @@ import pytest
 import trio
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from test_waypoint_process import CONFIG, _get, free_port
+from test_waypoint_process import CONFIG, _get, _request, free_port
 from waypoint_harness import start_backend
 from waypoint_hbone_helpers import SLEEP_ID, WAYPOINT_ID
 
@@ -28,13 +28,9 @@ from controlplane.app import ControlPlaneThread
 from controlplane.options import Options
 from mesh.api.client import ApiClient
 from mesh.api.validate import Document
-from mesh.hbone.headers import request_headers
 from mesh.hbone.pool import HbonePool, PoolKey, tcp_connect
 from mesh.secrets.svid import accept_issued, generate_key, load_trust_bundle
 from mesh.secrets.tls import client_context
-from waypoint.http.exchange import iterate
-from waypoint.http.http1 import Http1Client
-from waypoint.l7.model import RequestHead
 
 pytestmark = pytest.mark.timeout(150)
 ROOT = Path(__file__).resolve().parents[3]
@@ -61,16 +57,8 @@ async def until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> 
 
 
 async def one_request(pool: HbonePool, key: PoolKey, path: str = "/reviews/0") -> int:
-    tunnel = await pool.open_tunnel(key, VIP, request_headers(forwarded_for="10.244.1.7:33000"))
-    c = Http1Client(tunnel)  # type: ignore[arg-type]
-    try:
-        await c.send_request(RequestHead("GET", path, "reviews:9080", ()), iterate(b""))
-        head = await c.receive_response()
-        async for _ in c.response_body():
-            pass
-        return head.status
-    finally:
-        await c.aclose()
+    status, _body = await _request(pool, key, VIP, path=path)
+    return status
 
 
 def test_two_workers_share_the_port_and_are_one_waypoint(tmp_path: Path) -> None:
