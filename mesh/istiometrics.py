@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 from mesh import defaults
+from mesh.bounded import BoundedMemo
 from mesh.identity import SpiffeId
 from mesh.proto import discovery_pb2 as pb
 
@@ -223,20 +224,16 @@ class _Children:
     """`metric.labels(*values)` for a few metrics at once, cached per values tuple (at most `size` tuples;
     the cache is emptied when full, and the children themselves stay in the metrics)."""
 
-    __slots__ = ("_metrics", "_cache", "_size")
+    __slots__ = ("_metrics", "_cache")
 
     def __init__(self, *metrics: MetricWrapperBase, size: int = CHILD_CACHE_SIZE) -> None:
         self._metrics = metrics
-        self._cache: dict[tuple[str, ...], tuple[Any, ...]] = {}
-        self._size = size
+        self._cache: BoundedMemo[tuple[str, ...], tuple[Any, ...]] = BoundedMemo(size)
 
     def get(self, values: tuple[str, ...]) -> tuple[Any, ...]:
         children = self._cache.get(values)
         if children is None:
-            children = tuple(metric.labels(*values) for metric in self._metrics)
-            if len(self._cache) >= self._size:
-                self._cache.clear()
-            self._cache[values] = children
+            children = self._cache.keep(values, tuple(metric.labels(*values) for metric in self._metrics))
         return children
 
 

@@ -33,6 +33,7 @@ from typing import TypeGuard
 
 import trio
 
+from mesh.bounded import BoundedMemo
 from mesh.hbone.relay import relay
 from mesh.istiometrics import MUTUAL_TLS
 from mesh.tracing.propagation import extract
@@ -126,9 +127,9 @@ class WaypointProxy:
         self.forwarder = Forwarder(self.pool, clock, self.rng)
         self.l4_handler = l4_handler or self.passthrough
         self._table = RouteTable()
-        self._labels: dict[tuple[object, ...], RequestLabels] = {}  # metric labels seen, for this table
-        self._clusters: routing.ClusterCache = {}  # destinations resolved against this table
-        self._protocols: dict[tuple[str, int], str] = {}  # (hostname, port) -> the upstream HTTP version
+        self._labels: BoundedMemo[tuple[object, ...], RequestLabels] = BoundedMemo(LABEL_CACHE_SIZE)  # seen, for this table
+        self._clusters: routing.ClusterCache = BoundedMemo(routing.CLUSTER_CACHE_SIZE)  # resolved against this table
+        self._protocols: BoundedMemo[tuple[str, int], str] = BoundedMemo(LABEL_CACHE_SIZE)  # (host, port) -> HTTP version
         self._sessions: set[Http1Server | Http2Server] = set()  # the HTTP connections served now
         self.draining = False
         self.update(table or RouteTable())
@@ -142,9 +143,9 @@ class WaypointProxy:
     def update(self, table: RouteTable) -> None:
         """Serve new requests with `table`; requests in flight finish with the table they started with."""
         self._table = table
-        self._labels = {}
-        self._clusters = {}
-        self._protocols = {}
+        self._labels = BoundedMemo(LABEL_CACHE_SIZE)
+        self._clusters = BoundedMemo(routing.CLUSTER_CACHE_SIZE)
+        self._protocols = BoundedMemo(LABEL_CACHE_SIZE)
         self.jwks.want(table.jwks_sources())
 
     def apply(self, result: CompileResult) -> None:
@@ -310,13 +311,12 @@ class WaypointProxy:
 
     def _upstream_protocol(self, table: RouteTable, d: routing.RouteDecision) -> str:
         assert d.cluster is not None
-        cache = self._protocols if table is self._table else {}
+        if table is not self._table:  # a request that began under the table before
+            return self._port_protocol(table, d.cluster)
         key = (d.cluster.hostname, d.cluster.port)
-        found = cache.get(key)
-        if found is None:
-            if len(cache) >= LABEL_CACHE_SIZE:  # (workload-addressed clusters: any port)
-                cache.clear()
-            found = cache[key] = self._port_protocol(table, d.cluster)
+        found = self._protocols.get(key)
+        if found is None:  # (workload-addressed clusters: any port; the memo is bounded)
+            found = self._protocols.keep(key, self._port_protocol(table, d.cluster))
         return found
 
     @staticmethod
@@ -369,9 +369,7 @@ class WaypointProxy:
                 request_protocol="grpc" if grpc else "http", response_code=str(rec.status),
                 response_flags=flags)
             if table is self._table:
-                if len(self._labels) >= LABEL_CACHE_SIZE:
-                    self._labels.clear()
-                self._labels[key] = labels
+                self._labels.keep(key, labels)
         header_bytes = sum(len(k) + len(v) for k, v in head.headers) + len(head.path)
         self.metrics.record(labels, duration_ms, header_bytes + rec.bytes_received, rec.bytes_sent)
         if span.recording:

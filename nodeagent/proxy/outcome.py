@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from mesh.bounded import BoundedMemo
 from mesh.hbone.relay import RelayResult
 from mesh.identity import SpiffeId
 from mesh.policy.evaluator import Decision
@@ -141,8 +142,7 @@ class _LabelCache:
     is a new entry); at most `size` entries (emptied when full)."""
 
     def __init__(self, size: int = 4096) -> None:
-        self._size = size
-        self._entries: dict[tuple[Any, ...], tuple[Any, Any, Any, TcpLabels]] = {}
+        self._entries: BoundedMemo[tuple[Any, ...], tuple[Any, Any, Any, TcpLabels]] = BoundedMemo(size)
 
     def get(self, reporter: Reporter, source: pb.Workload | None, source_principal: SpiffeId | None,
             destination: pb.Workload | None, destination_principal: SpiffeId | None,
@@ -154,9 +154,7 @@ class _LabelCache:
             return entry[3]
         labels = tcp_labels(reporter, source=source, source_principal=source_principal, destination=destination,
                             destination_principal=destination_principal, service=service, mutual_tls=mutual_tls)
-        if len(self._entries) >= self._size:
-            self._entries.clear()
-        self._entries[key] = (source, destination, service, labels)
+        self._entries.keep(key, (source, destination, service, labels))
         return labels
 
 

@@ -22,6 +22,7 @@ import random
 from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl
 
+from mesh.bounded import BoundedMemo
 from waypoint.config import RouteTable, ServiceInfo
 from waypoint.l7.model import (
     ClientInfo,
@@ -101,7 +102,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 # What `resolve_cluster` gave for (destination, incoming port) against one route table: the caller keeps one
 # per table and drops it with the table, so that no request resolves a destination again.
-ClusterCache = dict[tuple[Destination, int], "Cluster | LocalReply"]
+ClusterCache = BoundedMemo[tuple[Destination, int], "Cluster | LocalReply"]
 CLUSTER_CACHE_SIZE = 1024
 
 
@@ -241,10 +242,8 @@ def _resolve(table: RouteTable, dest: Destination, incoming_port: int, cache: Cl
         return resolve_cluster(table, dest, incoming_port)
     key = (dest, incoming_port)
     found = cache.get(key)
-    if found is None:
-        if len(cache) >= CLUSTER_CACHE_SIZE:  # (the port can come from a Host header: bounded)
-            cache.clear()
-        found = cache[key] = resolve_cluster(table, dest, incoming_port)
+    if found is None:  # (the port can come from a Host header: the memo is bounded)
+        found = cache.keep(key, resolve_cluster(table, dest, incoming_port))
     return found
 
 

@@ -12,10 +12,11 @@ import pytest
 import trio
 from waypoint_resources import fq, l7, table_with
 
+from mesh.bounded import BoundedMemo
 from waypoint.accesslog import AccessRecord, format_line, format_values
 from waypoint.l7.jwt import AuthnResult
 from waypoint.l7.model import ClientInfo, Endpoint, RequestHead, header, without
-from waypoint.l7.routing import ClusterCache, LocalReply, decide
+from waypoint.l7.routing import CLUSTER_CACHE_SIZE, ClusterCache, LocalReply, decide
 from waypoint.proxy import new_request_id
 from waypoint.upstream.pool import ConnectionPool
 
@@ -78,7 +79,7 @@ def test_decisions_with_a_cluster_cache_are_those_without() -> None:
         {"mirror": {"host": "reviews", "subset": "v3"}, "mirrorPercentage": {"value": 100.0},
          "route": [{"destination": {"host": "reviews", "subset": "v1"}, "weight": 50},
                    {"destination": {"host": "reviews", "subset": "v3"}, "weight": 50}]}]}))
-    cache: ClusterCache = {}
+    cache: ClusterCache = BoundedMemo(CLUSTER_CACHE_SIZE)
     heads = [RequestHead("GET", "/r", "reviews:9080", (("end-user", "jason"),)),
              RequestHead("GET", "/missing", "reviews:9080"), RequestHead("GET", "/r", "reviews:9080")]
     for _ in range(20):
