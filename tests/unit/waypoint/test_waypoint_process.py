@@ -21,7 +21,7 @@ from waypoint_harness import start_backend
 from waypoint_hbone_helpers import SLEEP_ID, WAYPOINT_ID
 from waypoint_resources import fq, l7, service, workload
 
-from controlplane.app import ControlPlaneThread
+from controlplane.app import ControlPlaneThread, Running
 from controlplane.options import Options
 from mesh.api.client import ApiClient
 from mesh.api.validate import Document
@@ -161,13 +161,20 @@ async def _request(pool: HbonePool, key: PoolKey, authority: str, headers: tuple
         await c.aclose()
 
 
-def test_the_waypoint_process_end_to_end(tmp_path: Path) -> None:
+def control_plane_for_waypoint(tmp_path: Path) -> tuple[ControlPlaneThread, Running, Path]:
+    """A control plane on 127.0.0.1 (CA, discovery, apply API; its home under `tmp_path`) and a file with a
+    workload token for the waypoint's identity, as the waypoint process is started with."""
     cp = ControlPlaneThread(Options(state_dir=tmp_path, grpc_listen="127.0.0.1:0", metrics_listen="127.0.0.1:0"))
     running = cp.start()
+    token = tmp_path / "token"
+    token.write_text(ApiClient(tmp_path / "controlplane" / "api.sock", timeout=10).workload_token(WAYPOINT_ID))
+    return cp, running, token
+
+
+def test_the_waypoint_process_end_to_end(tmp_path: Path) -> None:
+    cp, running, token = control_plane_for_waypoint(tmp_path)
     home = tmp_path / "controlplane"
     authority = running.extras["authority"]
-    token = tmp_path / "token"
-    token.write_text(ApiClient(home / "api.sock", timeout=10).workload_token(WAYPOINT_ID))
     ports = {k: free_port() for k in ("hbone", "metrics", "ready", "admin")}
     out = (tmp_path / "waypoint.log").open("w")
     proc: subprocess.Popen[str] | None = None

@@ -14,12 +14,10 @@ from pathlib import Path
 import pytest
 import trio
 import yaml
-from test_waypoint_process import CONFIG, ROOT, _get, _request, free_port
+from test_waypoint_process import CONFIG, ROOT, _get, _request, control_plane_for_waypoint, free_port
 from waypoint_harness import start_backend
 from waypoint_hbone_helpers import SLEEP_ID, WAYPOINT_ID
 
-from controlplane.app import ControlPlaneThread
-from controlplane.options import Options
 from mesh.api.client import ApiClient
 from mesh.api.validate import Document
 from mesh.hbone.pool import HbonePool, PoolKey, tcp_connect
@@ -41,12 +39,9 @@ spec:
 
 
 def test_the_waypoint_flushes_its_spans_on_sigterm(tmp_path: Path) -> None:
-    cp = ControlPlaneThread(Options(state_dir=tmp_path, grpc_listen="127.0.0.1:0", metrics_listen="127.0.0.1:0"))
-    running = cp.start()
+    cp, running, token = control_plane_for_waypoint(tmp_path)
     home = tmp_path / "controlplane"
     authority = running.extras["authority"]
-    token = tmp_path / "token"
-    token.write_text(ApiClient(home / "api.sock", timeout=10).workload_token(WAYPOINT_ID))
     ports = {k: free_port() for k in ("hbone", "metrics", "ready", "admin")}
     store = TraceStore()
     receiver = OtlpReceiver(store.add, "127.0.0.1", 0)

@@ -20,12 +20,10 @@ import pytest
 import trio
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from test_waypoint_process import CONFIG, _get, _request, free_port
+from test_waypoint_process import CONFIG, _get, _request, control_plane_for_waypoint, free_port
 from waypoint_harness import start_backend
 from waypoint_hbone_helpers import SLEEP_ID, WAYPOINT_ID
 
-from controlplane.app import ControlPlaneThread
-from controlplane.options import Options
 from mesh.api.client import ApiClient
 from mesh.api.validate import Document
 from mesh.hbone.pool import HbonePool, PoolKey, tcp_connect
@@ -62,12 +60,9 @@ async def one_request(pool: HbonePool, key: PoolKey, path: str = "/reviews/0") -
 
 
 def test_two_workers_share_the_port_and_are_one_waypoint(tmp_path: Path) -> None:
-    cp = ControlPlaneThread(Options(state_dir=tmp_path, grpc_listen="127.0.0.1:0", metrics_listen="127.0.0.1:0"))
-    running = cp.start()
+    cp, running, token = control_plane_for_waypoint(tmp_path)
     home = tmp_path / "controlplane"
     authority = running.extras["authority"]
-    token = tmp_path / "token"
-    token.write_text(ApiClient(home / "api.sock", timeout=10).workload_token(WAYPOINT_ID))
     ports = {k: free_port() for k in ("metrics", "ready", "admin")}
     logfile = tmp_path / "waypoint.log"
     out = logfile.open("w")
@@ -218,11 +213,8 @@ def test_two_workers_share_the_port_and_are_one_waypoint(tmp_path: Path) -> None
 
 def test_workers_leave_with_their_primary(tmp_path: Path) -> None:
     """The primary killed (no drain, no goodbye): its workers see their channel close and exit."""
-    cp = ControlPlaneThread(Options(state_dir=tmp_path, grpc_listen="127.0.0.1:0", metrics_listen="127.0.0.1:0"))
-    running = cp.start()
+    cp, running, token = control_plane_for_waypoint(tmp_path)
     home = tmp_path / "controlplane"
-    token = tmp_path / "token"
-    token.write_text(ApiClient(home / "api.sock", timeout=10).workload_token(WAYPOINT_ID))
     admin = free_port()
     logfile = tmp_path / "waypoint.log"
     proc = None
