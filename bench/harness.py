@@ -365,6 +365,7 @@ class Run:
                 warmed_before = len(prewarms(self._prewarm_log(ctx), CLIENT_POD)) if ctx.logs_dir else 0
                 try:
                     mode.enter(ctx)
+                    prewarm = self._await_prewarm(ctx, mode, warmed_before)
                     record["rss_fresh_kib"] = fresh_rss(mode, ctx)
                     record["path"] = self._prove(ctx, mode, target_http)
                 except Unavailable as exc:
@@ -390,7 +391,7 @@ class Run:
                     self.results["rounds"].append(record)
                     continue
                 progress.observed_switch(time.monotonic() - t_switch)
-                record["first_connection"] = self._first_connection(ctx, mode, target_http, warmed_before)
+                record["first_connection"] = {**self._first_connection(ctx, mode, target_http), **prewarm}
                 procs = mode.procs(ctx)
                 record["processes"] = {p.role: p.pid for p in procs}
                 for phase_index, phase in enumerate(s.phases(key)):
@@ -432,29 +433,30 @@ class Run:
                     raise
                 time.sleep(1.0)
 
-    def _first_connection(self, ctx: Context, mode: Mode, target_http: str, warmed_before: int) -> dict[str, Any]:
+    def _await_prewarm(self, ctx: Context, mode: Mode, warmed_before: int) -> dict[str, Any]:
+        """In modes b and e, the client's node agent pre-warms its pooled connections once it has enrolled
+        the pod.  Nothing is sent (the fresh RSS, the path's probe, the first connection) before it reports
+        that (at most `PREWARM_WAIT`; a loaded machine takes longer), so that the probe does not open the
+        connection the pre-warm was to open; what it opened and the wait are recorded."""
+        if mode.key not in SCALE_MODES or not ctx.logs_dir:
+            return {}
+        started = time.monotonic()
+        while len(events := prewarms(self._prewarm_log(ctx), CLIENT_POD)) <= warmed_before \
+                and time.monotonic() - started < PREWARM_WAIT:
+            time.sleep(0.1)
+        return {"prewarmed": events[-1] if len(events) > warmed_before else None,
+                "prewarm_wait_s": round(time.monotonic() - started, 2)}
+
+    def _first_connection(self, ctx: Context, mode: Mode, target_http: str) -> dict[str, Any]:
         """The latency of the first connection after the mode is switched on and its capture is in place
         (a moment later, as an application starts after its pod is set up): what a pooled connection
-        opened ahead of time (pre-warm) saves.  In modes b and e the client's node agent pre-warms after it
-        enrolls the pod; on a loaded machine that can take longer than the settle time, so the first
-        connection waits (at most `PREWARM_WAIT`) for the agent to report it, and the wait is recorded."""
+        opened ahead of time (pre-warm, `_await_prewarm`) saves."""
         deadline = time.monotonic() + 20.0
         while not mode.captured(ctx) and time.monotonic() < deadline:
             time.sleep(0.1)
-        watch = mode.key in SCALE_MODES and bool(ctx.logs_dir)
-        started = time.monotonic()
-        while watch and len(prewarms(self._prewarm_log(ctx), CLIENT_POD)) <= warmed_before \
-                and time.monotonic() - started < PREWARM_WAIT:
-            time.sleep(0.1)
-        waited = time.monotonic() - started
         time.sleep(FIRST_CONNECTION_SETTLE)
         result = run_phase(ctx, self.settings, "first", target_http, "")
-        out = {"latency_us": result.get("latency_us", {}).get("p50"), "errors": result.get("errors", {})}
-        if watch:  # what the client's node agent opened ahead of it, and how long the bench waited for it
-            events = prewarms(self._prewarm_log(ctx), CLIENT_POD)[warmed_before:]
-            out["prewarmed"] = events[-1] if events else None
-            out["prewarm_wait_s"] = round(waited, 2)
-        return out
+        return {"latency_us": result.get("latency_us", {}).get("p50"), "errors": result.get("errors", {})}
 
     @staticmethod
     def _prewarm_log(ctx: Context) -> Path:
