@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
 import logging
 import os
@@ -79,6 +78,10 @@ def admin_handler(title: str, routes: Mapping[str, Handler]) -> Router:
 
 
 def mesh_version() -> str:
+    # Imported when asked: `importlib.metadata` (email parsing, zip paths) is ~0.8 MiB of every
+    # process's memory, for a figure asked once.
+    import importlib.metadata
+
     try:
         return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
