@@ -28,24 +28,40 @@ closes, GOAWAY, requests in flight finish) for up to its drain time (`spec.infra
 after that and `STOP_GRACE` more.  Its worker processes (`waypoint.workers`) are `WORKERS_ANNOTATION`,
 default 1: the local cluster shares a few cores among all its pods, so one process per waypoint unless asked.
 
+A change of the Gateway's infrastructure annotations (a flag of the pod: `--workers`, `--drain-seconds`)
+rolls the pod, as a Deployment rolls when its pod template changes, without dropping a request: the
+controller compares what the Gateway asks for (`desired`) with the flags recorded for the running pod
+(`roll_reasons`) and, when they differ, starts a new pod beside the old one (`surging`), probes it like any
+new pod, and only once it is Ready takes the old one's place: the old one is then retired as a removed
+waypoint is (not Ready, SIGTERM, drained).  Both pods run at once, so the new one has its own name, and
+with it its own network namespace, address, user, directory, log and registration (the Pod the
+translation sees, labelled with the gateway's name like the old one): the gateway's name if it is free,
+else the gateway's name with its template's hash (`pod_name_for`, `template_hash`); the pod after a roll
+keeps that name.  A roll whose change is undone before its new pod is Ready is abandoned (the new pod is
+retired), and a new pod that exits is started again after `RESTART_BACKOFF`.  An ingress Gateway's pod is
+replaced (stopped, then started) when its revision changes instead: its host ports belong to one pod.
+
 An ingress Gateway's pod is run the same way, by `localcluster.ingress.GatewayController`, which adds to
 this controller what makes it an ingress (`WaypointPod`'s service account, flags, files and published
 ports; `_prepare` and `_started`).
 
-`desired` and `place` are pure; `WaypointController.sync` does the I/O, one step per change.  Each change
-is written to the cluster record and then announced with `on_change(cluster)`, by default the cluster's
-Prometheus reloading its scrape configuration (`localcluster.prometheus.refresh`), so that waypoints are
-scraped from their first seconds and dropped when they go.
+`desired`, `place`, `roll_reasons` and `pod_name_for` are pure; `WaypointController.sync` does the I/O, one
+step per change.  Each change is written to the cluster record and then announced with
+`on_change(cluster)`, by default the cluster's Prometheus reloading its scrape configuration
+(`localcluster.prometheus.refresh`), so that waypoints are scraped from their first seconds and dropped
+when they go.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import ipaddress
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,10 +155,15 @@ class WaypointPod:
     files: tuple[tuple[str, bytes], ...] = ()  # written (0600) into its own directory before it starts
     ports: tuple[tuple[str, int], ...] = ()  # listener name -> the pod's port, published on the host
     revision: str = ""  # a pod of another revision is replaced (the Gateway's listeners or certificates changed)
+    pod_name: str = ""  # the pod's own name (default: the gateway's; a rolled pod's: `pod_name_for`)
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def pod(self) -> str:
+        return self.pod_name or self.name
 
     @property
     def account(self) -> str:
@@ -165,6 +186,43 @@ def desired(gateways: list[dict[str, Any]]) -> dict[str, WaypointPod]:
                           workers=workers(gw))
         out[pod.key] = pod
     return out
+
+
+def template_hash(wp: WaypointPod) -> str:
+    """Five hex digits naming what a pod of the gateway runs with (its flags from the Gateway), as a
+    Deployment's pods carry their template's hash."""
+    return hashlib.sha256(f"{wp.workers}/{wp.drain_seconds:g}/{wp.revision}".encode()).hexdigest()[:5]
+
+
+def roll_reasons(wp: WaypointPod, pod: Mapping[str, Any]) -> list[str]:
+    """What differs between the wanted pod and the recorded one's flags from the Gateway (`--workers`,
+    `--drain-seconds`), as `flag old -> new`; empty: the pod runs as wanted.  A flag the record does not
+    hold (a pod an older controller started) is not compared."""
+    out = []
+    if "workers" in pod and int(pod["workers"]) != wp.workers:
+        out.append(f"--workers {pod['workers']} -> {wp.workers}")
+    if "drainSeconds" in pod and float(pod["drainSeconds"]) != wp.drain_seconds:
+        out.append(f"--drain-seconds {float(pod['drainSeconds']):g} -> {wp.drain_seconds:g}")
+    return out
+
+
+def pod_name_for(wp: WaypointPod, taken: Collection[str]) -> str:
+    """The name of a new pod of the gateway: the gateway's, unless a pod of it (the one being rolled)
+    still holds that name; then the gateway's with the new template's hash (`template_hash`)."""
+    if wp.name not in taken:
+        return wp.name
+    name, n = f"{wp.name}-{template_hash(wp)}", 1
+    while name in taken:
+        name, n = f"{wp.name}-{template_hash(wp)}-{n}", n + 1
+    return name
+
+
+def runs_as_wanted(wp: WaypointPod, command: Sequence[str]) -> bool:
+    """Whether a registered pod's command line has the wanted pod's `--workers` and `--drain-seconds` (what
+    `meshctl waypoint apply --wait` waits for after a change); a command without them is not ours to judge."""
+    flags = {a: b for a, b in zip(command, command[1:], strict=False) if a in ("--workers", "--drain-seconds")}
+    return flags.get("--workers", str(wp.workers)) == str(wp.workers) and \
+        flags.get("--drain-seconds", f"{wp.drain_seconds:g}") == f"{wp.drain_seconds:g}"
 
 
 def place(plan: ClusterPlan, used: dict[str, list[str]]) -> tuple[str, ipaddress.IPv4Address]:
@@ -192,13 +250,20 @@ class WaypointController:
         self.cert_ttl = cert_ttl
         self.api = ApiClient(home / components.CONTROLPLANE_SUBDIR / "api.sock", timeout=10)
         self.tokens = tokens if tokens is not None else TokenRefresher(self.api)  # the waypoints' are added
-        self.running: dict[str, dict[str, Any]] = {}  # key -> {"pod": {...}, "process": {...}}
+        self.running: dict[str, dict[str, Any]] = {}  # gateway key -> {"pod": {...}, "process": {...}}
+        self.surging: dict[str, dict[str, Any]] = {}  # gateway key -> its new pod while it rolls (not Ready yet)
 
     def adopt(self, key: str, pod: dict[str, Any], process: dict[str, Any]) -> None:
-        """A waypoint an earlier controller started (from the cluster record): kept, its token kept fresh."""
-        self.running[key] = {"pod": pod, "process": process, "revision": pod.get("revision", "")}
+        """A waypoint an earlier controller started (from the cluster record, `key` the pod's): kept, its
+        token kept fresh.  A second pod of the same gateway (a roll under way) is kept as its new pod."""
+        gateway = str((pod.get("labels") or {}).get(GATEWAY_NAME_LABEL) or pod["name"])
+        entry = {"pod": pod, "process": process, "revision": pod.get("revision", "")}
+        if "drainSeconds" in pod:
+            entry["drainSeconds"] = pod["drainSeconds"]
+        gw_key = f"{pod['namespace']}/{gateway}"
+        (self.surging if gw_key in self.running else self.running)[gw_key] = entry
         uid, gid = int(pod.get("runAsUser", sandbox.NOBODY)), int(pod.get("runAsGroup", sandbox.NOBODY))
-        self.tokens.add(self._token_file(WaypointPod(pod["namespace"], pod["name"],
+        self.tokens.add(self._token_file(WaypointPod(pod["namespace"], gateway, pod_name=pod["name"],
                                                      service_account=pod.get("serviceAccount", "")), (uid, gid)))
 
     def project(self) -> None:
@@ -221,25 +286,63 @@ class WaypointController:
         want = self.wanted()
         for key in [k for k in self.running if k not in want or self.running[k].get("revision", "") != want[k].revision]:
             self.remove(key)
+        for key in [k for k in self.surging if k not in self.running or k not in want
+                    or not roll_reasons(want[k], self.running[k]["pod"]) or roll_reasons(want[k], self.surging[k]["pod"])]:
+            log.info('{"event": "waypoint roll abandoned", "waypoint": "%s"}', key)  # no longer wanted as it is
+            self._retire(key, self.surging.pop(key))
         for key, wp in want.items():
             entry = self.running.get(key)
             if entry is not None and processes.is_running(ProcessRecord.from_json(entry["process"])):
                 self._probe(key, entry)
+                reasons = roll_reasons(wp, entry["pod"])
+                if reasons:
+                    self._roll(wp, reasons)
                 continue
             if entry is not None:
                 if time.monotonic() - entry.get("started", 0.0) < RESTART_BACKOFF:
                     continue  # a waypoint that keeps exiting is restarted at most this often
                 log.warning("waypoint %s exited; starting it again (its log: %s)", key, entry["process"]["log"])
                 self.remove(key)
-            self.create(wp)
+            self.running[key] = self.create(wp)
+            self._save()
 
-    def create(self, wp: WaypointPod) -> None:
+    def _roll(self, wp: WaypointPod, reasons: list[str]) -> None:
+        """One step of a roll (see the module docstring): start the new pod; probe it; once it is Ready,
+        it takes the old one's place and the old one is retired (not Ready, drained, unmade)."""
+        new = self.surging.get(wp.key)
+        if new is None:
+            taken = {e["pod"]["name"] for e in self._entries() if e["pod"]["namespace"] == wp.namespace}
+            log.info('{"event": "waypoint rolling", "waypoint": "%s", "changes": "%s"}', wp.key, "; ".join(reasons))
+            self.surging[wp.key] = self.create(dataclasses.replace(wp, pod_name=pod_name_for(wp, taken)))
+            self._save()
+            return
+        if not processes.is_running(ProcessRecord.from_json(new["process"])):
+            if time.monotonic() - new.get("started", 0.0) >= RESTART_BACKOFF:
+                log.warning("waypoint %s: its new pod exited; starting another (its log: %s)", wp.key,
+                            new["process"]["log"])
+                self._retire(wp.key, self.surging.pop(wp.key))
+            return
+        self._probe(wp.key, new)
+        if new.get("ready"):
+            old = self.running[wp.key]
+            self.running[wp.key] = self.surging.pop(wp.key)
+            log.info('{"event": "waypoint rolled", "waypoint": "%s", "pod": "%s", "old pod": "%s"}', wp.key,
+                     new["pod"]["name"], old["pod"]["name"])
+            self._retire(wp.key, old)
+
+    def _entries(self) -> list[dict[str, Any]]:
+        """Every pod the controller runs: the waypoints', and the new pods of those rolling."""
+        return [*self.running.values(), *self.surging.values()]
+
+    def create(self, wp: WaypointPod) -> dict[str, Any]:
+        """Make the pod `wp` asks for (named `wp.pod`) and start its waypoint; its entry, for the caller
+        to keep (and `_save`)."""
         used: dict[str, list[str]] = {}
-        for entry in self.running.values():
+        for entry in self._entries():
             used.setdefault(entry["pod"]["node"], []).append(entry["pod"]["ip"])
         node_name, ip = place(self.plan, used)
         node = self.plan.node(node_name)
-        netns_name = f"{self.plan.prefix}pod.{wp.namespace}.{wp.name}"
+        netns_name = f"{self.plan.prefix}pod.{wp.namespace}.{wp.pod}"
         uid = self._free_uid()
         own = self._provide(wp, (uid, uid))
         argv = [sys.executable, "-m", "waypoint.main", "--name", wp.name, "--namespace", wp.namespace,
@@ -250,38 +353,39 @@ class WaypointController:
         if self.cert_ttl:
             argv += ["--cert-ttl", str(self.cert_ttl)]
         argv += [*wp.args, *self.proxy_args]
-        spec = PodSpec(name=wp.name, namespace=wp.namespace, node=node_name,
+        spec = PodSpec(name=wp.pod, namespace=wp.namespace, node=node_name,
                        labels={GATEWAY_NAME_LABEL: wp.name, **dict(wp.labels)},
                        service_account=wp.account, container_name="waypoint", command=tuple(argv), env=(),
                        ports=(), working_dir="", document={}, run_as_user=uid, run_as_group=uid)
-        pod = PodPlan(name=wp.name, namespace=wp.namespace, node=node_name, netns=netns_name, ip=ip,
+        pod = PodPlan(name=wp.pod, namespace=wp.namespace, node=node_name, netns=netns_name, ip=ip,
                       gateway=node.gateway, prefixlen=node.pod_cidr.prefixlen, spec=spec)
         self._register(wp, pod)  # first: the plugin's ADD asks the node agent, which looks the pod up
         try:
             network.create_pod(self.home, self.plan, pod)
             self._prepare(wp, netns_name)
-            rec = processes.spawn(self.cluster, f"waypoint {wp.key}", netns_name, argv,
+            rec = processes.spawn(self.cluster, f"waypoint {wp.namespace}/{wp.pod}", netns_name, argv,
                                   components.component_env({"HOME": "/"}),
-                                  self.home / "logs" / f"{wp.namespace}.{wp.name}.log",
+                                  self.home / "logs" / f"{wp.namespace}.{wp.pod}.log",
                                   sandbox=sandbox.for_pod(uid, uid, expose=[own]))
         except BaseException:  # nothing half-made stays: the next round starts afresh
-            self._unmake(wp.key, node_name, netns_name)
+            self._unmake(f"{wp.namespace}/{wp.pod}", node_name, netns_name)
             raise
-        entry = {"pod": {"name": wp.name, "namespace": wp.namespace, "node": node_name,
+        entry = {"pod": {"name": wp.pod, "namespace": wp.namespace, "node": node_name,
                          "netns": netns_name, "ip": str(ip), "serviceAccount": wp.account,
                          "labels": spec.labels, "runAsUser": uid, "runAsGroup": uid,
-                         "expose": [str(own)], "revision": wp.revision},
+                         "expose": [str(own)], "revision": wp.revision,
+                         "workers": wp.workers, "drainSeconds": wp.drain_seconds},
                  "process": rec.to_json(), "started": time.monotonic(), "ready": False,
                  "drainSeconds": wp.drain_seconds, "revision": wp.revision}
         try:
             self._started(wp, entry)
         except BaseException:
             processes.stop([rec.pid], grace=STOP_GRACE)
-            self._unmake(wp.key, node_name, netns_name)
+            self._unmake(f"{wp.namespace}/{wp.pod}", node_name, netns_name)
             raise
-        self.running[wp.key] = entry
-        self._save()
-        log.info('{"event": "waypoint started", "waypoint": "%s", "node": "%s", "ip": "%s"}', wp.key, node_name, ip)
+        log.info('{"event": "waypoint started", "waypoint": "%s", "pod": "%s", "node": "%s", "ip": "%s"}', wp.key,
+                 wp.pod, node_name, ip)
+        return entry
 
     def _prepare(self, wp: WaypointPod, netns: str) -> None:
         """What the pod's sandbox needs before its process starts (nothing for a waypoint)."""
@@ -290,8 +394,15 @@ class WaypointController:
         """What follows its start (nothing for a waypoint); raising unmakes the pod."""
 
     def remove(self, key: str) -> None:
-        """Set the pod not Ready (no new traffic is sent to it), let the waypoint drain, then unmake it."""
+        """Retire the gateway's pod (and a new pod of it, if it was rolling)."""
         entry = self.running.pop(key)
+        new = self.surging.pop(key, None)
+        if new is not None:
+            self._retire(key, new)
+        self._retire(key, entry)
+
+    def _retire(self, key: str, entry: dict[str, Any]) -> None:
+        """Set the pod not Ready (no new traffic is sent to it), let the waypoint drain, then unmake it."""
         if entry.get("ready"):
             try:
                 self._set_ready(entry, False)
@@ -300,10 +411,11 @@ class WaypointController:
         rec = ProcessRecord.from_json(entry["process"])
         if processes.start_time(rec.pid) == rec.start_time:
             processes.stop([rec.pid], grace=float(entry.get("drainSeconds", DEFAULT_DRAIN_SECONDS)) + STOP_GRACE)
-        self._unmake(key, entry["pod"]["node"], entry["pod"]["netns"])
-        self.tokens.remove(self._dir(WaypointPod(entry["pod"]["namespace"], entry["pod"]["name"])) / TOKEN)
+        pod = entry["pod"]
+        self._unmake(f"{pod['namespace']}/{pod['name']}", pod["node"], pod["netns"])
+        self.tokens.remove(self._dir(WaypointPod(pod["namespace"], pod["name"])) / TOKEN)
         self._save()
-        log.info('{"event": "waypoint removed", "waypoint": "%s"}', key)
+        log.info('{"event": "waypoint removed", "waypoint": "%s", "pod": "%s"}', key, pod["name"])
 
     def _probe(self, key: str, entry: dict[str, Any]) -> None:
         """The kubelet's readiness probe: GET /healthz/ready on the waypoint's 15021, in its namespace; the
@@ -334,7 +446,8 @@ class WaypointController:
         self.api.apply([Document("waypoint controller", 1, body)])
 
     def _unmake(self, key: str, node: str, netns: str) -> None:
-        """Delete the pod's sandbox (CNI DEL, then its namespace) and unregister it; each step is tried."""
+        """Delete the pod's sandbox (CNI DEL, then its namespace) and unregister it (`key`: the pod's
+        namespace/name); each step is tried."""
         try:
             network.delete_pod(self.home, self.cluster, node, netns)
         except MeshError as exc:  # its namespace is removed all the same
@@ -346,7 +459,7 @@ class WaypointController:
             log.warning("could not unregister waypoint pod %s: %s", key, exc)
 
     def _dir(self, wp: WaypointPod) -> Path:
-        return self.home / "waypoints" / wp.namespace / wp.name
+        return self.home / "waypoints" / wp.namespace / wp.pod
 
     def _token_file(self, wp: WaypointPod, owner: tuple[int, int]) -> TokenFile:
         identity = SpiffeId(components.TRUST_DOMAIN, wp.namespace, wp.account)
@@ -354,7 +467,7 @@ class WaypointController:
 
     def _free_uid(self) -> int:
         """The first waypoint uid no running waypoint has (each waypoint its own: see the module docstring)."""
-        taken = {int(e["pod"].get("runAsUser", -1)) for e in self.running.values()}
+        taken = {int(e["pod"].get("runAsUser", -1)) for e in self._entries()}
         uid = sandbox.WAYPOINT_UID_BASE
         while uid in taken:
             uid += 1
@@ -380,7 +493,7 @@ class WaypointController:
         bodies = [
             {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": wp.account, "namespace": wp.namespace}},
             {"apiVersion": "v1", "kind": "Pod",
-             "metadata": {"name": wp.name, "namespace": wp.namespace, "labels": dict(pod.spec.labels)},
+             "metadata": {"name": wp.pod, "namespace": wp.namespace, "labels": dict(pod.spec.labels)},
              "spec": {"nodeName": pod.node, "serviceAccountName": wp.account,
                       "containers": [{"name": "waypoint", "command": list(pod.spec.command)}]},
              "status": {"phase": "Running", "podIP": str(pod.ip),
@@ -393,9 +506,9 @@ class WaypointController:
         """Show the waypoint pods in the cluster record, so status, exec, logs and down see them."""
         record = state.read_record(self.cluster)
         static = [p for p in record["processes"] if not p["name"].startswith("waypoint ")]
-        record["processes"] = static + [e["process"] for e in self.running.values()]
+        record["processes"] = static + [e["process"] for e in self._entries()]
         record["plan"]["pods"] = [p for p in record["plan"]["pods"] if not p.get("waypoint")] + \
-            [{**e["pod"], "waypoint": True} for e in self.running.values()]
+            [{**e["pod"], "waypoint": True} for e in self._entries()]
         state.write_record(self.cluster, record)
         try:
             self.on_change(self.cluster)

@@ -15,6 +15,7 @@ from typing import Any
 from localcluster import state
 from localcluster.logs import NODE_AGENT
 from mesh import logs
+from mesh.api.kinds_gateway import GATEWAY_NAME_LABEL
 from mesh.errors import UsageError
 from meshctl import access
 from meshctl.agent import ADMIN_HOST, ADMIN_PORT, call_admin, levels_path, node_netns, render_levels
@@ -25,6 +26,9 @@ def waypoint_netns(record: dict[str, Any], namespace: str, name: str) -> str:
     waypoints = [p for p in record.get("plan", {}).get("pods", []) if p.get("waypoint")]
     for pod in waypoints:
         if (pod["namespace"], pod["name"]) == (namespace, name):
+            return str(pod["netns"])
+    for pod in reversed(waypoints):  # a rolled waypoint's pod has a name of its own: found by its gateway's
+        if (pod["namespace"], (pod.get("labels") or {}).get(GATEWAY_NAME_LABEL)) == (namespace, name):
             return str(pod["netns"])
     have = ", ".join(f"{p['namespace']}/{p['name']}" for p in waypoints) or "none"
     raise UsageError(f"no waypoint {name!r} in namespace {namespace!r} (waypoints: {have}); a node agent is "

@@ -9,7 +9,9 @@ The order of the steps is what keeps traffic flowing (make before break):
 - apply: write the Gateway; wait (`--wait`, the default, up to `--timeout`) until a pod of the waypoint
   is Ready (it listens, has its certificate and its first configuration); only then bind the namespace.
   Binding earlier sent the namespace's traffic to a waypoint with no instance (503 "has no ready
-  instance") or one not yet listening (connection reset).
+  instance") or one not yet listening (connection reset).  On a running waypoint, a change of
+  `--workers` or `--drain-seconds` rolls its pod (`localcluster.waypoints`): the wait is then for a Ready
+  pod that runs with the new flags (its command line, as registered).
 - delete: unbind the namespace first (remove the label naming the waypoint), wait until every node agent
   has ACKed the configuration without it (`/debug/connections`, what `proxy-status` reads), then delete
   the Gateway: the waypoint, no longer sent new connections, drains (requests in flight finish, up to
@@ -39,7 +41,15 @@ import yaml
 from controlplane.config.store import BUILTIN_NAMESPACES
 from localcluster import state
 from localcluster.state import api_socket
-from localcluster.waypoints import DRAIN_ANNOTATION, MAX_DRAIN_SECONDS, MAX_WORKERS, WORKERS_ANNOTATION
+from localcluster.waypoints import (
+    DRAIN_ANNOTATION,
+    MAX_DRAIN_SECONDS,
+    MAX_WORKERS,
+    WORKERS_ANNOTATION,
+    WaypointPod,
+    desired,
+    runs_as_wanted,
+)
 from mesh import defaults
 from mesh.api.client import ApiClient
 from mesh.api.errors import NotFound, ValidationError
@@ -100,7 +110,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                         f"{DRAIN_ANNOTATION})")
     p.add_argument("--workers", type=int, metavar="N",
                    help=f"worker processes of the waypoint, sharing its port (1 to {MAX_WORKERS}; written as the "
-                        f"Gateway's infrastructure annotation {WORKERS_ANNOTATION}; the local cluster's default is 1)")
+                        f"Gateway's infrastructure annotation {WORKERS_ANNOTATION}; the local cluster's default is 1; "
+                        "a change rolls a running waypoint's pod, and --wait waits for the new one)")
     add_connection_args(p)
     p.set_defaults(func=cmd_apply)
 
@@ -191,6 +202,23 @@ def pod_ready(pod: dict[str, Any]) -> bool:
         if condition.get("type") == "Ready":
             return str(condition.get("status")) == "True"
     return True
+
+
+def pod_command(pod: dict[str, Any]) -> list[str]:
+    containers = (pod.get("spec") or {}).get("containers") or [{}]
+    return [str(a) for a in containers[0].get("command") or []]
+
+
+def pod_workers(pod: dict[str, Any]) -> str:
+    """The `--workers` a waypoint pod runs with (its registered command line), or "-" when it does not say."""
+    command = pod_command(pod)
+    return next((b for a, b in zip(command, command[1:], strict=False) if a == "--workers"), "-")
+
+
+def rolled(client: ApiClient, namespace: str, name: str, wanted: WaypointPod | None) -> bool:
+    """A pod of the waypoint is Ready and runs with the flags `wanted` (None: any Ready pod will do)."""
+    return any(pod_ready(p) and (wanted is None or runs_as_wanted(wanted, pod_command(p)))
+               for p in pods_of(client, namespace, name))
 
 
 def readiness(client: ApiClient, namespace: str, name: str) -> tuple[int, int]:
@@ -298,9 +326,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise report(exc, "applied") from exc
     print(f"waypoint {args.namespace}/{args.name} applied")
     if args.wait:
+        wanted = desired([body]).get(f"{args.namespace}/{args.name}")
         _wait_for(f"waypoint {args.namespace}/{args.name} to be ready (see `meshctl waypoint status -n "
                   f"{args.namespace}` and the waypoint's log)",
-                  lambda: readiness(client, args.namespace, args.name)[0] > 0, args.timeout)
+                  lambda: rolled(client, args.namespace, args.name, wanted), args.timeout)
         print(f"waypoint {args.namespace}/{args.name} is ready")
     if args.enroll_namespace:
         if not args.wait:
@@ -380,7 +409,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         with contextlib.suppress(WaypointError):
             _wait_for(f"waypoint(s) {', '.join(names)} to be ready",
                       lambda: all(readiness(client, args.namespace, n)[0] > 0 for n in names), args.timeout)
-    rows = [("NAMESPACE", "NAME", "READY", "STATUS", "POD", "NODE", "ADDRESS", "USED BY")]
+    rows = [("NAMESPACE", "NAME", "READY", "STATUS", "POD", "NODE", "ADDRESS", "WORKERS", "USED BY")]
     not_ready = 0
     for name in names:
         pods = pods_of(client, args.namespace, name)
@@ -388,10 +417,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         status = "Ready" if ready else ("NotReady" if pods else "NoPod")
         not_ready += 0 if ready else 1
         users = ", ".join(bound_to(client, args.namespace, name)) or "-"
-        first = pods[0] if pods else {}
+        first = next((p for p in pods if pod_ready(p)), pods[0] if pods else {})  # a Ready one, while it rolls
         rows.append((args.namespace, name, f"{ready}/{len(pods)}", status,
                      (first.get("metadata") or {}).get("name", "-"), (first.get("spec") or {}).get("nodeName", "-"),
-                     (first.get("status") or {}).get("podIP", "-"), users))
+                     (first.get("status") or {}).get("podIP", "-"), pod_workers(first), users))
     _print_table(rows)
     if not_ready:
         raise WaypointError(f"{not_ready} waypoint(s) not ready")

@@ -85,7 +85,7 @@ def test_apply_binds_only_a_ready_waypoint(sock: str, capsys: pytest.CaptureFixt
     assert ns_labels(sock)["istio.io/use-waypoint"] == "waypoint"
     rc, out, _ = run(capsys, "waypoint", "status", "-n", NS, "--socket", sock)
     assert rc == 0 and out.splitlines()[1].split() == [NS, "waypoint", "1/1", "Ready", "waypoint", "node-1",
-                                                       "10.244.1.254", "Namespace", NS]
+                                                       "10.244.1.254", "-", "Namespace", NS]
 
 
 def test_no_wait_binds_at_once_and_says_so(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -105,6 +105,48 @@ def test_drain_time_is_written_on_the_gateway(sock: str, capsys: pytest.CaptureF
             main(["waypoint", "apply", "-n", NS, "--drain-seconds", bad, "--socket", sock])
         assert info.value.code == 2
         assert "--drain-seconds" in capsys.readouterr().err
+
+
+def test_a_changed_worker_count_waits_for_the_rolled_pod(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """On a running waypoint, `apply --workers` is done when a Ready pod runs with the new flags (the
+    controller's rolled pod), not when the old one still is."""
+    old = waypoint_pod(ready=True)
+    old["spec"]["containers"][0]["command"] = ["wp", "--drain-seconds", "5", "--workers", "1"]
+    register(sock, old)
+    rc, out, _ = run(capsys, "waypoint", "apply", "-n", NS, "--socket", sock)
+    assert rc == 0 and out.splitlines()[-1] == f"waypoint {NS}/waypoint is ready"
+    rc, out, err = run(capsys, "waypoint", "apply", "-n", NS, "--workers", "2", "--timeout", "0.3", "--socket", sock)
+    assert rc == 1 and err.startswith(f"meshctl: timed out after 0.3s waiting for waypoint {NS}/waypoint to be ready")
+    assert ApiClient(sock).get("Gateway", NS, "waypoint")[0]["spec"]["infrastructure"]["annotations"] == \
+        {WORKERS_ANNOTATION: "2"}
+    new = waypoint_pod(ready=False, name="waypoint-abcde")
+    new["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"] = "waypoint"
+    new["spec"]["containers"][0]["command"] = ["wp", "--drain-seconds", "5", "--workers", "2"]
+    register(sock, new)
+    rc, _, _ = run(capsys, "waypoint", "apply", "-n", NS, "--workers", "2", "--timeout", "0.3", "--socket", sock)
+    assert rc == 1  # the new pod is not Ready yet
+    new["status"]["conditions"] = [ready_condition(True)]
+    old["status"]["conditions"] = [ready_condition(False)]  # retired: draining
+    register(sock, new, old)
+    rc, out, err = run(capsys, "waypoint", "apply", "-n", NS, "--workers", "2", "--timeout", "5", "--socket", sock)
+    assert (rc, err) == (0, "") and out.splitlines()[-1] == f"waypoint {NS}/waypoint is ready"
+    rc, out, _ = run(capsys, "waypoint", "status", "-n", NS, "--socket", sock)
+    assert rc == 0 and out.splitlines()[1].split()[:8] == [NS, "waypoint", "1/2", "Ready", "waypoint-abcde", "node-1",
+                                                           "10.244.1.254", "2"]
+    # The old flags asked for again: the wait is for a pod running them.
+    rc, _, _ = run(capsys, "waypoint", "apply", "-n", NS, "--workers", "1", "--timeout", "0.3", "--socket", sock)
+    assert rc == 1
+
+
+def test_bad_worker_counts_are_refused(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = run(capsys, "waypoint", "apply", "-n", NS, "--workers", "0", "--socket", sock)
+    assert (rc, err) == (1, "meshctl: --workers 0: give a number of processes from 1 to 8\n")
+    rc, _, err = run(capsys, "waypoint", "apply", "-n", NS, "--workers", "9", "--socket", sock)
+    assert (rc, err) == (1, "meshctl: --workers 9: give a number of processes from 1 to 8\n")
+    with pytest.raises(SystemExit) as info:
+        main(["waypoint", "apply", "-n", NS, "--workers", "two", "--socket", sock])
+    assert info.value.code == 2 and "--workers" in capsys.readouterr().err
+    assert ApiClient(sock).get("Gateway") == []  # nothing written
 
 
 def test_delete_unbinds_before_it_deletes(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
