@@ -14,7 +14,6 @@ from __future__ import annotations
 import enum
 import logging
 import math
-import ssl
 import time
 from collections.abc import Callable, Sequence
 
@@ -37,13 +36,12 @@ from mesh.hbone.frames import ErrorCode
 from mesh.hbone.handshake import _peer_name
 from mesh.hbone.protocol import HboneConnection
 from mesh.hbone.state import ConnectionState
-from mesh.hbone.tlssocket import TlsSocket
+from mesh.hbone.tlssocket import RECEIVE_SIZE, Received, TlsSocket
 from mesh.hbone.tunnel import Tunnel
 from mesh.identity import SpiffeId
 
 log = logging.getLogger(__name__)
 
-RECEIVE_SIZE = 256 * 1024  # bytes read from TLS at a time
 CLOSE_GRACE = 2.0  # seconds to flush a final GOAWAY before the socket is closed anyway
 WRITE_BURST = 100e-6  # output within this long of the last write goes out with the writer task's next write
 
@@ -80,16 +78,9 @@ class _Driver:
         self._tunnels: dict[int, Tunnel] = {}
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._writer_done = trio.Event()
-        # on a TlsSocket: who writes, the bytes the socket did not take yet (BLOCKED: the same buffer is
-        # offered again, as OpenSSL wants), and the two tasks' waits on each other in the rare case that
-        # TLS must read before it can write on, or write before it can read on
+        # on a TlsSocket: who writes (what the socket did not take yet is the TlsSocket's, BLOCKED)
         self._output = _Output.DIRECT
-        self._pending: bytes | memoryview = b""
         self._last_write = -math.inf  # when bytes were last written (time.monotonic)
-        self._send_wants_read = False
-        self._reader_wants_write = False
-        self._readable_lot = trio.lowlevel.ParkingLot()
-        self._writable_lot = trio.lowlevel.ParkingLot()
         self._closing = False
         self._finished = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -210,49 +201,32 @@ class _Driver:
     # -- tasks on a TlsSocket
 
     async def _socket_reader(self, tls: TlsSocket) -> None:
-        """Read all that arrived (up to RECEIVE_SIZE: a read returns one TLS record, and the core takes
-        them in one batch), feed it to the core, write its answers (`kick`), then wait for the socket
-        to be readable again."""
+        """Take all that arrived (one `recv` per wake-up, up to RECEIVE_SIZE decrypted: the core takes
+        it in one batch), feed it to the core, write its answers (`kick`), then wait for the socket to
+        be readable again."""
         sock, proto = tls.sock, self.proto
         while proto.state is not ConnectionState.CLOSED:
-            chunks: list[bytes] = []
-            size = 0
             lost: str | None = None
-            wants_write = False
-            while size < RECEIVE_SIZE:
-                try:
-                    data = sock.recv(RECEIVE_SIZE - size)
-                except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLWantWriteError:
-                    wants_write = True
-                    break
-                except OSError as exc:  # ssl.SSLError included
-                    lost = f"connection to {self._name()} broke: {exc}"
-                    break
-                if not data:
-                    lost = f"{self._name()} closed the connection"
-                    break
-                chunks.append(data)
-                size += len(data)
-            if chunks:
-                self._dispatch(proto.receive_data(chunks[0] if len(chunks) == 1 else b"".join(chunks)))
+            data, state = tls.receive(RECEIVE_SIZE)
+            if state is Received.BROKEN:
+                lost = f"connection to {self._name()} broke: {tls.error}"
+            elif state is Received.CLOSED:
+                lost = f"{self._name()} closed the connection"
+            if data:
+                self._dispatch(proto.receive_data(data))
                 self.kick()
+            if tls.unsent and self._output is not _Output.BROKEN:  # TLS's own answer, not all sent
+                self._blocked()
             if lost is not None and proto.state is not ConnectionState.CLOSED:
                 self._dispatch(proto.connection_lost(lost))
                 self.kick()
             if proto.state is ConnectionState.CLOSED:
                 return
             try:
-                if wants_write:  # TLS must write before it reads on: the writer task waits for that
-                    self._reader_wants_write = True
-                    self._writer_lot.unpark_all()
-                    await self._writable_lot.park()
-                elif sock.pending():
+                if state is Received.MORE:
                     await trio.lowlevel.checkpoint()
                 else:
                     await trio.lowlevel.wait_readable(sock)
-                    self._readable_lot.unpark_all()
             except trio.ClosedResourceError:
                 self._dispatch(proto.connection_lost(f"connection to {self._name()} was closed"))
                 return
@@ -263,49 +237,46 @@ class _Driver:
             if not self._send(data):
                 return
 
-    def _send(self, data: bytes | memoryview) -> bool:
-        """One write; False when the socket did not take all of it (BLOCKED) or failed (BROKEN)."""
+    def _send(self, data: bytes) -> bool:
+        """One write; False when the socket did not take all of it (BLOCKED: the rest is the TLS
+        socket's, the writer task finishes it) or failed (BROKEN)."""
         assert self._tls is not None
         try:
-            sent = self._tls.sock.send(data)
-        except ssl.SSLWantWriteError:
-            sent = 0
-        except ssl.SSLWantReadError:
-            sent = 0
-            self._send_wants_read = True
+            if self._tls.send(data):
+                return True
         except OSError as exc:  # ssl.SSLError included
-            self._output = _Output.BROKEN
-            self._writer_lot.unpark_all()
-            self._dispatch(self.proto.connection_lost(f"sending to {self._name()} failed: {exc}"))
+            self._broken(exc)
             return False
-        if sent == len(data):
-            return True
-        self._output = _Output.BLOCKED
-        self._pending = data if sent == 0 else memoryview(data)[sent:]
-        self._writer_lot.unpark_all()
+        self._blocked()
         return False
+
+    def _blocked(self) -> None:
+        self._output = _Output.BLOCKED
+        self._writer_lot.unpark_all()
+
+    def _broken(self, exc: OSError) -> None:
+        self._output = _Output.BROKEN
+        self._writer_lot.unpark_all()
+        self._dispatch(self.proto.connection_lost(f"sending to {self._name()} failed: {exc}"))
 
     async def _socket_writer(self) -> None:
         """Write what a burst produced, finish the writes the socket did not take at once; the only task
         that waits for the socket to be writable."""
         assert self._tls is not None
-        sock = self._tls.sock
+        tls = self._tls
         try:
             while True:
                 output = self._output
-                if output is _Output.BLOCKED or self._reader_wants_write:
-                    if output is _Output.BLOCKED and self._send_wants_read:
-                        self._send_wants_read = False
-                        await self._readable_lot.park()  # the reader wakes it once the socket was readable
-                    else:
-                        await trio.lowlevel.wait_writable(sock)
-                    if self._reader_wants_write:
-                        self._reader_wants_write = False
-                        self._writable_lot.unpark_all()
+                if output is _Output.BLOCKED:
+                    await trio.lowlevel.wait_writable(tls.sock)
                     if self._output is _Output.BLOCKED:
-                        data, self._pending = self._pending, b""
-                        self._output = _Output.DIRECT
-                        if self._send(data):
+                        try:
+                            done = tls.flush()
+                        except OSError as exc:
+                            self._broken(exc)
+                            return
+                        if done:
+                            self._output = _Output.DIRECT
                             self._write_out()
                 elif output is _Output.BURST:
                     self._output = _Output.DIRECT

@@ -35,6 +35,7 @@ LINGER_BYTES = 256 * 1024  # read (and dropped) from a refused client before clo
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _NO_BODY_METHODS = frozenset({"HEAD"})
+_FRAMING = frozenset({"content-length", "transfer-encoding"})  # header names that frame a body
 
 # Set by `Http1Client.receive_response` in the task that relays the response: whether its body (or its
 # end) arrived together with its head.  The server exchange then holds the response head back and sends
@@ -141,9 +142,16 @@ class _Reader:
     def on_headers_complete(self) -> None:
         self.in_head = False
         parser = self.parser
-        headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in self._fields)
-        size = len(self._url) + sum(len(k) + len(v) + 4 for k, v in self._fields)
-        framed = any(k in ("content-length", "transfer-encoding") for k, _ in headers)
+        fields = []
+        size = len(self._url)
+        framed = False
+        for k, v in self._fields:  # (one pass: names lowered, the head's size, whether a body is framed)
+            size += len(k) + len(v) + 4
+            name = k.decode("latin-1").lower()
+            if name in _FRAMING:
+                framed = True
+            fields.append((name, v.decode("latin-1")))
+        headers = tuple(fields)
         if isinstance(parser, httptools.HttpRequestParser):
             method, status, until_close = parser.get_method().decode("latin-1"), 0, False
         else:
@@ -416,7 +424,8 @@ class Http1Server:
                     reader.feed(bytes(data))
                     if not begun:  # the head has begun: the rest of it within `header_timeout`
                         begun = True
-                        scope.deadline = trio.current_time() + self.settings.header_timeout
+                        if not reader.events:  # (not when it came whole: moving a deadline re-sorts timers)
+                            scope.deadline = trio.current_time() + self.settings.header_timeout
             if scope.cancelled_caught:
                 if not begun:
                     return None

@@ -4,11 +4,15 @@ TLS, a silent peer, a peer that goes away."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import os
 import re
 import socket
 import ssl
 import struct
+import termios
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -21,7 +25,7 @@ from mesh.hbone.client import open_hbone_connection
 from mesh.hbone.errors import HandshakeError, TunnelReset
 from mesh.hbone.events import ConnectRequested
 from mesh.hbone.sides import HboneServer
-from mesh.hbone.tlssocket import TlsSocket, take_over, tls_over
+from mesh.hbone.tlssocket import Received, TlsSocket, take_over, tls_over
 from mesh.hbone.transport import _Output
 from mesh.hbone.tunnel import YIELD_EVERY
 
@@ -187,13 +191,10 @@ def test_a_silent_peer_is_a_handshake_timeout_and_its_socket_is_closed(tls: Tls)
     run(main)
 
 
-async def _send_now(sock: ssl.SSLSocket, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[sock.send(view):]
-        except ssl.SSLWantWriteError:
-            await trio.lowlevel.wait_writable(sock)
+async def _send_now(tls: TlsSocket, data: bytes) -> None:
+    if not tls.send(data):
+        while not tls.flush():
+            await trio.lowlevel.wait_writable(tls.sock)
 
 
 def test_a_peer_that_goes_away_resets_the_tunnels_and_says_so(tls: Tls) -> None:
@@ -204,17 +205,16 @@ def test_a_peer_that_goes_away_resets_the_tunnels_and_says_so(tls: Tls) -> None:
         server = TlsSocket.wrap(stream, tls.server, server_side=True)
         await server.do_handshake()
         proto = HboneServer()
-        await _send_now(server.sock, proto.data_to_send())
+        await _send_now(server, proto.data_to_send())
         connect_seen = False
         while not connect_seen:
-            try:
-                data = server.sock.recv(65536)
-            except ssl.SSLWantReadError:
+            data, state = server.receive(65536)
+            assert state is not Received.CLOSED and state is not Received.BROKEN, "the client left before its CONNECT"
+            if not data:
                 await trio.lowlevel.wait_readable(server.sock)
                 continue
-            assert data, "the client closed before its CONNECT"
             connect_seen = any(isinstance(e, ConnectRequested) for e in proto.receive_data(data))
-            await _send_now(server.sock, proto.data_to_send())
+            await _send_now(server, proto.data_to_send())
         server.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
         server.close()
 
@@ -242,5 +242,137 @@ def test_take_over_keeps_streams_that_are_not_tcp_sockets(tls: Tls) -> None:
         assert take_over(wrapped) is wrapped
         assert isinstance(tls_over(left, tls.client, server_side=False), trio.SSLStream)
         await trio.lowlevel.checkpoint()
+
+    run(main)
+
+
+async def _tls_pair(tls: Tls) -> tuple[TlsSocket, TlsSocket, socket.socket]:
+    """A client and a server TlsSocket over TCP on 127.0.0.1, handshake done; and a duplicate of the
+    client's raw socket, to write bytes that are not TLS behind its back."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    raw_client = socket.socket(fileno=os.dup(a.fileno()))
+    client = TlsSocket.wrap(trio.SocketStream(trio.socket.from_stdlib_socket(a)), tls.client, server_side=False)
+    server = TlsSocket.wrap(trio.SocketStream(trio.socket.from_stdlib_socket(b)), tls.server, server_side=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        nursery.start_soon(server.do_handshake)
+    return client, server, raw_client
+
+
+RECORD_1000 = 5 + 1000 + 1 + 16  # a TLS 1.3 record of 1,000 bytes: header, content type, AEAD tag
+
+
+async def _all_arrived(sock: socket.socket, size: int) -> None:
+    """Wait until `size` bytes are in the socket's receive queue (loopback may deliver in steps)."""
+    while struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0\0\0\0"))[0] < size:
+        await trio.sleep(0.001)
+
+
+async def _receive_until(tls: TlsSocket, size: int) -> tuple[bytes, list[Received]]:
+    got, states = b"", []
+    while len(got) < size:
+        data, state = tls.receive(1 << 20)
+        got += data
+        states.append(state)
+        if state is Received.WAIT:
+            await trio.lowlevel.wait_readable(tls.sock)
+        elif state is not Received.MORE:
+            break
+    return got, states
+
+
+def test_records_that_arrived_together_come_out_of_one_receive_and_a_limit_leaves_the_rest(tls: Tls) -> None:
+    """Twenty records sent before the peer reads are all decrypted by one `receive` (one read of the
+    socket, fed to TLS at once); with a limit, that many bytes and MORE, then the rest."""
+
+    async def main() -> None:
+        client, server, raw = await _tls_pair(tls)
+        try:
+            records = [bytes([i]) * 1000 for i in range(20)]
+            for record in records:
+                await _send_now(client, record)
+            await _all_arrived(server.sock, len(records) * RECORD_1000)
+            data, state = server.receive(1 << 20)
+            assert (data, state) == (b"".join(records), Received.WAIT)
+            for record in records:
+                await _send_now(client, record)
+            await _all_arrived(server.sock, len(records) * RECORD_1000)
+            first, state = server.receive(2500)
+            assert (first, state) == (b"".join(records)[:2500], Received.MORE)  # up to the limit
+            rest, state = server.receive(1 << 20)
+            assert (rest, state) == (b"".join(records)[2500:], Received.WAIT)
+            assert server.receive(1 << 20) == (b"", Received.WAIT)  # nothing more: wait for the socket
+        finally:
+            client.close(), server.close(), raw.close()
+
+    run(main)
+
+
+@pytest.mark.parametrize("how", ["fin", "close_notify"])
+def test_the_peer_closing_is_closed_after_what_it_sent_before(tls: Tls, how: str) -> None:
+    """A peer that closes (a TCP FIN without TLS's close_notify, or with it): what it sent before comes
+    out first, then CLOSED."""
+
+    async def main() -> None:
+        client, server, raw = await _tls_pair(tls)
+        try:
+            await _send_now(client, b"last words")
+            if how == "close_notify":
+                with contextlib.suppress(ssl.SSLWantReadError):  # (then it would wait for the peer's)
+                    client._obj.unwrap()  # close_notify into the outgoing buffer
+                assert client.flush()
+            raw.shutdown(socket.SHUT_WR)
+            got, states = await _receive_until(server, len(b"last words") + 1)
+            assert got == b"last words" and states[-1] is Received.CLOSED, states
+        finally:
+            client.close(), server.close(), raw.close()
+
+    run(main)
+
+
+def test_bytes_that_are_not_tls_after_the_handshake_break_the_connection_and_say_why(tls: Tls) -> None:
+    """An application-data record that does not decrypt (bytes written by something else on the
+    connection): BROKEN, with OpenSSL's error, after whatever good data came before it."""
+
+    async def main() -> None:
+        client, server, raw = await _tls_pair(tls)
+        try:
+            await _send_now(client, b"good")
+            raw.send(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # a record of the right shape, not encrypted
+            got, states = await _receive_until(server, 1 << 20)
+            assert got == b"good" and states[-1] is Received.BROKEN, states
+            assert isinstance(server.error, ssl.SSLError)
+        finally:
+            client.close(), server.close(), raw.close()
+
+    run(main)
+
+
+def test_an_hbone_peer_that_sends_garbage_after_the_handshake_closes_the_connection_naming_it(tls: Tls) -> None:
+    """The server completes TLS, then writes bytes that are not TLS on the socket: the client's
+    connection closes, its reason naming the peer and the TLS failure."""
+
+    async def garbage(stream: trio.SocketStream) -> None:
+        dup = socket.socket(fileno=os.dup(stream.socket.fileno()))
+        server = TlsSocket.wrap(stream, tls.server, server_side=True)
+        try:
+            await server.do_handshake()
+            dup.send(b"\x17\x03\x03\x00\x20" + b"\x01" * 32)
+            await trio.sleep_forever()
+        finally:
+            dup.close()
+            server.close()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await _listen(nursery, garbage)
+            tcp = await trio.open_tcp_stream("127.0.0.1", port)
+            conn = await open_hbone_connection(nursery, tcp, tls.client, expected={WEB})
+            await conn.wait_closed()
+            assert re.search(rf"connection to 127\.0\.0\.1:{port} broke: .*(decrypt|mac|record)",
+                             conn.close_reason or "", re.IGNORECASE), conn.close_reason
+            nursery.cancel_scope.cancel()
 
     run(main)
