@@ -1,14 +1,18 @@
 """HTTP/2 framing facts the HBONE core needs beside `h2`: error codes, the client preface, a guard
-that refuses oversized frames and header blocks from their 9-byte headers, the rapid-reset budget, and
-the status of a response.  The waypoint's HTTP/2 server uses the same guard and budget."""
+that refuses oversized frames and header blocks from their 9-byte headers, the rapid-reset budget, the
+status of a response, and the HPACK encoder of the header blocks the core sends (`LiteralEncoder`).  The
+waypoint's HTTP/2 server uses the same guard and budget."""
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import h2.errors
+import hpack
+from hpack.table import HeaderTable
 
 ErrorCode = h2.errors.ErrorCodes
 
@@ -307,3 +311,53 @@ def status_of(headers: Sequence[tuple[bytes | str, bytes | str]]) -> int:
             text = value.decode("ascii") if isinstance(value, bytes) else value
             return int(text) if text.isdigit() else 0
     return 0
+
+
+# -- HPACK for the blocks the core sends ---------------------------------------------------------------------
+
+_STATIC_FIELD = {field: i for i, field in reversed(list(enumerate(HeaderTable.STATIC_TABLE, 1)))}
+_STATIC_NAME = {name: i for i, (name, _) in reversed(list(enumerate(HeaderTable.STATIC_TABLE, 1)))}
+
+
+def _integer(value: int, prefix: int, pattern: int) -> bytes:
+    """An HPACK integer with a `prefix`-bit prefix, the first byte's other bits `pattern` (RFC 7541 5.1)."""
+    top = (1 << prefix) - 1
+    if value < top:
+        return bytes((pattern | value,))
+    out = bytearray((pattern | top,))
+    value -= top
+    while value >= 128:
+        out.append(value & 127 | 128)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _literal(text: bytes) -> bytes:
+    return _integer(len(text), 7, 0) + text  # no Huffman: the block is a few small fields
+
+
+class LiteralEncoder(hpack.Encoder):
+    """h2's encoder for the core's own header blocks (a CONNECT, its answer): each field is a static
+    table entry when it is one (`:status 200`) and otherwise a literal *without indexing*, not Huffman
+    coded (RFC 7541 6.1, 6.2.2), so encoding a block is a few byte joins instead of hpack's table search
+    and Huffman pass per field.  The dynamic table is never used, so the peer's decoder state never
+    changes; a table size the peer's SETTINGS changed is still announced first, as RFC 7541 4.2 asks.
+    h2 still builds the frames and keeps every stream's state.  Names must be lower case and the values
+    well formed: the core checks what it is given (`headers.check_regular_headers`) and h2's own
+    outbound checks are off."""
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        out = []
+        if self.table_size_changes:
+            out += [_integer(size, 5, 0x20) for size in self.table_size_changes]
+            self.table_size_changes = []
+        for name, value in headers:
+            index = _STATIC_FIELD.get((name, value))
+            if index is not None:
+                out.append(_integer(index, 7, 0x80))
+                continue
+            index = _STATIC_NAME.get(name)
+            out.append(_integer(index, 4, 0) if index is not None else b"\x00" + _literal(name))
+            out.append(_literal(value))
+        return b"".join(out)

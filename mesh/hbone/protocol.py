@@ -57,6 +57,7 @@ from mesh.hbone.frames import (
     ErrorCode,
     FrameGuard,
     FrameReader,
+    LiteralEncoder,
     ResetBudget,
     Violation,
     data_header,
@@ -112,8 +113,12 @@ class HboneConnection:
             header_encoding=None,
             # The server checks requests itself so that a malformed one costs one 400, not the connection.
             validate_inbound_headers=self._client_side,
+            # What this side sends is built here from checked parts (`open_stream`, the answers).
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         self._h2 = h2.connection.H2Connection(h2_config)
+        self._h2.encoder = LiteralEncoder()
         self._out: list[bytes] = []  # what goes out next, in order: h2's bytes and our own frames
         settings = {
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: config.stream_window,

@@ -8,7 +8,14 @@ from __future__ import annotations
 from hbone_helpers import Pair, of_type
 
 from mesh.hbone.config import HboneConfig
-from mesh.hbone.events import ConnectionClosed, ConnectRequested, DataReceived, StreamEnded, StreamReset
+from mesh.hbone.events import (
+    ConnectionClosed,
+    ConnectRequested,
+    DataReceived,
+    StreamAccepted,
+    StreamEnded,
+    StreamReset,
+)
 from mesh.hbone.frames import (
     DATA,
     END_HEADERS,
@@ -19,6 +26,7 @@ from mesh.hbone.frames import (
     ErrorCode,
     FrameGuard,
     FrameReader,
+    LiteralEncoder,
     data_header,
     window_update,
 )
@@ -186,3 +194,47 @@ def test_end_stream_on_a_data_frame_half_closes() -> None:
     assert of_type(events, StreamEnded) == [StreamEnded(1)]
     server.send_data(1, b"still open this way")
     assert b"still open this way" in server.data_to_send()
+
+
+# -- the HPACK encoder of the core's own header blocks -------------------------------------------------------
+
+
+def test_literal_encoder_blocks_decode_to_the_same_fields_and_leave_the_table_alone() -> None:
+    import hpack
+
+    encoder, decoder = LiteralEncoder(), hpack.Decoder()
+    blocks = [
+        [(b":method", b"CONNECT"), (b":authority", b"10.244.1.5:8080"),
+         (b"forwarded", b'for="10.244.0.7:41234";host=server.bench.svc.cluster.local'),
+         (b"traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01")],
+        [(b":status", b"200")],  # a static table entry: one byte
+        [(b":status", b"503"), (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"42")],
+        [(b"x-long", b"v" * 300), (b"n" * 200, b"")],  # lengths past the 7-bit prefix
+    ]
+    for block in blocks:
+        assert decoder.decode(encoder.encode(block), raw=True) == block
+    assert encoder.encode([(b":status", b"200")]) == b"\x88"
+    assert len(decoder.header_table.dynamic_entries) == 0  # nothing was indexed: the peer's state is untouched
+
+
+def test_literal_encoder_announces_a_changed_table_size_first() -> None:
+    import hpack
+
+    encoder, decoder = LiteralEncoder(), hpack.Decoder()
+    encoder.header_table_size = 0  # the peer's SETTINGS_HEADER_TABLE_SIZE
+    block = encoder.encode([(b":status", b"200")])
+    assert block == b"\x20\x88"  # a size update to 0, then the field
+    decoder.max_allowed_table_size = 0
+    assert decoder.decode(block, raw=True) == [(b":status", b"200")]
+    assert encoder.encode([(b":status", b"200")]) == b"\x88"  # announced once
+
+
+def test_a_tunnel_opened_and_answered_with_the_literal_encoder_reads_back_its_headers() -> None:
+    pair = Pair.make()
+    sid = pair.client.open_stream("10.244.1.5:8080", [("forwarded", 'for="10.244.0.7:41234"')])
+    _, server_events = pair.pump()
+    request = of_type(server_events, ConnectRequested)[0].request
+    assert str(request.authority) == "10.244.1.5:8080" and request.forwarded_for == "10.244.0.7:41234"
+    pair.server.accept(sid)
+    client_events, _ = pair.pump()
+    assert of_type(client_events, StreamAccepted)[0].status == 200
