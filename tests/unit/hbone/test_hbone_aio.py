@@ -18,7 +18,7 @@ from hbone_helpers import SLEEP, WEB, Mint, mint_from
 
 from ca.authority import CertificateAuthority
 from mesh.hbone.aio import AioAcceptor, serve_tls
-from mesh.hbone.aiopool import AioPool, tcp_connect
+from mesh.hbone.aiopool import AioPool, sock_connect, tcp_connect
 from mesh.hbone.config import HboneConfig, ListenerLimits
 from mesh.hbone.engine import Engine
 from mesh.hbone.errors import PoolConnectError, TunnelRejected, TunnelTimeout
@@ -352,3 +352,51 @@ def test_warm_dials_ahead_once_and_the_first_tunnel_uses_it(mint: Mint) -> None:
 
     run(main)
 
+
+
+def test_sock_connect_connects_refuses_and_gives_up_cleanly() -> None:
+    async def main() -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        sock = socket.socket()
+        sock.setblocking(False)
+        await sock_connect(sock, ("127.0.0.1", port))  # connected: the listener has it queued
+        accepted, peer = listener.accept()
+        assert peer == sock.getsockname()
+        accepted.close()
+        sock.close()
+
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        free = closed.getsockname()[1]
+        closed.close()
+        refused = socket.socket()
+        refused.setblocking(False)
+        with pytest.raises(ConnectionRefusedError, match=f"127.0.0.1:{free}"):
+            await sock_connect(refused, ("127.0.0.1", free))
+        refused.close()
+
+        # A wait that is cancelled leaves the loop without a writer on the socket (it is the caller's to
+        # close): a listener whose accept queue is full drops the next SYN, so that connect hangs.
+        full = socket.create_server(("127.0.0.1", 0), backlog=0)
+        queued = []
+        loop = asyncio.get_running_loop()
+        for _ in range(8):
+            waiting = socket.socket()
+            waiting.setblocking(False)
+            queued.append(waiting)
+            try:
+                async with asyncio.timeout(0.2):
+                    await sock_connect(waiting, full.getsockname())
+            except TimeoutError:
+                break
+        else:
+            pytest.fail("the full accept queue took every connection")
+        assert not loop.remove_writer(waiting.fileno())
+        for each in queued:
+            each.close()
+        full.close()
+        listener.close()
+
+    run(main)
