@@ -1,24 +1,33 @@
 """The in-pod redirect rules, as data: what to install in an enrolled pod's network namespace.
 
 They follow the in-pod mode of Istio's ambient capture.  In the mangle table, packets of connections
-the agent made (its sockets carry SO_MARK 0x539) get connmark 0x111, and replies of such connections get
-the mark restored, so the nat rules let them through.  In the nat table, TCP arriving at the pod that is
-not for 15008 (HBONE) and not agent-made is redirected to 15006 (plaintext inbound), and TCP the pod's
-application sends anywhere but loopback is redirected to 15001 (outbound).  With DNS capture (the
-default, `--dns-capture`), UDP and TCP the application sends to port 53, loopback included (a pod's
-nameserver may be 127.0.0.1), are redirected to the agent's DNS proxy, 127.0.0.1:15053, first; the
-agent's own queries carry its mark and are left alone.
+the agent made (its sockets carry SO_MARK 0x539) get connmark 0x111, and the application's replies on
+such connections get the mark restored, so that policy routing brings them to the agent.  In the nat
+table, TCP arriving at the pod that is not for 15008 (HBONE) and not agent-made is redirected to 15006
+(plaintext inbound), and TCP the pod's application sends anywhere but loopback is redirected to 15001
+(outbound).  With DNS capture (the default, `--dns-capture`), UDP and TCP the application sends to port
+53, loopback included (a pod's nameserver may be 127.0.0.1), are redirected to the agent's DNS proxy,
+127.0.0.1:15053, first; the agent's own queries carry its mark and are left alone.
+
+One departure from Istio's rules cuts the kernel's work per packet (issue 14) and changes nothing that
+reaches an application or the agent: the mark is restored only on the packets that need it, the
+application's (unmarked) packets in the reply direction of a connection marked 0x111, i.e. its replies
+to the agent's transparent connections, whose destination is not in the pod.  Istio restores it on
+every packet of a marked connection, the agent's own and the application's captured outbound ones
+included, whose destinations are local either way; each changed mark costs the packet a second route
+lookup (`bench.capture_bench` measures the rule sets side by side).
 
 All rules live in chains the agent owns (`AMB_PRERT`, `AMB_OUTPUT`), entered by one jump from each
-built-in chain; `install_script` and `remove_script` are iptables-restore input, so each change is one
-atomic transaction and removal takes exactly what installation added.
+built-in chain; a set that differs in any rule (an earlier version's) is removed and installed again,
+never adopted.  `install_script` and `remove_script` are iptables-restore input, so each change is
+one atomic transaction and removal takes exactly what installation added.
 
 Policy routing (`policy_routing`), installed and removed with the capture in both modes: the destination
 agent connects to the application from the client's address (a transparent socket), so the
 application's replies go to an address that is not in the pod; these ip rules send them to table 100,
 `local 0.0.0.0/0 dev lo`, where they reach the agent's socket instead of leaving the pod.
 - iptables mode, as Istio's in-pod mode: the mangle rules above give the agent's connections connmark
-  0x111 and restore it on the replies; `fwmark 0x111/0xfff lookup 100`.
+  0x111 and restore it on the application's replies; `fwmark 0x111/0xfff lookup 100`.
 - eBPF mode has no iptables and so no connmark: the agent's sockets keep the main table
   (`fwmark 0x539/0xfff lookup main`), and TCP to the agent's transparent source ports
   (`TRANSPARENT_PORTS`) goes to table 100.  A client outside the mesh that picks such a port itself
@@ -68,8 +77,8 @@ def rule_sets(dns: bool = DNS_CAPTURE) -> tuple[RuleSet, ...]:
     conn = f"{CONN_MARK:#x}/{MARK_MASK:#x}"
     mangle = RuleSet("mangle", (
         f"-A {CHAIN_PRERT} -m mark --mark {mark} -j CONNMARK --set-xmark {conn}",
-        f"-A {CHAIN_OUTPUT} -m connmark --mark {conn} -j CONNMARK --restore-mark "
-        "--nfmask 0xffffffff --ctmask 0xffffffff",
+        f"-A {CHAIN_OUTPUT} -m connmark --mark {conn} -m conntrack --ctdir REPLY -m mark ! --mark {mark} "
+        "-j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff",
     ))
     nat = RuleSet("nat", (*(dns_rules(mark) if dns else ()),
         f"-A {CHAIN_PRERT} ! -d 127.0.0.1/32 -p tcp -m tcp ! --dport {HBONE_PORT} -m mark ! --mark {mark} "
@@ -128,7 +137,8 @@ class Installed:
         return not any(self.jumps.values()) and not any(self.chains.values())
 
     def complete(self, dns: bool = DNS_CAPTURE) -> bool:
-        """Exactly our rule set (with DNS capture or without), once: adoptable after an agent restart."""
+        """Exactly our rule set (with DNS capture or without), once: adoptable after an agent restart (an
+        earlier version's set differs in some rule, so it is redone)."""
         for rs in rule_sets(dns):
             if sorted(self.jumps.get(rs.table, [])) != sorted(_jumps(rs.table)):
                 return False

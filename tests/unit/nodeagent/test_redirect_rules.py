@@ -42,8 +42,8 @@ def saved_after(script: str, base: str = "") -> str:
 def test_installed_rules_read_back_as_exactly_ours() -> None:
     found = parse_saved(saved_after(install_script()))
     assert not found.empty and found.complete()
-    assert found.jumps == {"mangle": [("OUTPUT", CHAIN_OUTPUT), ("PREROUTING", CHAIN_PRERT)],
-                           "nat": [("OUTPUT", CHAIN_OUTPUT), ("PREROUTING", CHAIN_PRERT)]}
+    assert found.jumps == {table: [("OUTPUT", CHAIN_OUTPUT), ("PREROUTING", CHAIN_PRERT)]
+                           for table in ("mangle", "nat")}
 
 
 def test_the_rules_follow_istios_in_pod_mode() -> None:
@@ -81,3 +81,50 @@ def test_a_foreign_jump_to_another_chain_is_not_ours() -> None:
     text = saved_after(install_script()) + "*filter\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j KUBE-FW\nCOMMIT\n"
     found = parse_saved(text)
     assert "filter" not in found.jumps and found.complete()
+
+
+# The rule set of the version before issue 14's change (the connmark restored on every packet of a marked
+# connection, as Istio does), as `iptables-restore` input.  A pod that still has it after an agent
+# upgrade must be redone, not adopted.
+PREVIOUS_VERSION = """*mangle
+:AMB_PRERT - [0:0]
+:AMB_OUTPUT - [0:0]
+-A PREROUTING -j AMB_PRERT
+-A OUTPUT -j AMB_OUTPUT
+-A AMB_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
+-A AMB_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
+COMMIT
+*nat
+:AMB_PRERT - [0:0]
+:AMB_OUTPUT - [0:0]
+-A PREROUTING -j AMB_PRERT
+-A OUTPUT -j AMB_OUTPUT
+-A AMB_OUTPUT -p udp -m mark ! --mark 0x539/0xfff -m udp --dport 53 -j REDIRECT --to-ports 15053
+-A AMB_OUTPUT -p tcp -m mark ! --mark 0x539/0xfff -m tcp --dport 53 -j REDIRECT --to-ports 15053
+-A AMB_PRERT ! -d 127.0.0.1/32 -p tcp -m tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006
+-A AMB_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT
+-A AMB_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT
+-A AMB_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
+COMMIT
+"""
+
+
+def test_the_previous_versions_rules_are_not_adopted_and_are_removed_whole() -> None:
+    found = parse_saved(saved_after(PREVIOUS_VERSION))
+    assert not found.empty and not found.complete() and not found.complete(dns=False)
+    after = parse_saved(saved_after(remove_script(found.jumps, found.chains), saved_after(PREVIOUS_VERSION)))
+    assert after.empty
+    # ... and the new set installs over what the removal left
+    assert parse_saved(saved_after(install_script(), saved_after(remove_script(found.jumps, found.chains),
+                                                                 saved_after(PREVIOUS_VERSION)))).complete()
+
+
+def test_only_the_applications_replies_get_the_connmark_restored() -> None:
+    # The restored mark routes the application's replies of the agent's transparent connections to the
+    # local table; nothing else needs it (the agent's own packets carry its mark, the application's own
+    # connections go to a local address), and a changed mark costs a route lookup on every packet.
+    mangle, _nat = rule_sets()
+    restore = [r for r in mangle.rules if "--restore-mark" in r]
+    assert len(restore) == 1
+    assert "-m connmark --mark 0x111/0xfff" in restore[0] and "--ctdir REPLY" in restore[0]
+    assert "-m mark ! --mark 0x539/0xfff" in restore[0]
