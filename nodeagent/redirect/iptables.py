@@ -41,14 +41,12 @@ def install(netns_path: str, dns: bool = DNS_CAPTURE) -> Outcome:
     routes = routing.inspect(netns_path)
     if not found.empty and found.complete(dns) and routes.exactly(policy_routing(MODE)):
         return Outcome.ADOPTED
-    outcome = Outcome.INSTALLED
-    if not found.empty or not routes.empty:
-        if not found.empty:
-            run_in(netns_path, ["iptables-restore", "-w", "5", "--noflush"], remove_script(found.jumps, found.chains))
-        routing.remove_found(netns_path, routes)
-        outcome = Outcome.REDONE
-    routing.install(netns_path, MODE)  # first: a redirected connection's replies must already find their way
-    run_in(netns_path, ["iptables-restore", "-w", "5", "--noflush"], install_script(dns))
+    outcome = Outcome.REDONE if not found.empty or not routes.empty else Outcome.INSTALLED
+    # first: a redirected connection's replies must already find their way (left alone when exactly ours)
+    routing.install(netns_path, MODE)
+    # whatever set was there (an earlier version's, half of one) becomes ours in one commit per table:
+    # the pod is never left uncaptured in between
+    run_in(netns_path, ["iptables-restore", "-w", "5", "--noflush"], install_script(dns, replacing=found.jumps))
     return outcome
 
 

@@ -37,6 +37,7 @@ application's replies go to an address that is not in the pod; these ip rules se
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mesh import defaults
@@ -95,12 +96,16 @@ def _jumps(table: str) -> list[tuple[str, str]]:
     return list(TABLE_CHAINS[table])
 
 
-def install_script(dns: bool = DNS_CAPTURE) -> str:
-    """iptables-restore --noflush input that creates the chains, fills them and jumps to them."""
+def install_script(dns: bool = DNS_CAPTURE, replacing: Mapping[str, list[tuple[str, str]]] | None = None) -> str:
+    """iptables-restore --noflush input that creates the chains, fills them and jumps to them.  With
+    `replacing` (the jumps of a set found in the pod: an earlier version's, half of one), the same
+    transaction first deletes those jumps, and declaring a chain flushes what it held, so the pod goes
+    from that set to this one in one commit per table, never uncaptured in between."""
     lines: list[str] = []
     for rs in rule_sets(dns):
         lines.append(f"*{rs.table}")
         lines += [f":{chain} - [0:0]" for _, chain in _jumps(rs.table)]
+        lines += [f"-D {builtin} -j {chain}" for builtin, chain in (replacing or {}).get(rs.table, [])]
         lines += [f"-A {builtin} -j {chain}" for builtin, chain in _jumps(rs.table)]
         lines += list(rs.rules)
         lines.append("COMMIT")

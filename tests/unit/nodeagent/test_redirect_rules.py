@@ -119,6 +119,21 @@ def test_the_previous_versions_rules_are_not_adopted_and_are_removed_whole() -> 
                                                                  saved_after(PREVIOUS_VERSION)))).complete()
 
 
+def test_an_earlier_set_is_replaced_in_one_commit_per_table() -> None:
+    # An agent restart that finds another set (an earlier version's, or ours twice) does not remove it
+    # first and install after: the pod would be uncaptured in between.
+    for base in (saved_after(PREVIOUS_VERSION), saved_after(install_script() + install_script(dns=False))):
+        found = parse_saved(base)
+        script = install_script(replacing=found.jumps)
+        assert [line for line in script.splitlines() if line.startswith("*")] == ["*mangle", "*nat"]
+        assert script.count("COMMIT") == 2 and "-X " not in script
+        after = parse_saved(saved_after(script, base))
+        assert after.complete() and after.rules == parse_saved(saved_after(install_script())).rules
+    # a half-removed set (chains without their jumps) is taken over the same way
+    half = "*mangle\n:AMB_PRERT - [0:0]\nCOMMIT\n"
+    assert parse_saved(saved_after(install_script(replacing=parse_saved(saved_after(half)).jumps), saved_after(half))).complete()
+
+
 def test_only_the_applications_replies_get_the_connmark_restored() -> None:
     # The restored mark routes the application's replies of the agent's transparent connections to the
     # local table; nothing else needs it (the agent's own packets carry its mark, the application's own
