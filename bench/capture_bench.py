@@ -42,13 +42,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from mesh import defaults, netns
+from nodeagent.proxy.sockets import make_transparent
 from nodeagent.redirect import rules
 
 POD_IP, PEER_IP = "10.251.0.2", "10.251.0.1"
 SERVICE = ("10.96.251.1", 80)  # captured to 15001 (nothing listens there)
 APP_PORT = 8080
 PAYLOAD = b"x" * 1024
-IP_TRANSPARENT = 19
 
 PRERT, OUT = rules.CHAIN_PRERT, rules.CHAIN_OUTPUT
 MARK, CONN = "0x539/0xfff", "0x111/0xfff"
@@ -127,8 +127,7 @@ def connected(ns: str, target: tuple[str, int], server: socket.socket, *, mark: 
     if mark:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, defaults.AGENT_MARK)
     if source is not None:
-        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-        sock.bind((source, 0))
+        make_transparent(sock, source, 0)  # as the agent binds it
     sock.connect(target)
     accepted, _ = server.accept()
     for s in (sock, accepted):

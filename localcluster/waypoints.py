@@ -73,6 +73,7 @@ from localcluster.projected import TokenFile, TokenRefresher, copy_bundle
 from localcluster.spec import PodSpec
 from mesh import defaults
 from mesh.api.client import ApiClient
+from mesh.api.kinds_gateway import GATEWAY_NAME_LABEL
 from mesh.api.validate import Document, Ref
 from mesh.errors import MeshError
 from mesh.files import write_atomic
@@ -82,7 +83,6 @@ from mesh.serve import client
 log = logging.getLogger("localcluster.waypoints")
 
 WAYPOINT_CLASS = "istio-waypoint"
-GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 RESTART_BACKOFF = 5.0  # seconds
 TOKEN, ROOT_CERT = "token", "root-cert.pem"  # in a waypoint's own directory
 DRAIN_ANNOTATION = "waypoint.ambient.mesh/drain-seconds"  # in the Gateway's spec.infrastructure.annotations
@@ -217,10 +217,16 @@ def pod_name_for(wp: WaypointPod, taken: Collection[str]) -> str:
     return name
 
 
+def pod_flags(command: Sequence[str]) -> dict[str, str]:
+    """The flags of a waypoint pod's command line that come from its Gateway (`--workers`,
+    `--drain-seconds`), as given there."""
+    return {a: b for a, b in zip(command, command[1:], strict=False) if a in ("--workers", "--drain-seconds")}
+
+
 def runs_as_wanted(wp: WaypointPod, command: Sequence[str]) -> bool:
     """Whether a registered pod's command line has the wanted pod's `--workers` and `--drain-seconds` (what
     `meshctl waypoint apply --wait` waits for after a change); a command without them is not ours to judge."""
-    flags = {a: b for a, b in zip(command, command[1:], strict=False) if a in ("--workers", "--drain-seconds")}
+    flags = pod_flags(command)
     return flags.get("--workers", str(wp.workers)) == str(wp.workers) and \
         flags.get("--drain-seconds", f"{wp.drain_seconds:g}") == f"{wp.drain_seconds:g}"
 
@@ -258,8 +264,6 @@ class WaypointController:
         token kept fresh.  A second pod of the same gateway (a roll under way) is kept as its new pod."""
         gateway = str((pod.get("labels") or {}).get(GATEWAY_NAME_LABEL) or pod["name"])
         entry = {"pod": pod, "process": process, "revision": pod.get("revision", "")}
-        if "drainSeconds" in pod:
-            entry["drainSeconds"] = pod["drainSeconds"]
         gw_key = f"{pod['namespace']}/{gateway}"
         (self.surging if gw_key in self.running else self.running)[gw_key] = entry
         uid, gid = int(pod.get("runAsUser", sandbox.NOBODY)), int(pod.get("runAsGroup", sandbox.NOBODY))
@@ -376,7 +380,7 @@ class WaypointController:
                          "expose": [str(own)], "revision": wp.revision,
                          "workers": wp.workers, "drainSeconds": wp.drain_seconds},
                  "process": rec.to_json(), "started": time.monotonic(), "ready": False,
-                 "drainSeconds": wp.drain_seconds, "revision": wp.revision}
+                 "revision": wp.revision}
         try:
             self._started(wp, entry)
         except BaseException:
@@ -410,7 +414,7 @@ class WaypointController:
                 log.warning("could not set waypoint pod %s not ready: %s", key, exc)
         rec = ProcessRecord.from_json(entry["process"])
         if processes.start_time(rec.pid) == rec.start_time:
-            processes.stop([rec.pid], grace=float(entry.get("drainSeconds", DEFAULT_DRAIN_SECONDS)) + STOP_GRACE)
+            processes.stop([rec.pid], grace=float(entry["pod"].get("drainSeconds", DEFAULT_DRAIN_SECONDS)) + STOP_GRACE)
         pod = entry["pod"]
         self._unmake(f"{pod['namespace']}/{pod['name']}", pod["node"], pod["netns"])
         self.tokens.remove(self._dir(WaypointPod(pod["namespace"], pod["name"])) / TOKEN)

@@ -48,6 +48,7 @@ from localcluster.waypoints import (
     WORKERS_ANNOTATION,
     WaypointPod,
     desired,
+    pod_flags,
     runs_as_wanted,
 )
 from mesh import defaults
@@ -211,8 +212,7 @@ def pod_command(pod: dict[str, Any]) -> list[str]:
 
 def pod_workers(pod: dict[str, Any]) -> str:
     """The `--workers` a waypoint pod runs with (its registered command line), or "-" when it does not say."""
-    command = pod_command(pod)
-    return next((b for a, b in zip(command, command[1:], strict=False) if a == "--workers"), "-")
+    return pod_flags(pod_command(pod)).get("--workers", "-")
 
 
 def rolled(client: ApiClient, namespace: str, name: str, wanted: WaypointPod | None) -> bool:

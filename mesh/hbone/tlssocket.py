@@ -42,11 +42,7 @@ class _Scratch(threading.local):
         self.plain_view = memoryview(bytearray(RECEIVE_SIZE))
 
 
-_thread_scratch = _Scratch()
-
-
-def _scratch() -> _Scratch:
-    return _thread_scratch
+_scratch = _Scratch()  # this thread's buffers (a `threading.local`)
 
 
 class Received(enum.Enum):
@@ -110,7 +106,7 @@ class TlsSocket:
     def _recv(self) -> int | None:
         """One `recv` into this thread's scratch buffer, fed to TLS; the byte count (0: the peer's FIN),
         None when nothing has arrived."""
-        scratch = _scratch()
+        scratch = _scratch
         try:
             n = self.sock.recv_into(scratch.cipher)
         except (BlockingIOError, InterruptedError):
@@ -132,8 +128,7 @@ class TlsSocket:
         `error` is the failure).  Bytes TLS itself must send (a key update's answer) are sent, or left
         for `flush` (`unsent`)."""
         obj, incoming = self._obj, self._incoming
-        scratch = _scratch()
-        plain = scratch.plain_view
+        plain = _scratch.plain_view
         limit = min(limit, RECEIVE_SIZE)
         size = 0
         state = Received.WAIT
