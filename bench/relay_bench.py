@@ -628,8 +628,6 @@ def start_envoys(variant: str, certs: Path, origin: tuple[int, int]) -> tuple[li
 
 
 def make_certs(directory: Path) -> None:
-    from cryptography.hazmat.primitives import serialization
-
     from ca.authority import CertificateAuthority
     from mesh.identity import SpiffeId
     from mesh.secrets.svid import generate_key
@@ -642,8 +640,7 @@ def make_certs(directory: Path) -> None:
         issued = authority.sign_workload(key.public_key(), SpiffeId.parse(ident), datetime.timedelta(hours=2))
         pems = issued.pems
         (directory / f"{side}.pem").write_text("".join(pems[:-1]) if len(pems) > 1 else pems[0])
-        (directory / f"{side}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (directory / f"{side}.key").write_bytes(key.pkcs8_pem())
 
 
 def free_port() -> int:

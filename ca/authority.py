@@ -36,6 +36,7 @@ from ca.errors import CAStoreError, SigningError, TTLError
 from mesh import defaults
 from mesh.files import write_atomic
 from mesh.identity import DEFAULT_TRUST_DOMAIN, SpiffeId, check_trust_domain
+from mesh.secrets.openssl import PublicKey
 
 CA_CERT = "ca-cert.pem"
 CA_KEY = defaults.CA_KEY_FILE
@@ -257,13 +258,22 @@ class CertificateAuthority:
 
     def sign_workload(
         self,
-        public_key: ec.EllipticCurvePublicKey,
+        public_key: ec.EllipticCurvePublicKey | PublicKey,
         identity: SpiffeId,
         ttl: datetime.timedelta,
         *,
         now: datetime.datetime | None = None,
     ) -> IssuedChain:
-        """A workload certificate: `identity` as its only SAN (a URI), client and server use."""
+        """A workload certificate: `identity` as its only SAN (a URI), client and server use.  The key may
+        be a data-plane `PublicKey` (its SubjectPublicKeyInfo DER), as `mesh.secrets.svid` makes them."""
+        if isinstance(public_key, PublicKey):
+            try:
+                loaded = serialization.load_der_public_key(public_key.der)
+            except ValueError as exc:
+                raise SigningError(f"the public key is not valid DER ({exc})") from None
+            if not isinstance(loaded, ec.EllipticCurvePublicKey):
+                raise SigningError("leaf keys must be ECDSA P-256")
+            public_key = loaded
         if identity.trust_domain != self.trust_domain:
             raise SigningError(f"{identity} is outside this CA's trust domain {self.trust_domain}")
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509 import verification
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
-from mesh.identity import IdentityError, identity_of, uri_sans
+from mesh.identity import IdentityError, SpiffeId
 
 
 @dataclass
@@ -35,6 +35,26 @@ class Explanation:
         else:
             out.append("verdict: valid mesh certificate")
         return "\n".join(out)
+
+
+def uri_sans(cert: x509.Certificate | x509.CertificateSigningRequest) -> list[str]:
+    """All URI subject alternative names of a certificate or CSR (empty if it has no SAN extension).
+    (The data plane reads its certificates without `cryptography`: `mesh.secrets.x509`.)"""
+    try:
+        ext = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+    except x509.ExtensionNotFound:
+        return []
+    san = ext.value
+    assert isinstance(san, x509.SubjectAlternativeName)
+    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def identity_of(cert: x509.Certificate) -> SpiffeId:
+    """The one workload identity a leaf certificate carries, or `IdentityError`."""
+    uris = uri_sans(cert)
+    if len(uris) != 1:
+        raise IdentityError(f"certificate carries {len(uris)} URI SANs; a workload certificate has exactly one")
+    return SpiffeId.parse(uris[0])
 
 
 def _name(name: x509.Name) -> str:

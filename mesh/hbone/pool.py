@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import trio
-from cryptography import x509
 
 from mesh.hbone.client import HboneClientConnection
 from mesh.hbone.config import HboneConfig
@@ -43,6 +42,7 @@ from mesh.hbone.tlssocket import tls_over
 from mesh.hbone.tunnel import Tunnel
 from mesh.identity import SpiffeId
 from mesh.secrets.svid import Svid
+from mesh.secrets.x509 import Certificate
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class _Credentials:
     def made(cls, certificate: CertificateProvider | None, source: SpiffeId, peer_der: bytes | None) -> _Credentials:
         """What a connection just dialled for `source` was made with (peer_der: the peer's certificate)."""
         svid = certificate(source) if certificate is not None else None
-        peer_expires = x509.load_der_x509_certificate(peer_der).not_valid_after_utc.timestamp() if peer_der \
+        peer_expires = Certificate.from_der(peer_der).not_valid_after_utc.timestamp() if peer_der \
             else math.inf
         return cls(svid.leaf.serial_number if svid is not None else None,
                    min(peer_expires, svid.not_after if svid is not None else math.inf))

@@ -22,10 +22,9 @@ import os
 import threading
 from pathlib import Path
 
-from cryptography import x509
-
 from mesh.secrets.errors import InvalidCertificateError, SecretsError
 from mesh.secrets.svid import load_trust_bundle
+from mesh.secrets.x509 import Certificate
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +94,7 @@ class TrustBundle:
         with self._lock:
             return self._pem
 
-    def certs(self) -> tuple[x509.Certificate, ...]:
+    def certs(self) -> tuple[Certificate, ...]:
         """The current roots (a look at the file first), the CA's signing root first by convention."""
         self.refresh()
         with self._lock:

@@ -34,7 +34,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
-from cryptography.hazmat.primitives import hashes
 
 from mesh.identity import SpiffeId
 from mesh.secrets.bundle import TrustBundle
@@ -240,7 +239,7 @@ class SecretManager:
                 next_attempt_in=round(e.schedule.delay(now), 1),
                 failures=e.schedule.failures,
                 last_error=e.last_error,
-                root=e.svid.root.fingerprint(hashes.SHA256()).hex() if e.svid and e.svid.root else None,
+                root=e.svid.root.sha256_fingerprint.hex() if e.svid and e.svid.root else None,
                 serial=format(e.svid.leaf.serial_number, "x") if e.svid else None,
                 not_before=e.svid.leaf.not_valid_before_utc.isoformat() if e.svid else None,
                 chain=e.svid.chain_pem().decode() if e.svid else None,

@@ -401,16 +401,13 @@ def _client_context(mesh: Mesh, trust_domain: str = "cluster.local", foreign: bo
     if with_cert:
         import tempfile
 
-        from cryptography.hazmat.primitives import serialization
-
         authority = CertificateAuthority.load_or_create(Path(tempfile.mkdtemp()) if foreign else ca_dir,
                                                         trust_domain=trust_domain)
         key = generate_key()
         issued = authority.sign_workload(key.public_key(), SpiffeId(trust_domain, "legacy", "sleep"),
                                          datetime.timedelta(minutes=1))
         tmp = Path(tempfile.mkdtemp())
-        (tmp / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                        serialization.NoEncryption()))
+        (tmp / "key.pem").write_bytes(key.pkcs8_pem())
         (tmp / "chain.pem").write_text("".join(issued.pems))
         ctx.load_cert_chain(tmp / "chain.pem", tmp / "key.pem")
     return ctx

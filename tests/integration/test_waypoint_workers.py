@@ -76,8 +76,6 @@ class Workers(Mesh):
 
 def client_context(mesh: Mesh) -> ssl.SSLContext:
     """A mesh certificate for bookinfo's sleep identity, from the cluster's CA."""
-    from cryptography.hazmat.primitives import serialization
-
     from ca.authority import CertificateAuthority
     from mesh.identity import SpiffeId
     from mesh.secrets.svid import generate_key
@@ -87,8 +85,7 @@ def client_context(mesh: Mesh) -> ssl.SSLContext:
     issued = authority.sign_workload(key.public_key(), SpiffeId("cluster.local", NS, "sleep"),
                                      datetime.timedelta(minutes=30))
     tmp = Path(tempfile.mkdtemp())
-    (tmp / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                    serialization.NoEncryption()))
+    (tmp / "key.pem").write_bytes(key.pkcs8_pem())
     (tmp / "chain.pem").write_text("".join(issued.pems))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3

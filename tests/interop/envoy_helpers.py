@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from cryptography.hazmat.primitives import serialization
 
 from ca.authority import CertificateAuthority
 from mesh.identity import SpiffeId
@@ -75,11 +74,7 @@ def write_svid(svid: Svid, directory: Path) -> CertFiles:
     directory.mkdir(parents=True, exist_ok=True)
     chain, key, root = directory / "chain.pem", directory / "key.pem", directory / "root.pem"
     chain.write_bytes(svid.chain_pem())
-    key.write_bytes(
-        svid.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    key.write_bytes(svid.key_pem())
     key.chmod(0o600)
     root.write_text(svid.trust_bundle_pem())
     return CertFiles(str(chain), str(key), str(root))

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from cryptography.hazmat.primitives import serialization
 
 from mesh.hbone.headers import request_headers
 from mesh.hbone.pool import HbonePool, PoolKey, tcp_connect
@@ -65,7 +64,7 @@ def test_the_waypoint_sanitizes_forwarding_and_envoy_headers(tmp_path: Path) -> 
         with running_ca(tmp_path) as ca:
             certs, ca_client = ca.secret_manager(WAYPOINT_ID)
             svid = ca.mint(SLEEP_ID)
-            leaf_hash = hashlib.sha256(svid.leaf.public_bytes(serialization.Encoding.DER)).hexdigest()
+            leaf_hash = hashlib.sha256(svid.leaf.der).hexdigest()
             with ca_client:
                 async with trio.open_nursery() as n:
                     await n.start(certs.run)

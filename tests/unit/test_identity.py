@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from mesh.identity import IdentityError, SpiffeId, identity_of, identity_of_der, uri_sans
+from mesh.secrets.x509 import Certificate
 
 
 def test_round_trip() -> None:
@@ -46,7 +47,7 @@ def test_not_a_string() -> None:
         SpiffeId.parse(42)  # type: ignore[arg-type]
 
 
-def _cert(sans: Sequence[x509.GeneralName]) -> x509.Certificate:
+def _cert(sans: Sequence[x509.GeneralName]) -> Certificate:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     builder = (
@@ -60,14 +61,14 @@ def _cert(sans: Sequence[x509.GeneralName]) -> x509.Certificate:
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=True)
-    return builder.sign(key, hashes.SHA256())
+    return Certificate.from_der(builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
 
 
 def test_identity_of_certificate() -> None:
     cert = _cert([x509.UniformResourceIdentifier("spiffe://cluster.local/ns/a/sa/b"), x509.DNSName("x")])
     assert uri_sans(cert) == ["spiffe://cluster.local/ns/a/sa/b"]
     assert identity_of(cert) == SpiffeId("cluster.local", "a", "b")
-    assert identity_of_der(cert.public_bytes(serialization.Encoding.DER)) == SpiffeId("cluster.local", "a", "b")
+    assert identity_of_der(cert.der) == SpiffeId("cluster.local", "a", "b")
 
 
 def test_identity_of_certificate_without_exactly_one_uri() -> None:

@@ -26,7 +26,8 @@ from ca.authority import (
     write_ca_dir,
 )
 from ca.errors import CAStoreError, SigningError, TTLError
-from mesh.identity import SpiffeId, identity_of
+from ca.inspect import identity_of
+from mesh.identity import SpiffeId
 
 IDENTITY = SpiffeId.parse(SLEEP)
 

@@ -17,8 +17,9 @@ from cryptography.x509 import verification
 from prometheus_client import generate_latest
 
 from ca.auth import NodeTokenIssuer
+from ca.inspect import identity_of
 from ca.server import MAX_TRANSPORT_BYTES, RunningCA
-from mesh.identity import SpiffeId, identity_of
+from mesh.identity import SpiffeId
 from mesh.proto import ca_pb2, ca_pb2_grpc
 
 Stub = ca_pb2_grpc.IstioCertificateServiceStub

@@ -15,10 +15,10 @@ from prometheus_client import CollectorRegistry
 
 from ca.auth import NodeTokenIssuer
 from ca.authority import CertificateAuthority
+from ca.inspect import uri_sans
 from ca.pods import InMemoryPodLocator
 from ca.server import CAServer
 from ca.serving import RotatingServingCertificate, https_context, issue_serving_certificate
-from mesh.identity import uri_sans
 from mesh.proto import ca_pb2, ca_pb2_grpc
 
 

@@ -6,7 +6,7 @@ import datetime
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 from secrets_helpers import SLEEP, WEB, issue
 
 from ca.authority import CertificateAuthority, generate_root, to_pem
@@ -14,6 +14,7 @@ from ca.server import RunningCA
 from mesh.identity import SpiffeId
 from mesh.secrets.client import CAClient
 from mesh.secrets.errors import CertificateRequestError, InvalidCertificateError
+from mesh.secrets.openssl import PrivateKey
 from mesh.secrets.svid import accept_issued, generate_key, load_trust_bundle, make_csr
 
 
@@ -43,34 +44,34 @@ def ca(tmp_path: Path) -> CertificateAuthority:
     return CertificateAuthority.load_or_create(tmp_path / "ca")
 
 
-def _chain(ca: CertificateAuthority, key: ec.EllipticCurvePrivateKey, identity: SpiffeId = SLEEP) -> list[str]:
+def _chain(ca: CertificateAuthority, key: PrivateKey, identity: SpiffeId = SLEEP) -> list[str]:
     return ca.sign_workload(key.public_key(), identity, datetime.timedelta(hours=1)).pems
 
 
 def test_refuses_another_key(ca: CertificateAuthority) -> None:
     with pytest.raises(InvalidCertificateError, match="different key"):
-        accept_issued(_chain(ca, generate_key()), generate_key(), SLEEP, (ca.root,))
+        accept_issued(_chain(ca, generate_key()), generate_key(), SLEEP, load_trust_bundle(ca.root_pem))
 
 
 def test_refuses_another_identity(ca: CertificateAuthority) -> None:
     key = generate_key()
     with pytest.raises(InvalidCertificateError, match=f"for {WEB}, not {SLEEP}"):
-        accept_issued(_chain(ca, key, WEB), key, SLEEP, (ca.root,))
+        accept_issued(_chain(ca, key, WEB), key, SLEEP, load_trust_bundle(ca.root_pem))
 
 
 def test_refuses_an_untrusted_root(ca: CertificateAuthority) -> None:
     key = generate_key()
     _, other = generate_root()
     with pytest.raises(InvalidCertificateError, match="does not end in the mesh root"):
-        accept_issued(_chain(ca, key), key, SLEEP, (other,))
+        accept_issued(_chain(ca, key), key, SLEEP, load_trust_bundle(to_pem(other)))
 
 
 def test_refuses_short_or_garbage_chains(ca: CertificateAuthority) -> None:
     key = generate_key()
     with pytest.raises(InvalidCertificateError, match="returned 1 certificates"):
-        accept_issued(_chain(ca, key)[:1], key, SLEEP, (ca.root,))
+        accept_issued(_chain(ca, key)[:1], key, SLEEP, load_trust_bundle(ca.root_pem))
     with pytest.raises(InvalidCertificateError, match="cannot be parsed"):
-        accept_issued(["junk", "junk"], key, SLEEP, (ca.root,))
+        accept_issued(["junk", "junk"], key, SLEEP, load_trust_bundle(ca.root_pem))
 
 
 def test_refuses_a_chain_that_does_not_verify(ca: CertificateAuthority) -> None:
@@ -78,11 +79,11 @@ def test_refuses_a_chain_that_does_not_verify(ca: CertificateAuthority) -> None:
     pems = _chain(ca, key)
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1)
     with pytest.raises(InvalidCertificateError, match="does not verify"):
-        accept_issued(pems, key, SLEEP, (ca.root,), now=later)
+        accept_issued(pems, key, SLEEP, load_trust_bundle(ca.root_pem), now=later)
 
 
 def test_trust_bundle_must_hold_certificates() -> None:
     with pytest.raises(InvalidCertificateError):
         load_trust_bundle("nothing here")
     _, root = generate_root()
-    assert load_trust_bundle(to_pem(root)) == (root,)
+    assert [c.der for c in load_trust_bundle(to_pem(root))] == [root.public_bytes(Encoding.DER)]

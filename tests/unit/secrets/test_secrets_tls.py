@@ -16,7 +16,7 @@ from ca.server import RunningCA
 from mesh.identity import SpiffeId
 from mesh.secrets.client import CAClient
 from mesh.secrets.errors import PeerIdentityError
-from mesh.secrets.svid import Svid, accept_issued, generate_key
+from mesh.secrets.svid import Svid, accept_issued, generate_key, load_trust_bundle
 from mesh.secrets.tls import check_peer, client_context, server_context
 
 
@@ -109,7 +109,7 @@ def test_server_refuses_a_client_from_another_trust_domain(tmp_path: Any, web_sv
     key = generate_key()
     ident = SpiffeId("other.example", "default", "sleep")
     pems = other.sign_workload(key.public_key(), ident, other.default_ttl).pems
-    foreign = accept_issued(pems, key, ident, (other.root,))
+    foreign = accept_issued(pems, key, ident, load_trust_bundle(other.root_pem))
     server_ctx = server_context(web_svid)
     server_ctx.load_verify_locations(cadata=other.root_pem)
     client_ctx = client_context(foreign)
@@ -128,7 +128,7 @@ def test_peer_from_another_root_fails_the_handshake(sleep_svid: Svid, tmp_path: 
     other = CertificateAuthority.load_or_create(tmp_path / "other")  # same trust domain, other root
     key = generate_key()
     pems = other.sign_workload(key.public_key(), WEB, other.default_ttl).pems
-    impostor = accept_issued(pems, key, WEB, (other.root,))
+    impostor = accept_issued(pems, key, WEB, load_trust_bundle(other.root_pem))
     server_ctx = server_context(impostor)
     server_ctx.load_verify_locations(cadata=sleep_svid.trust_bundle_pem())
     _, client = run_pair(
