@@ -1,30 +1,29 @@
 """The synchronous gRPC client of the CA's `CreateCertificate` (run it in a thread from trio).
 
-The channel is TLS to the control plane, trusting the mesh root; the caller's token goes in
-`authorization: Bearer`.  A node agent passes `impersonate=` to ask on behalf of a pod on its node.
-Both may be callables read on every call (the token file a kubelet refreshes, the trust bundle of a
-`mesh.secrets.bundle.TrustBundle`): when the roots change, the next call dials a new channel with them.
+Calls are TLS to the control plane over `mesh.grpcwire` (not grpcio), trusting the mesh root, on a
+connection kept a few seconds for the next call; the caller's token goes in `authorization: Bearer`.  A node agent passes `impersonate=` to ask on behalf of
+a pod on its node.  Both may be callables read on every call (the token file a kubelet refreshes, the
+trust bundle of a `mesh.secrets.bundle.TrustBundle`): when the roots change, the next call dials with them.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
-import grpc
+from google.protobuf.message import DecodeError
 
+from mesh import grpcwire
 from mesh.identity import IMPERSONATED_IDENTITY, SpiffeId
-from mesh.proto import ca_pb2, ca_pb2_grpc
+from mesh.proto import ca_pb2
 from mesh.secrets.errors import CertificateRequestError
 
+METHOD = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
+MAX_MESSAGE = 4 * 1024 * 1024
+
 # Refusals that will not change by asking again with the same request.
-_PERMANENT = {
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.UNIMPLEMENTED,
-}
+_PERMANENT = {"INVALID_ARGUMENT", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNIMPLEMENTED"}
 
 
 class CertificateSigner(Protocol):
@@ -56,28 +55,19 @@ class CAClient:
         else:
             fixed = root_pem.encode() if isinstance(root_pem, str) else root_pem
             self._roots = lambda: fixed
-        self._options: list[tuple[str, str | int]] = []
-        if server_name:
-            self._options.append(("grpc.ssl_target_name_override", server_name))
+        self.server_name = server_name
         self._lock = threading.Lock()
-        self._dialled: bytes | None = None
-        self._channel: grpc.Channel | None = None
-        self._previous: grpc.Channel | None = None  # kept open for calls still running on it
-        self._stub: Any = None
+        self._channel: grpcwire.Channel | None = None  # for the roots last read (keeps a connection)
 
-    def _current_stub(self) -> Any:
+    def _current_channel(self) -> grpcwire.Channel:
         roots = self._roots()
         with self._lock:
-            if roots != self._dialled:
-                if self._previous is not None:
-                    self._previous.close()
-                self._previous = self._channel
-                self._channel = grpc.secure_channel(
-                    self.target, grpc.ssl_channel_credentials(root_certificates=roots), options=self._options
-                )
-                self._stub = ca_pb2_grpc.IstioCertificateServiceStub(self._channel)  # type: ignore[no-untyped-call]
-                self._dialled = roots
-            return self._stub
+            if self._channel is None or self._channel.security.root_pem != roots:
+                if self._channel is not None:
+                    self._channel.close()  # calls still running on it finish first
+                security = grpcwire.Security(root_pem=roots, server_name=self.server_name)
+                self._channel = grpcwire.Channel(self.target, security, max_message=MAX_MESSAGE)
+            return self._channel
 
     def create_certificate(
         self, csr_pem: str, *, ttl_seconds: int = 0, impersonate: SpiffeId | None = None
@@ -86,26 +76,28 @@ class CAClient:
         if impersonate is not None:
             request.metadata.update({IMPERSONATED_IDENTITY: impersonate.uri})
         metadata = (("authorization", f"Bearer {self._token()}"),)
-        stub = self._current_stub()
         try:
-            response = stub.CreateCertificate(request, metadata=metadata, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-            details = exc.details() if hasattr(exc, "details") else str(exc)
+            answer = self._current_channel().unary(METHOD, request.SerializeToString(), timeout=self.timeout,
+                                                   metadata=metadata)
+            response = ca_pb2.IstioCertificateResponse.FromString(answer)
+        except grpcwire.GrpcError as exc:
             raise CertificateRequestError(
-                f"CA at {self.target} answered {code.name}: {details}",
-                code=code.name,
-                retryable=code not in _PERMANENT,
+                f"CA at {self.target} answered {exc.code}: {exc.details}",
+                code=exc.code,
+                retryable=exc.code not in _PERMANENT,
+            ) from None
+        except DecodeError as exc:
+            raise CertificateRequestError(
+                f"CA at {self.target} answered with a message that is not an IstioCertificateResponse: {exc}",
+                code="INTERNAL", retryable=True,
             ) from None
         return list(response.cert_chain)
 
     def close(self) -> None:
         with self._lock:
-            for channel in (self._previous, self._channel):
-                if channel is not None:
-                    channel.close()
-            self._previous = self._channel = None
-            self._dialled = None
+            if self._channel is not None:
+                self._channel.close()
+            self._channel = None
 
     def __enter__(self) -> CAClient:
         return self

@@ -36,7 +36,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 @contextmanager
-def _in_memory_files(*blobs: bytes) -> Iterator[list[str]]:
+def in_memory_files(*blobs: bytes) -> Iterator[list[str]]:
     """Paths `ssl` can read `blobs` from without them touching a disk: anonymous memory files where the
     kernel has them, otherwise a private temporary directory removed at once."""
     if hasattr(os, "memfd_create"):
@@ -69,7 +69,7 @@ def _base_context(protocol: int, svid: Svid, alpn: Sequence[str]) -> ssl.SSLCont
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=svid.trust_bundle_pem())
-    with _in_memory_files(svid.chain_pem(), svid.key_pem()) as (chain_path, key_path):
+    with in_memory_files(svid.chain_pem(), svid.key_pem()) as (chain_path, key_path):
         ctx.load_cert_chain(chain_path, key_path)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
@@ -94,7 +94,7 @@ def https_server_context(chain_pem: bytes, key_pem: bytes, *, alpn: Sequence[str
     `chain_pem` (leaf first) with `key_pem`; the key is read from memory, never from a disk."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    with _in_memory_files(chain_pem, key_pem) as (chain_path, key_path):
+    with in_memory_files(chain_pem, key_pem) as (chain_path, key_path):
         ctx.load_cert_chain(chain_path, key_path)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))

@@ -1,4 +1,4 @@
-"""The discovery client on a plain thread (grpcio's synchronous API).
+"""The discovery client on a plain thread (gRPC over `mesh.grpcwire`, not grpcio).
 
     client = XdsClient(ClientConfig(target="10.0.0.1:15012", node=NodeInfo(...), root_pem=...), handler)
     client.start()
@@ -10,27 +10,24 @@
 (`mesh.xds.errors.Rejected` or anything else) refuses it: the client NACKs with the exception's message
 and keeps its previous configuration.  While the control plane is away the client keeps that
 configuration and reconnects with jittered exponential backoff, resuming with the versions it holds.
-The channel pings the control plane when it has heard nothing for `keepalive_time` (gRPC keepalive), so
-a silent partition ends the stream after `keepalive_timeout` and the client reconnects.
+The stream pings the control plane when it has heard nothing for `keepalive_time` (gRPC keepalive), so
+a silent partition ends the stream after `keepalive_timeout` and the client reconnects; the server's
+GOAWAY ends it too.
 For trio, use `mesh.xds.trio_client`.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3 import discovery_pb2 as xds
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
-from mesh import defaults
+from mesh import defaults, grpcwire
 from mesh.xds import resources as rs
 from mesh.xds.client_state import Candidate, ClientState, Update
 from mesh.xds.node import NodeInfo
@@ -39,7 +36,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Update], None]
 
-_END = object()
+METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+MAX_MESSAGE = 64 * 1024 * 1024  # the largest response accepted (a big mesh's first answer)
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,7 @@ class XdsClient:
         self._state = ClientState(node=config.node, subscriptions=dict(config.subscriptions))
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._call: Any = None
+        self._canceller: grpcwire.Canceller | None = None  # the current stream's, also while it connects
         self._thread: threading.Thread | None = None
         self.connected = False
         self.connects = 0
@@ -94,9 +92,9 @@ class XdsClient:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        call = self._call
-        if call is not None:
-            call.cancel()
+        canceller = self._canceller
+        if canceller is not None:
+            canceller.cancel()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -145,69 +143,60 @@ class XdsClient:
             log.info("discovery stream to %s ended (%s); retrying in %.2fs", self.config.target, self.last_error, delay)
             self._stop.wait(delay)
 
-    def channel_options(self) -> list[tuple[str, Any]]:
+    def stream_options(self) -> dict[str, float | int]:
+        """How the stream is kept: the largest message, and the keepalive (ping after `keepalive_time`
+        without a read, give up when the ping's answer has not come within `keepalive_timeout`)."""
         cfg = self.config
-        return [
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.keepalive_time_ms", int(cfg.keepalive_time * 1000)),
-            ("grpc.keepalive_timeout_ms", int(cfg.keepalive_timeout * 1000)),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),  # keep pinging a stream that has nothing to say
-            ("grpc.http2.ping_timeout_ms", int(cfg.keepalive_timeout * 1000)),  # newer gRPC times pings with this
-        ]
+        return {"max_message": MAX_MESSAGE, "keepalive_time": cfg.keepalive_time,
+                "keepalive_timeout": cfg.keepalive_timeout}
 
-    def _channel(self) -> grpc.Channel:
+    def _security(self) -> grpcwire.Security:
         cfg = self.config
-        options = self.channel_options()
         root_pem = cfg.root_pem_fn() if cfg.root_pem_fn is not None else cfg.root_pem
         if root_pem is None:
-            return grpc.insecure_channel(cfg.target, options=options)
-        if cfg.server_name:
-            options.append(("grpc.ssl_target_name_override", cfg.server_name))
-        creds = grpc.ssl_channel_credentials(root_pem, cfg.client_key_pem, cfg.client_chain_pem)
-        return grpc.secure_channel(cfg.target, creds, options=options)
+            return grpcwire.Security()
+        return grpcwire.Security(root_pem=root_pem, server_name=cfg.server_name,
+                                 client_key_pem=cfg.client_key_pem, client_chain_pem=cfg.client_chain_pem)
 
     def _session(self) -> bool:
         """One stream, until it breaks; True if the server answered at least once."""
-        outbox: queue.Queue[Any] = queue.Queue()
-        with self._cond:
-            for req in self._state.initial_requests():
-                outbox.put(req)
-
-        def requests() -> Iterator[xds.DeltaDiscoveryRequest]:
-            while True:
-                item = outbox.get()
-                if item is _END:
-                    return
-                yield item
-
         got_response = False
-        channel = self._channel()
+        stream: grpcwire.Stream | None = None
+        canceller = self._canceller = grpcwire.Canceller()
+        if self._stop.is_set():  # stop() ran before the canceller was there
+            canceller.cancel()
         try:
-            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)  # type: ignore[no-untyped-call]
             metadata = self.config.metadata_fn() if self.config.metadata_fn is not None else self.config.metadata
-            call = stub.DeltaAggregatedResources(requests(), metadata=metadata or None)
-            self._call = call
-            if self._stop.is_set():
-                call.cancel()
-            for resp in call:
+            stream = grpcwire.Stream.open(
+                self.config.target, METHOD, self._security(), metadata=metadata, max_message=MAX_MESSAGE,
+                keepalive_time=self.config.keepalive_time, keepalive_timeout=self.config.keepalive_timeout,
+                canceller=canceller,
+            )
+            with self._cond:
+                initial = self._state.initial_requests()
+            for req in initial:
+                stream.send(req.SerializeToString())
+            while (data := stream.recv()) is not None:
+                try:
+                    resp = xds.DeltaDiscoveryResponse.FromString(data)
+                except DecodeError as exc:
+                    raise grpcwire.GrpcError("INTERNAL", f"a response that is not a DeltaDiscoveryResponse: {exc}") from None
                 if not got_response:
                     got_response = True
                     self.connects += 1
                     self._set_connected(True)
-                outbox.put(self._handle(resp))
+                stream.send(self._handle(resp).SerializeToString())
             self.last_error = "closed by the control plane"
-        except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
-            self.last_error = f"{code}: {exc.details() if hasattr(exc, 'details') else exc}"
+        except grpcwire.GrpcError as exc:
+            self.last_error = f"{exc.code}: {exc.details}"
         except Exception as exc:  # never let the thread die: keep the last good configuration
             log.exception("discovery client failed")
             self.last_error = f"{type(exc).__name__}: {exc}"
         finally:
-            outbox.put(_END)
-            self._call = None
+            self._canceller = None
             self._set_connected(False)
-            channel.close()
+            if stream is not None:
+                stream.close()
         return got_response
 
     def _handle(self, resp: xds.DeltaDiscoveryResponse) -> xds.DeltaDiscoveryRequest:

@@ -1,6 +1,6 @@
 """The discovery client for trio code.
 
-grpcio has no trio support, so the synchronous `XdsClient` runs on its own thread and hands each
+The client is synchronous (`mesh.grpcwire`), so `XdsClient` runs on its own thread and hands each
 response to trio: the handler (sync or async) runs *in trio* and decides (raise to NACK); accepted
 updates are then sent down a memory channel.
 

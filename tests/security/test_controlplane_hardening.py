@@ -112,14 +112,15 @@ def test_a_silent_partition_ends_the_discovery_stream(tmp_path: Path) -> None:
 def test_client_and_server_keepalive_agree() -> None:
     server = dict(SERVER_OPTIONS)
     cfg = ClientConfig(target="x:1", node=NodeInfo(id="x"))
-    client = dict(XdsClient(cfg).channel_options())
+    client = XdsClient(cfg).stream_options()  # the data plane's client is mesh.grpcwire, not grpcio
     assert server["grpc.keepalive_time_ms"] > 0 and server["grpc.keepalive_timeout_ms"] > 0
-    assert client["grpc.keepalive_time_ms"] > 0 and client["grpc.keepalive_timeout_ms"] > 0
-    assert client["grpc.http2.max_pings_without_data"] == 0  # keep pinging an idle stream
-    for options in (client, server):  # newer gRPC times a keepalive ping out with ping_timeout_ms
-        assert options["grpc.http2.ping_timeout_ms"] == options["grpc.keepalive_timeout_ms"]
+    assert client["keepalive_time"] > 0 and client["keepalive_timeout"] > 0
+    # newer gRPC times a keepalive ping out with ping_timeout_ms
+    assert server["grpc.http2.ping_timeout_ms"] == server["grpc.keepalive_timeout_ms"]
+    assert client["keepalive_timeout"] * 1000 == server["grpc.keepalive_timeout_ms"]
+    assert client["max_message"] <= server["grpc.max_send_message_length"]
     # The server must accept the client's pings, or it would close the connection for pinging too often.
-    assert client["grpc.keepalive_time_ms"] >= server["grpc.http2.min_ping_interval_without_data_ms"]
+    assert client["keepalive_time"] * 1000 >= server["grpc.http2.min_ping_interval_without_data_ms"]
     assert server["grpc.keepalive_permit_without_calls"] == 1
 
 
