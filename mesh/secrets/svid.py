@@ -9,7 +9,6 @@ a few DER elements built here; certificates are read with `mesh.secrets.x509`.
 
 from __future__ import annotations
 
-import base64
 import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from mesh.identity import IdentityError, SpiffeId, identity_of
 from mesh.secrets.errors import InvalidCertificateError
 from mesh.secrets.openssl import PrivateKey, generate_ec_p256, verify_chain
-from mesh.secrets.x509 import Certificate, load_pem_certificate, load_pem_certificates
+from mesh.secrets.x509 import Certificate, load_pem_certificate, load_pem_certificates, pem_block
 
 # DER of the few object identifiers a CSR needs.
 _OID_EXTENSION_REQUEST = bytes.fromhex("06092a864886f70d01090e")  # 1.2.840.113549.1.9.14 (PKCS #9)
@@ -47,9 +46,7 @@ def make_csr(key: PrivateKey, identity: SpiffeId) -> str:
     info = _der(0x30, _der(0x02, b"\x00") + _der(0x30, b"") + key.public_key_der + _der(0xA0, attribute))
     signature = key.sign_sha256(info)
     csr = _der(0x30, info + _der(0x30, _OID_ECDSA_WITH_SHA256) + _der(0x03, b"\x00" + signature))
-    body = base64.encodebytes(csr).replace(b"\n", b"")
-    lines = b"\n".join(body[i : i + 64] for i in range(0, len(body), 64))
-    return (b"-----BEGIN CERTIFICATE REQUEST-----\n" + lines + b"\n-----END CERTIFICATE REQUEST-----\n").decode()
+    return pem_block("CERTIFICATE REQUEST", csr).decode("ascii")
 
 
 def load_trust_bundle(pem: str | bytes) -> tuple[Certificate, ...]:

@@ -202,13 +202,18 @@ class Certificate:
         )
 
     def pem(self) -> bytes:
-        body = base64.encodebytes(self.der).replace(b"\n", b"")
-        lines = [body[i : i + 64] for i in range(0, len(body), 64)]
-        return b"-----BEGIN CERTIFICATE-----\n" + b"\n".join(lines) + b"\n-----END CERTIFICATE-----\n"
+        return pem_block("CERTIFICATE", self.der)
 
     def __repr__(self) -> str:
         return (f"Certificate(serial={self.serial_number:x}, uri_sans={list(self.uri_sans)}, "
                 f"not_after={self.not_valid_after_utc.isoformat()})")
+
+
+def pem_block(label: str, der: bytes) -> bytes:
+    """`der` as a PEM block of `label` (base64 in lines of 64, RFC 7468)."""
+    body = base64.b64encode(der)
+    lines = b"\n".join(body[i : i + 64] for i in range(0, len(body), 64))
+    return b"-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label.encode(), lines, label.encode())
 
 
 def load_der_certificate(der: bytes) -> Certificate:
