@@ -92,11 +92,6 @@ class SpiffeId:
         return self.uri
 
 
-def uri_sans(cert: Certificate) -> list[str]:
-    """All URI subject alternative names of a certificate (empty if it has no SAN extension)."""
-    return list(cert.uri_sans)
-
-
 def identity_of(cert: Certificate) -> SpiffeId:
     """The one workload identity a leaf certificate carries, or `IdentityError`."""
     uris = cert.uri_sans

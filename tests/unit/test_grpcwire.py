@@ -450,26 +450,48 @@ def _drain(conn: socket.socket) -> None:
         pass
 
 
-def _h2_answer(headers: list[tuple[str, str]], data: bytes = b"", trailers: list[tuple[str, str]] | None = None
-               ) -> Callable[[socket.socket], None]:
-    """A real HTTP/2 server (h2) that answers the first request with `headers`, `data`, `trailers`."""
+def _h2_server(on_request: Callable[[h2.connection.H2Connection, int, int], bool]) -> Callable[[socket.socket], None]:
+    """A real HTTP/2 server (h2): `on_request(h2c, stream_id, n)` answers the n-th request (from 1) and
+    returns True to close the connection after what it queued."""
 
     def serve(conn: socket.socket) -> None:
         h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
         h2c.initiate_connection()
         conn.sendall(h2c.data_to_send())
+        calls = 0
         while chunk := conn.recv(65536):
             for event in h2c.receive_data(chunk):
                 if isinstance(event, h2.events.RequestReceived):
-                    sid = event.stream_id
-                    h2c.send_headers(sid, headers, end_stream=not data and trailers is None)
-                    if data:
-                        h2c.send_data(sid, data, end_stream=trailers is None)
-                    if trailers is not None:
-                        h2c.send_headers(sid, trailers, end_stream=True)
+                    calls += 1
+                    if on_request(h2c, event.stream_id, calls):
+                        conn.sendall(h2c.data_to_send())
+                        conn.close()
+                        return
             conn.sendall(h2c.data_to_send())
 
     return serve
+
+
+def _h2_answer(headers: list[tuple[str, str]], data: bytes = b"", trailers: list[tuple[str, str]] | None = None
+               ) -> Callable[[socket.socket], None]:
+    """A real HTTP/2 server (h2) that answers every request with `headers`, `data`, `trailers`."""
+
+    def answer(h2c: h2.connection.H2Connection, sid: int, _n: int) -> bool:
+        h2c.send_headers(sid, headers, end_stream=not data and trailers is None)
+        if data:
+            h2c.send_data(sid, data, end_stream=trailers is None)
+        if trailers is not None:
+            h2c.send_headers(sid, trailers, end_stream=True)
+        return False
+
+    return _h2_server(answer)
+
+
+def _answer_hi(h2c: h2.connection.H2Connection, sid: int) -> None:
+    """A gRPC OK answer with the one message b"hi"."""
+    h2c.send_headers(sid, GRPC_OK)
+    h2c.send_data(sid, b"\x00\x00\x00\x00\x02hi")
+    h2c.send_headers(sid, [("grpc-status", "0")], end_stream=True)
 
 
 GRPC_OK = [(":status", "200"), ("content-type", "application/grpc")]
@@ -538,23 +560,12 @@ def test_bad_bytes_from_the_server_are_a_clear_error(raw: Any, answer: bytes, ex
 
 def test_a_connection_the_server_closed_while_idle_is_not_reused(raw: Any) -> None:
 
-    def serve(conn: socket.socket) -> None:  # one call per connection, then GOAWAY and close
-        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-        h2c.initiate_connection()
-        conn.sendall(h2c.data_to_send())
-        while chunk := conn.recv(65536):
-            for event in h2c.receive_data(chunk):
-                if isinstance(event, h2.events.RequestReceived):
-                    h2c.send_headers(event.stream_id, GRPC_OK)
-                    h2c.send_data(event.stream_id, b"\x00\x00\x00\x00\x02hi")
-                    h2c.send_headers(event.stream_id, [("grpc-status", "0")], end_stream=True)
-                    h2c.close_connection()
-                    conn.sendall(h2c.data_to_send())
-                    conn.close()
-                    return
-            conn.sendall(h2c.data_to_send())
+    def one_call(h2c: h2.connection.H2Connection, sid: int, _n: int) -> bool:  # then GOAWAY and close
+        _answer_hi(h2c, sid)
+        h2c.close_connection()
+        return True
 
-    server = raw(serve)
+    server = raw(_h2_server(one_call))
     channel = Channel(server.target, Security())
     try:
         for _ in range(3):
@@ -565,24 +576,13 @@ def test_a_connection_the_server_closed_while_idle_is_not_reused(raw: Any) -> No
 
 
 def test_a_reused_connection_closed_as_the_call_begins_is_retried_once(raw: Any) -> None:
-    def serve(conn: socket.socket) -> None:  # answers the first call, closes at the second
-        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-        h2c.initiate_connection()
-        conn.sendall(h2c.data_to_send())
-        calls = 0
-        while chunk := conn.recv(65536):
-            for event in h2c.receive_data(chunk):
-                if isinstance(event, h2.events.RequestReceived):
-                    calls += 1
-                    if calls == 2:
-                        conn.close()
-                        return
-                    h2c.send_headers(event.stream_id, GRPC_OK)
-                    h2c.send_data(event.stream_id, b"\x00\x00\x00\x00\x02hi")
-                    h2c.send_headers(event.stream_id, [("grpc-status", "0")], end_stream=True)
-            conn.sendall(h2c.data_to_send())
+    def first_only(h2c: h2.connection.H2Connection, sid: int, n: int) -> bool:  # closes at the second call
+        if n == 2:
+            return True
+        _answer_hi(h2c, sid)
+        return False
 
-    server = raw(serve)
+    server = raw(_h2_server(first_only))
     channel = Channel(server.target, Security())
     try:
         assert channel.unary("/t.T/Echo", b"", timeout=5) == b"hi"
