@@ -197,7 +197,7 @@ async def enrolled_pod(mode: str = "iptables", *, certs: Certificates | None = N
             app_sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         app_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         app_sock.bind(("0.0.0.0", APP_PORT))
-        app_sock.listen(128)
+        app_sock.listen(1024)  # above any test's burst of connections: an overflowing queue drops SYNs, retried after 1, 3, 7 s
         seen: list[AppConnection] = []
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)

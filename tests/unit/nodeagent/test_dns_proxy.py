@@ -3,6 +3,7 @@ the control plane's translation), with a real upstream resolver on a loopback so
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 from collections.abc import Callable
@@ -105,13 +106,26 @@ class FakeUpstream:
         self.tcp = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 
     async def start(self, nursery: trio.Nursery) -> tuple[str, int]:
-        await self.udp.bind(("127.0.0.1", 0))
-        port = self.udp.getsockname()[1]
-        await self.tcp.bind(("127.0.0.1", port))
+        port = await self._bind_one_port_for_both()
         self.tcp.listen(8)
         nursery.start_soon(self._udp)
         nursery.start_soon(trio.serve_listeners, self._tcp, [trio.SocketListener(self.tcp)])
         return "127.0.0.1", port
+
+    async def _bind_one_port_for_both(self) -> int:
+        """The kernel's free UDP port may be taken for TCP by another test's socket: try fresh ports until one is free for both."""
+        for _ in range(50):
+            await self.udp.bind(("127.0.0.1", 0))
+            port: int = self.udp.getsockname()[1]
+            try:
+                await self.tcp.bind(("127.0.0.1", port))
+                return port
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE:
+                    raise
+            self.udp.close()
+            self.udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        raise RuntimeError("no loopback port was free for both UDP and TCP in 50 tries")
 
     def reply(self, data: bytes, protocol: str) -> bytes:
         query = parse_query(data)
