@@ -19,14 +19,17 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import h11
-import jwt as pyjwt
 import trio
 
 from waypoint.errors import JwksError
 from waypoint.l7.jwt import DEFAULT_FETCH_TIMEOUT
+
+if TYPE_CHECKING:
+    import jwt as pyjwt
 
 log = logging.getLogger("waypoint.jwks")
 
@@ -73,6 +76,8 @@ async def fetch_url(url: str, timeout: float = DEFAULT_FETCH_TIMEOUT) -> bytes:
 
 
 def parse_key_set(uri: str, body: bytes) -> pyjwt.PyJWKSet:
+    import jwt as pyjwt  # loaded with the first JWT rule (see `waypoint.l7.jwt`)
+
     try:
         data = json.loads(body)
         if not isinstance(data, dict) or not isinstance(data.get("keys"), list):

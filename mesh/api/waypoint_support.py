@@ -17,12 +17,13 @@ one bad resource can never be part of a response the waypoint has to refuse
 from __future__ import annotations
 
 import json
-from typing import Any
-
-import jwt
+from typing import TYPE_CHECKING, Any
 
 from mesh.api.errors import FieldError
 from mesh.api.schema import Errors, child
+
+if TYPE_CHECKING:
+    import jwt
 
 NOT_SUPPORTED = "is not supported by waypoints"
 
@@ -37,6 +38,7 @@ GRPC_STATUS_CODES = {
 
 def parse_jwks(text: str) -> jwt.PyJWKSet:
     """The key set of an inline `jwks`; ValueError saying what is wrong if it has no key a waypoint can use."""
+    import jwt  # here, not at the top: PyJWT loads `cryptography`, which a waypoint without JWT rules never needs
     try:
         data = json.loads(text)
     except ValueError as exc:

@@ -23,21 +23,22 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
-
-import jwt as pyjwt
 
 from mesh.api.schema import parse_duration
 from waypoint.errors import ConfigError
 from waypoint.l7.model import Headers, RequestHead, header_values, with_header, without
+
+if TYPE_CHECKING:
+    import jwt as pyjwt
 
 DEFAULT_HEADER = ("authorization", "Bearer ")
 DEFAULT_PARAM = "access_token"
 DEFAULT_FETCH_TIMEOUT = 5.0  # Istio's default `timeout` of a JWT rule's JWKS fetch
 _ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"]
 
-JwksLookup = Callable[[str], pyjwt.PyJWKSet | None]
+JwksLookup = Callable[[str], "pyjwt.PyJWKSet | None"]
 JwksUnavailable = Callable[[str], str]  # why a `jwksUri` has no keys
 
 
@@ -95,6 +96,12 @@ class AuthnResult:
 
 def compile_rules(where: str, namespace: str, name: str, spec: Mapping[str, Any],
                   hostnames: Sequence[str]) -> tuple[JwtRule, ...]:
+    if not spec.get("jwtRules"):
+        return ()
+    # PyJWT (and the `cryptography` it loads, ~19 MiB) is imported with the first rule, not by every waypoint;
+    # the functions below that a request calls import it again, a lookup in `sys.modules`
+    import jwt as pyjwt
+
     out = []
     for i, r in enumerate(spec.get("jwtRules") or ()):
         jwks = None
@@ -155,6 +162,8 @@ def _find_token(rule: JwtRule, head: RequestHead) -> tuple[str, str] | None:
 
 
 def _unverified_issuer(token: str) -> str | None:
+    import jwt as pyjwt
+
     try:
         claims = pyjwt.decode(token, options={"verify_signature": False})
     except pyjwt.PyJWTError:
@@ -165,6 +174,8 @@ def _unverified_issuer(token: str) -> str | None:
 
 def _candidate_keys(keyset: pyjwt.PyJWKSet, token: str) -> list[Any]:
     """The keys Envoy would try: all but those whose `kid` is set and differs from the token's."""
+    import jwt as pyjwt
+
     kid = pyjwt.get_unverified_header(token).get("kid")
     keys = [k for k in keyset.keys if not kid or not k.key_id or k.key_id == kid]
     if not keys:
@@ -173,6 +184,8 @@ def _candidate_keys(keyset: pyjwt.PyJWKSet, token: str) -> list[Any]:
 
 
 def _verify(rule: JwtRule, keyset: pyjwt.PyJWKSet, token: str) -> dict[str, Any]:
+    import jwt as pyjwt
+
     last: Exception | None = None
     for key in _candidate_keys(keyset, token):
         try:
@@ -240,6 +253,8 @@ def authenticate(rules: Sequence[JwtRule], head: RequestHead, jwks_lookup: JwksL
         why = unavailable(rule.jwks_uri) if unavailable is not None else "not fetched"
         return AuthnResult(False, reason=f"Jwks for issuer {issuer!r} are not available from {rule.jwks_uri} "
                                          f"({why}): the token cannot be verified")
+    import jwt as pyjwt
+
     try:
         claims = _verify(rule, jwks, token)
     except (pyjwt.PyJWTError, ValueError) as exc:
