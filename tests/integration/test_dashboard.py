@@ -10,7 +10,8 @@ the underlay's gateway), and Debian's Chromium, headless, driven over the Chrome
 - the workload view shows identity, pods, policies and routes; the health view the control plane, agents
   and waypoint with their config versions and the certificates;
 - a Prometheus that does not answer is a banner, not an error page;
-- screenshots go to docs/images/ (the README shows one).
+- screenshots are taken into the test's temporary folder; with MESH_UPDATE_SCREENSHOTS=1 into docs/images/
+  (the README shows one), so that a test run leaves the checkout as it was.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import base64
 import contextlib
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -40,7 +42,7 @@ from tests.integration.test_waypoint import CLIENT, NS
 NAME = "t-dash"
 GATEWAY = "172.30.0.1"
 CHROMIUM = "/usr/bin/chromium"
-IMAGES = ROOT / "docs" / "images"
+DOC_IMAGES = ROOT / "docs" / "images"
 WIDTH, HEIGHT = 1400, 900
 READY_JS = "document.body !== null && document.body.dataset.ready === '1'"
 
@@ -179,6 +181,12 @@ def mesh(meshctl: Meshctl, tmp_path_factory: pytest.TempPathFactory,
 
 
 @pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the screenshots go (see the module's docstring)."""
+    return DOC_IMAGES if os.environ.get("MESH_UPDATE_SCREENSHOTS") == "1" else tmp_path_factory.mktemp("screenshots")
+
+
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     b = Browser()
     try:
@@ -204,7 +212,7 @@ def productpage(mesh: DashMesh, calls: int = 10) -> str:
     return found
 
 
-def test_graph_edges_and_locks_are_what_was_sent(mesh: DashMesh, browser: Browser) -> None:
+def test_graph_edges_and_locks_are_what_was_sent(mesh: DashMesh, browser: Browser, images: Path) -> None:
     productpage(mesh)
     edge_before = mesh.edge(mesh.api(f"/api/graph?namespace={NS}"), "sleep", "details-v1")
     before = edge_before["requests"] if edge_before else 0
@@ -255,10 +263,10 @@ def test_graph_edges_and_locks_are_what_was_sent(mesh: DashMesh, browser: Browse
     assert from_legacy["mtls"] == "false" and from_legacy["hops"] == {"out": "unlock"}
     assert browser.js("document.querySelectorAll('#banners .banner').length") == 0
     assert browser.js("document.querySelectorAll('g.via.waypoint').length") >= 3  # one per service it routes
-    browser.screenshot(IMAGES / "dashboard-graph.png")
+    browser.screenshot(images / "dashboard-graph.png")
 
 
-def test_a_trace_through_the_waypoint_is_a_waterfall(mesh: DashMesh, browser: Browser) -> None:
+def test_a_trace_through_the_waypoint_is_a_waterfall(mesh: DashMesh, browser: Browser, images: Path) -> None:
     request_id = productpage(mesh, calls=1)
 
     def trace() -> dict[str, Any] | None:
@@ -288,15 +296,15 @@ def test_a_trace_through_the_waypoint_is_a_waterfall(mesh: DashMesh, browser: Br
     assert len({r["proxy"] for r in rows}) >= 3
     services = [r["service"] for r in rows if r["proxy"] == wp]
     assert services.index("productpage") < services.index("reviews") < services.index("ratings")
-    browser.screenshot(IMAGES / "dashboard-trace.png")
+    browser.screenshot(images / "dashboard-trace.png")
 
 
-def test_workload_and_health_views(mesh: DashMesh, browser: Browser) -> None:
+def test_workload_and_health_views(mesh: DashMesh, browser: Browser, images: Path) -> None:
     browser.open(mesh.url + f"#/workload/{NS}/reviews-v2")
     browser.wait("document.querySelector('#identity') !== null && document.querySelectorAll('.chart svg').length > 0")
     assert browser.js("document.querySelector('#identity').textContent") == \
         "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"
-    browser.screenshot(IMAGES / "dashboard-workload.png")
+    browser.screenshot(images / "dashboard-workload.png")
 
     browser.open(mesh.url + "#/health")
     browser.wait("document.querySelectorAll('tr.component').length > 0 && document.querySelectorAll('tr.certificate').length > 0")
@@ -308,7 +316,7 @@ def test_workload_and_health_views(mesh: DashMesh, browser: Browser) -> None:
     assert "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews" in identities
     health = mesh.api("/api/health")["health"]
     assert health["control_plane"]["version"] and all(c["running"] for c in health["components"])
-    browser.screenshot(IMAGES / "dashboard-health.png")
+    browser.screenshot(images / "dashboard-health.png")
 
 
 def test_an_unreachable_prometheus_is_a_banner(mesh: DashMesh, meshctl: Meshctl, browser: Browser) -> None:
