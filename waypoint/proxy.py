@@ -152,35 +152,34 @@ class WaypointProxy:
         self.update(result.table)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The proxy's background work until cancelled: the key sets of `jwksUri`s fetched and refreshed."""
-        await self.jwks.run(task_status=task_status)
+        """The proxy's background work until cancelled: the key sets of `jwksUri`s fetched and refreshed,
+        and upstream connections idle for too long closed."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.pool.run)
+            await nursery.start(self.jwks.run)
+            task_status.started()
 
     # ---- tunnels -------------------------------------------------------------------------------------
 
     async def serve_tunnel(self, stream: trio.abc.HalfCloseableStream, client: ClientInfo) -> None:
         """Serve one inbound tunnel until it closes.  Never raises for bad input from the client."""
         protocol, prefix = await detect(stream, self.settings.detect_timeout)
-        try:
-            async with trio.open_nursery() as background:  # mirrors outlive their request, not the tunnel
-                async def handler(ex: ServerExchange) -> None:
-                    await self._handle(ex, client, background)
+        async with trio.open_nursery() as background:  # mirrors outlive their request, not the tunnel
+            async def handler(ex: ServerExchange) -> None:
+                await self._handle(ex, client, background)
 
-                if protocol is Protocol.HTTP2 or protocol is Protocol.HTTP1:
-                    session = Http2Server(stream, self.settings.max_header_bytes, initial=prefix) \
-                        if protocol is Protocol.HTTP2 else Http1Server(stream, self.settings.http1, initial=prefix)
-                    self._sessions.add(session)
-                    if self.draining:
-                        session.drain()
-                    try:
-                        await session.serve(handler)
-                    finally:
-                        self._sessions.discard(session)
-                else:
-                    await self.l4_handler(PrefixedStream(stream, prefix), client)
-        finally:
-            if self.pool.holds(client.source):
-                with trio.CancelScope(shield=True):  # upstream connections kept for this client go with it
-                    await self.pool.discard(client.source)
+            if protocol is Protocol.HTTP2 or protocol is Protocol.HTTP1:
+                session = Http2Server(stream, self.settings.max_header_bytes, initial=prefix) \
+                    if protocol is Protocol.HTTP2 else Http1Server(stream, self.settings.http1, initial=prefix)
+                self._sessions.add(session)
+                if self.draining:
+                    session.drain()
+                try:
+                    await session.serve(handler)
+                finally:
+                    self._sessions.discard(session)
+            else:
+                await self.l4_handler(PrefixedStream(stream, prefix), client)
 
     def drain(self) -> None:
         """The waypoint is going (as Envoy's drain): every HTTP client is asked to move to a new connection,
@@ -280,9 +279,9 @@ class WaypointProxy:
                 await body.prepare()
             if body.replayable:
                 for m in decision.mirrors:
-                    background.start_soon(self._mirror, m, body.buffered, client.source)
+                    background.start_soon(self._mirror, m, body.buffered, client.forwarded_for)
             await self.forwarder.forward(ex, decision, body, rec, self._upstream_protocol(table, decision),
-                                         client.source)
+                                         client.forwarded_for)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             rec.flag("DC")
         finally:

@@ -108,6 +108,13 @@ class ClientInfo:
         return _split_host_port(self.source)[0]
 
     @cached_property
+    def forwarded_for(self) -> str:
+        """The client as a pooled upstream connection's `Forwarded: for=` names it: its address without the
+        port (IPv6 in brackets), since the connection serves every connection of that client."""
+        ip = self.source_ip
+        return f"[{ip}]" if ":" in ip else ip
+
+    @cached_property
     def _destination(self) -> tuple[str, int]:
         return _split_host_port(self.original_destination)
 

@@ -202,8 +202,8 @@ class Forwarder:
 
     async def forward(self, ex: ServerExchange, d: RouteDecision, body: RequestBody, rec: Record,
                       protocol: str, client: str = "") -> None:
-        """Forward one request; `client` is the original client's `ip:port` (upstream connections are
-        kept per client, see `ConnectionPool`).
+        """Forward one request; `client` is the original client's address (`ClientInfo.forwarded_for`:
+        upstream connections are kept per client address, see `ConnectionPool`).
 
         The route's timeout (for gRPC: `grpc-timeout` capped by it) runs from the end of the request, as
         Envoy's does, to the end of the response.  When it fires while an attempt awaits its answer, that

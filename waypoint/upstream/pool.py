@@ -3,16 +3,18 @@
 The waypoint never opens sockets itself.  An `Upstream` turns an endpoint into a byte stream: in the mesh
 that is an HBONE tunnel to the endpoint's node agent; `TcpUpstream` (plain TCP) serves tests and
 benchmarks.  `ConnectionPool` keeps idle HTTP connections per (endpoint, protocol, client) and reuses
-them.  The client is part of the key because a connection to an endpoint carries the original client's
-address (the HBONE `Forwarded` header, which the destination's L4 policy reads): a connection opened
-for one client is never handed to another.  `discard(client)` closes a client's idle connections once
-its tunnel is gone.
+them.  The client is the original client's address without its port (`ClientInfo.forwarded_for`): a
+connection to an endpoint names it in the HBONE `Forwarded` header, so a connection opened for one client
+address is never handed to another, while all the connections of one client (a pod opening a connection
+per request) share the pool, as any HTTP proxy's upstream pool does.  (The destination's agent sees the
+waypoint as the peer and decides on that; `Forwarded` is what it and its log are told of the client.)
+`run()` closes what stayed idle past `idle_timeout`, for clients that never come back.
 
 HTTP/1.1 connections carry one request at a time and wait idle in the pool between requests.  HTTP/2
 connections are shared: `acquire` hands out a stream on a connection of the key that has room (the peer's
 SETTINGS_MAX_CONCURRENT_STREAMS, see `waypoint.http.http2_client`), and opens another connection only when
 all are full; `release` gives the stream back.  A connection that is closed, or draining after GOAWAY with
-no streams left, or idle past `idle_timeout`, is closed on the next `acquire` of its key.
+no streams left, or idle past `idle_timeout`, is closed on the next `acquire` of its key, or by `run()`.
 """
 
 from __future__ import annotations
@@ -62,11 +64,36 @@ class ConnectionPool:
         self._idle: dict[tuple[str, str, str], list[tuple[float, UpstreamConnection]]] = {}
         self._shared: dict[tuple[str, str], list[Http2Connection]] = defaultdict(list)
         self._opening: dict[tuple[str, str], trio.Lock] = defaultdict(trio.Lock)
-        # the keys of `_idle` and `_shared` by client: `discard` is one lookup, however many clients are
-        # connected (a burst of new connections has thousands, each discarded when its tunnel ends)
-        self._idle_keys: dict[str, set[tuple[str, str, str]]] = {}
-        self._shared_keys: dict[str, set[tuple[str, str]]] = {}
         self.opened = 0
+
+    async def run(self) -> None:
+        """Until cancelled: every quarter of `idle_timeout`, close what has been idle longer (`expire`)."""
+        while True:
+            await trio.sleep(self.idle_timeout / 4)
+            await self.expire()
+
+    async def expire(self) -> None:
+        """Close the idle connections of every key that are past `idle_timeout` (HTTP/2 ones also when
+        closed or drained), and forget the keys left empty: a client that never comes back leaves nothing
+        behind."""
+        now = self._clock()
+        expired: list[UpstreamConnection] = []
+        for key, idle in list(self._idle.items()):  # (no checkpoint in this loop: `acquire` sees each list whole)
+            expired += [conn for since, conn in idle if now - since >= self.idle_timeout]
+            idle[:] = [(since, conn) for since, conn in idle if now - since < self.idle_timeout]
+            if not idle:
+                del self._idle[key]
+        for conn in expired:
+            await conn.aclose()
+        for skey, conns in list(self._shared.items()):
+            lock = self._opening[skey]
+            if lock.locked():
+                continue  # a connection of this key is being opened: that `acquire` sweeps the key
+            async with lock:
+                await self._sweep(conns)
+            if not conns and not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._shared.pop(skey, None)
+                self._opening.pop(skey, None)
 
     async def acquire(self, endpoint: Endpoint, protocol: str, connect_timeout: float,
                       service: str = "", client: str = "", traceparent: str = "") -> tuple[UpstreamConnection, bool]:
@@ -97,7 +124,6 @@ class ConnectionPool:
     async def _acquire_stream(self, endpoint: Endpoint, connect_timeout: float, service: str, client: str,
                               traceparent: str) -> tuple[Http2Stream, bool]:
         key = (endpoint.key, client)
-        self._shared_keys.setdefault(client, set()).add(key)
         async with self._opening[key]:  # one connection opened at a time per key: the others then share it
             conns = self._shared[key]
             await self._sweep(conns)
@@ -134,28 +160,11 @@ class ConnectionPool:
             await conn.aclose()  # the stream's slot; the connection stays shared
             return
         key = (endpoint.key, protocol, client)
-        idle = self._idle.get(key)
-        if idle is None:
-            idle = self._idle[key] = []
-            self._idle_keys.setdefault(client, set()).add(key)
+        idle = self._idle.setdefault(key, [])
         if reuse and conn.reusable and len(idle) < self.max_idle:
             idle.append((self._clock(), conn))
         else:
             await conn.aclose()
-
-    def holds(self, client: str) -> bool:
-        """Whether anything is kept for `client` (most tunnels end with nothing to `discard`)."""
-        return client in self._idle_keys or client in self._shared_keys
-
-    async def discard(self, client: str) -> None:
-        """Close the idle connections kept for `client` (its tunnel is gone: nobody will reuse them)."""
-        for key in self._idle_keys.pop(client, ()):
-            for _, conn in self._idle.pop(key, ()):
-                await conn.aclose()
-        for skey in self._shared_keys.pop(client, ()):
-            for h2conn in self._shared.pop(skey, ()):
-                await h2conn.aclose()
-            self._opening.pop(skey, None)
 
     def idle_count(self) -> int:
         return sum(len(v) for v in self._idle.values())
@@ -169,9 +178,7 @@ class ConnectionPool:
             for _, conn in idle:
                 await conn.aclose()
         self._idle.clear()
-        self._idle_keys.clear()
         for shared in self._shared.values():
             for h2conn in shared:
                 await h2conn.aclose()
         self._shared.clear()
-        self._shared_keys.clear()

@@ -1,6 +1,6 @@
 """What the request pipeline computes once and keeps (per tunnel, per head, per route table) gives exactly
 what computing it again would: header lookups, the client's address parts, resolved clusters, label keys,
-request ids, the access-log line, and the upstream pool's per-client index."""
+request ids, the access-log line, and the upstream pool's keys per client address."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from waypoint_resources import fq, l7, table_with
 
 from mesh.bounded import BoundedMemo
 from waypoint.accesslog import AccessRecord, format_line, format_values
+from waypoint.errors import ConnectFailure
 from waypoint.l7.jwt import AuthnResult
 from waypoint.l7.model import ClientInfo, Endpoint, RequestHead, header, without
 from waypoint.l7.routing import CLUSTER_CACHE_SIZE, ClusterCache, LocalReply, decide
@@ -127,23 +128,35 @@ class _Conn:
         self.closed = True
 
 
-def test_discard_closes_only_that_clients_connections() -> None:
+def test_pooled_connections_are_kept_per_client_address_and_expire_when_idle() -> None:
+    class Refusing:
+        async def connect(self, endpoint: Endpoint, **_: str) -> None:
+            raise ConnectFailure(f"would open a new connection to {endpoint.key}")
+
     async def main() -> None:
-        pool = ConnectionPool(upstream=None)  # type: ignore[arg-type]  # (nothing is opened here)
+        now = [0.0]
+        pool = ConnectionPool(upstream=Refusing(), idle_timeout=60.0, clock=lambda: now[0])  # type: ignore[arg-type]
         ep1, ep2 = Endpoint("10.0.0.1", 80), Endpoint("10.0.0.2", 80)
-        conns = {(ep, client): _Conn() for ep in (ep1, ep2) for client in ("c1:1", "c2:2")}
-        assert not pool.holds("c1:1")
+        conns = {(ep, client): _Conn() for ep in (ep1, ep2) for client in ("10.1.0.1", "10.1.0.2")}
         for (ep, client), conn in conns.items():
             await pool.release(ep, "HTTP/1.1", conn, client=client)  # type: ignore[arg-type]
-        assert pool.holds("c1:1") and pool.holds("c2:2") and pool.idle_count() == 4
-        await pool.discard("c1:1")
-        assert not pool.holds("c1:1") and pool.holds("c2:2") and pool.idle_count() == 2
-        assert [conn.closed for (_, client), conn in conns.items()] == [True, False, True, False]
-        # the other client's connections are still handed out to it, and only to it
-        again, reused = await pool.acquire(ep1, "HTTP/1.1", 1.0, client="c2:2")
-        assert reused and again is conns[(ep1, "c2:2")]
-        await pool.discard("nobody:0")  # nothing kept: nothing happens
+        assert pool.idle_count() == 4
+        # a client address gets its own connections back, and never another client's
+        again, reused = await pool.acquire(ep1, "HTTP/1.1", 1.0, client="10.1.0.2")
+        assert reused and again is conns[(ep1, "10.1.0.2")]
+        with pytest.raises(ConnectFailure):
+            await pool.acquire(ep1, "HTTP/1.1", 1.0, client="10.1.0.3")
+        now[0] = 30.0
+        await pool.release(ep1, "HTTP/1.1", again, client="10.1.0.2")  # idle again from 30 s
+        await pool.expire()  # nothing is past the idle timeout yet
+        assert pool.idle_count() == 4 and not any(c.closed for c in conns.values())
+        now[0] = 61.0
+        await pool.expire()  # what went idle at 0 s is closed, whether or not its client comes back
+        assert pool.idle_count() == 1 and not again.closed
+        assert [c.closed for key, c in conns.items() if key != (ep1, "10.1.0.2")] == [True, True, True]
+        now[0] = 91.0
+        await pool.expire()
+        assert pool.idle_count() == 0 and again.closed and not pool._idle  # no empty keys left behind
         await pool.aclose()
-        assert not pool.holds("c2:2") and all(conn.closed for key, conn in conns.items() if key != (ep1, "c2:2"))
 
     trio.run(main)

@@ -31,6 +31,7 @@ from waypoint.http.exchange import iterate
 from waypoint.http.http1 import Http1Client
 from waypoint.http.http2_client import Http2Client
 from waypoint.l7.model import RequestHead
+from waypoint.upstream.pool import TcpUpstream
 
 REVIEWS_DR = {"host": "reviews", "subsets": [{"name": n, "labels": {"version": n}} for n in ("v1", "v2", "v3")]}
 
@@ -98,6 +99,31 @@ def test_http1_routes_weights_keepalive_and_trace_headers() -> None:
                 assert 'destination_version="v2"' in text and 'destination_service="reviews.bookinfo.svc.cluster.local"' in text
                 assert 'source_principal="spiffe://cluster.local/ns/bookinfo/sa/sleep"' in text
                 assert "istio_request_duration_milliseconds_bucket" in text and "istio_response_bytes_bucket" in text
+            n.cancel_scope.cancel()
+    run(main)
+
+
+def test_a_clients_new_connections_share_the_upstream_pool_by_its_address() -> None:
+    # A client opening a connection per request (bookinfo's productpage does) reuses the kept-alive
+    # upstream connection its earlier ones left, as any HTTP proxy's pool does; the upstream is told the
+    # client's address, without the port of whichever connection opened it.
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            svcs, wls, _ = await reviews(n)
+            async with running_proxy(table(svcs, wls, [vs(route_to("v1")), dr()])) as (proxy, front, _, _n):
+                told: list[str] = []
+
+                class Recording(TcpUpstream):
+                    async def connect(self, endpoint: Any, *, service: str = "", client: str = "",
+                                      traceparent: str = "") -> trio.abc.HalfCloseableStream:
+                        told.append(client)
+                        return await super().connect(endpoint, service=service, client=client)
+
+                proxy.pool.upstream = Recording()
+                for _ in range(20):  # each request on a connection of its own, from a new source port
+                    head, body = await request(front.port, "/reviews/1")
+                    assert head.status == 200 and json.loads(body)["backend"] == "v1"
+                assert proxy.pool.opened == 1 and told == ["127.0.0.1"]
             n.cancel_scope.cancel()
     run(main)
 
