@@ -157,6 +157,11 @@ def test_pooled_connections_are_kept_per_client_address_and_expire_when_idle() -
         now[0] = 91.0
         await pool.expire()
         assert pool.idle_count() == 0 and again.closed and not pool._idle  # no empty keys left behind
+        # a client with many requests in flight at once gets all of their connections back afterwards
+        burst = [_Conn() for _ in range(200)]
+        for conn in burst:
+            await pool.release(ep1, "HTTP/1.1", conn, client="10.1.0.1")  # type: ignore[arg-type]
+        assert pool.idle_count() == 200 and not any(c.closed for c in burst)
         await pool.aclose()
 
     trio.run(main)
