@@ -141,8 +141,10 @@ class WaypointProxy:
         return self._table
 
     def update(self, table: RouteTable) -> None:
-        """Serve new requests with `table`; requests in flight finish with the table they started with."""
+        """Serve new requests with `table`; requests in flight finish with the table they started with, and
+        no new request goes on an upstream connection opened under the old one (`ConnectionPool.retire`)."""
         self._table = table
+        self.pool.retire()
         self._labels = BoundedMemo(LABEL_CACHE_SIZE)
         self._clusters = BoundedMemo(routing.CLUSTER_CACHE_SIZE)
         self._protocols = BoundedMemo(LABEL_CACHE_SIZE)

@@ -36,7 +36,7 @@ import websocket  # websocket-client (a dependency of the kubernetes client)
 
 from tests.integration.conftest import ROOT, Meshctl, cluster_file, leftovers
 from tests.integration.test_mesh import eventually
-from tests.integration.test_observability import ObservedMesh
+from tests.integration.test_observability import ObservedMesh, fresh_tunnels_to_ratings
 from tests.integration.test_waypoint import CLIENT, NS
 
 NAME = "t-dash"
@@ -267,7 +267,8 @@ def test_graph_edges_and_locks_are_what_was_sent(mesh: DashMesh, browser: Browse
 
 
 def test_a_trace_through_the_waypoint_is_a_waterfall(mesh: DashMesh, browser: Browser, images: Path) -> None:
-    request_id = productpage(mesh, calls=1)
+    with fresh_tunnels_to_ratings(mesh):  # (the agents' tunnel spans join the trace of the request opening it)
+        request_id = productpage(mesh, calls=1)
 
     def trace() -> dict[str, Any] | None:
         """the dashboard received the waypoint's spans of the request's calls and the agents' tunnel spans"""

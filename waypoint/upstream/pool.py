@@ -8,7 +8,9 @@ connection to an endpoint names it in the HBONE `Forwarded` header, so a connect
 address is never handed to another, while all the connections of one client (a pod opening a connection
 per request) share the pool, as any HTTP proxy's upstream pool does.  (The destination's agent sees the
 waypoint as the peer and decides on that; `Forwarded` is what it and its log are told of the client.)
-`run()` closes what stayed idle past `idle_timeout`, for clients that never come back.
+`run()` closes what stayed idle past `idle_timeout`, for clients that never come back.  `retire()` (a new
+route table) takes every connection out of use: what a gateway's waypoint hop or the destination decided
+when a tunnel opened was decided under the old configuration, so no request of the new one goes on it.
 
 HTTP/1.1 connections carry one request at a time and wait idle in the pool between requests.  HTTP/2
 connections are shared: `acquire` hands out a stream on a connection of the key that has room (the peer's
@@ -19,6 +21,7 @@ no streams left, or idle past `idle_timeout`, is closed on the next `acquire` of
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Protocol
@@ -70,12 +73,40 @@ class ConnectionPool:
         self._idle: dict[tuple[str, str, str], list[tuple[float, UpstreamConnection]]] = {}
         self._shared: dict[tuple[str, str], list[Http2Connection]] = defaultdict(list)
         self._opening: dict[tuple[str, str], trio.Lock] = defaultdict(trio.Lock)
+        self._retired: list[Http2Connection] = []  # no new streams; closed once their streams have ended
+        self._unused: list[UpstreamConnection] = []  # retired while idle: `run` closes them
+        self._wake = trio.Event()  # `run` has retired connections to close
+        self._generation = 0  # counted up by `drain`; an HTTP/1.1 connection of an older one is not kept
+        self._born: weakref.WeakKeyDictionary[UpstreamConnection, int] = weakref.WeakKeyDictionary()
         self.opened = 0
 
+    def retire(self) -> None:
+        """Take every connection out of use: idle ones are closed (by `run`, at once), those in use when
+        they are given back, and shared HTTP/2 ones take no new stream and close once their streams end."""
+        self._generation += 1
+        self._unused += [conn for conns in self._idle.values() for _, conn in conns]
+        self._idle.clear()
+        for conns in self._shared.values():
+            self._retired += conns
+        self._shared.clear()
+        self._wake.set()
+
+    async def _close_retired(self) -> None:
+        unused, self._unused = self._unused, []
+        done = [conn for conn in self._retired if conn.closed or conn.reserved == 0]
+        self._retired = [conn for conn in self._retired if conn not in done]
+        for conn in unused:
+            await conn.aclose()
+        for h2conn in done:
+            await h2conn.aclose()
+
     async def run(self) -> None:
-        """Until cancelled: every quarter of `idle_timeout`, close what has been idle longer (`expire`)."""
+        """Until cancelled: every quarter of `idle_timeout`, close what has been idle longer (`expire`), and
+        what `retire` took out of use as soon as it does."""
         while True:
-            await trio.sleep(self.idle_timeout / 4)
+            with trio.move_on_after(self.idle_timeout / 4):
+                await self._wake.wait()
+            self._wake = trio.Event()
             await self.expire()
 
     async def expire(self) -> None:
@@ -91,6 +122,7 @@ class ConnectionPool:
                 del self._idle[key]
         for conn in expired:
             await conn.aclose()
+        await self._close_retired()
         for skey, conns in list(self._shared.items()):
             lock = self._opening[skey]
             if lock.locked():
@@ -116,7 +148,9 @@ class ConnectionPool:
                     return conn, True
                 await conn.aclose()
         stream = await self._connect(endpoint, connect_timeout, service, client, traceparent)
-        return Http1Client(stream), False
+        conn = Http1Client(stream)
+        self._born[conn] = self._generation
+        return conn, False
 
     async def _connect(self, endpoint: Endpoint, connect_timeout: float, service: str, client: str,
                        traceparent: str) -> trio.abc.HalfCloseableStream:
@@ -167,7 +201,8 @@ class ConnectionPool:
             return
         key = (endpoint.key, protocol, client)
         idle = self._idle.setdefault(key, [])
-        if reuse and conn.reusable and len(idle) < self.max_idle:
+        current = self._born.get(conn, self._generation) == self._generation
+        if reuse and conn.reusable and current and len(idle) < self.max_idle:
             idle.append((self._clock(), conn))
         else:
             await conn.aclose()
@@ -188,3 +223,7 @@ class ConnectionPool:
             for h2conn in shared:
                 await h2conn.aclose()
         self._shared.clear()
+        await self._close_retired()
+        for h2conn in self._retired:
+            await h2conn.aclose()
+        self._retired = []

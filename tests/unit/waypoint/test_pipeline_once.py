@@ -10,6 +10,7 @@ from dataclasses import fields, replace
 
 import pytest
 import trio
+import trio.testing
 from waypoint_resources import fq, l7, table_with
 
 from mesh.bounded import BoundedMemo
@@ -126,6 +127,34 @@ class _Conn:
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+def test_a_retired_pool_keeps_nothing_opened_before() -> None:
+    class Opening:
+        async def connect(self, endpoint: Endpoint, **_: str) -> trio.abc.HalfCloseableStream:
+            return trio.testing.memory_stream_pair()[0]  # type: ignore[return-value]
+
+    async def main() -> None:
+        pool = ConnectionPool(upstream=Opening())  # type: ignore[arg-type]
+        ep = Endpoint("10.0.0.1", 80)
+        first, reused = await pool.acquire(ep, "HTTP/1.1", 1.0, client="10.1.0.1")
+        await pool.release(ep, "HTTP/1.1", first, client="10.1.0.1")
+        assert not reused and pool.idle_count() == 1
+        in_use, reused = await pool.acquire(ep, "HTTP/1.1", 1.0, client="10.1.0.1")
+        assert reused and in_use is first
+        idle, _ = await pool.acquire(ep, "HTTP/1.1", 1.0, client="10.1.0.1")  # a second one, opened
+        await pool.release(ep, "HTTP/1.1", idle, client="10.1.0.1")
+        pool.retire()  # a new route table
+        assert pool.idle_count() == 0
+        await pool.release(ep, "HTTP/1.1", in_use, client="10.1.0.1")  # given back after: closed, not kept
+        assert pool.idle_count() == 0
+        fresh, reused = await pool.acquire(ep, "HTTP/1.1", 1.0, client="10.1.0.1")
+        assert not reused and fresh is not first and pool.opened == 3
+        await pool.release(ep, "HTTP/1.1", fresh, client="10.1.0.1")
+        assert pool.idle_count() == 1  # opened under the new table: kept
+        await pool.aclose()
+
+    trio.run(main)
 
 
 def test_pooled_connections_are_kept_per_client_address_and_expire_when_idle() -> None:

@@ -124,6 +124,13 @@ def test_a_clients_new_connections_share_the_upstream_pool_by_its_address() -> N
                     head, body = await request(front.port, "/reviews/1")
                     assert head.status == 200 and json.loads(body)["backend"] == "v1"
                 assert proxy.pool.opened == 1 and told == ["127.0.0.1"]
+                # a new route table: nothing opened under the old one carries a request of the new one
+                proxy.update(proxy.table)
+                assert proxy.pool.idle_count() == 0
+                for _ in range(3):
+                    head, _body = await request(front.port, "/reviews/1")
+                    assert head.status == 200
+                assert proxy.pool.opened == 2
             n.cancel_scope.cancel()
     run(main)
 
