@@ -3,6 +3,7 @@
     state (fed by discovery) ──> enroller ──> PodProxy per enrolled pod (15001, 15006, 15008 in the pod)
                                                  │ outbound ──> HBONE pool (connections from the pod)
                                                  │ inbound  ──> authorization ──> the application
+                                                 │   (decided again on policy updates: `Rechecker`)
                                                  │ DnsProxy (127.0.0.1:15053, trio) ──> upstream resolver
                                               (the pods' connections run on the data path engine:
                                                uvloop in a thread of its own; the rest is trio)
@@ -63,6 +64,7 @@ from nodeagent.pods.source import PodRef, PodSource
 from nodeagent.proxy import outbound
 from nodeagent.proxy.context import AgentParts, PodContext, pool_connect
 from nodeagent.proxy.pod import PodProxy
+from nodeagent.proxy.recheck import Rechecker
 from nodeagent.proxy.sockets import SocketSupply
 from nodeagent.redirect.base import Redirector
 from nodeagent.redirect.ebpf import EbpfRedirector
@@ -191,6 +193,9 @@ class Agent:
                                 tracer=TunnelTracer(self.tracer, opts.node, telemetry)
                                 if self.tracer.exporting else None,
                                 engine=self.engine, sockets=sockets, resolver=Resolver(upstream))
+        # Inbound connections admitted before an authorization update are decided again after it.
+        self.rechecker = Rechecker(self.engine, state, self.parts.admitted)
+        state.on_change(self.rechecker.on_change)
         self.pods: PodSource | None = None
         self.enroller: Enroller | None = None
         self.synced = False

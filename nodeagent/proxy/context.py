@@ -29,6 +29,7 @@ from nodeagent.accesslog import AccessLog
 from nodeagent.dns.upstream import Resolver
 from nodeagent.metrics import NodeAgentMetrics
 from nodeagent.pods.source import PodRef
+from nodeagent.proxy.recheck import AdmittedConnections
 from nodeagent.proxy.sockets import BUSY, SocketSupply, make_transparent, source_port
 from nodeagent.redirect.base import Redirector
 from nodeagent.state import MeshState
@@ -52,6 +53,7 @@ class AgentParts:
     engine: Engine | None = None  # where the data path runs (None: each pod's proxy starts its own)
     sockets: SocketSupply = field(default_factory=SocketSupply)  # the engine's, sockets made in pods
     resolver: Resolver | None = None  # names of DNS ServiceEntry endpoints (trio; None: they cannot be reached)
+    admitted: AdmittedConnections = field(default_factory=AdmittedConnections)  # inbound ones relayed (`recheck`)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ relays.  Bytes the client sent after its CONNECT (early data) wait in the tunnel
 CONNECT drops them, and nothing reaches the application.  A CONNECT the client resets before its answer cancels this (`mesh.hbone.aio`); each pod's
 15008 caps its connections and TLS handshakes (`PodContext.hbone_gate`).  Plaintext (from
 clients outside the mesh): the same decision with no identity, so a STRICT PeerAuthentication (a DENY of
-connections without a principal) refuses it.  Each connection's outcome is recorded once.  It all runs
-on the engine (`mesh.hbone.engine`).
+connections without a principal) refuses it.  Each connection's outcome is recorded once.  While it
+relays, an admitted connection is remembered (`AgentParts.admitted`): an authorization update decides it
+again and closes it if now refused (`recheck`).  It all runs on the engine (`mesh.hbone.engine`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from mesh.hbone.server import InboundRequest
 from mesh.hbone.splice import PlainEnd, open_end, relay_ends
 from mesh.secrets.errors import SecretsError
 from nodeagent.metrics import FailureReason
-from nodeagent.proxy import admission
+from nodeagent.proxy import admission, recheck
 from nodeagent.proxy.admission import Admit, InboundConnection, Refusal
 from nodeagent.proxy.context import PodContext, original_destination, peer_of
 from nodeagent.proxy.errors import UPSTREAM_ERRORS, upstream_error
@@ -74,7 +75,8 @@ async def handle_plaintext(ctx: PodContext, client: PlainEnd) -> None:
 
 async def _serve(ctx: PodContext, conn: InboundConnection, downstream: Downstream) -> None:
     """Decide, then answer and forward: the part both inbound paths share."""
-    view = ctx.parts.state
+    view, admitted = ctx.parts.state, ctx.parts.admitted
+    decided_at = admitted.generation
     verdict = admission.decide(view, ctx.pod, conn)
     source = view.workload_by_address(conn.source_ip)
     with OutcomeRecorder.of(ctx).inbound(conn, verdict, source, ctx.workload()) as outcome:
@@ -88,7 +90,14 @@ async def _serve(ctx: PodContext, conn: InboundConnection, downstream: Downstrea
         except BaseException:
             app.abort()
             raise
-        outcome.relayed(await relay_ends(client, app, outcome.bytes))
+        with admitted.holding(ctx.pod, conn, client, app) as held:  # decided again on policy updates
+            if admitted.generation != decided_at:  # a pass ran while it connected, without it
+                recheck.decide_again(view, held)
+            copied = await relay_ends(client, app, outcome.bytes)
+        if held.closed_by is not None:  # a policy update refused it: closed (`recheck`)
+            outcome.refused(held.closed_by)
+        else:
+            outcome.relayed(copied)
 
 
 async def _connect_app(ctx: PodContext, verdict: Admit, downstream: Downstream) -> PlainEnd:
