@@ -76,7 +76,7 @@ class ConnectionPool:
         self._retired: list[Http2Connection] = []  # no new streams; closed once their streams have ended
         self._unused: list[UpstreamConnection] = []  # retired while idle: `run` closes them
         self._wake = trio.Event()  # `run` has retired connections to close
-        self._generation = 0  # counted up by `drain`; an HTTP/1.1 connection of an older one is not kept
+        self._generation = 0  # counted up by `retire`; an HTTP/1.1 connection of an older one is not kept
         self._born: weakref.WeakKeyDictionary[UpstreamConnection, int] = weakref.WeakKeyDictionary()
         self.opened = 0
 
@@ -129,7 +129,8 @@ class ConnectionPool:
                 continue  # a connection of this key is being opened: that `acquire` sweeps the key
             async with lock:
                 await self._sweep(conns)
-            if not conns and not lock.locked() and lock.statistics().tasks_waiting == 0:
+            if not conns and self._shared.get(skey) is conns and not lock.locked() \
+                    and lock.statistics().tasks_waiting == 0:
                 self._shared.pop(skey, None)
                 self._opening.pop(skey, None)
 
@@ -165,11 +166,11 @@ class ConnectionPool:
                               traceparent: str) -> tuple[Http2Stream, bool]:
         key = (endpoint.key, client)
         async with self._opening[key]:  # one connection opened at a time per key: the others then share it
-            conns = self._shared[key]
-            await self._sweep(conns)
-            for conn in conns:
+            await self._sweep(self._shared[key])
+            for conn in self._shared[key]:  # (read again: a `retire` during the sweep left none to share)
                 if conn.has_capacity:
                     return conn.open_stream(), True
+            generation = self._generation
             stream = await self._connect(endpoint, connect_timeout, service, client, traceparent)
             conn = Http2Connection(stream, clock=self._clock)
             try:
@@ -182,7 +183,8 @@ class ConnectionPool:
                 await conn.aclose()
                 raise ConnectFailure(f"{endpoint.key} sent no HTTP/2 SETTINGS within {connect_timeout:g}s: "
                                      "does the endpoint speak HTTP/2 (prior knowledge) on this port?")
-            conns.append(conn)
+            # shared from now on, unless a `retire` came while it opened: then it carries this stream only
+            (self._shared[key] if generation == self._generation else self._retired).append(conn)
             return conn.open_stream(), False
 
     async def _sweep(self, conns: list[Http2Connection]) -> None:
