@@ -7,8 +7,9 @@ pod, with the `InboundConnection` it was decided on and its two ends: the client
 plaintext connection, and the application's), and forgets it when it ends.  When the agent's state
 applies an authorization update, `Rechecker` schedules one pass on the engine (a burst of updates makes
 one pass at a time, which reads the newest state); the pass (`recheck`) decides each remembered
-connection again, with the same `admission.decide`, and closes those now refused: both ends aborted (a
-tunnel is reset), logged with the pod, the client and the policy's reason.  The inbound path then records
+connection again, with the same `admission.decide`, and closes those a policy now denies: both ends
+aborted (a tunnel is reset), logged with the pod, the client and the policy's reason (another refusal,
+such as the pod missing from the state for a moment, leaves it open).  The inbound path then records
 the connection's outcome with the refusal (flag RBAC, failure `denied`).  Those still allowed are left
 alone.  A connection decided before a pass that ran while it was connecting to the application (not held
 yet) is decided again as it is held (`decide_again`).  Everything but `Rechecker.on_change` runs on the
@@ -25,6 +26,7 @@ from dataclasses import dataclass, replace
 
 from mesh.hbone.engine import Engine
 from mesh.hbone.splice import End
+from nodeagent.metrics import FailureReason
 from nodeagent.pods.source import PodRef
 from nodeagent.proxy import admission
 from nodeagent.proxy.admission import InboundConnection, Refusal
@@ -93,8 +95,8 @@ def decide_again(view: MeshState, entry: Admitted) -> bool:
     if entry.closed_by is not None:
         return True  # closed already, by an earlier pass
     verdict = admission.decide(view, entry.pod, entry.conn)
-    if not isinstance(verdict, Refusal):
-        return True
+    if not isinstance(verdict, Refusal) or verdict.failure is not FailureReason.DENIED:
+        return True  # (only a policy's denial closes it: a pod missing for a moment from the state does not)
     entry.close(verdict)
     conn = entry.conn
     log.info("closed an inbound connection to %s from %s:%d (%s) that is now refused: %s",

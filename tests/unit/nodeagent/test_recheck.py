@@ -53,3 +53,12 @@ def test_connections_are_held_per_pod() -> None:
         assert len(admitted.of(POD.uid)) == 1
         # Each decided as the pod it arrived at: a policy of web-2's namespace closes both (same namespace).
         assert len(recheck(view(SLEEP, *WEB, DENY_SLEEP), admitted)) == 2
+
+
+def test_only_a_policys_denial_closes_a_connection() -> None:
+    # A view without the pod (a state between two updates, or a pod on its way out) refuses new
+    # connections with 503; the open ones are left to end with the pod, not cut by a re-check.
+    admitted = AdmittedConnections()
+    with admitted.holding(POD, from_connect(connect("10.244.2.3:8080")), PlainEnd(), PlainEnd()) as held:
+        assert recheck(view(SLEEP), admitted) == [] and held.closed_by is None
+        assert recheck(view(SLEEP, DENY_SLEEP), admitted) == []
