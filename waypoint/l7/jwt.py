@@ -103,7 +103,7 @@ def compile_rules(where: str, namespace: str, name: str, spec: Mapping[str, Any]
     import jwt as pyjwt
 
     out = []
-    for i, r in enumerate(spec.get("jwtRules") or ()):
+    for i, r in enumerate(spec["jwtRules"]):
         jwks = None
         if r.get("jwks"):
             try:

@@ -225,7 +225,8 @@ class ConnectionPool:
             for h2conn in shared:
                 await h2conn.aclose()
         self._shared.clear()
-        await self._close_retired()
-        for h2conn in self._retired:
+        unused, retired, self._unused, self._retired = self._unused, self._retired, [], []
+        for conn in unused:
+            await conn.aclose()
+        for h2conn in retired:
             await h2conn.aclose()
-        self._retired = []
