@@ -713,7 +713,9 @@ def test_discovery_stream_nack_then_ack(plane: tuple[Running, MemorySource]) -> 
         assert "default/bad" not in client.resources(rs.WORKLOAD)
         source.remove(rs.WORKLOAD, "default/bad")
         source.put(pb.Workload(uid="default/ok", name="ok", namespace="default"))
-        assert client.wait_for(lambda c: c.acked_version(rs.WORKLOAD) == running.discovery.version, 10)
+        # (two source changes, two pushes: the version read may be the first's until the second is made)
+        assert client.wait_for(lambda c: "default/ok" in c.resources(rs.WORKLOAD)
+                               and c.acked_version(rs.WORKLOAD) == running.discovery.version, 10)
         assert "default/ok" in client.resources(rs.WORKLOAD) and client.connects == 1
 
 
