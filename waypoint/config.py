@@ -29,7 +29,7 @@ requests in flight keep the decision they made on the old one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,7 @@ from mesh import defaults
 from mesh.api.crossref import fqdn, host_covers
 from mesh.api.errors import FieldError
 from mesh.api.kinds import kind_info
+from mesh.api.kinds_gateway import GATEWAY_NAME_LABEL
 from mesh.api.schema import drop_nulls
 from mesh.istiometrics import canonical_app, canonical_version
 from mesh.proto import discovery_pb2 as pb
@@ -148,6 +149,42 @@ class RouteTable:
 
     def virtual_service(self, hostname: str) -> VirtualServiceRules | None:
         return self.virtual_services.get(hostname)
+
+    def waypoint_pods(self, waypoint: str) -> tuple[Endpoint, ...]:
+        """The healthy pods of waypoint "ns/name", by address."""
+        ns, _, name = waypoint.partition("/")
+        return tuple(sorted((w for w in self.workloads_by_ip.values()
+                             if w.namespace == ns and dict(w.labels).get(GATEWAY_NAME_LABEL) == name and w.healthy),
+                            key=lambda w: w.address))
+
+
+def pool_changes(old: RouteTable, new: RouteTable) -> Callable[[str, str], bool]:
+    """For `ConnectionPool.retire`: whether the upstream connections to an endpoint ("ip:port") opened for a
+    service (its hostname, "" for a workload's own address) were decided differently under `new` than under
+    `old`, so that none of them may carry a request any more.  What a connection rests on: the endpoint's
+    workload (its identity, which its HBONE server must present, and whether it is reached over HBONE at
+    all), the service (addresses, ports, waypoint), the DestinationRule that applies to it, and for an
+    ingress gateway the waypoint pod its requests go through.  Envoy likewise drains the pools of a cluster
+    that changed and of a host that left, and keeps the others."""
+    hops: dict[tuple[int, str], str] = {}  # (which table, waypoint) -> its first pod (`waypoint.gateway.waypoint_hop`)
+
+    def basis(table: RouteTable, endpoint: str, service: str) -> tuple[object, ...]:
+        w = table.workloads_by_ip.get(endpoint.rpartition(":")[0])
+        svc = table.services.get(service) if service else None
+        hop = ""
+        if table.ingress and svc is not None and svc.waypoint:
+            if (id(table), svc.waypoint) not in hops:
+                pods = table.waypoint_pods(svc.waypoint)
+                hops[id(table), svc.waypoint] = f"{pods[0].address} {pods[0].identity}" if pods else ""
+            hop = hops[id(table), svc.waypoint]
+        return ((w.uid, w.namespace, w.identity, w.hbone, w.cluster) if w is not None else None,
+                (svc.vips, svc.ports, svc.waypoint) if svc is not None else None,
+                table.destination_rule(service) if service else None, hop)
+
+    def changed(endpoint: str, service: str) -> bool:
+        return basis(old, endpoint, service) != basis(new, endpoint, service)
+
+    return changed
 
 
 @dataclass(frozen=True)

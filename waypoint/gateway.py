@@ -21,7 +21,6 @@ from pathlib import Path
 
 import trio
 
-from mesh.api.kinds_gateway import GATEWAY_NAME_LABEL
 from mesh.hbone.errors import HboneError, TunnelRejected
 from mesh.hbone.headers import request_headers
 from mesh.hbone.pool import PoolKey
@@ -167,10 +166,7 @@ def waypoint_hop(table: RouteTable, endpoint: Endpoint, service: str) -> tuple[E
     svc = table.services.get(service)
     if svc is None or not svc.waypoint or not svc.vips:
         return None
-    ns, name = svc.waypoint.split("/", 1)
-    pods = sorted((w for w in table.workloads_by_ip.values()
-                   if w.namespace == ns and dict(w.labels).get(GATEWAY_NAME_LABEL) == name and w.healthy),
-                  key=lambda w: w.address)
+    pods = table.waypoint_pods(svc.waypoint)
     if not pods:
         return None
     port = next((p.port for p in svc.ports if p.target_port == endpoint.port), svc.default_port())

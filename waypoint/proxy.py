@@ -41,7 +41,7 @@ from mesh.tracing.span import SpanKind
 from mesh.tracing.tracer import Started, Tracer
 from waypoint import tracing
 from waypoint.accesslog import Sink, format_values, logger_sink
-from waypoint.config import CompileResult, RouteTable
+from waypoint.config import CompileResult, RouteTable, pool_changes
 from waypoint.errors import UpstreamError
 from waypoint.http.detect import PrefixedStream, Protocol, detect
 from waypoint.http.exchange import ServerExchange, TrailerExchange, iterate
@@ -142,9 +142,10 @@ class WaypointProxy:
 
     def update(self, table: RouteTable) -> None:
         """Serve new requests with `table`; requests in flight finish with the table they started with, and
-        no new request goes on an upstream connection opened under the old one (`ConnectionPool.retire`)."""
-        self._table = table
-        self.pool.retire()
+        no new request goes on an upstream connection whose endpoint or service it changed
+        (`ConnectionPool.retire`, `waypoint.config.pool_changes`)."""
+        old, self._table = self._table, table
+        self.pool.retire(pool_changes(old, table))
         self._labels = BoundedMemo(LABEL_CACHE_SIZE)
         self._clusters = BoundedMemo(routing.CLUSTER_CACHE_SIZE)
         self._protocols = BoundedMemo(LABEL_CACHE_SIZE)

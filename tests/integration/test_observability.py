@@ -182,19 +182,28 @@ REVIEWS_TO_V3 = [
      "spec": {"host": "reviews", "subsets": [{"name": "v3", "labels": {"version": "v3"}}]}},
     {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "reviews-traced", "namespace": NS},
      "spec": {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews", "subset": "v3"}}]}]}},
+    # (a DestinationRule of their own: the waypoint retires its pooled connections to these services)
+    *({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": f"{host}-traced", "namespace": NS},
+       "spec": {"host": host, "subsets": [{"name": "v1", "labels": {"version": "v1"}}]}} for host in ("productpage", "ratings")),
 ]
 
 
 @contextlib.contextmanager
 def fresh_tunnels_to_ratings(mesh: WaypointMesh) -> Iterator[None]:
     """Within: reviews answers from v3 (which calls ratings), and the waypoint has that route table.  A
-    new table retires the waypoint's pooled upstream connections, so the next request opens a tunnel at
-    each of its hops, and each destination agent's tunnel span joins that request's trace (a tunnel's
-    span belongs to the request that opened it; later requests reuse the tunnel)."""
+    new DestinationRule for a service retires the waypoint's pooled upstream connections to it (as Envoy
+    drains a changed cluster's pools), so with one for productpage, reviews and ratings the next request
+    opens a tunnel at each of its hops, and each destination agent's tunnel span joins that request's
+    trace (a tunnel's span belongs to the request that opened it; later requests reuse the tunnel)."""
     text = mesh.apply_yaml(REVIEWS_TO_V3)
+
+    def applied() -> bool:
+        config = mesh.waypoint_config()
+        return config.get("virtual_services", {}).get(f"reviews.{NS}.svc.cluster.local") == f"{NS}/reviews-traced" \
+            and {f"{h}.{NS}.svc.cluster.local" for h in ("productpage", "ratings")} <= set(config.get("destination_rules", ()))
+
     try:
-        eventually(lambda: mesh.waypoint_config().get("virtual_services", {}).get(
-            f"reviews.{NS}.svc.cluster.local") == f"{NS}/reviews-traced", timeout=20, interval=0.3)
+        eventually(applied, timeout=20, interval=0.3)
         yield
     finally:
         mesh.delete(text, mesh.tools)

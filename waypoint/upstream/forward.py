@@ -401,7 +401,8 @@ class Forwarder:
             rec.flag("DC")
         finally:
             if reuse:
-                await self.pool.release(ep, r.protocol, r.conn, client=client)
+                await self.pool.release(ep, r.protocol, r.conn, client=client,
+                                        service=d.service.hostname if d.service else "")
             else:
                 await r.conn.aclose()
 

@@ -2,15 +2,17 @@
 
 The waypoint never opens sockets itself.  An `Upstream` turns an endpoint into a byte stream: in the mesh
 that is an HBONE tunnel to the endpoint's node agent; `TcpUpstream` (plain TCP) serves tests and
-benchmarks.  `ConnectionPool` keeps idle HTTP connections per (endpoint, protocol, client) and reuses
-them.  The client is the original client's address without its port (`ClientInfo.forwarded_for`): a
+benchmarks.  `ConnectionPool` keeps idle HTTP connections per (endpoint, protocol, client, service) and
+reuses them, as Envoy keeps a pool per cluster and host.  The client is the original client's address without its port (`ClientInfo.forwarded_for`): a
 connection to an endpoint names it in the HBONE `Forwarded` header, so a connection opened for one client
 address is never handed to another, while all the connections of one client (a pod opening a connection
 per request) share the pool, as any HTTP proxy's upstream pool does.  (The destination's agent sees the
 waypoint as the peer and decides on that; `Forwarded` is what it and its log are told of the client.)
-`run()` closes what stayed idle past `idle_timeout`, for clients that never come back.  `retire()` (a new
-route table) takes every connection out of use: what a gateway's waypoint hop or the destination decided
-when a tunnel opened was decided under the old configuration, so no request of the new one goes on it.
+`run()` closes what stayed idle past `idle_timeout`, for clients that never come back.  `retire(changed)` (a
+new route table) takes the connections of every key that `changed` names out of use: where a tunnel goes
+(a gateway's waypoint hop, the identity the endpoint must present) and the cluster's settings were decided
+under the old configuration, so no request of the new one goes on such a connection; the keys whose
+endpoint and service did not change keep their connections (`waypoint.config.pool_changes` decides).
 
 HTTP/1.1 connections carry one request at a time and wait idle in the pool between requests.  HTTP/2
 connections are shared: `acquire` hands out a stream on a connection of the key that has room (the peer's
@@ -33,6 +35,9 @@ from waypoint.http.exchange import UpstreamConnection
 from waypoint.http.http1 import Http1Client
 from waypoint.http.http2_client import Http2Connection, Http2Stream
 from waypoint.l7.model import Endpoint
+
+PoolKey = tuple[str, str, str]  # (endpoint "ip:port", client address, service hostname or "")
+Changed = Callable[[str, str], bool]  # (endpoint "ip:port", service) -> its connections must be retired
 
 
 class Upstream(Protocol):
@@ -70,25 +75,38 @@ class ConnectionPool:
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
         self._clock = clock
-        self._idle: dict[tuple[str, str, str], list[tuple[float, UpstreamConnection]]] = {}
-        self._shared: dict[tuple[str, str], list[Http2Connection]] = defaultdict(list)
-        self._opening: dict[tuple[str, str], trio.Lock] = defaultdict(trio.Lock)
+        self._idle: dict[tuple[str, PoolKey], list[tuple[float, UpstreamConnection]]] = {}  # (protocol, key)
+        self._shared: dict[PoolKey, list[Http2Connection]] = defaultdict(list)
+        self._opening: dict[PoolKey, trio.Lock] = defaultdict(trio.Lock)
         self._retired: list[Http2Connection] = []  # no new streams; closed once their streams have ended
         self._unused: list[UpstreamConnection] = []  # retired while idle: `run` closes them
         self._wake = trio.Event()  # `run` has retired connections to close
-        self._generation = 0  # counted up by `retire`; an HTTP/1.1 connection of an older one is not kept
-        self._born: weakref.WeakKeyDictionary[UpstreamConnection, int] = weakref.WeakKeyDictionary()
+        self._stale: set[PoolKey] = set()  # retired while a connection of the key was being opened
+        # Every HTTP/1.1 connection opened and not closed yet, with its key; those in use when their key was
+        # retired are closed when given back (`_doomed`).
+        self._keys: weakref.WeakKeyDictionary[UpstreamConnection, PoolKey] = weakref.WeakKeyDictionary()
+        self._doomed: weakref.WeakSet[UpstreamConnection] = weakref.WeakSet()
         self.opened = 0
 
-    def retire(self) -> None:
-        """Take every connection out of use: idle ones are closed (by `run`, at once), those in use when
-        they are given back, and shared HTTP/2 ones take no new stream and close once their streams end."""
-        self._generation += 1
-        self._unused += [conn for conns in self._idle.values() for _, conn in conns]
-        self._idle.clear()
-        for conns in self._shared.values():
-            self._retired += conns
-        self._shared.clear()
+    def retire(self, changed: Changed | None = None) -> None:
+        """Take the connections of the keys `changed` names (every key without it) out of use: idle ones are
+        closed (by `run`, at once), those in use when they are given back, and shared HTTP/2 ones take no new
+        stream and close once their streams end."""
+        def gone(key: PoolKey) -> bool:
+            return changed is None or changed(key[0], key[2])
+
+        for ikey, conns in list(self._idle.items()):
+            if gone(ikey[1]):
+                self._unused += [conn for _, conn in conns]
+                del self._idle[ikey]
+        for conn, key in list(self._keys.items()):
+            if gone(key):
+                self._doomed.add(conn)  # (in use: closed when given back; idle ones are in `_unused` now)
+        for skey, shared in list(self._shared.items()):
+            if gone(skey):
+                self._retired += shared
+                del self._shared[skey]
+        self._stale.update(skey for skey, lock in self._opening.items() if lock.locked() and gone(skey))
         self._wake.set()
 
     async def _close_retired(self) -> None:
@@ -140,7 +158,8 @@ class ConnectionPool:
         request that would open a new one)."""
         if protocol == "HTTP/2":
             return await self._acquire_stream(endpoint, connect_timeout, service, client, traceparent)
-        idle = self._idle.get((endpoint.key, protocol, client))
+        key = (endpoint.key, client, service)
+        idle = self._idle.get((protocol, key))
         if idle:
             now = self._clock()
             while idle:
@@ -150,7 +169,7 @@ class ConnectionPool:
                 await conn.aclose()
         stream = await self._connect(endpoint, connect_timeout, service, client, traceparent)
         conn = Http1Client(stream)
-        self._born[conn] = self._generation
+        self._keys[conn] = key
         return conn, False
 
     async def _connect(self, endpoint: Endpoint, connect_timeout: float, service: str, client: str,
@@ -164,28 +183,36 @@ class ConnectionPool:
 
     async def _acquire_stream(self, endpoint: Endpoint, connect_timeout: float, service: str, client: str,
                               traceparent: str) -> tuple[Http2Stream, bool]:
-        key = (endpoint.key, client)
+        key = (endpoint.key, client, service)
         async with self._opening[key]:  # one connection opened at a time per key: the others then share it
             await self._sweep(self._shared[key])
             for conn in self._shared[key]:  # (read again: a `retire` during the sweep left none to share)
                 if conn.has_capacity:
                     return conn.open_stream(), True
-            generation = self._generation
-            stream = await self._connect(endpoint, connect_timeout, service, client, traceparent)
-            conn = Http2Connection(stream, clock=self._clock)
+            self._stale.discard(key)
             try:
-                with trio.move_on_after(connect_timeout) as cs:
-                    await conn.start()
-            except UpstreamError:
-                await conn.aclose()
-                raise
-            if cs.cancelled_caught:
-                await conn.aclose()
-                raise ConnectFailure(f"{endpoint.key} sent no HTTP/2 SETTINGS within {connect_timeout:g}s: "
-                                     "does the endpoint speak HTTP/2 (prior knowledge) on this port?")
-            # shared from now on, unless a `retire` came while it opened: then it carries this stream only
-            (self._shared[key] if generation == self._generation else self._retired).append(conn)
+                conn = await self._open_shared(endpoint, connect_timeout, service, client, traceparent)
+                # shared from now on, unless its key was retired while it opened: then it carries this stream only
+                (self._retired if key in self._stale else self._shared[key]).append(conn)
+            finally:
+                self._stale.discard(key)
             return conn.open_stream(), False
+
+    async def _open_shared(self, endpoint: Endpoint, connect_timeout: float, service: str, client: str,
+                           traceparent: str) -> Http2Connection:
+        stream = await self._connect(endpoint, connect_timeout, service, client, traceparent)
+        conn = Http2Connection(stream, clock=self._clock)
+        try:
+            with trio.move_on_after(connect_timeout) as cs:
+                await conn.start()
+        except UpstreamError:
+            await conn.aclose()
+            raise
+        if cs.cancelled_caught:
+            await conn.aclose()
+            raise ConnectFailure(f"{endpoint.key} sent no HTTP/2 SETTINGS within {connect_timeout:g}s: "
+                                 "does the endpoint speak HTTP/2 (prior knowledge) on this port?")
+        return conn
 
     async def _sweep(self, conns: list[Http2Connection]) -> None:
         """Close the connections of one key that are gone, drained, or idle for too long."""
@@ -197,17 +224,19 @@ class ConnectionPool:
                 await conn.aclose()
 
     async def release(self, endpoint: Endpoint, protocol: str, conn: UpstreamConnection, reuse: bool = True,
-                      client: str = "") -> None:
+                      client: str = "", service: str = "") -> None:
         if isinstance(conn, Http2Stream):
             await conn.aclose()  # the stream's slot; the connection stays shared
             return
-        key = (endpoint.key, protocol, client)
-        idle = self._idle.setdefault(key, [])
-        current = self._born.get(conn, self._generation) == self._generation
-        if reuse and conn.reusable and current and len(idle) < self.max_idle:
-            idle.append((self._clock(), conn))
-        else:
-            await conn.aclose()
+        key = (endpoint.key, client, service)
+        if reuse and conn.reusable and conn not in self._doomed:
+            idle = self._idle.setdefault((protocol, key), [])
+            if len(idle) < self.max_idle:
+                self._keys.setdefault(conn, key)  # (one not opened here, given to the pool)
+                idle.append((self._clock(), conn))
+                return
+        self._keys.pop(conn, None)
+        await conn.aclose()
 
     def idle_count(self) -> int:
         return sum(len(v) for v in self._idle.values())

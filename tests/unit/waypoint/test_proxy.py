@@ -26,6 +26,7 @@ from waypoint_harness import (
 )
 from waypoint_resources import l7
 
+from mesh.proto import discovery_pb2 as pb
 from waypoint.config import compile_table
 from waypoint.http.exchange import iterate
 from waypoint.http.http1 import Http1Client
@@ -124,8 +125,17 @@ def test_a_clients_new_connections_share_the_upstream_pool_by_its_address() -> N
                     head, body = await request(front.port, "/reviews/1")
                     assert head.status == 200 and json.loads(body)["backend"] == "v1"
                 assert proxy.pool.opened == 1 and told == ["127.0.0.1"]
-                # a new route table: nothing opened under the old one carries a request of the new one
-                proxy.update(proxy.table)
+                # a new route table that leaves reviews as it was (a change elsewhere in the mesh, here a
+                # service of its own): the pooled connection goes on carrying requests
+                other = pb.Service(name="other", namespace="bookinfo", hostname="other.bookinfo.svc.cluster.local",
+                                   vips=["10.96.0.99"], ports=[pb.ServicePort(service_port=80, target_port=80)])
+                proxy.update(table([*svcs, other], wls, [vs(route_to("v1")), dr()]))
+                assert proxy.pool.idle_count() == 1
+                head, _body = await request(front.port, "/reviews/1")
+                assert head.status == 200 and proxy.pool.opened == 1
+                # a new DestinationRule for reviews: nothing opened under the old one carries a request of the new one
+                changed = {**REVIEWS_DR, "trafficPolicy": {"connectionPool": {"tcp": {"connectTimeout": "3s"}}}}
+                proxy.update(table(svcs, wls, [vs(route_to("v1")), dr(changed)]))
                 assert proxy.pool.idle_count() == 0
                 for _ in range(3):
                     head, _body = await request(front.port, "/reviews/1")
