@@ -43,7 +43,7 @@ from mesh.api.kinds_gateway import GATEWAY_NAME_LABEL
 from mesh.api.schema import drop_nulls
 from mesh.istiometrics import canonical_app, canonical_version
 from mesh.proto import discovery_pb2 as pb
-from mesh.tracing.sampler import TelemetryDoc, TracingPolicy, resolve
+from mesh.tracing.sampler import TelemetryDoc, TracingPolicy, levels, resolve
 from mesh.xds.resources import L7_KIND_NAMES, name_of
 from waypoint.errors import ConfigError
 from waypoint.l7.authz import CompiledPolicy, compile_policy
@@ -85,6 +85,25 @@ class ServiceInfo:
 
 
 @dataclass(frozen=True)
+class AccessLogging:
+    """Whether the waypoint writes a line per request (`Telemetry.accessLogging`; on when none says)."""
+
+    enabled: bool = True
+    sources: tuple[str, ...] = ()  # the Telemetry that decided it, "ns/name", for config dumps
+
+
+def access_logging(telemetries: Iterable[TelemetryDoc], *, namespace: str, gateway: str) -> AccessLogging:
+    """The most specific level's `accessLogging` (root namespace, then the waypoint's namespace, then one
+    naming its Gateway): `disabled: true` turns the log off, an entry without it (or `false`) on again."""
+    out = AccessLogging()
+    for level in levels(telemetries, namespace=namespace, gateway=gateway):
+        doc = next((d for d in level if d.spec.get("accessLogging")), None)
+        if doc is not None:
+            out = AccessLogging(not doc.spec["accessLogging"][0].get("disabled", False), (doc.ref,))
+    return out
+
+
+@dataclass(frozen=True)
 class RouteTable:
     waypoint: str = ""
     services: Mapping[str, ServiceInfo] = field(default_factory=dict)
@@ -98,6 +117,7 @@ class RouteTable:
     l4_policies: tuple[L4Policy, ...] = ()  # the same policies, as checked on non-HTTP tunnels
     jwt_rules: tuple[JwtRule, ...] = ()
     tracing: TracingPolicy = TracingPolicy()  # from the Telemetry resources that apply to this waypoint
+    access_log: AccessLogging = AccessLogging()  # likewise
     version: int = 0
     # Gateway mode (an ingress Gateway's pods): requests are routed by Host header and listener port through
     # the VirtualServices bound to this gateway (`gateways`), most specific host first.
@@ -412,6 +432,8 @@ def compile_table(waypoint: str, workloads: Iterable[pb.Workload], services: Ite
         virtual_services=_virtual_services(vss, svcs, warnings),
         destination_rules=_destination_rules(drs, svcs, own_namespace),
         policies=tuple(policies), l4_policies=tuple(l4_policies), jwt_rules=tuple(jwt_rules),
-        tracing=resolve(telemetries, namespace=own_namespace, gateway=waypoint.partition("/")[2]), version=version,
+        tracing=resolve(telemetries, namespace=own_namespace, gateway=waypoint.partition("/")[2]),
+        access_log=access_logging(telemetries, namespace=own_namespace, gateway=waypoint.partition("/")[2]),
+        version=version,
         ingress=ingress, ingress_routes=tuple(sorted(ingress_vss, key=lambda vs: (vs.namespace, vs.name))))
     return CompileResult(table, tuple(errors), tuple(warnings), failed)

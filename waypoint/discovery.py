@@ -111,6 +111,7 @@ class WaypointConfig:
             "jwt_rules": len(table.jwt_rules),
             "tracing": {"sampling": table.tracing.percentage, "reporting": table.tracing.reporting,
                         "telemetry": list(table.tracing.sources)},
+            "access_log": {"enabled": table.access_log.enabled, "telemetry": list(table.access_log.sources)},
             "workloads_using_waypoint": sorted(table.waypoint_workloads),
             "warnings": list(self.last.warnings) if self.last else [],
         }

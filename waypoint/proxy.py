@@ -385,6 +385,8 @@ class WaypointProxy:
                                    canonical_service=name or "waypoint", namespace=namespace,
                                    tags=table.tracing.custom_tags),
                                error=tracing.failed(rec.status), message=rec.details or flags)
+        if not table.access_log.enabled:  # (Telemetry `accessLogging` turned it off)
+            return
         line = format_values({  # (the fields of `AccessRecord`, without building one)
             "start_time": wall.isoformat(timespec="milliseconds"), "method": head.method, "path": head.path,
             "protocol": head.protocol, "response_code": rec.status, "response_flags": flags,

@@ -13,7 +13,7 @@ fully qualified hostnames it concerns, and the waypoints (`<ns>/<gateway>`) that
   ignored (and reported) unless the policy is in the root namespace, as in Istio.  Policies with a selector or no
   target are not for waypoints (AuthorizationPolicies go to agents at L4; a RequestAuthentication
   without a target is reported as not enforced, as in Istio ambient mode);
-- Telemetry (tracing): one in the root namespace without selector or targets goes to every waypoint, a
+- Telemetry (tracing, access logging): one in the root namespace without selector or targets goes to every waypoint, a
   namespace's own to the waypoints of that namespace, one with `targetRefs` to the waypoint Gateways it
   names (same namespace rule as policies); one with a `selector` selects sidecars, which this mesh has
   none of: it goes to no waypoint and is reported.

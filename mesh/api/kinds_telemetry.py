@@ -1,4 +1,4 @@
-"""`telemetry.istio.io` kinds: Telemetry, for tracing.
+"""`telemetry.istio.io` kinds: Telemetry, for tracing and the waypoints' access logs.
 
     apiVersion: telemetry.istio.io/v1
     kind: Telemetry
@@ -8,13 +8,19 @@
       - randomSamplingPercentage: 10.0
         disableSpanReporting: false
         customTags: {team: {literal: {value: checkout}}, user: {header: {name: end-user, defaultValue: "-"}}}
+      accessLogging:
+      - disabled: true                                          # no access log line per request
 
 What the mesh does with it (`mesh.tracing.sampler.resolve`): the root namespace's Telemetry without a
 selector applies mesh-wide, a namespace's own overrides it, one whose `targetRefs` name a waypoint
 Gateway overrides both for that waypoint.  One entry of `tracing` (Istio allows one per mode; modes are
 not supported).  `providers` names are accepted, and spans go to the proxies' configured OTLP collector
-whatever the name.  `metrics` and `accessLogging` are refused: this mesh's metrics and access logs are
-not configurable yet, and a resource that silently did nothing would be worse.
+whatever the name.  `accessLogging` (one entry, resolved the same way, `waypoint.config`) turns a
+waypoint's access log off (`disabled: true`) or on again; its lines go to the waypoint's standard output
+whatever the provider's name (Istio's built-in `envoy` provider writes there too).  Its `filter` (a CEL
+expression) and `match` (modes) are refused, and so is `metrics`: this mesh's metrics are not
+configurable yet, and a resource that silently did nothing would be worse.  Node agents keep logging
+their connections, as ztunnel does whatever the Telemetry says.
 """
 
 from __future__ import annotations
@@ -42,11 +48,35 @@ TRACING = Obj(
 )
 
 
+ACCESS_LOGGING = Obj(
+    {
+        "providers": ListOf(Obj({"name": Str(nonempty=True)}, required=["name"])),
+        "disabled": Bool(),
+        "filter": AnyValue(),
+        "match": AnyValue(),
+    }
+)
+
+
 def _check_telemetry(value: dict[str, Any], path: str, errors: Errors) -> None:
-    for name in ("metrics", "accessLogging"):
-        if value.get(name) is not None:
-            errors.append(FieldError(child(path, name), "is not supported by this mesh (Telemetry configures "
-                                                        "tracing only); remove it"))
+    if value.get("metrics") is not None:
+        errors.append(FieldError(child(path, "metrics"), "is not supported by this mesh (Telemetry configures "
+                                                         "tracing and access logging only); remove it"))
+    logging = value.get("accessLogging") or []
+    logging = logging if isinstance(logging, list) else []  # (the schema reported it)
+    if len(logging) > 1:
+        errors.append(FieldError(child(path, "accessLogging"), "give one entry: access log modes (match) and "
+                                                               "filters are not supported, so a second entry "
+                                                               "could never apply"))
+    for i, entry in enumerate(logging):
+        where = child(child(path, "accessLogging"), i)
+        if isinstance(entry, dict) and entry.get("filter") is not None:
+            errors.append(FieldError(child(where, "filter"), "CEL filter expressions are not supported by this "
+                                                             "mesh: a waypoint logs every request or none; "
+                                                             "remove it"))
+        if isinstance(entry, dict) and entry.get("match") is not None:
+            errors.append(FieldError(child(where, "match"), "access log modes are not supported by this mesh: a "
+                                                            "waypoint logs the requests it serves; remove it"))
     refs = [(child(path, "targetRef"), value["targetRef"])] if value.get("targetRef") else []
     refs += [(child(child(path, "targetRefs"), i), r) for i, r in enumerate(value.get("targetRefs") or [])]
     for where, ref in refs:
@@ -66,7 +96,7 @@ TELEMETRY_SPEC = Obj(
         "targetRefs": ListOf(TARGET_REF, min_items=1),
         "tracing": ListOf(TRACING),
         "metrics": AnyValue(),
-        "accessLogging": AnyValue(),
+        "accessLogging": ListOf(ACCESS_LOGGING),
     },
     checks=[_targets, _check_telemetry],
 )

@@ -116,16 +116,22 @@ def _merge(policy: TracingPolicy, doc: TelemetryDoc) -> TracingPolicy:
     return replace(out, sources=(*out.sources, doc.ref))
 
 
-def resolve(telemetries: Iterable[TelemetryDoc], *, namespace: str, gateway: str = "") -> TracingPolicy:
-    """The tracing policy of a proxy in `namespace` (a waypoint: also its Gateway's name)."""
+def levels(telemetries: Iterable[TelemetryDoc], *, namespace: str, gateway: str = "") -> list[list[TelemetryDoc]]:
+    """The Telemetries that apply to a proxy in `namespace` (a waypoint: also its Gateway's name), least
+    specific level first (the root namespace's, the namespace's own, those naming the Gateway); within a
+    level by name, the first one counting."""
     docs = sorted(telemetries, key=lambda d: (d.name, d.namespace))
-    levels = [
+    return [
         [d for d in docs if d.namespace == ROOT_NAMESPACE and d.namespace_wide],
         [d for d in docs if d.namespace == namespace and d.namespace_wide and namespace != ROOT_NAMESPACE],
         [d for d in docs if gateway and d.targets_gateway(namespace, gateway)],
     ]
+
+
+def resolve(telemetries: Iterable[TelemetryDoc], *, namespace: str, gateway: str = "") -> TracingPolicy:
+    """The tracing policy of a proxy in `namespace` (a waypoint: also its Gateway's name)."""
     policy = TracingPolicy()
-    for level in levels:
+    for level in levels(telemetries, namespace=namespace, gateway=gateway):
         if level:
             policy = _merge(policy, level[0])
     return policy

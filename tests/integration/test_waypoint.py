@@ -449,6 +449,23 @@ def test_request_metrics_reported_by_the_waypoint(mesh: WaypointMesh) -> None:
     assert "waypoint_xds_connected 1.0" in metrics
 
 
+def test_telemetry_turns_the_waypoints_access_log_off_and_on(mesh: WaypointMesh) -> None:
+    quiet = [{"apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry", "metadata": {"name": "quiet", "namespace": NS},
+              "spec": {"accessLogging": [{"disabled": True}]}}]
+    text = mesh.apply_yaml(quiet)
+    try:
+        wait_for(mesh, "Telemetry quiet", lambda cfg: cfg.get("access_log") == {
+            "enabled": False, "telemetry": [f"{NS}/quiet"]})
+        before = len(mesh.waypoint_access_log())
+        assert mesh.load("reviews", "/reviews/0", n=5)["status"] == {"200": 5}
+        assert len(mesh.waypoint_access_log()) == before
+    finally:
+        mesh.delete(text, mesh.tools)
+    wait_for(mesh, "no Telemetry quiet", lambda cfg: cfg.get("access_log", {}).get("enabled") is True)
+    assert mesh.load("reviews", "/reviews/0", n=2)["status"] == {"200": 2}
+    eventually(lambda: len(mesh.waypoint_access_log()) >= before + 2, timeout=10, interval=0.3)
+
+
 def test_down_with_a_waypoint_leaves_nothing(mesh: WaypointMesh, meshctl: Meshctl) -> None:
     """Last in this module: it removes the cluster.  The controller that makes waypoint pods must not
     bring back any namespace while `down` removes them."""

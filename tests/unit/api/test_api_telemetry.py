@@ -38,6 +38,9 @@ def test_good_telemetries_are_accepted() -> None:
     assert errors_of(TEL + "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n"
                      "  tracing: [{randomSamplingPercentage: 100}]\n") == []
     assert errors_of(ROOT.joinpath("examples/bookinfo/tracing.yaml").read_text()) == []
+    assert errors_of(TEL + "  accessLogging: [{disabled: true}]\n") == []
+    assert errors_of(TEL + "  accessLogging: [{providers: [{name: envoy}], disabled: false}]\n"
+                     "  tracing: [{randomSamplingPercentage: 1}]\n") == []
 
 
 @pytest.mark.parametrize(("spec", "path", "fragment"), [
@@ -50,7 +53,14 @@ def test_good_telemetries_are_accepted() -> None:
      "set only one of literal, environment, header"),
     ("  tracing: [{customTags: {a: {}}}]\n", "spec.tracing[0].customTags.a", "must set one of"),
     ("  metrics: [{providers: [{name: prometheus}]}]\n", "spec.metrics", "not supported by this mesh"),
-    ("  accessLogging: [{providers: [{name: envoy}]}]\n", "spec.accessLogging", "not supported by this mesh"),
+    ("  accessLogging: [{disabled: true}, {providers: [{name: envoy}]}]\n", "spec.accessLogging", "give one entry"),
+    ("  accessLogging: [{filter: {expression: 'response.code >= 400'}}]\n", "spec.accessLogging[0].filter",
+     "CEL filter expressions are not supported"),
+    ("  accessLogging: [{match: {mode: CLIENT}, disabled: true}]\n", "spec.accessLogging[0].match",
+     "access log modes are not supported"),
+    ("  accessLogging: [{disabled: sometimes}]\n", "spec.accessLogging[0].disabled", "must be"),
+    ("  accessLogging: [{providers: [{}]}]\n", "spec.accessLogging[0].providers[0].name", "is required"),
+    ("  accessLogging: {disabled: true}\n", "spec.accessLogging", "must be a list"),
     ("  targetRefs: [{kind: Service, name: reviews}]\n", "spec.targetRefs[0].kind", "targets a waypoint"),
     ("  selector: {matchLabels: {app: a}}\n  targetRefs: [{kind: Gateway, name: w}]\n", "spec", "set only one of"),
 ])
