@@ -3,9 +3,9 @@
 The waypoint never opens sockets itself.  An `Upstream` turns an endpoint into a byte stream: in the mesh
 that is an HBONE tunnel to the endpoint's node agent; `TcpUpstream` (plain TCP) serves tests and
 benchmarks.  `ConnectionPool` keeps idle HTTP connections per (endpoint, protocol, client, service) and
-reuses them, as Envoy keeps a pool per cluster and host.  The client is the original client's address without its port (`ClientInfo.forwarded_for`): a
-connection to an endpoint names it in the HBONE `Forwarded` header, so a connection opened for one client
-address is never handed to another, while all the connections of one client (a pod opening a connection
+reuses them, as Envoy keeps a pool per cluster and host.  The client is the original client's address
+without its port (`ClientInfo.forwarded_for`): a connection to an endpoint names it in the HBONE
+`Forwarded` header, so a connection opened for one client address is never handed to another, while all the connections of one client (a pod opening a connection
 per request) share the pool, as any HTTP proxy's upstream pool does.  (The destination's agent sees the
 waypoint as the peer and decides on that; `Forwarded` is what it and its log are told of the client.)
 `run()` closes what stayed idle past `idle_timeout`, for clients that never come back.  `retire(changed)` (a
@@ -23,9 +23,10 @@ no streams left, or idle past `idle_timeout`, is closed on the next `acquire` of
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import trio
@@ -38,6 +39,17 @@ from waypoint.l7.model import Endpoint
 
 PoolKey = tuple[str, str, str]  # (endpoint "ip:port", client address, service hostname or "")
 Changed = Callable[[str, str], bool]  # (endpoint "ip:port", service) -> its connections must be retired
+
+
+class _Dial:
+    """A connection being opened for a key: `stale` once a `retire` named the key meanwhile (what the
+    connection rests on was decided under the table before)."""
+
+    __slots__ = ("key", "stale")
+
+    def __init__(self, key: PoolKey) -> None:
+        self.key = key
+        self.stale = False
 
 
 class Upstream(Protocol):
@@ -81,7 +93,7 @@ class ConnectionPool:
         self._retired: list[Http2Connection] = []  # no new streams; closed once their streams have ended
         self._unused: list[UpstreamConnection] = []  # retired while idle: `run` closes them
         self._wake = trio.Event()  # `run` has retired connections to close
-        self._stale: set[PoolKey] = set()  # retired while a connection of the key was being opened
+        self._dials: set[_Dial] = set()  # connections being opened
         # Every HTTP/1.1 connection opened and not closed yet, with its key; those in use when their key was
         # retired are closed when given back (`_doomed`).
         self._keys: weakref.WeakKeyDictionary[UpstreamConnection, PoolKey] = weakref.WeakKeyDictionary()
@@ -106,7 +118,8 @@ class ConnectionPool:
             if gone(skey):
                 self._retired += shared
                 del self._shared[skey]
-        self._stale.update(skey for skey, lock in self._opening.items() if lock.locked() and gone(skey))
+        for dial in self._dials:
+            dial.stale = dial.stale or gone(dial.key)
         self._wake.set()
 
     async def _close_retired(self) -> None:
@@ -167,10 +180,22 @@ class ConnectionPool:
                 if now - since < self.idle_timeout:
                     return conn, True
                 await conn.aclose()
-        stream = await self._connect(endpoint, connect_timeout, service, client, traceparent)
+        with self._dialling(key) as dial:
+            stream = await self._connect(endpoint, connect_timeout, service, client, traceparent)
         conn = Http1Client(stream)
         self._keys[conn] = key
+        if dial.stale:
+            self._doomed.add(conn)  # it carries the request it was opened for, and is closed then
         return conn, False
+
+    @contextlib.contextmanager
+    def _dialling(self, key: PoolKey) -> Iterator[_Dial]:
+        dial = _Dial(key)
+        self._dials.add(dial)
+        try:
+            yield dial
+        finally:
+            self._dials.discard(dial)
 
     async def _connect(self, endpoint: Endpoint, connect_timeout: float, service: str, client: str,
                        traceparent: str) -> trio.abc.HalfCloseableStream:
@@ -189,13 +214,10 @@ class ConnectionPool:
             for conn in self._shared[key]:  # (read again: a `retire` during the sweep left none to share)
                 if conn.has_capacity:
                     return conn.open_stream(), True
-            self._stale.discard(key)
-            try:
+            with self._dialling(key) as dial:
                 conn = await self._open_shared(endpoint, connect_timeout, service, client, traceparent)
-                # shared from now on, unless its key was retired while it opened: then it carries this stream only
-                (self._retired if key in self._stale else self._shared[key]).append(conn)
-            finally:
-                self._stale.discard(key)
+            # shared from now on, unless its key was retired while it opened: then it carries this stream only
+            (self._retired if dial.stale else self._shared[key]).append(conn)
             return conn.open_stream(), False
 
     async def _open_shared(self, endpoint: Endpoint, connect_timeout: float, service: str, client: str,

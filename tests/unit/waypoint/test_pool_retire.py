@@ -132,3 +132,37 @@ def test_retiring_some_keys_keeps_the_others_and_closes_theirs_when_given_back()
         await pool.aclose()
 
     trio.run(main)
+
+
+def test_a_connection_whose_key_was_retired_while_it_opened_carries_one_request() -> None:
+    # The table changed while the tunnel was being dialled: what it rests on was decided under the old one.
+    class Slow:
+        def __init__(self) -> None:
+            self.go = trio.Event()
+
+        async def connect(self, endpoint: Endpoint, **_: str) -> trio.abc.HalfCloseableStream:
+            await self.go.wait()
+            return trio.testing.memory_stream_pair()[0]  # type: ignore[return-value]
+
+    async def main() -> None:
+        upstream = Slow()
+        pool = ConnectionPool(upstream=upstream)  # type: ignore[arg-type]
+        reviews = Endpoint("10.244.1.11", 9080)
+        got: dict[str, object] = {}
+
+        async def acquire(host: str) -> None:
+            got[host], _ = await pool.acquire(reviews, "HTTP/1.1", 5.0, host, client="10.244.1.10")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(acquire, fq("reviews"))
+            n.start_soon(acquire, fq("reviews-alias"))
+            await trio.testing.wait_all_tasks_blocked()
+            pool.retire(lambda endpoint, host: host == fq("reviews"))  # named: its dial goes stale
+            upstream.go.set()
+        for host in (fq("reviews"), fq("reviews-alias")):
+            await pool.release(reviews, "HTTP/1.1", got[host], client="10.244.1.10", service=host)  # type: ignore[arg-type]
+        assert pool.idle_count() == 1
+        assert (await pool.acquire(reviews, "HTTP/1.1", 1.0, fq("reviews-alias"), client="10.244.1.10"))[1] is True
+        await pool.aclose()
+
+    trio.run(main)
