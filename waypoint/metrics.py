@@ -13,7 +13,16 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from mesh.istiometrics import UNKNOWN, Reporter, RequestLabels, RequestMetrics, TcpLabels, TcpMetrics
+from mesh.bounded import BoundedMemo
+from mesh.istiometrics import (
+    CHILD_CACHE_SIZE,
+    UNKNOWN,
+    Reporter,
+    RequestLabels,
+    RequestMetrics,
+    TcpLabels,
+    TcpMetrics,
+)
 from waypoint.l7.model import Endpoint
 
 __all__ = ["RequestLabels", "TcpLabels", "WaypointMetrics", "peer_labels"]
@@ -24,9 +33,37 @@ class WaypointMetrics:
         self.registry = registry or CollectorRegistry()
         self.http = RequestMetrics(self.registry, " by the waypoint")
         self.tcp = TcpMetrics(self.registry)
+        # the metrics' children of each label set object the proxy reports with (the proxy keeps one object
+        # per label set and table): found by the object's identity, neither its values nor their hash
+        self._bound: BoundedMemo[int, _Bound] = BoundedMemo(CHILD_CACHE_SIZE)
 
     def record(self, labels: RequestLabels, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
-        self.http.record(labels, duration_ms, request_bytes, response_bytes)
+        """What `RequestMetrics.record` counts, into the same children."""
+        bound = self._bound.get(id(labels))
+        if bound is None or bound.labels is not labels:  # (an entry holds its object: an id is never reused)
+            values, http = labels.values(), self.http
+            bound = self._bound.keep(id(labels), _Bound(labels, http.requests.labels(*values),
+                                                         http.duration.labels(*values),
+                                                         http.request_bytes.labels(*values),
+                                                         http.response_bytes.labels(*values)))
+        bound.requests.inc()
+        bound.duration.observe(duration_ms)
+        bound.request_bytes.observe(request_bytes)
+        bound.response_bytes.observe(response_bytes)
+
+
+class _Bound:
+    """The request metrics' children for one label set object."""
+
+    __slots__ = ("labels", "requests", "duration", "request_bytes", "response_bytes")
+
+    def __init__(self, labels: RequestLabels, requests: Any, duration: Any, request_bytes: Any,
+                 response_bytes: Any) -> None:
+        self.labels = labels
+        self.requests = requests
+        self.duration = duration
+        self.request_bytes = request_bytes
+        self.response_bytes = response_bytes
 
 
 def _side(prefix: str, ep: Endpoint | None) -> dict[str, str]:

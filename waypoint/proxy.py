@@ -29,6 +29,7 @@ import os
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import TypeGuard
 
 import trio
@@ -372,7 +373,7 @@ class WaypointProxy:
                 response_flags=flags)
             if table is self._table:
                 self._labels.keep(key, labels)
-        header_bytes = sum(len(k) + len(v) for k, v in head.headers) + len(head.path)
+        header_bytes = sum(map(len, chain.from_iterable(head.headers))) + len(head.path)
         self.metrics.record(labels, duration_ms, header_bytes + rec.bytes_received, rec.bytes_sent)
         if span.recording:
             namespace, _, name = table.waypoint.partition("/")
