@@ -6,7 +6,8 @@ namespace `istio.io/use-waypoint=<name>` so its services' traffic goes through t
 
 The order of the steps is what keeps traffic flowing (make before break):
 
-- apply: write the Gateway; wait (`--wait`, the default, up to `--timeout`) until a pod of the waypoint
+- apply: write the Gateway (over an existing one, what it is not given stays: an earlier `--workers` or
+  `--drain-seconds`, and the labels and annotations an operator put on it); wait (`--wait`, the default, up to `--timeout`) until a pod of the waypoint
   is Ready (it listens, has its certificate and its first configuration); only then bind the namespace.
   Binding earlier sent the namespace's traffic to a waypoint with no instance (503 "has no ready
   instance") or one not yet listening (connection reset).  On a running waypoint, a change of
@@ -304,12 +305,38 @@ def agents_have_moved_on(data: dict[str, Any], before: str) -> bool:
     return True
 
 
+def _existing(client: ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        found = client.get("Gateway", namespace, name)
+    except NotFound:
+        return None
+    return found[0] if found and is_waypoint(found[0]) else None
+
+
+def keeping(existing: dict[str, Any] | None, body: dict[str, Any]) -> dict[str, Any]:
+    """`body` (the Gateway as `apply` writes it) over the waypoint's `existing` Gateway: the labels and
+    annotations it has (of its metadata and of `spec.infrastructure`) stay unless `apply` sets them, so
+    `apply --drain-seconds 10` leaves an earlier `--workers 2` (and an operator's own annotations) in place."""
+    if existing is None:
+        return body
+    meta, spec = existing.get("metadata") or {}, existing.get("spec") or {}
+    for key in ("labels", "annotations"):
+        if meta.get(key):
+            body["metadata"][key] = {**meta[key], **body["metadata"].get(key, {})}
+    infrastructure = {key: dict(value) for key, value in (spec.get("infrastructure") or {}).items()
+                      if key in ("labels", "annotations") and value}
+    if infrastructure:
+        body["spec"]["infrastructure"] = infrastructure
+    return body
+
+
 # ---- verbs -----------------------------------------------------------------------------------------------
 
 def cmd_apply(args: argparse.Namespace) -> int:
     client = client_from(args)
     require_namespace(client, args.namespace)
-    body = waypoint_gateway(args.namespace, args.name, args.traffic_type)
+    body = keeping(_existing(client, args.namespace, args.name),
+                   waypoint_gateway(args.namespace, args.name, args.traffic_type))
     if args.drain_seconds is not None:
         if args.drain_seconds > MAX_DRAIN_SECONDS:
             raise UsageError(f"--drain-seconds: at most {MAX_DRAIN_SECONDS:g}")

@@ -203,3 +203,25 @@ def test_workers_are_written_on_the_gateway(sock: str, capsys: pytest.CaptureFix
                      "--socket", sock]) == 1
         assert capsys.readouterr().err == f"meshctl: --workers {bad}: give a number of processes from 1 to 8\n"
     assert [g["metadata"]["name"] for g in ApiClient(sock).get("Gateway", NS)] == ["waypoint"]
+
+
+def test_apply_keeps_what_it_is_not_given(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A second `apply` changes what it is given and keeps the rest: an earlier `--workers`, and the
+    labels and annotations an operator put on the Gateway."""
+    assert main(["waypoint", "apply", "-n", NS, "--no-wait", "--workers", "2", "--socket", sock]) == 0
+    gateway = ApiClient(sock).get("Gateway", NS, "waypoint")[0]
+    gateway["metadata"]["annotations"] = {"team": "payments"}
+    gateway["metadata"]["labels"]["tier"] = "edge"
+    gateway["spec"]["infrastructure"]["labels"] = {"cost-center": "42"}
+    register(sock, gateway)
+    assert main(["waypoint", "apply", "-n", NS, "--no-wait", "--drain-seconds", "3", "--socket", sock]) == 0
+    gateway = ApiClient(sock).get("Gateway", NS, "waypoint")[0]
+    assert gateway["spec"]["infrastructure"] == {"annotations": {WORKERS_ANNOTATION: "2", DRAIN_ANNOTATION: "3"},
+                                                 "labels": {"cost-center": "42"}}
+    assert gateway["metadata"]["annotations"] == {"team": "payments"}
+    assert gateway["metadata"]["labels"] == {"istio.io/waypoint-for": "service", "tier": "edge"}
+    # What is given wins: the traffic type and the worker count.
+    assert main(["waypoint", "apply", "-n", NS, "--no-wait", "--for", "all", "--workers", "1", "--socket", sock]) == 0
+    gateway = ApiClient(sock).get("Gateway", NS, "waypoint")[0]
+    assert gateway["metadata"]["labels"] == {"istio.io/waypoint-for": "all", "tier": "edge"}
+    assert gateway["spec"]["infrastructure"]["annotations"] == {WORKERS_ANNOTATION: "1", DRAIN_ANNOTATION: "3"}
