@@ -10,10 +10,12 @@ connections reported as `newconn.cpu_s_per_1000`.  The proxy's CPU time is read 
 before and after each phase.
 
     python -m bench.waypoint_bench [--rate 1000] [--duration 5] [--closed-duration 3] [--newconn RATE]
-        [--profile FILE]
+        [--engine trio|asyncio] [--profile FILE]
 
-`--profile FILE` runs the proxy under cProfile (counting CPU time) and writes its stats to FILE (slower;
-for finding costs, not for figures).  Prints one JSON object with the figures.
+`--engine asyncio` serves the same table, metrics and access log with the measurement prototype of the hop
+on asyncio Protocols and uvloop (`bench/waypoint_asyncio.py`, for choosing the data path's engine; not the
+product's path).  `--profile FILE` runs the proxy under cProfile (counting CPU time) and writes its stats to
+FILE (slower; for finding costs, not for figures).  Prints one JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from waypoint.config import RouteTable
+    from waypoint.l7.model import ClientInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 VIP = "10.96.0.77"
@@ -54,19 +62,10 @@ def _wait_port(port: int, timeout: float = 10.0) -> None:
     raise SystemExit(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f}s")
 
 
-def serve_proxy(front_port: int, backend_port: int, access_log: str, profile: str = "") -> None:
-    """The proxy process: one waypoint routing every connection on `front_port` to the backend."""
-    import logging
-    from functools import partial
-
-    import trio
-
+def bench_table(backend_port: int) -> RouteTable:
+    """The route table of the benchmark's waypoint: one service (`VIP`:80) whose one endpoint is the backend."""
     from mesh.proto import discovery_pb2 as pb
-    from waypoint.accesslog import logger_sink
     from waypoint.config import compile_table
-    from waypoint.l7.model import ClientInfo
-    from waypoint.proxy import WaypointProxy
-    from waypoint.upstream.pool import TcpUpstream
 
     hostname = f"server.{NS}.svc.cluster.local"
     svc = pb.Service(name="server", namespace=NS, hostname=hostname, vips=[VIP],
@@ -79,6 +78,28 @@ def serve_proxy(front_port: int, backend_port: int, access_log: str, profile: st
     result = compile_table(f"{NS}/waypoint", [wl], [svc], [], 1)
     if result.errors:
         raise SystemExit(f"route table: {result.errors}")
+    return result.table
+
+
+def client_info(peer: tuple[str, int]) -> ClientInfo:
+    """Who sent a tunnel: a client of the bench's namespace, from the connection's peer, to the VIP."""
+    from waypoint.l7.model import ClientInfo
+
+    return ClientInfo("spiffe://cluster.local/ns/bench/sa/client", f"{peer[0]}:{peer[1]}", f"{VIP}:80")
+
+
+def serve_proxy(front_port: int, backend_port: int, access_log: str, profile: str = "",
+                engine: str = "trio") -> None:
+    """The proxy process: one waypoint routing every connection on `front_port` to the backend."""
+    import logging
+    from functools import partial
+
+    import trio
+
+    from waypoint.accesslog import logger_sink
+    from waypoint.proxy import WaypointProxy
+    from waypoint.upstream.pool import TcpUpstream
+
     def discard(line: str) -> None:
         pass
 
@@ -91,12 +112,13 @@ def serve_proxy(front_port: int, backend_port: int, access_log: str, profile: st
         log.setLevel(logging.INFO)
         log.propagate = False
         sink = logger_sink
-    proxy = WaypointProxy(TcpUpstream(), result.table, access_log=sink)
+    if engine == "asyncio":
+        _serve_asyncio(front_port, bench_table(backend_port), sink, profile)
+        return
+    proxy = WaypointProxy(TcpUpstream(), bench_table(backend_port), access_log=sink)
 
     async def handle(stream: trio.SocketStream) -> None:
-        host, port = stream.socket.getpeername()[:2]
-        await proxy.serve_tunnel(stream, ClientInfo("spiffe://cluster.local/ns/bench/sa/client", f"{host}:{port}",
-                                                    f"{VIP}:80"))
+        await proxy.serve_tunnel(stream, client_info(stream.socket.getpeername()))
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -118,6 +140,32 @@ def serve_proxy(front_port: int, backend_port: int, access_log: str, profile: st
     signal.signal(signal.SIGINT, write_stats)
     profiler.enable()
     trio.run(main)
+
+
+def _serve_asyncio(front_port: int, table: RouteTable, sink: Callable[[str], None], profile: str) -> None:
+    """The prototype hop on uvloop, over a `WaypointProxy` object that holds the same table, metrics and
+    sink (and runs the pipeline's synchronous steps)."""
+    import uvloop
+
+    from bench.waypoint_asyncio import AsyncioHop, serve
+    from waypoint.proxy import WaypointProxy
+    from waypoint.upstream.pool import TcpUpstream
+
+    loop = uvloop.new_event_loop()
+    # (the proxy's clock times each request: uvloop's `loop.time` counts whole milliseconds)
+    hop = AsyncioHop(WaypointProxy(TcpUpstream(), table, access_log=sink, clock=time.monotonic), loop, client_info)
+    if not profile:
+        serve(hop, "127.0.0.1", front_port)
+        return
+    import cProfile
+
+    profiler = cProfile.Profile(time.process_time)
+    profiler.enable()
+    try:
+        serve(hop, "127.0.0.1", front_port)
+    finally:
+        profiler.disable()
+        profiler.dump_stats(profile)
 
 
 def _loadgen(port: int, *extra: str) -> dict:
@@ -147,11 +195,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="new connections per second in a last phase (default 0: none)")
     p.add_argument("--newconn-duration", type=float, default=5.0)
     p.add_argument("--access-log", choices=("logger", "none"), default="logger")
+    p.add_argument("--engine", choices=("trio", "asyncio"), default="trio",
+                   help="the proxy's: the trio WaypointProxy (default), or the asyncio prototype of the hop")
     p.add_argument("--profile", metavar="FILE", default="")
     p.add_argument("--serve", nargs=2, type=int, metavar=("FRONT", "BACKEND"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
-        serve_proxy(args.serve[0], args.serve[1], args.access_log, args.profile)
+        serve_proxy(args.serve[0], args.serve[1], args.access_log, args.profile, args.engine)
         return 0
     backend_port, front_port = _free_port(), _free_port()
     procs = [subprocess.Popen([sys.executable, str(ROOT / "bench" / "server.py"), "--http-port", str(backend_port),
@@ -159,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _wait_port(backend_port)
         cmd = [sys.executable, "-m", "bench.waypoint_bench", "--access-log", args.access_log,
-               "--serve", str(front_port), str(backend_port)]
+               "--engine", args.engine, "--serve", str(front_port), str(backend_port)]
         if args.profile:
             cmd += ["--profile", args.profile]
         proxy = subprocess.Popen(cmd, cwd=ROOT)
@@ -167,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         _wait_port(front_port)
         _loadgen(front_port, "--closed", "--connections", "16", "--duration", "1")  # warm up
         report: dict = {"rate": args.rate}
+        if args.engine != "trio":
+            report["engine"] = args.engine
         cpu0 = _cpu_seconds(proxy.pid)
         opened = _loadgen(front_port, "--rate", str(args.rate), "--connections", "16",
                           "--duration", str(args.duration))
