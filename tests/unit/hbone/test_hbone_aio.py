@@ -367,6 +367,16 @@ def test_sock_connect_connects_refuses_and_gives_up_cleanly() -> None:
         accepted.close()
         sock.close()
 
+        # A connect to this host is done within the call: it returns without a turn of the loop.
+        turned = []
+        asyncio.get_running_loop().call_soon(turned.append, True)
+        local = socket.socket()
+        local.setblocking(False)
+        await sock_connect(local, ("127.0.0.1", port))
+        assert turned == [] and local.getpeername() == ("127.0.0.1", port)
+        listener.accept()[0].close()
+        local.close()
+
         closed = socket.socket()
         closed.bind(("127.0.0.1", 0))
         free = closed.getsockname()[1]
