@@ -5,7 +5,13 @@ Every error is a `WaypointError` (a `MeshError`); messages say what is wrong and
 
 from __future__ import annotations
 
+import trio
+
 from mesh.errors import MeshError
+
+# A peer that went: its stream broken (reset, or a TLS record cut short) or already closed.  Code that
+# serves one connection ends it quietly on these; trio's nurseries report them in groups (`except*`).
+STREAM_GONE = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class WaypointError(MeshError):

@@ -25,7 +25,7 @@ from mesh.hbone.errors import HboneError, TunnelRejected
 from mesh.hbone.headers import request_headers
 from mesh.hbone.pool import PoolKey
 from waypoint.config import RouteTable
-from waypoint.errors import ConnectFailure
+from waypoint.errors import STREAM_GONE, ConnectFailure
 from waypoint.l7.model import ClientInfo, Endpoint
 from waypoint.listen import open_listeners
 from waypoint.proxy import WaypointProxy
@@ -216,8 +216,10 @@ class IngressListeners:
                     return
                 stream = TerminatedStream(tls)
             await self.proxy.serve_tunnel(stream, client)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.debug("listener %s: connection ended: %s", spec.name, exc)
+        except* STREAM_GONE as group:
+            log.debug("listener %s: connection ended: %s", spec.name, group.exceptions[0])
+        except* Exception:  # one connection's failure is not the listener's: logged, and the gateway goes on
+            log.exception("listener %s: connection failed", spec.name)
         finally:
             self.connections -= 1
             await trio.aclose_forcefully(conn)

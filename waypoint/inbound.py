@@ -43,15 +43,13 @@ from mesh.identity import SpiffeId
 from mesh.secrets.errors import SecretsError
 from mesh.secrets.manager import SecretManager
 from waypoint.config import RouteTable
+from waypoint.errors import STREAM_GONE
 from waypoint.l7 import l4authz
 from waypoint.l7.model import ClientInfo, split_host_port
 from waypoint.listen import open_listeners
 from waypoint.proxy import WaypointProxy
 
 log = logging.getLogger("waypoint.inbound")
-
-SOCKET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
-
 
 @dataclass(frozen=True)
 class Refusal:
@@ -160,10 +158,12 @@ class InboundServer:
                 self.connections.add(conn)
                 if self._accepting.cancel_called:
                     conn.goaway()  # arrived while draining
-        except HboneError as exc:
-            log.info("inbound HBONE connection ended: %s", exc)
-        except SOCKET_ERRORS:
+        except* HboneError as group:  # (the handshake's, say, reported by the connection's nursery)
+            log.info("inbound HBONE connection ended: %s", "; ".join(map(str, group.exceptions)))
+        except* STREAM_GONE:
             pass
+        except* Exception:  # one connection's failure is not the listener's: logged, and the waypoint goes on
+            log.exception("inbound HBONE connection failed")
         finally:
             self.connections = {c for c in self.connections if not c.is_closed}
             await trio.aclose_forcefully(tls)

@@ -43,7 +43,7 @@ from mesh.tracing.tracer import Started, Tracer
 from waypoint import tracing
 from waypoint.accesslog import Sink, format_values, logger_sink
 from waypoint.config import CompileResult, RouteTable, pool_changes
-from waypoint.errors import UpstreamError
+from waypoint.errors import STREAM_GONE, UpstreamError
 from waypoint.http.detect import PrefixedStream, Protocol, detect
 from waypoint.http.exchange import ServerExchange, TrailerExchange, iterate
 from waypoint.http.http1 import Http1Server, Http1Settings
@@ -166,24 +166,28 @@ class WaypointProxy:
     # ---- tunnels -------------------------------------------------------------------------------------
 
     async def serve_tunnel(self, stream: trio.abc.HalfCloseableStream, client: ClientInfo) -> None:
-        """Serve one inbound tunnel until it closes.  Never raises for bad input from the client."""
-        protocol, prefix = await detect(stream, self.settings.detect_timeout)
-        async with trio.open_nursery() as background:  # mirrors outlive their request, not the tunnel
-            async def handler(ex: ServerExchange) -> None:
-                await self._handle(ex, client, background)
+        """Serve one inbound tunnel until it closes.  Never raises for bad input from the client, nor for
+        a client that goes (its stream broken or closed, reported by the tunnel's nursery in a group)."""
+        try:
+            protocol, prefix = await detect(stream, self.settings.detect_timeout)
+            async with trio.open_nursery() as background:  # mirrors outlive their request, not the tunnel
+                async def handler(ex: ServerExchange) -> None:
+                    await self._handle(ex, client, background)
 
-            if protocol is Protocol.HTTP2 or protocol is Protocol.HTTP1:
-                session = Http2Server(stream, self.settings.max_header_bytes, initial=prefix) \
-                    if protocol is Protocol.HTTP2 else Http1Server(stream, self.settings.http1, initial=prefix)
-                self._sessions.add(session)
-                if self.draining:
-                    session.drain()
-                try:
-                    await session.serve(handler)
-                finally:
-                    self._sessions.discard(session)
-            else:
-                await self.l4_handler(PrefixedStream(stream, prefix), client)
+                if protocol is Protocol.HTTP2 or protocol is Protocol.HTTP1:
+                    session = Http2Server(stream, self.settings.max_header_bytes, initial=prefix) \
+                        if protocol is Protocol.HTTP2 else Http1Server(stream, self.settings.http1, initial=prefix)
+                    self._sessions.add(session)
+                    if self.draining:
+                        session.drain()
+                    try:
+                        await session.serve(handler)
+                    finally:
+                        self._sessions.discard(session)
+                else:
+                    await self.l4_handler(PrefixedStream(stream, prefix), client)
+        except* STREAM_GONE:
+            pass  # the tunnel is over
 
     def drain(self) -> None:
         """The waypoint is going (as Envoy's drain): every HTTP client is asked to move to a new connection,

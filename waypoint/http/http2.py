@@ -299,7 +299,7 @@ class Http2Server(_H2Base):
                 grace = trio.current_time() + 1.0
                 nursery.cancel_scope.deadline = grace
                 self._end_writes(grace)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):  # (from the body too: in a group)
             self._terminate()
         finally:
             with trio.move_on_after(1) as cs:

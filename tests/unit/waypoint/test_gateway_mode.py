@@ -6,7 +6,9 @@ through a service's waypoint."""
 from __future__ import annotations
 
 import json
+import socket
 import ssl
+import struct
 from pathlib import Path
 
 import pytest
@@ -102,22 +104,28 @@ def test_http_and_https_listeners_route_by_host(tmp_path: Path) -> None:
     trio.run(serve_and_ask, tmp_path, cert.ca)
 
 
+async def serve_ingress(nursery: trio.Nursery, tmp_path: Path) -> dict[str, int]:
+    """An ingress proxy for shop.example.com (/reviews to a backend) on an HTTP and an HTTPS listener."""
+    backend = await start_backend(nursery, "reviews-v1")
+    vs = {"hosts": ["shop.example.com"], "gateways": [GW],
+          "http": [{"match": [{"uri": {"prefix": "/reviews"}}], "route": [{"destination": {"host": fq("reviews"),
+                                                                                             "port": {"number": 9080}}}]}]}
+    result = compile_table(GW, [plain_workload("reviews-v1", backend.port)], [service("reviews", "10.96.0.11")],
+                           [l7("VirtualService", "gateway-api~ingress~shop.example.com", vs, ["shop.example.com"],
+                               waypoints=[GW])], ingress=True)
+    assert not result.errors, result.errors
+    proxy = WaypointProxy(TcpUpstream(), result.table, l4_handler=refuse_l4,
+                          identity="spiffe://cluster.local/ns/bookinfo/sa/ingress-istio")
+    listeners = IngressListeners(proxy, [ListenerSpec("http", "HTTP", 0),
+                                         ListenerSpec("https", "HTTPS", 0, str(tmp_path / "c.pem"),
+                                                      str(tmp_path / "k.pem"))], host="127.0.0.1")
+    ports: dict[str, int] = await nursery.start(listeners.serve)
+    return ports
+
+
 async def serve_and_ask(tmp_path: Path, ca: bytes) -> None:
     async with trio.open_nursery() as nursery:
-        backend = await start_backend(nursery, "reviews-v1")
-        vs = {"hosts": ["shop.example.com"], "gateways": [GW],
-              "http": [{"match": [{"uri": {"prefix": "/reviews"}}], "route": [{"destination": {"host": fq("reviews"),
-                                                                                                 "port": {"number": 9080}}}]}]}
-        result = compile_table(GW, [plain_workload("reviews-v1", backend.port)], [service("reviews", "10.96.0.11")],
-                               [l7("VirtualService", "gateway-api~ingress~shop.example.com", vs, ["shop.example.com"],
-                                   waypoints=[GW])], ingress=True)
-        assert not result.errors, result.errors
-        proxy = WaypointProxy(TcpUpstream(), result.table, l4_handler=refuse_l4,
-                              identity="spiffe://cluster.local/ns/bookinfo/sa/ingress-istio")
-        listeners = IngressListeners(proxy, [ListenerSpec("http", "HTTP", 0),
-                                             ListenerSpec("https", "HTTPS", 0, str(tmp_path / "c.pem"),
-                                                          str(tmp_path / "k.pem"))], host="127.0.0.1")
-        ports = await nursery.start(listeners.serve)
+        ports = await serve_ingress(nursery, tmp_path)
         status, seen = await request(ports["http"], "shop.example.com", "/reviews/1")
         assert (status, seen["backend"], seen["path"]) == (200, "reviews-v1", "/reviews/1")
         assert seen["headers"]["x-forwarded-for"] == "127.0.0.1"  # type: ignore[index]
@@ -143,3 +151,39 @@ def test_a_service_with_a_waypoint_is_reached_through_it() -> None:
     assert (pod.address, pod.identity, authority) == ("10.244.1.200", "spiffe://cluster.local/ns/bookinfo/sa/waypoint",
                                                       "10.96.0.11:9080")
     assert waypoint_hop(table, Endpoint("10.244.1.12", 9080, hbone=True), fq("ratings")) is None
+
+
+def test_a_client_that_breaks_off_ends_its_own_connection_only(tmp_path: Path) -> None:
+    """Connections closed at once, reset in the middle of an HTTP/2 preface, a TLS handshake or a request,
+    or speaking something else, end alone: the gateway keeps serving."""
+    cert = server_cert("shop.example.com")
+    (tmp_path / "c.pem").write_bytes(cert.chain)
+    (tmp_path / "k.pem").write_bytes(cert.key)
+
+    async def hostile(port: int, data: bytes, reset: bool = True) -> None:
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        if data:
+            await tcp.send_all(data)
+            await trio.sleep(0.05)  # the gateway is reading it
+        if reset:
+            tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await tcp.aclose()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.cancel_scope.deadline = trio.current_time() + 20
+            ports = await serve_ingress(nursery, tmp_path)
+            h2_preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
+            for port in ports.values():
+                await hostile(port, b"", reset=False)
+                await hostile(port, b"")
+                await hostile(port, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+                await hostile(port, h2_preface)
+                await hostile(port, b"GET /reviews/1 HTTP/1.1\r\nhost: shop.exa")
+                await hostile(port, b"\x00\xff not a protocol at all\r\n\r\n")
+            status, seen = await request(ports["http"], "shop.example.com", "/reviews/1")
+            assert (status, seen["path"]) == (200, "/reviews/1")
+            status, seen = await request(ports["https"], "shop.example.com", "/reviews/2", ca=cert.ca)
+            assert (status, seen["path"]) == (200, "/reviews/2")
+            nursery.cancel_scope.cancel()
+    trio.run(main)

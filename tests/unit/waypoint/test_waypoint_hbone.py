@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import random
+import socket
+import ssl
+import struct
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
@@ -262,5 +265,54 @@ def test_inbound_routes_by_authority_refuses_unknown_and_applies_l4_policy(ca: M
                 with trio.fail_after(5):
                     while inbound.connections:
                         await trio.sleep(0.02)
+                n.cancel_scope.cancel()
+    run(main, 30)
+
+
+def test_a_connection_that_fails_before_or_in_its_handshake_ends_alone(ca: MeshCA) -> None:
+    """Whatever a peer does to 15008 before its HBONE connection is up (closes at once, sends bytes that
+    are not TLS, resets mid-handshake, offers no client certificate) ends that connection only: the
+    waypoint keeps serving the next client."""
+    async def main() -> None:
+        certs, client = ca.secret_manager(WAYPOINT_ID)
+        with client:
+            async with trio.open_nursery() as n:
+                await n.start(certs.run)
+                v1 = await start_backend(n, "v1")
+                hbone_out = HbonePool(tcp_connect, certs.client_context)
+                await n.start(hbone_out.run)
+                proxy = WaypointProxy(HboneUpstream(hbone_out, WAYPOINT_ID), _table({"v1": v1.port}),
+                                      access_log=lambda line: None)
+                inbound = InboundServer(proxy, certs, WAYPOINT_ID, event_log=lambda line: None)
+                port = await n.start(inbound.serve, "127.0.0.1", 0)
+
+                async def hostile(data: bytes, reset: bool = False) -> None:
+                    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+                    if data:
+                        await tcp.send_all(data)
+                    if reset:
+                        tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    await tcp.aclose()
+
+                await hostile(b"")  # connects and closes at once
+                await hostile(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # not TLS
+                await hostile(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", reset=True)  # reset mid-ClientHello
+                no_cert = ssl.create_default_context()
+                no_cert.check_hostname, no_cert.verify_mode = False, ssl.CERT_NONE
+                tls = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), no_cert)
+                with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await tls.do_handshake()
+                    await tls.receive_some(1)  # TLS 1.3: the refusal of the missing certificate comes after
+                await trio.aclose_forcefully(tls)
+                with trio.fail_after(2):
+                    while inbound.connections:
+                        await trio.sleep(0.01)
+
+                sleep = ca.client_pool(SLEEP_ID)
+                await n.start(sleep.run)
+                key = PoolKey(source=SLEEP_ID, destination=WAYPOINT_ID, address=("127.0.0.1", port))
+                tunnel = await sleep.open_tunnel(key, "10.96.0.11:9080", request_headers(forwarded_for=CLIENT))
+                status, _, headers = await _http_get(tunnel, "/reviews/0")
+                assert status == 200 and headers["x-backend"] == "v1"
                 n.cancel_scope.cancel()
     run(main, 30)
