@@ -17,6 +17,13 @@ structure alone:
 - forwarding: the `Forwarder`'s cluster state (balancer, outlier detector, limiter), `Record`, the retry
   and gRPC rules, and the response header operations, driven from callbacks.
 
+Over HBONE (`python -m bench.waypoint_hbone_bench`), the hop sits between two of the engine's tunnels, all
+on one loop: `tunnel_handler` is the handler of `mesh.hbone.aio.serve_tls` (the inbound's `admit`, then each
+accepted tunnel read as a client connection), `TunnelPool` opens upstream tunnels on an `AioPool` as
+`HboneUpstream` does, and `TunnelTransport` joins a protocol of the hop to a `TunnelEnd` (where a `Splice`
+would join it to a TCP connection).  There the engine's server also runs the handler of each CONNECT in a
+task of its own, as it does in the node agent.
+
 The only task is the dial of a new upstream connection; everything else runs in the transports'
 callbacks: a request is routed and written upstream from the client's `data_received`, the response goes to
 the client from the upstream's `data_received` (its head with the body bytes that came with it, in one
@@ -47,6 +54,16 @@ import signal
 from collections.abc import Callable
 from typing import Any, cast
 
+from mesh import defaults
+from mesh.hbone.aio import AioAcceptor, AioHandler, TunnelEnd
+from mesh.hbone.aiopool import AioPool
+from mesh.hbone.config import HBONE_PORT
+from mesh.hbone.errors import HboneError, TunnelRejected
+from mesh.hbone.headers import request_headers
+from mesh.hbone.pool import PoolKey as HbonePoolKey
+from mesh.hbone.server import InboundRequest
+from mesh.hbone.splice import Splice
+from mesh.identity import SpiffeId
 from mesh.tracing.propagation import extract
 from waypoint.errors import ConnectFailure, UpstreamError, UpstreamReset
 from waypoint.http.detect import Protocol, sniff
@@ -71,12 +88,14 @@ from waypoint.http.http1 import (
     _Writer,
     error_response,
 )
+from waypoint.inbound import Refusal, admit
 from waypoint.l7 import authz, grpc, jwt, routing
 from waypoint.l7.limits import Admission
 from waypoint.l7.model import ClientInfo, Endpoint, Headers, RequestHead, ResponseHead, forwardable
 from waypoint.l7.normalize import NormalizationError, normalize_request
 from waypoint.l7.retry import Outcome, backoff, outcome_of, retriable
 from waypoint.proxy import _NO_POLICY, _UNAUTHENTICATED, WaypointProxy
+from waypoint.upstream.connect import endpoint_identity
 from waypoint.upstream.forward import ClusterState, Record, _available
 from waypoint.upstream.pool import MAX_IDLE_PER_KEY, PoolKey
 
@@ -120,8 +139,13 @@ class AsyncioHop:
 
     async def serve(self, host: str, port: int) -> asyncio.Server:
         server = await self.loop.create_server(lambda: _Client(self), host, port, reuse_address=True)
-        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+        self.start()
         return server
+
+    def start(self) -> None:
+        """Arm the sweep (`serve` does; a hop fed by HBONE tunnels calls it itself)."""
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def _sweep(self) -> None:
         now = self.clock()
@@ -894,6 +918,152 @@ class UpstreamPool:
                 idle[:] = keep
             else:
                 del self._idle[key]
+
+
+# ---- over HBONE: the hop between two of the engine's tunnels --------------------------------------------
+
+class TunnelTransport:
+    """An engine tunnel (`mesh.hbone.aio.TunnelEnd`) as the transport of one of the hop's protocols
+    (`_Client`, `_Upstream`): it stands where a `Splice` stands at the end (what the tunnel receives goes to
+    the protocol's callbacks, from the callback that received it) and where the transport stands for the
+    protocol (what it writes goes on the stream).  `extra` answers `get_extra_info` (`peername`: what
+    `AsyncioHop.client_for` reads)."""
+
+    def __init__(self, end: TunnelEnd, protocol: asyncio.Protocol, extra: dict[str, Any]) -> None:
+        self.end = end
+        self.protocol = protocol
+        self.extra = extra
+        self.closed = False  # by either side: nothing more is written or delivered; `connection_lost` is due
+        self.paused = False  # the protocol was told to stop writing (the stream's window or the connection full)
+        protocol.connection_made(cast(asyncio.BaseTransport, self))
+        end.attach(cast(Splice, self), 0)
+
+    # -- what the end calls (as it calls a splice) --------------------------------------------------------
+
+    def data(self, side: int, data: bytes | memoryview) -> None:
+        if not self.closed:
+            self.protocol.data_received(data if type(data) is bytes else bytes(data))
+
+    def ended(self, side: int) -> None:
+        if not self.closed and not self.protocol.eof_received():
+            self.close()
+
+    def failed(self, side: int, reason: str) -> None:
+        if not self.closed:
+            self.end.abort()
+            self._lost(ConnectionResetError(reason))
+
+    def drained(self, side: int) -> None:
+        if self.paused and not self.closed:
+            self.paused = False
+            self.protocol.resume_writing()
+
+    # -- the transport (what the protocol calls) ----------------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.extra.get(name, default)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        end = self.end
+        end.write(data)
+        if not end.writable and not self.paused:
+            self.paused = True
+            self.protocol.pause_writing()
+
+    def pause_reading(self) -> None:
+        self.end.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.end.resume_reading()
+
+    def close(self) -> None:
+        """END_STREAM after what was written; the stream is finished (reset if the peer still sends)."""
+        if not self.closed:
+            self.end.write_eof()
+            self.end.close()
+            self._lost(None)
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.end.abort()
+            self._lost(None)
+
+    def _lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.end.conn.loop.call_soon(self.protocol.connection_lost, exc)  # (as a transport: never re-entrantly)
+
+
+def admitted(peer: Any) -> ClientInfo:
+    """`AsyncioHop.client_for` of a hop fed by tunnels: their `peername` is the admission's `ClientInfo`."""
+    return cast(ClientInfo, peer)
+
+
+def tunnel_handler(hop: AsyncioHop) -> AioHandler:
+    """The hop's HBONE inbound on the engine (the handler of `mesh.hbone.aio.serve_tls`), as
+    `waypoint.inbound.InboundServer.tunnel` without its allowance for configuration skew: `admit` (the same
+    decision), then the tunnel read as a client connection (build the hop with `client_for=admitted`)."""
+    async def handler(request: InboundRequest, acceptor: AioAcceptor) -> None:
+        decision = admit(hop.proxy.table, request.authority, request.peer, request.forwarded_for,
+                         request.peer_address)
+        if isinstance(decision, Refusal):
+            acceptor.reject(decision.status, decision.reason)
+            return
+        TunnelTransport(acceptor.accept(), _Client(hop), {"peername": decision})
+
+    return handler
+
+
+class TunnelPool(UpstreamPool):
+    """The upstream pool over HBONE: a connection to an endpoint in the mesh is a tunnel on the engine's
+    pool (`AioPool`), opened as `waypoint.upstream.connect.HboneUpstream` opens it (to the endpoint's
+    address on `hbone_port`, its identity required, `Forwarded` naming the client and the service, the
+    request's `traceparent`); one outside the mesh is plain TCP, as in `UpstreamPool`."""
+
+    def __init__(self, hop: AsyncioHop, tunnels: AioPool, identity: SpiffeId, *,
+                 trust_domain: str = defaults.TRUST_DOMAIN, hbone_port: int = HBONE_PORT) -> None:
+        super().__init__(hop)
+        self.tunnels = tunnels
+        self.identity = identity
+        self.trust_domain = trust_domain
+        self.hbone_port = hbone_port
+
+    async def _dial(self, endpoint: Endpoint, key: tuple[str, PoolKey], connect_timeout: float,
+                    ex: _Exchange) -> None:
+        if not endpoint.hbone:
+            await super()._dial(endpoint, key, connect_timeout, ex)
+            return
+        _, (_, client, service) = key
+        request = ex.decision.request
+        headers = request_headers(forwarded_for=client or None, service_host=service or None,
+                                  traceparent=(request.header("traceparent") if request else None) or None)
+        try:
+            where = HbonePoolKey(self.identity, endpoint_identity(endpoint, self.trust_domain),
+                                 (endpoint.address, self.hbone_port))
+            async with asyncio.timeout(connect_timeout):
+                end = await self.tunnels.open_tunnel(where, endpoint.key, headers)
+        except ConnectFailure as exc:
+            ex.dial_failed(exc)
+            return
+        except TunnelRejected as exc:
+            ex.dial_failed(ConnectFailure(f"{endpoint.key} ({endpoint.name or 'endpoint'}) refused the tunnel "
+                                          f"with {exc.status}: {exc.reason or 'no reason given'}"))
+            return
+        except HboneError as exc:
+            ex.dial_failed(ConnectFailure(f"HBONE to {endpoint.key}: {exc}"))
+            return
+        except TimeoutError:
+            ex.dial_failed(ConnectFailure(f"HBONE to {endpoint.key} timed out after {connect_timeout:g}s"))
+            return
+        conn = _Upstream(self, key)
+        TunnelTransport(end, conn, {"peername": (endpoint.address, endpoint.port)})
+        self.opened += 1
+        ex.send_on(conn, reused=False)
+        ex.client.flush()
 
 
 def serve(hop: AsyncioHop, host: str, port: int) -> None:
