@@ -75,7 +75,6 @@ from waypoint.http.http1 import (
     _NO_BODY_METHODS,
     _NONE,
     _REASONS,
-    _UNTIL_CLOSE,
     READ_SIZE,
     _Bad,
     _content_length,
@@ -87,11 +86,12 @@ from waypoint.http.http1 import (
     _request_head,
     _Writer,
     error_response,
+    response_framing,
 )
 from waypoint.inbound import Refusal, admit
 from waypoint.l7 import authz, grpc, jwt, routing
 from waypoint.l7.limits import Admission
-from waypoint.l7.model import ClientInfo, Endpoint, Headers, RequestHead, ResponseHead, forwardable
+from waypoint.l7.model import ClientInfo, Endpoint, RequestHead, ResponseHead, forwardable
 from waypoint.l7.normalize import NormalizationError, normalize_request
 from waypoint.l7.retry import Outcome, backoff, outcome_of, retriable
 from waypoint.proxy import _NO_POLICY, _UNAUTHENTICATED, WaypointProxy
@@ -652,18 +652,8 @@ class _Exchange:
         client = self.client
         headers = forwardable(head.headers)
         status = head.status
-        length = _content_length(headers)
-        extra: Headers = ()
-        if self.method in _NO_BODY_METHODS or status < 200 or status in (204, 304):
-            self.writer = _Writer(_NONE)
-        elif length is not None:
-            self.writer = _Writer(_LENGTH, length)
-        elif client.version == "1.1":
-            self.writer = _Writer(_CHUNKED)
-            extra = (("transfer-encoding", "chunked"),)
-        else:
-            self.writer = _Writer(_UNTIL_CLOSE)
-            client.keep_alive = False
+        self.writer, extra, reusable = response_framing(self.method, status, headers, client.version)
+        client.keep_alive = client.keep_alive and reusable
         if not client.keep_alive:
             extra += (("connection", "close"),)
         client.write(_head_bytes(f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n",

@@ -280,6 +280,20 @@ class _Writer:
         return b"", self.mode == _NONE
 
 
+def response_framing(method: str, status: int, headers: Headers, version: str) -> tuple[_Writer, Headers, bool]:
+    """How a response's body goes to a client that spoke HTTP/`version`: its writer, the headers that
+    framing adds, and whether the connection can serve another request after it (not when the body of an
+    HTTP/1.0 client's response ends with the connection)."""
+    if method in _NO_BODY_METHODS or status < 200 or status in (204, 304):
+        return _Writer(_NONE), (), True
+    length = _content_length(headers)
+    if length is not None:
+        return _Writer(_LENGTH, length), (), True
+    if version == "1.1":
+        return _Writer(_CHUNKED), (("transfer-encoding", "chunked"),), True
+    return _Writer(_UNTIL_CLOSE), (), False
+
+
 def _content_length(headers: Headers) -> int | None:
     for k, v in headers:
         if k == "content-length":
@@ -321,18 +335,8 @@ class _ServerExchange:
         server = self._server
         headers = forwardable(head.headers)
         status = head.status
-        length = _content_length(headers)
-        extra: Headers = ()
-        if self._method in _NO_BODY_METHODS or status < 200 or status in (204, 304):
-            self._writer = _Writer(_NONE)
-        elif length is not None:
-            self._writer = _Writer(_LENGTH, length)
-        elif server.version == "1.1":
-            self._writer = _Writer(_CHUNKED)
-            extra = (("transfer-encoding", "chunked"),)
-        else:  # an HTTP/1.0 client: the body ends with the connection
-            self._writer = _Writer(_UNTIL_CLOSE)
-            server.keep_alive = False
+        self._writer, extra, reusable = response_framing(self._method, status, headers, server.version)
+        server.keep_alive = server.keep_alive and reusable
         if server.closing or server.draining or not server.keep_alive:
             extra += (("connection", "close"),)
         data = _head_bytes(f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n", headers + extra if extra else headers)
