@@ -28,25 +28,29 @@ closes, GOAWAY, requests in flight finish) for up to its drain time (`spec.infra
 after that and `STOP_GRACE` more.  Its worker processes (`waypoint.workers`) are `WORKERS_ANNOTATION`,
 default 1: the local cluster shares a few cores among all its pods, so one process per waypoint unless asked.
 
-A change of the Gateway's infrastructure annotations (a flag of the pod: `--workers`, `--drain-seconds`)
-rolls the pod, as a Deployment rolls when its pod template changes, without dropping a request: the
-controller compares what the Gateway asks for (`desired`) with the flags recorded for the running pod
-(`roll_reasons`) and, when they differ, starts a new pod beside the old one (`surging`), probes it like any
-new pod, and only once it is Ready takes the old one's place: the old one is then retired as a removed
+A change of the Gateway's infrastructure annotations (a flag of the pod: `--workers`, `--drain-seconds`),
+or of an ingress Gateway's revision (its listeners, or a certificate they use), rolls the pod, as a
+Deployment rolls when its pod template changes, without dropping a request: the controller compares what
+the Gateway asks for (`desired`) with the flags and revision recorded for the running pod (`roll_reasons`)
+and, when they differ, starts a new pod beside the old one (`surging`), probes it like any new pod, and
+only once it is Ready takes the old one's place: the old one is then retired as a removed
 waypoint is (not Ready, SIGTERM, drained).  Both pods run at once, so the new one has its own name, and
 with it its own network namespace, address, user, directory, log and registration (the Pod the
 translation sees, labelled with the gateway's name like the old one): the gateway's name if it is free,
 else the gateway's name with its template's hash (`pod_name_for`, `template_hash`); the pod after a roll
 keeps that name.  A roll whose change is undone before its new pod is Ready is abandoned (the new pod is
-retired), and a new pod that exits is started again after `RESTART_BACKOFF`.  An ingress Gateway's pod is
-replaced (stopped, then started) when its revision changes instead: its host ports belong to one pod.
+retired), and a new pod that exits is started again after `RESTART_BACKOFF`.  What a new pod needs as it
+takes over is done just before (`_taking_over`: an ingress gateway's host ports are re-targeted to it);
+if that fails, the roll stays where it is and the step is tried again.
 
 An ingress Gateway's pod is run the same way, by `localcluster.ingress.GatewayController`, which adds to
 this controller what makes it an ingress (`WaypointPod`'s service account, flags, files and published
-ports; `_prepare` and `_started`).
+ports; `_prepare`, `_started` and `_taking_over`).  A pod's flags may name files in its own directory as
+`OWN_DIR` (a Kubernetes container's args expand `$(VAR)` the same way), so that a new pod beside the old
+one reads its own copy.
 
-`desired`, `place`, `roll_reasons` and `pod_name_for` are pure; `WaypointController.sync` does the I/O, one
-step per change.  Each change is written to the cluster record and then announced with
+`desired`, `place`, `roll_reasons`, `gateway_of` and `pod_name_for` are pure; `WaypointController.sync`
+does the I/O, one step per change.  Each change is written to the cluster record and then announced with
 `on_change(cluster)`, by default the cluster's Prometheus reloading its scrape configuration
 (`localcluster.prometheus.refresh`), so that waypoints are scraped from their first seconds and dropped
 when they go.
@@ -93,6 +97,7 @@ MAX_WORKERS = 8  # as the waypoint allows (`waypoint.options.MAX_WORKERS`)
 STOP_GRACE = 2.0  # seconds after the drain time before SIGKILL
 PROBE_TIMEOUT = 1.0  # seconds for one readiness probe
 PROBE_FAILURES = 3  # failed probes in a row that make a ready waypoint not ready (the kubelet's failureThreshold)
+OWN_DIR = "$(OWN_DIR)"  # in `WaypointPod.args`: the pod's own directory (`WaypointController.create`)
 
 
 def drain_seconds(gateway: dict[str, Any]) -> float:
@@ -150,11 +155,11 @@ class WaypointPod:
     workers: int = 1  # the waypoint's --workers (`WORKERS_ANNOTATION`)
     # what an ingress gateway's pod has besides (`localcluster.ingress`)
     service_account: str = ""  # default: the gateway's name
-    args: tuple[str, ...] = ()  # more flags for the proxy
+    args: tuple[str, ...] = ()  # more flags for the proxy (`OWN_DIR` in them: the pod's own directory)
     labels: tuple[tuple[str, str], ...] = ()  # more pod labels
     files: tuple[tuple[str, bytes], ...] = ()  # written (0600) into its own directory before it starts
     ports: tuple[tuple[str, int], ...] = ()  # listener name -> the pod's port, published on the host
-    revision: str = ""  # a pod of another revision is replaced (the Gateway's listeners or certificates changed)
+    revision: str = ""  # a pod of another revision is rolled (the Gateway's listeners or certificates changed)
     pod_name: str = ""  # the pod's own name (default: the gateway's; a rolled pod's: `pod_name_for`)
 
     @property
@@ -196,14 +201,23 @@ def template_hash(wp: WaypointPod) -> str:
 
 def roll_reasons(wp: WaypointPod, pod: Mapping[str, Any]) -> list[str]:
     """What differs between the wanted pod and the recorded one's flags from the Gateway (`--workers`,
-    `--drain-seconds`), as `flag old -> new`; empty: the pod runs as wanted.  A flag the record does not
-    hold (a pod an older controller started) is not compared."""
+    `--drain-seconds`) and revision (an ingress Gateway's listeners and certificates), as `what old -> new`;
+    empty: the pod runs as wanted.  What the record does not hold (a pod an older controller started) is
+    not compared."""
     out = []
     if "workers" in pod and int(pod["workers"]) != wp.workers:
         out.append(f"--workers {pod['workers']} -> {wp.workers}")
     if "drainSeconds" in pod and float(pod["drainSeconds"]) != wp.drain_seconds:
         out.append(f"--drain-seconds {float(pod['drainSeconds']):g} -> {wp.drain_seconds:g}")
+    if "revision" in pod and pod["revision"] != wp.revision:
+        out.append(f"revision {pod['revision'] or '-'} -> {wp.revision or '-'}")
     return out
+
+
+def gateway_of(pod: Mapping[str, Any]) -> str:
+    """The key (namespace/name) of the Gateway a recorded pod belongs to: its gateway-name label, else its
+    own name (a pod an older controller started)."""
+    return f"{pod['namespace']}/{(pod.get('labels') or {}).get(GATEWAY_NAME_LABEL) or pod['name']}"
 
 
 def pod_name_for(wp: WaypointPod, taken: Collection[str]) -> str:
@@ -262,9 +276,9 @@ class WaypointController:
     def adopt(self, key: str, pod: dict[str, Any], process: dict[str, Any]) -> None:
         """A waypoint an earlier controller started (from the cluster record, `key` the pod's): kept, its
         token kept fresh.  A second pod of the same gateway (a roll under way) is kept as its new pod."""
-        gateway = str((pod.get("labels") or {}).get(GATEWAY_NAME_LABEL) or pod["name"])
-        entry = {"pod": pod, "process": process, "revision": pod.get("revision", "")}
-        gw_key = f"{pod['namespace']}/{gateway}"
+        gw_key = gateway_of(pod)
+        gateway = gw_key.split("/", 1)[1]
+        entry = {"pod": pod, "process": process}
         (self.surging if gw_key in self.running else self.running)[gw_key] = entry
         uid, gid = int(pod.get("runAsUser", sandbox.NOBODY)), int(pod.get("runAsGroup", sandbox.NOBODY))
         self.tokens.add(self._token_file(WaypointPod(pod["namespace"], gateway, pod_name=pod["name"],
@@ -288,7 +302,7 @@ class WaypointController:
 
     def sync(self) -> None:
         want = self.wanted()
-        for key in [k for k in self.running if k not in want or self.running[k].get("revision", "") != want[k].revision]:
+        for key in [k for k in self.running if k not in want]:
             self.remove(key)
         for key in [k for k in self.surging if k not in self.running or k not in want
                     or not roll_reasons(want[k], self.running[k]["pod"]) or roll_reasons(want[k], self.surging[k]["pod"])]:
@@ -328,6 +342,7 @@ class WaypointController:
             return
         self._probe(wp.key, new)
         if new.get("ready"):
+            self._taking_over(wp, new)  # raising leaves the roll as it is, for the next round
             old = self.running[wp.key]
             self.running[wp.key] = self.surging.pop(wp.key)
             log.info('{"event": "waypoint rolled", "waypoint": "%s", "pod": "%s", "old pod": "%s"}', wp.key,
@@ -356,7 +371,7 @@ class WaypointController:
                 "--workers", str(wp.workers)]
         if self.cert_ttl:
             argv += ["--cert-ttl", str(self.cert_ttl)]
-        argv += [*wp.args, *self.proxy_args]
+        argv += [arg.replace(OWN_DIR, str(own)) for arg in wp.args] + self.proxy_args
         spec = PodSpec(name=wp.pod, namespace=wp.namespace, node=node_name,
                        labels={GATEWAY_NAME_LABEL: wp.name, **dict(wp.labels)},
                        service_account=wp.account, container_name="waypoint", command=tuple(argv), env=(),
@@ -379,8 +394,7 @@ class WaypointController:
                          "labels": spec.labels, "runAsUser": uid, "runAsGroup": uid,
                          "expose": [str(own)], "revision": wp.revision,
                          "workers": wp.workers, "drainSeconds": wp.drain_seconds},
-                 "process": rec.to_json(), "started": time.monotonic(), "ready": False,
-                 "revision": wp.revision}
+                 "process": rec.to_json(), "started": time.monotonic(), "ready": False}
         try:
             self._started(wp, entry)
         except BaseException:
@@ -395,7 +409,12 @@ class WaypointController:
         """What the pod's sandbox needs before its process starts (nothing for a waypoint)."""
 
     def _started(self, wp: WaypointPod, entry: dict[str, Any]) -> None:
-        """What follows its start (nothing for a waypoint); raising unmakes the pod."""
+        """What follows its start (nothing for a waypoint); raising unmakes the pod.  For a new pod beside
+        a running one (a roll), `self.running` still holds the old one."""
+
+    def _taking_over(self, wp: WaypointPod, entry: dict[str, Any]) -> None:
+        """What the Ready new pod of a roll gets just before it takes the old one's place (nothing for a
+        waypoint); raising leaves the roll as it is."""
 
     def remove(self, key: str) -> None:
         """Retire the gateway's pod (and a new pod of it, if it was rolling)."""

@@ -4,21 +4,31 @@ kind cluster reaches it: curl on the host's loopback, at the port the Gateway's 
 One small cluster for the module: two ambient apps (`web`, `api`) that answer with who they are, the path
 and the Host they got, an AuthorizationPolicy that admits only the gateway's identity
 (`cluster.local/ns/shop/sa/ingress-istio`), and a Gateway with an HTTP listener for `*.example.com` and an
-HTTPS listener for `shop.example.com` with a certificate from a Secret signed by the test's own CA.
+HTTPS listener for `shop.example.com` with a certificate from a Secret signed by the test's own CA.  The
+gateway drains for `DRAIN_SECONDS` (its `spec.infrastructure.annotations`, as a waypoint's), so that a
+rotation of that Secret, which rolls the gateway's pod under a steady stream of requests, ends soon.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from controlplane.translate.ingressstatus import PUBLISHED_ANNOTATION
+from localcluster.waypoints import DRAIN_ANNOTATION, GATEWAY_NAME_LABEL
 from tests.integration.conftest import Meshctl, two_node_cluster
 from tests.integration.test_mesh import Mesh, eventually
 from tests.tlsfiles import ServerCert, server_cert
@@ -26,6 +36,7 @@ from tests.tlsfiles import ServerCert, server_cert
 CLUSTER = "t-ingress"
 NS = "shop"
 GATEWAY_PRINCIPAL = f"cluster.local/ns/{NS}/sa/ingress-istio"
+DRAIN_SECONDS = "1"
 
 APP = '''
 import json, os, sys
@@ -99,7 +110,8 @@ def gateway_docs(cert: ServerCert) -> list[dict[str, Any]]:
          "type": "kubernetes.io/tls",
          "data": {"tls.crt": base64.b64encode(cert.chain).decode(), "tls.key": base64.b64encode(cert.key).decode()}},
         {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway", "metadata": {"name": "ingress", "namespace": NS},
-         "spec": {"gatewayClassName": "istio", "listeners": [
+         "spec": {"gatewayClassName": "istio", "infrastructure": {"annotations": {DRAIN_ANNOTATION: DRAIN_SECONDS}},
+                  "listeners": [
              {"name": "http", "port": 80, "protocol": "HTTP", "hostname": "*.example.com"},
              {"name": "https", "port": 443, "protocol": "HTTPS", "hostname": "shop.example.com",
               "tls": {"mode": "Terminate", "certificateRefs": [{"kind": "Secret", "name": "shop-cert"}]}}]}},
@@ -128,6 +140,11 @@ class Ingress(Mesh):
         programmed = any(c["type"] == "Programmed" and c["status"] == "True" for c in status.get("conditions") or [])
         return {li["name"]: li["publishedAddress"] for li in status.get("listeners") or []
                 if programmed and li.get("publishedAddress")}
+
+    def gateway_pods(self) -> list[dict[str, Any]]:
+        """The gateway's pods in the cluster record."""
+        return [p for p in self.status()["plan"]["pods"]
+                if p.get("waypoint") and (p.get("labels") or {}).get(GATEWAY_NAME_LABEL) == "ingress"]
 
     def curl(self, url: str, *extra: str) -> subprocess.CompletedProcess[str]:  # type: ignore[override]
         """curl on the host, outside the cluster: `-w` gives the status after the body."""
@@ -223,6 +240,108 @@ def test_gateway_status_and_meshctl_columns(ingress: Ingress) -> None:
     assert pod["spec"]["serviceAccountName"] == "ingress-istio"
 
 
+class Load:
+    """HTTPS requests to the gateway's published port from the host, each on a new connection, about
+    `rate` a second, until stopped: each answer's status (0: the request failed) and the certificate
+    that was served, which must be one of `leaves` (DER).  The certificates are compared, not verified:
+    the test's CAs all have one name, which a client trusting two of them cannot tell apart."""
+
+    def __init__(self, port: int, leaves: list[bytes], rate: float = 20) -> None:
+        self.port, self.interval, self.leaves = port, 1 / rate, leaves
+        self.context = ssl.create_default_context()
+        self.context.check_hostname = False
+        self.context.verify_mode = ssl.CERT_NONE
+        self.results: list[tuple[int, bytes, str]] = []  # (status, leaf DER, error)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _one(self) -> tuple[int, bytes, str]:
+        tls = self.context.wrap_socket(socket.create_connection(("127.0.0.1", self.port), timeout=10),
+                                       server_hostname="shop.example.com")
+        leaf = tls.getpeercert(binary_form=True) or b""
+        if leaf not in self.leaves:
+            tls.close()
+            return 0, leaf, "the gateway served a certificate that is not the Secret's"
+        conn = http.client.HTTPSConnection("shop.example.com", self.port, timeout=10, context=self.context)
+        conn.sock = tls
+        try:
+            conn.request("GET", "/api/rotation")
+            response = conn.getresponse()
+            response.read()
+            return response.status, leaf, ""
+        finally:
+            conn.close()
+            tls.close()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.results.append(self._one())
+            except Exception as exc:  # noqa: BLE001 - every failure is a failed request
+                self.results.append((0, b"", repr(exc)))
+            self.stop.wait(self.interval)
+
+    def served(self, leaf: bytes) -> int:
+        """Requests answered 200 with certificate `leaf` (DER)."""
+        return sum(1 for status, der, _ in self.results if status == 200 and der == leaf)
+
+    def finish(self) -> list[tuple[int, bytes, str]]:
+        self.stop.set()
+        self.thread.join(timeout=30)
+        return self.results
+
+
+def der(chain: bytes) -> bytes:
+    return x509.load_pem_x509_certificate(chain).public_bytes(Encoding.DER)
+
+
+def test_a_rotated_certificate_rolls_the_gateway_on_the_same_port_without_failing_a_request(ingress: Ingress) -> None:
+    """A new Secret is a new revision of the gateway: its new pod starts beside the old one, and once it is
+    Ready the host port forwarder sends new connections to it (its ports kept) and the old pod drains.
+    Stopping the old pod before starting the new one (as this cluster used to) fails requests and
+    publishes new ports."""
+    assert ingress.cert is not None
+    before = ingress.published()
+    [old] = ingress.gateway_pods()
+    old_leaf, new_cert = der(ingress.cert.chain), server_cert("shop.example.com")
+    load = Load(int(before["https"].rsplit(":", 1)[1]), [old_leaf, der(new_cert.chain)])
+    seen = []  # the published addresses, as the Gateway's status says while the roll goes on
+    try:
+        eventually(lambda: load.served(old_leaf) >= 20, timeout=30, interval=0.2)
+        ingress.apply_docs([d for d in gateway_docs(new_cert) if d["kind"] == "Secret"])
+
+        def rolled() -> bool:
+            """the new certificate is served, and only the new pod is left"""
+            seen.append(ingress.published())
+            pods = ingress.gateway_pods()
+            return load.served(der(new_cert.chain)) > 0 and len(pods) == 1 and pods[0]["name"] != old["name"]
+
+        eventually(rolled, timeout=90, interval=0.5)
+        served = load.served(der(new_cert.chain))
+        eventually(lambda: load.served(der(new_cert.chain)) >= served + 20, timeout=30, interval=0.2)
+    finally:
+        results = load.finish()
+        ingress.cert = new_cert
+        (ingress.files / "ca.pem").write_bytes(new_cert.ca)
+    failed = [(status, error) for status, _, error in results if status != 200]
+    assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:5]}"
+    assert len(results) >= 40
+    # once the new certificate is served, the old one never is again
+    leaves = [leaf for _, leaf, _ in results]
+    first_new = leaves.index(der(new_cert.chain))
+    assert set(leaves[first_new:]) == {der(new_cert.chain)}
+    assert ingress.published() == before and all(s == before for s in seen), (before, seen)
+    [new] = ingress.gateway_pods()
+    assert new["name"] != old["name"] and new["netns"] != old["netns"] and new["ip"] != old["ip"]
+    pod = yaml.safe_load(ingress.ctl("get", "pod", new["name"], "-n", NS, "-o", "yaml").stdout)
+    assert pod["metadata"]["annotations"][PUBLISHED_ANNOTATION] == old["annotations"][PUBLISHED_ANNOTATION]
+    assert new["forwarder"] == old["forwarder"] and len(forwarders()) == 1  # the same process, re-targeted
+    events = (ingress.dir / "logs" / "controller.log").read_text().splitlines()
+    rolled_events = [e for e in events if '"event": "waypoint rolled"' in e and f'"{NS}/ingress"' in e]
+    assert len(rolled_events) == 1 and f'"pod": "{new["name"]}"' in rolled_events[0], rolled_events
+
+
 def test_a_service_with_a_waypoint_is_reached_through_it(ingress: Ingress) -> None:
     """As Istio's ingress does: to a service bound to a waypoint, the gateway goes through the waypoint
     (whose access log shows the gateway as the caller), and the app sees the waypoint.  Last: it changes
@@ -245,9 +364,10 @@ def test_a_service_with_a_waypoint_is_reached_through_it(ingress: Ingress) -> No
 
 
 def forwarders() -> list[str]:
-    """The host port forwarders of this cluster still running."""
-    out = subprocess.run(["ps", "-e", "-ww", "-o", "args="], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "localcluster.hostports" in line and f"amb.{CLUSTER}." in line]
+    """The host port forwarders of this cluster still running (their environment names the cluster)."""
+    out = subprocess.run(["ps", "-e", "-ww", "-o", "args=", "e"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines()
+            if "localcluster.hostports" in line and f"AMB_CLUSTER={CLUSTER} " in line + " "]
 
 
 def test_deleting_the_gateway_unpublishes_it(ingress: Ingress) -> None:

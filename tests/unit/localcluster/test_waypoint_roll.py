@@ -1,6 +1,6 @@
-"""A change of a waypoint Gateway's infrastructure annotations rolls its pod (`localcluster.waypoints`):
-what differs between the wanted pod and the running one, the new pod's name, and what a registered pod's
-command line says it runs with."""
+"""A change of a waypoint Gateway's infrastructure annotations, or of an ingress Gateway's revision, rolls
+its pod (`localcluster.waypoints`): what differs between the wanted pod and the running one, the new pod's
+name, the gateway a recorded pod belongs to, and what a registered pod's command line says it runs with."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from localcluster.waypoints import (
     WaypointController,
     WaypointPod,
     desired,
+    gateway_of,
     pod_name_for,
     roll_reasons,
     runs_as_wanted,
@@ -61,6 +62,24 @@ def test_a_bad_annotation_asks_for_the_default() -> None:
 
 def test_a_pod_an_older_controller_started_is_not_rolled_for_what_its_record_lacks() -> None:
     assert roll_reasons(wanted(workers="2"), {"name": "waypoint", "namespace": "bookinfo"}) == []
+    ingress = dataclasses.replace(wanted(), revision="b" * 16)
+    assert roll_reasons(ingress, recorded()) == []
+
+
+def test_a_new_revision_rolls_the_pod() -> None:
+    """An ingress Gateway's listeners or certificates changed: rolled as a flag change is, not replaced."""
+    ingress = dataclasses.replace(wanted(), revision="b" * 16)
+    assert roll_reasons(ingress, {**recorded(), "revision": "b" * 16}) == []
+    assert roll_reasons(ingress, {**recorded(), "revision": "a" * 16}) == [f"revision {'a' * 16} -> {'b' * 16}"]
+    assert roll_reasons(wanted(workers="2"), {**recorded(), "revision": ""}) == ["--workers 1 -> 2"]
+    # the new pod's name follows the revision it runs
+    assert template_hash(ingress) != template_hash(dataclasses.replace(ingress, revision="c" * 16))
+
+
+def test_the_gateway_a_recorded_pod_belongs_to() -> None:
+    labels = {GATEWAY_NAME_LABEL: "waypoint"}
+    assert gateway_of({"name": "waypoint-abcde", "namespace": "bookinfo", "labels": labels}) == "bookinfo/waypoint"
+    assert gateway_of({"name": "waypoint", "namespace": "bookinfo"}) == "bookinfo/waypoint"
 
 
 def test_the_new_pod_is_named_after_the_gateway_when_it_can_be() -> None:
