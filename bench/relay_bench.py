@@ -102,7 +102,6 @@ async def quietly(work) -> None:  # type: ignore[no-untyped-def]
 
 
 async def _engine_relay(side: str, ctx: ssl.SSLContext, ports: list[int], upstreams: list[str], expected: object) -> None:
-    from mesh.hbone.aio import serve_tls
     from mesh.hbone.aiopool import AioPool, tcp_connect
     from mesh.hbone.pool import PoolKey
     from mesh.hbone.splice import PlainEnd, open_end, relay_ends
@@ -140,21 +139,30 @@ async def _engine_relay(side: str, ctx: ssl.SSLContext, ports: list[int], upstre
             app = await open_end(sock)
             await relay_ends(acceptor.accept(), app)
 
-        listener = socket.create_server(("127.0.0.1", ports[0]), backlog=1024)
-        listener.setblocking(False)
-
-        def accept() -> None:
-            while True:
-                try:
-                    sock, _ = listener.accept()
-                except BlockingIOError:
-                    return
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                loop.create_task(quietly(serve_tls(sock, ctx, handler, trust_domain="cluster.local")))
-
-        loop.add_reader(listener.fileno(), accept)
+        serve_hbone_on(loop, ports[0], ctx, handler)
     await asyncio.Event().wait()
+
+
+def serve_hbone_on(loop: asyncio.AbstractEventLoop, port: int, ctx: ssl.SSLContext, handler: Any,
+                   trust_domain: str = "cluster.local") -> None:
+    """HBONE on the engine at 127.0.0.1:`port`: each connection accepted gets its TLS and its CONNECTs
+    (`mesh.hbone.aio.serve_tls` with `handler`), as the node agent's 15008 does."""
+    from mesh.hbone.aio import serve_tls
+
+    listener = socket.create_server(("127.0.0.1", port), backlog=1024)
+    listener.setblocking(False)
+
+    def accept() -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            loop.create_task(quietly(serve_tls(sock, ctx, handler, trust_domain=trust_domain)))
+
+    loop.add_reader(listener.fileno(), accept)
 
 
 async def _trio_relay(side: str, ctx: ssl.SSLContext, ports: list[int], upstreams: list[str], expected: object) -> None:

@@ -62,8 +62,10 @@ def _wait_port(port: int, timeout: float = 10.0) -> None:
     raise SystemExit(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f}s")
 
 
-def bench_table(backend_port: int) -> RouteTable:
-    """The route table of the benchmark's waypoint: one service (`VIP`:80) whose one endpoint is the backend."""
+def bench_table(backend_port: int, *, in_mesh: bool = False) -> RouteTable:
+    """The route table of the benchmark's waypoint: one service (`VIP`:80) whose one endpoint is the backend
+    (127.0.0.1:`backend_port`, the bench's server account); `in_mesh`: the service bound to this waypoint
+    and its endpoint reached over HBONE (`bench.waypoint_hbone_bench`)."""
     from mesh.proto import discovery_pb2 as pb
     from waypoint.config import compile_table
 
@@ -75,6 +77,9 @@ def bench_table(backend_port: int) -> RouteTable:
                      labels={"app": "server"},
                      services={f"{NS}/{hostname}": pb.PortList(ports=[pb.PortMapping(service_port=80,
                                                                                       target_port=backend_port)])})
+    if in_mesh:
+        svc.waypoint.CopyFrom(pb.GatewayAddress(name="waypoint", namespace=NS))
+        wl.tunnel_protocol = pb.HBONE
     result = compile_table(f"{NS}/waypoint", [wl], [svc], [], 1)
     if result.errors:
         raise SystemExit(f"route table: {result.errors}")

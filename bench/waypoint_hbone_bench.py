@@ -41,7 +41,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import ssl
 import statistics
 import subprocess
@@ -61,11 +60,11 @@ from bench.relay_bench import (
     free_port,
     make_certs,
     on_cpu,
-    quietly,
     run_json,
+    serve_hbone_on,
     wait_port,
 )
-from bench.waypoint_bench import NS, VIP
+from bench.waypoint_bench import VIP, bench_table
 
 if TYPE_CHECKING:
     from waypoint.config import RouteTable
@@ -77,22 +76,7 @@ TRUST_DOMAIN = "cluster.local"
 def hbone_table(backend_port: int) -> RouteTable:
     """One service (`VIP`:80) bound to this waypoint, whose one endpoint (127.0.0.1:`backend_port`, the
     bench's server account) is in the mesh: reached over HBONE."""
-    from mesh.proto import discovery_pb2 as pb
-    from waypoint.config import compile_table
-
-    hostname = f"server.{NS}.svc.cluster.local"
-    svc = pb.Service(name="server", namespace=NS, hostname=hostname, vips=[VIP],
-                     ports=[pb.ServicePort(service_port=80, target_port=backend_port, name="http")],
-                     waypoint=pb.GatewayAddress(name="waypoint", namespace=NS))
-    wl = pb.Workload(uid=f"{NS}/server", name="server", namespace=NS, addresses=["127.0.0.1"],
-                     service_account="server", canonical_name="server", canonical_revision="v1",
-                     labels={"app": "server"}, tunnel_protocol=pb.HBONE,
-                     services={f"{NS}/{hostname}": pb.PortList(ports=[pb.PortMapping(service_port=80,
-                                                                                      target_port=backend_port)])})
-    result = compile_table(f"{NS}/waypoint", [wl], [svc], [], 1)
-    if result.errors:
-        raise SystemExit(f"route table: {result.errors}")
-    return result.table
+    return bench_table(backend_port, in_mesh=True)
 
 
 def access_log() -> Callable[[str], None]:
@@ -152,7 +136,6 @@ def serve_asyncio(port: int, hbone_port: int, table: RouteTable, certs: Path) ->
     import uvloop
 
     from bench.waypoint_asyncio import AsyncioHop, TunnelPool, admitted, tunnel_handler
-    from mesh.hbone.aio import serve_tls
     from mesh.hbone.aiopool import AioPool, tcp_connect
     from mesh.identity import SpiffeId
     from waypoint.proxy import WaypointProxy
@@ -169,20 +152,7 @@ def serve_asyncio(port: int, hbone_port: int, table: RouteTable, certs: Path) ->
 
     async def main() -> None:
         hop.start()
-        listener = socket.create_server(("127.0.0.1", port), backlog=1024)
-        listener.setblocking(False)
-
-        def accept() -> None:
-            while True:
-                try:
-                    sock, _ = listener.accept()
-                except BlockingIOError:
-                    return
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                loop.create_task(quietly(serve_tls(sock, inbound, handler, trust_domain=TRUST_DOMAIN)))
-
-        loop.add_reader(listener.fileno(), accept)
+        serve_hbone_on(loop, port, inbound, handler, TRUST_DOMAIN)
         await asyncio.Event().wait()
 
     loop.run_until_complete(main())
