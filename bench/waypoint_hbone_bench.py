@@ -186,9 +186,8 @@ def running_path(engine: str, certs: Path, backend_port: int) -> Iterator[tuple[
 
 
 def wait_listening(port: int, timeout: float = 10.0) -> None:
-    """Until something listens on `port`, seen in /proc rather than by connecting: a connection closed
-    before its TLS handshake ends the trio waypoint's serving (the handshake's error reaches
-    `InboundServer._connection` wrapped in an exception group, which its `except HboneError` misses)."""
+    """Until something listens on `port`, seen in /proc rather than by connecting: a probe would be one
+    more client of the hop (a failed handshake in its log and counters)."""
     hexport = f":{port:04X} "
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
