@@ -175,30 +175,13 @@ def running_path(engine: str, certs: Path, backend_port: int) -> Iterator[tuple[
                                 "--backend", str(backend_port), "--certs", str(certs)], cwd=ROOT))
         procs.append(on_cpu(0, [*relay, "--side", "client", "--listen", str(plain),
                                 "--upstream", f"127.0.0.1:{hop_port},{VIP}:80"], cwd=ROOT))
-        for port in (server_hbone, hop_port):
-            wait_listening(port)
-        wait_port(plain)
+        for port in (server_hbone, hop_port, plain):
+            wait_port(port)
         yield plain, {"server_relay": procs[0].pid, "hop": procs[1].pid, "client_relay": procs[2].pid}
     finally:
         for proc in reversed(procs):
             proc.kill()
             proc.wait()
-
-
-def wait_listening(port: int, timeout: float = 10.0) -> None:
-    """Until something listens on `port`, seen in /proc rather than by connecting: a probe would be one
-    more client of the hop (a failed handshake in its log and counters)."""
-    hexport = f":{port:04X} "
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with contextlib.suppress(OSError):
-                for line in Path(table).read_text().splitlines()[1:]:
-                    fields = line.split()
-                    if (fields[1] + " ").endswith(hexport) and fields[3] == "0A":  # LISTEN
-                        return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def _cpu(pids: dict[str, int]) -> dict[str, float]:

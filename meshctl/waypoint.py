@@ -7,8 +7,9 @@ namespace `istio.io/use-waypoint=<name>` so its services' traffic goes through t
 The order of the steps is what keeps traffic flowing (make before break):
 
 - apply: write the Gateway (over an existing one, what it is not given stays: an earlier `--workers` or
-  `--drain-seconds`, and the labels and annotations an operator put on it); wait (`--wait`, the default, up to `--timeout`) until a pod of the waypoint
-  is Ready (it listens, has its certificate and its first configuration); only then bind the namespace.
+  `--drain-seconds`, and the labels and annotations an operator put on it); wait (`--wait`, the default,
+  up to `--timeout`) until a pod of the waypoint is Ready (it listens, has its certificate and its first
+  configuration); only then bind the namespace.
   Binding earlier sent the namespace's traffic to a waypoint with no instance (503 "has no ready
   instance") or one not yet listening (connection reset).  On a running waypoint, a change of
   `--workers` or `--drain-seconds` rolls its pod (`localcluster.waypoints`): the wait is then for a Ready
