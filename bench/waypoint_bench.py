@@ -12,9 +12,9 @@ before and after each phase.
     python -m bench.waypoint_bench [--rate 1000] [--duration 5] [--closed-duration 3] [--newconn RATE]
         [--engine trio|asyncio] [--profile FILE]
 
-`--engine asyncio` serves the same table, metrics and access log with the measurement prototype of the hop
-on asyncio Protocols and uvloop (`bench/waypoint_asyncio.py`, for choosing the data path's engine; not the
-product's path).  `--profile FILE` runs the proxy under cProfile (counting CPU time) and writes its stats to
+`--engine asyncio` serves the same table, metrics and access log with the waypoint's hop on the engine
+(`waypoint.engine.hop`: asyncio Protocols on uvloop, the waypoint's default data path) alone on a TCP
+listener.  `--profile FILE` runs the proxy under cProfile (counting CPU time) and writes its stats to
 FILE (slower; for finding costs, not for figures).  Prints one JSON object with the figures.
 """
 
@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from waypoint.config import RouteTable
@@ -134,7 +135,6 @@ def serve_proxy(front_port: int, backend_port: int, access_log: str, profile: st
         trio.run(main)
         return
     import cProfile
-    import signal
 
     profiler = cProfile.Profile(time.process_time)  # CPU time, not time spent waiting for the CPU
     def write_stats(*_: object) -> None:
@@ -147,18 +147,30 @@ def serve_proxy(front_port: int, backend_port: int, access_log: str, profile: st
     trio.run(main)
 
 
+def serve(hop: Any, host: str, port: int) -> None:
+    """Run the engine's hop alone on a TCP listener on `hop.loop` until SIGINT."""
+    loop = hop.loop
+    server = loop.run_until_complete(hop.serve(host, port))
+    loop.add_signal_handler(signal.SIGINT, loop.stop)
+    try:
+        loop.run_forever()
+    finally:
+        server.close()
+        loop.close()
+
+
 def _serve_asyncio(front_port: int, table: RouteTable, sink: Callable[[str], None], profile: str) -> None:
-    """The prototype hop on uvloop, over a `WaypointProxy` object that holds the same table, metrics and
+    """The engine's hop on uvloop, over a `WaypointProxy` object that holds the same table, metrics and
     sink (and runs the pipeline's synchronous steps)."""
     import uvloop
 
-    from bench.waypoint_asyncio import AsyncioHop, serve
+    from waypoint.engine.hop import EngineHop
     from waypoint.proxy import WaypointProxy
     from waypoint.upstream.pool import TcpUpstream
 
     loop = uvloop.new_event_loop()
     # (the proxy's clock times each request: uvloop's `loop.time` counts whole milliseconds)
-    hop = AsyncioHop(WaypointProxy(TcpUpstream(), table, access_log=sink, clock=time.monotonic), loop, client_info)
+    hop = EngineHop(WaypointProxy(TcpUpstream(), table, access_log=sink, clock=time.monotonic), loop, client_info)
     if not profile:
         serve(hop, "127.0.0.1", front_port)
         return
@@ -201,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--newconn-duration", type=float, default=5.0)
     p.add_argument("--access-log", choices=("logger", "none"), default="logger")
     p.add_argument("--engine", choices=("trio", "asyncio"), default="trio",
-                   help="the proxy's: the trio WaypointProxy (default), or the asyncio prototype of the hop")
+                   help="the proxy's: the trio WaypointProxy (default), or the engine's hop (asyncio on uvloop)")
     p.add_argument("--profile", metavar="FILE", default="")
     p.add_argument("--serve", nargs=2, type=int, metavar=("FRONT", "BACKEND"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -16,9 +16,9 @@ HBONE connection to the hop, as a source node agent sends to a waypoint.  The ho
   TLS, `admit`, `WaypointProxy.serve_tunnel`), `WaypointProxy`, and `HboneUpstream` over an `HbonePool`
   whose `hbone_port` is the server relay's port (the endpoint is 127.0.0.1, so its "node agent" is the
   server relay);
-- `asyncio`: the measurement prototype of the hop (`bench.waypoint_asyncio`) between the engine's tunnels
-  on one uvloop loop: `serve_tls` with `tunnel_handler`, upstream tunnels from an `AioPool`
-  (`TunnelPool`).
+- `asyncio`: the waypoint's hop on the engine (`waypoint.engine.hop`) between the engine's tunnels on
+  one uvloop loop: `serve_tls` with `admit` and `EngineHop.take_tunnel`, upstream tunnels from an
+  `AioPool` (`TunnelPool`).
 
 Both serve one route table (`hbone_table`: the service bound to this waypoint, its endpoint in the mesh),
 write the access log to a logger (to /dev/null, as `bench.waypoint_bench`), and present the bench's
@@ -135,9 +135,12 @@ def serve_trio(port: int, hbone_port: int, table: RouteTable, certs: Path) -> No
 def serve_asyncio(port: int, hbone_port: int, table: RouteTable, certs: Path) -> None:
     import uvloop
 
-    from bench.waypoint_asyncio import AsyncioHop, TunnelPool, admitted, tunnel_handler
+    from mesh.hbone.aio import AioAcceptor
     from mesh.hbone.aiopool import AioPool, tcp_connect
+    from mesh.hbone.server import InboundRequest
     from mesh.identity import SpiffeId
+    from waypoint.engine.hop import EngineHop, TunnelPool, admitted
+    from waypoint.inbound import Refusal, admit
     from waypoint.proxy import WaypointProxy
     from waypoint.upstream.pool import TcpUpstream
 
@@ -145,10 +148,17 @@ def serve_asyncio(port: int, hbone_port: int, table: RouteTable, certs: Path) ->
     loop = uvloop.new_event_loop()
     # (the proxy's clock times each request: uvloop's `loop.time` counts whole milliseconds)
     proxy = WaypointProxy(TcpUpstream(), table, access_log=access_log(), clock=time.monotonic, identity=SERVER_ID)
-    hop = AsyncioHop(proxy, loop, admitted)
+    hop = EngineHop(proxy, loop, admitted)
     hop.pool = TunnelPool(hop, AioPool(tcp_connect, lambda _: outbound), SpiffeId.parse(CLIENT_ID),
                           trust_domain=TRUST_DOMAIN, hbone_port=hbone_port)
-    handler = tunnel_handler(hop)
+
+    async def handler(request: InboundRequest, acceptor: AioAcceptor) -> None:
+        # (the engine inbound's admission, without its allowance for configuration skew)
+        decision = admit(proxy.table, request.authority, request.peer, request.forwarded_for, request.peer_address)
+        if isinstance(decision, Refusal):
+            acceptor.reject(decision.status, decision.reason)
+        else:
+            hop.take_tunnel(acceptor.accept(), decision)
 
     async def main() -> None:
         hop.start()

@@ -38,6 +38,9 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from mesh import runtime
+from mesh.hbone.aiopool import AioPool
+from mesh.hbone.aiopool import tcp_connect as aio_connect
+from mesh.hbone.engine import Engine
 from mesh.hbone.pool import HbonePool, tcp_connect
 from mesh.process import split_hostport
 from mesh.secrets.errors import SecretsError
@@ -48,6 +51,8 @@ from mesh.xds.trio_client import TrioXdsClient
 from waypoint.admin import AdminView, ProcessMetrics
 from waypoint.config import RouteTable
 from waypoint.discovery import SUBSCRIPTIONS, WaypointConfig
+from waypoint.engine.hop import EngineHop, EngineProxy, TracerOnTrio, TunnelPool, admitted
+from waypoint.engine.inbound import EngineInbound, engine_line
 from waypoint.gateway import IngressListeners, ViaWaypoint, refuse_l4
 from waypoint.inbound import InboundServer, stdout_line
 from waypoint.metrics import WaypointMetrics
@@ -94,10 +99,17 @@ class Waypoint:
                                    identity=str(self.identity), tracer=self.tracer)
         self.config = WaypointConfig(opts.key, self._use_table, allow_http_jwks=opts.allow_http_jwks,
                                      ingress=opts.ingress)
-        self.inbound = InboundServer(self.proxy, certs, self.identity, trust_domain=opts.trust_domain,
-                                     limits=opts.hbone_limits, config=opts.hbone_config,
-                                     reuse_port=opts.workers > 1)  # 15008 shared by the workers
+        self.inbound: InboundServer | EngineInbound = InboundServer(
+            self.proxy, certs, self.identity, trust_domain=opts.trust_domain, limits=opts.hbone_limits,
+            config=opts.hbone_config, reuse_port=opts.workers > 1)  # 15008 shared by the workers
         self.proxy.l4_handler = refuse_l4 if opts.ingress else self.inbound.l4
+        # the data path on the engine (uvloop in its own thread), what it hands over served by `proxy`
+        self.engine = Engine("waypoint-data-path") if opts.engine == "uvloop" and not opts.ingress else None
+        self.engine_proxy = EngineProxy(self.proxy, tracer=TracerOnTrio(self.tracer, self.engine),
+                                        access_log=engine_line) if self.engine is not None else None
+        self.engine_pool: AioPool | None = None
+        self.hop: EngineHop | None = None
+        self._engine_running = False
         self.listeners = (IngressListeners(self.proxy, list(opts.listeners), reuse_port=opts.workers > 1)
                           if opts.ingress else None)
         self.synced = False
@@ -108,12 +120,21 @@ class Waypoint:
                        config_version=lambda: self.config.version, certificate_expiry=self._expiry,
                        tunnels=lambda: self.inbound.tunnels,
                        inbound_connections=lambda: len(self.inbound.connections),
-                       upstream_connections=self.pool.connection_count)
+                       upstream_connections=self._upstream_connections)
 
     def _use_table(self, table: RouteTable) -> None:
         if self.via is not None:
             self.via.use(table)
         self.proxy.update(table)
+        if self.engine_proxy is not None:
+            if self._engine_running:
+                assert self.engine is not None
+                self.engine.call_soon(self.engine_proxy.update, table)
+            else:  # (nothing runs on the engine yet)
+                self.engine_proxy.update(table)
+
+    def _upstream_connections(self) -> int:
+        return self.pool.connection_count() + (self.engine_pool.connection_count() if self.engine_pool else 0)
 
     # ---- what the endpoints read --------------------------------------------------------------------
 
@@ -132,8 +153,10 @@ class Waypoint:
 
     def stats(self) -> dict[str, Any]:
         return {"tunnels": self.inbound.tunnels, "inbound_connections": len(self.inbound.connections),
-                "refused_tunnels": self.inbound.refused, "upstream_connections": self.pool.connection_count(),
-                "idle_upstream_http_connections": self.proxy.pool.idle_count(), "draining": self.draining}
+                "refused_tunnels": self.inbound.refused, "upstream_connections": self._upstream_connections(),
+                "idle_upstream_http_connections": self.proxy.pool.idle_count() + (self.hop.pool.idle_count()
+                                                                                   if self.hop else 0),
+                "draining": self.draining, "engine": self.opts.engine if self.engine is not None else "trio"}
 
     # ---- running --------------------------------------------------------------------------------------
 
@@ -143,6 +166,8 @@ class Waypoint:
         opts = self.opts
         self.xds = xds
         async with trio.open_nursery() as nursery:
+            if self.engine is not None:
+                await self._start_engine(nursery, self.engine)
             await nursery.start(self.pool.run)
             await nursery.start(self.proxy.run)  # JWKS fetched and refreshed in the background
             await runtime.start_tracing(nursery, self.tracer)  # spans sent in the background
@@ -155,6 +180,21 @@ class Waypoint:
             else:
                 await self._run_waypoint(nursery, xds, stop, task_status)
         await self.proxy.pool.aclose()
+
+    async def _start_engine(self, nursery: trio.Nursery, engine: Engine) -> None:
+        """The engine's thread, its hop (over its own HBONE pool) and its inbound in place of trio's."""
+        opts = self.opts
+        await nursery.start(engine.run)
+        assert self.engine_proxy is not None
+        self.engine_pool = AioPool(aio_connect, self.certs.client_context, connect_timeout=opts.connect_timeout,
+                                   certificate=self.certs.current)
+        hop = self.hop = EngineHop(self.engine_proxy, engine.loop, admitted)
+        hop.pool = TunnelPool(hop, self.engine_pool, self.identity, trust_domain=opts.trust_domain)
+        self.inbound = EngineInbound(self.proxy, hop, engine, self.certs, self.identity,
+                                     trust_domain=opts.trust_domain, limits=opts.hbone_limits,
+                                     config=opts.hbone_config, reuse_port=opts.workers > 1)
+        self._engine_running = True
+        engine.call_soon(self.engine_proxy.update, self.proxy.table)  # (the newest, whatever came meanwhile)
 
     async def _run_waypoint(self, nursery: trio.Nursery, xds: TrioXdsClient, stop: trio.Event,
                             task_status: trio.TaskStatus[dict[str, int]]) -> None:
@@ -177,6 +217,8 @@ class Waypoint:
         await stop.wait()
         self.draining = True
         self.proxy.drain()  # keep-alive clients: `Connection: close` (HTTP/1.1), GOAWAY (HTTP/2)
+        if self.engine is not None and self.hop is not None:
+            self.engine.call_soon(self.hop.drain)
         log.info('{"event": "draining", "waypoint": "%s", "tunnels": %d}', opts.key, self.inbound.tunnels)
         deadline = trio.current_time() + opts.drain_seconds
         with trio.move_on_at(deadline):  # serving as before while the node agents stop sending here

@@ -217,14 +217,20 @@ class InboundServer:
 
     async def l4(self, stream: trio.abc.HalfCloseableStream, client: ClientInfo) -> None:
         """A tunnel that is not HTTP: the waypoint's policies at L4, then bytes both ways."""
-        table = self.proxy.table
-        hostname = table.by_vip.get(client.destination_ip, "")
-        verdict = l4authz.decide(table.l4_policies, hostname, client)
-        if not verdict.allowed:
-            self.event_log(json.dumps({"event": "connection denied", "authority": client.original_destination,
-                                       "source": client.source, "peer": client.peer_identity,
-                                       "policy": verdict.policy or "", "reason": verdict.reason},
-                                      separators=(",", ":")))
-            await trio.aclose_forcefully(stream)
-            return
-        await self.proxy.passthrough(stream, client)
+        await l4(self.proxy, self.event_log, stream, client)
+
+
+async def l4(proxy: WaypointProxy, event_log: Callable[[str], None], stream: trio.abc.HalfCloseableStream,
+             client: ClientInfo) -> None:
+    """A tunnel that is not HTTP: the waypoint's policies at L4 (a denial logged to `event_log`), then the
+    proxy's passthrough."""
+    table = proxy.table
+    hostname = table.by_vip.get(client.destination_ip, "")
+    verdict = l4authz.decide(table.l4_policies, hostname, client)
+    if not verdict.allowed:
+        event_log(json.dumps({"event": "connection denied", "authority": client.original_destination,
+                              "source": client.source, "peer": client.peer_identity,
+                              "policy": verdict.policy or "", "reason": verdict.reason}, separators=(",", ":")))
+        await trio.aclose_forcefully(stream)
+        return
+    await proxy.passthrough(stream, client)

@@ -4,7 +4,7 @@
         --root-cert FILE --token-file FILE [--trust-domain cluster.local] [--cert-ttl SECONDS] \\
         [--listen 0.0.0.0:15008] [--metrics-listen 0.0.0.0:15020] [--ready-listen 0.0.0.0:15021] \\
         [--admin-listen 127.0.0.1:15000] [--allow-http-jwks] [--hbone-max-connections N]
-        [--hbone-max-handshakes N] [--hbone-max-streams N] [--listener NAME=HTTP:PORT ...] [--workers N]
+        [--hbone-max-handshakes N] [--hbone-max-streams N] [--listener NAME=HTTP:PORT ...] [--workers N] [--engine uvloop|trio]
 
 The token file holds a workload token for the waypoint's own identity
 (`spiffe://<trust domain>/ns/NS/sa/NAME`); with it the waypoint asks the CA for its certificate and
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from mesh import runtime
 from waypoint import app, gateway, workers
-from waypoint.options import MAX_WORKERS, Options, default_workers
+from waypoint.options import ENGINES, MAX_WORKERS, Options, default_workers
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -57,6 +57,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes serving the data path, sharing its ports with SO_REUSEPORT (default: the CPUs "
                         f"this process may use, at most 2; 1 to {MAX_WORKERS})")
+    p.add_argument("--engine", choices=ENGINES, default=Options.engine,
+                   help="what moves the data path's bytes: uvloop (the engine: HBONE and HTTP/1.1 on asyncio "
+                        "Protocols, the rest handed to trio) or trio (all of it on trio); gateway mode always "
+                        "runs on trio (default %(default)s)")
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)  # set by the primary
     p.add_argument("--worker-channel", type=int, default=-1, help=argparse.SUPPRESS)
     runtime.add_flags(p, token_help="a workload token for the waypoint's identity, as the control plane issued it")
@@ -79,7 +83,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         return Options(name=args.name, namespace=args.namespace, node=args.node, service_account=args.service_account,
                        listen=args.listen, drain_seconds=args.drain_seconds, allow_http_jwks=args.allow_http_jwks,
                        hbone_max_connections=args.hbone_max_connections, hbone_max_handshakes=args.hbone_max_handshakes,
-                       hbone_max_streams=args.hbone_max_streams, listeners=listeners, workers=workers,
+                       hbone_max_streams=args.hbone_max_streams, listeners=listeners, workers=workers, engine=args.engine,
                        worker_index=args.worker_index, worker_channel=args.worker_channel, **shared)
     except ValueError as exc:
         p.error(str(exc))

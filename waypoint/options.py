@@ -19,6 +19,7 @@ from mesh.runtime import ProcessOptions
 from mesh.xds.node import ROLE_WAYPOINT, NodeInfo
 from waypoint.gateway import ListenerSpec
 
+ENGINES = ("uvloop", "trio")  # --engine
 MAX_STREAMS = 65_536  # the most --hbone-max-streams may be
 MAX_DEFAULT_WORKERS = 2  # the default --workers is the usable CPUs, at most this many
 MAX_WORKERS = 8  # the most --workers may be: the control plane serves 8 discovery streams per identity
@@ -73,6 +74,8 @@ class Options(ProcessOptions):
     workers: int = 1
     worker_index: int = 0  # 0: the primary (or the only process); set by the primary on the workers it starts
     worker_channel: int = -1  # a worker's end of its channel to the primary (a file descriptor)
+    # what moves the data path's bytes (`waypoint.engine`): "uvloop", or "trio" for all of it on trio
+    engine: str = "uvloop"
 
     def __post_init__(self) -> None:
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 1 <= self.workers <= MAX_WORKERS:
@@ -82,6 +85,8 @@ class Options(ProcessOptions):
                             ("--hbone-max-streams", self.hbone_max_streams)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{flag} must be a whole number of at least 1, not {value!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         if self.hbone_max_streams > MAX_STREAMS:
             raise ValueError(f"--hbone-max-streams must be at most {MAX_STREAMS} (HTTP/2 allows 2^31-1; more than "
                              f"this is no cap), not {self.hbone_max_streams}")

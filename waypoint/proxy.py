@@ -170,24 +170,37 @@ class WaypointProxy:
         a client that goes (its stream broken or closed, reported by the tunnel's nursery in a group)."""
         try:
             protocol, prefix = await detect(stream, self.settings.detect_timeout)
-            async with trio.open_nursery() as background:  # mirrors outlive their request, not the tunnel
-                async def handler(ex: ServerExchange) -> None:
-                    await self._handle(ex, client, background)
-
-                if protocol is Protocol.HTTP2 or protocol is Protocol.HTTP1:
-                    session = Http2Server(stream, self.settings.max_header_bytes, initial=prefix) \
-                        if protocol is Protocol.HTTP2 else Http1Server(stream, self.settings.http1, initial=prefix)
-                    self._sessions.add(session)
-                    if self.draining:
-                        session.drain()
-                    try:
-                        await session.serve(handler)
-                    finally:
-                        self._sessions.discard(session)
-                else:
-                    await self.l4_handler(PrefixedStream(stream, prefix), client)
+            await self._serve(stream, client, protocol, prefix)
         except* STREAM_GONE:
             pass  # the tunnel is over
+
+    async def serve_detected(self, stream: trio.abc.HalfCloseableStream, client: ClientInfo, protocol: Protocol,
+                             prefix: bytes) -> None:
+        """`serve_tunnel` of a tunnel whose protocol is known and whose first bytes, `prefix`, were read
+        elsewhere (the engine's path hands such tunnels over: `waypoint.engine.hop`)."""
+        try:
+            await self._serve(stream, client, protocol, prefix)
+        except* STREAM_GONE:
+            pass
+
+    async def _serve(self, stream: trio.abc.HalfCloseableStream, client: ClientInfo, protocol: Protocol,
+                     prefix: bytes) -> None:
+        async with trio.open_nursery() as background:  # mirrors outlive their request, not the tunnel
+            async def handler(ex: ServerExchange) -> None:
+                await self._handle(ex, client, background)
+
+            if protocol is Protocol.HTTP2 or protocol is Protocol.HTTP1:
+                session = Http2Server(stream, self.settings.max_header_bytes, initial=prefix) \
+                    if protocol is Protocol.HTTP2 else Http1Server(stream, self.settings.http1, initial=prefix)
+                self._sessions.add(session)
+                if self.draining:
+                    session.drain()
+                try:
+                    await session.serve(handler)
+                finally:
+                    self._sessions.discard(session)
+            else:
+                await self.l4_handler(PrefixedStream(stream, prefix), client)
 
     def drain(self) -> None:
         """The waypoint is going (as Envoy's drain): every HTTP client is asked to move to a new connection,

@@ -20,6 +20,7 @@ budget, the control-frame bound, the answer timeout, the per-listener caps.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import socket
 import ssl
@@ -144,6 +145,11 @@ class TunnelEnd:
         elif self.error is not None:
             splice.failed(side, f"tunnel to {self.authority}: {self.error}")
         self.conn.flush()
+
+    def detach(self) -> None:
+        """Leave the splice: what arrives is kept again until the next `attach` (the window bounds it)."""
+        self._splice = None
+        self.resume_reading()
 
     def write(self, data: bytes | memoryview) -> None:
         conn = self.conn
@@ -526,6 +532,7 @@ class AioServerConnection(AioHbone):
         super().__init__(HboneServer(config, now=loop.time()), loop)
         self._handler = handler
         self._unanswered: dict[int, asyncio.Task[None]] = {}
+        self.peer_hash = ""  # SHA-256 of the client's leaf certificate (DER), hex (`serve_tls` sets it)
 
     def answered(self, stream_id: int) -> None:
         self._unanswered.pop(stream_id, None)
@@ -548,7 +555,7 @@ class AioServerConnection(AioHbone):
         self.ends[event.stream_id] = end
         info = InboundRequest(stream_id=event.stream_id, authority=request.authority, headers=request.headers,
                               peer=self.peer, peer_address=self.peer_address, forwarded_for=request.forwarded_for,
-                              forwarded_host=request.forwarded_host)
+                              forwarded_host=request.forwarded_host, peer_certificate_hash=self.peer_hash)
         acceptor = AioAcceptor(self, end)
         self._unanswered[event.stream_id] = self.loop.create_task(self._run(info, acceptor))
 
@@ -662,6 +669,8 @@ async def serve_tls(sock: socket.socket, ctx: ssl.SSLContext, handler: AioHandle
             tls.abort()
             raise
         conn.peer_address = f"{host}:{port}"
+        der = tls.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        conn.peer_hash = hashlib.sha256(der).hexdigest() if der else ""
         conn.start(identity)
     except BaseException:
         if gate is not None:

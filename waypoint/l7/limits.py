@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from typing import Protocol
 
 import trio
 
@@ -23,12 +24,18 @@ class Admission(enum.Enum):
     OVERFLOW = "overflow"
 
 
+class Waiter(Protocol):
+    """A request waiting in the queue: `set()` hands it a slot (a `trio.Event`, or the engine's waiter)."""
+
+    def set(self) -> None: ...
+
+
 class ClusterLimiter:
     def __init__(self, limits: PoolLimits) -> None:
         self.limits = limits
         self.active = 0
         self.retries = 0
-        self._waiting: deque[trio.Event] = deque()
+        self._waiting: deque[Waiter] = deque()
 
     @property
     def capacity(self) -> int:
@@ -65,6 +72,16 @@ class ClusterLimiter:
                 self.release()  # the slot was handed to us as we were cancelled: pass it on
             raise
         return True
+
+    def enqueue(self, waiter: Waiter) -> None:
+        """Wait in the queue without a task (after `admit` said QUEUE): `release` sets `waiter` when the slot
+        is its, and the slot is then held as `acquire` holds it."""
+        self._waiting.append(waiter)
+
+    def withdraw(self, waiter: Waiter) -> None:
+        """`waiter` no longer waits (its request is gone)."""
+        if waiter in self._waiting:
+            self._waiting.remove(waiter)
 
     def release(self) -> None:
         if self._waiting:

@@ -1,4 +1,4 @@
-"""The asyncio prototype of the waypoint's hop (`bench.waypoint_asyncio`), assembled as the bench's proxy
+"""The waypoint's hop on the engine (`waypoint.engine.hop`), assembled as the bench's proxy
 process assembles it, against a tiny backend on the same loop: requests answered with the backend's
 body over one pooled upstream connection, and each one recorded in the access log and the metrics."""
 
@@ -11,8 +11,8 @@ import time
 
 import uvloop
 
-from bench.waypoint_asyncio import AsyncioHop
 from bench.waypoint_bench import bench_table, client_info
+from waypoint.engine.hop import EngineHop
 from waypoint.proxy import WaypointProxy
 from waypoint.upstream.pool import TcpUpstream
 
@@ -53,11 +53,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run(backend_port: int, listen_backend: bool) -> tuple[list[tuple[bytes, bytes]], list[str], WaypointProxy, AsyncioHop]:
+def _run(backend_port: int, listen_backend: bool) -> tuple[list[tuple[bytes, bytes]], list[str], WaypointProxy, EngineHop]:
     loop = uvloop.new_event_loop()
     lines: list[str] = []
     proxy = WaypointProxy(TcpUpstream(), bench_table(backend_port), access_log=lines.append, clock=time.monotonic)
-    hop = AsyncioHop(proxy, loop, client_info)
+    hop = EngineHop(proxy, loop, client_info)
 
     async def main() -> list[tuple[bytes, bytes]]:
         if listen_backend:

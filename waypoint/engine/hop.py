@@ -1,48 +1,40 @@
-"""A measurement prototype, not the product's path: the waypoint's L7 hop on asyncio Protocols and uvloop,
-for choosing the engine of the waypoint's data path by the numbers (`python -m bench.waypoint_bench
---engine asyncio`, against the trio `WaypointProxy` with `--engine trio`).
+"""The waypoint's HTTP/1.1 data path on the engine (asyncio Protocols on uvloop, `mesh.hbone.engine`).
 
-It does per request what `waypoint.proxy.WaypointProxy` does on the benchmark's path (an HTTP/1.1 request on
-a tunnel to a service VIP, routed to the service, forwarded over a pooled keep-alive HTTP/1.1 connection)
-with the same code wherever that code is sans-IO, so that what differs is the engine and the task
-structure alone:
+It does per request what `waypoint.proxy.WaypointProxy` does on trio, with the same code wherever that code
+is sans-IO, so that the two paths answer alike and only the engine and the task structure differ:
 
-- parsing and writing HTTP/1.1: `waypoint.http.http1`'s reader over httptools, its head and body framing
-  (imported by their module-private names: the prototype must run the very same code);
-- the pipeline's steps: `WaypointProxy`'s own synchronous methods on a proxy object that holds the route
-  table, caches, tracer, metrics and access-log sink (`_sent_head`: forwarding headers, x-request-id, trace
-  headers; `_upstream_protocol`; `_authz_request`; `_report`: metrics, span and the access-log line), and
-  the functions its `_handle` calls (`routing.target_hostname`, `normalize_request`, `routing.decide`,
-  `jwt.authenticate`, `authz.decide`);
-- forwarding: the `Forwarder`'s cluster state (balancer, outlier detector, limiter), `Record`, the retry
-  and gRPC rules, and the response header operations, driven from callbacks.
+- parsing and writing HTTP/1.1: `waypoint.http.http1`'s reader over httptools, its head and body framing;
+- the pipeline's steps: the proxy's own synchronous methods (`_sent_head`: forwarding headers,
+  x-request-id, trace headers; `_upstream_protocol`; `_authz_request`; `_report`: metrics, span and the
+  access-log line) on an `EngineProxy`, and the functions its `_handle` calls (`routing.target_hostname`,
+  `normalize_request`, `routing.decide`, `jwt.authenticate`, `authz.decide`);
+- forwarding: the `Forwarder`'s cluster state (balancer, outlier detector, limiter and its queue),
+  `Record`, the retry and gRPC rules, and the response header operations, driven from callbacks.
 
-Over HBONE (`python -m bench.waypoint_hbone_bench`), the hop sits between two of the engine's tunnels, all
-on one loop: `tunnel_handler` is the handler of `mesh.hbone.aio.serve_tls` (the inbound's `admit`, then each
-accepted tunnel read as a client connection), `TunnelPool` opens upstream tunnels on an `AioPool` as
-`HboneUpstream` does, and `TunnelTransport` joins a protocol of the hop to a `TunnelEnd` (where a `Splice`
-would join it to a TCP connection).  There the engine's server also runs the handler of each CONNECT in a
-task of its own, as it does in the node agent.
+Each tunnel the engine's HBONE inbound admits (`waypoint.engine.inbound`) is a client connection here
+(`TunnelTransport` joins a protocol to a `mesh.hbone.aio.TunnelEnd`); upstream, `TunnelPool` opens tunnels
+on the engine's HBONE pool as `waypoint.upstream.connect.HboneUpstream` does.  The only task is the dial of
+a new upstream connection; everything else runs in the transports' callbacks: a request is routed and
+written upstream from the client's `data_received`, the response goes to the client from the upstream's
+`data_received` (its head with the body bytes that came with it, in one write), and the outcome is
+recorded when the response has ended.  Retries (with backoff), per-try and route timeouts and fault delays
+are timers armed only when the route has them; header, idle and detection timeouts and the upstream pool's
+idle expiry are one sweep per second over all connections, not a timer per request.
 
-The only task is the dial of a new upstream connection; everything else runs in the transports'
-callbacks: a request is routed and written upstream from the client's `data_received`, the response goes to
-the client from the upstream's `data_received` (its head with the body bytes that came with it, in one
-write), and the outcome is recorded when the response has ended.  Retries (with backoff), per-try and route
-timeouts and fault delays are timers armed only when the route has them; header, idle and detection
-timeouts and the upstream pool's idle expiry are one sweep per second over all connections, not a timer per
-request.
-
-Left out, compared with the trio path (none of it is on the benchmark's path):
-- HTTP/2 (prior knowledge from clients, and endpoints whose port is HTTP/2: answered 503 here) and L4
-  passthrough of traffic that is not HTTP (such a connection is closed, also when detection times out);
-- streaming request bodies: a body is read whole before the request is routed (unbounded; the trio path
-  streams it and keeps at most `retry_buffer_bytes` for retries), and request trailers; an error in a body
-  is answered without an access-log line;
-- mirrors; upgrades and CONNECT (the connection is closed after the response);
-- a request the cluster's limits would queue is answered 503 `UO` (the trio path waits for a slot);
-- the upstream pool's `retire` on route-table changes and its bookkeeping (a weak-dictionary and a weak-set
-  look-up per request on the trio path), `drain`, JWKS refreshing (`WaypointProxy.run`), and the linger
-  before closing a refused client.
+What this path does not do itself it hands over, with the connection, to the trio path (`handoff`: the
+tunnel's bytes from the current request on, and the connection's later bytes, go to `WaypointProxy` on
+trio, which serves the rest of the connection):
+- a tunnel that is not HTTP/1.x: HTTP/2 (prior knowledge) and L4 passthrough (also when detection times
+  out, as a server-first protocol's does);
+- a request that upgrades (WebSocket) or is a CONNECT;
+- a request whose body is streamed: chunked, or longer than `retry_buffer_bytes` (a body up to that is
+  read whole before the request is routed, as the trio path keeps it for retries);
+- a request routed to mirrors, or to an endpoint port that speaks HTTP/2.
+The hand-over takes the bytes of the connection as received since the current request began, so it is
+exact whenever that request began a read of its own (a client that waits for each answer before its next
+request: every HTTP/1.1 client but a pipelining one).  A pipelined request that needs the hand-over after
+another in the same read is answered 503 with `Connection: close` and not forwarded, so the client may
+send it again on a new connection.
 """
 
 from __future__ import annotations
@@ -50,21 +42,28 @@ from __future__ import annotations
 import asyncio
 import datetime
 import enum
-import signal
+import functools
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
+from typing import Protocol as TypingProtocol
 
 from mesh import defaults
-from mesh.hbone.aio import AioAcceptor, AioHandler, TunnelEnd
+from mesh.bounded import BoundedMemo
+from mesh.hbone.aio import TunnelEnd
 from mesh.hbone.aiopool import AioPool
 from mesh.hbone.config import HBONE_PORT
+from mesh.hbone.engine import Engine
 from mesh.hbone.errors import HboneError, TunnelRejected
 from mesh.hbone.headers import request_headers
 from mesh.hbone.pool import PoolKey as HbonePoolKey
-from mesh.hbone.server import InboundRequest
 from mesh.hbone.splice import Splice
 from mesh.identity import SpiffeId
 from mesh.tracing.propagation import extract
+from mesh.tracing.tracer import Started, Tracer
+from waypoint.accesslog import Sink
+from waypoint.config import RouteTable, pool_changes
 from waypoint.errors import ConnectFailure, UpstreamError, UpstreamReset
 from waypoint.http.detect import Protocol, sniff
 from waypoint.http.http1 import (
@@ -88,19 +87,19 @@ from waypoint.http.http1 import (
     error_response,
     response_framing,
 )
-from waypoint.inbound import Refusal, admit
 from waypoint.l7 import authz, grpc, jwt, routing
 from waypoint.l7.limits import Admission
 from waypoint.l7.model import ClientInfo, Endpoint, RequestHead, ResponseHead, forwardable
 from waypoint.l7.normalize import NormalizationError, normalize_request
 from waypoint.l7.retry import Outcome, backoff, outcome_of, retriable
-from waypoint.proxy import _NO_POLICY, _UNAUTHENTICATED, WaypointProxy
+from waypoint.proxy import _NO_POLICY, _UNAUTHENTICATED, LABEL_CACHE_SIZE, WaypointProxy
 from waypoint.upstream.connect import endpoint_identity
 from waypoint.upstream.forward import ClusterState, Record, _available
-from waypoint.upstream.pool import MAX_IDLE_PER_KEY, PoolKey
+from waypoint.upstream.pool import MAX_IDLE_PER_KEY, Changed, PoolKey, TcpUpstream
 
 SWEEP_INTERVAL = 1.0  # seconds between sweeps for header, idle and detection timeouts
 PAUSE_BYTES = 4 * READ_SIZE  # bytes a busy client may send ahead (pipelined) before its reading pauses
+RETIRES_KEPT = 64  # route-table retires the upstream pool remembers for connections in use
 STALE_TRIES = 3  # sends of one attempt on pooled connections found dead (as `Forwarder._attempt`)
 ClientFor = Callable[[Any], ClientInfo]  # the transport's peer name -> who sent the tunnel
 _UNDECIDED = routing.RouteDecision(None)  # (until `start` decides: what a request refused before it records)
@@ -125,19 +124,81 @@ class UpPhase(enum.Enum):
     CLOSED = "closed"
 
 
-class AsyncioHop:
-    """The hop: a listener's protocol factory and what its connections share."""
+class Handoff(TypingProtocol):
+    """Hands a client connection to the trio path: `client.transport` is given up, and the trio path
+    serves `protocol` on it from `prefix` (the bytes received since the current request began) on; `eof`:
+    the client has already ended its side after them."""
 
-    def __init__(self, proxy: WaypointProxy, loop: asyncio.AbstractEventLoop, client_for: ClientFor) -> None:
+    def __call__(self, client: _Client, protocol: Protocol, prefix: bytes, eof: bool) -> None: ...
+
+
+def close_instead(client: _Client, protocol: Protocol, prefix: bytes, eof: bool) -> None:
+    """A `Handoff` for a hop with no trio path behind it (benchmarks, tests of the hop alone): the
+    connection is closed."""
+    client.close()
+
+
+class EngineProxy(WaypointProxy):
+    """The proxy's state and steps as the engine's thread uses them.  The route table, the JWKS cache (read
+    here, fetched by trio's proxy), the settings, the metrics (thread-safe) and the tracer are trio's
+    proxy's; the state that requests change (the clusters' balancers, limiters and outlier detectors, the
+    memos, the random source) is the engine's own, as each worker process has its own.  `update` swaps
+    the table and retires the engine's upstream connections it changed (`on_retire`)."""
+
+    def __init__(self, proxy: WaypointProxy, *, clock: Callable[[], float] = time.monotonic,
+                 tracer: Tracer | TracerOnTrio | None = None, access_log: Sink | None = None) -> None:
+        self.on_retire: Callable[[Changed], None] | None = None
+        super().__init__(TcpUpstream(), proxy.table, settings=proxy.settings, metrics=proxy.metrics,
+                         access_log=access_log or proxy.access_log, clock=clock, jwks=proxy.jwks,
+                         identity=proxy.identity, tracer=cast(Tracer, tracer or proxy.tracer))
+
+    def update(self, table: RouteTable) -> None:
+        old, self._table = self._table, table
+        self._labels = BoundedMemo(LABEL_CACHE_SIZE)
+        self._clusters = BoundedMemo(routing.CLUSTER_CACHE_SIZE)
+        self._protocols = BoundedMemo(LABEL_CACHE_SIZE)
+        if self.on_retire is not None:
+            self.on_retire(pool_changes(old, table))
+
+
+class TracerOnTrio:
+    """A `Tracer` for the engine's thread: spans start here (ids and sampling only) and are finished on
+    trio's thread, where the exporter's queue lives (`Engine.to_trio_soon`)."""
+
+    def __init__(self, tracer: Tracer, engine: Engine) -> None:
+        self.tracer = tracer
+        self.engine = engine
+        self.start = tracer.start
+
+    @property
+    def exporting(self) -> bool:
+        return self.tracer.exporting
+
+    def finish(self, started: Started, *args: Any, **kwargs: Any) -> None:
+        if started.recording:
+            self.engine.to_trio_soon(functools.partial(self.tracer.finish, started, *args, **kwargs))
+
+
+class EngineHop:
+    """What the engine's client connections share: the proxy, the upstream pool, the sweep, the drain."""
+
+    def __init__(self, proxy: WaypointProxy, loop: asyncio.AbstractEventLoop, client_for: ClientFor,
+                 handoff: Handoff = close_instead) -> None:
         self.proxy = proxy
         self.loop = loop
         self.clock = proxy.clock
         self.client_for = client_for
-        self.pool = UpstreamPool(self)
+        self.handoff = handoff
+        self.pool: UpstreamPool = UpstreamPool(self)
         self.clients: set[_Client] = set()
+        self.draining = False
+        self.handed = 0  # connections handed to the trio path (since start)
         self._sweeper: asyncio.TimerHandle | None = None
+        if isinstance(proxy, EngineProxy):
+            proxy.on_retire = lambda changed: self.pool.retire(changed)
 
     async def serve(self, host: str, port: int) -> asyncio.Server:
+        """A plain TCP listener whose connections are clients (benchmarks and tests of the hop)."""
         server = await self.loop.create_server(lambda: _Client(self), host, port, reuse_address=True)
         self.start()
         return server
@@ -146,6 +207,20 @@ class AsyncioHop:
         """Arm the sweep (`serve` does; a hop fed by HBONE tunnels calls it itself)."""
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def take_tunnel(self, end: TunnelEnd, client: ClientInfo) -> None:
+        """An admitted tunnel (its CONNECT answered 200) is a client connection from now on."""
+        TunnelTransport(end, _Client(self), {"peername": client})
+
+    def drain(self) -> None:
+        """The waypoint is going (`WaypointProxy.drain`): the next response on each connection says
+        `Connection: close` and the connection closes after it."""
+        self.draining = True
 
     def _sweep(self) -> None:
         now = self.clock()
@@ -159,9 +234,12 @@ class AsyncioHop:
 # ---- the client side ------------------------------------------------------------------------------------
 
 class _Client(asyncio.Protocol):
-    """One client connection (a tunnel): its requests one after the other, keep-alive, as `Http1Server`."""
+    """One client connection (a tunnel): its requests one after the other, keep-alive, as `Http1Server`.
 
-    def __init__(self, hop: AsyncioHop) -> None:
+    While a request is answered, what the client sends next waits unparsed (`_held`), so that the next
+    request begins a read of its own and the connection can be handed over from it (`_raw`)."""
+
+    def __init__(self, hop: EngineHop) -> None:
         self.hop = hop
         settings = hop.proxy.settings
         self.settings = settings.http1
@@ -173,8 +251,10 @@ class _Client(asyncio.Protocol):
         self.exchange: _Exchange | None = None
         self.version = "1.1"  # of the current request
         self.keep_alive = True  # the current exchange leaves the connection usable
-        self.upgrade = False
         self._prefix = b""
+        self._raw: list[bytes] = []  # what was received since the current request began (when `_aligned`)
+        self._aligned = True  # the current request began a read: `_raw` starts with it
+        self._held: list[bytes] = []  # received while busy, not parsed yet
         self._head_begun = False  # (idle) the next head's first bytes have come: `header_timeout` runs
         self._ahead = 0  # bytes received while busy
         self._pumping = False  # `_pump` is running up the stack: it picks up what a callback made ready
@@ -194,24 +274,40 @@ class _Client(asyncio.Protocol):
             if verdict is Protocol.UNDECIDED:
                 self._prefix = data
                 return
-            if verdict is not Protocol.HTTP1:  # (HTTP/2 and L4 passthrough are left out)
-                self.close()
-                return
             self._prefix = b""
+            if verdict is not Protocol.HTTP1:
+                self._hand_off(verdict, data)
+                return
             self._idle()
-        self.reader.feed(data)
-        if self.phase is Phase.IDLE:
-            if not self.reader.events and self.reader.in_head and not self._head_begun:
-                self._head_begun = True  # the rest of the head within `header_timeout`
-                self.deadline = self.hop.clock() + self.settings.header_timeout
-        else:
-            self._ahead += len(data)
-            if self._ahead > PAUSE_BYTES and self.transport is not None:
-                self.transport.pause_reading()
+        elif self.phase is Phase.BUSY or self.phase is Phase.CLOSED:
+            if self.phase is Phase.BUSY:
+                self._held.append(data)
+                self._ahead += len(data)
+                if self._ahead > PAUSE_BYTES and self.transport is not None:
+                    self.transport.pause_reading()
+            return
+        self._feed(data)
         self._pump()
         self.flush()
 
+    def _feed(self, data: bytes) -> None:
+        if self._aligned:
+            self._raw.append(data)
+        self.reader.feed(data)
+        if self.phase is Phase.IDLE and not self.reader.events and self.reader.in_head and not self._head_begun:
+            self._head_begun = True  # the rest of the head within `header_timeout`
+            self.deadline = self.hop.clock() + self.settings.header_timeout
+
     def eof_received(self) -> bool:
+        if self.phase is Phase.DETECTING:  # (nothing, or too little to tell: not HTTP/1.x)
+            if self._prefix:
+                self._hand_off(Protocol.OPAQUE, self._prefix, eof=True)
+                return True
+            self.close()
+            return True
+        if self.phase is Phase.BUSY:
+            self._held.append(b"")  # (the end, after what was held)
+            return True
         self.reader.closed()
         self._pump()
         self.flush()
@@ -257,10 +353,36 @@ class _Client(asyncio.Protocol):
         self.close()
 
     def timed_out(self) -> None:
-        if self.phase is Phase.IDLE and self.reader.in_head:
+        if self.phase is Phase.DETECTING:  # (a client that waits for the server to speak first)
+            self._hand_off(Protocol.OPAQUE, self._prefix)
+        elif self.phase is Phase.IDLE and self.reader.in_head:
             self.refuse(408, "request headers did not arrive in time")
         else:
             self.close()
+
+    # -- the hand-over to the trio path ----------------------------------------------------------------
+
+    def _hand_off(self, protocol: Protocol, prefix: bytes, *, eof: bool = False) -> None:
+        """The connection, from `prefix` on, to the trio path (`Handoff`); this protocol is done with it."""
+        self.flush()
+        self.hop.clients.discard(self)
+        self.phase = Phase.CLOSED
+        self.hop.handed += 1
+        self.hop.handoff(self, protocol, prefix, eof)
+
+    def hand_off_request(self, why: str) -> bool:
+        """The current request (and the rest of the connection) to the trio path, when this request began
+        a read of its own; otherwise 503 and the close (a pipelined request: not forwarded, so it can be
+        sent again).  True when handed over."""
+        if not self._aligned:
+            self.keep_alive = False
+            return False
+        held = [d for d in self._held if d]
+        eof = len(held) != len(self._held)
+        self._held = []
+        self.exchange = None
+        self._hand_off(Protocol.HTTP1, b"".join(self._raw) + b"".join(held), eof=eof)
+        return True
 
     # -- requests --------------------------------------------------------------------------------------
 
@@ -268,6 +390,9 @@ class _Client(asyncio.Protocol):
         self.phase = Phase.IDLE
         self.deadline = self.hop.clock() + self.settings.idle_timeout
         self._head_begun = False
+        reader = self.reader
+        self._aligned = not reader.events and not reader.in_head and not reader.in_body
+        self._raw = []
         if self._ahead > PAUSE_BYTES and self.transport is not None:
             self.transport.resume_reading()
         self._ahead = 0
@@ -304,9 +429,28 @@ class _Client(asyncio.Protocol):
             return
         self.version = event.version
         self.keep_alive = event.keep_alive
-        self.upgrade = event.upgrade
+        why = self._not_here(event)
+        if why:
+            if not self.hand_off_request(why):
+                self.refuse(503, f"this pipelined request needs a connection of its own ({why}): "
+                                 "send it again on a new connection")
+            return
         self.phase = Phase.BODY
         self.exchange = _Exchange(self, _request_head(event), event.method)
+
+    def _not_here(self, event: _Head) -> str:
+        """Why the request is the trio path's ("" when it is this path's)."""
+        if event.upgrade or event.method == "CONNECT":
+            return "an upgrade" if event.upgrade else "a CONNECT"
+        length = None
+        for name, value in event.headers:
+            if name == "transfer-encoding":
+                return "a streamed body"
+            if name == "content-length":
+                length = value
+        if length is not None and (not length.isdigit() or int(length) > self.hop.proxy.settings.retry_buffer_bytes):
+            return "a streamed body"  # (or a malformed length: the trio path answers it)
+        return ""
 
     def _body(self, event: object) -> None:
         ex = self.exchange
@@ -327,11 +471,21 @@ class _Client(asyncio.Protocol):
         self.exchange = None
         if self.phase is Phase.CLOSED:
             return
-        if not self.keep_alive or self.upgrade:
+        if not self.keep_alive:
             self.close()
             return
         self._idle()
-        self._pump()
+        held, self._held = self._held, []
+        for data in held:
+            if self.phase is not Phase.IDLE and self.phase is not Phase.BODY:
+                if self.phase is Phase.BUSY:
+                    self._held.append(data)  # (the next request is busy already: the rest waits again)
+                continue
+            if data:
+                self._feed(data)
+            else:
+                self.reader.closed()
+            self._pump()
 
 
 # ---- one request --------------------------------------------------------------------------------------
@@ -359,6 +513,7 @@ class _Exchange:
         self.state: ClusterState | None = None
         self.protocol = "HTTP/1.1"
         self.limited = False  # holds a slot of the cluster's limiter
+        self.waiter: _Waiter | None = None  # in the limiter's queue
         self.retries_left = 0
         self.tried: set[str] = set()
         self.endpoint: Endpoint | None = None  # of the attempt in flight
@@ -403,6 +558,10 @@ class _Exchange:
                 head = self.head = head.replace(headers=self.authn.apply(head.headers))
         d = self.decision = routing.decide(table, head, client, proxy.rng,
                                            proxy._clusters if table is proxy.table else None)
+        if d.cluster is not None and d.request is not None and d.local_reply is None \
+                and (d.mirrors or proxy._upstream_protocol(table, d) != "HTTP/1.1"):
+            self._not_here("mirrors" if d.mirrors else "an HTTP/2 endpoint")
+            return
         if table.policies:
             self.verdict = authz.decide(table.policies, hostname, proxy._authz_request(head, client, self.authn))
         if not self.verdict.allowed:
@@ -413,6 +572,14 @@ class _Exchange:
             self.wait_timer = hop.loop.call_later(d.fault.delay, self._delayed)
             return
         self._after_delay()
+
+    def _not_here(self, why: str) -> None:
+        """The route needs what the trio path does: the connection goes there from this request on."""
+        if self.client.hand_off_request(why):
+            self.done = True
+            return
+        self.local(routing.LocalReply(503, f"this pipelined request needs a connection of its own ({why}): "
+                                           "send it again on a new connection".encode()))
 
     def _delayed(self) -> None:
         self._after_delay()
@@ -427,10 +594,6 @@ class _Exchange:
         if d.local_reply is not None or d.cluster is None or d.request is None:
             self.local(d.local_reply or routing.LocalReply(404, b"", "NR"))
             return
-        self.protocol = self.hop.proxy._upstream_protocol(self.table, d)
-        if self.protocol != "HTTP/1.1":  # (left out: HTTP/2 endpoints)
-            self.local(routing.LocalReply(503, b"HTTP/2 endpoints are not in the asyncio prototype", "UF"))
-            return
         self._forward()
 
     # -- forwarding (`Forwarder.forward`, `_attempts`, `_attempt`) -------------------------------------
@@ -439,12 +602,32 @@ class _Exchange:
         d = self.decision
         assert d.cluster is not None and d.request is not None
         state = self.state = self.hop.proxy.forwarder.state(d.cluster)
-        if state.limiter.admit() is not Admission.PROCEED:
+        admission = state.limiter.admit()
+        if admission is Admission.OVERFLOW:
             self.rec.flag("UO")
             self.local(routing.LocalReply(503, b"upstream connect error or disconnect/reset before headers. "
                                                b"reset reason: overflow", "UO"))
             return
+        if admission is Admission.QUEUE:  # a slot is handed over by `release`, in the queue's order
+            self.waiter = _Waiter(self)
+            state.limiter.enqueue(self.waiter)
+            return
         state.limiter.active += 1  # (what `ClusterLimiter.acquire` does when it admits at once)
+        self._admitted()
+
+    def granted(self) -> None:
+        """The limiter handed this request a slot (it waited in the queue)."""
+        self.waiter = None
+        if self.done:
+            assert self.state is not None
+            self.state.limiter.release()  # (gone meanwhile: the slot goes on to the next)
+            return
+        self._admitted()
+        self.client.flush()
+
+    def _admitted(self) -> None:
+        d = self.decision
+        assert d.request is not None
         self.limited = True
         timeout = grpc.request_timeout(d.timeout, d.request)
         if timeout:  # from the end of the request (here: now) to the end of the response
@@ -653,7 +836,7 @@ class _Exchange:
         headers = forwardable(head.headers)
         status = head.status
         self.writer, extra, reusable = response_framing(self.method, status, headers, client.version)
-        client.keep_alive = client.keep_alive and reusable
+        client.keep_alive = client.keep_alive and reusable and not self.hop.draining
         if not client.keep_alive:
             extra += (("connection", "close"),)
         client.write(_head_bytes(f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n",
@@ -723,10 +906,26 @@ class _Exchange:
             self.state.limiter.retry_done()
         if self.limited and self.state is not None:
             self.state.limiter.release()
+        if self.waiter is not None and self.state is not None and not self.waiter.handed:
+            self.state.limiter.withdraw(self.waiter)
         if self.span is not None:  # (None: refused before the pipeline began; the trio path records nothing)
             self.hop.proxy._report(self.table, self.head, self.client.info, self.decision, self.rec, self.authn,
                                    self.verdict, self.start_time, self.wall, self.span)
         self.client.finished()
+
+
+class _Waiter:
+    """A request's place in its cluster's limiter queue (`ClusterLimiter.enqueue`): `set` is the slot."""
+
+    __slots__ = ("exchange", "handed")
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self.exchange = exchange
+        self.handed = False
+
+    def set(self) -> None:
+        self.handed = True
+        self.exchange.hop.loop.call_soon(self.exchange.granted)
 
 
 # ---- the upstream side -----------------------------------------------------------------------------------
@@ -743,6 +942,7 @@ class _Upstream(asyncio.Protocol):
         self.exchange: _Exchange | None = None
         self.keep_alive = True
         self.reused = False
+        self.born = pool.generation  # the pool's retires before this one do not concern it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # (uvloop's are not its subclasses)
@@ -841,9 +1041,11 @@ class _Upstream(asyncio.Protocol):
 
 class UpstreamPool:
     """Idle keep-alive connections per (protocol, (endpoint, client address, service)), as
-    `ConnectionPool` keeps its HTTP/1.1 ones; a dial is the one task of the hop."""
+    `ConnectionPool` keeps its HTTP/1.1 ones; a dial is the one task of the hop.  `retire` (a new route
+    table) closes the idle connections of the keys it names, and those in use or being opened when they
+    are given back, as `ConnectionPool.retire` does."""
 
-    def __init__(self, hop: AsyncioHop, idle_timeout: float = 60.0, max_idle: int = MAX_IDLE_PER_KEY) -> None:
+    def __init__(self, hop: EngineHop, idle_timeout: float = 60.0, max_idle: int = MAX_IDLE_PER_KEY) -> None:
         self.hop = hop
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
@@ -851,6 +1053,8 @@ class UpstreamPool:
         self._idle: dict[tuple[str, PoolKey], list[tuple[float, _Upstream]]] = {}
         self._next_expiry = 0.0
         self.opened = 0
+        self.generation = 0  # retires so far
+        self._retires: deque[Changed] = deque(maxlen=RETIRES_KEPT)  # the last ones, oldest first
 
     def acquire(self, endpoint: Endpoint, protocol: str, service: str, client: str) -> _Upstream | None:
         idle = self._idle.get((protocol, (endpoint.key, client, service)))
@@ -884,8 +1088,30 @@ class UpstreamPool:
         ex.send_on(conn, reused=False)
         ex.client.flush()
 
+    def idle_count(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+    def retire(self, changed: Changed) -> None:
+        for key, idle in list(self._idle.items()):
+            if changed(key[1][0], key[1][2]):
+                for _, conn in idle:
+                    conn.close()
+                del self._idle[key]
+        self.generation += 1
+        self._retires.append(changed)
+
+    def _retired(self, conn: _Upstream) -> bool:
+        """Whether a retire since `conn` was opened named its key."""
+        since = self.generation - conn.born
+        if since == 0:
+            return False
+        if since > len(self._retires):
+            return True  # (older than the retires kept: not reused, to be sure)
+        _, (endpoint, _, service) = conn.key
+        return any(changed(endpoint, service) for changed in list(self._retires)[-since:])
+
     def release(self, conn: _Upstream) -> None:
-        if conn.reusable:
+        if conn.reusable and not self._retired(conn):
             idle = self._idle.setdefault(conn.key, [])
             if len(idle) < self.max_idle:
                 idle.append((self.hop.clock(), conn))
@@ -917,7 +1143,7 @@ class TunnelTransport:
     (`_Client`, `_Upstream`): it stands where a `Splice` stands at the end (what the tunnel receives goes to
     the protocol's callbacks, from the callback that received it) and where the transport stands for the
     protocol (what it writes goes on the stream).  `extra` answers `get_extra_info` (`peername`: what
-    `AsyncioHop.client_for` reads)."""
+    `EngineHop.client_for` reads)."""
 
     def __init__(self, end: TunnelEnd, protocol: asyncio.Protocol, extra: dict[str, Any]) -> None:
         self.end = end
@@ -983,29 +1209,20 @@ class TunnelTransport:
             self.end.abort()
             self._lost(None)
 
+    def detach(self) -> TunnelEnd:
+        """Give the tunnel up, open, to whoever joins it next (the protocol hears nothing more)."""
+        self.closed = True
+        self.end.detach()
+        return self.end
+
     def _lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.end.conn.loop.call_soon(self.protocol.connection_lost, exc)  # (as a transport: never re-entrantly)
 
 
 def admitted(peer: Any) -> ClientInfo:
-    """`AsyncioHop.client_for` of a hop fed by tunnels: their `peername` is the admission's `ClientInfo`."""
+    """`EngineHop.client_for` of a hop fed by tunnels: their `peername` is the admission's `ClientInfo`."""
     return cast(ClientInfo, peer)
-
-
-def tunnel_handler(hop: AsyncioHop) -> AioHandler:
-    """The hop's HBONE inbound on the engine (the handler of `mesh.hbone.aio.serve_tls`), as
-    `waypoint.inbound.InboundServer.tunnel` without its allowance for configuration skew: `admit` (the same
-    decision), then the tunnel read as a client connection (build the hop with `client_for=admitted`)."""
-    async def handler(request: InboundRequest, acceptor: AioAcceptor) -> None:
-        decision = admit(hop.proxy.table, request.authority, request.peer, request.forwarded_for,
-                         request.peer_address)
-        if isinstance(decision, Refusal):
-            acceptor.reject(decision.status, decision.reason)
-            return
-        TunnelTransport(acceptor.accept(), _Client(hop), {"peername": decision})
-
-    return handler
 
 
 class TunnelPool(UpstreamPool):
@@ -1014,7 +1231,7 @@ class TunnelPool(UpstreamPool):
     address on `hbone_port`, its identity required, `Forwarded` naming the client and the service, the
     request's `traceparent`); one outside the mesh is plain TCP, as in `UpstreamPool`."""
 
-    def __init__(self, hop: AsyncioHop, tunnels: AioPool, identity: SpiffeId, *,
+    def __init__(self, hop: EngineHop, tunnels: AioPool, identity: SpiffeId, *,
                  trust_domain: str = defaults.TRUST_DOMAIN, hbone_port: int = HBONE_PORT) -> None:
         super().__init__(hop)
         self.tunnels = tunnels
@@ -1054,15 +1271,3 @@ class TunnelPool(UpstreamPool):
         self.opened += 1
         ex.send_on(conn, reused=False)
         ex.client.flush()
-
-
-def serve(hop: AsyncioHop, host: str, port: int) -> None:
-    """Run the hop on `hop.loop` until SIGINT."""
-    loop = hop.loop
-    server = loop.run_until_complete(hop.serve(host, port))
-    loop.add_signal_handler(signal.SIGINT, loop.stop)
-    try:
-        loop.run_forever()
-    finally:
-        server.close()
-        loop.close()
