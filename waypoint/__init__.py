@@ -21,11 +21,13 @@ from the CA with a workload token, discovery (`waypoint.discovery`: Workloads, S
 L7Configs naming it, compiled into a table; a bad resource is NACKed and the last good table kept),
 the HBONE inbound on 15008 (`waypoint.inbound`: CONNECT admission, 400 for an authority that is not a
 service or workload using this waypoint, L4
-policy for tunnels that are not HTTP), metrics on 15020, readiness on 15021, admin on 127.0.0.1:15000
+policy for tunnels that are not HTTP; by default on the engine, `waypoint.engine`, with HTTP/1.1 served
+there and the rest handed to `WaypointProxy` on trio), metrics on 15020, readiness on 15021, admin on 127.0.0.1:15000
 (`waypoint.admin`), one JSON access-log line per request on stdout, and a drain on SIGTERM.
 
 Layout: pure decisions in `normalize`, `forwarding`, `routing`, `authz`, `l4authz`, `jwt`, `lb`, `outlier`,
 `retry`, `rules`,
 `detect.sniff`, `inbound.admit`; I/O in `http1`, `http2`, `pool`, `upstream`, `forward`, `jwks`, `proxy`,
-`inbound`, `app` (the assembly), `options`, `main` (the command line).
+`inbound`, `engine.inbound` and `engine.hop` (the data path on the engine), `app` (the assembly), `options`,
+`main` (the command line).
 """

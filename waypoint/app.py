@@ -29,6 +29,7 @@ Gateway mode (`Options.listeners`, an ingress Gateway's pod): the same parts, bu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -40,7 +41,7 @@ from prometheus_client import CollectorRegistry
 from mesh import runtime
 from mesh.hbone.aiopool import AioPool
 from mesh.hbone.aiopool import tcp_connect as aio_connect
-from mesh.hbone.engine import Engine
+from mesh.hbone.engine import Engine, EngineError
 from mesh.hbone.pool import HbonePool, tcp_connect
 from mesh.process import split_hostport
 from mesh.secrets.errors import SecretsError
@@ -129,7 +130,8 @@ class Waypoint:
         if self.engine_proxy is not None:
             if self._engine_running:
                 assert self.engine is not None
-                self.engine.call_soon(self.engine_proxy.update, table)
+                with contextlib.suppress(EngineError):  # (stopped: nothing is served any more)
+                    self.engine.call_soon(self.engine_proxy.update, table)
             else:  # (nothing runs on the engine yet)
                 self.engine_proxy.update(table)
 

@@ -17,6 +17,7 @@ contexts), and what it writes is thread-safe (Prometheus counters); everything e
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -108,7 +109,10 @@ class Engine:
         except BaseException:
             future.cancel()
             raise
-        return future.result()
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:  # the loop stopped under it, cancelling its tasks
+            raise EngineError("the engine stopped before the call finished") from None
 
     # -- engine -> trio ---------------------------------------------------------------------------------
 

@@ -26,7 +26,8 @@ tunnel's bytes from the current request on, and the connection's later bytes, go
 trio, which serves the rest of the connection):
 - a tunnel that is not HTTP/1.x: HTTP/2 (prior knowledge) and L4 passthrough (also when detection times
   out, as a server-first protocol's does);
-- a request that upgrades (WebSocket) or is a CONNECT;
+- a request that asks for a protocol upgrade or is a CONNECT (the trio path answers it as it always has:
+  it forwards the request without its hop-by-hop `Upgrade`, so no upgraded protocol is relayed);
 - a request whose body is streamed: chunked, or longer than `retry_buffer_bytes` (a body up to that is
   read whole before the request is routed, as the trio path keeps it for retries);
 - a request routed to mirrors, or to an endpoint port that speaks HTTP/2.
@@ -475,6 +476,7 @@ class _Client(asyncio.Protocol):
             self.close()
             return
         self._idle()
+        self._pump()  # what came in the same reads as the request just answered (pipelined), parsed already
         held, self._held = self._held, []
         for data in held:
             if self.phase is not Phase.IDLE and self.phase is not Phase.BODY:
@@ -486,6 +488,7 @@ class _Client(asyncio.Protocol):
             else:
                 self.reader.closed()
             self._pump()
+        self.flush()
 
 
 # ---- one request --------------------------------------------------------------------------------------

@@ -102,8 +102,8 @@ class EngineInbound:
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
-            with trio.CancelScope(shield=True), contextlib.suppress(EngineError):
-                await self.engine.call(self._close_all)
+            with contextlib.suppress(EngineError):  # (not waited for: the engine may be stopping too)
+                self.engine.call_soon(self._close_all)
 
     def drain(self) -> None:
         """Stop accepting; ask every client to finish its tunnels and go elsewhere (GOAWAY)."""
@@ -177,7 +177,7 @@ class EngineInbound:
             sock.close()
         self._listeners = []
 
-    async def _close_all(self) -> None:
+    def _close_all(self) -> None:
         self._draining = True
         self._close_listeners()
         self.hop.stop()
