@@ -21,13 +21,17 @@ recorded when the response has ended.  Retries (with backoff), per-try and route
 are timers armed only when the route has them; header, idle and detection timeouts and the upstream pool's
 idle expiry are one sweep per second over all connections, not a timer per request.
 
+A request that asks for a protocol upgrade (WebSocket) goes to the endpoint with its `Connection: upgrade`
+and `Upgrade`; when the endpoint answers 101, the 101 goes to the client with them and both connections
+switch to relaying bytes as they come, until both sides have ended (then the request is recorded, with
+the bytes each way), as Envoy's upgrade does.  The trio path does not relay upgrades.
+
 What this path does not do itself it hands over, with the connection, to the trio path (`handoff`: the
 tunnel's bytes from the current request on, and the connection's later bytes, go to `WaypointProxy` on
 trio, which serves the rest of the connection):
 - a tunnel that is not HTTP/1.x: HTTP/2 (prior knowledge) and L4 passthrough (also when detection times
   out, as a server-first protocol's does);
-- a request that asks for a protocol upgrade or is a CONNECT (the trio path answers it as it always has:
-  it forwards the request without its hop-by-hop `Upgrade`, so no upgraded protocol is relayed);
+- a CONNECT request;
 - a request whose body is streamed: chunked, or longer than `retry_buffer_bytes` (a body up to that is
   read whole before the request is routed, as the trio path keeps it for retries);
 - a request routed to mirrors, or to an endpoint port that speaks HTTP/2.
@@ -113,6 +117,7 @@ class Phase(enum.Enum):
     IDLE = "idle"  # waiting for a request's head
     BODY = "body"  # a request's head is in, its body is still arriving
     BUSY = "busy"  # the request is being answered
+    TUNNEL = "tunnel"  # switched protocols (101): bytes relayed both ways as they come
     CLOSED = "closed"
 
 
@@ -122,6 +127,7 @@ class UpPhase(enum.Enum):
     IDLE = "idle"  # no request, or the last exchange ended cleanly
     WAITING = "waiting"  # a request has gone out, its response head has not come
     RECEIVING = "receiving"  # the response's body is coming
+    TUNNEL = "tunnel"  # switched protocols (101): bytes relayed both ways as they come
     CLOSED = "closed"
 
 
@@ -252,6 +258,9 @@ class _Client(asyncio.Protocol):
         self.exchange: _Exchange | None = None
         self.version = "1.1"  # of the current request
         self.keep_alive = True  # the current exchange leaves the connection usable
+        self.peer: _Upstream | None = None  # (tunnel) the endpoint's connection the bytes go to
+        self._ended = False  # (tunnel) the client has ended its side
+        self._eof_sent = False  # (tunnel) the endpoint's end has been passed on to the client
         self._prefix = b""
         self._raw: list[bytes] = []  # what was received since the current request began (when `_aligned`)
         self._aligned = True  # the current request began a read: `_raw` starts with it
@@ -269,6 +278,13 @@ class _Client(asyncio.Protocol):
         self.hop.clients.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.phase is Phase.TUNNEL:
+            peer = self.peer
+            if peer is not None and peer.transport is not None:
+                peer.transport.write(data)
+                if self.exchange is not None:
+                    self.exchange.rec.bytes_received += len(data)
+            return
         if self.phase is Phase.DETECTING:
             data = self._prefix + data
             verdict = sniff(data)
@@ -300,6 +316,11 @@ class _Client(asyncio.Protocol):
             self.deadline = self.hop.clock() + self.settings.header_timeout
 
     def eof_received(self) -> bool:
+        if self.phase is Phase.TUNNEL:
+            self._ended = True
+            if self.exchange is not None:
+                self.exchange.tunnel_ended()
+            return True
         if self.phase is Phase.DETECTING:  # (nothing, or too little to tell: not HTTP/1.x)
             if self._prefix:
                 self._hand_off(Protocol.OPAQUE, self._prefix, eof=True)
@@ -328,6 +349,24 @@ class _Client(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.exchange is not None:
             self.exchange.pause_upstream(False)
+
+    def switch(self, peer: _Upstream) -> bytes:
+        """Switched protocols: from now on bytes go to `peer` as they come.  Returns what the client sent
+        after its request meanwhile (and ends towards the endpoint if the client has ended)."""
+        self.phase = Phase.TUNNEL
+        self.peer = peer
+        ahead = self.reader.upgraded
+        self.reader.upgraded = b""
+        for data in self._held:
+            if data:
+                ahead += data
+            else:
+                self._ended = True
+        self._held = []
+        if self._ahead > PAUSE_BYTES and self.transport is not None:
+            self.transport.resume_reading()
+        self._ahead = 0
+        return ahead
 
     # -- output ----------------------------------------------------------------------------------------
 
@@ -438,11 +477,14 @@ class _Client(asyncio.Protocol):
             return
         self.phase = Phase.BODY
         self.exchange = _Exchange(self, _request_head(event), event.method)
+        if event.upgrade:  # (nothing is parsed after it: the connection ends with it unless it switches)
+            self.keep_alive = False
+            self.exchange.upgrade = next((v for k, v in event.headers if k == "upgrade"), "")
 
     def _not_here(self, event: _Head) -> str:
         """Why the request is the trio path's ("" when it is this path's)."""
-        if event.upgrade or event.method == "CONNECT":
-            return "an upgrade" if event.upgrade else "a CONNECT"
+        if event.method == "CONNECT":
+            return "a CONNECT"
         length = None
         for name, value in event.headers:
             if name == "transfer-encoding":
@@ -516,6 +558,7 @@ class _Exchange:
         self.state: ClusterState | None = None
         self.protocol = "HTTP/1.1"
         self.limited = False  # holds a slot of the cluster's limiter
+        self.upgrade = ""  # the protocol the client asks to switch to (its `Upgrade`), "" for none
         self.waiter: _Waiter | None = None  # in the limiter's queue
         self.retries_left = 0
         self.tried: set[str] = set()
@@ -832,6 +875,55 @@ class _Exchange:
         if self.conn is not None:
             self.conn.pause(paused)
 
+    def switched(self, conn: _Upstream, head: ResponseHead, rest: bytes) -> None:
+        """The endpoint switched protocols (101) for an upgrade request: the 101 to the client with its
+        `Connection: upgrade` and `Upgrade`, then bytes both ways as they come (`_Client.switch`)."""
+        ep = self.endpoint
+        assert ep is not None and self.state is not None and self.decision.cluster is not None
+        self._attempt_over()
+        if self.state.outlier is not None:
+            self.state.outlier.record(ep.key, 101, self.hop.clock(), len(self.decision.cluster.endpoints))
+        if self.route_timer is not None:  # (the route's timeout is for an answer; a tunnel has none)
+            self.route_timer.cancel()
+            self.route_timer = None
+        headers = head.headers
+        for ops in self.decision.response_ops:
+            headers = routing.apply_ops(headers, ops)
+        protocol = next((v for k, v in head.headers if k == "upgrade"), self.upgrade)
+        self.rec.status = 101
+        self.started = True
+        client = self.client
+        client.write(_head_bytes("HTTP/1.1 101 Switching Protocols\r\n",
+                                 (*forwardable(headers), ("connection", "upgrade"), ("upgrade", protocol))))
+        if rest:
+            self.rec.bytes_sent += len(rest)
+            client.write(rest)
+        client.flush()
+        ahead = client.switch(conn)
+        if ahead and conn.transport is not None:
+            self.rec.bytes_received += len(ahead)
+            conn.transport.write(ahead)
+        self.tunnel_ended()
+
+    def tunnel_ended(self) -> None:
+        """One side of a switched connection may have ended: its end passed on; both: the exchange is over."""
+        client, conn = self.client, self.conn
+        if conn is None or self.done:
+            return
+        if client._ended and not conn.eof_sent and conn.transport is not None:
+            conn.eof_sent = True
+            if conn.transport.can_write_eof():
+                conn.transport.write_eof()
+        if conn.ended and not client._eof_sent and client.transport is not None:
+            client._eof_sent = True
+            if client.transport.can_write_eof():
+                client.transport.write_eof()
+        if client._ended and conn.ended:
+            self.conn = None
+            conn.close()
+            client.close()
+            self.finish()
+
     def _write_head(self, head: ResponseHead, end: bool = False) -> None:
         """`_ServerExchange.send_head`: the head framed for this client (the body's framing chosen)."""
         self.started = True
@@ -945,6 +1037,8 @@ class _Upstream(asyncio.Protocol):
         self.exchange: _Exchange | None = None
         self.keep_alive = True
         self.reused = False
+        self.ended = False  # (tunnel) the endpoint has ended its side
+        self.eof_sent = False  # (tunnel) the client's end has been passed on to the endpoint
         self.born = pool.generation  # the pool's retires before this one do not concern it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -957,6 +1051,8 @@ class _Upstream(asyncio.Protocol):
     def send_request(self, ex: _Exchange, head: RequestHead, body: list[bytes], reused: bool) -> None:
         """`Http1Client.send_request` for a body that is all here."""
         headers = (("host", head.authority), *forwardable(head.headers))
+        if ex.upgrade:  # (hop-by-hop, but what an upgrade asks of the next hop)
+            headers = (*headers, ("connection", "upgrade"), ("upgrade", ex.upgrade))
         length = _content_length(headers)
         self.reader.skip_body = head.method in _NO_BODY_METHODS
         chunks = [c for c in body if c]
@@ -978,8 +1074,24 @@ class _Upstream(asyncio.Protocol):
         self.transport.write(b"".join(out) if len(out) > 1 else data)
 
     def data_received(self, data: bytes) -> None:
+        if self.phase is UpPhase.TUNNEL:
+            ex = self.exchange
+            if ex is not None and ex.client.transport is not None and ex.client.phase is Phase.TUNNEL:
+                ex.rec.bytes_sent += len(data)
+                ex.client.transport.write(data)
+            return
         self.reader.feed(data)
         self._events()
+
+    def pause_writing(self) -> None:
+        ex = self.exchange
+        if self.phase is UpPhase.TUNNEL and ex is not None and ex.client.transport is not None:
+            ex.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        ex = self.exchange
+        if self.phase is UpPhase.TUNNEL and ex is not None and ex.client.transport is not None:
+            ex.client.transport.resume_reading()
 
     def _events(self) -> None:
         events = self.reader.events
@@ -988,6 +1100,13 @@ class _Upstream(asyncio.Protocol):
             ex = self.exchange
             event = events.popleft()
             if isinstance(event, _Head):
+                if event.status == 101 and event.upgrade and ex.upgrade and self.phase is UpPhase.WAITING:
+                    self.phase = UpPhase.TUNNEL
+                    self.keep_alive = False
+                    events.clear()
+                    rest, self.reader.upgraded = self.reader.upgraded, b""
+                    ex.switched(self, ResponseHead(101, event.headers), rest)
+                    return
                 if 100 <= event.status < 200 and event.status != 101:
                     continue  # an informational answer: its end follows at once, skipped below
                 self.keep_alive = self.keep_alive and event.keep_alive and not event.upgrade
@@ -1011,6 +1130,11 @@ class _Upstream(asyncio.Protocol):
             ex.client.flush()
 
     def eof_received(self) -> bool:
+        if self.phase is UpPhase.TUNNEL:
+            self.ended = True
+            if self.exchange is not None:
+                self.exchange.tunnel_ended()
+            return True
         self.reader.closed()
         self._events()
         return False
@@ -1194,6 +1318,14 @@ class TunnelTransport:
         if not end.writable and not self.paused:
             self.paused = True
             self.protocol.pause_writing()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        """END_STREAM after what was written; the other direction goes on."""
+        if not self.closed:
+            self.end.write_eof()
 
     def pause_reading(self) -> None:
         self.end.pause_reading()

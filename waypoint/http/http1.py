@@ -116,6 +116,7 @@ class _Reader:
         self.in_body = False
         self.until_close = False  # the current message's body ends when the connection does
         self.skip_body = False  # (client) the next response answers a HEAD request
+        self.upgraded = b""  # bytes after a message that switched protocols (101, or an upgrade request)
         self._head_bytes = 0
         self._quiet_bytes = 0
         self._url = b""
@@ -185,9 +186,12 @@ class _Reader:
         began_in_head, began_in_body, events = self.in_head, self.in_body, len(self.events)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # the message has ended (an upgrade request has no body here): nothing more is read after it
+        except httptools.HttpParserUpgrade as exc:
+            # the message has ended (an upgrade request has no body here): nothing more is parsed after it,
+            # and what followed it in `data` is the upgraded protocol's (kept in `upgraded`)
             self.broken = True
+            if exc.args and isinstance(exc.args[0], int):
+                self.upgraded += data[exc.args[0]:]
         except httptools.HttpParserError as exc:
             cause = exc.__context__
             if isinstance(cause, _SkipBody):  # a fresh parser for the next message, the rest dropped

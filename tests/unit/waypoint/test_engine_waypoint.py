@@ -281,26 +281,6 @@ def test_a_chunked_post_is_handed_over_whole(ca: MeshCA, tmp_path: Path) -> None
     run(main)
 
 
-def test_an_upgrade_request_is_handed_over(ca: MeshCA, tmp_path: Path) -> None:
-    async def main() -> None:
-        async with trio.open_nursery() as n:
-            ws = UpgradeBackend()
-            port = await start_tcp(n, ws.serve)
-            async with engine_waypoint(ca, tmp_path, {"v1": port}) as w:
-                tunnel = await w.tunnel()
-                await tunnel.send_all(UPGRADE)
-                status, _, _ = await RawResponses(tunnel).next()
-                await tunnel.aclose()
-                assert status == 101 and len(ws.heads) == 1 and ws.heads[0].startswith(b"GET /chat HTTP/1.1")
-                assert w.hop.handed == 1 and w.engine_log == []
-            n.cancel_scope.cancel()
-    run(main)
-
-
-@pytest.mark.xfail(strict=True, reason="the trio path the upgrade is handed to does not proxy upgrades: the "
-                                       "request reaches the endpoint without Upgrade and Connection (dropped as "
-                                       "hop-by-hop, waypoint/l7/model.py forwardable), the 101 goes out without "
-                                       "them, and no bytes follow it either way")
 def test_a_websocket_upgrade_carries_bytes_both_ways(ca: MeshCA, tmp_path: Path) -> None:
     async def main() -> None:
         async with trio.open_nursery() as n:
@@ -322,7 +302,10 @@ def test_a_websocket_upgrade_carries_bytes_both_ways(ca: MeshCA, tmp_path: Path)
                 await tunnel.send_eof()
                 assert await responses.rest() == b"ping"  # the client's bytes, echoed back
                 await tunnel.aclose()
-                assert w.hop.handed == 1 and w.engine_log == []
+                # relayed on the engine, and recorded once both sides ended, with the bytes each way
+                entry = await logged(w.engine_log)
+                assert entry["response_code"] == 101 and entry["bytes_received"] == 4 and entry["bytes_sent"] == 6
+                assert w.hop.handed == 0 and w.trio_log == []
             n.cancel_scope.cancel()
     run(main)
 
@@ -371,16 +354,16 @@ def test_keep_alive_then_a_request_that_needs_the_hand_over(ca: MeshCA, tmp_path
     run(main)
 
 
-def test_a_pipelined_upgrade_after_a_get_is_answered_503(ca: MeshCA, tmp_path: Path) -> None:
-    """A GET and an upgrade in one write: the upgrade cannot be handed over exactly (its bytes came in the
-    GET's read), so the GET is answered and the upgrade refused with 503 and `Connection: close`."""
+def test_a_pipelined_request_for_trio_after_a_get_is_answered_503(ca: MeshCA, tmp_path: Path) -> None:
+    """A GET and a chunked POST in one write: the POST cannot be handed over exactly (its bytes came in
+    the GET's read), so the GET is answered and the POST refused with 503 and `Connection: close`."""
     async def main() -> None:
         async with trio.open_nursery() as n:
             v1 = await start_backend(n, "v1")
             async with engine_waypoint(ca, tmp_path, {"v1": v1.port}) as w:
                 tunnel = await w.tunnel()
                 responses = RawResponses(tunnel)
-                await tunnel.send_all(GET + UPGRADE)
+                await tunnel.send_all(GET + CHUNKED_POST)
                 status, _, body = await responses.next()
                 assert status == 200 and json.loads(body)["path"] == "/reviews/0"
                 status, headers, body = await responses.next(timeout=2)
