@@ -158,7 +158,8 @@ class Waypoint:
                 "refused_tunnels": self.inbound.refused, "upstream_connections": self._upstream_connections(),
                 "idle_upstream_http_connections": self.proxy.pool.idle_count() + (self.hop.pool.idle_count()
                                                                                    if self.hop else 0),
-                "draining": self.draining, "engine": self.opts.engine if self.engine is not None else "trio"}
+                "draining": self.draining, "engine": self.opts.engine if self.engine is not None else "trio",
+                "handed_to_trio": self.hop.handed if self.hop else 0}  # (connections the engine's hop handed over)
 
     # ---- running --------------------------------------------------------------------------------------
 

@@ -259,6 +259,8 @@ def test_http2_prior_knowledge_is_handed_to_trio(ca: MeshCA, tmp_path: Path) -> 
                 assert entry["protocol"] == "HTTP/2" and entry["response_code"] == 200
                 assert entry["downstream_principal"] == str(SLEEP_ID)
                 assert w.hop.handed == 1 and w.engine_log == []
+                stats = w.waypoint.stats()  # (what the admin endpoint shows an operator)
+                assert stats["engine"] == "uvloop" and stats["handed_to_trio"] == 1
             n.cancel_scope.cancel()
     run(main)
 
