@@ -96,6 +96,7 @@ class Settings:
     loadgen_processes: int = 1
     envoy_concurrency: int = 2
     waypoint_workers: int = 0  # mode c's waypoint --workers (0: the local cluster's default, 1)
+    waypoint_engine: str = ""  # mode c's waypoint --engine ("": the waypoint's default, uvloop)
     cluster_file: Path = CLUSTER_FILE
     cluster_name: str | None = None  # default: the name in the cluster file
     output_dir: Path = RESULTS_DIR
@@ -540,7 +541,8 @@ def _context(cluster: lifecycle.Cluster, s: Settings) -> Context:
     return Context(plan.name, NAMESPACE, client.netns, server.netns, {n.name: n.netns for n in plan.nodes}, pair,
                    env, service_ip=str(svc.cluster_ip), server_pid=server_pid,
                    client_cgroup=str(mcgroup.v2_root() / client.cgroup), logs_dir=str(cluster.dir / "logs"),
-                   client_node=client.spec.node, waypoint_workers=s.waypoint_workers)
+                   client_node=client.spec.node, waypoint_workers=s.waypoint_workers,
+                   waypoint_engine=s.waypoint_engine)
 
 
 def _meta(s: Settings, cluster: str, started: datetime) -> dict[str, Any]:

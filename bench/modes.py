@@ -64,6 +64,7 @@ class Context:
     logs_dir: str = ""  # where the cluster's processes log (the node agents' logs say what they pre-warmed)
     client_node: str = ""  # the node of the client pod
     waypoint_workers: int = 0  # the waypoint's worker processes in mode c (0: the cluster's default)
+    waypoint_engine: str = ""  # the waypoint's engine in mode c ("": the waypoint's default)
 
     def meshctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ)
@@ -289,10 +290,16 @@ class MeshL7(MeshL4):
     def procs(self, ctx: Context) -> list[Proc]:
         return mesh_processes(ctx.cluster, "nodeagent") + mesh_processes(ctx.cluster, "waypoint")
 
+    def apply_args(self, ctx: Context) -> list[str]:
+        """The `meshctl waypoint apply` that `enter` runs: the bench's waypoint, with the run's `--workers`
+        and `--engine` when it sets them (else the cluster's defaults)."""
+        workers = ["--workers", str(ctx.waypoint_workers)] if ctx.waypoint_workers else []
+        engine = ["--engine", ctx.waypoint_engine] if ctx.waypoint_engine else []
+        return ["waypoint", "apply", "-n", ctx.namespace, "--enroll-namespace", *workers, *engine]
+
     def enter(self, ctx: Context) -> None:
         super().enter(ctx)
-        workers = ["--workers", str(ctx.waypoint_workers)] if ctx.waypoint_workers else []
-        ctx.meshctl_ok("waypoint", "apply", "-n", ctx.namespace, "--enroll-namespace", *workers)
+        ctx.meshctl_ok(*self.apply_args(ctx))
         deadline = time.monotonic() + SWITCH_TIMEOUT
         while not mesh_processes(ctx.cluster, "waypoint"):
             if time.monotonic() > deadline:

@@ -111,7 +111,8 @@ def ingress_pod(gateway: dict[str, Any], secrets: Mapping[tuple[str, str], dict[
     account = ingress_service_account(gw.name)
     return WaypointPod(gw.namespace, gw.name, drain_seconds(gateway), service_account=account,
                        args=("--service-account", account, *args), labels=((DATAPLANE_MODE_LABEL, "none"),),
-                       files=tuple(files), ports=tuple(ports), revision=digest)
+                       files=tuple(files), ports=tuple(ports), revision=digest,
+                       engine="trio")  # (gateway mode runs on trio whatever the flag: the command line says so)
 
 
 def forwards(listeners: Mapping[str, int], ip: str) -> list[Forward]:

@@ -27,13 +27,15 @@ closes, GOAWAY, requests in flight finish) for up to its drain time (`spec.infra
 `DRAIN_ANNOTATION`, default `DEFAULT_DRAIN_SECONDS`, passed as `--drain-seconds`), and is killed only
 after that and `STOP_GRACE` more.  Its worker processes (`waypoint.workers`) are `WORKERS_ANNOTATION`,
 default 1: the local cluster shares a few cores among all its pods, so one process per waypoint unless asked.
+What moves its data path's bytes (`--engine`, `waypoint.engine`) is `ENGINE_ANNOTATION`, default the
+waypoint's own (uvloop), so that the two engines can be compared on the same cluster.
 
-A change of the Gateway's infrastructure annotations (a flag of the pod: `--workers`, `--drain-seconds`),
-or of an ingress Gateway's revision (its listeners, or a certificate they use), rolls the pod, as a
-Deployment rolls when its pod template changes, without dropping a request: the controller compares what
-the Gateway asks for (`desired`) with the flags and revision recorded for the running pod (`roll_reasons`)
-and, when they differ, starts a new pod beside the old one (`surging`), probes it like any new pod, and
-only once it is Ready takes the old one's place: the old one is then retired as a removed
+A change of the Gateway's infrastructure annotations (a flag of the pod: `--workers`, `--engine`,
+`--drain-seconds`), or of an ingress Gateway's revision (its listeners, or a certificate they use), rolls
+the pod, as a Deployment rolls when its pod template changes, without dropping a request: the controller
+compares what the Gateway asks for (`desired`) with the flags and revision recorded for the running pod
+(`roll_reasons`) and, when they differ, starts a new pod beside the old one (`surging`), probes it like
+any new pod, and only once it is Ready takes the old one's place: the old one is then retired as a removed
 waypoint is (not Ready, SIGTERM, drained).  Both pods run at once, so the new one has its own name, and
 with it its own network namespace, address, user, directory, log and registration (the Pod the
 translation sees, labelled with the gateway's name like the old one): the gateway's name if it is free,
@@ -83,6 +85,7 @@ from mesh.errors import MeshError
 from mesh.files import write_atomic
 from mesh.identity import SpiffeId
 from mesh.serve import client
+from waypoint.options import ENGINES, Options
 
 log = logging.getLogger("localcluster.waypoints")
 
@@ -94,6 +97,8 @@ DEFAULT_DRAIN_SECONDS = 5.0  # how long a stopping waypoint lets requests in fli
 MAX_DRAIN_SECONDS = 300.0
 WORKERS_ANNOTATION = "waypoint.ambient.mesh/workers"  # the waypoint's --workers, in the same annotations
 MAX_WORKERS = 8  # as the waypoint allows (`waypoint.options.MAX_WORKERS`)
+ENGINE_ANNOTATION = "waypoint.ambient.mesh/engine"  # the waypoint's --engine, in the same annotations
+DEFAULT_ENGINE = Options.engine  # the waypoint's own default
 STOP_GRACE = 2.0  # seconds after the drain time before SIGKILL
 PROBE_TIMEOUT = 1.0  # seconds for one readiness probe
 PROBE_FAILURES = 3  # failed probes in a row that make a ready waypoint not ready (the kubelet's failureThreshold)
@@ -136,6 +141,22 @@ def workers(gateway: dict[str, Any]) -> int:
     return value
 
 
+def engine(gateway: dict[str, Any]) -> str:
+    """The engine a waypoint Gateway asks for (`ENGINE_ANNOTATION`), or the waypoint's default; a value that
+    is not one of `waypoint.options.ENGINES` is logged and the default used."""
+    annotations = ((gateway.get("spec") or {}).get("infrastructure") or {}).get("annotations") or {}
+    raw = annotations.get(ENGINE_ANNOTATION)
+    if raw is None:
+        return DEFAULT_ENGINE
+    if raw not in ENGINES:
+        meta = gateway.get("metadata") or {}
+        log.warning("waypoint %s/%s: %s %r is not one of %s; running %s",
+                    meta.get("namespace"), meta.get("name"), ENGINE_ANNOTATION, raw, ", ".join(ENGINES),
+                    DEFAULT_ENGINE)
+        return DEFAULT_ENGINE
+    return str(raw)
+
+
 def probed(was_ready: bool, answered: bool, failures: int) -> tuple[bool, int]:
     """(ready, failures in a row) after one readiness probe: Ready at the first success, not Ready after
     `PROBE_FAILURES` failures in a row."""
@@ -153,6 +174,7 @@ class WaypointPod:
     name: str  # the gateway's name: pod name and (by default) service account
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     workers: int = 1  # the waypoint's --workers (`WORKERS_ANNOTATION`)
+    engine: str = DEFAULT_ENGINE  # the waypoint's --engine (`ENGINE_ANNOTATION`)
     # what an ingress gateway's pod has besides (`localcluster.ingress`)
     service_account: str = ""  # default: the gateway's name
     args: tuple[str, ...] = ()  # more flags for the proxy (`OWN_DIR` in them: the pod's own directory)
@@ -188,7 +210,7 @@ def desired(gateways: list[dict[str, Any]]) -> dict[str, WaypointPod]:
             continue
         meta = gw.get("metadata") or {}
         pod = WaypointPod(str(meta.get("namespace") or "default"), str(meta["name"]), drain_seconds(gw),
-                          workers=workers(gw))
+                          workers=workers(gw), engine=engine(gw))
         out[pod.key] = pod
     return out
 
@@ -196,17 +218,20 @@ def desired(gateways: list[dict[str, Any]]) -> dict[str, WaypointPod]:
 def template_hash(wp: WaypointPod) -> str:
     """Five hex digits naming what a pod of the gateway runs with (its flags from the Gateway), as a
     Deployment's pods carry their template's hash."""
-    return hashlib.sha256(f"{wp.workers}/{wp.drain_seconds:g}/{wp.revision}".encode()).hexdigest()[:5]
+    flags = f"{wp.workers}/{wp.engine}/{wp.drain_seconds:g}/{wp.revision}"
+    return hashlib.sha256(flags.encode()).hexdigest()[:5]
 
 
 def roll_reasons(wp: WaypointPod, pod: Mapping[str, Any]) -> list[str]:
     """What differs between the wanted pod and the recorded one's flags from the Gateway (`--workers`,
-    `--drain-seconds`) and revision (an ingress Gateway's listeners and certificates), as `what old -> new`;
-    empty: the pod runs as wanted.  What the record does not hold (a pod an older controller started) is
-    not compared."""
+    `--engine`, `--drain-seconds`) and revision (an ingress Gateway's listeners and certificates), as
+    `what old -> new`; empty: the pod runs as wanted.  What the record does not hold (a pod an older
+    controller started) is not compared."""
     out = []
     if "workers" in pod and int(pod["workers"]) != wp.workers:
         out.append(f"--workers {pod['workers']} -> {wp.workers}")
+    if "engine" in pod and pod["engine"] != wp.engine:
+        out.append(f"--engine {pod['engine']} -> {wp.engine}")
     if "drainSeconds" in pod and float(pod["drainSeconds"]) != wp.drain_seconds:
         out.append(f"--drain-seconds {float(pod['drainSeconds']):g} -> {wp.drain_seconds:g}")
     if "revision" in pod and pod["revision"] != wp.revision:
@@ -232,16 +257,19 @@ def pod_name_for(wp: WaypointPod, taken: Collection[str]) -> str:
 
 
 def pod_flags(command: Sequence[str]) -> dict[str, str]:
-    """The flags of a waypoint pod's command line that come from its Gateway (`--workers`,
+    """The flags of a waypoint pod's command line that come from its Gateway (`--workers`, `--engine`,
     `--drain-seconds`), as given there."""
-    return {a: b for a, b in zip(command, command[1:], strict=False) if a in ("--workers", "--drain-seconds")}
+    return {a: b for a, b in zip(command, command[1:], strict=False)
+            if a in ("--workers", "--engine", "--drain-seconds")}
 
 
 def runs_as_wanted(wp: WaypointPod, command: Sequence[str]) -> bool:
-    """Whether a registered pod's command line has the wanted pod's `--workers` and `--drain-seconds` (what
-    `meshctl waypoint apply --wait` waits for after a change); a command without them is not ours to judge."""
+    """Whether a registered pod's command line has the wanted pod's `--workers`, `--engine` and
+    `--drain-seconds` (what `meshctl waypoint apply --wait` waits for after a change); a command without
+    them is not ours to judge."""
     flags = pod_flags(command)
     return flags.get("--workers", str(wp.workers)) == str(wp.workers) and \
+        flags.get("--engine", wp.engine) == wp.engine and \
         flags.get("--drain-seconds", f"{wp.drain_seconds:g}") == f"{wp.drain_seconds:g}"
 
 
@@ -364,14 +392,7 @@ class WaypointController:
         netns_name = f"{self.plan.prefix}pod.{wp.namespace}.{wp.pod}"
         uid = self._free_uid()
         own = self._provide(wp, (uid, uid))
-        argv = [sys.executable, "-m", "waypoint.main", "--name", wp.name, "--namespace", wp.namespace,
-                "--node", node_name, "--control-plane", components.controlplane_address(str(self.plan.underlay_gateway)),
-                "--root-cert", str(own / ROOT_CERT), "--token-file", str(own / TOKEN),
-                "--trust-domain", components.TRUST_DOMAIN, "--drain-seconds", f"{wp.drain_seconds:g}",
-                "--workers", str(wp.workers)]
-        if self.cert_ttl:
-            argv += ["--cert-ttl", str(self.cert_ttl)]
-        argv += [arg.replace(OWN_DIR, str(own)) for arg in wp.args] + self.proxy_args
+        argv = self.command(wp, node_name, own)
         spec = PodSpec(name=wp.pod, namespace=wp.namespace, node=node_name,
                        labels={GATEWAY_NAME_LABEL: wp.name, **dict(wp.labels)},
                        service_account=wp.account, container_name="waypoint", command=tuple(argv), env=(),
@@ -393,7 +414,7 @@ class WaypointController:
                          "netns": netns_name, "ip": str(ip), "serviceAccount": wp.account,
                          "labels": spec.labels, "runAsUser": uid, "runAsGroup": uid,
                          "expose": [str(own)], "revision": wp.revision,
-                         "workers": wp.workers, "drainSeconds": wp.drain_seconds},
+                         "workers": wp.workers, "engine": wp.engine, "drainSeconds": wp.drain_seconds},
                  "process": rec.to_json(), "started": time.monotonic(), "ready": False}
         try:
             self._started(wp, entry)
@@ -404,6 +425,19 @@ class WaypointController:
         log.info('{"event": "waypoint started", "waypoint": "%s", "pod": "%s", "node": "%s", "ip": "%s"}', wp.key,
                  wp.pod, node_name, ip)
         return entry
+
+    def command(self, wp: WaypointPod, node_name: str, own: Path) -> list[str]:
+        """The command line of a pod of `wp` on node `node_name` whose own directory is `own`: its flags
+        from the Gateway (`--workers`, `--engine`, `--drain-seconds`), what every waypoint gets, and
+        `wp.args`."""
+        argv = [sys.executable, "-m", "waypoint.main", "--name", wp.name, "--namespace", wp.namespace,
+                "--node", node_name, "--control-plane", components.controlplane_address(str(self.plan.underlay_gateway)),
+                "--root-cert", str(own / ROOT_CERT), "--token-file", str(own / TOKEN),
+                "--trust-domain", components.TRUST_DOMAIN, "--drain-seconds", f"{wp.drain_seconds:g}",
+                "--workers", str(wp.workers), "--engine", wp.engine]
+        if self.cert_ttl:
+            argv += ["--cert-ttl", str(self.cert_ttl)]
+        return argv + [arg.replace(OWN_DIR, str(own)) for arg in wp.args] + self.proxy_args
 
     def _prepare(self, wp: WaypointPod, netns: str) -> None:
         """What the pod's sandbox needs before its process starts (nothing for a waypoint)."""

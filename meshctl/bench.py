@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.errors import MeshError, UsageError
+from waypoint.options import ENGINES
 
 HELP = """Build a dedicated two-node cluster, run the same client and server through each mode in
 alternating rounds (a: no mesh, b: mesh L4 through the node agents, c: mesh L7 through a waypoint,
@@ -38,6 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--cluster-name", metavar="NAME", help="name of the bench cluster (default: bench)")
     p.add_argument("--waypoint-workers", type=int, metavar="N",
                    help="worker processes of mode c's waypoint (default: the local cluster's, 1)")
+    p.add_argument("--waypoint-engine", metavar="|".join(ENGINES),
+                   help="what moves mode c's waypoint's data path's bytes (default: the waypoint's, uvloop), "
+                        "to compare the engines")
     p.add_argument("--output", metavar="DIR", help="where results go (default bench/results)")
     p.set_defaults(func=cmd_bench)
 
@@ -86,6 +90,11 @@ def settings_from(args: argparse.Namespace) -> object:
         if not 1 <= workers <= 8:
             raise UsageError(f"--waypoint-workers {workers}: give a number from 1 to 8")
         overrides["waypoint_workers"] = workers
+    engine = getattr(args, "waypoint_engine", None)
+    if engine is not None:
+        if engine not in ENGINES:
+            raise UsageError(f"--waypoint-engine {engine}: give one of {', '.join(ENGINES)}")
+        overrides["waypoint_engine"] = engine
     if args.output:
         overrides["output_dir"] = Path(args.output)
     return Settings.quick(**overrides) if args.quick else dataclasses.replace(Settings(), **overrides)

@@ -6,21 +6,21 @@ namespace `istio.io/use-waypoint=<name>` so its services' traffic goes through t
 
 The order of the steps is what keeps traffic flowing (make before break):
 
-- apply: write the Gateway (over an existing one, what it is not given stays: an earlier `--workers` or
-  `--drain-seconds`, and the labels and annotations an operator put on it); wait (`--wait`, the default,
-  up to `--timeout`) until a pod of the waypoint is Ready (it listens, has its certificate and its first
-  configuration); only then bind the namespace.
+- apply: write the Gateway (over an existing one, what it is not given stays: an earlier `--workers`,
+  `--engine` or `--drain-seconds`, and the labels and annotations an operator put on it); wait (`--wait`,
+  the default, up to `--timeout`) until a pod of the waypoint is Ready (it listens, has its certificate and
+  its first configuration); only then bind the namespace.
   Binding earlier sent the namespace's traffic to a waypoint with no instance (503 "has no ready
   instance") or one not yet listening (connection reset).  On a running waypoint, a change of
-  `--workers` or `--drain-seconds` rolls its pod (`localcluster.waypoints`): the wait is then for a Ready
-  pod that runs with the new flags (its command line, as registered).
+  `--workers`, `--engine` or `--drain-seconds` rolls its pod (`localcluster.waypoints`): the wait is then
+  for a Ready pod that runs with the new flags (its command line, as registered).
 - delete: unbind the namespace first (remove the label naming the waypoint), wait until every node agent
   has ACKed the configuration without it (`/debug/connections`, what `proxy-status` reads), then delete
   the Gateway: the waypoint, no longer sent new connections, drains (requests in flight finish, up to
   its drain time, `apply --drain-seconds`) and stops.  With `--wait`, until its pod is gone.
 
 READY is the waypoint's pods that are Ready over the pods it has (`status.conditions` of its Pods, labelled
-`gateway.networking.k8s.io/gateway-name`).
+`gateway.networking.k8s.io/gateway-name`); status's WORKERS and ENGINE are the flags its pod runs with.
 
 config reads what a running waypoint holds (its admin `/config_dump`, on 127.0.0.1:15000 of the waypoint
 pod's network namespace, entered as `meshctl agent` enters a node's): services, routes, destination rules,
@@ -44,7 +44,9 @@ from controlplane.config.store import BUILTIN_NAMESPACES
 from localcluster import state
 from localcluster.state import api_socket
 from localcluster.waypoints import (
+    DEFAULT_ENGINE,
     DRAIN_ANNOTATION,
+    ENGINE_ANNOTATION,
     MAX_DRAIN_SECONDS,
     MAX_WORKERS,
     WORKERS_ANNOTATION,
@@ -76,6 +78,7 @@ from meshctl import access
 from meshctl.agent import ADMIN_HOST, ADMIN_PORT, call_admin, parse_address
 from meshctl.config import add_connection_args, client_from, report
 from meshctl.loglevel import waypoint_netns
+from waypoint.options import ENGINES
 
 DEFAULT_TIMEOUT = 60.0  # seconds: --timeout of apply, delete and status
 POLL = 0.2  # seconds between two looks while waiting
@@ -115,6 +118,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help=f"worker processes of the waypoint, sharing its port (1 to {MAX_WORKERS}; written as the "
                         f"Gateway's infrastructure annotation {WORKERS_ANNOTATION}; the local cluster's default is 1; "
                         "a change rolls a running waypoint's pod, and --wait waits for the new one)")
+    p.add_argument("--engine", metavar="|".join(ENGINES),
+                   help=f"what moves the waypoint's data path's bytes ({DEFAULT_ENGINE}, the waypoint's "
+                        "default, or trio for all of it on trio; written as the Gateway's infrastructure "
+                        f"annotation {ENGINE_ANNOTATION}; a change rolls a running waypoint's pod, and --wait "
+                        "waits for the new one)")
     add_connection_args(p)
     p.set_defaults(func=cmd_apply)
 
@@ -215,6 +223,11 @@ def pod_command(pod: dict[str, Any]) -> list[str]:
 def pod_workers(pod: dict[str, Any]) -> str:
     """The `--workers` a waypoint pod runs with (its registered command line), or "-" when it does not say."""
     return pod_flags(pod_command(pod)).get("--workers", "-")
+
+
+def pod_engine(pod: dict[str, Any]) -> str:
+    """The `--engine` a waypoint pod runs with (its registered command line), or "-" when it does not say."""
+    return pod_flags(pod_command(pod)).get("--engine", "-")
 
 
 def rolled(client: ApiClient, namespace: str, name: str, wanted: WaypointPod | None) -> bool:
@@ -348,6 +361,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
             raise UsageError(f"--workers {args.workers}: give a number of processes from 1 to {MAX_WORKERS}")
         body["spec"].setdefault("infrastructure", {}).setdefault("annotations", {})[WORKERS_ANNOTATION] = \
             str(args.workers)
+    if args.engine is not None:
+        if args.engine not in ENGINES:
+            raise UsageError(f"--engine {args.engine}: give one of {', '.join(ENGINES)}")
+        body["spec"].setdefault("infrastructure", {}).setdefault("annotations", {})[ENGINE_ANNOTATION] = \
+            args.engine
     try:
         client.apply([Document("waypoint", 1, body)])
     except ValidationError as exc:
@@ -437,7 +455,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         with contextlib.suppress(WaypointError):
             _wait_for(f"waypoint(s) {', '.join(names)} to be ready",
                       lambda: all(readiness(client, args.namespace, n)[0] > 0 for n in names), args.timeout)
-    rows = [("NAMESPACE", "NAME", "READY", "STATUS", "POD", "NODE", "ADDRESS", "WORKERS", "USED BY")]
+    rows = [("NAMESPACE", "NAME", "READY", "STATUS", "POD", "NODE", "ADDRESS", "WORKERS", "ENGINE", "USED BY")]
     not_ready = 0
     for name in names:
         pods = pods_of(client, args.namespace, name)
@@ -448,7 +466,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         first = next((p for p in pods if pod_ready(p)), pods[0] if pods else {})  # a Ready one, while it rolls
         rows.append((args.namespace, name, f"{ready}/{len(pods)}", status,
                      (first.get("metadata") or {}).get("name", "-"), (first.get("spec") or {}).get("nodeName", "-"),
-                     (first.get("status") or {}).get("podIP", "-"), pod_workers(first), users))
+                     (first.get("status") or {}).get("podIP", "-"), pod_workers(first), pod_engine(first),
+                     users))
     _print_table(rows)
     if not_ready:
         raise WaypointError(f"{not_ready} waypoint(s) not ready")

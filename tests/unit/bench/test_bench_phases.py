@@ -1,5 +1,6 @@
 """The new-connection and scale phases' client sides against a real local server, the L4 floor's
-Envoy configuration and path check, and the settings and options that select the phases."""
+Envoy configuration and path check, the settings and options that select the phases, and the waypoint
+mode c applies (its `--workers` and `--engine`)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,19 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench import newconn_bench, scale
 from bench.harness import Settings, fresh_rss, newconn_phase, newconn_rate
-from bench.modes import MODES, L4Floor, PathError
+from bench.modes import MODES, Context, L4Floor, MeshL7, PathError
 from bench.netio import Proc
 from bench.sidecar import Route, SidecarPair, SidecarPod
 from mesh.errors import UsageError
 from mesh.identity import SpiffeId
 from meshctl.bench import settings_from
+from meshctl.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -61,7 +64,7 @@ def server() -> Iterator[tuple[int, int]]:
 def test_new_connections_at_a_fixed_rate_each_carry_one_request(server: tuple[int, int]) -> None:
     port, _ = server
     res = newconn_bench.run(("127.0.0.1", port), 200.0, 0.5, newconn_bench.request_bytes("127.0.0.1", port))
-    out = res.to_json()
+    out: dict[str, Any] = res.to_json()
     assert out["completed"] == 100 and out["sent"] == 100 and out["error_count"] == 0
     assert out["latency_us"]["count"] == 100 and out["connect_us"]["count"] == 100
     assert out["latency_us"]["p50"] >= out["connect_us"]["p50"] > 0
@@ -86,7 +89,8 @@ def test_refused_and_unanswered_connections_are_counted_as_errors() -> None:
 
 def test_first_reports_the_first_connection_that_completes(server: tuple[int, int]) -> None:
     port, _ = server
-    out = newconn_bench.first(("127.0.0.1", port), newconn_bench.request_bytes("127.0.0.1", port), 5.0).to_json()
+    out: dict[str, Any] = newconn_bench.first(("127.0.0.1", port), newconn_bench.request_bytes("127.0.0.1", port),
+                                              5.0).to_json()
     assert out["completed"] == 1 and out["latency_us"]["count"] == 1
 
 
@@ -233,6 +237,32 @@ def test_options_select_the_phases_and_refuse_bad_values() -> None:
         settings_from(ns)
     with pytest.raises(UsageError, match="--modes a,g"):
         settings_from(_args("modes=a,g"))
+
+
+def test_mode_c_applies_the_waypoint_with_the_runs_workers_and_engine() -> None:
+    """`meshctl bench --waypoint-workers N --waypoint-engine E` reaches the `meshctl waypoint apply` mode c
+    runs, as flags that verb reads so; unset, the cluster's defaults (no flag); a bad engine is refused."""
+    args = build_parser().parse_args(["bench", "--quick", "--waypoint-workers", "2", "--waypoint-engine", "trio"])
+    s = settings_from(args)
+    assert isinstance(s, Settings) and (s.waypoint_workers, s.waypoint_engine) == (2, "trio")
+    mode = MODES["c"]
+    assert isinstance(mode, MeshL7)
+    pair = SidecarPair("t", Path("nowhere"), SidecarPod("client", "n1", SpiffeId("td", "bench", "client"),
+                                                        SpiffeId("td", "bench", "server")),
+                       SidecarPod("server", "n2", SpiffeId("td", "bench", "server"),
+                                  SpiffeId("td", "bench", "client")), [])
+    ctx = Context("t", "bench", "n1", "n2", {}, pair, waypoint_workers=s.waypoint_workers,
+                  waypoint_engine=s.waypoint_engine)
+    applied = build_parser().parse_args([*mode.apply_args(ctx), "--cluster", "t"])
+    assert (applied.waypoint_verb, applied.namespace, applied.enroll_namespace) == ("apply", "bench", True)
+    assert (applied.workers, applied.engine) == (2, "trio")
+    default = settings_from(build_parser().parse_args(["bench", "--quick"]))
+    assert isinstance(default, Settings) and (default.waypoint_workers, default.waypoint_engine) == (0, "")
+    ctx = Context("t", "bench", "n1", "n2", {}, pair)
+    applied = build_parser().parse_args([*mode.apply_args(ctx), "--cluster", "t"])
+    assert (applied.workers, applied.engine) == (None, None)
+    with pytest.raises(UsageError, match="--waypoint-engine epoll: give one of uvloop, trio"):
+        settings_from(build_parser().parse_args(["bench", "--waypoint-engine", "epoll"]))
 
 
 def test_server_refuses_bad_ports(capsys: pytest.CaptureFixture[str]) -> None:

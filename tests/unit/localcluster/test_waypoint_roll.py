@@ -1,6 +1,7 @@
 """A change of a waypoint Gateway's infrastructure annotations, or of an ingress Gateway's revision, rolls
 its pod (`localcluster.waypoints`): what differs between the wanted pod and the running one, the new pod's
-name, the gateway a recorded pod belongs to, and what a registered pod's command line says it runs with."""
+name, the gateway a recorded pod belongs to, what a registered pod's command line says it runs with, and
+the command line the controller starts a pod with (read by the waypoint's own parser)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from localcluster import spec
 from localcluster.plan import make_plan
 from localcluster.waypoints import (
     DRAIN_ANNOTATION,
+    ENGINE_ANNOTATION,
     GATEWAY_NAME_LABEL,
+    ROOT_CERT,
+    TOKEN,
     WORKERS_ANNOTATION,
     WaypointController,
     WaypointPod,
@@ -24,6 +28,7 @@ from localcluster.waypoints import (
     template_hash,
 )
 from mesh.api.kinds_gateway import waypoint_gateway
+from waypoint.main import parse_args
 
 BOOKINFO = Path(__file__).resolve().parents[3] / "examples" / "bookinfo" / "cluster.yaml"
 
@@ -31,13 +36,13 @@ BOOKINFO = Path(__file__).resolve().parents[3] / "examples" / "bookinfo" / "clus
 def wanted(**annotations: str) -> WaypointPod:
     body = waypoint_gateway("bookinfo")
     if annotations:
-        names = {"workers": WORKERS_ANNOTATION, "drain": DRAIN_ANNOTATION}
+        names = {"workers": WORKERS_ANNOTATION, "drain": DRAIN_ANNOTATION, "engine": ENGINE_ANNOTATION}
         body["spec"]["infrastructure"] = {"annotations": {names[k]: v for k, v in annotations.items()}}
     return desired([body])["bookinfo/waypoint"]
 
 
-def recorded(workers: int = 1, drain: float = 5.0) -> dict[str, Any]:
-    return {"name": "waypoint", "namespace": "bookinfo", "workers": workers, "drainSeconds": drain}
+def recorded(workers: int = 1, drain: float = 5.0, engine: str = "uvloop") -> dict[str, Any]:
+    return {"name": "waypoint", "namespace": "bookinfo", "workers": workers, "engine": engine, "drainSeconds": drain}
 
 
 def test_a_pod_that_runs_as_wanted_is_left_alone() -> None:
@@ -54,6 +59,18 @@ def test_a_changed_annotation_rolls_the_pod() -> None:
     assert roll_reasons(wanted(), recorded(2)) == ["--workers 2 -> 1"]
 
 
+def test_a_changed_engine_rolls_the_pod() -> None:
+    assert roll_reasons(wanted(engine="trio"), recorded(engine="trio")) == []
+    assert roll_reasons(wanted(engine="trio"), recorded()) == ["--engine uvloop -> trio"]
+    assert roll_reasons(wanted(workers="2", engine="trio"), recorded()) == ["--workers 1 -> 2",
+                                                                           "--engine uvloop -> trio"]
+    # Removing the annotation asks for the waypoint's default again.
+    assert roll_reasons(wanted(), recorded(engine="trio")) == ["--engine trio -> uvloop"]
+    # A bad value (logged) means the default.
+    assert roll_reasons(wanted(engine="epoll"), recorded()) == []
+    assert roll_reasons(wanted(engine="epoll"), recorded(engine="trio")) == ["--engine trio -> uvloop"]
+
+
 def test_a_bad_annotation_asks_for_the_default() -> None:
     """A value the controller refuses (logged) means the default: no roll away from a pod running it."""
     assert roll_reasons(wanted(workers="0"), recorded()) == []
@@ -62,6 +79,7 @@ def test_a_bad_annotation_asks_for_the_default() -> None:
 
 def test_a_pod_an_older_controller_started_is_not_rolled_for_what_its_record_lacks() -> None:
     assert roll_reasons(wanted(workers="2"), {"name": "waypoint", "namespace": "bookinfo"}) == []
+    assert roll_reasons(wanted(engine="trio"), {k: v for k, v in recorded().items() if k != "engine"}) == []
     ingress = dataclasses.replace(wanted(), revision="b" * 16)
     assert roll_reasons(ingress, recorded()) == []
 
@@ -93,7 +111,8 @@ def test_the_new_pod_is_named_after_the_gateway_when_it_can_be() -> None:
 
 def test_the_template_hash_follows_the_flags() -> None:
     assert template_hash(wanted(workers="2")) == template_hash(wanted(workers="2"))
-    assert len({template_hash(wanted()), template_hash(wanted(workers="2")), template_hash(wanted(drain="3"))}) == 3
+    assert len({template_hash(wanted()), template_hash(wanted(workers="2")), template_hash(wanted(drain="3")),
+                template_hash(wanted(engine="trio"))}) == 4
 
 
 def test_what_the_registered_command_line_runs() -> None:
@@ -103,6 +122,30 @@ def test_what_the_registered_command_line_runs() -> None:
     assert not runs_as_wanted(wanted(drain="3"), command)
     assert runs_as_wanted(wanted(workers="2"), [*command[:-1], "2"])
     assert runs_as_wanted(wanted(workers="2"), ["wp"])  # a pod that does not say is not ours to judge
+    with_engine = [*command, "--engine", "uvloop"]
+    assert runs_as_wanted(wanted(), with_engine) and runs_as_wanted(wanted(engine="trio"), command)
+    assert not runs_as_wanted(wanted(engine="trio"), with_engine)
+    assert runs_as_wanted(wanted(engine="trio"), [*command, "--engine", "trio"])
+
+
+def test_the_pod_runs_with_the_gateways_flags(tmp_path: Path) -> None:
+    """The command line the controller starts a pod with carries the Gateway's `--workers`, `--engine` and
+    `--drain-seconds`, the waypoint's own parser reads them so, and it is what `runs_as_wanted` accepts."""
+    plan = make_plan(dataclasses.replace(spec.load(BOOKINFO), name="t"))
+    controller = WaypointController("t", plan, tmp_path, on_change=lambda c: None)
+    own = tmp_path / "own"  # the pod's own directory, with what `_provide` puts there
+    own.mkdir()
+    (own / ROOT_CERT).write_text("")
+    (own / TOKEN).write_text("")
+    wp = wanted(workers="2", engine="trio", drain="3")
+    argv = controller.command(wp, "node-1", own)
+    assert argv[1:3] == ["-m", "waypoint.main"] and argv[argv.index("--engine") + 1] == "trio"
+    opts = parse_args(argv[3:])
+    assert (opts.workers, opts.engine, opts.drain_seconds, opts.node) == (2, "trio", 3.0, "node-1")
+    assert runs_as_wanted(wp, argv) and not runs_as_wanted(wanted(workers="2", drain="3"), argv)
+    # No annotation: the pod says the default engine, uvloop, which is the waypoint's own.
+    default = controller.command(wanted(), "node-1", own)
+    assert default[default.index("--engine") + 1] == "uvloop" == parse_args(default[3:]).engine
 
 
 def test_a_roll_under_way_is_adopted_as_such(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from controlplane.config.apiserver import ApiServer
 from controlplane.config.store import Store
-from localcluster.waypoints import DRAIN_ANNOTATION, WORKERS_ANNOTATION, ready_condition
+from localcluster.waypoints import DRAIN_ANNOTATION, ENGINE_ANNOTATION, WORKERS_ANNOTATION, ready_condition
 from mesh.api.client import ApiClient
 from mesh.api.validate import Document
 from mesh.xds import resources as rs
@@ -85,7 +85,7 @@ def test_apply_binds_only_a_ready_waypoint(sock: str, capsys: pytest.CaptureFixt
     assert ns_labels(sock)["istio.io/use-waypoint"] == "waypoint"
     rc, out, _ = run(capsys, "waypoint", "status", "-n", NS, "--socket", sock)
     assert rc == 0 and out.splitlines()[1].split() == [NS, "waypoint", "1/1", "Ready", "waypoint", "node-1",
-                                                       "10.244.1.254", "-", "Namespace", NS]
+                                                       "10.244.1.254", "-", "-", "Namespace", NS]
 
 
 def test_no_wait_binds_at_once_and_says_so(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -225,3 +225,46 @@ def test_apply_keeps_what_it_is_not_given(sock: str, capsys: pytest.CaptureFixtu
     gateway = ApiClient(sock).get("Gateway", NS, "waypoint")[0]
     assert gateway["metadata"]["labels"] == {"istio.io/waypoint-for": "all", "tier": "edge"}
     assert gateway["spec"]["infrastructure"]["annotations"] == {WORKERS_ANNOTATION: "1", DRAIN_ANNOTATION: "3"}
+
+
+def test_the_engine_is_written_on_the_gateway_and_kept(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--engine` goes on the Gateway's annotations beside the others; a later `apply` without it keeps it,
+    one with it changes it."""
+    assert main(["waypoint", "apply", "-n", NS, "--no-wait", "--engine", "trio", "--socket", sock]) == 0
+    gateway = ApiClient(sock).get("Gateway", NS, "waypoint")[0]
+    assert gateway["spec"]["infrastructure"]["annotations"] == {ENGINE_ANNOTATION: "trio"}
+    assert main(["waypoint", "apply", "-n", NS, "--no-wait", "--workers", "2", "--socket", sock]) == 0
+    gateway = ApiClient(sock).get("Gateway", NS, "waypoint")[0]
+    assert gateway["spec"]["infrastructure"]["annotations"] == {ENGINE_ANNOTATION: "trio", WORKERS_ANNOTATION: "2"}
+    assert main(["waypoint", "apply", "-n", NS, "--no-wait", "--engine", "uvloop", "--socket", sock]) == 0
+    gateway = ApiClient(sock).get("Gateway", NS, "waypoint")[0]
+    assert gateway["spec"]["infrastructure"]["annotations"] == {ENGINE_ANNOTATION: "uvloop", WORKERS_ANNOTATION: "2"}
+
+
+def test_bad_engines_are_refused(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in ("epoll", "Trio", ""):
+        rc, _, err = run(capsys, "waypoint", "apply", "-n", NS, "--no-wait", "--engine", bad, "--socket", sock)
+        assert (rc, err) == (1, f"meshctl: --engine {bad}: give one of uvloop, trio\n")
+    assert ApiClient(sock).get("Gateway") == []  # nothing written
+
+
+def test_a_changed_engine_waits_for_the_rolled_pod(sock: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """On a running waypoint, `apply --engine` is done when a Ready pod runs with the new engine; status
+    shows the engine of the pod it shows."""
+    old = waypoint_pod(ready=True)
+    old["spec"]["containers"][0]["command"] = ["wp", "--drain-seconds", "5", "--workers", "1", "--engine", "uvloop"]
+    register(sock, old)
+    rc, out, _ = run(capsys, "waypoint", "apply", "-n", NS, "--socket", sock)
+    assert rc == 0 and out.splitlines()[-1] == f"waypoint {NS}/waypoint is ready"
+    rc, out, err = run(capsys, "waypoint", "apply", "-n", NS, "--engine", "trio", "--timeout", "0.3", "--socket", sock)
+    assert rc == 1 and err.startswith(f"meshctl: timed out after 0.3s waiting for waypoint {NS}/waypoint to be ready")
+    new = waypoint_pod(ready=True, name="waypoint-abcde")
+    new["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"] = "waypoint"
+    new["spec"]["containers"][0]["command"] = ["wp", "--drain-seconds", "5", "--workers", "1", "--engine", "trio"]
+    old["status"]["conditions"] = [ready_condition(False)]  # retired: draining
+    register(sock, new, old)
+    rc, out, err = run(capsys, "waypoint", "apply", "-n", NS, "--engine", "trio", "--timeout", "5", "--socket", sock)
+    assert (rc, err) == (0, "") and out.splitlines()[-1] == f"waypoint {NS}/waypoint is ready"
+    rc, out, _ = run(capsys, "waypoint", "status", "-n", NS, "--socket", sock)
+    header, row = out.splitlines()[0].split(), out.splitlines()[1].split()
+    assert rc == 0 and header[7:9] == ["WORKERS", "ENGINE"] and row[4] == "waypoint-abcde" and row[7:9] == ["1", "trio"]
