@@ -51,6 +51,8 @@ from waypoint.proxy import WaypointProxy
 
 log = logging.getLogger("waypoint.inbound")
 
+SKEW_POLL = 0.02  # seconds between looks at the table while a CONNECT waits for configuration (`ConfigSkew`)
+
 @dataclass(frozen=True)
 class Refusal:
     status: int
@@ -86,6 +88,22 @@ class ConfigSkew:
     def recently_admitted(self, authority: str, now: float) -> bool:
         when = self.admitted.get(authority)
         return when is not None and now - when <= self.seconds
+
+    def decide(self, table: RouteTable, request: InboundRequest, started: float) -> ClientInfo | Refusal | None:
+        """One look at a CONNECT that arrived at `started`: who the client is (admitted, or unbound here
+        lately and still admitted), why it is refused (for longer than `seconds`), or None: wait for the
+        next table and look again."""
+        authority = str(request.authority)
+        decision = admit(table, request.authority, request.peer, request.forwarded_for, request.peer_address)
+        now = time.monotonic()
+        if not isinstance(decision, Refusal):
+            self.note(authority, now)
+            return dataclasses.replace(decision, peer_certificate_hash=request.peer_certificate_hash)
+        if self.recently_admitted(authority, now):  # unbound here, not yet at the sending agent
+            return ClientInfo(peer_identity=str(request.peer) if request.peer else "",
+                              source=_source(request.peer_address, request.forwarded_for),
+                              original_destination=authority, peer_certificate_hash=request.peer_certificate_hash)
+        return decision if now - started >= self.seconds else None
 
 
 def _source(peer_address: str, forwarded_for: str | None) -> str:
@@ -180,24 +198,14 @@ class InboundServer:
 
     async def _admit(self, request: InboundRequest) -> ClientInfo | Refusal:
         """`admit`, allowing for the agents' configuration being a moment ahead of or behind this one's."""
-        authority = str(request.authority)
         started = time.monotonic()
         while True:
             table = self.proxy.table
-            decision = admit(table, request.authority, request.peer, request.forwarded_for, request.peer_address)
-            now = time.monotonic()
-            if not isinstance(decision, Refusal):
-                self.skew.note(authority, now)
-                return dataclasses.replace(decision, peer_certificate_hash=request.peer_certificate_hash)
-            if self.skew.recently_admitted(authority, now):  # unbound here, not yet at the sending agent
-                return ClientInfo(peer_identity=str(request.peer) if request.peer else "",
-                                  source=_source(request.peer_address, request.forwarded_for),
-                                  original_destination=authority,
-                                  peer_certificate_hash=request.peer_certificate_hash)
-            if now - started >= self.skew.seconds:
+            decision = self.skew.decide(table, request, started)
+            if decision is not None:
                 return decision
             while self.proxy.table is table and time.monotonic() - started < self.skew.seconds:
-                await trio.sleep(0.02)  # bound at the agent, maybe not yet here: wait for the next table
+                await trio.sleep(SKEW_POLL)  # bound at the agent, maybe not yet here: wait for the next table
 
     async def tunnel(self, request: InboundRequest, acceptor: TunnelAcceptor) -> None:
         decision = await self._admit(request)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from mesh.secrets.errors import SecretsError
 from mesh.secrets.manager import SecretManager
 from waypoint.engine.hop import EngineHop, TunnelTransport, _Client
 from waypoint.http.detect import Protocol
-from waypoint.inbound import ConfigSkew, Refusal, _source, admit
+from waypoint.inbound import SKEW_POLL, ConfigSkew, Refusal
 from waypoint.l7.model import ClientInfo
 from waypoint.listen import listening_sockets
 from waypoint.proxy import WaypointProxy
@@ -189,25 +188,15 @@ class EngineInbound:
     async def _admit(self, request: InboundRequest) -> ClientInfo | Refusal:
         """`admit`, allowing for the agents' configuration being a moment ahead of or behind this one's
         (`waypoint.inbound.ConfigSkew`)."""
-        authority = str(request.authority)
         started = time.monotonic()
         proxy = self.hop.proxy
         while True:
             table = proxy.table
-            decision = admit(table, request.authority, request.peer, request.forwarded_for, request.peer_address)
-            now = time.monotonic()
-            if not isinstance(decision, Refusal):
-                self.skew.note(authority, now)
-                return dataclasses.replace(decision, peer_certificate_hash=request.peer_certificate_hash)
-            if self.skew.recently_admitted(authority, now):  # unbound here, not yet at the sending agent
-                return ClientInfo(peer_identity=str(request.peer) if request.peer else "",
-                                  source=_source(request.peer_address, request.forwarded_for),
-                                  original_destination=authority,
-                                  peer_certificate_hash=request.peer_certificate_hash)
-            if now - started >= self.skew.seconds:
+            decision = self.skew.decide(table, request, started)
+            if decision is not None:
                 return decision
             while proxy.table is table and time.monotonic() - started < self.skew.seconds:
-                await asyncio.sleep(0.02)  # bound at the agent, maybe not yet here: wait for the next table
+                await asyncio.sleep(SKEW_POLL)  # bound at the agent, maybe not yet here: wait for the next table
 
     async def _tunnel(self, request: InboundRequest, acceptor: AioAcceptor) -> None:
         decision = await self._admit(request)
