@@ -58,6 +58,11 @@ class Refusal:
     status: int
     reason: str
 
+    def event(self, request: InboundRequest) -> str:
+        """The event line of the CONNECT refused."""
+        return json.dumps({"event": "tunnel refused", "status": self.status, "authority": str(request.authority),
+                           "peer": str(request.peer or ""), "reason": self.reason}, separators=(",", ":"))
+
 
 def admit(table: RouteTable, authority: Authority, peer: SpiffeId | None, forwarded_for: str | None,
           peer_address: str) -> ClientInfo | Refusal:
@@ -211,9 +216,7 @@ class InboundServer:
         decision = await self._admit(request)
         if isinstance(decision, Refusal):
             self.refused += 1
-            self.event_log(json.dumps({"event": "tunnel refused", "status": decision.status,
-                                       "authority": str(request.authority), "peer": str(request.peer or ""),
-                                       "reason": decision.reason}, separators=(",", ":")))
+            self.event_log(decision.event(request))
             await acceptor.reject(decision.status, decision.reason)
             return
         stream = await acceptor.accept()

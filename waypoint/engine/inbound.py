@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -202,9 +201,7 @@ class EngineInbound:
         decision = await self._admit(request)
         if isinstance(decision, Refusal):
             self.refused += 1
-            self.event_log(json.dumps({"event": "tunnel refused", "status": decision.status,
-                                       "authority": str(request.authority), "peer": str(request.peer or ""),
-                                       "reason": decision.reason}, separators=(",", ":")))
+            self.event_log(decision.event(request))
             acceptor.reject(decision.status, decision.reason)
             return
         self.hop.take_tunnel(acceptor.accept(), decision)
