@@ -29,7 +29,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -109,6 +109,19 @@ class ConfigSkew:
                               source=_source(request.peer_address, request.forwarded_for),
                               original_destination=authority, peer_certificate_hash=request.peer_certificate_hash)
         return decision if now - started >= self.seconds else None
+
+    async def wait_admit(self, table: Callable[[], RouteTable], request: InboundRequest,
+                         sleep: Callable[[float], Awaitable[object]]) -> ClientInfo | Refusal:
+        """`decide` on the current `table()` until it decides, looking again when the table changes (at
+        most `seconds`); `sleep` is the running loop's (trio's or the engine's)."""
+        started = time.monotonic()
+        while True:
+            current = table()
+            decision = self.decide(current, request, started)
+            if decision is not None:
+                return decision
+            while table() is current and time.monotonic() - started < self.seconds:
+                await sleep(SKEW_POLL)  # bound at the agent, maybe not yet here: wait for the next table
 
 
 def _source(peer_address: str, forwarded_for: str | None) -> str:
@@ -203,14 +216,7 @@ class InboundServer:
 
     async def _admit(self, request: InboundRequest) -> ClientInfo | Refusal:
         """`admit`, allowing for the agents' configuration being a moment ahead of or behind this one's."""
-        started = time.monotonic()
-        while True:
-            table = self.proxy.table
-            decision = self.skew.decide(table, request, started)
-            if decision is not None:
-                return decision
-            while self.proxy.table is table and time.monotonic() - started < self.skew.seconds:
-                await trio.sleep(SKEW_POLL)  # bound at the agent, maybe not yet here: wait for the next table
+        return await self.skew.wait_admit(lambda: self.proxy.table, request, trio.sleep)
 
     async def tunnel(self, request: InboundRequest, acceptor: TunnelAcceptor) -> None:
         decision = await self._admit(request)

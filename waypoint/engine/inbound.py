@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable
 
 import trio
@@ -35,7 +34,7 @@ from mesh.secrets.errors import SecretsError
 from mesh.secrets.manager import SecretManager
 from waypoint.engine.hop import EngineHop, TunnelTransport, _Client
 from waypoint.http.detect import Protocol
-from waypoint.inbound import SKEW_POLL, ConfigSkew, Refusal
+from waypoint.inbound import ConfigSkew, Refusal
 from waypoint.l7.model import ClientInfo
 from waypoint.listen import listening_sockets
 from waypoint.proxy import WaypointProxy
@@ -187,15 +186,7 @@ class EngineInbound:
     async def _admit(self, request: InboundRequest) -> ClientInfo | Refusal:
         """`admit`, allowing for the agents' configuration being a moment ahead of or behind this one's
         (`waypoint.inbound.ConfigSkew`)."""
-        started = time.monotonic()
-        proxy = self.hop.proxy
-        while True:
-            table = proxy.table
-            decision = self.skew.decide(table, request, started)
-            if decision is not None:
-                return decision
-            while proxy.table is table and time.monotonic() - started < self.skew.seconds:
-                await asyncio.sleep(SKEW_POLL)  # bound at the agent, maybe not yet here: wait for the next table
+        return await self.skew.wait_admit(lambda: self.hop.proxy.table, request, asyncio.sleep)
 
     async def _tunnel(self, request: InboundRequest, acceptor: AioAcceptor) -> None:
         decision = await self._admit(request)
