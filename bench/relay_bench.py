@@ -147,22 +147,15 @@ def serve_hbone_on(loop: asyncio.AbstractEventLoop, port: int, ctx: ssl.SSLConte
                    trust_domain: str = "cluster.local") -> None:
     """HBONE on the engine at 127.0.0.1:`port`: each connection accepted gets its TLS and its CONNECTs
     (`mesh.hbone.aio.serve_tls` with `handler`), as the node agent's 15008 does."""
-    from mesh.hbone.aio import serve_tls
+    from mesh.hbone.aio import accept_all, serve_tls
 
     listener = socket.create_server(("127.0.0.1", port), backlog=1024)
     listener.setblocking(False)
 
-    def accept() -> None:
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                return
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            loop.create_task(quietly(serve_tls(sock, ctx, handler, trust_domain=trust_domain)))
+    def take(sock: socket.socket) -> None:
+        loop.create_task(quietly(serve_tls(sock, ctx, handler, trust_domain=trust_domain)))
 
-    loop.add_reader(listener.fileno(), accept)
+    loop.add_reader(listener.fileno(), accept_all, listener, take)
 
 
 async def _trio_relay(side: str, ctx: ssl.SSLContext, ports: list[int], upstreams: list[str], expected: object) -> None:

@@ -627,6 +627,24 @@ async def dial(loop: asyncio.AbstractEventLoop, sock: socket.socket, ctx: ssl.SS
     return conn
 
 
+def accept_all(listener: socket.socket, take: Callable[[socket.socket], None]) -> None:
+    """Accept every connection waiting on the non-blocking `listener` (the work of its readiness callback,
+    `loop.add_reader(listener.fileno(), accept_all, listener, take)`): each made non-blocking, with
+    TCP_NODELAY, and handed to `take`.  An error other than "none left" (EMFILE, say) is logged; the next
+    readiness tries again."""
+    while True:
+        try:
+            sock, _ = listener.accept()
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning("accept on %s failed: %s", listener.getsockname(), exc)
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        take(sock)
+
+
 async def serve_tls(sock: socket.socket, ctx: ssl.SSLContext, handler: AioHandler, *,
                     trust_domain: str | None, gate: ListenerGate | None = None,
                     config: HboneConfig | None = None, timeout: float = 10.0) -> AioServerConnection:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import trio
 
 from mesh import defaults
-from mesh.hbone.aio import AioAcceptor, AioServerConnection, TunnelEnd, serve_tls
+from mesh.hbone.aio import AioAcceptor, AioServerConnection, TunnelEnd, accept_all, serve_tls
 from mesh.hbone.config import HboneConfig, ListenerLimits
 from mesh.hbone.engine import Engine, EngineError
 from mesh.hbone.errors import HboneError, ListenerFull
@@ -112,22 +112,12 @@ class EngineInbound:
         loop = asyncio.get_running_loop()
         for sock in socks:
             sock.setblocking(False)
-            loop.add_reader(sock.fileno(), self._accept, sock)
+            loop.add_reader(sock.fileno(), accept_all, sock, self._accept)
             self._listeners.append(sock)
         self.hop.start()
 
-    def _accept(self, listener: socket.socket) -> None:
-        while not self._draining:
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:  # e.g. EMFILE: the next readiness tries again
-                log.warning("inbound HBONE accept failed: %s", exc)
-                return
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.hop.loop.create_task(self._connection(sock))
+    def _accept(self, sock: socket.socket) -> None:
+        self.hop.loop.create_task(self._connection(sock))
 
     async def _connection(self, sock: socket.socket) -> None:
         try:
