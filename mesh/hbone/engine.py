@@ -36,8 +36,8 @@ T = TypeVar("T")
 
 # glibc's mallopt parameters, and the values the engine's process runs with (see `keep_reads_off_mmap`)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD = 1 << 20  # allocations above this are mmap()ed: above uvloop's 256 KiB TLS read buffer
-TRIM_THRESHOLD = 2 << 20  # free memory at an arena's top kept for the next allocation, not given back
+MMAP_THRESHOLD = 512 << 10  # allocations above this are mmap()ed: above uvloop's 256 KiB TLS read buffer
+TRIM_THRESHOLD = 1 << 20  # free memory at an arena's top kept for the next allocation, not given back
 
 
 @functools.cache
@@ -50,7 +50,7 @@ def keep_reads_off_mmap() -> bool:
     `mmap`, so each read can cost an `mmap`, an `mremap`, a `munmap` and fresh zeroed pages, ~17 us on a
     2-core VM against ~1.5 us from the heap; and whether a process pays that depends on whether one
     large block was ever freed whole.  Fixed thresholds, the ones glibc's own adjustment would reach
-    after freeing a 1 MiB block, make every read take the heap path; the memory trimmer's
+    after freeing a 512 KiB block, make every read take the heap path; the memory trimmer's
     `malloc_trim(0)` still gives back what a finished load leaves.  Process-wide, set once."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
