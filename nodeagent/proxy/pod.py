@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from mesh.hbone.aio import AioServerConnection
+from mesh.hbone.aio import AioServerConnection, accept_all
 from mesh.hbone.engine import Engine
 from mesh.hbone.splice import PlainEnd
 from nodeagent.proxy import inbound, outbound
@@ -99,25 +99,15 @@ class PodProxy:
         loop = asyncio.get_running_loop()
         for port, sock in sockets.items():
             if port == HBONE_PORT:  # accepted here, so that nothing is read before the TLS handshake
-                loop.add_reader(sock.fileno(), self._accept_hbone, sock)
+                loop.add_reader(sock.fileno(), accept_all, sock, self._take_hbone)
                 self._readers.append(sock.fileno())
                 continue
             handler = PLAIN_HANDLERS[port]
             factory: Callable[[], asyncio.Protocol] = lambda handler=handler: _Accepted(self, handler)  # type: ignore[misc]  # noqa: E731
             self._servers.append(await loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG))
 
-    def _accept_hbone(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:  # e.g. EMFILE: the next readiness tries again
-                log.warning("accept failed in pod %s: %s", self.ctx.pod.key, exc)
-                return
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._spawn(self._run_hbone(sock))
+    def _take_hbone(self, sock: socket.socket) -> None:
+        self._spawn(self._run_hbone(sock))
 
     async def _drain(self) -> None:
         self._draining = True
