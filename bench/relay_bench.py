@@ -78,9 +78,6 @@ def relay_main(args: argparse.Namespace) -> None:
     if args.variant == "engine":
         import uvloop
 
-        from mesh.hbone import engine
-
-        getattr(engine, "keep_reads_off_mmap", bool)()  # as the agent's engine does (not in an earlier tree)
         uvloop.run(_engine_relay(args.side, ctx, ports, upstreams, expected))
     elif args.variant == "trio-raw":
         import trio

@@ -19,9 +19,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -33,32 +30,6 @@ import uvloop
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# glibc's mallopt parameters, and the values the engine's process runs with (see `keep_reads_off_mmap`)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD = 512 << 10  # allocations above this are mmap()ed: above uvloop's 256 KiB TLS read buffer
-TRIM_THRESHOLD = 1 << 20  # free memory at an arena's top kept for the next allocation, not given back
-
-
-@functools.cache
-def keep_reads_off_mmap() -> bool:
-    """Keep the TLS read buffers of the data path in the malloc heap; whether it was set (glibc only).
-
-    uvloop reads each TLS record with `SSLObject.read(256 KiB)`: CPython allocates the 256 KiB, OpenSSL
-    fills a few of them, and the object is shrunk to what was read.  glibc serves allocations above its
-    mmap threshold (128 KiB until the process frees a larger mmap()ed block, which raises it) with
-    `mmap`, so each read can cost an `mmap`, an `mremap`, a `munmap` and fresh zeroed pages, ~17 us on a
-    2-core VM against ~1.5 us from the heap; and whether a process pays that depends on whether one
-    large block was ever freed whole.  Fixed thresholds, the ones glibc's own adjustment would reach
-    after freeing a 512 KiB block, make every read take the heap path; the memory trimmer's
-    `malloc_trim(0)` still gives back what a finished load leaves.  Process-wide, set once."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc: its own allocator, its own policy
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 class EngineError(RuntimeError):
@@ -91,7 +62,6 @@ class Engine:
         self._token = trio.lowlevel.current_trio_token()
 
         def thread_main() -> None:
-            keep_reads_off_mmap()
             loop = uvloop.new_event_loop()
             asyncio.set_event_loop(loop)
             self._loop, self._thread_id = loop, threading.get_ident()
