@@ -247,6 +247,7 @@ class AioHbone(asyncio.BufferedProtocol):
         self.writable = True
         self.started = False
         self._pending: list[bytes] = []
+        self._read_into = memoryview(b"")  # the buffer last handed to the transport (`get_buffer`)
         self._timer: asyncio.TimerHandle | None = None
         self.close_reason: str | None = None
         self.finished: asyncio.Future[None] = loop.create_future()
@@ -268,10 +269,11 @@ class AioHbone(asyncio.BufferedProtocol):
         self.flush()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return read_buffer()
+        self._read_into = read_buffer()  # uvloop fills it, then calls buffer_updated at once
+        return self._read_into
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(read_buffer()[:nbytes].tobytes())
+        self.data_received(self._read_into[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         if not self.started:
