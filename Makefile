@@ -7,6 +7,10 @@ PYTHON ?= /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
 MESHCTL := $(VENV)/bin/meshctl
+# make test runs the test files on this many pytest workers (pytest-xdist); a file's tests stay on one worker,
+# so a module's cluster is built once. TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= 2
+TEST_FLAGS = -q -ra -n $(TEST_WORKERS) --dist loadfile
 SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 .PHONY: all setup system venv demo test test-unit test-integration lint bench bench-quick clean
@@ -33,13 +37,13 @@ demo: setup
 	@$(PY) -m examples.bookinfo.demo
 
 test: setup
-	@$(PY) -m pytest -q -ra tests
+	@$(PY) -m pytest $(TEST_FLAGS) tests
 
 test-unit: setup
-	@$(PY) -m pytest -q -ra tests --ignore=tests/integration
+	@$(PY) -m pytest $(TEST_FLAGS) tests --ignore=tests/integration
 
 test-integration: setup
-	@$(PY) -m pytest -q -ra tests/integration
+	@$(PY) -m pytest $(TEST_FLAGS) tests/integration
 
 # The import contract (docs/ARCHITECTURE.md, 'Allowed imports') is a test: it fails on a forbidden import.
 lint: setup
