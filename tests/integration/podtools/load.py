@@ -1,13 +1,17 @@
 """Load against an echo server: new connections at a steady rate, plus a few long-lived ones.
 
-    python load.py HOST PORT [--rate 200] [--duration 30] [--long 3] [--interval 0.2] [--timeout 5]
+    python load.py HOST PORT [--rate 200] [--duration 30] [--stop-file PATH] [--long 3] [--interval 0.2]
+                   [--timeout 5]
 
 Each request is one new TCP connection: connect, send a line, read it back, close.  Each long-lived
 connection sends a line every INTERVAL seconds and reads it back; when the other side closes it, that is
-recorded (when, and whether a line was in flight: "cut") and it connects again.  Prints one JSON object:
+recorded (when, and whether a line was in flight: "cut") and it connects again.  The load ends after
+DURATION seconds, or as soon as PATH exists (`--stop-file`: a test ends it when it has seen what it wanted).
+Prints one JSON object, "seconds" being how long the load ran:
 
-    {"sent", "ok", "failed", "errors": [[time, error], ...], "p99_ms", "slow": [[time, seconds], ...],
-     "long": [{"exchanges", "mismatched", "cut", "closures": [time, ...], "reconnect_failures"}]}
+    {"seconds", "stopped_by_file", "sent", "ok", "failed", "errors": [[time, error], ...], "p99_ms",
+     "slow": [[time, seconds], ...], "long": [{"exchanges", "mismatched", "cut", "closures": [time, ...],
+     "reconnect_failures"}]}
 
 Times are Unix times.  Standard library only, so it runs with any Python 3 in a pod.
 """
@@ -15,6 +19,7 @@ Times are Unix times.  Standard library only, so it runs with any Python 3 in a 
 import argparse
 import asyncio
 import json
+import os
 import resource
 import time
 
@@ -57,11 +62,25 @@ async def request(host: str, port: int, i: int, timeout: float, results: Results
             writer.close()
 
 
-async def long_lived(host: str, port: int, n: int, end: float, interval: float, timeout: float,
+class End:
+    """When the load ends: DURATION seconds from now, or earlier once the stop file exists."""
+
+    def __init__(self, duration: float, stop_file: str | None) -> None:
+        self.at = time.monotonic() + duration
+        self.stop_file = stop_file
+        self.by_file = False
+
+    def passed(self) -> bool:
+        if not self.by_file and self.stop_file and os.path.exists(self.stop_file):
+            self.by_file, self.at = True, min(self.at, time.monotonic())
+        return time.monotonic() >= self.at
+
+
+async def long_lived(host: str, port: int, n: int, end: End, interval: float, timeout: float,
                      results: Results) -> dict[str, object]:
     out: dict[str, object] = {"exchanges": 0, "mismatched": 0, "cut": 0, "closures": [], "reconnect_failures": 0}
     j = 0
-    while time.monotonic() < end:
+    while not end.passed():
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
         except Exception as exc:  # noqa: BLE001
@@ -70,7 +89,7 @@ async def long_lived(host: str, port: int, n: int, end: float, interval: float, 
             await asyncio.sleep(interval)
             continue
         try:
-            while time.monotonic() < end:
+            while not end.passed():
                 j += 1
                 line = f"long {n} {j}\n".encode()
                 try:
@@ -98,12 +117,13 @@ async def main(args: argparse.Namespace) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     results = Results()
-    end = time.monotonic() + args.duration
+    end = End(args.duration, args.stop_file)
     longs = [asyncio.ensure_future(long_lived(args.host, args.port, n, end, args.interval, args.timeout, results))
              for n in range(args.long)]
     tasks: set[asyncio.Task[None]] = set()
     start, i = time.monotonic(), 0
-    while (now := time.monotonic()) < end:
+    while not end.passed():
+        now = time.monotonic()
         due = int((now - start) * args.rate)  # requests due by now: a steady rate, whatever the lag
         while i < due:
             i += 1
@@ -112,12 +132,13 @@ async def main(args: argparse.Namespace) -> None:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         await asyncio.sleep(min(0.005, 1 / args.rate))
+    seconds = time.monotonic() - start
     if tasks:
         await asyncio.wait(tasks)
     long_results = await asyncio.gather(*longs)
     latencies = sorted(results.latencies)
     p99 = latencies[int(len(latencies) * 0.99)] * 1000 if latencies else 0.0
-    print(json.dumps({"sent": results.sent, "ok": results.ok, "failed": results.failed, "errors": results.errors,
+    print(json.dumps({"seconds": round(seconds, 3), "stopped_by_file": end.by_file, "sent": results.sent, "ok": results.ok, "failed": results.failed, "errors": results.errors,
                       "p99_ms": round(p99, 1), "slow": results.slow, "long": long_results}))
 
 
@@ -127,6 +148,7 @@ if __name__ == "__main__":
     p.add_argument("port", type=int)
     p.add_argument("--rate", type=float, default=200.0)
     p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--stop-file")
     p.add_argument("--long", type=int, default=3)
     p.add_argument("--interval", type=float, default=0.2)
     p.add_argument("--timeout", type=float, default=5.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -148,7 +150,8 @@ def test_410_gone_lists_again_and_nothing_is_lost_or_doubled(api: FakeApiServer,
 
 
 def test_a_dropped_connection_is_watched_again_from_where_it_was_with_capped_backoff(
-        api: FakeApiServer, make_source: Factory) -> None:
+        api: FakeApiServer, make_source: Factory, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "controlplane.config.kubernetes")
     source = make_source()
     assert api.wait_for(lambda: api.watch_requests("pods"))
     lists_before, watches_before = len(api.list_requests("pods")), len(api.watch_requests("pods"))
@@ -161,9 +164,14 @@ def test_a_dropped_connection_is_watched_again_from_where_it_was_with_capped_bac
     attempts = [r.at for r in api.watch_requests("pods")[watches_before - 1:]]
     assert len(attempts) == 6  # the dropped watch, four refused, the one that worked
     gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
-    for failures, gap in enumerate(gaps):  # jittered in [cap/2, cap], cap = initial * 2**failures, at most max
+    delays = [float(d) for d in re.findall(r"watching pods failed .*; retrying in ([0-9.]+)s", caplog.text)]
+    assert len(delays) == len(gaps) == 5, caplog.text
+    for failures, (gap, delay) in enumerate(zip(gaps, delays, strict=True)):
+        # The delay is jittered in [cap/2, cap], cap = initial * 2**failures, at most max (logged to 0.01 s) ...
         cap = min(FAST.backoff_max, FAST.backoff_initial * 2 ** failures)
-        assert cap / 2 - 0.01 <= gap <= FAST.backoff_max + 0.15, (failures, gap)
+        assert cap / 2 - 0.006 <= delay <= cap + 0.006, (failures, delays)
+        # ... and the source waited that long before trying again (a busy machine may add to the gap).
+        assert delay - 0.006 <= gap <= delay + 1.0, (failures, gap, delay)
     assert len(api.list_requests("pods")) == lists_before  # no list: resumed from the resourceVersion
 
 
