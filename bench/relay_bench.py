@@ -48,6 +48,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.ports import free_port
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CLIENT_ID = "spiffe://cluster.local/ns/bench/sa/client"
@@ -642,12 +644,6 @@ def make_certs(directory: Path) -> None:
         pems = issued.pems
         (directory / f"{side}.pem").write_text("".join(pems[:-1]) if len(pems) > 1 else pems[0])
         (directory / f"{side}.key").write_bytes(key.pkcs8_pem())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:

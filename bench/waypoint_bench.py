@@ -32,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bench.ports import free_port as _free_port
+
 if TYPE_CHECKING:
     from waypoint.config import RouteTable
     from waypoint.l7.model import ClientInfo
@@ -39,12 +41,6 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 VIP = "10.96.0.77"
 NS = "bench"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -1,7 +1,9 @@
-"""HTTP/2 framing facts the HBONE core needs beside `h2`: error codes, the client preface, a guard
-that refuses oversized frames and header blocks from their 9-byte headers, the rapid-reset budget, the
-status of a response, and the HPACK encoder of the header blocks the core sends (`LiteralEncoder`).  The
-waypoint's HTTP/2 server uses the same guard and budget."""
+"""HTTP/2 framing the HBONE core does itself, beside `h2` (which keeps SETTINGS, PING and GOAWAY): error
+codes, the client preface, the frames of a stream (DATA, HEADERS and CONTINUATION, RST_STREAM,
+WINDOW_UPDATE) read (`FrameReader`) and written, a guard that refuses oversized frames and header blocks
+from their 9-byte headers, the rapid-reset budget, the status of a response, and the HPACK encoder of the
+header blocks the core sends (`LiteralEncoder`).  The waypoint's HTTP/2 server uses the same guard and
+budget."""
 
 from __future__ import annotations
 
@@ -27,13 +29,18 @@ def error_name(code: int) -> str:
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 FRAME_HEADER = 9
-DATA, HEADERS, PUSH_PROMISE, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0x0, 0x1, 0x5, 0x7, 0x8, 0x9
-END_STREAM, END_HEADERS, PADDED = 0x1, 0x4, 0x8
+DATA, HEADERS, PRIORITY, RST_STREAM, PUSH_PROMISE, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
+    0x0, 0x1, 0x2, 0x3, 0x5, 0x7, 0x8, 0x9)
+END_STREAM, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x4, 0x8, 0x20
+_NAMES = {DATA: "DATA", HEADERS: "HEADERS", PRIORITY: "PRIORITY", RST_STREAM: "RST_STREAM", 0x4: "SETTINGS",
+          PUSH_PROMISE: "PUSH_PROMISE", 0x6: "PING", GOAWAY: "GOAWAY", WINDOW_UPDATE: "WINDOW_UPDATE",
+          CONTINUATION: "CONTINUATION"}
 MAX_WINDOW = 2**31 - 1
 
 # The hot path's frames, encoded without h2: a DATA frame is this 9-byte header and the payload as it is.
 _HEADER = struct.Struct(">IBI")  # 24-bit length and 8-bit type in one word, flags, stream id
 _WINDOW_UPDATE = struct.Struct(">IBII")
+_RST_STREAM = _WINDOW_UPDATE  # the same shape: a 4-byte payload (the error code)
 
 
 def data_header(stream_id: int, length: int, end_stream: bool = False) -> bytes:
@@ -44,6 +51,26 @@ def data_header(stream_id: int, length: int, end_stream: bool = False) -> bytes:
 def window_update(stream_id: int, increment: int) -> bytes:
     """A WINDOW_UPDATE frame (stream 0: the connection's window)."""
     return _WINDOW_UPDATE.pack(4 << 8 | WINDOW_UPDATE, 0, stream_id, increment)
+
+
+def rst_stream(stream_id: int, error_code: int) -> bytes:
+    """A RST_STREAM frame."""
+    return _RST_STREAM.pack(4 << 8 | RST_STREAM, 0, stream_id, int(error_code))
+
+
+def headers_frames(stream_id: int, block: bytes, end_stream: bool, max_frame: int) -> bytes:
+    """A header block as a HEADERS frame, and CONTINUATION frames when it is longer than `max_frame`."""
+    flags = END_STREAM if end_stream else 0
+    if len(block) <= max_frame:
+        return _HEADER.pack(len(block) << 8 | HEADERS, flags | END_HEADERS, stream_id) + block
+    out: list[bytes] = []
+    kind = HEADERS
+    for start in range(0, len(block), max_frame):
+        piece = block[start : start + max_frame]
+        last = start + max_frame >= len(block)
+        out += (_HEADER.pack(len(piece) << 8 | kind, flags | (END_HEADERS if last else 0), stream_id), piece)
+        kind, flags = CONTINUATION, 0
+    return b"".join(out)
 
 
 @dataclass(frozen=True)
@@ -127,40 +154,49 @@ class FrameGuard:
         return None
 
 
-# What a `FrameReader` hands its owner: bytes for h2 (every frame but DATA and WINDOW_UPDATE, in order; a
-# GOAWAY always the last frame of a handing);
-# a piece of a DATA frame's payload (stream, payload, window cost: the whole frame's length with its first
-# piece and 0 after, bytes to acknowledge once consumed, END_STREAM with the last piece); a WINDOW_UPDATE
-# (stream, increment); a violation.  Each returns False to stop reading (the connection is closed).
+# What a `FrameReader` hands its owner: bytes for h2 (SETTINGS, PING, GOAWAY, PUSH_PROMISE and frames of
+# unknown types, in order; a GOAWAY always the last frame of a handing); a piece of a DATA frame's payload
+# (stream, payload, window cost: the whole frame's length with its first piece and 0 after, bytes to
+# acknowledge once consumed, END_STREAM with the last piece); a WINDOW_UPDATE (stream, increment); a whole
+# header block, padding and priority taken out (stream, END_STREAM, the HPACK bytes); a RST_STREAM
+# (stream, error code); a violation.  Each returns False to stop reading (the connection is closed).
 ToH2 = Callable[[bytes], bool]
 OnData = Callable[[int, bytes | memoryview, int, int, bool], bool]
 OnWindow = Callable[[int, int], bool]
+OnHeaders = Callable[[int, bool, bytes], bool]
+OnReset = Callable[[int, int], bool]
 OnViolation = Callable[[Violation], None]
 
 _AT_HEADER, _IN_DATA, _IN_OTHER = 0, 1, 2
 _FAST_KINDS = frozenset({DATA, WINDOW_UPDATE})
+_STREAM_KINDS = frozenset({HEADERS, CONTINUATION, RST_STREAM, PRIORITY})  # read whole, here
+_FIXED_SIZE = {WINDOW_UPDATE: 4, RST_STREAM: 4, PRIORITY: 5}
 _UNPACK_HEADER = _HEADER.unpack_from
 _UNPACK_WORD = struct.Struct(">I").unpack_from
 
 
 class FrameReader:
-    """Splits received bytes at frame boundaries: DATA and WINDOW_UPDATE frames are read here, from their
-    9-byte headers, with no copy of a payload that arrived whole; everything else goes to h2 as it came.
-    DATA payloads are handed on as they arrive (a 1 MiB frame need not be buffered first), except padded
-    frames, which are read whole, as views of the (immutable) bytes received.  Every frame header passes the `FrameGuard` first.  Inside a header
-    block all frames go to h2, which refuses anything but CONTINUATION there.
+    """Splits received bytes at frame boundaries.  The frames of streams are read here: DATA and
+    WINDOW_UPDATE from their 9-byte headers, with no copy of a payload that arrived whole; HEADERS and
+    CONTINUATION gathered into one header block; RST_STREAM; PRIORITY, which means nothing to a tunnel,
+    checked and dropped.  The connection's own frames go to h2 as they came.  DATA payloads are handed on
+    as they arrive (a 1 MiB frame need not be buffered first), except padded frames, which are read whole,
+    as views of the (immutable) bytes received.  Every frame header passes the `FrameGuard` first, so a
+    header block is bounded before it is buffered; inside a block only CONTINUATION frames of its stream
+    may come (RFC 9113 6.10).
 
     A GOAWAY ends the bytes handed to h2 at once: h2 closes its state machine on any GOAWAY and refuses
-    every frame after it in the same `receive_data` call (a HEADERS answering a stream the peer took
-    before its GOAWAY, a RST_STREAM) as a protocol error, so the owner must see the GOAWAY alone, and
-    reopen h2 for a graceful one (`HboneConnection._on_goaway`), before the frames that follow it."""
+    every frame after it in the same `receive_data` call as a protocol error, so the owner must see the
+    GOAWAY alone, and reopen h2 for a graceful one (`HboneConnection._on_goaway`), before the frames that
+    follow it."""
 
     def __init__(self, guard: FrameGuard, skip: int, to_h2: ToH2, on_data: OnData, on_window: OnWindow,
-                 on_violation: OnViolation) -> None:
+                 on_headers: OnHeaders, on_reset: OnReset, on_violation: OnViolation) -> None:
         self._guard = guard
         self._skip = skip  # the client preface: h2 checks it
         self._to_h2, self._on_data, self._on_window, self._on_violation = to_h2, on_data, on_window, on_violation
-        self._rest = b""  # an incomplete frame header (or WINDOW_UPDATE, or padded DATA frame)
+        self._on_headers, self._on_reset = on_headers, on_reset
+        self._rest = b""  # an incomplete frame header (or a frame read whole here)
         self._mode = _AT_HEADER
         self._left = 0  # bytes of the current frame body still to come
         self._stream = 0
@@ -168,6 +204,9 @@ class FrameReader:
         self._first = False  # the next DATA piece is the frame's first: it carries the window cost
         self._length = 0
         self._kind = DATA  # the type of the frame whose body is being read (in _IN_OTHER)
+        self._block_stream = 0  # a header block without END_HEADERS yet: its stream, END_STREAM, bytes
+        self._block_end = False
+        self._block = bytearray()
 
     def feed(self, data: bytes) -> None:
         if self._rest:
@@ -216,13 +255,16 @@ class FrameReader:
             word, flags, stream = _UNPACK_HEADER(data, i)
             length, kind, stream = word >> 8, word & 0xFF, stream & 0x7FFFFFFF
             violation = guard.inspect(length, kind, flags)
+            if violation is None and self._block_stream and (kind != CONTINUATION or stream != self._block_stream):
+                violation = Violation(ErrorCode.PROTOCOL_ERROR,
+                                      f"peer sent a {_NAMES.get(kind, f'type {kind:#x}')} frame inside the header "
+                                      f"block of stream {self._block_stream}, where only its CONTINUATION may come")
             if violation is not None:
                 if run >= 0 and not self._to_h2(data[run:i]):
                     return
                 self._on_violation(violation)
                 return
-            fast = kind in _FAST_KINDS and not guard.in_header_block
-            if not fast:
+            if kind not in _FAST_KINDS and kind not in _STREAM_KINDS:
                 if run < 0:
                     run = i
                 i += FRAME_HEADER
@@ -237,43 +279,87 @@ class FrameReader:
                 if not self._to_h2(data[run:i]):
                     return
                 run = -1
-            if kind == WINDOW_UPDATE:
-                if length != 4:
-                    self._on_violation(Violation(ErrorCode.FRAME_SIZE_ERROR,
-                                                 f"peer sent a WINDOW_UPDATE of {length} bytes (it has 4)"))
-                    return
-                if n - i < FRAME_HEADER + 4:
-                    self._rest = data[i:]
-                    break
-                increment = _UNPACK_WORD(data, i + FRAME_HEADER)[0] & 0x7FFFFFFF
-                i += FRAME_HEADER + 4
-                if not self._on_window(stream, increment):
-                    return
+            if kind == DATA:
+                end = bool(flags & END_STREAM)
+                if flags & PADDED:
+                    if n - i < FRAME_HEADER + length:
+                        self._rest = data[i:]
+                        break
+                    pad = data[i + FRAME_HEADER] if length else -1
+                    if pad < 0 or pad >= length:
+                        self._on_violation(Violation(ErrorCode.PROTOCOL_ERROR,
+                                                     "peer sent a DATA frame with more padding than payload"))
+                        return
+                    payload = view[i + FRAME_HEADER + 1 : i + FRAME_HEADER + length - pad]
+                    i += FRAME_HEADER + length
+                    if not self._on_data(stream, payload, length, length, end):
+                        return
+                    continue
+                i += FRAME_HEADER
+                if not length:
+                    if not self._on_data(stream, b"", 0, 0, end):
+                        return
+                    continue
+                self._mode, self._left, self._length = _IN_DATA, length, length
+                self._stream, self._end, self._first = stream, end, True
                 continue
-            end = bool(flags & END_STREAM)
-            if flags & PADDED:
-                if n - i < FRAME_HEADER + length:
-                    self._rest = data[i:]
-                    break
-                pad = data[i + FRAME_HEADER] if length else -1
-                if pad < 0 or pad >= length:
-                    self._on_violation(Violation(ErrorCode.PROTOCOL_ERROR,
-                                                 "peer sent a DATA frame with more padding than payload"))
-                    return
-                payload = view[i + FRAME_HEADER + 1 : i + FRAME_HEADER + length - pad]
-                i += FRAME_HEADER + length
-                if not self._on_data(stream, payload, length, length, end):
-                    return
-                continue
-            i += FRAME_HEADER
-            if not length:
-                if not self._on_data(stream, b"", 0, 0, end):
-                    return
-                continue
-            self._mode, self._left, self._length = _IN_DATA, length, length
-            self._stream, self._end, self._first = stream, end, True
+            size = _FIXED_SIZE.get(kind)
+            if size is not None and length != size:
+                self._refuse(ErrorCode.FRAME_SIZE_ERROR,
+                             f"peer sent a {_NAMES[kind]} of {length} bytes (it has {size})")
+                return
+            if n - i < FRAME_HEADER + length:  # the other frames of a stream are small: read them whole
+                self._rest = data[i:]
+                break
+            body = data[i + FRAME_HEADER : i + FRAME_HEADER + length]
+            i += FRAME_HEADER + length
+            if not self._stream_frame(kind, flags, stream, body):
+                return
         if run >= 0:
             self._to_h2(data[run:i])
+
+    def _stream_frame(self, kind: int, flags: int, stream: int, body: bytes) -> bool:
+        length = len(body)
+        if kind == WINDOW_UPDATE:
+            return self._on_window(stream, _UNPACK_WORD(body)[0] & 0x7FFFFFFF)
+        if kind == RST_STREAM:
+            if not stream:
+                return self._refuse(ErrorCode.PROTOCOL_ERROR, "peer sent a RST_STREAM on stream 0")
+            return self._on_reset(stream, _UNPACK_WORD(body)[0])
+        if kind == PRIORITY:  # a tunnel has no priorities: checked, then dropped
+            if not stream:
+                return self._refuse(ErrorCode.PROTOCOL_ERROR, "peer sent a PRIORITY on stream 0")
+            return True
+        if kind == CONTINUATION:
+            if not self._block_stream:
+                return self._refuse(ErrorCode.PROTOCOL_ERROR, "peer sent a CONTINUATION with no header block open")
+            self._block += body
+            if not flags & END_HEADERS:
+                return True
+            block, end = bytes(self._block), self._block_end
+            self._block_stream, self._block = 0, bytearray()
+            return self._on_headers(stream, end, block)
+        # HEADERS
+        if not stream:
+            return self._refuse(ErrorCode.PROTOCOL_ERROR, "peer sent HEADERS on stream 0")
+        start, stop = 0, length
+        if flags & PADDED:
+            pad = body[0] if length else length + 1
+            start, stop = 1, length - pad
+        if flags & PRIORITY_FLAG:
+            start += 5
+        if stop < start:
+            return self._refuse(ErrorCode.PROTOCOL_ERROR, "peer sent a HEADERS frame with more padding and priority "
+                                                          "than payload")
+        fragment = body[start:stop] if start or stop != length else body
+        if flags & END_HEADERS:
+            return self._on_headers(stream, bool(flags & END_STREAM), fragment)
+        self._block_stream, self._block_end, self._block = stream, bool(flags & END_STREAM), bytearray(fragment)
+        return True
+
+    def _refuse(self, code: int, reason: str) -> bool:
+        self._on_violation(Violation(code, reason))
+        return False
 
 
 class ResetBudget:

@@ -1,4 +1,4 @@
-"""The HBONE protocol core, sans-IO: HTTP/2 CONNECT tunnels over `h2`, bytes in, events out.
+"""The HBONE protocol core, sans-IO: HTTP/2 CONNECT tunnels, bytes in, events out.
 
     client = HboneClient(HboneConfig(), now=clock())
     sid = client.open_stream("10.244.1.5:8080", request_headers(forwarded_for="10.244.0.7:41234"))
@@ -16,17 +16,20 @@ may go on), and acknowledge received bytes only when the reader says it consumed
 (`acknowledge()`), so a slow reader slows its writer instead of growing a buffer.  Half-close is
 END_STREAM both ways.  Keepalive PINGs and their timeout run off `next_deadline()`/`on_timer(now)`.
 
-The hot path does not go through `h2`: DATA and WINDOW_UPDATE frames are read (`frames.FrameReader`)
-and written (a 9-byte header before the payload) here, and both directions' flow-control windows are
-kept here; `h2` handles every other frame (HEADERS and HPACK, SETTINGS, PING, GOAWAY, RST_STREAM) and
-each stream's open and close, told of a peer's END_STREAM by an empty DATA frame.  Everything sent goes
-into one ordered output, h2's bytes taken as soon as it produced them.
+Streams are the core's own, not `h2`'s: their frames (DATA, HEADERS and CONTINUATION, RST_STREAM,
+WINDOW_UPDATE) are read (`frames.FrameReader`) and written here, header blocks are decoded with `hpack`
+and encoded with `frames.LiteralEncoder`, and the stream ids, states and both directions' flow-control
+windows are kept here.  `h2` keeps the connection's own frames: the preface and SETTINGS (and their
+acknowledgements), PING, GOAWAY, and refusing a PUSH_PROMISE.  A new connection's tunnel is thus a few
+frames built and parsed here, not h2's per-stream state machines.  Everything sent goes into one ordered
+output, h2's bytes taken as soon as it produced them.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import cast
 
 import h2.config
 import h2.connection
@@ -34,6 +37,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 
 from mesh.hbone.config import HboneConfig
 from mesh.hbone.errors import (
@@ -62,6 +66,8 @@ from mesh.hbone.frames import (
     Violation,
     data_header,
     error_name,
+    headers_frames,
+    rst_stream,
     window_update,
 )
 from mesh.hbone.state import (
@@ -132,8 +138,11 @@ class HboneConnection:
             settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0
         self._h2.local_settings = h2.settings.Settings(client=self._client_side, initial_values=settings)
         self._h2.max_inbound_frame_size = config.max_frame_size
-        # Bound decoded header lists from the first request on, not only once our SETTINGS are acked.
-        self._h2.decoder.max_header_list_size = config.max_header_list_size
+        # The header blocks of streams are decoded here (h2 sees none); decoded lists are bounded from the
+        # first request on, not only once our SETTINGS are acked.
+        self._decoder = hpack.Decoder(max_header_list_size=config.max_header_list_size)
+        self._highest_inbound = 0  # the highest stream id the peer opened
+        self._next_stream_id = 1 if self._client_side else 2  # the next one this side opens
         self._h2.initiate_connection()
         increment = config.connection_window - 65_535
         if increment > 0:
@@ -153,7 +162,8 @@ class HboneConnection:
         # frame header as it arrives.
         self._frame_guard = FrameGuard(0, config.max_frame_size, config.max_header_block)
         self._reader = FrameReader(self._frame_guard, 0 if self._client_side else len(PREFACE), self._rx_h2,
-                                   self._rx_data, self._rx_window, self._rx_violation)
+                                   self._rx_data, self._rx_window, self._rx_headers, self._rx_reset,
+                                   self._rx_violation)
         self._take_h2()
         self._resets = ResetBudget(config.max_reset_streams)
         self._unsent_control = 0  # PING and SETTINGS answers h2 queued since the transport last took output
@@ -272,8 +282,8 @@ class HboneConnection:
     def _is_idle(self, stream_id: int) -> bool:
         """A stream id never used yet (frames for it, other than HEADERS, are a protocol error)."""
         if self._is_local_stream(stream_id):
-            return stream_id > (self._h2.highest_outbound_stream_id or 0)
-        return stream_id > (self._h2.highest_inbound_stream_id or 0)
+            return stream_id >= self._next_stream_id
+        return stream_id > self._highest_inbound
 
     def _rx_data(self, stream_id: int, data: bytes | memoryview, cost: int, length: int, end: bool) -> bool:
         if cost:
@@ -315,8 +325,61 @@ class HboneConnection:
             self._consume(length)
             self._stream_error(stream, ErrorCode.STREAM_CLOSED, "peer sent DATA after it ended the stream")
             return True
-        if end:  # h2 keeps each stream's state: tell it of the END_STREAM with an empty DATA frame
-            return self._rx_h2(data_header(stream_id, 0, end_stream=True))
+        if end:
+            self._remote_end(stream)
+        return True
+
+    def _rx_headers(self, stream_id: int, end: bool, block: bytes) -> bool:
+        """A whole header block: a request (server), an answer (client), or trailers ending a tunnel."""
+        try:  # decoded even for a stream refused below: the decoder's table must follow the peer's
+            headers = cast("list[tuple[bytes, bytes]]", self._decoder.decode(block, raw=True))
+        except hpack.OversizedHeaderListError as exc:
+            self._rx_violation(Violation(ErrorCode.ENHANCE_YOUR_CALM, f"peer sent too large a header list: {exc}"))
+            return False
+        except hpack.HPACKError as exc:
+            self._rx_violation(Violation(ErrorCode.COMPRESSION_ERROR, f"peer sent a header block HPACK cannot "
+                                                                     f"decode: {exc}"))
+            return False
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self._headers_on_stream(stream, end, headers)
+        elif self._is_local_stream(stream_id):
+            if stream_id >= self._next_stream_id:
+                self._rx_violation(Violation(ErrorCode.PROTOCOL_ERROR,
+                                             f"peer sent HEADERS on stream {stream_id}, which was never opened"))
+                return False
+            # a stream this side finished or reset: what the peer sent before it knew is dropped
+        elif self._client_side:
+            self._rx_violation(Violation(ErrorCode.PROTOCOL_ERROR,
+                                         f"peer opened stream {stream_id}: an HBONE server opens none"))
+            return False
+        elif stream_id <= self._highest_inbound:
+            self._reset_quietly(stream_id, ErrorCode.STREAM_CLOSED)  # a tunnel already finished or refused
+        else:
+            self._highest_inbound = stream_id
+            self._on_request(stream_id, end, headers, self._events)
+        return self._state is not ConnectionState.CLOSED
+
+    def _headers_on_stream(self, stream: TunnelStream, end: bool, headers: list[tuple[bytes, bytes]]) -> None:
+        """A header block on a stream already open: the answer to a CONNECT (client), else trailers,
+        which a tunnel only takes to end it."""
+        if stream.state is StreamState.PENDING and self._client_side:
+            self._on_response(stream, end, headers, self._events)
+        elif stream.state not in RECEIVING_STATES and stream.state is not StreamState.REJECTED:
+            self._stream_error(stream, ErrorCode.STREAM_CLOSED, f"peer sent HEADERS on a stream {stream.state.value}")
+        elif not end:
+            self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, "peer sent HEADERS in the middle of a tunnel")
+        else:
+            self._remote_end(stream)
+
+    def _rx_reset(self, stream_id: int, code: int) -> bool:
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self._on_stream_reset(stream, code, self._events)
+        elif self._is_idle(stream_id):
+            self._rx_violation(Violation(ErrorCode.PROTOCOL_ERROR,
+                                         f"peer reset stream {stream_id}, which was never opened"))
+            return False
         return True
 
     def _rx_window(self, stream_id: int, increment: int) -> bool:
@@ -365,17 +428,7 @@ class HboneConnection:
             self._consumed = 0
 
     def _handle(self, event: h2.events.Event, out: list[Event]) -> None:
-        if isinstance(event, h2.events.RequestReceived):
-            self._on_request(event, out)
-        elif isinstance(event, h2.events.ResponseReceived):
-            self._on_response(event, out)
-        elif isinstance(event, h2.events.DataReceived):
-            self._on_data(event, out)
-        elif isinstance(event, h2.events.StreamEnded):
-            self._on_stream_ended(event, out)
-        elif isinstance(event, h2.events.StreamReset):
-            self._on_stream_reset(event, out)
-        elif isinstance(event, h2.events.PingAckReceived):
+        if isinstance(event, h2.events.PingAckReceived):
             if event.ping_data == self._ping_outstanding:
                 self._ping_outstanding = None
                 out.append(PingAcknowledged(event.ping_data or b""))
@@ -386,8 +439,8 @@ class HboneConnection:
             self._on_settings(event, out)
         elif isinstance(event, h2.events.PingReceived):
             self._unsent_control += 1  # h2 queued the ACK
-        # Window updates and settings changes are handled by the flush after every batch; informational
-        # responses, trailers, priority and unknown frames mean nothing to a tunnel.
+        # Window updates and settings changes are handled by the flush after every batch; unknown frames
+        # mean nothing to a tunnel.  (h2 sees no frame of a stream: it produces no stream events.)
 
     def _on_settings(self, event: h2.events.RemoteSettingsChanged, out: list[Event]) -> None:
         changed = event.changed_settings
@@ -411,51 +464,41 @@ class HboneConnection:
         self._streams[stream_id] = stream
         return stream
 
-    def _on_request(self, event: h2.events.RequestReceived, out: list[Event]) -> None:
+    def _on_request(self, stream_id: int, end: bool, headers: list[tuple[bytes, bytes]], out: list[Event]) -> None:
         # Only a server gets here; HboneServer overrides it.
-        assert event.stream_id is not None
-        self._reset_quietly(event.stream_id, ErrorCode.PROTOCOL_ERROR)
+        self._reset_quietly(stream_id, ErrorCode.PROTOCOL_ERROR)
 
-    def _on_response(self, event: h2.events.ResponseReceived, out: list[Event]) -> None:
-        assert event.stream_id is not None
-        self._reset_quietly(event.stream_id, ErrorCode.PROTOCOL_ERROR)
+    def _on_response(self, stream: TunnelStream, end: bool, headers: list[tuple[bytes, bytes]],
+                     out: list[Event]) -> None:
+        # Only a client gets here; HboneClient overrides it.
+        self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, "peer answered a stream it opened")
 
-    def _on_data(self, event: h2.events.DataReceived, out: list[Event]) -> None:
-        """h2 sees only the empty DATA frames that tell it of an END_STREAM (`_rx_data`): nothing to do."""
-
-    def _on_stream_ended(self, event: h2.events.StreamEnded, out: list[Event]) -> None:
-        assert event.stream_id is not None
-        stream = self._streams.get(event.stream_id)
-        if stream is None:
-            return
+    def _remote_end(self, stream: TunnelStream) -> None:
+        """The peer's END_STREAM (its FIN)."""
         if stream.state is StreamState.REJECTED:
-            self._finish_rejection(stream, out)
+            self._finish_rejection(stream, self._events)
             return
         stream.advance(StreamInput.REMOTE_END)
-        out.append(StreamEnded(stream.id))
+        self._events.append(StreamEnded(stream.id))
         self._forget_if_done(stream)
 
-    def _on_stream_reset(self, event: h2.events.StreamReset, out: list[Event]) -> None:
-        assert event.stream_id is not None
-        stream = self._streams.get(event.stream_id)
-        if stream is None:
-            return
+    def _on_stream_reset(self, stream: TunnelStream, code: int, out: list[Event]) -> None:
         if stream.state is StreamState.REJECTED:
-            self._finish_rejection(stream, out)
+            self._finish_rejection(stream, out, reset=False)  # never a reset in answer to a reset
             return
         if stream.state in PENDING_STATES and not self._is_local_stream(stream.id):
             self._resets.abandoned()  # reset before this side answered: what a rapid reset does
-        code = int(event.error_code or 0)
         stream.advance(StreamInput.RESET)
         out.append(StreamReset(stream.id, code, f"reset by peer ({error_name(code)})", by_peer=True))
         self._forget(stream)
 
-    def _finish_rejection(self, stream: TunnelStream, out: list[Event]) -> None:
+    def _finish_rejection(self, stream: TunnelStream, out: list[Event], reset: bool = True) -> None:
         if stream.reject_status is not None:
             reason = stream.reject_body.decode("utf-8", "replace").strip()
             out.append(StreamRejected(stream.id, stream.reject_status, reason))
             stream.reject_status = None
-        self._reset_quietly(stream.id, ErrorCode.NO_ERROR)
+        if reset:  # the answer is all read: the CONNECT's side of the stream is not needed (it sent no END)
+            self._reset_quietly(stream.id, ErrorCode.NO_ERROR)
         self._forget(stream)
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated, out: list[Event]) -> None:
@@ -472,7 +515,7 @@ class HboneConnection:
                 send_goaway=False,
             )
             return
-        # A graceful GOAWAY: h2 stops everything, but streams the peer took may still finish.
+        # A graceful GOAWAY: h2 stops, but streams the peer took may still finish.
         self._h2.state_machine.state = _H2_OPEN[self._client_side]
         self._state = next_connection_state(self._state, ConnectionInput.GOAWAY_RECEIVED)
         out.append(ConnectionDraining(code, last, by_peer=True))
@@ -579,8 +622,7 @@ class HboneConnection:
             stream.send_window -= size
             self._send_window -= size
         if stream.fin_queued:
-            self._h2.end_stream(stream.id)  # h2 keeps the stream's state: it sends the empty END_STREAM
-            self._take_h2()
+            out.append(data_header(stream.id, 0, end_stream=True))
             stream.fin_queued = False
 
     def _flush_all(self, out: list[Event]) -> None:
@@ -595,10 +637,15 @@ class HboneConnection:
             self._forget_if_done(stream)
 
     def _reset_quietly(self, stream_id: int, error_code: int) -> None:
-        # Already closed at the frame level: nothing to abort.
-        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            self._h2.reset_stream(stream_id, error_code)
+        """RST_STREAM (callers send it only on streams not closed both ways: RFC 9113 5.1)."""
         self._take_h2()
+        self._out.append(rst_stream(stream_id, error_code))
+
+    def _send_headers(self, stream_id: int, headers: list[tuple[str, str]], end_stream: bool = False) -> None:
+        self._take_h2()  # whatever h2 queued goes first
+        fields = [(name.encode(), value.encode()) for name, value in headers]
+        block = self._h2.encoder.encode(fields)  # h2 keeps the encoder: a peer's new table size reaches it
+        self._out.append(headers_frames(stream_id, block, end_stream, self._max_send_frame))
 
     def _forget_if_done(self, stream: TunnelStream) -> None:
         done = stream.state in TERMINAL_STREAM_STATES and not stream.outbound and not stream.fin_queued
@@ -615,7 +662,7 @@ class HboneConnection:
         out: list[Event] = []
         if self._state is not ConnectionState.OPEN:
             return out
-        last = self._h2.highest_inbound_stream_id
+        last = self._highest_inbound
         self._h2.close_connection(ErrorCode.NO_ERROR, last_stream_id=last)
         self._take_h2()
         self._h2.state_machine.state = _H2_OPEN[self._client_side]
@@ -641,7 +688,8 @@ class HboneConnection:
             return
         if send_goaway:
             with contextlib.suppress(h2.exceptions.ProtocolError):
-                self._h2.close_connection(code, additional_data=reason.encode("utf-8")[:256])
+                self._h2.close_connection(code, additional_data=reason.encode("utf-8")[:256],
+                                          last_stream_id=self._highest_inbound)
             self._take_h2()
         failed = by_peer or code != ErrorCode.NO_ERROR
         self._state = next_connection_state(

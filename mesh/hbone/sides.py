@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import h2.events
-
 from mesh.hbone.errors import (
     ConnectionNotUsableError,
     HeaderListTooLargeError,
@@ -28,6 +26,8 @@ from mesh.hbone.headers import (
 from mesh.hbone.protocol import HboneConnection, TunnelStream
 from mesh.hbone.state import ConnectionState, StreamInput, StreamState
 
+MAX_STREAM_ID = 2**31 - 1
+
 
 class HboneClient(HboneConnection):
     """The side that opens tunnels (a node agent's outbound, a waypoint towards a destination)."""
@@ -36,10 +36,9 @@ class HboneClient(HboneConnection):
 
     def can_open_stream(self) -> bool:
         """Whether `open_stream` may be called (open, and under the peer's stream limit)."""
-        if self._state is not ConnectionState.OPEN:
+        if self._state is not ConnectionState.OPEN or self._next_stream_id > MAX_STREAM_ID:
             return False
-        limit = self._h2.remote_settings.max_concurrent_streams
-        return self._h2.open_outbound_streams < limit
+        return len(self._streams) < self._h2.remote_settings.max_concurrent_streams
 
     def open_stream(self, authority: str, headers: Sequence[Header] = ()) -> int:
         """Send a CONNECT to `authority` ("ip:port") with regular `headers` (see `request_headers`);
@@ -63,31 +62,38 @@ class HboneClient(HboneConnection):
             raise HeaderListTooLargeError(
                 f"CONNECT headers are {size} bytes; the limit is {limit}: send fewer"
             )
-        stream_id = self._h2.get_next_available_stream_id()
-        try:
-            self._h2.send_headers(stream_id, block, end_stream=False)
-        except h2.exceptions.TooManyStreamsError:
+        limit = self._h2.remote_settings.max_concurrent_streams
+        if len(self._streams) >= limit:
             raise StreamLimitError(
-                f"the peer allows {self._h2.remote_settings.max_concurrent_streams} concurrent streams and "
-                "all are in use: open another connection"
-            ) from None
-        self._take_h2()
+                f"the peer allows {limit} concurrent streams and all are in use: open another connection")
+        stream_id = self._next_stream_id
+        if stream_id > MAX_STREAM_ID:
+            raise ConnectionNotUsableError("this connection has used all its stream ids: open another one")
+        self._next_stream_id += 2
+        self._send_headers(stream_id, block)
         self._new_stream(stream_id)
         return stream_id
 
-    def _on_response(self, event: h2.events.ResponseReceived, out: list[Event]) -> None:
-        assert event.stream_id is not None
-        stream = self._streams.get(event.stream_id)
-        if stream is None or stream.state is not StreamState.PENDING:
+    def _on_response(self, stream: TunnelStream, end: bool, headers: list[tuple[bytes, bytes]],
+                     out: list[Event]) -> None:
+        status = status_of(headers)
+        problem = _response_problem(headers, status, end)
+        if problem:
+            self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, f"peer answered the CONNECT with {problem}")
             return
-        status = status_of(event.headers or [])
-        if 200 <= status < 300:
+        if status < 200:
+            return  # informational: the answer is still to come
+        if status < 300:
             stream.advance(StreamInput.ACCEPTED)
             out.append(StreamAccepted(stream.id, status))
+            if end:
+                self._remote_end(stream)
             return
         stream.advance(StreamInput.REJECTED)
         stream.reject_status = status
         # The rejection is reported once its body (the reason) has ended; see _finish_rejection.
+        if end:
+            self._finish_rejection(stream, out)
 
 
 class HboneServer(HboneConnection):
@@ -98,8 +104,7 @@ class HboneServer(HboneConnection):
     def accept(self, stream_id: int) -> None:
         """Answer 200: the upstream is connected; bytes may flow both ways."""
         stream = self._pending_stream(stream_id)
-        self._h2.send_headers(stream_id, [(":status", "200")], end_stream=False)
-        self._take_h2()
+        self._send_headers(stream_id, [(":status", "200")])
         stream.advance(StreamInput.ACCEPTED)
         self._resets.carried()
 
@@ -109,8 +114,9 @@ class HboneServer(HboneConnection):
         if not 300 <= status <= 599:
             raise ProtocolUsageError(f"reject() takes a 3xx-5xx status, not {status}")
         stream = self._pending_stream(stream_id)
+        peer_ended = stream.state is StreamState.PENDING_REMOTE_CLOSED
         stream.advance(StreamInput.REJECTED)
-        self._respond(stream_id, status, reason)
+        self._respond(stream_id, status, reason, peer_ended)
         self._forget(stream)
         return self._drained_events()
 
@@ -124,37 +130,63 @@ class HboneServer(HboneConnection):
             raise ConnectionNotUsableError("the HBONE connection is closed")
         return stream
 
-    def _respond(self, stream_id: int, status: int, reason: str) -> None:
+    def _respond(self, stream_id: int, status: int, reason: str, peer_ended: bool) -> None:
         body = reason.encode("utf-8")[: self.config.reject_body_limit]
         headers = [(":status", str(status))]
         if body:
             headers += [("content-type", "text/plain; charset=utf-8"), ("content-length", str(len(body)))]
-        self._h2.send_headers(stream_id, headers, end_stream=not body)
-        self._take_h2()
+        self._send_headers(stream_id, headers, end_stream=not body)
         if body:
             stream = self._streams.get(stream_id)
             window = min(stream.send_window if stream is not None else self._peer_stream_window,
                          self._send_window, self._max_send_frame)
-            if len(body) <= window:  # the reason, as one DATA frame ending the stream (h2 learns of
-                self._out += (data_header(stream_id, len(body), end_stream=True), body)  # it by the reset)
+            if len(body) <= window:  # the reason, as one DATA frame ending the stream
+                self._out += (data_header(stream_id, len(body), end_stream=True), body)
                 self._send_window -= len(body)
             else:
-                self._h2.end_stream(stream_id)
-                self._take_h2()
-        # The answer is complete; tell the client to stop sending without calling it an error.
-        self._reset_quietly(stream_id, ErrorCode.NO_ERROR)
+                self._out.append(data_header(stream_id, 0, end_stream=True))
+        # The answer is complete; tell the client to stop sending without calling it an error (unless
+        # it has finished already: the stream is closed both ways then, and takes no RST_STREAM).
+        if not peer_ended:
+            self._reset_quietly(stream_id, ErrorCode.NO_ERROR)
 
-    def _on_request(self, event: h2.events.RequestReceived, out: list[Event]) -> None:
-        assert event.stream_id is not None
-        sid = event.stream_id
+    def _on_request(self, stream_id: int, end: bool, headers: list[tuple[bytes, bytes]], out: list[Event]) -> None:
         if self._state is not ConnectionState.OPEN:
-            self._reset_quietly(sid, ErrorCode.REFUSED_STREAM)
+            self._reset_quietly(stream_id, ErrorCode.REFUSED_STREAM)
             return
-        decision = parse_connect(event.headers or [])
+        if len(self._streams) >= self.config.max_concurrent_streams:  # what our SETTINGS allow
+            self._reset_quietly(stream_id, ErrorCode.REFUSED_STREAM)
+            self._resets.abandoned()
+            return
+        decision = parse_connect(headers)
         if isinstance(decision, Malformed):
-            self._respond(sid, 400, decision.reason)
-            out.append(RequestRefused(sid, 400, decision.reason))
+            self._respond(stream_id, 400, decision.reason, end)
+            out.append(RequestRefused(stream_id, 400, decision.reason))
             self._resets.abandoned()  # checked once the batch is read
             return
-        self._new_stream(sid)
-        out.append(ConnectRequested(sid, decision))
+        stream = self._new_stream(stream_id)
+        out.append(ConnectRequested(stream_id, decision))
+        if end:  # a CONNECT that ends its side at once: answered still, then closed when this side ends
+            self._remote_end(stream)
+
+
+def _response_problem(headers: Sequence[tuple[bytes, bytes]], status: int, end: bool) -> str:
+    """What is wrong with an answer's header list ("" if nothing): one 3-digit :status and no other
+    pseudo-header, before lower-case regular names; an informational answer does not end the stream."""
+    statuses, regular = 0, False
+    for name, _ in headers:
+        if name.startswith(b":"):
+            if name != b":status":
+                return f"the pseudo-header {name.decode('ascii', 'replace')!r}"
+            if regular:
+                return "a :status after a regular header"
+            statuses += 1
+        else:
+            regular = True
+            if name != name.lower():
+                return f"the upper-case header name {name.decode('ascii', 'replace')!r}"
+    if statuses != 1 or not 100 <= status <= 599:
+        return "no valid :status" if statuses <= 1 else "two :status"
+    if status < 200 and end:
+        return f"an informational {status} that ends the stream"
+    return ""

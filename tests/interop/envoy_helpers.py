@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -21,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from bench.ports import free_port
 from ca.authority import CertificateAuthority
 from mesh.identity import SpiffeId
 from mesh.secrets.svid import Svid, accept_issued, generate_key, load_trust_bundle
@@ -46,12 +46,6 @@ def find_envoy() -> str | None:
         if path.is_file() and os.access(path, os.X_OK):
             return str(path)
     return shutil.which("envoy")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

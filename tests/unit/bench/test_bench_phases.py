@@ -21,6 +21,7 @@ from bench import newconn_bench, scale
 from bench.harness import Settings, fresh_rss, newconn_phase, newconn_rate
 from bench.modes import MODES, Context, L4Floor, MeshL7, PathError
 from bench.netio import Proc
+from bench.ports import free_port as _free_port
 from bench.sidecar import Route, SidecarPair, SidecarPod
 from mesh.errors import UsageError
 from mesh.identity import SpiffeId
@@ -28,12 +29,6 @@ from meshctl.bench import settings_from
 from meshctl.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 MORE_PORTS: list[int] = []

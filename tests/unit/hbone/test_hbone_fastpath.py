@@ -1,10 +1,12 @@
-"""The hot path the core reads and writes without h2: DATA and WINDOW_UPDATE frames, and flow control.
+"""The frames of streams, which the core reads and writes without h2 (DATA, WINDOW_UPDATE, HEADERS and
+CONTINUATION, RST_STREAM, PRIORITY), and flow control.
 
 Bytes are fed as a hostile or clumsy peer would send them: split anywhere, padded, on streams that do
 not exist, over the windows."""
 
 from __future__ import annotations
 
+import pytest
 from hbone_helpers import Pair, of_type
 
 from mesh.hbone.config import HboneConfig
@@ -17,17 +19,23 @@ from mesh.hbone.events import (
     StreamReset,
 )
 from mesh.hbone.frames import (
+    CONTINUATION,
     DATA,
     END_HEADERS,
     END_STREAM,
     GOAWAY,
     HEADERS,
     PADDED,
+    PRIORITY,
+    PRIORITY_FLAG,
+    RST_STREAM,
     ErrorCode,
     FrameGuard,
     FrameReader,
     LiteralEncoder,
+    Violation,
     data_header,
+    headers_frames,
     window_update,
 )
 from mesh.hbone.sides import HboneServer
@@ -75,19 +83,54 @@ def test_the_reader_splits_at_every_byte_boundary() -> None:
         got.append(("window", (sid, inc)))
         return True
 
-    wire = (frame(0x4, 0, 0) + frame(DATA, 0, 1, b"abcdef") + window_update(1, 7)
-            + frame(DATA, END_STREAM, 1, b"xy") + frame(0x6, 0, 0, bytes(8)))
+    def on_headers(sid: int, end: bool, block: bytes) -> bool:
+        got.append(("headers", (sid, end, bytes(block))))
+        return True
+
+    def on_reset(sid: int, code: int) -> bool:
+        got.append(("reset", (sid, code)))
+        return True
+
+    # A header block in a padded HEADERS frame with a priority, and a CONTINUATION; a PRIORITY frame
+    # (dropped); DATA, WINDOW_UPDATE and RST_STREAM; SETTINGS and PING for h2.
+    headers = frame(HEADERS, PADDED | PRIORITY_FLAG | END_STREAM, 3, b"\x02" + bytes(5) + b"abc" + b"\0\0")
+    wire = (frame(0x4, 0, 0) + headers + frame(CONTINUATION, END_HEADERS, 3, b"de") + frame(PRIORITY, 0, 5, bytes(5))
+            + frame(DATA, 0, 1, b"abcdef") + window_update(1, 7) + frame(DATA, END_STREAM, 1, b"xy")
+            + frame(RST_STREAM, 0, 3, (8).to_bytes(4, "big")) + frame(0x6, 0, 0, bytes(8)))
     for cut in range(len(wire) + 1):
         got.clear()
-        reader = FrameReader(FrameGuard(0, 1 << 20), 0, to_h2, on_data, on_window, lambda v: None)
+        reader = FrameReader(FrameGuard(0, 1 << 20), 0, to_h2, on_data, on_window, on_headers, on_reset,
+                             lambda v: got.append(("violation", v)))
         reader.feed(wire[:cut])
         reader.feed(wire[cut:])
         payload = b"".join(d[1] for k, d in got if k == "data")  # type: ignore[index]
         assert payload == b"abcdefxy", cut
         assert sum(d[2] for k, d in got if k == "data") == 8  # type: ignore[index]  # each frame's cost once
         assert [d for k, d in got if k == "window"] == [(1, 7)]
+        assert [d for k, d in got if k == "headers"] == [(3, True, b"abcde")]
+        assert [d for k, d in got if k == "reset"] == [(3, 8)]
         assert b"".join(d for k, d in got if k == "h2") == frame(0x4, 0, 0) + frame(0x6, 0, 0, bytes(8))  # type: ignore[misc]
         assert [d[4] for k, d in got if k == "data"][-1] is True  # type: ignore[index]
+        assert [k for k, _ in got].index("headers") < [k for k, _ in got].index("data")  # in order
+
+
+@pytest.mark.parametrize("wire, why", [
+    (frame(HEADERS, 0, 1, b"ab") + frame(DATA, 0, 1, b"x"), "DATA frame inside the header block of stream 1"),
+    (frame(HEADERS, 0, 1, b"ab") + frame(CONTINUATION, END_HEADERS, 3, b"x"), "CONTINUATION frame inside"),
+    (frame(CONTINUATION, END_HEADERS, 1, b"x"), "CONTINUATION with no header block open"),
+    (frame(HEADERS, END_HEADERS, 0, b"x"), "HEADERS on stream 0"),
+    (frame(HEADERS, END_HEADERS | PADDED, 1, b"\x09abc"), "more padding and priority than payload"),
+    (frame(RST_STREAM, 0, 1, bytes(5)), "RST_STREAM of 5 bytes"),
+    (frame(RST_STREAM, 0, 0, bytes(4)), "RST_STREAM on stream 0"),
+    (frame(PRIORITY, 0, 1, bytes(4)), "PRIORITY of 4 bytes"),
+    (frame(0x8, 0, 1, bytes(5)), "WINDOW_UPDATE of 5 bytes"),
+])
+def test_the_reader_refuses_broken_stream_frames(wire: bytes, why: str) -> None:
+    violations: list[Violation] = []
+    reader = FrameReader(FrameGuard(0, 1 << 20), 0, lambda b: True, lambda *a: True, lambda *a: True,
+                         lambda *a: True, lambda *a: True, violations.append)
+    reader.feed(wire)
+    assert len(violations) == 1 and why in violations[0].reason, violations
 
 
 def test_a_goaway_is_the_last_frame_of_the_bytes_it_reaches_h2_with() -> None:
@@ -101,13 +144,14 @@ def test_a_goaway_is_the_last_frame_of_the_bytes_it_reaches_h2_with() -> None:
         return True
 
     goaway = frame(GOAWAY, 0, 0, (1).to_bytes(4, "big") + bytes(4))
-    before, after = frame(0x4, 0x1, 0), frame(HEADERS, END_HEADERS, 1, b"\x88") + frame(0x3, 0, 3, bytes(4))
+    before, after = frame(0x4, 0x1, 0), frame(0x6, 0, 0, bytes(8)) + frame(0x4, 0, 0)
     wire = before + goaway + frame(DATA, 0, 1, b"ab") + after + frame(GOAWAY, 0, 0, bytes(8)) + frame(0x6, 0, 0, bytes(8))
     h2_bytes = before + goaway + after + frame(GOAWAY, 0, 0, bytes(8)) + frame(0x6, 0, 0, bytes(8))
     ends = {len(before + goaway), len(before + goaway + after + frame(GOAWAY, 0, 0, bytes(8)))}
     for cut in range(len(wire) + 1):
         chunks.clear()
-        reader = FrameReader(FrameGuard(0, 1 << 20), 0, to_h2, lambda *a: True, lambda *a: True, lambda v: None)
+        reader = FrameReader(FrameGuard(0, 1 << 20), 0, to_h2, lambda *a: True, lambda *a: True, lambda *a: True,
+                             lambda *a: True, lambda v: None)
         reader.feed(wire[:cut])
         reader.feed(wire[cut:])
         assert b"".join(chunks) == h2_bytes, cut
@@ -238,3 +282,18 @@ def test_a_tunnel_opened_and_answered_with_the_literal_encoder_reads_back_its_he
     pair.server.accept(sid)
     client_events, _ = pair.pump()
     assert of_type(client_events, StreamAccepted)[0].status == 200
+
+
+def test_a_header_block_over_the_frame_size_goes_out_in_continuations_and_reads_back_whole() -> None:
+    block = bytes(range(256)) * 160  # 40,960 bytes: 16 KiB frames make three
+    wire = headers_frames(5, block, True, 16_384)
+    assert wire[:9] == frame(HEADERS, END_STREAM, 5, block[:16_384])[:9]  # END_STREAM on the HEADERS, not END_HEADERS
+    assert wire[9 + 16_384 : 18 + 16_384] == frame(CONTINUATION, 0, 5, block[16_384:32_768])[:9]
+    assert wire[-(9 + 8_192) : -8_192] == frame(CONTINUATION, END_HEADERS, 5, block[32_768:])[:9]
+    got: list[tuple[int, bool, bytes]] = []
+    reader = FrameReader(FrameGuard(0, 1 << 20, 64 * 1024), 0, lambda b: True, lambda *a: True, lambda *a: True,
+                         lambda sid, end, b: got.append((sid, end, bytes(b))) is None, lambda *a: True,
+                         lambda v: got.append(v))  # type: ignore[func-returns-value]
+    reader.feed(wire)
+    assert got == [(5, True, block)]
+    assert headers_frames(5, b"ab", False, 16_384) == frame(HEADERS, END_HEADERS, 5, b"ab")

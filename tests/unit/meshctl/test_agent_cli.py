@@ -8,7 +8,6 @@ import datetime
 import json
 import logging
 import queue
-import socket
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -19,6 +18,7 @@ import pytest
 import trio
 
 import meshctl.agent as agent_cli
+from bench.ports import free_port
 from mesh.proto import discovery_pb2 as pb
 from mesh.serve.server import serve_http
 from meshctl.main import main
@@ -79,12 +79,6 @@ def admin_port() -> Iterator[int]:
     yield ports.get(timeout=5)
     handles["token"].run_sync_soon(handles["scope"].cancel)
     thread.join(5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def meshctl(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import yaml
 from google.protobuf import json_format, struct_pb2
 
 import meshctl.waypoint as waypoint_cli
+from bench.ports import free_port
 from mesh import netns
 from mesh.proto import discovery_pb2 as pb
 from mesh.serve.server import serve_http
@@ -157,12 +157,6 @@ def test_not_a_waypoint_and_not_answering(cluster: str, capsys: pytest.CaptureFi
     code, _, err = meshctl(capsys, "waypoint", "config", "-n", NS)
     assert code == 1 and err == (f"meshctl: waypoint {NS}/waypoint is not answering on 127.0.0.1:"
                                  f"{waypoint_cli.ADMIN_PORT}: is it running? (`meshctl cluster status`)\n")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_admin_address_enters_no_namespace(capsys: pytest.CaptureFixture[str]) -> None:

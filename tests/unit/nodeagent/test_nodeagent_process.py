@@ -5,7 +5,6 @@ a clean exit on SIGTERM."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.ports import free_port
 from controlplane.app import ControlPlaneThread
 from controlplane.options import Options
 from mesh.api.client import ApiClient
@@ -21,12 +21,6 @@ from mesh.serve.errors import HttpClientError
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[3]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fetch(port: int, path: str) -> tuple[int, str]:

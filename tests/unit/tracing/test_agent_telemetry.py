@@ -5,7 +5,6 @@ spans are sampled (and reported) accordingly; `--trace-sampling` stays the defau
 from __future__ import annotations
 
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 import yaml
 from google.protobuf import json_format, struct_pb2
 
+from bench.ports import free_port
 from controlplane.app import ControlPlaneThread
 from controlplane.discovery.filter import view
 from controlplane.options import Options
@@ -141,12 +141,6 @@ def test_the_control_plane_sends_agents_only_the_telemetry() -> None:
     assert len(agent[rs.L7_CONFIG]) == 5
     waypoint = view(NodeInfo(id="w", role="waypoint", namespace="c", name="waypoint"), {rs.L7_CONFIG: packed})
     assert waypoint[rs.L7_CONFIG] == {}  # a waypoint still gets only what names it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 TELEMETRY = """\

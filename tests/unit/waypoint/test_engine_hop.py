@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import uvloop
 
+from bench.ports import free_port as _free_port
 from bench.waypoint_bench import bench_table, client_info
 from waypoint.engine.hop import EngineHop
 from waypoint.proxy import WaypointProxy
@@ -45,12 +45,6 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
     return head, await asyncio.wait_for(reader.readexactly(length), 5)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run(backend_port: int, listen_backend: bool) -> tuple[list[tuple[bytes, bytes]], list[str], WaypointProxy, EngineHop]:

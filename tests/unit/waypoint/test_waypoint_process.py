@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime
 import json
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -21,6 +20,7 @@ from waypoint_harness import start_backend
 from waypoint_hbone_helpers import SLEEP_ID, WAYPOINT_ID
 from waypoint_resources import fq, l7, service, workload
 
+from bench.ports import free_port
 from controlplane.app import ControlPlaneThread, Running
 from controlplane.options import Options
 from mesh.api.client import ApiClient
@@ -89,12 +89,6 @@ def test_admin_view() -> None:
 
 
 # ---- the process -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 CONFIG = """\
