@@ -365,7 +365,9 @@ class HboneConnection:
         which a tunnel only takes to end it."""
         if stream.state is StreamState.PENDING and self._client_side:
             self._on_response(stream, end, headers, self._events)
-        elif stream.state not in RECEIVING_STATES and stream.state is not StreamState.REJECTED:
+        elif stream.state is StreamState.REJECTED:  # trailers after a rejection's reason: it is complete
+            self._finish_rejection(stream, self._events)
+        elif stream.state not in RECEIVING_STATES:
             self._stream_error(stream, ErrorCode.STREAM_CLOSED, f"peer sent HEADERS on a stream {stream.state.value}")
         elif not end:
             self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, "peer sent HEADERS in the middle of a tunnel")
