@@ -83,7 +83,8 @@ class Violation:
 
 class FrameGuard:
     """Follows frame boundaries in the received bytes and refuses, as soon as a 9-byte frame header shows
-    it, what would make h2 buffer more than we allow:
+    it, what would make the reader (the core's `FrameReader`, or h2 in the waypoint's HTTP/2 server)
+    buffer more than we allow:
 
     - a frame longer than `limit` (FRAME_SIZE_ERROR), so a broken or hostile peer cannot make us
       buffer 16 MiB first;
@@ -145,7 +146,7 @@ class FrameGuard:
         elif kind == CONTINUATION and self._in_block:
             self._block += length
         else:
-            return None  # h2 itself refuses a CONTINUATION out of place, or any frame inside a block
+            return None  # a CONTINUATION out of place, or any frame inside a block: the reader refuses it
         self._in_block = not flags & END_HEADERS
         if self._block > self._block_limit:
             return Violation(ErrorCode.ENHANCE_YOUR_CALM,
@@ -429,9 +430,9 @@ class LiteralEncoder(hpack.Encoder):
     coded (RFC 7541 6.1, 6.2.2), so encoding a block is a few byte joins instead of hpack's table search
     and Huffman pass per field.  The dynamic table is never used, so the peer's decoder state never
     changes; a table size the peer's SETTINGS changed is still announced first, as RFC 7541 4.2 asks.
-    h2 still builds the frames and keeps every stream's state.  Names must be lower case and the values
-    well formed: the core checks what it is given (`headers.check_regular_headers`) and h2's own
-    outbound checks are off."""
+    The core frames the blocks itself (`headers_frames`); h2 keeps the encoder so that a table size the
+    peer's SETTINGS change reaches it.  Names must be lower case and the values well formed: the core
+    checks what it is given (`headers.check_regular_headers`)."""
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         out = []

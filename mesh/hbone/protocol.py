@@ -354,7 +354,7 @@ class HboneConnection:
                                          f"peer opened stream {stream_id}: an HBONE server opens none"))
             return False
         elif stream_id <= self._highest_inbound:
-            self._reset_quietly(stream_id, ErrorCode.STREAM_CLOSED)  # a tunnel already finished or refused
+            pass  # a tunnel already finished, refused or reset: ignored, as RFC 9113 5.1 asks after a reset
         else:
             self._highest_inbound = stream_id
             self._on_request(stream_id, end, headers, self._events)
