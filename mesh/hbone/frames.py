@@ -1,14 +1,14 @@
 """HTTP/2 framing the HBONE core does itself, beside `h2` (which keeps SETTINGS, PING and GOAWAY): error
 codes, the client preface, the frames of a stream (DATA, HEADERS and CONTINUATION, RST_STREAM,
 WINDOW_UPDATE) read (`FrameReader`) and written, a guard that refuses oversized frames and header blocks
-from their 9-byte headers, the rapid-reset budget, the status of a response, and the HPACK encoder of the
+from their 9-byte headers, the rapid-reset budget, and the HPACK encoder of the
 header blocks the core sends (`LiteralEncoder`).  The waypoint's HTTP/2 server uses the same guard and
 budget."""
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,11 +129,6 @@ class FrameGuard:
     def _frame(self, length: int, kind: int, flags: int) -> Violation | None:
         self._body_left = length
         return self.inspect(length, kind, flags)
-
-    @property
-    def in_header_block(self) -> bool:
-        """A HEADERS or PUSH_PROMISE without END_HEADERS came: only CONTINUATION may follow."""
-        return self._in_block
 
     def inspect(self, length: int, kind: int, flags: int) -> Violation | None:
         """Check one frame header (for a caller that splits frames itself, as `FrameReader` does)."""
@@ -390,14 +385,6 @@ class ResetBudget:
     def reason(self) -> str:
         return (f"peer reset or sent malformed over {self.limit} more streams than it let this side answer "
                 "(HTTP/2 rapid reset?)")
-
-
-def status_of(headers: Sequence[tuple[bytes | str, bytes | str]]) -> int:
-    for name, value in headers:
-        if name in (b":status", ":status"):
-            text = value.decode("ascii") if isinstance(value, bytes) else value
-            return int(text) if text.isdigit() else 0
-    return 0
 
 
 # -- HPACK for the blocks the core sends ---------------------------------------------------------------------

@@ -415,7 +415,7 @@ class HboneConnection:
 
     def _stream_error(self, stream: TunnelStream, code: int, reason: str) -> None:
         """The peer broke the protocol on one stream: reset it (RST_STREAM `code`), the others go on."""
-        self._reset_quietly(stream.id, code)
+        self._send_reset(stream.id, code)
         if stream.state not in TERMINAL_STREAM_STATES:
             stream.advance(StreamInput.RESET)
             self._events.append(StreamReset(stream.id, code, reason, by_peer=False))
@@ -468,7 +468,7 @@ class HboneConnection:
 
     def _on_request(self, stream_id: int, end: bool, headers: list[tuple[bytes, bytes]], out: list[Event]) -> None:
         # Only a server gets here; HboneServer overrides it.
-        self._reset_quietly(stream_id, ErrorCode.PROTOCOL_ERROR)
+        self._send_reset(stream_id, ErrorCode.PROTOCOL_ERROR)
 
     def _on_response(self, stream: TunnelStream, end: bool, headers: list[tuple[bytes, bytes]],
                      out: list[Event]) -> None:
@@ -500,7 +500,7 @@ class HboneConnection:
             out.append(StreamRejected(stream.id, stream.reject_status, reason))
             stream.reject_status = None
         if reset:  # the answer is all read: the CONNECT's side of the stream is not needed (it sent no END)
-            self._reset_quietly(stream.id, ErrorCode.NO_ERROR)
+            self._send_reset(stream.id, ErrorCode.NO_ERROR)
         self._forget(stream)
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated, out: list[Event]) -> None:
@@ -523,7 +523,7 @@ class HboneConnection:
         out.append(ConnectionDraining(code, last, by_peer=True))
         for stream in list(self._streams.values()):
             if self._is_local_stream(stream.id) and stream.id > last:
-                self._reset_quietly(stream.id, ErrorCode.REFUSED_STREAM)
+                self._send_reset(stream.id, ErrorCode.REFUSED_STREAM)
                 stream.advance(StreamInput.RESET)
                 out.append(
                     StreamReset(
@@ -577,7 +577,7 @@ class HboneConnection:
         stream = self._streams.get(stream_id)
         if stream is None or stream.state in TERMINAL_STREAM_STATES:
             return []
-        self._reset_quietly(stream_id, error_code)
+        self._send_reset(stream_id, error_code)
         stream.advance(StreamInput.RESET)
         self._forget(stream)
         return self._drained_events()
@@ -638,7 +638,7 @@ class HboneConnection:
                 out.append(StreamWritable(stream.id))
             self._forget_if_done(stream)
 
-    def _reset_quietly(self, stream_id: int, error_code: int) -> None:
+    def _send_reset(self, stream_id: int, error_code: int) -> None:
         """RST_STREAM (callers send it only on streams not closed both ways: RFC 9113 5.1)."""
         self._take_h2()
         self._out.append(rst_stream(stream_id, error_code))

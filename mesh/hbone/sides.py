@@ -14,7 +14,7 @@ from mesh.hbone.errors import (
     StreamLimitError,
 )
 from mesh.hbone.events import ConnectRequested, Event, RequestRefused, StreamAccepted
-from mesh.hbone.frames import ErrorCode, data_header, status_of
+from mesh.hbone.frames import ErrorCode, data_header
 from mesh.hbone.headers import (
     Header,
     Malformed,
@@ -76,8 +76,7 @@ class HboneClient(HboneConnection):
 
     def _on_response(self, stream: TunnelStream, end: bool, headers: list[tuple[bytes, bytes]],
                      out: list[Event]) -> None:
-        status = status_of(headers)
-        problem = _response_problem(headers, status, end)
+        status, problem = _read_answer(headers, end)
         if problem:
             self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, f"peer answered the CONNECT with {problem}")
             return
@@ -148,14 +147,14 @@ class HboneServer(HboneConnection):
         # The answer is complete; tell the client to stop sending without calling it an error (unless
         # it has finished already: the stream is closed both ways then, and takes no RST_STREAM).
         if not peer_ended:
-            self._reset_quietly(stream_id, ErrorCode.NO_ERROR)
+            self._send_reset(stream_id, ErrorCode.NO_ERROR)
 
     def _on_request(self, stream_id: int, end: bool, headers: list[tuple[bytes, bytes]], out: list[Event]) -> None:
         if self._state is not ConnectionState.OPEN:
-            self._reset_quietly(stream_id, ErrorCode.REFUSED_STREAM)
+            self._send_reset(stream_id, ErrorCode.REFUSED_STREAM)
             return
         if len(self._streams) >= self.config.max_concurrent_streams:  # what our SETTINGS allow
-            self._reset_quietly(stream_id, ErrorCode.REFUSED_STREAM)
+            self._send_reset(stream_id, ErrorCode.REFUSED_STREAM)
             self._resets.abandoned()
             return
         decision = parse_connect(headers)
@@ -170,23 +169,25 @@ class HboneServer(HboneConnection):
             self._remote_end(stream)
 
 
-def _response_problem(headers: Sequence[tuple[bytes, bytes]], status: int, end: bool) -> str:
-    """What is wrong with an answer's header list ("" if nothing): one 3-digit :status and no other
-    pseudo-header, before lower-case regular names; an informational answer does not end the stream."""
-    statuses, regular = 0, False
-    for name, _ in headers:
+def _read_answer(headers: Sequence[tuple[bytes, bytes]], end: bool) -> tuple[int, str]:
+    """An answer's status, and what is wrong with its header list ("" if nothing): one 3-digit :status
+    and no other pseudo-header, before lower-case regular names; an informational answer does not end
+    the stream."""
+    status, statuses, regular = 0, 0, False
+    for name, value in headers:
         if name.startswith(b":"):
             if name != b":status":
-                return f"the pseudo-header {name.decode('ascii', 'replace')!r}"
+                return 0, f"the pseudo-header {name.decode('ascii', 'replace')!r}"
             if regular:
-                return "a :status after a regular header"
+                return 0, "a :status after a regular header"
             statuses += 1
+            status = int(value) if value.isdigit() else 0
         else:
             regular = True
             if name != name.lower():
-                return f"the upper-case header name {name.decode('ascii', 'replace')!r}"
+                return 0, f"the upper-case header name {name.decode('ascii', 'replace')!r}"
     if statuses != 1 or not 100 <= status <= 599:
-        return "no valid :status" if statuses <= 1 else "two :status"
+        return 0, "no valid :status" if statuses <= 1 else "two :status"
     if status < 200 and end:
-        return f"an informational {status} that ends the stream"
-    return ""
+        return status, f"an informational {status} that ends the stream"
+    return status, ""

@@ -138,7 +138,8 @@ async def main(args: argparse.Namespace) -> None:
     long_results = await asyncio.gather(*longs)
     latencies = sorted(results.latencies)
     p99 = latencies[int(len(latencies) * 0.99)] * 1000 if latencies else 0.0
-    print(json.dumps({"seconds": round(seconds, 3), "stopped_by_file": end.by_file, "sent": results.sent, "ok": results.ok, "failed": results.failed, "errors": results.errors,
+    print(json.dumps({"seconds": round(seconds, 3), "stopped_by_file": end.by_file, "sent": results.sent,
+                      "ok": results.ok, "failed": results.failed, "errors": results.errors,
                       "p99_ms": round(p99, 1), "slow": results.slow, "long": long_results}))
 
 
