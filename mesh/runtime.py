@@ -6,7 +6,8 @@ each one's `app.py` shows only what is its own.
                   --metrics-listen --ready-listen --connect-timeout --log-level --otlp-endpoint
                   --otlp-ca --otlp-export-interval --trace-sampling
     process       run(opts, body, log, stopping): logging (`mesh.logs`), open-files limit, SIGTERM/SIGINT set `stop`;
-                  cancelled_on_stop(serve) for a process with nothing to drain
+                  cancelled_on_stop(serve) for a process with nothing to drain; freeze_heap(log) once
+                  synced, so that the cyclic collector no longer walks what lives as long as the process
     certificates  open_certificates(opts, impersonate=...): token file, trust bundle file -> CA client ->
                   secret manager (running); both files are read again as they change
     discovery     open_discovery(opts, node, subscriptions, handler): the delta xDS client with the token,
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -165,6 +167,18 @@ def run(opts: ProcessOptions, body: Callable[[trio.Event], Awaitable[None]], log
     logs.configure(opts.log_level)
     raise_open_files_limit()
     return serve_until_signalled(body, log, stopping)
+
+
+def freeze_heap(log: logging.Logger) -> None:
+    """Keep what the process has built so far (its modules, its configuration, the first discovery state)
+    out of the cyclic collector's passes.  A full pass walks every tracked object with the GIL held, and
+    no connection moves meanwhile: 25-45 ms in a node agent, which made its p99 for new connections 40 ms.
+    Called once, when discovery has synced and before the data path carries connections; the cyclic
+    garbage of the start is collected first.  Frozen objects are still freed when their last reference
+    goes; only a cycle among them would stay, and they are what the process keeps for its life."""
+    collected = gc.collect()
+    gc.freeze()
+    log.info('{"event": "heap_frozen", "objects": %d, "collected": %d}', gc.get_freeze_count(), collected)
 
 
 def cancelled_on_stop(serve: Callable[[], Awaitable[None]]) -> Callable[[trio.Event], Awaitable[None]]:

@@ -124,6 +124,7 @@ async def enroll_pods(opts: Options, agent: Agent) -> None:
     """Once discovery has synced: the enroller over the node's pods (and the CNI plugin's socket, once
     handed-over pods can be enrolled); then the gauges, every second."""
     await runtime.wait_synced(agent.xds, opts, log, on_wait=agent.report)
+    runtime.freeze_heap(log)  # before the first pod's connections
     agent.synced = True
     agent.pods = pods = await open_pod_source(opts, agent.state)
     agent.enroller = enroller = Enroller(pods, agent.parts.redirector, agent.start_pod)

@@ -263,6 +263,7 @@ class Waypoint:
 
     async def _wait_synced(self, xds: TrioXdsClient) -> None:
         await runtime.wait_synced(xds, self.opts, log)
+        runtime.freeze_heap(log)  # the node agents send here once it is ready, which it is from now on
         self.synced = True
         log.info('{"event": "synced", "waypoint": "%s", "version": %d, "services": %d}', self.opts.key,
                  self.config.version, len(self.proxy.table.services))

@@ -4,6 +4,7 @@ a clean exit on SIGTERM."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -61,6 +62,10 @@ def test_the_node_agent_process_serves_and_stops_on_sigterm(tmp_path: Path) -> N
         assert proc.wait(15) == 0
         text = log.read_text()
         assert '"event": "ready", "node": "node-1"' in text and '"event": "stopping", "node": "node-1"' in text
+        # What the agent built before its first pod is kept from the cyclic collector's passes.
+        frozen = re.search(r'"event": "heap_frozen", "objects": (\d+)', text)
+        assert frozen and int(frozen.group(1)) > 10_000, text
+        assert text.index('"event": "heap_frozen"') < text.index('"event": "ready"')
     finally:
         if proc.poll() is None:
             proc.kill()
