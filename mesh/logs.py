@@ -12,7 +12,7 @@ it) and plain text otherwise.  Levels: debug, info, warning, error.
 
 The access log of the node agents and waypoints (one line per connection or request) is a record, not a
 message: it is written between those lines as one JSON object per line, its UTC time first
-(`{"time": "2026-05-02T10:00:01.234Z", "direction": "inbound", ...}`), as Envoy's JSON access log is, so
+(`{"time":"2026-05-02T10:00:01.234Z","direction":"inbound",...}`), as Envoy's JSON access log is, so
 that `jq` reads it whole; `line_time` reads its time too.
 
 Levels change at run time as ztunnel's `/logging` admin endpoint does (`mesh.serve.endpoints`): a spec
@@ -35,7 +35,7 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 LEVELS = ("debug", "info", "warning", "error")
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S,%f"  # what `logging` writes for %(asctime)s (milliseconds after the comma)
 TIME_WIDTH = len("2026-05-02 10:00:01,234")
-ACCESS_LOG_PREFIX = b'{"time": "'  # an access-log line: one JSON object, its UTC time first
+ACCESS_LOG_PREFIX = b'{"time":"'  # an access-log line: one compact JSON object, its UTC time first
 
 _configured = {"level": logging.INFO}  # the level the process started with: what `reset` goes back to
 

@@ -4,12 +4,12 @@ The proxy fills an `AccessLogEntry` when a connection ends (or is refused); `for
 into one JSON object on one line, and `AccessLog` writes that line to a logger or a text stream.
 Keys are flat so that `grep` and `jq` both work:
 
-    {"time": "2024-05-01T12:00:00.123Z", "direction": "inbound", "result": "200", "duration_ms": 12.5,
-     "source_address": "10.244.1.3:40112", "source_workload": "sleep-1", "source_namespace": "default",
-     "source_principal": "spiffe://cluster.local/ns/default/sa/sleep",
-     "destination_address": "10.244.2.5:8080", "destination_workload": "web-1", ...,
-     "destination_service": "web.prod.svc.cluster.local", "bytes_sent": 512, "bytes_received": 78,
-     "connection_security_policy": "mutual_tls"}
+    {"time":"2024-05-01T12:00:00.123Z","direction":"inbound","result":"200","duration_ms":12.5,
+     "source_address":"10.244.1.3:40112","source_workload":"sleep-1","source_namespace":"default",
+     "source_principal":"spiffe://cluster.local/ns/default/sa/sleep",
+     "destination_address":"10.244.2.5:8080","destination_workload":"web-1",...,
+     "destination_service":"web.prod.svc.cluster.local","bytes_sent":512,"bytes_received":78,
+     "connection_security_policy":"mutual_tls"}
 
 `bytes_received` counts what came from the client, `bytes_sent` what went back to it (as the TCP
 metrics do).  `result` reads like an HTTP status, since HBONE answers CONNECT with one: "200" for a

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import logging
 
 import pytest
 
+from mesh import logs
 from mesh.policy.evaluator import Decision, PolicyMatch
 from nodeagent.accesslog import (
     INBOUND,
@@ -94,6 +96,13 @@ def test_writer_to_stream() -> None:
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and w.written == 2
     assert json.loads(lines[0])["result"] == "200"
+
+
+def test_a_written_line_carries_the_time_meshctl_logs_since_reads() -> None:
+    out = io.StringIO()
+    AccessLog(out).write(ENTRY)
+    t = logs.line_time(out.getvalue().encode())
+    assert t == datetime.datetime(2024, 5, 1, 12, 0, 0, 123000, tzinfo=datetime.UTC).astimezone().replace(tzinfo=None)
 
 
 def test_writer_to_logger(caplog: pytest.LogCaptureFixture) -> None:
