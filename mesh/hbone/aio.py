@@ -249,6 +249,7 @@ class AioHbone(asyncio.BufferedProtocol):
         self._pending: list[bytes] = []
         self._read_into = memoryview(b"")  # the buffer last handed to the transport (`get_buffer`)
         self._timer: asyncio.TimerHandle | None = None
+        self._flushing: asyncio.Handle | None = None  # the send at the end of this turn (`flush`)
         self.close_reason: str | None = None
         self.finished: asyncio.Future[None] = loop.create_future()
 
@@ -308,7 +309,18 @@ class AioHbone(asyncio.BufferedProtocol):
     # -- driving the core ------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Send what the core has produced (once per callback)."""
+        """Send what the core has produced, at the end of this turn of the loop: the frames every callback
+        of the turn produced for this connection go out in one TLS write (a CONNECT's answer and the first
+        bytes from the application, a stream's last DATA and its END_STREAM, the streams of many tunnels),
+        each write being a TLS record and a system call."""
+        if self._flushing is None and self.started:
+            self._flushing = self.loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        """Send what the core has produced now (before the transport closes)."""
+        if self._flushing is not None:
+            self._flushing.cancel()
+            self._flushing = None
         if not self.started:
             return
         data = self.proto.data_to_send()
@@ -370,7 +382,7 @@ class AioHbone(asyncio.BufferedProtocol):
             for end in ends.values():
                 end.on_reset(event.reason)
             self._on_closed()
-            self.flush()  # a final GOAWAY
+            self.flush_now()  # a final GOAWAY
             if self.transport is not None:
                 self.transport.close()
 

@@ -17,7 +17,7 @@ import uvloop
 from hbone_helpers import SLEEP, WEB, Mint, mint_from
 
 from ca.authority import CertificateAuthority
-from mesh.hbone.aio import AioAcceptor, serve_tls
+from mesh.hbone.aio import AioAcceptor, AioClientConnection, AioHbone, serve_tls
 from mesh.hbone.aiopool import AioPool, sock_connect, tcp_connect
 from mesh.hbone.config import HboneConfig, ListenerLimits
 from mesh.hbone.engine import Engine
@@ -107,6 +107,58 @@ def test_a_tunnel_relays_both_ways_with_half_close(mint: Mint) -> None:
             writer.close()
             plain.close()
         assert pool.dialled == 1
+        pool.close()
+        listener.close()
+        app.close()
+
+    run(main)
+
+
+def test_the_frames_of_one_turn_go_out_in_one_write(mint: Mint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two DATA frames and the END_STREAM a tunnel's end is given in one turn of the loop reach the TLS
+    transport as one write (a record and a system call); given in two turns, as two."""
+    writes: list[int] = []
+    real_write = AioHbone.flush_now
+
+    def counted(self: AioHbone) -> None:  # the real send, its output counted on the client's side
+        if isinstance(self, AioClientConnection) and self.proto.has_output():
+            writes.append(1)
+        real_write(self)
+
+    monkeypatch.setattr(AioHbone, "flush_now", counted)
+
+    async def main() -> None:
+        app_port, app = await echo_app()
+        port, listener = await server(server_context(mint(WEB)), relay_to_app)
+        pool = AioPool(tcp_connect, lambda _: client_context(mint(SLEEP)))
+        key = PoolKey(SLEEP, WEB, ("127.0.0.1", port))
+        tunnel = await pool.open_tunnel(key, f"127.0.0.1:{app_port}")
+        got = bytearray()
+        ended = asyncio.Event()
+
+        class Sink:  # the splice's side of the tunnel, as `relay_ends` attaches one
+            def data(self, side: int, data: bytes | memoryview) -> None:
+                got.extend(data)
+
+            def ended(self, side: int) -> None:
+                ended.set()
+
+        tunnel.attach(Sink(), 1)  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        writes.clear()
+        tunnel.write(b"one ")
+        tunnel.write(b"turn")
+        await asyncio.sleep(0)  # the turn ends: its send
+        assert len(writes) == 1
+        tunnel.write(b", then ")
+        await asyncio.sleep(0)
+        tunnel.write(b"another")
+        tunnel.write_eof()
+        await asyncio.sleep(0)
+        assert len(writes) == 3
+        await asyncio.wait_for(ended.wait(), 5)
+        assert bytes(got) == b"one turn, then another"  # echoed back, then the app's FIN
+        tunnel.close()
         pool.close()
         listener.close()
         app.close()
