@@ -22,8 +22,10 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as _text
 from typing import Any, TextIO
 
 from mesh.policy.evaluator import Decision
@@ -109,6 +111,34 @@ def _iso(ts: float) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
+class _Clock:
+    """`_iso(ts)` with the date and time to the second formatted once a second (a line per connection;
+    `strftime` is most of `_iso`'s cost).  Microseconds rounded as `datetime.fromtimestamp` rounds them
+    (half to even, a carry into the second), so that the two agree to the millisecond.  The second and
+    its text are one tuple, read and replaced whole: both threads of an agent write lines."""
+
+    __slots__ = ("cached",)
+
+    def __init__(self) -> None:
+        self.cached = (-1, "")
+
+    def iso(self, ts: float) -> str:
+        fraction, whole = math.modf(ts)
+        micros = round(fraction * 1e6)
+        second = int(whole)
+        if micros >= 1_000_000:
+            second, micros = second + 1, micros - 1_000_000
+        elif micros < 0:  # (before 1970)
+            second, micros = second - 1, micros + 1_000_000
+        cached = self.cached
+        if cached[0] != second:
+            cached = self.cached = (second, _iso(second)[:-4])  # "YYYY-MM-DDTHH:MM:SS."
+        return f"{cached[1]}{micros // 1000:03d}Z"
+
+
+_CLOCK = _Clock()
+
+
 def _or_unknown(value: str) -> str:
     return value or "unknown"
 
@@ -145,8 +175,47 @@ def as_record(e: AccessLogEntry) -> dict[str, object]:
 
 
 def format_entry(e: AccessLogEntry) -> str:
-    """One line of JSON, without the newline.  Never raises for any entry."""
-    return json.dumps(as_record(e), separators=(",", ":"), ensure_ascii=True, default=str)
+    """One line of JSON, without the newline.  Never raises for any entry.
+
+    The line is `json.dumps(as_record(e), separators=(",", ":"), ensure_ascii=True, default=str)` byte for
+    byte, written out field by field (each string escaped by the encoder's own C function): a third of
+    the encoder's time, which builds the dict and dispatches on every value's type.  An entry whose
+    values are not the declared types (a test's, say) goes to the encoder."""
+    src, dst = e.source, e.destination
+    try:
+        if type(e.bytes_sent) is not int or type(e.bytes_received) is not int:
+            raise TypeError
+        duration = round(max(e.duration, 0.0) * 1000, 3)
+        if not math.isfinite(duration):
+            raise ValueError
+        line = (f'{{"time":"{_CLOCK.iso(e.start)}","direction":{_text(e.direction)},"result":{_text(e.result)},'
+                f'"duration_ms":{duration!r},'
+                f'"source_address":{_text(src.address)},"source_workload":{_text(src.workload or "unknown")},'
+                f'"source_namespace":{_text(src.namespace or "unknown")},'
+                f'"source_principal":{_text(src.principal or "unknown")},'
+                f'"destination_address":{_text(dst.address)},'
+                f'"destination_workload":{_text(dst.workload or "unknown")},'
+                f'"destination_namespace":{_text(dst.namespace or "unknown")},'
+                f'"destination_principal":{_text(dst.principal or "unknown")},'
+                f'"destination_service":{_text(e.destination_service or "unknown")},'
+                f'"bytes_sent":{e.bytes_sent},"bytes_received":{e.bytes_received},'
+                f'"connection_security_policy":{_text(e.connection_security_policy)}')
+        if e.policy or e.audited or e.dry_run or e.error:
+            line += _optional(e)
+        return line + "}"
+    except (TypeError, ValueError, OverflowError):  # (`_text` of a non-str; a duration not finite)
+        return json.dumps(as_record(e), separators=(",", ":"), ensure_ascii=True, default=str)
+
+
+def _optional(e: AccessLogEntry) -> str:
+    out = f',"policy":{_text(e.policy)}' if e.policy else ""
+    if e.audited:
+        out += ',"audited":[' + ",".join(_text(x) for x in e.audited) + "]"
+    if e.dry_run:
+        out += ',"dry_run":[' + ",".join(_text(x) for x in e.dry_run) + "]"
+    if e.error:
+        out += f',"error":{_text(e.error)}'
+    return out
 
 
 class AccessLog:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 import json
 import logging
+import random
 
 import pytest
 
@@ -18,6 +20,9 @@ from nodeagent.accesslog import (
     AccessLog,
     AccessLogEntry,
     Peer,
+    _Clock,
+    _iso,
+    as_record,
     decision_fields,
     format_entry,
     result_bad_request,
@@ -74,6 +79,32 @@ def test_unknowns_and_optional_fields() -> None:
     assert rec["dry_run"] == ["prod/would-deny (DENY)"]
     assert rec["error"] == "peer reset\n\"x\""
     assert "policy" not in json.loads(format_entry(ENTRY))
+
+
+@pytest.mark.parametrize("entry", [
+    ENTRY,
+    AccessLogEntry(direction=OUTBOUND, start=0, duration=-1, source=Peer("fd00::1", 5), destination=Peer(),
+                   result=result_denied("denied by prod/deny-all"), policy="prod/deny-all",
+                   audited=("prod/audit", "a/b"), dry_run=("prod/would-deny (DENY)",), error="reset\n\"x\"\t\\"),
+    dataclasses.replace(ENTRY, duration=0, error="caf\u00e9 \U0001f600 \x00", destination_service=""),
+    dataclasses.replace(ENTRY, start=1714564800.9999996, duration=1e-7, bytes_sent=2**70),
+    dataclasses.replace(ENTRY, bytes_sent=True),  # not the declared types: the encoder writes them
+    dataclasses.replace(ENTRY, duration=float("nan")),
+    dataclasses.replace(ENTRY, duration=float("inf"), result=None),  # type: ignore[arg-type]
+])
+def test_the_written_out_line_is_the_encoders_byte_for_byte(entry: AccessLogEntry) -> None:
+    assert format_entry(entry) == json.dumps(as_record(entry), separators=(",", ":"), ensure_ascii=True,
+                                             default=str)
+
+
+def test_the_clock_formats_as_datetime_to_the_millisecond() -> None:
+    clock = _Clock()
+    rng = random.Random(7)
+    stamps = [1714564800 + rng.random() * 200_000 for _ in range(5_000)]
+    stamps += [1714564800 + k + f for k in range(3) for f in (0.0, 0.0005, 0.9994999, 0.9995, 0.9999994, 0.9999996)]
+    stamps += [-1.5, -0.0004, -0.9999996]  # (before 1970: the fraction is negative)
+    for ts in sorted(stamps) + stamps:  # in order (the cache kept) and out of order (changed every time)
+        assert clock.iso(ts) == _iso(ts), ts
 
 
 @pytest.mark.parametrize(
