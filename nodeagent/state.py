@@ -12,12 +12,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from mesh.bounded import BoundedMemo
 from mesh.policy.scope import applies_to
 from mesh.proto import discovery_pb2 as pb
 
 WORKLOAD = "workload"
 SERVICE = "service"
 AUTHORIZATION = "authorization"
+DERIVED_ENTRIES = 4096  # (keys partly from connections: a destination port)
 M = TypeVar("M", pb.Workload, pb.Service, pb.Authorization)
 
 
@@ -29,6 +31,10 @@ class _Indexes:
     by_vip: Mapping[str, pb.Service] = field(default_factory=dict)
     by_hostname: Mapping[str, pb.Service] = field(default_factory=dict)
     policies: Mapping[str, pb.Authorization] = field(default_factory=dict)  # by ns/name
+    # What the proxies derive from these indexes alone, kept as long as they are (a new update starts
+    # with an empty one): see `MeshState.derived`.
+    derived: BoundedMemo[object, object] = field(default_factory=lambda: BoundedMemo(DERIVED_ENTRIES), init=False,
+                                                 compare=False, repr=False)
 
 
 def _merged(current: Mapping[str, M], upserts: Mapping[str, object], removals: Iterable[str],
@@ -81,6 +87,15 @@ class MeshState:
         self._listeners.append(listener)
 
     # -- reads -------------------------------------------------------------------------------------
+
+    @property
+    def derived(self) -> BoundedMemo[object, object]:
+        """A memo for what is computed from the state alone on the data path (a service port's healthy
+        endpoints), which belongs to the state as it is now: an update replaces it with an empty one
+        together with the indexes, so nothing derived from an older state is read after it (nor kept,
+        as what a reader derives while an update lands goes into the memo it read first).  Keys are
+        the caller's; at most `DERIVED_ENTRIES` entries."""
+        return self._ix.derived
 
     def workload(self, uid: str) -> pb.Workload | None:
         return self._ix.workloads.get(uid)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import random
 from dataclasses import dataclass
+from typing import cast
 
 from mesh import defaults
 from mesh.identity import SpiffeId
@@ -80,7 +81,19 @@ def target_port(w: pb.Workload, svc: pb.Service, port: int) -> int | None:
 
 
 def endpoints(view: MeshState, svc: pb.Service, port: int) -> list[tuple[pb.Workload, int]]:
-    """Healthy workloads behind a service port, with the port each listens on."""
+    """Healthy workloads behind a service port, with the port each listens on (worked out once per
+    state: `MeshState.derived`; the list is shared, not to be changed)."""
+    memo = view.derived
+    key = ("endpoints", id(svc), port)
+    found = cast("tuple[pb.Service, list[tuple[pb.Workload, int]]] | None", memo.get(key))
+    if found is not None and found[0] is svc:  # (the very record: an id is reused only once it is gone)
+        return found[1]
+    ready = _endpoints(view, svc, port)
+    memo.keep(key, (svc, ready))
+    return ready
+
+
+def _endpoints(view: MeshState, svc: pb.Service, port: int) -> list[tuple[pb.Workload, int]]:
     out = []
     for w in (view.workload(e.workload_uid) for e in svc.endpoints):
         if w is None or w.status != pb.HEALTHY or not (w.addresses or w.hostname):
@@ -121,6 +134,18 @@ def _to_workload(view: MeshState, w: pb.Workload, port: int, authority: str, svc
                          reason=f"waypoint of {w.namespace}/{w.name} has no ready instance")
         hop, expected = found
         return Route(RouteKind.WAYPOINT, hop, authority, expected, svc, w, "workload uses a waypoint")
+    memo = view.derived  # (a route to the workload itself depends on these records alone: worked out once)
+    key = ("route", id(w), port, authority, id(svc))
+    known = cast("Route | None", memo.get(key))
+    if known is not None and known.workload is w and known.service is svc:
+        return known
+    route = _direct(w, port, authority, svc)
+    memo.keep(key, route)
+    return route
+
+
+def _direct(w: pb.Workload, port: int, authority: str, svc: pb.Service | None) -> Route:
+    """To the workload itself: HBONE to its agent, or plain TCP."""
     if not w.addresses:  # known by name only: resolved when connecting
         return Route(RouteKind.PASSTHROUGH, None, f"{w.hostname}:{port}", (), svc, w,
                      "destination is resolved by name (DNS ServiceEntry)", resolve=w.hostname, resolve_port=port)

@@ -147,3 +147,30 @@ def test_waypoint_without_a_ready_instance_is_refused() -> None:
     route = decide(state, SLEEP, WEB_VIP, 80)
     assert route.kind is RouteKind.REFUSE and route.next_hop is None
     assert route.reason == f"waypoint of service {hostname('web')} has no ready instance"
+
+
+def test_what_decide_works_out_once_follows_every_update() -> None:
+    """A service port's healthy endpoints and the route to each are worked out once per state
+    (`MeshState.derived`): the next update, whatever it changes, is seen by the next connection."""
+    from nodeagent.state import SERVICE, WORKLOAD
+
+    state = view(SLEEP, *WEB, WEB_SVC)
+    seen = {decide(state, SLEEP, WEB_VIP, 80, random.Random(i)).next_hop for i in range(40)}
+    assert seen == {("10.244.1.3", 15008), ("10.244.2.3", 15008), ("10.244.3.3", 15008)}
+    again = decide(state, SLEEP, WEB_VIP, 80, random.Random(0))
+    assert again is decide(state, SLEEP, WEB_VIP, 80, random.Random(0))  # the route itself, kept
+    before = state.derived
+    sick = workload("web-2", "10.244.2.3", node="node-2", sa="web", services={WEB_KEY: {80: 8080}}, healthy=False)
+    state.apply(WORKLOAD, {sick.uid: sick}, ())  # one endpoint unhealthy: only the workload changed
+    assert state.derived is not before and not state.derived
+    seen = {decide(state, SLEEP, WEB_VIP, 80, random.Random(i)).next_hop for i in range(40)}
+    assert seen == {("10.244.1.3", 15008), ("10.244.3.3", 15008)}
+    plain = workload("web-1", "10.244.1.3", sa="web", services={WEB_KEY: {80: 8080}}, mesh=False)
+    state.apply(WORKLOAD, {plain.uid: plain}, ())  # out of the mesh: plain TCP to it from now on
+    routes = {decide(state, SLEEP, WEB_VIP, 80, random.Random(i)).next_hop for i in range(40)}
+    assert routes == {("10.244.1.3", 8080), ("10.244.3.3", 15008)}
+    state.apply(SERVICE, {f"default/{hostname('web')}": service("web", WEB_VIP, {80: 8080}, WEB[2:])}, ())
+    routes = {decide(state, SLEEP, WEB_VIP, 80, random.Random(i)).next_hop for i in range(40)}
+    assert routes == {("10.244.3.3", 15008)}  # the service's endpoints: web-3 alone now
+    state.apply(SERVICE, {}, [f"default/{hostname('web')}"])
+    assert decide(state, SLEEP, WEB_VIP, 80).kind is RouteKind.PASSTHROUGH
