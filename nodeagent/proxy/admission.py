@@ -17,6 +17,7 @@ before anything is answered or connected.  The inbound proxy then answers and fo
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -98,10 +99,16 @@ def decide(view: MeshState, pod: PodRef, conn: InboundConnection) -> Admit | Ref
 def original_source(pod: PodRef, client_ip: str) -> str | None:
     """The client's address to connect to the application from, when it can be (IPv4, not the pod's own
     nor loopback; ztunnel connects directly in those cases too)."""
-    try:
-        address = ipaddress.ip_address(client_ip)
-    except ValueError:
-        return None
-    if address.version != 4 or address.is_loopback or address.is_unspecified or client_ip == pod.ip:
+    if client_ip == pod.ip or not _routable_ipv4(client_ip):
         return None
     return client_ip
+
+
+@functools.lru_cache(maxsize=4096)
+def _routable_ipv4(ip: str) -> bool:
+    """An IPv4 address neither loopback nor unspecified (cached: every connection asks, of a few)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return address.version == 4 and not address.is_loopback and not address.is_unspecified

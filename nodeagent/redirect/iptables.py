@@ -8,7 +8,6 @@ brings the application's replies back to the agent (`routing`) goes in and out w
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 from collections.abc import Mapping
@@ -63,7 +62,7 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
     """The address a connection redirected by iptables REDIRECT was originally going to."""
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port, packed = struct.unpack_from("!2xH4s", raw)
-    return str(ipaddress.IPv4Address(packed)), port
+    return socket.inet_ntoa(packed), port
 
 
 class IptablesRedirector:

@@ -11,7 +11,15 @@ from mesh.hbone.server import InboundRequest
 from mesh.identity import SpiffeId
 from mesh.proto import discovery_pb2 as pb
 from nodeagent.metrics import FailureReason, ResponseFlag
-from nodeagent.proxy.admission import Admit, InboundConnection, Refusal, decide, from_connect, plaintext
+from nodeagent.proxy.admission import (
+    Admit,
+    InboundConnection,
+    Refusal,
+    decide,
+    from_connect,
+    original_source,
+    plaintext,
+)
 
 WEB2 = WEB[1]  # 10.244.2.3 on node-2: the pod whose agent decides
 POD = pod_of(WEB2)
@@ -105,3 +113,13 @@ def test_strict_mtls_refuses_plaintext_only(conn: InboundConnection, admitted: b
 def test_policies_of_another_namespace_do_not_apply() -> None:
     elsewhere = policy("deny-sleep", pb.DENY, *DENY_SLEEP.rules[0].clauses[0].matches, ns="prod")
     assert isinstance(decide(view(SLEEP, WEB2, elsewhere), POD, from_connect(connect("10.244.2.3:8080"))), Admit)
+
+
+@pytest.mark.parametrize(("client", "expected"), [
+    ("10.244.1.2", "10.244.1.2"),  # another pod's: kept, as Istio keeps it
+    ("10.244.2.3", None),  # the pod's own address: connected from as the pod
+    ("127.0.0.1", None), ("0.0.0.0", None), ("fd00::1", None), ("not an address", None), ("", None),
+])
+def test_the_application_sees_the_clients_address_when_it_can(client: str, expected: str | None) -> None:
+    assert original_source(POD, client) == expected
+    assert original_source(POD, client) == expected  # (asked again: the cached answer)
