@@ -158,7 +158,10 @@ class TunnelEnd:
             conn.proto.send_data(self.stream_id, data)
         except HboneError:  # reset meanwhile: its event says so
             return
-        conn.flush()
+        if len(data) >= WRITE_AT_ONCE:  # bulk: sent as it comes, so that reading and sending overlap
+            conn.flush_now()
+        else:
+            conn.flush()
         if not conn.proto.can_send(self.stream_id) or not conn.writable:
             self.writable = False
             conn.blocked.add(self)
@@ -212,6 +215,11 @@ class TunnelEnd:
         conn.release(self)
 
 
+# A tunnel's write at least this large is sent at once rather than at the end of the turn (`flush`): it
+# fills TLS records of its own, and a bulk stream whose reads were all held for the turn's one send went
+# out in bursts of up to its window (4 MiB), reading and encrypting while nothing was sent (one stream
+# 20-30 % slower in the bench cluster).
+WRITE_AT_ONCE = 16 * 1024
 READ_BUFFER = 256 * 1024  # what one TLS read may decrypt into (uvloop's own read size)
 _reads = threading.local()
 

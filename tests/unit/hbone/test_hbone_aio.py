@@ -17,7 +17,7 @@ import uvloop
 from hbone_helpers import SLEEP, WEB, Mint, mint_from
 
 from ca.authority import CertificateAuthority
-from mesh.hbone.aio import AioAcceptor, AioClientConnection, AioHbone, serve_tls
+from mesh.hbone.aio import WRITE_AT_ONCE, AioAcceptor, AioClientConnection, AioHbone, serve_tls
 from mesh.hbone.aiopool import AioPool, sock_connect, tcp_connect
 from mesh.hbone.config import HboneConfig, ListenerLimits
 from mesh.hbone.engine import Engine
@@ -116,7 +116,8 @@ def test_a_tunnel_relays_both_ways_with_half_close(mint: Mint) -> None:
 
 def test_the_frames_of_one_turn_go_out_in_one_write(mint: Mint, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two DATA frames and the END_STREAM a tunnel's end is given in one turn of the loop reach the TLS
-    transport as one write (a record and a system call); given in two turns, as two."""
+    transport as one write (a record and a system call); given in two turns, as two.  A bulk write goes
+    at once (reading and sending overlap)."""
     writes: list[int] = []
     real_write = AioHbone.flush_now
 
@@ -158,6 +159,12 @@ def test_the_frames_of_one_turn_go_out_in_one_write(mint: Mint, monkeypatch: pyt
         assert len(writes) == 3
         await asyncio.wait_for(ended.wait(), 5)
         assert bytes(got) == b"one turn, then another"  # echoed back, then the app's FIN
+        bulk = await pool.open_tunnel(key, f"127.0.0.1:{app_port}")
+        await asyncio.sleep(0.05)
+        writes.clear()
+        bulk.write(b"x" * WRITE_AT_ONCE)  # a bulk write: out at once, not held for the turn
+        assert len(writes) == 1
+        bulk.close()
         tunnel.close()
         pool.close()
         listener.close()
