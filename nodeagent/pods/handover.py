@@ -199,19 +199,20 @@ class HandoverServer:
         next_scan = trio.current_time() + self.scan_interval
         while True:
             await trio.sleep(self.prune_interval)
+            gone = []
             try:
-                changed = False
                 gone = self.pods.prune()
-                if gone:
-                    changed = True
-                    self._release_later(gone)
+                changed = bool(gone)
                 if trio.current_time() >= next_scan and self.pods.missing(in_mesh_only=True):
                     next_scan = trio.current_time() + self.scan_interval
                     changed = await trio.to_thread.run_sync(self.pods.scan) > 0 or changed
-                if changed:
+                if changed:  # the record first: once a namespace is let go, the record no longer has it
                     await trio.to_thread.run_sync(self.pods.save)
             except Exception:  # the next round tries again; the handover socket keeps serving
                 log.exception("looking after the handed-over pods failed")
+            finally:
+                if gone:
+                    self._release_later(gone)
 
     def _release_later(self, gone: list[Handover]) -> None:
         assert self._nursery is not None, "serve() runs the server"
