@@ -97,6 +97,7 @@ class Splice:
             self._a.close()
             self._b.close()
             self.done.set_result(RelayResult(self.counts[0], self.counts[1]))
+            self._let_go()
 
     def failed(self, side: int, reason: str) -> None:
         """`side` broke: abort both ends."""
@@ -106,6 +107,30 @@ class Splice:
                                          f"{_SIDES[side]}->{_SIDES[1 - side]}: {reason}", _SIDES[side]))
         self._a.abort()
         self._b.abort()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Once done: no reference to the ends is kept (each end refers to the splice), so that a
+        finished relay is freed when its last reference goes, not by a pass of the cyclic collector.
+        Every method looks at `done` before at the ends."""
+        self._a = self._b = _GONE
+
+
+class _Gone:
+    """Where a finished splice's ends were (`Splice._let_go`)."""
+
+    writable = False
+
+    def write(self, data: bytes | memoryview) -> None: ...
+    def write_eof(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+    def attach(self, splice: Splice, side: int) -> None: ...
+
+
+_GONE = _Gone()
 
 
 class PlainEnd(asyncio.Protocol):

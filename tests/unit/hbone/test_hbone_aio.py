@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -166,6 +167,48 @@ def test_the_frames_of_one_turn_go_out_in_one_write(mint: Mint, monkeypatch: pyt
         assert len(writes) == 1
         bulk.close()
         tunnel.close()
+        pool.close()
+        listener.close()
+        app.close()
+
+    run(main)
+
+
+def test_a_finished_relay_is_freed_without_the_cyclic_collector(mint: Mint) -> None:
+    """Each end refers to its splice; once done, the splice refers to neither end, so a finished relay
+    (its splices, tunnel ends, plain ends and their transports) goes when its last reference goes, and
+    leaves nothing for a pass of the cyclic collector (a closed tunnel used to leave ~25 objects)."""
+    from mesh.hbone.aio import TunnelEnd
+    from mesh.hbone.splice import PlainEnd, Splice
+
+    async def main() -> None:
+        app_port, app = await echo_app()
+        port, listener = await server(server_context(mint(WEB)), relay_to_app)
+        pool = AioPool(tcp_connect, lambda _: client_context(mint(SLEEP)))
+        key = PoolKey(SLEEP, WEB, ("127.0.0.1", port))
+        plain_port, plain = await client_front(pool, key, f"127.0.0.1:{app_port}")
+
+        async def one() -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", plain_port)
+            writer.write(b"x" * 100)
+            writer.write_eof()
+            assert await reader.read(-1) == b"x" * 100
+            writer.close()
+
+        await one()
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(20):
+                await one()
+            await asyncio.sleep(0.1)  # the relays' last callbacks
+            gc.collect()
+            ours = [o for o in gc.garbage if isinstance(o, Splice | TunnelEnd | PlainEnd)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        assert ours == []
+        plain.close()
         pool.close()
         listener.close()
         app.close()
