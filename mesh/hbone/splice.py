@@ -112,25 +112,8 @@ class Splice:
     def _let_go(self) -> None:
         """Once done: no reference to the ends is kept (each end refers to the splice), so that a
         finished relay is freed when its last reference goes, not by a pass of the cyclic collector.
-        Every method looks at `done` before at the ends."""
-        self._a = self._b = _GONE
-
-
-class _Gone:
-    """Where a finished splice's ends were (`Splice._let_go`)."""
-
-    writable = False
-
-    def write(self, data: bytes | memoryview) -> None: ...
-    def write_eof(self) -> None: ...
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
-    def close(self) -> None: ...
-    def abort(self) -> None: ...
-    def attach(self, splice: Splice, side: int) -> None: ...
-
-
-_GONE = _Gone()
+        Every method looks at `done` before it looks at the ends."""
+        self._a = self._b = None  # type: ignore[assignment]
 
 
 class PlainEnd(asyncio.Protocol):
