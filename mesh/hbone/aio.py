@@ -325,7 +325,7 @@ class AioHbone(asyncio.BufferedProtocol):
             self._flushing = self.loop.call_soon(self.flush_now)
 
     def flush_now(self) -> None:
-        """Send what the core has produced now (before the transport closes)."""
+        """Send what the core has produced now (a bulk write; a final GOAWAY before the transport closes)."""
         if self._flushing is not None:
             self._flushing.cancel()
             self._flushing = None

@@ -17,8 +17,7 @@ before anything is answered or connected.  The inbound proxy then answers and fo
 
 from __future__ import annotations
 
-import functools
-import ipaddress
+import socket
 from dataclasses import dataclass
 
 from mesh.hbone.headers import Authority
@@ -99,16 +98,14 @@ def decide(view: MeshState, pod: PodRef, conn: InboundConnection) -> Admit | Ref
 def original_source(pod: PodRef, client_ip: str) -> str | None:
     """The client's address to connect to the application from, when it can be (IPv4, not the pod's own
     nor loopback; ztunnel connects directly in those cases too)."""
-    if client_ip == pod.ip or not _routable_ipv4(client_ip):
+    if client_ip == pod.ip or is_loopback(client_ip) or not _is_ipv4(client_ip):  # (is_loopback: cached)
         return None
     return client_ip
 
 
-@functools.lru_cache(maxsize=4096)
-def _routable_ipv4(ip: str) -> bool:
-    """An IPv4 address neither loopback nor unspecified (cached: every connection asks, of a few)."""
+def _is_ipv4(ip: str) -> bool:
     try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
+        socket.inet_pton(socket.AF_INET, ip)
+    except OSError:
         return False
-    return address.version == 4 and not address.is_loopback and not address.is_unspecified
+    return True
