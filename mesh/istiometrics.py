@@ -19,13 +19,16 @@ every chunk relayed.
 
 prometheus_client's `labels()` is slow next to the rest of a request (it validates, converts and locks on
 every call), so each metric's children are cached per label tuple (`_Children`, bounded).  The children
-are never removed from these metrics, so a cached child is always the one `labels()` would return.
+are never removed from these metrics, so a cached child is always the one `labels()` would return.  What
+the data path calls on them is `recorder(child)`: the child's own count or observation less the checks
+prometheus_client repeats on every call (see there).
 """
 
 from __future__ import annotations
 
 import enum
 import operator
+from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from types import TracebackType
@@ -220,21 +223,56 @@ def tcp_labels(
 # --- metric children, cached -----------------------------------------------------------------------------
 
 
+def recorder(child: Any) -> Callable[[float], None]:
+    """How to count `amount` into a counter's child or observe it in a histogram's: `recorder(c)(n)` does
+    what `c.inc(n)` or `c.observe(n)` does, into the same values, without the checks prometheus_client
+    makes on every call (that the metric has its labels, which a child has; that a counter's amount is
+    not negative, which its callers ensure: byte counts, and 1).  `Counter.inc` is four Python calls and
+    `Histogram.observe` five and a walk of its buckets; this is the value's own `inc`, or for a histogram
+    one call and two `inc`s (the bucket found by bisection: the first bound >= the amount, as the walk
+    finds it).  A child without these attributes (another version of the client) gets its own method."""
+    value: Any = getattr(child, "_value", None)
+    if isinstance(child, Counter) and callable(getattr(value, "inc", None)):
+        return value.inc  # type: ignore[no-any-return]
+    sum_value: Any = getattr(child, "_sum", None)
+    buckets: Any = getattr(child, "_buckets", None)
+    bounds: Any = getattr(child, "_upper_bounds", None)
+    if isinstance(child, Histogram) and sum_value is not None and buckets and bounds \
+            and len(buckets) == len(bounds) and bounds[-1] == float("inf"):
+        add_sum, bucket_incs, upper = sum_value.inc, [b.inc for b in buckets], list(bounds)
+
+        def observe(amount: float) -> None:
+            add_sum(amount)
+            bucket_incs[bisect_left(upper, amount)](1)
+
+        return observe
+    return child.inc if isinstance(child, Counter) else child.observe  # type: ignore[no-any-return]
+
+
+
 class _Children:
     """`metric.labels(*values)` for a few metrics at once, cached per values tuple (at most `size` tuples;
     the cache is emptied when full, and the children themselves stay in the metrics)."""
 
-    __slots__ = ("_metrics", "_cache")
+    __slots__ = ("_metrics", "_cache", "_recorders")
 
     def __init__(self, *metrics: MetricWrapperBase, size: int = CHILD_CACHE_SIZE) -> None:
         self._metrics = metrics
         self._cache: BoundedMemo[tuple[str, ...], tuple[Any, ...]] = BoundedMemo(size)
+        self._recorders: BoundedMemo[tuple[str, ...], tuple[Callable[[float], None], ...]] = BoundedMemo(size)
 
     def get(self, values: tuple[str, ...]) -> tuple[Any, ...]:
         children = self._cache.get(values)
         if children is None:
             children = self._cache.keep(values, tuple(metric.labels(*values) for metric in self._metrics))
         return children
+
+    def recorders(self, values: tuple[str, ...]) -> tuple[Callable[[float], None], ...]:
+        """`recorder` of each child, cached as the children are."""
+        found = self._recorders.get(values)
+        if found is None:
+            found = self._recorders.keep(values, tuple(map(recorder, self.get(values))))
+        return found
 
 
 # --- requests ----------------------------------------------------------------------------------------------
@@ -254,12 +292,17 @@ class RequestMetrics:
                                         names, buckets=SIZE_BUCKETS, registry=r)
         self._children = _Children(self.requests, self.duration, self.request_bytes, self.response_bytes)
 
+    def recorders(self, values: tuple[str, ...]) -> tuple[Callable[[float], None], ...]:
+        """The recorders of the four metrics' children for one label values tuple (requests, duration,
+        request size, response size)."""
+        return self._children.recorders(values)
+
     def record(self, labels: RequestLabels, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
-        requests, duration, request_size, response_size = self._children.get(labels.values())
-        requests.inc()
-        duration.observe(duration_ms)
-        request_size.observe(request_bytes)
-        response_size.observe(response_bytes)
+        requests, duration, request_size, response_size = self._children.recorders(labels.values())
+        requests(1)
+        duration(duration_ms)
+        request_size(request_bytes)
+        response_size(response_bytes)
 
 
 # --- per-connection counting ----------------------------------------------------------------------------
@@ -276,25 +319,25 @@ class ConnectionMetrics:
     __slots__ = ("_metrics", "labels", "_sent", "_received", "sent", "received", "_state")
 
     def __init__(self, metrics: TcpMetrics, labels: TcpLabels) -> None:
-        opened, self._sent, self._received = metrics._open_children.get(labels.values())
+        opened, self._sent, self._received = metrics._open_children.recorders(labels.values())
         self._metrics = metrics
         self.labels = labels
         self.sent = 0  # bytes written to the client so far (for the access log)
         self.received = 0  # bytes read from the client so far
         self._state = _State.OPEN
-        opened.inc()
+        opened(1)
 
     def add_received(self, n: int) -> None:
         """Count `n` bytes read from the client (towards the server: the request direction)."""
         if n > 0 and self._state is _State.OPEN:
             self.received += n
-            self._received.inc(n)
+            self._received(n)
 
     def add_sent(self, n: int) -> None:
         """Count `n` bytes written to the client (from the server: the response direction)."""
         if n > 0 and self._state is _State.OPEN:
             self.sent += n
-            self._sent.inc(n)
+            self._sent(n)
 
     @property
     def closed(self) -> bool:
@@ -309,7 +352,7 @@ class ConnectionMetrics:
         labels = self.labels
         if response_flags is not None and response_flags != labels.response_flags:
             labels = replace(labels, response_flags=str(response_flags))
-        self._metrics._closed_children.get(labels.values())[0].inc()
+        self._metrics._closed_children.recorders(labels.values())[0](1)
 
     def __enter__(self) -> ConnectionMetrics:
         return self

@@ -9,6 +9,7 @@ knows: the client's workload (by its address) and verified identity, the chosen 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -27,6 +28,8 @@ from waypoint.l7.model import Endpoint
 
 __all__ = ["RequestLabels", "TcpLabels", "WaypointMetrics", "peer_labels"]
 
+Recorder = Callable[[float], None]
+
 
 class WaypointMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -42,23 +45,20 @@ class WaypointMetrics:
         bound = self._bound.get(id(labels))
         if bound is None or bound.labels is not labels:  # (an entry holds its object: an id is never reused)
             values, http = labels.values(), self.http
-            bound = self._bound.keep(id(labels), _Bound(labels, http.requests.labels(*values),
-                                                         http.duration.labels(*values),
-                                                         http.request_bytes.labels(*values),
-                                                         http.response_bytes.labels(*values)))
-        bound.requests.inc()
-        bound.duration.observe(duration_ms)
-        bound.request_bytes.observe(request_bytes)
-        bound.response_bytes.observe(response_bytes)
+            bound = self._bound.keep(id(labels), _Bound(labels, *http.recorders(values)))
+        bound.requests(1)
+        bound.duration(duration_ms)
+        bound.request_bytes(request_bytes)
+        bound.response_bytes(response_bytes)
 
 
 class _Bound:
-    """The request metrics' children for one label set object."""
+    """The request metrics' recorders (`mesh.istiometrics.recorder`) for one label set object."""
 
     __slots__ = ("labels", "requests", "duration", "request_bytes", "response_bytes")
 
-    def __init__(self, labels: RequestLabels, requests: Any, duration: Any, request_bytes: Any,
-                 response_bytes: Any) -> None:
+    def __init__(self, labels: RequestLabels, requests: Recorder, duration: Recorder, request_bytes: Recorder,
+                 response_bytes: Recorder) -> None:
         self.labels = labels
         self.requests = requests
         self.duration = duration

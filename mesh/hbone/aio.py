@@ -155,14 +155,14 @@ class TunnelEnd:
     def write(self, data: bytes | memoryview) -> None:
         conn = self.conn
         try:
-            conn.proto.send_data(self.stream_id, data)
+            more = conn.proto.send_data(self.stream_id, data)
         except HboneError:  # reset meanwhile: its event says so
             return
         if len(data) >= WRITE_AT_ONCE:  # bulk: sent as it comes, so that reading and sending overlap
             conn.flush_now()
         else:
             conn.flush()
-        if not conn.proto.can_send(self.stream_id) or not conn.writable:
+        if not more or not conn.writable:
             self.writable = False
             conn.blocked.add(self)
 
@@ -320,8 +320,9 @@ class AioHbone(asyncio.BufferedProtocol):
         """Send what the core has produced, at the end of this turn of the loop: the frames every callback
         of the turn produced for this connection go out in one TLS write (a CONNECT's answer and the first
         bytes from the application, a stream's last DATA and its END_STREAM, the streams of many tunnels),
-        each write being a TLS record and a system call."""
-        if self._flushing is None and self.started:
+        each write being a TLS record and a system call.  Nothing is scheduled while the core has nothing
+        to send (most reads produce no answer); whoever gives it frames later calls this again."""
+        if self._flushing is None and self.started and self.proto.has_output():
             self._flushing = self.loop.call_soon(self.flush_now)
 
     def flush_now(self) -> None:

@@ -189,12 +189,10 @@ class HboneConnection:
 
     def has_output(self) -> bool:
         """Whether `data_to_send()` would return bytes, so a transport wakes its writer only then."""
-        self._take_h2()
         return bool(self._out)
 
     def data_to_send(self) -> bytes:
         self._unsent_control = 0  # the transport takes the output only once it could write the last
-        self._take_h2()
         out = self._out
         if not out:
             return b""
@@ -202,7 +200,10 @@ class HboneConnection:
         return out[0] if len(out) == 1 else b"".join(out)
 
     def _take_h2(self) -> None:
-        """Move what h2 produced to the output, so that it goes out before any frame we add next."""
+        """Move what h2 produced to the output, so that it goes out before any frame we add next.  Every
+        call into h2 that can produce bytes (setting up, reading its frames, PING, GOAWAY) is followed by
+        this one, so `_out` alone holds all there is to send: `has_output` and `data_to_send` ask h2
+        nothing, on a path taken for every read and write."""
         produced = self._h2.data_to_send()
         if produced:
             self._out.append(produced)
@@ -540,25 +541,27 @@ class HboneConnection:
 
     # -- bytes out ---------------------------------------------------------------------------------------
 
-    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> bool:
         """Queue tunnel bytes; they go out as the peer's windows allow.  Check `can_send()` first: the
-        core takes what it is given, and the writer is the one that must wait."""
+        core takes what it is given, and the writer is the one that must wait.  Returns what `can_send()`
+        would say next, so that a writer need not ask."""
         stream = self._sending_stream(stream_id)
         n = len(data)
-        if not n:
-            return
-        if not stream.outbound and n <= self._max_send_frame and n <= stream.send_window \
+        if n and not stream.outbound and n <= self._max_send_frame and n <= stream.send_window \
                 and n <= self._send_window:  # the usual case: one DATA frame, at once
             out = self._out
             out.append(data_header(stream_id, n))
             out.append(data if isinstance(data, bytes) else bytes(data))
             stream.send_window -= n
             self._send_window -= n
-            return
-        stream.outbound += data
-        self._flush(stream)
+            return True
+        if n:
+            stream.outbound += data
+            self._flush(stream)
         if len(stream.outbound) >= self.config.send_buffer_low_water:
             stream.blocked = True
+            return False
+        return True
 
     def end_stream(self, stream_id: int) -> list[Event]:
         """Half-close: END_STREAM after the queued bytes (the tunnel's FIN).  The events are empty
@@ -640,11 +643,9 @@ class HboneConnection:
 
     def _send_reset(self, stream_id: int, error_code: int) -> None:
         """RST_STREAM (callers send it only on streams not closed both ways: RFC 9113 5.1)."""
-        self._take_h2()
         self._out.append(rst_stream(stream_id, error_code))
 
     def _send_headers(self, stream_id: int, headers: list[tuple[str, str]], end_stream: bool = False) -> None:
-        self._take_h2()  # whatever h2 queued goes first
         fields = [(name.encode(), value.encode()) for name, value in headers]
         block = self._h2.encoder.encode(fields)  # h2 keeps the encoder: a peer's new table size reaches it
         self._out.append(headers_frames(stream_id, block, end_stream, self._max_send_frame))

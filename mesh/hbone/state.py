@@ -12,13 +12,21 @@ from enum import Enum
 from mesh.hbone.errors import ProtocolUsageError
 
 
-class ConnectionState(Enum):
+class _State(Enum):
+    """An enum hashed by identity, in C.  `Enum`'s own `__hash__` is a Python function (the member's
+    name hashed), and the data path looks these up in sets and tables for every frame it sends or
+    reads.  Members are singletons compared by identity, so the two hashes agree on what is equal."""
+
+    __hash__ = object.__hash__
+
+
+class ConnectionState(_State):
     OPEN = "open"  # streams may be opened
     DRAINING = "draining"  # a GOAWAY went one way or the other: existing streams finish, no new ones
     CLOSED = "closed"  # nothing more is sent or received
 
 
-class ConnectionInput(Enum):
+class ConnectionInput(_State):
     GOAWAY_SENT = "goaway sent"
     GOAWAY_RECEIVED = "goaway received"
     FAILED = "failed"  # protocol error, ping timeout, fatal GOAWAY, or the transport went away
@@ -48,7 +56,7 @@ def next_connection_state(state: ConnectionState, event: ConnectionInput) -> Con
         ) from None
 
 
-class StreamState(Enum):
+class StreamState(_State):
     PENDING = "pending"  # CONNECT sent (client) or received (server), not answered yet
     PENDING_REMOTE_CLOSED = "pending, peer finished sending"  # END_STREAM came before the answer
     OPEN = "open"  # answered 200: bytes both ways
@@ -59,7 +67,7 @@ class StreamState(Enum):
     RESET = "reset"  # RST_STREAM either way, or the connection failed
 
 
-class StreamInput(Enum):
+class StreamInput(_State):
     ACCEPTED = "accepted"
     REJECTED = "rejected"
     LOCAL_END = "local end"

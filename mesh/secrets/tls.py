@@ -63,8 +63,26 @@ def in_memory_files(*blobs: bytes) -> Iterator[list[str]]:
         yield paths
 
 
+class DirectSSLObject(ssl.SSLObject):
+    """An `SSLObject` (TLS over memory BIOs, as uvloop's transports and our TLS sockets run it) whose
+    `read`, `write` and `pending` are the C methods of the OpenSSL connection it wraps.  `SSLObject`'s own
+    are Python functions that only pass their arguments on (a `read` with or without a buffer, as the
+    C one takes them), and a relay calls them for every record it sends or reads.  uvloop binds these
+    three once per connection, so they are set on the object as it is made."""
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> DirectSSLObject:
+        obj: DirectSSLObject = super()._create(*args, **kwargs)  # type: ignore[misc]
+        raw = obj._sslobj  # type: ignore[attr-defined]
+        obj.read = raw.read  # type: ignore[method-assign]
+        obj.write = raw.write  # type: ignore[method-assign]
+        obj.pending = raw.pending  # type: ignore[method-assign]
+        return obj
+
+
 def _base_context(protocol: int, svid: Svid, alpn: Sequence[str]) -> ssl.SSLContext:
     ctx = ssl.SSLContext(protocol)
+    ctx.sslobject_class = DirectSSLObject
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED

@@ -19,6 +19,7 @@ from mesh.istiometrics import (
     TcpLabels,
     TcpMetrics,
     _Children,
+    recorder,
 )
 
 
@@ -138,3 +139,33 @@ def test_children_cache_is_bounded_and_returns_the_metric_children() -> None:
     (child,) = children.get(("3",))
     child.inc(2)
     assert reg.get_sample_value("c_total", {"a": "3"}) == 2
+
+
+def test_recorders_count_what_inc_and_observe_count() -> None:
+    """`recorder` skips prometheus_client's per-call checks: the exposition is the same as with `inc` and
+    `observe`, amounts on the buckets' bounds, below the first, infinite and negative included."""
+    rng = random.Random(5)
+
+    def metrics(reg: CollectorRegistry) -> tuple[Counter, Histogram, Histogram]:
+        return (Counter("c", "c", ["a"], registry=reg),
+                Histogram("d", "d", ["a"], buckets=DURATION_BUCKETS, registry=reg),
+                Histogram("s", "s", ["a"], buckets=SIZE_BUCKETS, registry=reg))
+
+    reg, ref_reg = CollectorRegistry(), CollectorRegistry()
+    ours, ref = metrics(reg), metrics(ref_reg)
+    amounts = [0.0, 0.5, 1.0, 1.0000001, 4.999, 5.0, 10.0, 1e8, 3600000.0, 3600001.0, 1e12, float("inf"), -3.0]
+    amounts += [rng.uniform(0, 1e6) for _ in range(400)] + [float(rng.randrange(10**6)) for _ in range(400)]
+    for i, amount in enumerate(amounts):
+        a = str(i % 3)
+        for metric, reference in zip(ours[1:], ref[1:], strict=True):
+            recorder(metric.labels(a))(amount)
+            reference.labels(a).observe(amount)
+        if amount >= 0:
+            recorder(ours[0].labels(a))(amount)
+            ref[0].labels(a).inc(amount)
+    ours_lines = [line for line in generate_latest(reg).splitlines() if b"_created" not in line]
+    assert ours_lines == [line for line in generate_latest(ref_reg).splitlines() if b"_created" not in line]
+    # and the installed client is one whose values the recorders reach (else they would be the methods)
+    counter_child, histogram_child = ours[0].labels("0"), ours[1].labels("0")
+    assert recorder(counter_child) != counter_child.inc
+    assert recorder(histogram_child) != histogram_child.observe

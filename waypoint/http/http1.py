@@ -234,7 +234,7 @@ def _reason(exc: Exception) -> str:
 
 def _head_bytes(start: str, headers: Headers) -> bytes:
     """The head's bytes; a name or value that would break the framing (CR, LF) is refused."""
-    block = start + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+    block = start + "\r\n".join(map(": ".join, headers)) + "\r\n\r\n" if headers else start + "\r\n"
     if block.count("\n") != len(headers) + 2 or block.count("\r") != len(headers) + 2:
         raise _LocalError("a header name or value contains CR or LF")
     return block.encode("latin-1")

@@ -41,8 +41,7 @@ _FRACTIONS = {"m": 1_000, "u": 1_000_000, "n": 1_000_000_000}  # and those that 
 
 
 def is_grpc(head: RequestHead) -> bool:
-    ctype = (head.header("content-type") or "").strip().lower()
-    return ctype == "application/grpc" or ctype.startswith("application/grpc+")
+    return head.grpc
 
 
 def http_to_grpc(status: int) -> int:

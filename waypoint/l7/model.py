@@ -7,7 +7,7 @@ a round trip between HTTP/1.1 and HTTP/2.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 
@@ -173,17 +173,23 @@ class RequestHead:
         return self.path.split("?", 1)[1] if "?" in self.path else ""
 
     @cached_property
-    def _first(self) -> dict[str, str]:
-        """Header name -> its first value, built on the first lookup (a request's head is looked up many
-        times along the pipeline: tracing, framing, gRPC, routing, the access log)."""
+    def header(self) -> Callable[[str], str | None]:
+        """`header(name)`: the first value of the lower-case header `name`, or None.  A request's head is
+        looked up many times along the pipeline (tracing, framing, gRPC, routing, the access log): the
+        first use builds an index of first values, and what it returns is the index's own `get`, so
+        every lookup is one call in C."""
         index: dict[str, str] = {}
         for k, v in self.headers:
             if k not in index:
                 index[k] = v
-        return index
+        return index.get
 
-    def header(self, name: str) -> str | None:
-        return self._first.get(name)
+    @cached_property
+    def grpc(self) -> bool:
+        """Whether the request is gRPC: its content-type is `application/grpc`, or `application/grpc+`
+        and a message format.  Read once: routing, timeouts, retries and the report all ask."""
+        ctype = (self.header("content-type") or "").strip().lower()
+        return ctype == "application/grpc" or ctype.startswith("application/grpc+")
 
     def replace(self, **changes: object) -> RequestHead:
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -174,6 +174,53 @@ def test_the_frames_of_one_turn_go_out_in_one_write(mint: Mint, monkeypatch: pyt
     run(main)
 
 
+def test_a_read_with_nothing_to_answer_schedules_no_send(mint: Mint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The echo of what a tunnel sent comes back as DATA the client has nothing to answer (its window is
+    far from half used): the client's connection sends nothing then, not even an empty turn's send."""
+    sends: list[bool] = []  # each send the client's connection made: whether it had bytes to write
+    real_send = AioHbone.flush_now
+
+    def counted(self: AioHbone) -> None:
+        if isinstance(self, AioClientConnection):
+            sends.append(self.proto.has_output())
+        real_send(self)
+
+    monkeypatch.setattr(AioHbone, "flush_now", counted)
+
+    async def main() -> None:
+        app_port, app = await echo_app()
+        port, listener = await server(server_context(mint(WEB)), relay_to_app)
+        pool = AioPool(tcp_connect, lambda _: client_context(mint(SLEEP)))
+        tunnel = await pool.open_tunnel(PoolKey(SLEEP, WEB, ("127.0.0.1", port)), f"127.0.0.1:{app_port}")
+        got = bytearray()
+        echoed = asyncio.Event()
+
+        class Sink:
+            def data(self, side: int, data: bytes | memoryview) -> None:
+                got.extend(data)
+                if len(got) == 3 * 1024:
+                    echoed.set()
+
+            def ended(self, side: int) -> None:
+                pass
+
+        tunnel.attach(Sink(), 1)  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        sends.clear()
+        for _ in range(3):
+            tunnel.write(b"x" * 1024)
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(echoed.wait(), 5)
+        await asyncio.sleep(0.05)
+        assert sends == [True, True, True]  # the three writes; the three echoes read made no send
+        tunnel.close()
+        pool.close()
+        listener.close()
+        app.close()
+
+    run(main)
+
+
 def test_a_finished_relay_is_freed_without_the_cyclic_collector(mint: Mint) -> None:
     """Each end refers to its splice; once done, the splice refers to neither end, so a finished relay
     (its splices, tunnel ends, plain ends and their transports) goes when its last reference goes, and

@@ -14,6 +14,8 @@ from mesh.hbone.headers import (
     request_headers,
 )
 from mesh.hbone.state import (
+    RECEIVING_STATES,
+    SENDING_STATES,
     ConnectionInput,
     ConnectionState,
     StreamInput,
@@ -21,6 +23,16 @@ from mesh.hbone.state import (
     next_connection_state,
     next_stream_state,
 )
+
+
+def test_the_states_hash_by_identity_in_c() -> None:
+    """The data path looks states up in sets for every frame: their hash is object's (C), not Enum's
+    (a Python function), and lookups still find them."""
+    for kind in (ConnectionState, ConnectionInput, StreamState, StreamInput):
+        assert kind.__hash__ is object.__hash__
+    assert StreamState.OPEN in SENDING_STATES and StreamState.OPEN in RECEIVING_STATES
+    assert StreamState.HALF_CLOSED_LOCAL not in SENDING_STATES
+    assert StreamState("open") is StreamState.OPEN
 
 
 def test_stream_lifecycle_both_half_closes() -> None:

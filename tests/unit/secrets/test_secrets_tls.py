@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -17,7 +18,7 @@ from mesh.identity import SpiffeId
 from mesh.secrets.client import CAClient
 from mesh.secrets.errors import PeerIdentityError
 from mesh.secrets.svid import Svid, accept_issued, generate_key, load_trust_bundle
-from mesh.secrets.tls import check_peer, client_context, server_context
+from mesh.secrets.tls import DirectSSLObject, check_peer, client_context, server_context
 
 
 def run_pair(
@@ -151,3 +152,45 @@ def test_tls12_is_refused(web_svid: Svid, sleep_svid: Svid) -> None:
 def test_check_peer_needs_a_rule() -> None:
     with pytest.raises(ValueError):
         check_peer(None, allowed=None)  # type: ignore[arg-type]
+
+
+def test_memory_bio_objects_read_and_write_through_the_c_methods(sleep_svid: Svid, web_svid: Svid) -> None:
+    """The contexts' `wrap_bio` objects (uvloop's TLS, our TLS sockets) call OpenSSL's methods directly:
+    a handshake, a record each way read whole, into a buffer and in parts, `pending`, and a peer's
+    close all behave as `ssl.SSLObject`'s."""
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context(sleep_svid).wrap_bio(c_in, c_out)
+    server = server_context(web_svid).wrap_bio(s_in, s_out, server_side=True)
+    assert isinstance(client, DirectSSLObject) and isinstance(server, DirectSSLObject)
+    for obj in (client, server):
+        assert obj.read.__self__ is obj._sslobj and obj.write.__self__ is obj._sslobj  # type: ignore[attr-defined]
+
+    def pump() -> None:
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+
+    for _ in range(4):
+        for obj in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                obj.do_handshake()
+        pump()
+    assert check_peer(client, allowed={WEB}) == WEB and check_peer(server, trust_domain="cluster.local") == SLEEP
+    with pytest.raises(ssl.SSLWantReadError):
+        server.read(100)
+    assert client.write(b"hello, server") == 13
+    pump()
+    buf = bytearray(5)
+    assert server.read(5, buf) == 5 and bytes(buf) == b"hello"
+    assert server.pending() == 8
+    assert server.read(100) == b", server"
+    server.write(b"x" * 40_000)  # more than one record
+    pump()
+    got = b""
+    with contextlib.suppress(ssl.SSLWantReadError):
+        while len(got) < 40_000:
+            got += client.read(16_384)
+    assert got == b"x" * 40_000
+    with contextlib.suppress(ssl.SSLWantReadError):
+        server.unwrap()
+    pump()
+    assert client.read(100) == b""  # the peer's close_notify: the end, as `SSLObject.read` says it
