@@ -411,6 +411,73 @@ def _literal(text: bytes) -> bytes:
     return _integer(len(text), 7, 0) + text  # no Huffman: the block is a few small fields
 
 
+_STATIC = HeaderTable.STATIC_TABLE
+
+
+def _read_integer(block: bytes, i: int, mask: int) -> tuple[int, int]:
+    """The HPACK integer at `block[i]` whose first byte keeps `mask`'s bits (RFC 7541 5.1), and where
+    what follows it starts; (-1, i) when it is cut short or longer than four bytes more."""
+    value = block[i] & mask
+    i += 1
+    if value < mask:
+        return value, i
+    for shift in (0, 7, 14, 21):
+        if i >= len(block):
+            return -1, i
+        byte = block[i]
+        i += 1
+        value += (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, i
+    return -1, i
+
+
+def _read_string(block: bytes, i: int) -> tuple[bytes | None, int]:
+    """The string literal at `block[i]` (5.2); None when it is Huffman coded or cut short."""
+    if i >= len(block) or block[i] & 0x80:
+        return None, i
+    n, i = _read_integer(block, i, 0x7F)
+    if n < 0 or i + n > len(block):
+        return None, i
+    return block[i:i + n], i + n
+
+
+def decode_plain_block(block: bytes, max_list_size: int) -> list[tuple[bytes, bytes]] | None:
+    """The fields of a header block made only of what `LiteralEncoder` writes (static table entries, and
+    literals without indexing whose names are static or literal, neither Huffman coded), decoded in one
+    pass; None for any other block, which `hpack.Decoder` then decodes whole.  Such a block neither reads
+    nor changes the dynamic table, so leaving it out of the decoder keeps the decoder's state the
+    peer's.  None too for a block that is cut short, names an index beyond the static table, or lists
+    more than `max_list_size` (RFC 7541 4.1 sizes): the decoder then says what is wrong.  The CONNECT
+    and its answer between our own agents are such blocks; hpack's decoder makes ~45 Python calls for
+    one."""
+    out: list[tuple[bytes, bytes]] = []
+    size, i, end = 0, 0, len(block)
+    while i < end:
+        first = block[i]
+        if first & 0x80:  # an indexed field (6.1)
+            index, i = _read_integer(block, i, 0x7F)
+            if not 0 < index <= len(_STATIC):  # (0 is an error; a larger one is in the dynamic table)
+                return None
+            field = _STATIC[index - 1]
+        elif first & 0xF0 == 0:  # a literal without indexing (6.2.2): 0000, then a 4-bit name index
+            index, i = _read_integer(block, i, 0x0F)
+            if index < 0 or index > len(_STATIC):
+                return None
+            name, i = (_STATIC[index - 1][0], i) if index else _read_string(block, i)
+            value, i = _read_string(block, i) if name is not None else (None, i)
+            if name is None or value is None:
+                return None
+            field = (name, value)
+        else:  # with incremental indexing, never indexed, or a table size update: the decoder's
+            return None
+        size += 32 + len(field[0]) + len(field[1])
+        if size > max_list_size:
+            return None
+        out.append(field)
+    return out
+
+
 class LiteralEncoder(hpack.Encoder):
     """h2's encoder for the core's own header blocks (a CONNECT, its answer): each field is a static
     table entry when it is one (`:status 200`) and otherwise a literal *without indexing*, not Huffman

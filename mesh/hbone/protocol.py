@@ -17,8 +17,9 @@ may go on), and acknowledge received bytes only when the reader says it consumed
 END_STREAM both ways.  Keepalive PINGs and their timeout run off `next_deadline()`/`on_timer(now)`.
 
 Streams are the core's own, not `h2`'s: their frames (DATA, HEADERS and CONTINUATION, RST_STREAM,
-WINDOW_UPDATE) are read (`frames.FrameReader`) and written here, header blocks are decoded with `hpack`
-and encoded with `frames.LiteralEncoder`, and the stream ids, states and both directions' flow-control
+WINDOW_UPDATE) are read (`frames.FrameReader`) and written here, header blocks are encoded with
+`frames.LiteralEncoder` and decoded in one pass when they are such blocks (`frames.decode_plain_block`),
+else with `hpack`, and the stream ids, states and both directions' flow-control
 windows are kept here.  `h2` keeps the connection's own frames: the preface and SETTINGS (and their
 acknowledgements), PING, GOAWAY, and refusing a PUSH_PROMISE.  A new connection's tunnel is thus a few
 frames built and parsed here, not h2's per-stream state machines.  Everything sent goes into one ordered
@@ -65,6 +66,7 @@ from mesh.hbone.frames import (
     ResetBudget,
     Violation,
     data_header,
+    decode_plain_block,
     error_name,
     headers_frames,
     rst_stream,
@@ -333,7 +335,9 @@ class HboneConnection:
     def _rx_headers(self, stream_id: int, end: bool, block: bytes) -> bool:
         """A whole header block: a request (server), an answer (client), or trailers ending a tunnel."""
         try:  # decoded even for a stream refused below: the decoder's table must follow the peer's
-            headers = cast("list[tuple[bytes, bytes]]", self._decoder.decode(block, raw=True))
+            headers = decode_plain_block(block, self.config.max_header_list_size)
+            if headers is None:  # (a block that uses the dynamic table or Huffman codes: not our agents')
+                headers = cast("list[tuple[bytes, bytes]]", self._decoder.decode(block, raw=True))
         except hpack.OversizedHeaderListError as exc:
             self._rx_violation(Violation(ErrorCode.ENHANCE_YOUR_CALM, f"peer sent too large a header list: {exc}"))
             return False

@@ -35,6 +35,7 @@ from mesh.hbone.frames import (
     LiteralEncoder,
     Violation,
     data_header,
+    decode_plain_block,
     headers_frames,
     window_update,
 )
@@ -259,6 +260,70 @@ def test_literal_encoder_blocks_decode_to_the_same_fields_and_leave_the_table_al
         assert decoder.decode(encoder.encode(block), raw=True) == block
     assert encoder.encode([(b":status", b"200")]) == b"\x88"
     assert len(decoder.header_table.dynamic_entries) == 0  # nothing was indexed: the peer's state is untouched
+
+
+def test_plain_blocks_decode_in_one_pass_as_hpack_decodes_them() -> None:
+    """`decode_plain_block` reads what `LiteralEncoder` writes as hpack's decoder does, and declines (None)
+    every block it must leave to the decoder: hpack's own encoding (Huffman, the dynamic table), never
+    indexed fields, table size updates, an index past the static table, a cut-short block, a list over
+    the size limit."""
+    import random
+
+    import hpack
+
+    rng = random.Random(9)
+    names = [b":method", b":authority", b":status", b"forwarded", b"traceparent", b"content-length",
+             b"x-" + b"n" * 140, b"accept-charset", b"www-authenticate"]
+    values = [b"CONNECT", b"200", b"", b"10.244.1.5:8080", b"v" * 127, b"w" * 5000, b'for="10.0.0.1:1"']
+    literal = LiteralEncoder()
+    for _ in range(500):
+        fields = [(rng.choice(names), rng.choice(values)) for _ in range(rng.randrange(0, 6))]
+        block = literal.encode(fields)
+        assert decode_plain_block(block, 1 << 20) == fields == hpack.Decoder().decode(block, raw=True)
+        size = sum(32 + len(n) + len(v) for n, v in fields)
+        if fields:
+            assert decode_plain_block(block, size - 1) is None  # the decoder raises OversizedHeaderListError
+            assert decode_plain_block(block, size) == fields
+        for cut in range(1, len(block)) if len(block) < 40 else rng.sample(range(1, len(block)), 30):
+            part = decode_plain_block(block[:cut], 1 << 20)  # cut short: declined, or whole fields only
+            assert part is None or part == hpack.Decoder().decode(block[:cut], raw=True)
+    hpack_encoder = hpack.Encoder()  # Huffman and incremental indexing: all declined
+    for fields in ([(b"x-custom", b"a value")], [(b"x-custom", b"a value")], [(b"forwarded", b"for=1")]):
+        assert decode_plain_block(hpack_encoder.encode(fields), 1 << 20) is None
+    never = hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple(b"authorization", b"secret")], huffman=False)
+    assert decode_plain_block(never, 1 << 20) is None
+    assert decode_plain_block(b"\x20\x88", 1 << 20) is None  # a table size update first
+    assert decode_plain_block(b"\xbe", 1 << 20) is None  # index 62: the dynamic table's first entry
+    assert decode_plain_block(b"\x80", 1 << 20) is None  # index 0: an error, the decoder's to say
+    assert decode_plain_block(b"\x0f\x30\x01a", 1 << 20) is None  # name index 15 + 48 = 63: not static
+    assert decode_plain_block(b"\x0f\x00\x01a", 1 << 20) == [(b"accept-charset", b"a")]  # 15, multi-byte
+    assert decode_plain_block(b"", 1 << 20) == []
+
+
+def test_a_peer_mixing_plain_and_indexed_blocks_is_read_in_order() -> None:
+    """Blocks read in one pass never reach hpack's decoder, and do not need to: a peer that indexes (as
+    Envoy or ztunnel may) sends CONNECTs whose later blocks refer to its earlier ones' entries, and
+    they still read right with plain blocks between them."""
+    import hpack
+
+    server, _ = open_server()
+    peer = hpack.Encoder()
+    fields = [(b":method", b"CONNECT"), (b":authority", b"10.244.1.5:8080"), (b"x-indexed", b"kept")]
+    indexed = peer.encode(fields, huffman=False)
+    assert decode_plain_block(indexed, 1 << 20) is None  # (incremental indexing: hpack's decoder reads it)
+    plain = LiteralEncoder().encode([(b":method", b"CONNECT"), (b":authority", b"10.244.1.6:9090")])
+    assert decode_plain_block(plain, 1 << 20) is not None
+    again = peer.encode(fields, huffman=False)  # the peer's table now holds the fields: a few bytes
+    assert len(again) < 8
+    decoded: list[bytes] = []  # the blocks hpack's decoder was given
+    real_decode = server._decoder.decode
+    server._decoder.decode = lambda block, raw=False: decoded.append(block) or real_decode(block, raw)  # type: ignore[method-assign]
+    authorities = []
+    for sid, block in ((101, indexed), (103, plain), (105, again)):
+        events = server.receive_data(frame(HEADERS, END_HEADERS, sid, block))
+        authorities += [str(e.request.authority) for e in of_type(events, ConnectRequested)]
+    assert authorities == ["10.244.1.5:8080", "10.244.1.6:9090", "10.244.1.5:8080"]
+    assert decoded == [indexed, again]
 
 
 def test_literal_encoder_announces_a_changed_table_size_first() -> None:
