@@ -255,7 +255,7 @@ class AioHbone(asyncio.BufferedProtocol):
         self.writable = True
         self.started = False
         self._pending: list[bytes] = []
-        self._read_into = memoryview(b"")  # the buffer last handed to the transport (`get_buffer`)
+        self._read_into = memoryview(b"")  # what `get_buffer` hands the transport: the thread's buffer
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Handle | None = None  # the send at the end of this turn (`flush`)
         self.close_reason: str | None = None
@@ -264,6 +264,7 @@ class AioHbone(asyncio.BufferedProtocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._read_into = read_buffer()  # (called on the loop's thread: the buffer is that thread's)
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer_address = f"{peer[0]}:{peer[1]}"
@@ -278,8 +279,7 @@ class AioHbone(asyncio.BufferedProtocol):
         self.flush()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        self._read_into = read_buffer()  # uvloop fills it, then calls buffer_updated at once
-        return self._read_into
+        return self._read_into  # uvloop fills it, then calls buffer_updated at once
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(self._read_into[:nbytes].tobytes())

@@ -494,11 +494,23 @@ class LiteralEncoder(hpack.Encoder):
             out += [_integer(size, 5, 0x20) for size in self.table_size_changes]
             self.table_size_changes = []
         for name, value in headers:
-            index = _STATIC_FIELD.get((name, value))
-            if index is not None:
-                out.append(_integer(index, 7, 0x80))
+            whole = _STATIC_FIELD_BYTES.get((name, value))
+            if whole is not None:
+                out.append(whole)
                 continue
-            index = _STATIC_NAME.get(name)
-            out.append(_integer(index, 4, 0) if index is not None else b"\x00" + _literal(name))
-            out.append(_literal(value))
+            named = _NAME_PREFIXES.get(name)
+            if named is None:
+                index = _STATIC_NAME.get(name)
+                named = _integer(index, 4, 0) if index is not None else b"\x00" + _literal(name)
+                if len(_NAME_PREFIXES) < _NAME_PREFIXES_KEPT:
+                    _NAME_PREFIXES[name] = named
+            out.append(named)
+            out.append(bytes((len(value),)) + value if len(value) < 0x7F else _literal(value))
         return b"".join(out)
+
+
+# The encoded forms the encoder reuses: a static field's index byte, and each name's prefix (its static
+# index, or the literal name) for the few names the core sends (bounded: names come from our own code).
+_STATIC_FIELD_BYTES = {field: _integer(index, 7, 0x80) for field, index in _STATIC_FIELD.items()}
+_NAME_PREFIXES: dict[bytes, bytes] = {}
+_NAME_PREFIXES_KEPT = 256

@@ -93,7 +93,10 @@ def request_headers(
 
 
 def header_list_size(headers: Iterable[tuple[str | bytes, str | bytes]]) -> int:
-    return sum(len(n) + len(v) + HEADER_OVERHEAD for n, v in headers)
+    total = 0
+    for name, value in headers:
+        total += len(name) + len(value) + HEADER_OVERHEAD
+    return total
 
 
 def check_regular_headers(headers: Sequence[Header]) -> None:
@@ -105,7 +108,7 @@ def check_regular_headers(headers: Sequence[Header]) -> None:
             raise ValueError(f"header name {name!r} must be a lower-case token")
         if name in _CONNECTION_SPECIFIC:
             raise ValueError(f"header {name!r} is connection-specific and not allowed in HTTP/2")
-        if any(c in value for c in "\r\n\0"):
+        if "\r" in value or "\n" in value or "\0" in value:
             raise ValueError(f"header {name!r} has a line break or NUL in its value")
 
 
@@ -174,7 +177,7 @@ def parse_connect(raw: Sequence[tuple[bytes, bytes]]) -> ConnectRequest | Malfor
             return Malformed(f"header name {name!r} is not a lower-case token")
         if name in _CONNECTION_SPECIFIC or (name == "te" and value != "trailers"):
             return Malformed(f"connection-specific header {name!r} is not allowed in HTTP/2")
-        if any(c in value for c in "\r\n\0"):
+        if "\r" in value or "\n" in value or "\0" in value:
             return Malformed(f"header {name!r} has a line break or NUL in its value")
         regular.append((name, value))
     method = pseudo.pop(":method", None)

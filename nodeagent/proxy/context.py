@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from mesh.errors import MeshError
-from mesh.hbone.aiopool import AioConnectFn, AioPool, sock_connect
+from mesh.hbone.aiopool import AioConnectFn, AioPool, begin_connect, finish_connect
 from mesh.hbone.config import ListenerLimits
 from mesh.hbone.engine import Engine
 from mesh.hbone.pool import PoolKey
@@ -108,8 +108,9 @@ async def connect_in(supply: SocketSupply, netns: str, address: tuple[str, int],
                 continue  # that source port is taken: another
             raise
         try:
-            async with asyncio.timeout_at(deadline):
-                await sock_connect(sock, address)
+            if not begin_connect(sock, address):  # (a connect within the node is mostly done at once)
+                async with asyncio.timeout_at(deadline):
+                    await finish_connect(sock, address)
         except TimeoutError as exc:
             sock.close()
             raise TimeoutError(f"connecting to {address[0]}:{address[1]} timed out after {timeout:.0f}s") from exc

@@ -16,6 +16,7 @@ from mesh.hbone.sides import HboneServer
 
 def connection(loop: asyncio.AbstractEventLoop) -> tuple[AioHbone, list[bytes]]:
     conn = AioHbone(HboneServer(HboneConfig(), now=loop.time()), loop)
+    conn.connection_made(asyncio.Transport())  # (on this thread: the buffer is taken here)
     got: list[bytes] = []
     conn.data_received = got.append  # type: ignore[method-assign]  # what the core would be fed
     return conn, got
