@@ -51,6 +51,7 @@ from mesh.xds.client import ClientConfig, XdsClient
 from mesh.xds.client_state import Update
 from mesh.xds.errors import Rejected
 from mesh.xds.node import NodeInfo
+from tests.listeners import unanswered_listener
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -360,19 +361,8 @@ def test_cancel_from_another_thread_ends_a_blocked_recv(servers: Servers) -> Non
 @pytest.fixture
 def unanswered() -> Iterator[str]:
     """A port that never completes a connection: its listener's accept queue is full, so SYNs are dropped."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    fillers = []
-    for _ in range(4):
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex(listener.getsockname())
-        fillers.append(s)
-    yield f"127.0.0.1:{listener.getsockname()[1]}"
-    for s in fillers:
-        s.close()
-    listener.close()
+    with unanswered_listener() as (host, port):
+        yield f"{host}:{port}"
 
 
 def test_cancel_while_connecting(unanswered: str) -> None:

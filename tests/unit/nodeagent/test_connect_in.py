@@ -13,6 +13,7 @@ import uvloop
 from nodeagent.proxy import context
 from nodeagent.proxy.context import connect_in
 from nodeagent.proxy.sockets import SocketSupply
+from tests.listeners import unanswered_listener
 
 OWN_NETNS = "/proc/self/ns/net"
 
@@ -57,22 +58,12 @@ def test_a_connect_within_the_node_sets_no_timer(monkeypatch: pytest.MonkeyPatch
         with pytest.raises(ConnectionRefusedError, match=f"127.0.0.1:{free}"):
             await connect_in(supply, OWN_NETNS, ("127.0.0.1", free), 5.0)
 
-        # a listener whose accept queue is full drops the next SYN: that connect waits, and times out
-        full = socket.create_server(("127.0.0.1", 0), backlog=0)
-        queued = []
-        for _ in range(4):
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(full.getsockname())
-            queued.append(filler)
-        await asyncio.sleep(0.05)
-        before = len(waits)
-        with pytest.raises(TimeoutError, match=r"connecting to 127\.0\.0\.1:\d+ timed out"):
-            await connect_in(supply, OWN_NETNS, full.getsockname(), 0.3)
-        assert len(waits) == before + 1  # (a connect that waits has its timeout)
-        for each in queued:
-            each.close()
-        full.close()
+        with unanswered_listener() as full:  # the next SYN is dropped: that connect waits, and times out
+            await asyncio.sleep(0.05)
+            before = len(waits)
+            with pytest.raises(TimeoutError, match=r"connecting to 127\.0\.0\.1:\d+ timed out"):
+                await connect_in(supply, OWN_NETNS, full, 0.3)
+            assert len(waits) == before + 1  # (a connect that waits has its timeout)
         listener.close()
         supply.close()
 
