@@ -249,7 +249,6 @@ def recorder(child: Any) -> Callable[[float], None]:
     return child.inc if isinstance(child, Counter) else child.observe  # type: ignore[no-any-return]
 
 
-
 class _Children:
     """`metric.labels(*values)` for a few metrics at once, cached per values tuple (at most `size` tuples;
     the cache is emptied when full, and the children themselves stay in the metrics)."""

@@ -18,12 +18,12 @@ END_STREAM both ways.  Keepalive PINGs and their timeout run off `next_deadline(
 
 Streams are the core's own, not `h2`'s: their frames (DATA, HEADERS and CONTINUATION, RST_STREAM,
 WINDOW_UPDATE) are read (`frames.FrameReader`) and written here, header blocks are encoded with
-`frames.LiteralEncoder` and decoded in one pass when they are such blocks (`frames.decode_plain_block`),
-else with `hpack`, and the stream ids, states and both directions' flow-control
-windows are kept here.  `h2` keeps the connection's own frames: the preface and SETTINGS (and their
-acknowledgements), PING, GOAWAY, and refusing a PUSH_PROMISE.  A new connection's tunnel is thus a few
-frames built and parsed here, not h2's per-stream state machines.  Everything sent goes into one ordered
-output, h2's bytes taken as soon as it produced them.
+`frames.LiteralEncoder` (blocks made that way are read in one pass, `frames.decode_plain_block`; others
+with `hpack`), and the stream ids, states and both directions' flow-control windows are kept here.  `h2`
+keeps the connection's own frames: the preface and SETTINGS (and their acknowledgements), PING, GOAWAY,
+and refusing a PUSH_PROMISE.  A new connection's tunnel is thus a few frames built and parsed here, not
+h2's per-stream state machines.  Everything sent goes into one ordered output, h2's bytes taken as soon
+as it produced them.
 """
 
 from __future__ import annotations
@@ -336,7 +336,7 @@ class HboneConnection:
         """A whole header block: a request (server), an answer (client), or trailers ending a tunnel."""
         try:  # decoded even for a stream refused below: the decoder's table must follow the peer's
             headers = decode_plain_block(block, self.config.max_header_list_size)
-            if headers is None:  # (a block that uses the dynamic table or Huffman codes: not our agents')
+            if headers is None:  # (any other block: hpack reads it, or says what is wrong with it)
                 headers = cast("list[tuple[bytes, bytes]]", self._decoder.decode(block, raw=True))
         except hpack.OversizedHeaderListError as exc:
             self._rx_violation(Violation(ErrorCode.ENHANCE_YOUR_CALM, f"peer sent too large a header list: {exc}"))

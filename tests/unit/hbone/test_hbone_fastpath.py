@@ -317,7 +317,12 @@ def test_a_peer_mixing_plain_and_indexed_blocks_is_read_in_order() -> None:
     assert len(again) < 8
     decoded: list[bytes] = []  # the blocks hpack's decoder was given
     real_decode = server._decoder.decode
-    server._decoder.decode = lambda block, raw=False: decoded.append(block) or real_decode(block, raw)  # type: ignore[method-assign]
+
+    def spied(block: bytes, raw: bool = False) -> object:
+        decoded.append(block)
+        return real_decode(block, raw)
+
+    server._decoder.decode = spied  # type: ignore[method-assign]
     authorities = []
     for sid, block in ((101, indexed), (103, plain), (105, again)):
         events = server.receive_data(frame(HEADERS, END_HEADERS, sid, block))
