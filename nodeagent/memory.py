@@ -6,9 +6,10 @@ for it back: `malloc_trim(0)` returns the free pages of every arena to the kerne
 it first: objects left in reference cycles, which by then sit in the collector's oldest generation and
 wait for a full collection that may not come for a long time (a finished relay leaves none since it
 lets go of its ends, `Splice._let_go`; a closed tunnel used to leave ~25); and the pooled HBONE
-connections the load opened (their TLS and HTTP/2 state), which stay until the pool's idle timeout.  So the trimmer looks at the agent's open connections, the pods' and the
-pool's, on a timer, and when their number has fallen a lot since the last trim (`TrimPolicy`, pure) it
-runs a full collection, then `malloc_trim(0)`, at most once a minute.  An agent that carries a steady
+connections the load opened (their TLS and HTTP/2 state), which stay until the pool's idle timeout.
+So the trimmer looks at the agent's open connections, the pods' and the pool's, on a timer, and when
+their number has fallen a lot since the last trim (`TrimPolicy`, pure) it runs a full collection, then
+`malloc_trim(0)`, at most once a minute.  An agent that carries a steady
 load never pays for either (a full collection holds the interpreter, and so the data path, for ~0.15 s
 in an agent that has carried 5,000 tunnels).
 

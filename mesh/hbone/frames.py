@@ -436,7 +436,11 @@ def _read_string(block: bytes, i: int) -> tuple[bytes | None, int]:
     """The string literal at `block[i]` (5.2); None when it is Huffman coded or cut short."""
     if i >= len(block) or block[i] & 0x80:
         return None, i
-    n, i = _read_integer(block, i, 0x7F)
+    n = block[i]
+    if n < 0x7F:  # (the length in the first byte: a field of the core's is that short)
+        i += 1
+    else:
+        n, i = _read_integer(block, i, 0x7F)
     if n < 0 or i + n > len(block):
         return None, i
     return block[i:i + n], i + n
@@ -456,12 +460,12 @@ def decode_plain_block(block: bytes, max_list_size: int) -> list[tuple[bytes, by
     while i < end:
         first = block[i]
         if first & 0x80:  # an indexed field (6.1)
-            index, i = _read_integer(block, i, 0x7F)
+            index, i = (first & 0x7F, i + 1) if first != 0xFF else _read_integer(block, i, 0x7F)
             if not 0 < index <= len(_STATIC):  # (0 is an error; a larger one is in the dynamic table)
                 return None
             field = _STATIC[index - 1]
         elif first & 0xF0 == 0:  # a literal without indexing (6.2.2): 0000, then a 4-bit name index
-            index, i = _read_integer(block, i, 0x0F)
+            index, i = (first, i + 1) if first != 0x0F else _read_integer(block, i, 0x0F)
             if index < 0 or index > len(_STATIC):
                 return None
             name, i = (_STATIC[index - 1][0], i) if index else _read_string(block, i)

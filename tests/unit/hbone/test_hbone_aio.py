@@ -18,14 +18,14 @@ import uvloop
 from hbone_helpers import SLEEP, WEB, Mint, mint_from
 
 from ca.authority import CertificateAuthority
-from mesh.hbone.aio import WRITE_AT_ONCE, AioAcceptor, AioClientConnection, AioHbone, serve_tls
+from mesh.hbone.aio import WRITE_AT_ONCE, AioAcceptor, AioClientConnection, AioHbone, TunnelEnd, serve_tls
 from mesh.hbone.aiopool import AioPool, sock_connect, tcp_connect
 from mesh.hbone.config import HboneConfig, ListenerLimits
 from mesh.hbone.engine import Engine
 from mesh.hbone.errors import PoolConnectError, TunnelRejected, TunnelTimeout
 from mesh.hbone.pool import PoolKey
 from mesh.hbone.server import InboundRequest, ListenerGate
-from mesh.hbone.splice import open_end, relay_ends
+from mesh.hbone.splice import PlainEnd, Splice, open_end, relay_ends
 from mesh.secrets.tls import client_context, server_context
 
 
@@ -224,9 +224,6 @@ def test_a_finished_relay_is_freed_without_the_cyclic_collector(mint: Mint) -> N
     """Each end refers to its splice; once done, the splice refers to neither end, so a finished relay
     (its splices, tunnel ends, plain ends and their transports) goes when its last reference goes, and
     leaves nothing for a pass of the cyclic collector (a closed tunnel used to leave ~25 objects)."""
-    from mesh.hbone.aio import TunnelEnd
-    from mesh.hbone.splice import PlainEnd, Splice
-
     async def main() -> None:
         app_port, app = await echo_app()
         port, listener = await server(server_context(mint(WEB)), relay_to_app)
@@ -264,7 +261,6 @@ def test_a_finished_relay_is_freed_without_the_cyclic_collector(mint: Mint) -> N
 
 async def client_front(pool: AioPool, key: PoolKey, authority: str) -> tuple[int, asyncio.AbstractServer]:
     """A plain listener whose connections are relayed into tunnels (the agent's outbound, reduced)."""
-    from mesh.hbone.splice import PlainEnd
 
     loop = asyncio.get_running_loop()
 
@@ -286,7 +282,6 @@ def test_early_data_reaches_the_app_once_and_a_refused_connect_drops_it(mint: Mi
     200 the application gets them once (counted once), after a refusal nothing reaches it and the
     connection's window is given back (a window of 64 KiB, filled by each refused CONNECT)."""
     from mesh.hbone.relay import RelayResult
-    from mesh.hbone.splice import PlainEnd
 
     async def main() -> None:
         app_port, app = await echo_app()

@@ -122,4 +122,4 @@ def test_policies_of_another_namespace_do_not_apply() -> None:
 ])
 def test_the_application_sees_the_clients_address_when_it_can(client: str, expected: str | None) -> None:
     assert original_source(POD, client) == expected
-    assert original_source(POD, client) == expected  # (asked again: the cached answer)
+    assert original_source(POD, client) == expected  # (asked again: `is_loopback`'s cached answer)

@@ -25,6 +25,7 @@ from agent_resources import (
 
 from mesh.proto import discovery_pb2 as pb
 from nodeagent.proxy.routing import Route, RouteKind, decide
+from nodeagent.state import SERVICE, WORKLOAD
 
 
 @dataclass(frozen=True)
@@ -152,8 +153,6 @@ def test_waypoint_without_a_ready_instance_is_refused() -> None:
 def test_what_decide_works_out_once_follows_every_update() -> None:
     """A service port's healthy endpoints and the route to each are worked out once per state
     (`MeshState.derived`): the next update, whatever it changes, is seen by the next connection."""
-    from nodeagent.state import SERVICE, WORKLOAD
-
     state = view(SLEEP, *WEB, WEB_SVC)
     seen = {decide(state, SLEEP, WEB_VIP, 80, random.Random(i)).next_hop for i in range(40)}
     assert seen == {("10.244.1.3", 15008), ("10.244.2.3", 15008), ("10.244.3.3", 15008)}
