@@ -250,27 +250,20 @@ def recorder(child: Any) -> Callable[[float], None]:
 
 
 class _Children:
-    """`metric.labels(*values)` for a few metrics at once, cached per values tuple (at most `size` tuples;
-    the cache is emptied when full, and the children themselves stay in the metrics)."""
+    """The recorders (`recorder`) of `metric.labels(*values)` for a few metrics at once, cached per values
+    tuple (at most `size` tuples; the cache is emptied when full, and the children themselves stay in the
+    metrics, so a recorder made again counts into the same child)."""
 
-    __slots__ = ("_metrics", "_cache", "_recorders")
+    __slots__ = ("_metrics", "_recorders")
 
     def __init__(self, *metrics: MetricWrapperBase, size: int = CHILD_CACHE_SIZE) -> None:
         self._metrics = metrics
-        self._cache: BoundedMemo[tuple[str, ...], tuple[Any, ...]] = BoundedMemo(size)
         self._recorders: BoundedMemo[tuple[str, ...], tuple[Callable[[float], None], ...]] = BoundedMemo(size)
 
-    def get(self, values: tuple[str, ...]) -> tuple[Any, ...]:
-        children = self._cache.get(values)
-        if children is None:
-            children = self._cache.keep(values, tuple(metric.labels(*values) for metric in self._metrics))
-        return children
-
     def recorders(self, values: tuple[str, ...]) -> tuple[Callable[[float], None], ...]:
-        """`recorder` of each child, cached as the children are."""
         found = self._recorders.get(values)
         if found is None:
-            found = self._recorders.keep(values, tuple(map(recorder, self.get(values))))
+            found = self._recorders.keep(values, tuple(recorder(metric.labels(*values)) for metric in self._metrics))
         return found
 
 

@@ -128,17 +128,18 @@ def test_values_match_the_field_by_field_reading() -> None:
     assert TcpLabels(reporter="source", source_workload="").values()[1] == UNKNOWN
 
 
-def test_children_cache_is_bounded_and_returns_the_metric_children() -> None:
+def test_children_cache_is_bounded_and_counts_into_the_metric_children() -> None:
     reg = CollectorRegistry()
     counter = Counter("c_total", "c", ["a"], registry=reg)
     children = _Children(counter, size=4)
     for i in range(20):
-        (child,) = children.get((str(i),))
-        assert child is counter.labels(str(i))
-        assert len(children._cache) <= 4
-    (child,) = children.get(("3",))
-    child.inc(2)
-    assert reg.get_sample_value("c_total", {"a": "3"}) == 2
+        (record,) = children.recorders((str(i),))
+        record(1)  # into the metric's own child
+        assert reg.get_sample_value("c_total", {"a": str(i)}) == 1
+        assert len(children._recorders) <= 4
+    (record,) = children.recorders(("3",))  # made again after the cache was emptied: the same child
+    record(2)
+    assert reg.get_sample_value("c_total", {"a": "3"}) == 3
 
 
 def test_recorders_count_what_inc_and_observe_count() -> None:
